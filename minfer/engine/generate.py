@@ -1,0 +1,146 @@
+"""The generation loop: prefill every prompt in one forward, then decode all of them together.
+
+    prefill : batch = all prompt tokens of all sequences   -> logits of each last token -> sample
+    decode  : batch = the one new token of each live seq   -> logits                    -> sample
+              ... until each sequence meets EOS, a stop string, max_tokens or the context end.
+
+Each sequence owns blocks of the KV-cache pool (kvcache.BlockManager) from its first token until
+it finishes. Single-request generation is a batch of one.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import numpy as np
+
+from ..batch import make_batch
+from ..errors import PromptTooLongError, InvalidArgumentError
+from ..model import Transformer
+from ..sampling import SamplingParams, sample
+from ..stages.kvcache import BlockManager
+
+
+@dataclass
+class Sequence:
+    seq_id: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    rng: np.random.Generator
+    output_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None   # "stop" (EOS or stop string), "length"
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+
+@dataclass
+class Stats:
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+
+    @property
+    def decode_tok_s(self) -> float:
+        # the first token comes from the prefill; decode speed counts the tokens after it
+        n = self.generated_tokens - 1
+        return n / self.decode_s if self.decode_s > 0 and n > 0 else 0.0
+
+    @property
+    def prefill_tok_s(self) -> float:
+        return self.prompt_tokens / self.prefill_s if self.prefill_s > 0 else 0.0
+
+
+class Engine:
+    def __init__(self, model: Transformer, stop_ids: set[int], max_context: int | None = None,
+                 block_size: int = 16):
+        self.model = model
+        self.stop_ids = set(stop_ids)
+        self.max_context = min(max_context or model.config.max_seq_len, model.config.max_seq_len)
+        self.cache = model.new_cache(n_blocks=32, block_size=block_size)
+        self.blocks = BlockManager(self.cache)
+        self._next_id = 0
+        self.stats = Stats()
+
+    # ------------------------------------------------------------------------------------------
+    def check_prompt(self, ids: list[int]) -> None:
+        if len(ids) == 0:
+            raise InvalidArgumentError("the prompt is empty")
+        if len(ids) >= self.max_context:
+            raise PromptTooLongError(
+                f"the prompt has {len(ids)} tokens but the context holds {self.max_context}; "
+                f"shorten it (or truncate it explicitly)")
+        vocab = self.model.config.vocab_size
+        if min(ids) < 0 or max(ids) >= vocab:
+            raise InvalidArgumentError(f"token ids must be in 0..{vocab - 1}")
+
+    def _new_seq(self, ids: list[int], params: SamplingParams) -> Sequence:
+        self.check_prompt(ids)
+        seq = Sequence(self._next_id, list(ids), params, np.random.default_rng(params.seed))
+        self._next_id += 1
+        return seq
+
+    # ------------------------------------------------------------------------------------------
+    def run(self, prompts: list[list[int]], params: list[SamplingParams],
+            stop_check: Callable[[Sequence], bool] | None = None) -> Iterator[tuple[int, int]]:
+        """Generate for all prompts together; yield (prompt index, new token id) as tokens come.
+        `stop_check(seq)` may end a sequence early (stop strings). Blocks are freed at the end,
+        also when the caller stops iterating (Ctrl-C)."""
+        seqs = [self._new_seq(p, sp) for p, sp in zip(prompts, params)]
+        self.stats = Stats(prompt_tokens=sum(len(p) for p in prompts))
+        bs = self.cache.block_size
+        try:
+            # --- prefill: every prompt in one forward ---------------------------------------------
+            t0 = time.perf_counter()
+            for s in seqs:
+                self.blocks.ensure(s.seq_id, len(s.prompt_ids))
+            batch = make_batch([(s.prompt_ids, 0, self.blocks.tables[s.seq_id]) for s in seqs], bs)
+            logits = self.model.forward(batch, self.cache)                  # [B, V]
+            yield from self._sample_all(seqs, seqs, logits, stop_check)
+            self.stats.prefill_s = time.perf_counter() - t0
+            # --- decode: one token per live sequence per step ---------------------------------
+            t0 = time.perf_counter()
+            while live := [s for s in seqs if s.finish_reason is None]:
+                for s in live:
+                    self.blocks.ensure(s.seq_id, s.n_tokens)
+                batch = make_batch([([s.output_ids[-1]], s.n_tokens - 1, self.blocks.tables[s.seq_id])
+                                    for s in live], bs)
+                logits = self.model.forward(batch, self.cache)              # [B, V]
+                yield from self._sample_all(seqs, live, logits, stop_check)
+            self.stats.decode_s = time.perf_counter() - t0
+        finally:
+            for s in seqs:
+                self.blocks.release(s.seq_id)
+            self.last_seqs = seqs
+
+    def _sample_all(self, seqs, live, logits, stop_check):
+        for s, row in zip(live, logits):
+            seen = np.asarray(s.prompt_ids + s.output_ids) if s.params.repetition_penalty != 1 else None
+            tok = sample(row, s.params, s.rng, seen)
+            s.output_ids.append(tok)
+            self.stats.generated_tokens += 1
+            if tok in self.stop_ids and not s.params.ignore_eos:
+                s.output_ids.pop()          # EOS / end-of-turn ends the answer; it is not text
+                s.finish_reason = "stop"
+                continue
+            if stop_check is not None and stop_check(s):
+                s.finish_reason = "stop"
+            elif len(s.output_ids) >= s.params.max_tokens:
+                s.finish_reason = "length"
+            elif s.n_tokens >= self.max_context:
+                s.finish_reason = "length"
+            yield seqs.index(s), tok
+
+    # ------------------------------------------------------------------------------------------
+    def logits(self, ids: list[int]) -> np.ndarray:
+        """Logits at every position of one sequence, in one forward: [T, V] float32."""
+        seq = self._new_seq(ids, SamplingParams())
+        try:
+            table = self.blocks.ensure(seq.seq_id, len(ids))
+            batch = make_batch([(ids, 0, table)], self.cache.block_size, all_logits=True)
+            return np.asarray(self.model.forward(batch, self.cache), dtype=np.float32)
+        finally:
+            self.blocks.release(seq.seq_id)

@@ -1,0 +1,91 @@
+"""From logits to the next token.
+
+    logits --repetition penalty--> --/temperature--> --top-k--> --top-p--> --min-p--> softmax -> draw
+
+Temperature 0 means greedy: take the arg-max (after the repetition penalty). Each filter removes
+unlikely tokens by setting their logit to -inf; the order is the one Hugging Face uses.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import InvalidArgumentError
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 0.7
+    top_k: int = 0                 # keep the k most likely tokens (0: off)
+    top_p: float = 1.0             # keep the smallest set whose probability reaches p (1: off)
+    min_p: float = 0.0             # drop tokens less likely than min_p x the top one (0: off)
+    repetition_penalty: float = 1.0  # >1 discourages tokens already in the prompt or the output
+    max_tokens: int = 256
+    stop: list[str] = field(default_factory=list)  # stop when the text produces one of these
+    seed: int | None = None
+    ignore_eos: bool = False
+
+    def __post_init__(self):
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        checks = [
+            (self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
+            (self.top_k >= 0, f"top_k must be >= 0, got {self.top_k}"),
+            (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
+            (0 <= self.min_p < 1, f"min_p must be in [0, 1), got {self.min_p}"),
+            (self.repetition_penalty > 0, f"repetition_penalty must be > 0, got {self.repetition_penalty}"),
+            (self.max_tokens >= 1, f"max_tokens must be >= 1, got {self.max_tokens}"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise InvalidArgumentError(msg)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def apply_repetition_penalty(logits: np.ndarray, seen: np.ndarray, penalty: float) -> np.ndarray:
+    """CTRL-style (Keskar et al., 2019): positive logits of seen tokens are divided, negative ones
+    multiplied, so a seen token always becomes less likely."""
+    if penalty == 1.0 or len(seen) == 0:
+        return logits
+    logits = logits.copy()
+    s = np.unique(seen)
+    logits[s] = np.where(logits[s] > 0, logits[s] / penalty, logits[s] * penalty)
+    return logits
+
+
+def filter_logits(logits: np.ndarray, p: SamplingParams) -> np.ndarray:
+    """logits [V] (already divided by the temperature) -> logits with dropped tokens at -inf."""
+    logits = logits.astype(np.float64)
+    if 0 < p.top_k < len(logits):
+        kth = np.partition(logits, -p.top_k)[-p.top_k]
+        logits[logits < kth] = -np.inf
+    if p.top_p < 1.0:
+        order = np.argsort(-logits)                                 # most likely first
+        probs = _softmax(logits[order])
+        # keep a token while the mass before it is < top_p (the top token is always kept)
+        drop = np.cumsum(probs) - probs >= p.top_p
+        logits[order[drop]] = -np.inf
+    if p.min_p > 0.0:
+        probs = _softmax(logits)
+        logits[probs < p.min_p * probs.max()] = -np.inf
+    return logits
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - np.max(x))
+    return e / e.sum()
+
+
+def sample(logits: np.ndarray, p: SamplingParams, rng: np.random.Generator,
+           seen: np.ndarray | None = None) -> int:
+    """logits [V] of one sequence -> the next token id."""
+    if seen is not None:
+        logits = apply_repetition_penalty(logits, seen, p.repetition_penalty)
+    if p.greedy:
+        return int(np.argmax(logits))
+    probs = _softmax(filter_logits(logits / p.temperature, p))
+    return int(rng.choice(len(probs), p=probs))

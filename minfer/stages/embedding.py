@@ -1,0 +1,11 @@
+"""Stage 1 — token embedding: token ids -> vectors of the residual stream.
+
+The embedding table E has one row per vocabulary entry; embedding a token is reading its row.
+SmolLM2 ties E to the LM head, so the same matrix is read again at the end to score every token.
+"""
+import numpy as np
+
+
+def embedding(token_ids: np.ndarray, table: np.ndarray) -> np.ndarray:
+    """token_ids [T] int, table [V, D] -> x [T, D] float32."""
+    return np.asarray(table[token_ids], dtype=np.float32)          # [T, D]

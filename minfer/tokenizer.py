@@ -1,0 +1,182 @@
+"""Text <-> token ids, and the chat template.
+
+SmolLM2 (like GPT-2) uses byte-level BPE: text is split into word-like pieces by a regular
+expression, each piece's UTF-8 bytes are mapped to printable symbols, and learned merges join
+symbols into vocabulary entries. We build a Hugging Face `tokenizers` object either from a
+tokenizer.json (HF folders) or from the vocabulary and merges stored in a GGUF file's metadata.
+
+Chat models expect a conversation rendered by the model's own Jinja template (ChatML for SmolLM2):
+
+    <|im_start|>system\nYou are ...<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n
+
+Templates come from model files, so they are rendered in jinja2's sandbox.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from jinja2.exceptions import TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import AddedToken, Regex
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers
+
+from .errors import ModelFormatError, UnsupportedModelError, InvalidArgumentError
+
+# The GPT-2 pre-tokenizer split, and the variants llama.cpp names in `tokenizer.ggml.pre`.
+GPT2_SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+LLAMA3_SPLIT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+                r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
+DIGITS_FIRST = {"smollm", "starcoder", "refact", "codeshell", "command-r", "exaone", "minerva"}
+
+# ChatML, used when a model ships no template of its own.
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
+
+
+def _pre_tokenizer(pre: str):
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    if pre in ("llama3", "llama-bpe"):
+        split = pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated")
+        return pre_tokenizers.Sequence([split, byte_level])
+    split = pre_tokenizers.Split(Regex(GPT2_SPLIT), behavior="isolated")
+    if pre in DIGITS_FIRST:  # every digit is its own piece before the GPT-2 split
+        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), split, byte_level])
+    return pre_tokenizers.Sequence([split, byte_level])
+
+
+class Tokenizer:
+    def __init__(self, hf: HFTokenizer, chat_template: str | None, stop_ids: set[int],
+                 bos_id: int | None = None, eos_id: int | None = None, add_bos: bool = False):
+        self.hf = hf
+        self.chat_template = chat_template or CHATML
+        self.stop_ids = stop_ids
+        self.bos_id, self.eos_id, self.add_bos = bos_id, eos_id, add_bos
+        self._template = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        self._template.globals["raise_exception"] = _raise
+        self._compiled = None
+
+    @property
+    def vocab_size(self) -> int:
+        return self.hf.get_vocab_size(with_added_tokens=True)
+
+    # --- text <-> ids ----------------------------------------------------------------------------
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """Text -> ids. Special-token strings in the text (e.g. "<|im_start|>") become their ids;
+        a BOS token is prepended only when asked and when the model wants one."""
+        ids = self.hf.encode(text, add_special_tokens=False).ids
+        if add_special_tokens and self.add_bos and self.bos_id is not None:
+            ids = [self.bos_id] + ids
+        return ids
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return self.hf.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def id_to_token(self, i: int) -> str | None:
+        return self.hf.id_to_token(int(i))
+
+    # --- chat ------------------------------------------------------------------------------------
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        for m in messages:
+            if not isinstance(m, dict) or "role" not in m or "content" not in m:
+                raise InvalidArgumentError("each chat message must be a dict with 'role' and 'content'")
+        try:
+            if self._compiled is None:
+                self._compiled = self._template.from_string(self.chat_template)
+            return self._compiled.render(
+                messages=messages, add_generation_prompt=add_generation_prompt,
+                bos_token=self._tok(self.bos_id), eos_token=self._tok(self.eos_id))
+        except TemplateError as e:
+            raise ModelFormatError(f"the model's chat template failed: {e}") from None
+
+    def _tok(self, i):
+        return "" if i is None else (self.id_to_token(i) or "")
+
+    # --- construction ----------------------------------------------------------------------------
+    @classmethod
+    def from_gguf_metadata(cls, meta: dict) -> "Tokenizer":
+        kind = meta.get("tokenizer.ggml.model")
+        if kind != "gpt2":
+            raise UnsupportedModelError(
+                f"tokenizer type {kind!r} is not supported yet (minfer reads byte-level BPE, 'gpt2')")
+        tokens = meta["tokenizer.ggml.tokens"]
+        merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
+        vocab = {t: i for i, t in enumerate(tokens)}
+        hf = HFTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
+        hf.pre_tokenizer = _pre_tokenizer(meta.get("tokenizer.ggml.pre", "gpt2"))
+        hf.decoder = decoders.ByteLevel()
+        types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+        # control (3) and user-defined (4) tokens are matched whole in the text, never split
+        hf.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                               for t, ty in zip(tokens, types) if ty in (3, 4)])
+        bos = meta.get("tokenizer.ggml.bos_token_id")
+        eos = meta.get("tokenizer.ggml.eos_token_id")
+        stop = {i for i in (eos, meta.get("tokenizer.ggml.eot_token_id")) if i is not None}
+        stop |= {vocab[t] for t in END_OF_TURN[:-1] if t in vocab}
+        return cls(hf, meta.get("tokenizer.chat_template"), stop, bos, eos,
+                   add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", False)))
+
+    @classmethod
+    def from_hf_folder(cls, folder: Path, config=None) -> "Tokenizer":
+        path = folder / "tokenizer.json"
+        if not path.exists():
+            raise ModelFormatError(f"{folder} has no tokenizer.json")
+        try:
+            hf = HFTokenizer.from_file(str(path))
+        except Exception as e:  # the tokenizers library raises plain Exceptions
+            raise ModelFormatError(f"{path} could not be read: {e}") from None
+        tc = _json(folder / "tokenizer_config.json")
+        gc = _json(folder / "generation_config.json")
+        template = tc.get("chat_template")
+        if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
+            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+
+        def tok_id(entry):
+            if isinstance(entry, dict):
+                entry = entry.get("content")
+            return hf.token_to_id(entry) if isinstance(entry, str) else None
+
+        eos = tok_id(tc.get("eos_token"))
+        bos = tok_id(tc.get("bos_token"))
+        stop = set()
+        for src in (eos, gc.get("eos_token_id"), getattr(config, "eos_id", None)):
+            stop |= set(src) if isinstance(src, list) else ({src} if src is not None else set())
+        stop |= {hf.token_to_id(t) for t in END_OF_TURN[:-1] if hf.token_to_id(t) is not None}
+        eos = eos if eos is not None else getattr(config, "eos_id", None)
+        return cls(hf, template, stop, bos, eos, add_bos=bool(tc.get("add_bos_token", False)))
+
+
+def _json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text()) if path.exists() else {}
+    except ValueError as e:
+        raise ModelFormatError(f"{path} is not valid JSON ({e})") from None
+
+
+def _raise(msg):
+    raise TemplateError(msg)
+
+
+class StreamDecoder:
+    """Turns a stream of token ids into text pieces that never split a UTF-8 character.
+
+    One emoji can span several byte-level tokens; until its last byte arrives the decoded text ends
+    in U+FFFD, so we hold it back and emit it whole once it is complete."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tok, self.ids, self.text = tokenizer, [], ""
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(int(token_id))
+        text = self.tok.decode(self.ids)
+        if text.endswith("\ufffd"):
+            return ""
+        delta, self.text = text[len(self.text):], text
+        return delta
+
+    def flush(self) -> str:
+        text = self.tok.decode(self.ids)
+        delta, self.text = text[len(self.text):], text
+        return delta

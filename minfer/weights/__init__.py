@@ -1,0 +1,1 @@
+"""Reading models: GGUF files, Hugging Face safetensors folders, the default model, tiny random ones."""
