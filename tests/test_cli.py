@@ -1,0 +1,86 @@
+"""The command line, as a user meets it: help everywhere, and bad input -> one line, exit != 0."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from gguf import GGUFWriter
+
+
+def run(*args, env=None, input=None):
+    e = dict(os.environ, **(env or {}))
+    return subprocess.run([sys.executable, "-m", "minfer", *map(str, args)], capture_output=True,
+                          text=True, env=e, input=input, timeout=120)
+
+
+def assert_clean_error(r, *words):
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1, r.stderr
+    for w in words:
+        assert w.lower() in lines[0].lower(), lines[0]
+
+
+@pytest.mark.parametrize("cmd", [[], ["chat"], ["generate"], ["fetch"], ["info"]])
+def test_help(cmd):
+    r = run(*cmd, "--help")
+    assert r.returncode == 0 and "usage" in r.stdout.lower()
+
+
+def test_generate_prints_completion_on_stdout_and_stats_on_stderr(tiny_gguf):
+    r = run("generate", "--model", tiny_gguf, "--raw", "--max-tokens", "5", "hello")
+    assert r.returncode == 0, r.stderr
+    assert "tok/s" in r.stderr and "tok/s" not in r.stdout
+
+
+def test_chat_session(tiny_gguf):
+    r = run("chat", "--model", tiny_gguf, "--max-tokens", "4", "--seed", "1",
+            input="hello\n/reset\nagain\n/exit\n")
+    assert r.returncode == 0, r.stderr
+    assert "conversation cleared" in r.stderr
+
+
+def test_missing_model():
+    assert_clean_error(run("generate", "--model", "/nonexistent/model.gguf", "hi"), "no model")
+
+
+def test_corrupt_model(tmp_path):
+    f = tmp_path / "junk.gguf"
+    f.write_bytes(np.random.default_rng(0).bytes(5000))
+    assert_clean_error(run("generate", "--model", f, "hi"), "not a GGUF")
+
+
+def test_truncated_model(tiny_gguf, tmp_path):
+    f = tmp_path / "cut.gguf"
+    f.write_bytes(tiny_gguf.read_bytes()[: tiny_gguf.stat().st_size // 2])
+    assert_clean_error(run("generate", "--model", f, "hi"), "truncated")
+
+
+def test_unknown_architecture(tmp_path):
+    f = tmp_path / "mamba.gguf"
+    w = GGUFWriter(str(f), "mamba")
+    w.add_block_count(1)
+    w.add_tensor("token_embd.weight", np.zeros((4, 32), dtype=np.float32))
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+    assert_clean_error(run("generate", "--model", f, "hi"), "unsupported architecture")
+
+
+def test_prompt_over_context(tiny_gguf):
+    assert_clean_error(run("generate", "--model", tiny_gguf, "--raw", "--max-context", "8",
+                           "a long prompt that will not fit in eight tokens at all"), "context")
+
+
+@pytest.mark.parametrize("flags,word", [(["--temperature", "-1"], "temperature"),
+                                        (["--top-p", "2"], "top_p"),
+                                        (["--max-tokens", "0"], "max_tokens"),
+                                        (["--top-k", "many"], "invalid int"),
+                                        (["--backend", "tpu"], "invalid choice")])
+def test_bad_flags(tiny_gguf, flags, word):
+    assert_clean_error(run("generate", "--model", tiny_gguf, *flags, "hi"), word)
+
+
+def test_debug_shows_traceback():
+    r = run("--debug", "generate", "--model", "/nonexistent/x.gguf", "hi")
+    assert r.returncode != 0 and "Traceback" in r.stderr

@@ -1,0 +1,46 @@
+import numpy as np
+import pytest
+
+from minfer.errors import InvalidArgumentError
+from minfer.sampling import SamplingParams, apply_repetition_penalty, filter_logits, sample
+
+LOGITS = np.log(np.array([0.5, 0.25, 0.15, 0.07, 0.03]))
+
+
+def kept(p):
+    return set(np.flatnonzero(np.isfinite(filter_logits(LOGITS.copy(), p))))
+
+
+def test_top_k():
+    assert kept(SamplingParams(top_k=2)) == {0, 1}
+
+
+def test_top_p_keeps_smallest_set_reaching_p():
+    assert kept(SamplingParams(top_p=0.5)) == {0}
+    assert kept(SamplingParams(top_p=0.6)) == {0, 1}
+    assert kept(SamplingParams(top_p=0.9)) == {0, 1, 2}
+
+
+def test_min_p():
+    assert kept(SamplingParams(min_p=0.2)) == {0, 1, 2}        # 0.15 >= 0.1, 0.07 < 0.1
+
+
+def test_repetition_penalty_lowers_seen_tokens():
+    logits = np.array([2.0, -2.0, 1.0])
+    out = apply_repetition_penalty(logits, np.array([0, 1]), 2.0)
+    np.testing.assert_allclose(out, [1.0, -4.0, 1.0])
+
+
+def test_greedy_and_distribution():
+    rng = np.random.default_rng(0)
+    assert sample(LOGITS, SamplingParams(temperature=0), rng) == 0
+    draws = [sample(LOGITS, SamplingParams(temperature=1.0), rng) for _ in range(4000)]
+    freq = np.bincount(draws, minlength=5) / 4000
+    np.testing.assert_allclose(freq, np.exp(LOGITS), atol=0.03)
+
+
+@pytest.mark.parametrize("kw", [dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(top_k=-2),
+                                dict(min_p=1.0), dict(max_tokens=0), dict(repetition_penalty=0)])
+def test_bad_values_raise(kw):
+    with pytest.raises(InvalidArgumentError):
+        SamplingParams(**kw)

@@ -1,0 +1,44 @@
+import pytest
+
+import minfer
+from minfer.tokenizer import StreamDecoder
+
+TEXTS = ["Hello world!", "naïve café, 日本語, emoji 🙂👍🏽", "def f(x):\n\tif x:\n        return 1\n",
+         "many   spaces\n\n\nand lines", "<|im_start|>user\nhi<|im_end|>", "digits 12345 and 3.14"]
+
+
+def test_gguf_and_tokenizer_json_agree(tiny_hf, tiny_gguf):
+    """The tokenizer built from GGUF metadata == the one read from tokenizer.json."""
+    a = minfer.LLM(tiny_hf).tokenizer
+    b = minfer.LLM(tiny_gguf).tokenizer
+    for t in TEXTS:
+        assert a.encode(t) == b.encode(t), t
+        assert b.decode(b.encode(t), skip_special_tokens=False) == t
+    assert a.stop_ids == b.stop_ids == {2}
+
+
+def test_special_tokens_are_single_ids(tiny_llm):
+    ids = tiny_llm.tokenizer.encode("<|im_start|>user\nhi<|im_end|>")
+    assert ids[0] == 1 and ids[-1] == 2
+
+
+@pytest.mark.parametrize("text", ["emoji 🙂👍🏽 done", "日本語テキスト", "plain"])
+def test_stream_decoder_never_breaks_utf8(tiny_llm, text):
+    tok = tiny_llm.tokenizer
+    ids = tok.encode(text)
+    dec = StreamDecoder(tok)
+    pieces = [dec.push(i) for i in ids] + [dec.flush()]
+    assert "".join(pieces) == text
+    assert not any("\ufffd" in p for p in pieces)
+
+
+def test_chat_template_is_sandboxed(tiny_llm):
+    from minfer.errors import ModelFormatError
+    tok = tiny_llm.tokenizer
+    saved = tok.chat_template, tok._compiled
+    try:
+        tok.chat_template, tok._compiled = "{{ messages.__class__.__mro__[1].__subclasses__() }}", None
+        with pytest.raises(ModelFormatError):
+            tok.apply_chat_template([{"role": "user", "content": "x"}])
+    finally:
+        tok.chat_template, tok._compiled = saved
