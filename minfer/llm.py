@@ -13,7 +13,7 @@ from typing import Iterator
 
 import numpy as np
 
-from .backends import get_ops
+from .backends import DEFAULT_BACKEND, get_ops
 from .engine.generate import Engine, Sequence
 from .errors import InvalidArgumentError
 from .model import Transformer
@@ -32,9 +32,10 @@ class Completion:
 
 
 class LLM:
-    def __init__(self, model: str | os.PathLike | None = None, backend: str = "numpy",
-                 max_context: int | None = None, block_size: int = 16, quiet: bool = False):
-        ops = get_ops(backend)  # validate the backend before the (slow) load
+    def __init__(self, model: str | os.PathLike | None = None, backend: str = DEFAULT_BACKEND,
+                 max_context: int | None = None, block_size: int = 16, threads: int | None = None,
+                 quiet: bool = False):
+        ops = get_ops(backend, threads)  # validate the backend before the (slow) load
         path = model if model is not None else fetch.ensure_default_model(quiet=quiet)
         self.path = path
         self.config, self.weights, self.tokenizer = load(path)

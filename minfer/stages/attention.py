@@ -41,3 +41,50 @@ def paged_attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, bat
         scores = np.where(visible[None], scores, -np.inf)                          # [Hq, t, S]
         out[rows] = np.einsum("hts,shd->thd", softmax(scores), V)                   # [t, Hq, hd]
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Numba CPU path. Each (token row, query head) is one independent job: walk the sequence's keys
+# through its block table and keep a running softmax ("online softmax", Milakov & Gimelshein
+# 2018): when a larger score turns up, rescale what was accumulated so far. One pass over K and V,
+# no score matrix in memory.
+# ---------------------------------------------------------------------------------------------
+from numba import njit, prange, float32  # noqa: E402
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def _attention_rows(q, k_cache, v_cache, row_seq, positions, block_tables):
+    T, Hq, hd = q.shape
+    bs, Hkv = k_cache.shape[1], k_cache.shape[2]
+    group = Hq // Hkv
+    scale = float32(1.0 / np.sqrt(hd))
+    out = np.zeros_like(q)
+    for job in prange(T * Hq):
+        t, h = job // Hq, job % Hq
+        b, kvh = row_seq[t], h // group
+        m = float32(-np.inf)      # running max of the scores
+        l = float32(0.0)          # running sum of exp(score - m)
+        for j in range(positions[t] + 1):             # causal: keys 0..position
+            blk, row = block_tables[b, j // bs], j % bs
+            s = float32(0.0)
+            for i in range(hd):
+                s += q[t, h, i] * k_cache[blk, row, kvh, i]
+            s *= scale
+            if s > m:                                  # new max: rescale the past
+                c = np.exp(m - s)
+                l *= c
+                for i in range(hd):
+                    out[t, h, i] *= c
+                m = s
+            p = np.exp(s - m)
+            l += p
+            for i in range(hd):
+                out[t, h, i] += p * v_cache[blk, row, kvh, i]
+        for i in range(hd):
+            out[t, h, i] /= l
+    return out
+
+
+def paged_attention_numba(q, k_cache, v_cache, batch: Batch):
+    row_seq = np.repeat(np.arange(batch.n_seqs), np.diff(batch.seq_starts))   # [T] sequence of each row
+    return _attention_rows(q, k_cache, v_cache, row_seq, batch.positions, batch.block_tables)

@@ -9,3 +9,16 @@ import numpy as np
 def embedding(token_ids: np.ndarray, table: np.ndarray) -> np.ndarray:
     """token_ids [T] int, table [V, D] -> x [T, D] float32."""
     return np.asarray(table[token_ids], dtype=np.float32)          # [T, D]
+
+
+# --- Numba CPU path: a row copy per token -----------------------------------------------------
+from numba import njit  # noqa: E402
+
+
+@njit(cache=True)
+def embedding_numba(token_ids, table):
+    T, D = len(token_ids), table.shape[1]
+    out = np.empty((T, D), dtype=np.float32)
+    for t in range(T):
+        out[t, :] = table[token_ids[t]]
+    return out

@@ -79,3 +79,16 @@ class BlockManager:
 
     def release(self, seq_id: int) -> None:
         self.free.extend(reversed(self.tables.pop(seq_id, [])))
+
+
+# --- Numba CPU path ---------------------------------------------------------------------------
+from numba import njit  # noqa: E402
+
+
+@njit(cache=True)
+def kv_write_numba(k_cache, v_cache, k, v, slot_mapping):
+    bs = k_cache.shape[1]
+    for t in range(k.shape[0]):
+        blk, row = slot_mapping[t] // bs, slot_mapping[t] % bs
+        k_cache[blk, row] = k[t]
+        v_cache[blk, row] = v[t]

@@ -40,3 +40,21 @@ def hf_to_interleaved(w: np.ndarray, n_heads: int) -> np.ndarray:
     return (w.reshape(n_heads, 2, hd // 2, in_dim)                 # [H, half, hd/2, in]
              .swapaxes(1, 2)                                        # [H, hd/2, 2, in]
              .reshape(out_dim, in_dim))                             # [H*hd, in]
+
+
+# --- Numba CPU path: rotate the pairs in place -------------------------------------------------
+from numba import njit  # noqa: E402
+
+
+@njit(fastmath=True, cache=True)
+def rope_numba(x, cos, sin):
+    """Same contract as `rope`, but rotates x in place (and returns it)."""
+    T, H, hd = x.shape
+    for t in range(T):
+        for h in range(H):
+            for i in range(hd // 2):
+                x0 = x[t, h, 2 * i]
+                x1 = x[t, h, 2 * i + 1]
+                x[t, h, 2 * i] = x0 * cos[t, i] - x1 * sin[t, i]
+                x[t, h, 2 * i + 1] = x0 * sin[t, i] + x1 * cos[t, i]
+    return x

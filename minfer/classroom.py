@@ -1,0 +1,902 @@
+"""The classroom: exercises for the lessons, checked against minfer's own reference.
+
+Each lesson from 03 to 08 comes with tasks: functions whose bodies are left for the student, with
+the same names and signatures as the stage's NumPy reference. The command line drives it:
+
+    python -m minfer lesson list                    # lessons and their tasks
+    python -m minfer lesson start 5 [--dir DIR]     # copy lesson05_attention.py into DIR
+    python -m minfer lesson check 5 [--dir DIR]     # run the lesson's tests on DIR's code
+
+(DIR defaults to ./minfer-exercises.) A check compares the student's function with the reference
+on random inputs of several shapes, odd sizes included, and on a failure says what differs and
+gives a hint. `student_ops` then plugs the finished functions into a backend's op table, so that
+`python -m minfer chat --use-mine` runs the real model on the student's own attention.
+
+The lessons also use two small helpers from here: `show` saves a matplotlib figure (and displays
+it in a notebook) and `figures_dir` says where figures go.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+import textwrap
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType, SimpleNamespace
+from typing import Callable
+
+import numpy as np
+
+from .batch import make_batch
+from .errors import MinferError
+
+DEFAULT_DIR = "minfer-exercises"
+
+
+class ExerciseError(MinferError):
+    """A lesson number, folder or exercise file that the classroom cannot use."""
+
+
+class CheckFailed(AssertionError):
+    """A task's output differs from the reference; the message says how."""
+
+
+# =============================================================================================
+# Helpers for the lesson scripts
+# =============================================================================================
+
+def figures_dir() -> Path:
+    """Where lessons save their figures: $MINFER_FIGURES, else ./figures."""
+    d = Path(os.environ.get("MINFER_FIGURES") or "figures")
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def show(fig, name: str) -> Path:
+    """Save a matplotlib figure as figures/<name>.png; in a notebook, also display it."""
+    path = figures_dir() / f"{name}.png"
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    if "ipykernel" in sys.modules:                       # running as a notebook: show it inline
+        from IPython.display import display
+        display(fig)
+    import matplotlib.pyplot as plt
+    plt.close(fig)
+    print(f"[figure saved: {path}]")
+    return path
+
+
+# =============================================================================================
+# Comparing a student's answer with the reference
+# =============================================================================================
+
+def _close(got, want, atol: float, rtol: float) -> bool:
+    got = np.asarray(got)
+    return got.shape == want.shape and bool(np.allclose(got, want, atol=atol, rtol=rtol, equal_nan=True))
+
+
+def expect_close(got, want, what: str, atol: float = 1e-5, rtol: float = 1e-4,
+                 variants: list[tuple[str, np.ndarray]] = ()) -> None:
+    """Raise CheckFailed unless `got` matches `want`. `variants` are (message, output of a known
+    mistake): when the student's answer matches one, its message becomes the hint."""
+    want = np.asarray(want)
+    if got is None:
+        raise CheckFailed(f"{what}: your function returned None (forgot `return`?)")
+    try:
+        got = np.asarray(got)
+    except Exception:
+        raise CheckFailed(f"{what}: the result is a {type(got).__name__}, not an array") from None
+    if got.shape != want.shape:
+        raise CheckFailed(f"{what}: shape {got.shape}, expected {want.shape}")
+    if _close(got, want, atol, rtol):
+        return
+    for message, out in variants:
+        if _close(got, out, atol, rtol):
+            raise CheckFailed(f"{what}: {message}")
+    both = np.isfinite(got) & np.isfinite(want)
+    if not np.array_equal(np.isfinite(got), np.isfinite(want)):
+        i = np.unravel_index(np.argmax(np.isfinite(got) != np.isfinite(want)), want.shape)
+        raise CheckFailed(f"{what}: at index {tuple(int(j) for j in i)} you have {got[i]}, "
+                          f"expected {want[i]}")
+    err = np.where(both, np.abs(got.astype(np.float64) - want), 0)
+    i = np.unravel_index(np.argmax(err), want.shape)
+    raise CheckFailed(f"{what}: max |difference| {err[i]:.3g} at index {tuple(int(j) for j in i)} "
+                      f"(yours {got[i]:.6g}, expected {want[i]:.6g})")
+
+
+def _rng(seed: int = 0) -> np.random.Generator:
+    return np.random.default_rng(seed)
+
+
+def _randn(rng, *shape, scale=1.0) -> np.ndarray:
+    return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+
+# =============================================================================================
+# The tasks, lesson by lesson. Each check calls the student's function `f` and raises CheckFailed.
+# =============================================================================================
+
+@dataclass
+class Task:
+    name: str
+    check: Callable[[Callable], None]
+    hint: str
+    op: str | None = None          # the op-table entry it can replace (see student_ops)
+
+
+@dataclass
+class Lesson:
+    number: int
+    slug: str
+    title: str
+    tasks: list[Task]
+    stub: str
+    minutes: int = 30
+    references: dict = field(default_factory=dict)
+
+    @property
+    def filename(self) -> str:
+        return f"lesson{self.number:02d}_{self.slug}.py"
+
+
+# --- lesson 03: embedding and RMSNorm -----------------------------------------------------------
+
+def _check_embedding(f):
+    from .stages.embedding import embedding
+    rng = _rng(3)
+    for V, D, T, dtype in [(37, 24, 1, np.float32), (101, 33, 7, np.float32), (50, 16, 5, np.float16)]:
+        table = _randn(rng, V, D).astype(dtype)
+        ids = rng.integers(0, V, size=T)
+        ids[-1] = ids[0]                                            # a repeated token
+        got = f(ids, table)
+        expect_close(got, embedding(ids, table), f"T={T}, V={V}, D={D}, table {np.dtype(dtype).name}",
+                     atol=0, rtol=0)
+        if np.asarray(got).dtype != np.float32:
+            raise CheckFailed(f"the result's dtype is {np.asarray(got).dtype}; the residual stream "
+                              f"is float32 (a float16 table must be widened)")
+
+
+def _check_rmsnorm(f):
+    from .stages.rmsnorm import rmsnorm
+    rng = _rng(4)
+    for T, D, scale, eps in [(1, 8, 1.0, 1e-5), (5, 33, 30.0, 1e-6), (3, 576, 1e-3, 1e-5)]:
+        x, w = _randn(rng, T, D, scale=scale), _randn(rng, D) + 1
+        xc = x.copy()
+        ms = np.mean(x * x, axis=-1, keepdims=True)
+        variants = [
+            ("you subtracted the mean (that is LayerNorm); RMSNorm divides by the root of the mean "
+             "square, no centring", (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + eps) * w),
+            ("the gain w is missing: multiply by w at the end", x / np.sqrt(ms + eps)),
+            ("eps belongs inside the square root: sqrt(mean(x^2) + eps)", x / (np.sqrt(ms) + eps) * w),
+            ("the mean goes over the last axis (each token's own vector), with keepdims",
+             x / np.sqrt(np.mean(x * x, axis=0, keepdims=True) + eps) * w),
+        ]
+        expect_close(f(x, w, eps), rmsnorm(x, w, eps), f"x [{T}, {D}] (scale {scale}), eps={eps}",
+                     atol=1e-5, rtol=1e-4, variants=variants)
+        if not np.array_equal(x, xc):
+            raise CheckFailed("your rmsnorm changed its input x in place; return a new array")
+
+
+# --- lesson 04: RoPE ----------------------------------------------------------------------------
+
+def _check_rope_angles(f):
+    from .stages.rope import rope_angles
+    for pos, hd, base in [([0, 1, 2, 3], 8, 10000.0), ([7, 100, 3000], 64, 100000.0),
+                          ([5, 0, 17, 2, 9], 6, 500.0)]:
+        pos = np.asarray(pos)
+        got = f(pos, hd, base)
+        if not (isinstance(got, tuple) and len(got) == 2):
+            raise CheckFailed("rope_angles returns a pair (cos, sin)")
+        want = rope_angles(pos, hd, base)
+        inv = base ** (-np.arange(0, hd, 2) / hd)
+        ang = pos[:, None] * inv[None]
+        bad_freq = pos[:, None] * (base ** (-np.arange(hd // 2) / hd))[None]
+        for k, name in enumerate(("cos", "sin")):
+            fn = np.cos if k == 0 else np.sin
+            expect_close(got[k], want[k], f"{name} for positions {pos.tolist()}, head_dim={hd}, base={base}",
+                         atol=5e-4, rtol=1e-3, variants=[
+                             ("theta_i = base^(-2i/head_dim) for i = 0 .. head_dim/2 - 1: the exponent "
+                              "steps by 2/head_dim, not 1/head_dim", fn(bad_freq)),
+                             (f"{name} and {'sin' if k == 0 else 'cos'} are swapped",
+                              (np.sin if k == 0 else np.cos)(ang)),
+                         ])
+
+
+def _rotate_half_rope(x, cos, sin):
+    h = x.shape[-1] // 2
+    a, b = x[..., :h], x[..., h:]
+    c, s = cos[:, None, :], sin[:, None, :]
+    return np.concatenate([a * c - b * s, a * s + b * c], axis=-1)
+
+
+def _check_rope(f):
+    from .stages.rope import rope, rope_angles
+    rng = _rng(5)
+    for T, H, hd in [(1, 1, 4), (5, 3, 16), (4, 9, 64)]:
+        x = _randn(rng, T, H, hd)
+        pos = rng.integers(0, 500, size=T)
+        cos, sin = rope_angles(pos, hd, 10000.0)
+        xc = x.copy()
+        x0, x1 = x[..., 0::2], x[..., 1::2]
+        wrong_sign = np.empty_like(x)
+        wrong_sign[..., 0::2] = x0 * cos[:, None] + x1 * sin[:, None]
+        wrong_sign[..., 1::2] = -x0 * sin[:, None] + x1 * cos[:, None]
+        expect_close(f(x, cos, sin), rope(x, cos, sin), f"x [{T}, {H}, {hd}]", atol=1e-5, rtol=1e-4,
+                     variants=[
+                         ("you paired the halves (x_i, x_{i+hd/2}), Hugging Face's rotate_half; "
+                          "minfer pairs neighbours (x_2i, x_2i+1)", _rotate_half_rope(x, cos, sin)),
+                         ("you rotated by -angle: (a, b) -> (a cos - b sin, a sin + b cos)", wrong_sign),
+                     ])
+        if not np.array_equal(x, xc):
+            raise CheckFailed("your rope changed its input x in place; write into a new array")
+
+
+# --- lesson 05: attention -----------------------------------------------------------------------
+
+def _check_softmax(f):
+    from .stages.attention import softmax
+    rng = _rng(6)
+    cases = [(_randn(rng, 3, 7), -1), (_randn(rng, 4, 5) * 300, -1), (_randn(rng, 2, 3, 6), 0)]
+    masked = _randn(rng, 3, 5)
+    masked[:, 3:] = -np.inf                                         # masked positions
+    cases.append((masked, -1))
+    for s, axis in cases:
+        with np.errstate(all="ignore"):
+            got = f(s, axis=axis)
+        if got is not None and not np.all(np.isfinite(np.asarray(got, dtype=np.float64))):
+            raise CheckFailed(f"scores {list(s.shape)} with values up to {np.max(s[np.isfinite(s)]):.0f}: "
+                              f"nan or inf in your result; exp overflows unless you subtract the max first")
+        with np.errstate(all="ignore"):
+            e = np.exp(s - np.max(s))
+        expect_close(got, softmax(s, axis=axis), f"scores {list(s.shape)}, axis={axis}",
+                     atol=1e-6, rtol=1e-4, variants=[
+                         ("the probabilities must sum to 1 along `axis` (each row), not over the "
+                          "whole array", e / e.sum()),
+                     ])
+
+
+def _attention_variant(q, k_cache, v_cache, batch, causal=True, scale=True, group_of=None):
+    """The reference with one mistake switched on (for diagnosing a student's output)."""
+    T, Hq, hd = q.shape
+    bs, Hkv = k_cache.shape[1], k_cache.shape[2]
+    group = Hq // Hkv
+    kv_head = group_of or (lambda h: h // group)
+    out = np.zeros_like(q)
+    for b in range(batch.n_seqs):
+        S = int(batch.context_lens[b])
+        blocks = batch.block_tables[b, : -(-S // bs)]
+        K = k_cache[blocks].reshape(-1, Hkv, hd)[:S]
+        V = v_cache[blocks].reshape(-1, Hkv, hd)[:S]
+        for t in range(batch.seq_starts[b], batch.seq_starts[b + 1]):
+            for h in range(Hq):
+                s = K[:, kv_head(h)] @ q[t, h] / (np.sqrt(hd) if scale else 1.0)
+                if causal:
+                    s = np.where(np.arange(S) <= batch.positions[t], s, -np.inf)
+                p = np.exp(s - s.max())
+                out[t, h] = (p / p.sum()) @ V[:, kv_head(h)]
+    return out
+
+
+def _attention_case(rng, Hq, Hkv, hd, bs, seqs, n_blocks):
+    """seqs: (number of new tokens, position of the first) per sequence. Blocks are handed out
+    shuffled; the whole pool is random, and the slots past each context hold huge values."""
+    order = list(rng.permutation(n_blocks))
+    entries = []
+    for n, start in seqs:
+        need = -(-(start + n) // bs)
+        entries.append((np.zeros(n, dtype=np.int64), start, [int(order.pop()) for _ in range(need)]))
+    batch = make_batch(entries, bs)
+    k_cache, v_cache = _randn(rng, n_blocks, bs, Hkv, hd), _randn(rng, n_blocks, bs, Hkv, hd)
+    for b, (_, _, table) in enumerate(entries):
+        last, used = table[-1], int(batch.context_lens[b]) - (len(table) - 1) * bs
+        k_cache[last, used:] = 1e4                                  # beyond the context: never read
+        v_cache[last, used:] = 1e4
+    return _randn(rng, len(batch.token_ids), Hq, hd), k_cache, v_cache, batch
+
+
+def _check_paged_attention(f):
+    from .stages.attention import paged_attention
+    rng = _rng(7)
+    cases = [
+        ("one sequence, a 5-token prompt, one block, 2 heads", (2, 2, 8, 16, [(5, 0)], 2)),
+        ("one sequence decoding at position 6, GQA 4 query / 2 kv heads", (4, 2, 8, 4, [(1, 6)], 4)),
+        ("three sequences (prefill 6, decode at 9, 3 tokens at 5..7), GQA 6/2, blocks of 4",
+         (6, 2, 16, 4, [(6, 0), (1, 9), (3, 5)], 12)),
+        ("SmolLM2's heads: 9 query / 3 kv, head_dim 64, two sequences",
+         (9, 3, 64, 16, [(4, 0), (2, 20)], 6)),
+    ]
+    for what, (Hq, Hkv, hd, bs, seqs, nb) in cases:
+        q, kc, vc, batch = _attention_case(rng, Hq, Hkv, hd, bs, seqs, nb)
+        kc0, vc0 = kc.copy(), vc.copy()
+        got = f(q, kc, vc, batch)
+        group = Hq // Hkv
+        variants = [
+            ("the causal mask is missing: a query at position p sees only keys 0..p",
+             _attention_variant(q, kc, vc, batch, causal=False)),
+            ("the scores are not scaled: divide q.k by sqrt(head_dim)",
+             _attention_variant(q, kc, vc, batch, scale=False)),
+        ]
+        if Hkv > 1 and group > 1:
+            variants.append(("query head h reads kv head h // (Hq // Hkv) (consecutive query heads "
+                             "share a kv head), not h % Hkv",
+                             _attention_variant(q, kc, vc, batch, group_of=lambda h: h % Hkv)))
+        expect_close(got, paged_attention(q, kc, vc, batch), what, atol=1e-4, rtol=1e-3,
+                     variants=variants)
+        if not (np.array_equal(kc, kc0) and np.array_equal(vc, vc0)):
+            raise CheckFailed(f"{what}: your attention wrote into the KV cache; it only reads it")
+
+
+# --- lesson 06: the KV cache --------------------------------------------------------------------
+
+def _ref_slot_mapping(block_table, start, stop, block_size):
+    """Slots of positions start..stop-1 of a sequence, exactly as make_batch computes them."""
+    return make_batch([(np.zeros(stop - start, dtype=np.int64), start, list(block_table))],
+                      block_size).slot_mapping
+
+
+def _check_slot_mapping(f):
+    for table, start, stop, bs in [([0], 0, 5, 16), ([3, 0, 2], 0, 12, 4), ([7, 1, 4, 5], 9, 14, 4),
+                                   ([2, 9], 15, 16, 16), ([6, 3, 8], 10, 11, 5)]:
+        pos = np.arange(start, stop)
+        expect_close(f(table, start, stop, bs), _ref_slot_mapping(table, start, stop, bs),
+                     f"table {table}, positions {start}..{stop - 1}, block_size {bs}", atol=0, rtol=0,
+                     variants=[
+                         ("use the block table: the block of position p is table[p // block_size], "
+                          "not p // block_size itself", pos),
+                         ("slot = block * block_size + p % block_size",
+                          np.asarray(table)[pos // bs] + pos % bs),
+                     ])
+
+
+def _check_kv_write(f):
+    from .stages.kvcache import kv_write
+    rng = _rng(8)
+    for nb, bs, Hkv, hd, slots in [(2, 4, 1, 4, [0, 1, 2]), (6, 4, 2, 8, [13, 14, 2, 22, 7]),
+                                   (4, 16, 3, 64, [63])]:
+        slots = np.asarray(slots, dtype=np.int64)
+        k, v = _randn(rng, len(slots), Hkv, hd), _randn(rng, len(slots), Hkv, hd)
+        kc, vc = _randn(rng, nb, bs, Hkv, hd), _randn(rng, nb, bs, Hkv, hd)
+        kc_want, vc_want = kc.copy(), vc.copy()
+        kv_write(kc_want, vc_want, k, v, slots)
+        f(kc, vc, k, v, slots)                                      # writes in place; returns nothing
+        what = f"pool [{nb} blocks x {bs}], slots {slots.tolist()}"
+        expect_close(kc, kc_want, what + ", k_cache after the write", atol=0, rtol=0)
+        expect_close(vc, vc_want, what + ", v_cache after the write", atol=0, rtol=0)
+
+
+# --- lesson 07: the MLP -------------------------------------------------------------------------
+
+def _check_silu(f):
+    from .stages.mlp import silu
+    rng = _rng(9)
+    for z in [_randn(rng, 7), _randn(rng, 3, 11, scale=6), np.array([-100.0, -20, 0, 20, 100], np.float32)]:
+        with np.errstate(over="ignore"):
+            got = f(z)
+        expect_close(got, silu(z), f"z {list(z.shape)} in [{z.min():.1f}, {z.max():.1f}]",
+                     atol=1e-5, rtol=1e-4, variants=[
+                         ("that is the sigmoid alone; silu(z) = z * sigmoid(z)", 1 / (1 + np.exp(-z.astype(np.float64)))),
+                         ("that is ReLU; silu is smooth: z * sigmoid(z)", np.maximum(z, 0)),
+                     ])
+
+
+def _check_swiglu(f):
+    from .stages.mlp import silu, swiglu
+    rng = _rng(10)
+    for T, D, F in [(1, 8, 12), (5, 24, 40), (3, 64, 96)]:
+        x = _randn(rng, T, D)
+        wg, wu, wd = _randn(rng, F, D, scale=0.3), _randn(rng, F, D, scale=0.3), _randn(rng, D, F, scale=0.3)
+        expect_close(f(x, wg, wu, wd), swiglu(x, wg, wu, wd), f"x [{T}, {D}], ffn {F}",
+                     atol=1e-4, rtol=1e-3, variants=[
+                         ("silu goes on the gate branch: silu(x W_gate^T) * (x W_up^T)",
+                          (silu(x @ wu.T) * (x @ wg.T)) @ wd.T),
+                     ])
+
+
+# --- lesson 08: sampling ------------------------------------------------------------------------
+
+def _check_repetition_penalty(f):
+    from .sampling import apply_repetition_penalty
+    rng = _rng(11)
+    for V, seen, penalty in [(10, [1, 3, 3, 7], 1.3), (50, [0, 49, 20, 21, 20], 2.0), (8, [2], 1.0),
+                             (8, [], 1.5)]:
+        logits = _randn(rng, V, scale=3)
+        seen = np.asarray(seen, dtype=np.int64)
+        before = logits.copy()
+        want = apply_repetition_penalty(logits, seen, penalty)
+        wrong = logits.copy()
+        if len(seen):
+            wrong[np.unique(seen)] /= penalty
+        expect_close(f(logits, seen, penalty), want, f"{V} logits, seen {seen.tolist()}, penalty {penalty}",
+                     atol=1e-6, rtol=1e-5, variants=[
+                         ("dividing a negative logit makes it *larger*; multiply negative ones by "
+                          "the penalty and divide positive ones", wrong),
+                     ])
+        if not np.array_equal(logits, before):
+            raise CheckFailed("your function changed the caller's logits in place; work on a copy")
+
+
+def _kept(x):
+    return np.flatnonzero(np.isfinite(np.asarray(x, dtype=np.float64)))
+
+
+def _check_filter_logits(f):
+    from .sampling import SamplingParams, filter_logits
+    rng = _rng(12)
+    for V in (12, 40):
+        logits = _randn(rng, V, scale=2.5)
+        for kw in [dict(top_k=5), dict(top_k=1), dict(top_p=0.9), dict(top_p=0.5), dict(top_p=0.999),
+                   dict(min_p=0.1), dict(min_p=0.5), dict(top_k=8, top_p=0.8, min_p=0.05)]:
+            p = SamplingParams(temperature=1.0, **kw)
+            want = filter_logits(logits, p)
+            got = f(logits.copy(), p)
+            what = f"{V} logits, " + ", ".join(f"{k}={v}" for k, v in kw.items())
+            if got is None:
+                raise CheckFailed(f"{what}: your function returned None (forgot `return`?)")
+            if not np.array_equal(_kept(got), _kept(want)):
+                k_got, k_want = len(_kept(got)), len(_kept(want))
+                more = ""
+                if "top_p" in kw and abs(k_got - k_want) == 1:
+                    more = (" — keep a token while the probability mass *before* it is below top_p "
+                            "(so the token that crosses top_p is kept too)")
+                raise CheckFailed(f"{what}: you keep {k_got} tokens, expected {k_want}{more}")
+            expect_close(np.where(np.isfinite(got), got, 0), np.where(np.isfinite(want), want, 0),
+                         what + " (the kept logits must keep their values)", atol=1e-6, rtol=1e-6)
+
+
+def _check_sample(f):
+    from .sampling import SamplingParams, sample
+    rng = _rng(13)
+    logits = np.array([2.0, 1.0, 0.5, 3.0, -1.0, 0.0], dtype=np.float32)
+    seen = np.array([3])
+    greedy = SamplingParams(temperature=0)
+    got = f(logits, greedy, _rng(0))
+    if int(got) != sample(logits, greedy, _rng(0)):
+        raise CheckFailed(f"temperature 0 is greedy: expected token {int(np.argmax(logits))}, got {got}")
+    pen = SamplingParams(temperature=0, repetition_penalty=2.0)
+    if int(f(logits, pen, _rng(0), seen)) != sample(logits, pen, _rng(0), seen):
+        raise CheckFailed("greedy with repetition_penalty=2 and token 3 seen: the penalty applies "
+                          "before the arg-max, so token 0 wins")
+    p = SamplingParams(temperature=0.8, top_k=4)
+    z = logits / 0.8
+    keep = np.argsort(-z)[:4]
+    probs = np.zeros(len(z))
+    probs[keep] = np.exp(z[keep] - z[keep].max())
+    probs /= probs.sum()
+    n = 4000
+    draws = np.array([int(f(logits, p, rng)) for _ in range(n)])
+    if not np.isin(draws, keep).all():
+        raise CheckFailed(f"with top_k=4 you drew token {draws[~np.isin(draws, keep)][0]}, which top-k removed")
+    freq = np.bincount(draws, minlength=len(z)) / n
+    worst = int(np.argmax(np.abs(freq - probs)))
+    if abs(freq[worst] - probs[worst]) > 0.035:
+        raise CheckFailed(f"temperature 0.8, top_k 4: token {worst} came {freq[worst]:.3f} of the time over "
+                          f"{n} draws, expected {probs[worst]:.3f}; divide the logits by the temperature, "
+                          f"filter, softmax, then draw with the rng you are given")
+
+
+# --- the stub files the students fill in ----------------------------------------------------------
+
+_HEADER = '''"""minfer classroom — lesson {n:02d}: {title}.
+
+Fill in the function bodies (each now raises NotImplementedError), then check your work:
+
+    python -m minfer lesson check {n}
+
+Each function has the signature of minfer's own reference (minfer/{where}). Read the lesson
+(lessons/{lesson_file}) first; peek at the reference only when you are stuck.
+Once a function passes, `python -m minfer chat --use-mine` runs the real model with it.
+"""
+import numpy as np
+'''
+
+STUBS = {
+    3: '''
+
+def embedding(token_ids, table):
+    """token_ids [T] int, table [V, D] -> x [T, D] float32.
+
+    Each token id picks one row of the table. The result is float32 even when the table is not.
+    """
+    raise NotImplementedError("lesson 03: embedding")
+
+
+def rmsnorm(x, w, eps):
+    """x [T, D], w [D], eps float -> [T, D].
+
+        y = x / sqrt(mean(x^2) + eps) * w       (the mean over each token's D values)
+    """
+    raise NotImplementedError("lesson 03: rmsnorm")
+''',
+    4: '''
+
+def rope_angles(positions, head_dim, base):
+    """positions [T] int -> (cos, sin), each [T, head_dim // 2] float32.
+
+    Pair i turns by angle positions * theta_i with theta_i = base ** (-2 i / head_dim).
+    Tip: compute the angles in float64 (positions reach the thousands) and cast at the end.
+    """
+    raise NotImplementedError("lesson 04: rope_angles")
+
+
+def rope(x, cos, sin):
+    """x [T, H, hd], cos/sin [T, hd // 2] -> [T, H, hd], a new array.
+
+    Pair i of each head is (x[..., 2i], x[..., 2i+1]); rotate it by the angle of row t:
+        (a, b) -> (a cos - b sin, a sin + b cos)
+    The same cos/sin serve every head (broadcast over H).
+    """
+    raise NotImplementedError("lesson 04: rope")
+''',
+    5: '''
+
+def softmax(s, axis=-1):
+    """Probabilities along `axis`: exp(s) / sum(exp(s)). -inf entries get probability 0.
+    Large scores must not overflow: subtract the max along the axis first."""
+    raise NotImplementedError("lesson 05: softmax")
+
+
+def paged_attention(q, k_cache, v_cache, batch):
+    """q [T, Hq, hd]; k_cache, v_cache [n_blocks, block_size, Hkv, hd] -> out [T, Hq, hd].
+
+    For each sequence b of the batch (see minfer/batch.py):
+      rows      batch.seq_starts[b] : batch.seq_starts[b + 1]     its rows of q and out
+      S         batch.context_lens[b]                             how many keys it has
+      blocks    batch.block_tables[b]                             where its keys live, in order:
+                key j is k_cache[blocks[j // block_size], j % block_size]
+    A query row at position batch.positions[t] sees keys 0 .. positions[t] (the causal mask).
+    Query head h reads kv head h // (Hq // Hkv). Scores are q.k / sqrt(hd); out = softmax(scores) V.
+    Your softmax above is yours to use.
+    """
+    raise NotImplementedError("lesson 05: paged_attention")
+''',
+    6: '''
+
+def slot_mapping(block_table, start, stop, block_size):
+    """Cache slots of positions start .. stop-1 of one sequence -> int array [stop - start].
+
+    Position p lives in block block_table[p // block_size], row p % block_size;
+    its slot (its row in the flattened pool) is block * block_size + row.
+    """
+    raise NotImplementedError("lesson 06: slot_mapping")
+
+
+def kv_write(k_cache, v_cache, k, v, slot_mapping):
+    """Write the new tokens' keys and values into their slots, in place; return nothing.
+
+    k_cache, v_cache [n_blocks, block_size, Hkv, hd]; k, v [T, Hkv, hd]; slot_mapping [T].
+    Tip: k_cache.reshape(n_blocks * block_size, Hkv, hd) is a view of the same memory.
+    """
+    raise NotImplementedError("lesson 06: kv_write")
+''',
+    7: '''
+
+def silu(z):
+    """silu(z) = z * sigmoid(z) = z / (1 + exp(-z)), elementwise. Mind exp overflowing for z << 0."""
+    raise NotImplementedError("lesson 07: silu")
+
+
+def swiglu(x, w_gate, w_up, w_down):
+    """x [T, D]; w_gate, w_up [F, D]; w_down [D, F] -> [T, D].
+
+        out = ( silu(x W_gate^T) * (x W_up^T) ) W_down^T        (weights are stored [out, in])
+    """
+    raise NotImplementedError("lesson 07: swiglu")
+''',
+    8: '''
+
+def apply_repetition_penalty(logits, seen, penalty):
+    """logits [V], seen: token ids already in the text, penalty > 0 -> new logits [V].
+
+    Each seen token (once, however often it was seen) becomes less likely: a positive logit is
+    divided by the penalty, a negative one multiplied. Do not modify `logits` in place.
+    """
+    raise NotImplementedError("lesson 08: apply_repetition_penalty")
+
+
+def filter_logits(logits, p):
+    """logits [V] (already divided by the temperature), p: minfer.SamplingParams -> logits [V]
+    with the dropped tokens set to -inf, applied in this order:
+
+      p.top_k > 0    keep the k largest logits
+      p.top_p < 1    sort by probability; keep a token while the mass *before* it is < top_p
+      p.min_p > 0    drop tokens whose probability is below min_p x the largest probability
+    """
+    raise NotImplementedError("lesson 08: filter_logits")
+
+
+def sample(logits, p, rng, seen=None):
+    """logits [V] -> the next token id (an int).
+
+    Apply the repetition penalty (when `seen` is given); if p.temperature == 0 take the arg-max;
+    else divide by the temperature, filter, softmax, and draw one id with `rng`
+    (a numpy Generator, e.g. rng.choice).
+    """
+    raise NotImplementedError("lesson 08: sample")
+''',
+}
+
+
+def _lessons() -> dict[int, Lesson]:
+    from . import sampling
+    from .stages import attention, embedding, kvcache, mlp, rmsnorm, rope
+    L = {}
+
+    def add(n, slug, title, where, lesson_file, minutes, tasks, refs):
+        stub = _HEADER.format(n=n, title=title, where=where, lesson_file=lesson_file) + STUBS[n]
+        L[n] = Lesson(n, slug, title, tasks, stub, minutes, refs)
+
+    add(3, "embedding_rmsnorm", "embeddings and RMSNorm", "stages/embedding.py, stages/rmsnorm.py",
+        "03_embedding_rmsnorm.py", 30, [
+            Task("embedding", _check_embedding, "fancy indexing reads one row per id; widen the result to float32",
+                 op="embedding"),
+            Task("rmsnorm", _check_rmsnorm, "the mean of squares is taken per token (last axis, keepdims=True so it "
+                 "broadcasts); add eps under the square root; multiply by w last", op="rmsnorm"),
+        ], dict(embedding=embedding.embedding, rmsnorm=rmsnorm.rmsnorm))
+    add(4, "rope", "rotary position embedding", "stages/rope.py", "04_rope.py", 40, [
+        Task("rope_angles", _check_rope_angles, "one frequency per pair (head_dim // 2 of them), one angle per "
+             "(position, pair): an outer product; then cos and sin of it", op="rope_angles"),
+        Task("rope", _check_rope, "slice the even and odd elements of the last axis (a step of 2); "
+             "give cos and sin a head axis of size 1 so they broadcast; write the two results back "
+             "into the even and odd places of a new array", op="rope"),
+    ], dict(rope_angles=rope.rope_angles, rope=rope.rope))
+    add(5, "attention", "attention and grouped-query heads", "stages/attention.py", "05_attention.py", 60, [
+        Task("softmax", _check_softmax, "max and sum along `axis` with keepdims=True; exp(-inf) is 0, "
+             "which is how the mask works"),
+        Task("paged_attention", _check_paged_attention, "work one sequence at a time: gather its S keys and values "
+             "from its blocks (indexing the cache with the block list, then a reshape), repeat the kv "
+             "heads so each query head has its own, score, mask with -inf where key j > the row's "
+             "position, softmax, weight the values. Loops are fine; speed comes in lesson 09", op="attention"),
+    ], dict(softmax=attention.softmax, paged_attention=attention.paged_attention))
+    add(6, "kvcache", "the paged KV cache", "stages/kvcache.py, batch.py", "06_kvcache.py", 30, [
+        Task("slot_mapping", _check_slot_mapping, "make the positions with arange, then "
+             "index the table with p // block_size; numpy does all positions at once"),
+        Task("kv_write", _check_kv_write, "a reshape of the cache to [n_blocks * block_size, Hkv, hd] "
+             "is a view: assigning to its rows at slot_mapping writes into the cache itself", op="kv_write"),
+    ], dict(slot_mapping=_ref_slot_mapping, kv_write=kvcache.kv_write))
+    add(7, "mlp", "the SwiGLU MLP", "stages/mlp.py", "07_mlp.py", 20, [
+        Task("silu", _check_silu, "z * sigmoid(z); for a sigmoid that never overflows, note "
+             "sigmoid(z) = 0.5 * (1 + tanh(z / 2))"),
+        Task("swiglu", _check_swiglu, "two projections up to F, one gated by silu, multiplied "
+             "elementwise, then one projection down; weights are [out, in] so x @ W.T",
+             op="swiglu"),
+    ], dict(silu=mlp.silu, swiglu=mlp.swiglu))
+    add(8, "sampling", "sampling the next token", "sampling.py", "08_sampling.py", 40, [
+        Task("apply_repetition_penalty", _check_repetition_penalty, "copy first; np.unique(seen) so that a token seen twice is "
+             "penalised once; np.where picks divide or multiply by the sign"),
+        Task("filter_logits", _check_filter_logits, "top-k: np.partition finds the k-th largest value; top-p: "
+             "sort by probability, the mass before a token is cumsum - its own probability; min-p: "
+             "compare each probability with the largest one. Work in float64"),
+        Task("sample", _check_sample, "penalty, then greedy or: divide by the temperature, "
+             "filter, softmax, and rng.choice(V, p=probs); return a plain int"),
+    ], dict(apply_repetition_penalty=sampling.apply_repetition_penalty,
+            filter_logits=sampling.filter_logits, sample=sampling.sample))
+    return L
+
+
+_LESSONS: dict[int, Lesson] | None = None
+
+
+def lessons() -> dict[int, Lesson]:
+    global _LESSONS
+    if _LESSONS is None:
+        _LESSONS = _lessons()
+    return _LESSONS
+
+
+def get_lesson(n) -> Lesson:
+    try:
+        n = int(str(n).lstrip("0") or "0")
+    except ValueError:
+        n = -1
+    L = lessons()
+    if n not in L:
+        raise ExerciseError(f"lesson {n} has no exercises; lessons with exercises: "
+                            f"{', '.join(f'{k:02d}' for k in L)} (see `python -m minfer lesson list`)")
+    return L[n]
+
+
+# =============================================================================================
+# Running the checks
+# =============================================================================================
+
+@dataclass
+class Result:
+    task: str
+    status: str          # "pass" | "fail" | "todo"
+    message: str = ""
+    hint: str = ""
+
+    @property
+    def passed(self) -> bool:
+        return self.status == "pass"
+
+
+def check_functions(lesson: Lesson | int, functions) -> list[Result]:
+    """Run a lesson's tasks on `functions` (a module, namespace or dict: task name -> function)."""
+    lesson = lesson if isinstance(lesson, Lesson) else get_lesson(lesson)
+    get = functions.get if isinstance(functions, dict) else (lambda k: getattr(functions, k, None))
+    results = []
+    for task in lesson.tasks:
+        f = get(task.name)
+        if not callable(f):
+            results.append(Result(task.name, "fail", f"no function named {task.name} in your file", task.hint))
+            continue
+        try:
+            with np.errstate(all="ignore"):
+                task.check(f)
+            results.append(Result(task.name, "pass"))
+        except NotImplementedError:
+            results.append(Result(task.name, "todo", "not done yet (it still raises NotImplementedError)"))
+        except CheckFailed as e:
+            results.append(Result(task.name, "fail", str(e), task.hint))
+        except Exception as e:                                    # the student's code crashed
+            tb = traceback.extract_tb(e.__traceback__)
+            theirs = [fr for fr in tb if not fr.filename.endswith("classroom.py")]
+            where = f" (line {theirs[-1].lineno}: {theirs[-1].line})" if theirs else ""
+            results.append(Result(task.name, "fail", f"it raised {type(e).__name__}: {e}{where}", task.hint))
+    return results
+
+
+def load_student_module(path: Path) -> ModuleType:
+    """Import a student's exercise file by path (a fresh module each time)."""
+    name = f"minfer_student_{path.stem}_{abs(hash(str(path.resolve())))}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:
+        line = f" at line {e.lineno}" if isinstance(e, SyntaxError) else ""
+        raise ExerciseError(f"{path} cannot be imported{line}: {type(e).__name__}: {e}") from None
+    return module
+
+
+def exercise_path(lesson: Lesson, folder) -> Path:
+    return Path(folder or DEFAULT_DIR) / lesson.filename
+
+
+def format_results(lesson: Lesson, results: list[Result], source: str) -> str:
+    lines = [f"lesson {lesson.number:02d} — {lesson.title} ({source})"]
+    for r in results:
+        tag = {"pass": "PASS", "fail": "FAIL", "todo": "TODO"}[r.status]
+        lines.append(f"  {tag}  {r.task}" + (f": {r.message}" if r.message else ""))
+        if r.status == "fail" and r.hint:
+            lines.append(textwrap.fill(r.hint, 96, initial_indent="        hint: ",
+                                       subsequent_indent="              "))
+    n_pass = sum(r.passed for r in results)
+    lines.append(f"{n_pass} of {len(results)} tasks pass." +
+                 (" Well done!" if n_pass == len(results) else ""))
+    return "\n".join(lines)
+
+
+# =============================================================================================
+# Plugging the student's functions into the engine
+# =============================================================================================
+
+def _probe_args(name: str):
+    """Small valid inputs for one op (fresh arrays each call)."""
+    rng = _rng(99)
+    if name == "embedding":
+        return (np.array([1, 2]), _randn(rng, 5, 8))
+    if name == "rmsnorm":
+        return (_randn(rng, 2, 8), _randn(rng, 8), 1e-5)
+    if name == "rope_angles":
+        return (np.array([0, 1]), 8, 10000.0)
+    if name == "rope":
+        return (_randn(rng, 2, 2, 8), np.ones((2, 4), np.float32), np.zeros((2, 4), np.float32))
+    if name == "attention":
+        q, kc, vc, batch = _attention_case(rng, 2, 1, 8, 4, [(2, 0)], 2)
+        return (q, kc, vc, batch)
+    if name == "kv_write":
+        return (np.zeros((2, 4, 1, 8), np.float32), np.zeros((2, 4, 1, 8), np.float32),
+                _randn(rng, 2, 1, 8), _randn(rng, 2, 1, 8), np.array([0, 5]))
+    if name == "swiglu":
+        return (_randn(rng, 2, 8), _randn(rng, 12, 8), _randn(rng, 12, 8), _randn(rng, 8, 12))
+    raise KeyError(name)
+
+
+def student_ops(base_ops: SimpleNamespace, folder=None, log=None) -> SimpleNamespace:
+    """A copy of the op table `base_ops` (backends.get_ops) with the student's functions from
+    `folder` (default ./minfer-exercises) swapped in — those that no longer raise
+    NotImplementedError on a small probe. The result's `.mine` lists the swapped ops.
+    Messages go to `log` (default: stderr)."""
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    folder = Path(folder or DEFAULT_DIR)
+    if not folder.is_dir():
+        raise ExerciseError(f"no exercise folder at {folder}; start one with "
+                            f"`python -m minfer lesson start 3` (or pass the folder you used)")
+    ops = SimpleNamespace(**vars(base_ops))
+    mine = []
+    for lesson in lessons().values():
+        path = exercise_path(lesson, folder)
+        if not path.exists():
+            continue
+        module = load_student_module(path)
+        for task in lesson.tasks:
+            f = getattr(module, task.name, None)
+            if task.op is None or not callable(f):
+                continue
+            try:
+                with np.errstate(all="ignore"):
+                    f(*_probe_args(task.op))
+            except NotImplementedError:
+                continue
+            except Exception as e:
+                raise ExerciseError(f"your {task.name} ({path}) raised {type(e).__name__}: {e} on a "
+                                    f"small input; run `python -m minfer lesson check {lesson.number}`")
+            setattr(ops, task.op, f)
+            mine.append(task.op)
+    ops.mine = mine
+    ops.name = f"{getattr(base_ops, 'name', 'ops')}+mine" if mine else getattr(base_ops, "name", "ops")
+    if mine:
+        log(f"minfer: running on your own {', '.join(mine)} (from {folder}/); "
+            f"everything else is minfer's {getattr(base_ops, 'name', '')} path")
+    else:
+        log(f"minfer: no finished exercises in {folder}/ yet; running minfer's own code")
+    return ops
+
+
+# =============================================================================================
+# Command line: python -m minfer lesson list | start N | check N
+# =============================================================================================
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register `lesson` on the CLI's subparsers."""
+    p = subparsers.add_parser(
+        "lesson", help="exercises: list | start N | check N",
+        description="Exercises for lessons 03-08: `start N` copies the lesson's stub functions into "
+                    "your folder, `check N` tests your functions against minfer's reference.")
+    sub = p.add_subparsers(dest="lesson_command", metavar="ACTION")
+    sub.add_parser("list", help="the lessons with exercises and their tasks")
+    for name, help_ in [("start", "copy lesson N's exercise file into your folder"),
+                        ("check", "run lesson N's tests on your functions")]:
+        s = sub.add_parser(name, help=help_)
+        s.add_argument("n", metavar="N", help="the lesson number, e.g. 5")
+        s.add_argument("--dir", default=DEFAULT_DIR, metavar="DIR",
+                       help="your exercise folder (default: %(default)s)")
+        if name == "start":
+            s.add_argument("--force", action="store_true", help="overwrite an existing file")
+    return p
+
+
+def run(args) -> int:
+    """Carry out `lesson ...`; return the exit code (non-zero when a check fails)."""
+    cmd = getattr(args, "lesson_command", None)
+    if cmd in (None, "list"):
+        folder = Path(getattr(args, "dir", None) or DEFAULT_DIR)
+        print("lesson  title                                  tasks")
+        for L in lessons().values():
+            started = " (started)" if exercise_path(L, folder).exists() else ""
+            print(f"  {L.number:02d}    {L.title:<38} {', '.join(t.name for t in L.tasks)}{started}")
+        print(f"\nStart one with `python -m minfer lesson start N`; your files go to ./{DEFAULT_DIR}/.")
+        return 0
+    lesson = get_lesson(args.n)
+    path = exercise_path(lesson, args.dir)
+    if cmd == "start":
+        if path.exists() and not args.force:
+            raise ExerciseError(f"{path} already exists (your work!); check it with `python -m minfer "
+                                f"lesson check {lesson.number}`, or add --force to start over")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(lesson.stub)
+        print(f"wrote {path} with {len(lesson.tasks)} tasks: {', '.join(t.name for t in lesson.tasks)}")
+        print(f"fill in the bodies, then run: python -m minfer lesson check {lesson.number}"
+              + (f" --dir {args.dir}" if args.dir != DEFAULT_DIR else ""))
+        return 0
+    if cmd == "check":
+        if not path.exists():
+            raise ExerciseError(f"{path} does not exist; create it with `python -m minfer lesson start "
+                                f"{lesson.number}`" + (f" --dir {args.dir}" if args.dir != DEFAULT_DIR else ""))
+        results = check_functions(lesson, load_student_module(path))
+        print(format_results(lesson, results, str(path)))
+        return 0 if all(r.passed for r in results) else 1
+    raise ExerciseError(f"unknown lesson action {cmd!r}; use list, start or check")
+
+
+def reference_functions(n) -> dict[str, Callable]:
+    """minfer's own functions for lesson n's tasks (they pass every check)."""
+    return dict(get_lesson(n).references)
+
+
+__all__ = ["add_parser", "run", "student_ops", "check_functions", "lessons", "get_lesson",
+           "reference_functions", "show", "figures_dir", "ExerciseError", "CheckFailed"]

@@ -1,0 +1,86 @@
+"""Every @njit kernel against its NumPy reference, on random inputs of several (odd) shapes."""
+import numpy as np
+import pytest
+
+import minfer
+from minfer.batch import make_batch
+from minfer.stages import attention, embedding, kvcache, linear, mlp, rmsnorm, rope
+from minfer.stages.kvcache import BlockManager, KVCache
+
+rng = np.random.default_rng(1)
+
+
+def randn(*shape):
+    return rng.standard_normal(shape).astype(np.float32)
+
+
+@pytest.mark.parametrize("T,K,O", [(1, 32, 7), (3, 64, 33), (4, 96, 5), (9, 160, 64), (130, 64, 3)])
+def test_linear(T, K, O):
+    x, w = randn(T, K), randn(O, K)
+    np.testing.assert_allclose(linear.linear_numba(x, w), linear.linear(x, w), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("T,D", [(1, 8), (5, 33), (17, 576)])
+def test_rmsnorm(T, D):
+    x, w = randn(T, D), randn(D)
+    np.testing.assert_allclose(rmsnorm.rmsnorm_numba(x, w, 1e-5), rmsnorm.rmsnorm(x, w, 1e-5),
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("T,H,hd", [(1, 1, 2), (7, 3, 16), (4, 9, 64)])
+def test_rope(T, H, hd):
+    x = randn(T, H, hd)
+    cos, sin = rope.rope_angles(rng.integers(0, 5000, T), hd, 1e5)
+    want = rope.rope(x, cos, sin)
+    np.testing.assert_allclose(rope.rope_numba(x.copy(), cos, sin), want, rtol=1e-5, atol=1e-5)
+
+
+def test_embedding():
+    table, ids = randn(50, 12), rng.integers(0, 50, 9)
+    np.testing.assert_array_equal(embedding.embedding_numba(ids, table), embedding.embedding(ids, table))
+
+
+@pytest.mark.parametrize("T,D,F", [(1, 32, 96), (6, 64, 33)])
+def test_swiglu(T, D, F):
+    x, g, u, d = randn(T, D), randn(F, D), randn(F, D), randn(D, F)
+    np.testing.assert_allclose(mlp.swiglu_numba(x, g, u, d), mlp.swiglu(x, g, u, d), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("block_size", [1, 5, 16])
+@pytest.mark.parametrize("Hq,Hkv", [(4, 4), (9, 3), (6, 1)])
+def test_kv_write_and_paged_attention(block_size, Hq, Hkv):
+    """A mixed batch: one sequence prefilling 11 tokens, one decoding at position 20, one verifying
+    3 tokens at positions 6..8; block counts not a multiple of anything in particular."""
+    hd = 8
+    lens = [(11, 0), (1, 20), (3, 6)]           # (new tokens, tokens already cached)
+    caches = []
+    for write in (kvcache.kv_write, kvcache.kv_write_numba):
+        cache = KVCache(1, Hkv, hd, block_size=block_size, n_blocks=2)
+        caches.append((cache, BlockManager(cache), write))
+    local = np.random.default_rng(7)
+    past = [(local.standard_normal((p, Hkv, hd)).astype(np.float32),) * 2 for _, p in lens]
+    new_k = local.standard_normal((15, Hkv, hd)).astype(np.float32)
+    new_v = local.standard_normal((15, Hkv, hd)).astype(np.float32)
+    q = local.standard_normal((15, Hq, hd)).astype(np.float32)
+    outs = []
+    for (cache, bm, write), attn in zip(caches, (attention.paged_attention, attention.paged_attention_numba)):
+        for s in (2, 0, 1):
+            bm.ensure(s, sum(lens[s]))
+        for s, (n, p) in enumerate(lens):
+            if p:
+                write(cache.k[0], cache.v[0], past[s][0], past[s][1], bm.slots(s, 0, p))
+        batch = make_batch([(list(range(n)), p, bm.tables[s]) for s, (n, p) in enumerate(lens)], block_size)
+        write(cache.k[0], cache.v[0], new_k, new_v, batch.slot_mapping)
+        outs.append(attn(q, cache.k[0], cache.v[0], batch))
+    np.testing.assert_array_equal(caches[0][0].k, caches[1][0].k)
+    np.testing.assert_allclose(outs[1], outs[0], rtol=1e-4, atol=1e-5)
+
+
+def test_tiny_model_numba_equals_numpy(tiny_gguf):
+    a, b = minfer.LLM(tiny_gguf, backend="numpy"), minfer.LLM(tiny_gguf, backend="numba")
+    ids = list(range(20, 60))
+    np.testing.assert_allclose(b.logits(ids), a.logits(ids), rtol=0, atol=1e-4)
+    p = minfer.SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    prompts = [[5, 6, 7], list(range(30, 52))]
+    assert [o.token_ids for o in a.generate(prompts, p)] == [o.token_ids for o in b.generate(prompts, p)]
+    assert [o.token_ids for o in b.generate(prompts, p)] == [b.generate([x], p)[0].token_ids for x in prompts]
