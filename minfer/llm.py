@@ -33,12 +33,18 @@ class Completion:
 
 class LLM:
     def __init__(self, model: str | os.PathLike | None = None, backend: str = DEFAULT_BACKEND,
-                 max_context: int | None = None, block_size: int = 16, threads: int | None = None,
-                 quiet: bool = False):
+                 quant: str = "auto", max_context: int | None = None, block_size: int = 16,
+                 threads: int | None = None, quiet: bool = False):
+        """backend: "numba" (default), "numpy" (the reference) or "cuda".
+        quant: "auto" computes on the file's own quantized blocks (float32 on the numpy backend,
+        whose reference path dequantizes); "f32", "q8_0", "q4_0", "q4_1" convert at load."""
         ops = get_ops(backend, threads)  # validate the backend before the (slow) load
         path = model if model is not None else fetch.ensure_default_model(quiet=quiet)
         self.path = path
-        self.config, self.weights, self.tokenizer = load(path)
+        if quant == "auto" and backend == "numpy":
+            quant = "f32"
+        self.quant = quant
+        self.config, self.weights, self.tokenizer = load(path, quant)
         self.backend = backend
         self.model = Transformer(self.config, self.weights, ops)
         self.engine = Engine(self.model, self.tokenizer.stop_ids, max_context, block_size)

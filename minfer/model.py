@@ -46,7 +46,7 @@ class Weights:
         arrays = {id(a): a for a in [self.tok_embd, self.norm, self.lm_head]}
         for L in self.layers:
             arrays.update({id(a): a for a in vars(L).values()})
-        return sum(getattr(a, "nbytes", 0) for a in arrays.values())
+        return sum(getattr(a, "nbytes", 0) for a in arrays.values())  # QuantMatrix has .nbytes too
 
 
 class Transformer:

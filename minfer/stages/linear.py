@@ -1,13 +1,18 @@
 """Stage — linear layers (no bias in Llama): y = x W^T.
 
 Weights are stored as in the file: W is [out, in], row-major, so each output is a dot product
-with one contiguous row. The reference simply calls BLAS.
+with one contiguous row. The reference simply calls BLAS. W may also be a quantized matrix
+(quant.QuantMatrix); then the quantized stage does the work.
 """
 import numpy as np
 
+from .quant import QuantMatrix, quant_linear, quant_linear_numba
 
-def linear(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+
+def linear(x: np.ndarray, w) -> np.ndarray:
     """x [T, in], w [out, in] -> [T, out]."""
+    if isinstance(w, QuantMatrix):
+        return quant_linear(x, w)
     return x @ w.T                                                  # [T, out]
 
 
@@ -20,8 +25,14 @@ def linear(x: np.ndarray, w: np.ndarray) -> np.ndarray:
 from numba import njit, prange, float32  # noqa: E402
 
 
+def linear_numba(x: np.ndarray, w) -> np.ndarray:
+    if isinstance(w, QuantMatrix):
+        return quant_linear_numba(x, w)
+    return _dense_matmul(np.ascontiguousarray(x, dtype=np.float32), w)
+
+
 @njit(parallel=True, fastmath=True, cache=True)
-def linear_numba(x, w):
+def _dense_matmul(x, w):
     """x [T, K] float32, w [O, K] float32 -> [T, O]. Threads split the output rows."""
     T, K = x.shape
     O = w.shape[0]

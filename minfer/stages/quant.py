@@ -8,8 +8,11 @@ consecutive weights along `in`, and each block carries its own float16 scale:
     Q4_1  20 bytes: d (f16), m (f16), 16 bytes nibbles  w = d * q + m,    q in 0..15
 
 In the 4-bit formats byte j holds element j in its low nibble and element j + 16 in its high one.
-This module is the NumPy reference: it turns blocks into float32. The kernels that compute on the
-blocks directly come with the quantized-matmul stage.
+
+This page has four parts: the block formats (quantize / dequantize, bit-exact with llama.cpp's
+reference), `QuantMatrix` (a quantized weight as the kernels want it: quants in one plain array,
+scales widened to float32 in another), the NumPy reference of the quantized linear layer
+(dequantize, then matmul) and the Numba kernels that compute on the quants directly.
 """
 from __future__ import annotations
 
@@ -62,3 +65,154 @@ def dequantize(raw: np.ndarray, fmt: str, shape: tuple[int, ...]) -> np.ndarray:
     else:
         raise ModelFormatError(f"unknown block format {fmt!r}")
     return w.reshape(shape)
+
+
+def _round_half_away(v: np.ndarray) -> np.ndarray:
+    """C's roundf: halves go away from zero (np.round would go to even)."""
+    a = np.abs(v)
+    return np.sign(v) * (np.floor(a) + (a - np.floor(a) >= 0.5))
+
+
+def quantize(w: np.ndarray, fmt: str) -> np.ndarray:
+    """float32 [..., K] -> the raw GGUF block bytes (uint8 [..., K // 32 * block_bytes])."""
+    w = np.asarray(w, dtype=np.float32)
+    if w.shape[-1] % QK:
+        raise ModelFormatError(f"cannot quantize rows of {w.shape[-1]} weights into blocks of {QK}")
+    x = w.reshape(-1, QK)                                          # [n_blocks, 32]
+    out = np.zeros(len(x), dtype=BLOCK_DTYPES[fmt])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if fmt == "Q8_0":
+            d = np.abs(x).max(axis=1, keepdims=True) / np.float32(127)        # [n_blocks, 1]
+            inv = np.where(d == 0, np.float32(0), np.float32(1) / d)
+            out["qs"] = _round_half_away(x * inv).astype(np.int8)
+        elif fmt == "Q4_0":
+            # the scale carries the sign of the largest-magnitude weight, which maps to q = 0
+            big = np.take_along_axis(x, np.abs(x).argmax(axis=1)[:, None], axis=1)
+            d = big / np.float32(-8)
+            inv = np.where(d == 0, np.float32(0), np.float32(1) / d)
+            q = np.trunc(x * inv + np.float32(8.5)).astype(np.uint8).clip(0, 15)
+            out["qs"] = q[:, :16] | (q[:, 16:] << np.uint8(4))
+        elif fmt == "Q4_1":
+            lo, hi = x.min(axis=1, keepdims=True), x.max(axis=1, keepdims=True)
+            d = (hi - lo) / np.float32(15)
+            inv = np.where(d == 0, np.float32(0), np.float32(1) / d)
+            q = np.trunc((x - lo) * inv + np.float32(0.5)).astype(np.uint8).clip(0, 15)
+            out["qs"] = q[:, :16] | (q[:, 16:] << np.uint8(4))
+            out["m"] = lo[:, 0].astype(np.float16)
+        else:
+            raise ModelFormatError(f"unknown block format {fmt!r}")
+    out["d"] = d[:, 0].astype(np.float16)
+    return out.view(np.uint8).reshape(*w.shape[:-1], -1)
+
+
+# ---------------------------------------------------------------------------------------------
+# QuantMatrix: a quantized [O, K] weight, repacked once at load for the kernels.
+#   Q8_0: qs int8 [O, K]            w[o, k] = d[o, k // 32] * qs[o, k]
+#   Q4_*: qs uint8 [O, K // 2]      byte i of a row: low nibble -> element 32*(i//16) + i%16,
+#                                   high nibble -> the element 16 further on (GGUF's own order)
+#         w = d * q + m             (Q4_0 is the case m = -8 d)
+# Scales are widened to float32 (the CPU kernels have no float16). The quants are the file's
+# own bytes, so the kernels compute exactly the function the file describes.
+# ---------------------------------------------------------------------------------------------
+class QuantMatrix:
+    def __init__(self, raw: np.ndarray, fmt: str, shape: tuple[int, int]):
+        O, K = shape
+        b = _blocks(raw, fmt, O * K).reshape(O, K // QK)             # [O, nb] block records
+        self.fmt, self.shape = fmt, (O, K)
+        self.d = b["d"].astype(np.float32)                          # [O, nb]
+        if fmt == "Q8_0":
+            self.qs = np.ascontiguousarray(b["qs"]).reshape(O, K)    # [O, K] int8
+            self.m = None
+        else:
+            self.qs = np.ascontiguousarray(b["qs"]).reshape(O, K // 2)  # [O, K/2] uint8
+            self.m = b["m"].astype(np.float32) if fmt == "Q4_1" else np.float32(-8) * self.d
+
+    @classmethod
+    def from_float(cls, w: np.ndarray, fmt: str) -> "QuantMatrix":
+        return cls(quantize(w, fmt), fmt, w.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.qs.nbytes + self.d.nbytes + (self.m.nbytes if self.m is not None else 0)
+
+    def dequantize(self) -> np.ndarray:
+        O, K = self.shape
+        nb = K // QK
+        if self.fmt == "Q8_0":
+            q = self.qs.reshape(O, nb, QK).astype(np.float32)                  # [O, nb, 32]
+            return (q * self.d[:, :, None]).reshape(O, K)
+        q = unpack_nibbles(self.qs.reshape(O * nb, QK // 2)).reshape(O, nb, QK)  # [O, nb, 32]
+        return (q * self.d[:, :, None] + self.m[:, :, None]).astype(np.float32).reshape(O, K)
+
+
+def quant_linear(x: np.ndarray, w: QuantMatrix) -> np.ndarray:
+    """Reference: x [T, K] @ dequantize(w)^T -> [T, O]."""
+    return x @ w.dequantize().T
+
+
+def quant_embedding(token_ids: np.ndarray, w: QuantMatrix) -> np.ndarray:
+    """Rows of a quantized embedding table, dequantized: [T] -> [T, D]."""
+    O, K = w.shape
+    nb = K // QK
+    if w.fmt == "Q8_0":
+        q = w.qs[token_ids].reshape(-1, nb, QK).astype(np.float32)
+        return (q * w.d[token_ids][:, :, None]).reshape(-1, K)
+    q = unpack_nibbles(w.qs[token_ids].reshape(-1, QK // 2)).reshape(-1, nb, QK)
+    return (q * w.d[token_ids][:, :, None] + w.m[token_ids][:, :, None]).astype(np.float32).reshape(-1, K)
+
+
+# ---------------------------------------------------------------------------------------------
+# Numba kernels on the quants. One flat loop over each row (the nibble order is untouched), with
+# the block scale looked up per element: the weights are never expanded to float in memory.
+# For Q4, x is split once per call into the elements that meet low nibbles (xl) and high ones
+# (xh), and the "+ m" term is factored out of the dot product:
+#     sum_k (d q_k + m) x_k  =  sum_k d q_k x_k  +  sum_blocks m_b * (sum of x over block b)
+# ---------------------------------------------------------------------------------------------
+from numba import njit, prange, float32  # noqa: E402
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def _q8_0_matmul(x, qs, d):
+    T, K = x.shape
+    O = qs.shape[0]
+    out = np.empty((T, O), dtype=np.float32)
+    for o in prange(O):
+        for t in range(T):
+            acc = float32(0.0)
+            for k in range(K):
+                acc += d[o, k >> 5] * float32(qs[o, k]) * x[t, k]
+            out[t, o] = acc
+    return out
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def _q4_matmul(xl, xh, xsum, qs, d, m):
+    T, H = xl.shape                      # H = K / 2 bytes per row
+    O, nb = d.shape
+    out = np.empty((T, O), dtype=np.float32)
+    for o in prange(O):
+        for t in range(T):
+            acc = float32(0.0)
+            for i in range(H):
+                b = qs[o, i]
+                acc += d[o, i >> 4] * (float32(b & 15) * xl[t, i] + float32(b >> 4) * xh[t, i])
+            for j in range(nb):
+                acc += m[o, j] * xsum[t, j]
+            out[t, o] = acc
+    return out
+
+
+def split_for_q4(x: np.ndarray):
+    """x [T, K] -> xl, xh [T, K/2] (the elements under low / high nibbles), xsum [T, K/32]."""
+    T, K = x.shape
+    xb = x.reshape(T, K // QK, 2, QK // 2)                              # [T, nb, 2, 16]
+    xl = np.ascontiguousarray(xb[:, :, 0, :]).reshape(T, K // 2)
+    xh = np.ascontiguousarray(xb[:, :, 1, :]).reshape(T, K // 2)
+    return xl, xh, xb.sum(axis=(2, 3), dtype=np.float32)
+
+
+def quant_linear_numba(x: np.ndarray, w: QuantMatrix) -> np.ndarray:
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if w.fmt == "Q8_0":
+        return _q8_0_matmul(x, w.qs, w.d)
+    return _q4_matmul(*split_for_q4(x), w.qs, w.d, w.m)

@@ -2,6 +2,11 @@
 
 GGUF files keep llama.cpp's layout (Q/K rows already in interleaved-pair RoPE order); HF folders
 are converted once at load: Q/K rows permuted (rope.hf_to_interleaved).
+
+`quant` says how the matmul weights (and the embedding table) are held in memory:
+  "f32"   dequantized to float32 (the reference path)
+  "auto"  as the file stores them: Q8_0/Q4_0/Q4_1 blocks stay quantized, F16/F32 become float32
+  "q8_0", "q4_0", "q4_1"   re-quantized at load to that block format (kept as is if it already is)
 """
 from __future__ import annotations
 
@@ -13,13 +18,36 @@ import numpy as np
 from ..config import ModelConfig
 from ..errors import ModelFormatError, ModelNotFoundError
 from ..model import LayerWeights, Weights
+from ..stages.quant import BLOCK_DTYPES, QuantMatrix
 from ..stages.rope import hf_to_interleaved
 from ..tokenizer import Tokenizer
 from .gguf import read_gguf
 from .safetensors import read_hf_folder
 
 
-def load(path: str | os.PathLike) -> tuple[ModelConfig, Weights, Tokenizer]:
+QUANTS = ("auto", "f32", "q8_0", "q4_0", "q4_1")
+
+
+def _hold(w_f32, quant: str, name: str, raw=None):
+    """One matmul weight as `quant` asks: a float32 array or a QuantMatrix.
+    raw: the file's tensor (GGUFTensor) when there is one, so its blocks are used as they are."""
+    if raw is not None and quant == "auto" and raw.type in BLOCK_DTYPES:
+        return QuantMatrix(raw.data, raw.type, raw.shape)
+    if quant in ("auto", "f32"):
+        return w_f32()
+    fmt = quant.upper()
+    if raw is not None and raw.type == fmt:
+        return QuantMatrix(raw.data, fmt, raw.shape)
+    w = w_f32()
+    if w.shape[-1] % 32:
+        raise ModelFormatError(f"{name} rows have {w.shape[-1]} weights; {fmt} needs a multiple of 32")
+    return QuantMatrix.from_float(w, fmt)
+
+
+def load(path: str | os.PathLike, quant: str = "f32") -> tuple[ModelConfig, Weights, Tokenizer]:
+    if quant not in QUANTS:
+        from ..errors import InvalidArgumentError
+        raise InvalidArgumentError(f"unknown quant {quant!r}; choose one of: {', '.join(QUANTS)}")
     path = Path(path).expanduser()
     if not path.exists():
         raise ModelNotFoundError(f"no model at {path}; pass a .gguf file or a Hugging Face folder "
@@ -27,11 +55,11 @@ def load(path: str | os.PathLike) -> tuple[ModelConfig, Weights, Tokenizer]:
     if path.is_dir():
         ggufs = sorted(path.glob("*.gguf"))
         if (path / "config.json").exists():
-            return load_hf(path)
+            return load_hf(path, quant)
         if len(ggufs) == 1:
-            return load_gguf(ggufs[0])
+            return load_gguf(ggufs[0], quant)
         raise ModelNotFoundError(f"{path} holds neither config.json nor exactly one .gguf file")
-    return load_gguf(path)
+    return load_gguf(path, quant)
 
 
 def _check(name: str, arr, shape: tuple) -> np.ndarray:
@@ -40,7 +68,7 @@ def _check(name: str, arr, shape: tuple) -> np.ndarray:
     return arr
 
 
-def load_gguf(path: Path) -> tuple[ModelConfig, Weights, Tokenizer]:
+def load_gguf(path: Path, quant: str = "f32") -> tuple[ModelConfig, Weights, Tokenizer]:
     meta, tensors = read_gguf(path)
     tokens = meta.get("tokenizer.ggml.tokens")
     config = ModelConfig.from_gguf(meta, n_vocab=len(tokens) if tokens else None)
@@ -52,29 +80,35 @@ def load_gguf(path: Path) -> tuple[ModelConfig, Weights, Tokenizer]:
             raise ModelFormatError(f"{path.name} lacks tensor {name!r}; the file is incomplete")
         return _check(name, tensors[name].to_float32(), shape)
 
+    def mat(name, shape):
+        if name not in tensors:
+            raise ModelFormatError(f"{path.name} lacks tensor {name!r}; the file is incomplete")
+        _check(name, tensors[name], shape)
+        return _hold(lambda: f32(name, shape), quant, name, tensors[name])
+
     D, qd, kvd = c.dim, c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
     layers = []
     for i in range(c.n_layers):
         p = f"blk.{i}."
         layers.append(LayerWeights(
             attn_norm=f32(p + "attn_norm.weight", (D,)),
-            wq=f32(p + "attn_q.weight", (qd, D)),
-            wk=f32(p + "attn_k.weight", (kvd, D)),
-            wv=f32(p + "attn_v.weight", (kvd, D)),
-            wo=f32(p + "attn_output.weight", (D, qd)),
+            wq=mat(p + "attn_q.weight", (qd, D)),
+            wk=mat(p + "attn_k.weight", (kvd, D)),
+            wv=mat(p + "attn_v.weight", (kvd, D)),
+            wo=mat(p + "attn_output.weight", (D, qd)),
             ffn_norm=f32(p + "ffn_norm.weight", (D,)),
-            w_gate=f32(p + "ffn_gate.weight", (c.ffn_dim, D)),
-            w_up=f32(p + "ffn_up.weight", (c.ffn_dim, D)),
-            w_down=f32(p + "ffn_down.weight", (D, c.ffn_dim)),
+            w_gate=mat(p + "ffn_gate.weight", (c.ffn_dim, D)),
+            w_up=mat(p + "ffn_up.weight", (c.ffn_dim, D)),
+            w_down=mat(p + "ffn_down.weight", (D, c.ffn_dim)),
         ))
-    tok_embd = f32("token_embd.weight", (c.vocab_size, D))
-    lm_head = tok_embd if c.tie_embeddings else f32("output.weight", (c.vocab_size, D))
+    tok_embd = mat("token_embd.weight", (c.vocab_size, D))
+    lm_head = tok_embd if c.tie_embeddings else mat("output.weight", (c.vocab_size, D))
     weights = Weights(tok_embd, layers, f32("output_norm.weight", (D,)), lm_head, raw=tensors)
     tokenizer = Tokenizer.from_gguf_metadata(meta)
     return config, weights, tokenizer
 
 
-def load_hf(folder: Path) -> tuple[ModelConfig, Weights, Tokenizer]:
+def load_hf(folder: Path, quant: str = "f32") -> tuple[ModelConfig, Weights, Tokenizer]:
     cfg, t = read_hf_folder(folder)
     c = ModelConfig.from_hf(cfg)
 
@@ -83,24 +117,30 @@ def load_hf(folder: Path) -> tuple[ModelConfig, Weights, Tokenizer]:
             raise ModelFormatError(f"{folder.name}: the checkpoint lacks tensor {name!r}")
         return np.ascontiguousarray(_check(name, t[name], shape), dtype=np.float32)
 
+    def mat(name, shape, permute_heads=None):
+        def w():
+            a = f32(name, shape)
+            return a if permute_heads is None else hf_to_interleaved(a, permute_heads)
+        return _hold(w, quant, name)
+
     D, qd, kvd = c.dim, c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
     layers = []
     for i in range(c.n_layers):
         p = f"model.layers.{i}."
         layers.append(LayerWeights(
             attn_norm=f32(p + "input_layernorm.weight", (D,)),
-            wq=hf_to_interleaved(f32(p + "self_attn.q_proj.weight", (qd, D)), c.n_heads),
-            wk=hf_to_interleaved(f32(p + "self_attn.k_proj.weight", (kvd, D)), c.n_kv_heads),
-            wv=f32(p + "self_attn.v_proj.weight", (kvd, D)),
-            wo=f32(p + "self_attn.o_proj.weight", (D, qd)),
+            wq=mat(p + "self_attn.q_proj.weight", (qd, D), permute_heads=c.n_heads),
+            wk=mat(p + "self_attn.k_proj.weight", (kvd, D), permute_heads=c.n_kv_heads),
+            wv=mat(p + "self_attn.v_proj.weight", (kvd, D)),
+            wo=mat(p + "self_attn.o_proj.weight", (D, qd)),
             ffn_norm=f32(p + "post_attention_layernorm.weight", (D,)),
-            w_gate=f32(p + "mlp.gate_proj.weight", (c.ffn_dim, D)),
-            w_up=f32(p + "mlp.up_proj.weight", (c.ffn_dim, D)),
-            w_down=f32(p + "mlp.down_proj.weight", (D, c.ffn_dim)),
+            w_gate=mat(p + "mlp.gate_proj.weight", (c.ffn_dim, D)),
+            w_up=mat(p + "mlp.up_proj.weight", (c.ffn_dim, D)),
+            w_down=mat(p + "mlp.down_proj.weight", (D, c.ffn_dim)),
         ))
-    tok_embd = f32("model.embed_tokens.weight", (c.vocab_size, D))
+    tok_embd = mat("model.embed_tokens.weight", (c.vocab_size, D))
     if "lm_head.weight" in t and not c.tie_embeddings:
-        lm_head = f32("lm_head.weight", (c.vocab_size, D))
+        lm_head = mat("lm_head.weight", (c.vocab_size, D))
     else:
         c.tie_embeddings, lm_head = True, tok_embd
     weights = Weights(tok_embd, layers, f32("model.norm.weight", (D,)), lm_head)
