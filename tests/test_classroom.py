@@ -1,0 +1,297 @@
+"""The classroom: the checks pass on minfer's reference and on independent correct solutions, fail
+on the untouched stubs, name the classic mistakes; the CLI flow works; student_ops plugs finished
+functions into the live engine."""
+import argparse
+import textwrap
+
+import numpy as np
+import pytest
+
+import minfer
+from minfer import classroom
+from minfer.classroom import ExerciseError, check_functions, lessons, reference_functions, student_ops
+
+LESSON_NUMBERS = sorted(lessons())
+
+# Correct solutions written independently of minfer's reference (loops, other formulas): the checks
+# must accept any correct answer, not only the reference's own arithmetic.
+SOLUTIONS = {
+    3: '''
+import numpy as np
+
+def embedding(token_ids, table):
+    return np.stack([np.asarray(table[i], dtype=np.float32) for i in token_ids])
+
+def rmsnorm(x, w, eps):
+    out = np.empty_like(x)
+    for t in range(x.shape[0]):
+        out[t] = x[t] / np.sqrt(np.dot(x[t], x[t]) / x.shape[1] + eps) * w
+    return out
+''',
+    4: '''
+import numpy as np
+
+def rope_angles(positions, head_dim, base):
+    i = np.arange(head_dim // 2)
+    ang = np.outer(positions.astype(np.float64), 1.0 / base ** (2 * i / head_dim))
+    return np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+
+def rope(x, cos, sin):
+    z = x[..., 0::2] + 1j * x[..., 1::2]                 # a pair as a complex number
+    r = z * (cos + 1j * sin)[:, None, :]                 # rotating = multiplying by e^(i angle)
+    out = np.empty_like(x)
+    out[..., 0::2], out[..., 1::2] = r.real, r.imag
+    return out
+''',
+    5: '''
+import numpy as np
+
+def softmax(s, axis=-1):
+    e = np.exp(s - np.max(s, axis=axis, keepdims=True))
+    return e / e.sum(axis=axis, keepdims=True)
+
+def paged_attention(q, k_cache, v_cache, batch):
+    T, Hq, hd = q.shape
+    bs, Hkv = k_cache.shape[1], k_cache.shape[2]
+    out = np.zeros_like(q)
+    for b in range(batch.n_seqs):
+        for t in range(batch.seq_starts[b], batch.seq_starts[b + 1]):
+            p = batch.positions[t]
+            blocks = batch.block_tables[b]
+            K = np.stack([k_cache[blocks[j // bs], j % bs] for j in range(p + 1)])   # [p+1, Hkv, hd]
+            V = np.stack([v_cache[blocks[j // bs], j % bs] for j in range(p + 1)])
+            for h in range(Hq):
+                g = h // (Hq // Hkv)
+                a = softmax(K[:, g] @ q[t, h] / np.sqrt(hd))
+                out[t, h] = a @ V[:, g]
+    return out
+''',
+    6: '''
+import numpy as np
+
+def slot_mapping(block_table, start, stop, block_size):
+    return np.array([block_table[p // block_size] * block_size + p % block_size for p in range(start, stop)])
+
+def kv_write(k_cache, v_cache, k, v, slot_mapping):
+    bs = k_cache.shape[1]
+    for t, s in enumerate(slot_mapping):
+        k_cache[s // bs, s % bs] = k[t]
+        v_cache[s // bs, s % bs] = v[t]
+''',
+    7: '''
+import numpy as np
+
+def silu(z):
+    return z * np.exp(-np.logaddexp(0, -z.astype(np.float64))).astype(z.dtype)
+
+def swiglu(x, w_gate, w_up, w_down):
+    return (silu(x @ w_gate.T) * (x @ w_up.T)) @ w_down.T
+''',
+    8: '''
+import numpy as np
+
+def apply_repetition_penalty(logits, seen, penalty):
+    out = np.array(logits, copy=True)
+    for i in set(int(s) for s in seen):
+        out[i] = out[i] / penalty if out[i] > 0 else out[i] * penalty
+    return out
+
+def filter_logits(logits, p):
+    z = np.array(logits, dtype=np.float64)
+    if 0 < p.top_k < len(z):
+        z[z < np.sort(z)[-p.top_k]] = -np.inf
+    if p.top_p < 1:
+        order = np.argsort(-z, kind="stable")
+        probs = np.exp(z[order] - z[order[0]]); probs /= probs.sum()
+        before = 0.0
+        for i, pr in zip(order, probs):
+            if before >= p.top_p:
+                z[i] = -np.inf
+            before += pr
+    if p.min_p > 0:
+        probs = np.exp(z - z.max()); probs /= probs.sum()
+        z[probs < p.min_p * probs.max()] = -np.inf
+    return z
+
+def sample(logits, p, rng, seen=None):
+    if seen is not None:
+        logits = apply_repetition_penalty(logits, seen, p.repetition_penalty)
+    if p.temperature == 0:
+        return int(np.argmax(logits))
+    z = filter_logits(np.asarray(logits) / p.temperature, p)
+    probs = np.exp(z - z.max()); probs /= probs.sum()
+    return int(np.searchsorted(np.cumsum(probs), rng.random() * probs.sum()))
+''',
+}
+
+
+def _ns(source: str) -> dict:
+    ns: dict = {}
+    exec(textwrap.dedent(source), ns)
+    return ns
+
+
+def _write(folder, n, source):
+    path = folder / classroom.get_lesson(n).filename
+    path.write_text(source)
+    return path
+
+
+def _cli(*argv):
+    parser = argparse.ArgumentParser()
+    classroom.add_parser(parser.add_subparsers(dest="command"))
+    return classroom.run(parser.parse_args(["lesson", *argv]))
+
+
+# --- the checks ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n", LESSON_NUMBERS)
+def test_reference_passes_every_task(n):
+    results = check_functions(n, reference_functions(n))
+    assert [r.status for r in results] == ["pass"] * len(results), [(r.task, r.message) for r in results]
+
+
+@pytest.mark.parametrize("n", LESSON_NUMBERS)
+def test_independent_solutions_pass(n):
+    results = check_functions(n, _ns(SOLUTIONS[n]))
+    assert all(r.passed for r in results), [(r.task, r.message) for r in results]
+
+
+@pytest.mark.parametrize("n", LESSON_NUMBERS)
+def test_untouched_stubs_fail_every_task(n):
+    lesson = classroom.get_lesson(n)
+    results = check_functions(lesson, _ns(lesson.stub))
+    assert [r.status for r in results] == ["todo"] * len(lesson.tasks)
+    # every task of the lesson has a stub with the reference's name and parameters
+    import inspect
+    stubs = _ns(lesson.stub)
+    for task in lesson.tasks:
+        ref = lesson.references[task.name]
+        assert list(inspect.signature(stubs[task.name]).parameters) == list(inspect.signature(ref).parameters)
+
+
+def _message(n, **overrides):
+    fns = dict(reference_functions(n), **overrides)
+    (bad,) = [r for r in check_functions(n, fns) if not r.passed]
+    return bad.message
+
+
+def test_classic_mistakes_are_named():
+    def layernorm(x, w, eps):
+        return (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + eps) * w
+    assert "LayerNorm" in _message(3, rmsnorm=layernorm)
+    assert "rotate_half" in _message(4, rope=classroom._rotate_half_rope)
+
+    def no_mask(q, k, v, b):
+        return classroom._attention_variant(q, k, v, b, causal=False)
+
+    def modulo_heads(q, k, v, b):
+        return classroom._attention_variant(q, k, v, b, group_of=lambda h: h % k.shape[2])
+    assert "causal mask" in _message(5, paged_attention=no_mask)
+    assert "h % Hkv" in _message(5, paged_attention=modulo_heads)
+
+    def swapped(x, wg, wu, wd):
+        from minfer.stages.mlp import silu
+        return (silu(x @ wu.T) * (x @ wg.T)) @ wd.T
+    assert "gate branch" in _message(7, swiglu=swapped)
+
+    def top_p_off_by_one(logits, p):
+        from minfer.sampling import filter_logits
+        z = filter_logits(logits, minfer.SamplingParams(temperature=1, top_k=p.top_k, min_p=p.min_p))
+        if p.top_p < 1:
+            order = np.argsort(-z)
+            probs = np.exp(z[order] - z[order].max())
+            probs /= probs.sum()
+            z[order[np.cumsum(probs) > p.top_p]] = -np.inf
+        return z
+    assert "mass *before* it" in _message(8, filter_logits=top_p_off_by_one)
+
+
+def test_a_crash_is_reported_with_the_line():
+    def broken(x, w, eps):
+        return x @ w          # wrong shapes
+    msg = _message(3, rmsnorm=broken)
+    assert "raised ValueError" in msg and "line" in msg
+
+
+# --- the command line ---------------------------------------------------------------------------
+
+def test_list(capsys):
+    assert _cli("list") == 0
+    out = capsys.readouterr().out
+    assert "paged_attention" in out and "05" in out
+
+
+def test_start_check_flow(tmp_path, capsys):
+    d = str(tmp_path / "ex")
+    assert _cli("start", "5", "--dir", d) == 0
+    path = tmp_path / "ex" / "lesson05_attention.py"
+    assert "raise NotImplementedError" in path.read_text()
+    with pytest.raises(ExerciseError, match="already exists"):
+        _cli("start", "5", "--dir", d)
+    capsys.readouterr()
+    assert _cli("check", "05", "--dir", d) == 1                       # untouched stubs fail
+    assert "TODO  paged_attention" in capsys.readouterr().out
+    path.write_text(SOLUTIONS[5])
+    assert _cli("check", "5", "--dir", d) == 0
+    out = capsys.readouterr().out
+    assert "PASS  softmax" in out and "PASS  paged_attention" in out and "2 of 2" in out
+    assert _cli("start", "5", "--dir", d, "--force") == 0            # start over
+    assert _cli("check", "5", "--dir", d) == 1
+
+
+def test_check_reports_a_wrong_function_with_a_hint(tmp_path, capsys):
+    _write(tmp_path, 3, SOLUTIONS[3].replace("np.sqrt(np.dot(x[t], x[t]) / x.shape[1] + eps)",
+                                             "(np.sqrt(np.dot(x[t], x[t]) / x.shape[1]) + eps)"))
+    assert _cli("check", "3", "--dir", str(tmp_path)) == 1
+    out = capsys.readouterr().out
+    assert "PASS  embedding" in out and "FAIL  rmsnorm" in out
+    assert "eps belongs inside the square root" in out and "hint:" in out
+
+
+def test_bad_input_is_a_clean_error(tmp_path):
+    with pytest.raises(ExerciseError, match="no exercises"):
+        _cli("start", "1", "--dir", str(tmp_path))
+    with pytest.raises(ExerciseError, match="lesson start 6"):
+        _cli("check", "6", "--dir", str(tmp_path))
+    _write(tmp_path, 7, "def silu(z):\n    return z *\n")
+    with pytest.raises(ExerciseError, match="line 2"):
+        _cli("check", "7", "--dir", str(tmp_path))
+
+
+# --- the engine on the student's code -------------------------------------------------------------
+
+def test_student_ops_swaps_only_finished_functions(tmp_path, tiny_gguf):
+    lesson3 = classroom.get_lesson(3).stub.replace(                   # rmsnorm done, embedding not
+        '    raise NotImplementedError("lesson 03: rmsnorm")',
+        "    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * w")
+    _write(tmp_path, 3, lesson3)
+    _write(tmp_path, 5, SOLUTIONS[5])
+    _write(tmp_path, 4, classroom.get_lesson(4).stub)                 # started, nothing done
+    llm = minfer.LLM(tiny_gguf, backend="numpy")
+    ids = llm.tokenizer.encode("the cat sat on the mat")
+    want = llm.logits(ids)
+    base = llm.model.ops
+    messages = []
+    ops = student_ops(base, tmp_path, log=messages.append)
+    assert ops.mine == ["rmsnorm", "attention"]
+    assert ops.embedding is base.embedding and ops.rope is base.rope
+    assert ops.rmsnorm is not base.rmsnorm and ops.attention is not base.attention
+    assert "rmsnorm, attention" in messages[0]
+    llm.model.ops = ops
+    np.testing.assert_allclose(llm.logits(ids), want, atol=1e-4, rtol=1e-4)
+    out = llm.generate("the cat", minfer.SamplingParams(temperature=0, max_tokens=4))
+    assert len(out[0].token_ids) >= 1
+
+
+def test_student_ops_errors(tmp_path):
+    with pytest.raises(ExerciseError, match="lesson start"):
+        student_ops(minfer.backends.numpy_ops(), tmp_path / "missing")
+    _write(tmp_path, 3, classroom.get_lesson(3).stub.replace(
+        '    raise NotImplementedError("lesson 03: rmsnorm")', "    return x @ w"))
+    with pytest.raises(ExerciseError, match="lesson check 3"):
+        student_ops(minfer.backends.numpy_ops(), tmp_path, log=lambda m: None)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    ops = student_ops(minfer.backends.numpy_ops(), empty, log=lambda m: None)
+    assert ops.mine == []

@@ -1,0 +1,59 @@
+"""Every lesson runs as a plain script, as a student runs it: `python lessons/NN_name.py`.
+
+Each runs in a fresh temporary folder with matplotlib's Agg backend, and must exit 0 and save the
+figures it announces. Lessons on the real model use the `default_model` fixture first, so a model
+that cannot be fetched fails these tests loudly (they never skip).
+"""
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+LESSONS = sorted((ROOT / "lessons").glob("[0-9][0-9]_*.py"))
+sys.path.insert(0, str(ROOT / "docs" / "hooks"))
+from lessons import parse_cells  # noqa: E402  (the site's reader of the percent format)
+
+
+def test_there_are_lessons_00_to_08():
+    numbers = [int(p.name[:2]) for p in LESSONS]
+    assert numbers[:9] == list(range(9)), [p.name for p in LESSONS]
+
+
+@pytest.mark.slow
+@pytest.mark.model
+@pytest.mark.parametrize("lesson", LESSONS, ids=[p.stem for p in LESSONS])
+def test_lesson_runs_as_a_script(lesson, tmp_path, default_model):
+    env = dict(os.environ, MPLBACKEND="Agg", PYTHONPATH=str(ROOT))
+    env.pop("MINFER_FIGURES", None)
+    r = subprocess.run([sys.executable, str(lesson)], cwd=tmp_path, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, f"{lesson.name} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    saved = re.findall(r"^\[figure saved: (.*)\]$", r.stdout, re.M)
+    for path in saved:
+        assert (tmp_path / path).stat().st_size > 1000, path
+    if "show(fig" in lesson.read_text():
+        assert saved, f"{lesson.name} draws a figure but none was saved"
+
+
+@pytest.mark.parametrize("lesson", LESSONS, ids=[p.stem for p in LESSONS])
+def test_lesson_is_a_notebook(lesson):
+    """jupytext reads the same cells as the site does, and the lesson opens with its title."""
+    jupytext = pytest.importorskip("jupytext")
+    nb = jupytext.read(lesson)
+    ours = parse_cells(lesson.read_text())
+    theirs = [c for c in nb.cells if c.source.strip()]
+    assert [c["kind"] for c in ours] == [c.cell_type for c in theirs]
+    assert ours[0]["kind"] == "markdown" and ours[0]["source"].startswith(f"# {lesson.name[:2]} ·")
+
+
+def test_lessons_reference_real_modules():
+    """Each stage lesson imports the module it teaches (the lessons follow the code)."""
+    expect = {"03": "minfer.stages.rmsnorm", "04": "minfer.stages.rope", "05": "minfer.stages.attention",
+              "06": "minfer.stages.kvcache", "07": "minfer.stages.mlp", "08": "minfer.sampling"}
+    for lesson in LESSONS:
+        if lesson.name[:2] in expect:
+            assert f"from {expect[lesson.name[:2]]} import" in lesson.read_text(), lesson.name
