@@ -129,7 +129,24 @@ def _med(values):
     return statistics.median(values), min(values), max(values)
 
 
+def run_quality(a) -> int:
+    from . import quality
+    from .weights.fetch import ensure_default_model
+    model = str(a.model or ensure_default_model())
+    quants = [q.strip() for q in a.quant.split(",") if q.strip()]
+    if quants == ["auto"]:
+        quants = ["f32", "q8_0", "q4_1", "q4_0", "auto"]
+    print(f"minfer bench --quality: {quality.TEXT.name}, windows of {a.window} tokens", file=sys.stderr)
+    rows = quality.evaluate(model, quants, window=a.window, max_tokens=a.max_eval_tokens)
+    quality.print_table(rows)
+    if a.json:
+        Path(a.json).write_text(json.dumps({"machine": _machine(), "quality": rows}, indent=1))
+    return 0
+
+
 def run_bench(a) -> int:
+    if a.quality:
+        return run_quality(a)
     from .weights.fetch import ensure_default_model
     backends = [b.strip() for b in a.backend.split(",") if b.strip()]
     quants = [q.strip() for q in a.quant.split(",") if q.strip()]
@@ -215,6 +232,12 @@ def add_parser(sub) -> None:
                    help=f"random weights of a named shape instead of a model file ({', '.join(SHAPES)})")
     p.add_argument("--skip-startup", action="store_true", help="skip the cold/cached start measurement")
     p.add_argument("--json", metavar="FILE", default=None, help="also write the results as JSON")
+    q = p.add_argument_group("quality (instead of speed)")
+    q.add_argument("--quality", action="store_true",
+                   help="perplexity, KL divergence and top-1 agreement vs float32 for each --quant "
+                        "(default: f32,q8_0,q4_1,q4_0,auto) on a held-out English text")
+    q.add_argument("--window", type=int, default=512, help="tokens per evaluation window")
+    q.add_argument("--max-eval-tokens", type=int, default=None, help="evaluate only this many tokens")
 
 
 if __name__ == "__main__":

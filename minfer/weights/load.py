@@ -6,7 +6,9 @@ are converted once at load: Q/K rows permuted (rope.hf_to_interleaved).
 `quant` says how the matmul weights (and the embedding table) are held in memory:
   "f32"   dequantized to float32 (the reference path)
   "auto"  as the file stores them: Q8_0/Q4_0/Q4_1 blocks stay quantized, F16/F32 become float32
-  "q8_0", "q4_0", "q4_1"   re-quantized at load to that block format (kept as is if it already is)
+  "q8_0", "q4_0", "q4_1"   re-quantized at load to that block format (kept as is if it already is);
+          with a 4-bit format the embedding table / LM head get Q8_0, as in the shipped SmolLM2 file
+          (4 bits there cost far more quality than anywhere else: bench --quality shows it)
 """
 from __future__ import annotations
 
@@ -26,6 +28,10 @@ from .safetensors import read_hf_folder
 
 
 QUANTS = ("auto", "f32", "q8_0", "q4_0", "q4_1")
+
+
+def _embedding_quant(quant: str) -> str:
+    return "q8_0" if quant in ("q4_0", "q4_1") else quant
 
 
 def _hold(w_f32, quant: str, name: str, raw=None):
@@ -80,11 +86,11 @@ def load_gguf(path: Path, quant: str = "f32") -> tuple[ModelConfig, Weights, Tok
             raise ModelFormatError(f"{path.name} lacks tensor {name!r}; the file is incomplete")
         return _check(name, tensors[name].to_float32(), shape)
 
-    def mat(name, shape):
+    def mat(name, shape, q=quant):
         if name not in tensors:
             raise ModelFormatError(f"{path.name} lacks tensor {name!r}; the file is incomplete")
         _check(name, tensors[name], shape)
-        return _hold(lambda: f32(name, shape), quant, name, tensors[name])
+        return _hold(lambda: f32(name, shape), q, name, tensors[name])
 
     D, qd, kvd = c.dim, c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
     layers = []
@@ -101,8 +107,8 @@ def load_gguf(path: Path, quant: str = "f32") -> tuple[ModelConfig, Weights, Tok
             w_up=mat(p + "ffn_up.weight", (c.ffn_dim, D)),
             w_down=mat(p + "ffn_down.weight", (D, c.ffn_dim)),
         ))
-    tok_embd = mat("token_embd.weight", (c.vocab_size, D))
-    lm_head = tok_embd if c.tie_embeddings else mat("output.weight", (c.vocab_size, D))
+    tok_embd = mat("token_embd.weight", (c.vocab_size, D), _embedding_quant(quant))
+    lm_head = tok_embd if c.tie_embeddings else mat("output.weight", (c.vocab_size, D), _embedding_quant(quant))
     weights = Weights(tok_embd, layers, f32("output_norm.weight", (D,)), lm_head, raw=tensors)
     tokenizer = Tokenizer.from_gguf_metadata(meta)
     return config, weights, tokenizer
@@ -117,11 +123,11 @@ def load_hf(folder: Path, quant: str = "f32") -> tuple[ModelConfig, Weights, Tok
             raise ModelFormatError(f"{folder.name}: the checkpoint lacks tensor {name!r}")
         return np.ascontiguousarray(_check(name, t[name], shape), dtype=np.float32)
 
-    def mat(name, shape, permute_heads=None):
+    def mat(name, shape, permute_heads=None, q=quant):
         def w():
             a = f32(name, shape)
             return a if permute_heads is None else hf_to_interleaved(a, permute_heads)
-        return _hold(w, quant, name)
+        return _hold(w, q, name)
 
     D, qd, kvd = c.dim, c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
     layers = []
@@ -138,9 +144,9 @@ def load_hf(folder: Path, quant: str = "f32") -> tuple[ModelConfig, Weights, Tok
             w_up=mat(p + "mlp.up_proj.weight", (c.ffn_dim, D)),
             w_down=mat(p + "mlp.down_proj.weight", (D, c.ffn_dim)),
         ))
-    tok_embd = mat("model.embed_tokens.weight", (c.vocab_size, D))
+    tok_embd = mat("model.embed_tokens.weight", (c.vocab_size, D), q=_embedding_quant(quant))
     if "lm_head.weight" in t and not c.tie_embeddings:
-        lm_head = mat("lm_head.weight", (c.vocab_size, D))
+        lm_head = mat("lm_head.weight", (c.vocab_size, D), q=_embedding_quant(quant))
     else:
         c.tie_embeddings, lm_head = True, tok_embd
     weights = Weights(tok_embd, layers, f32("model.norm.weight", (D,)), lm_head)

@@ -1,0 +1,59 @@
+"""What quantization costs in quality, measured: `python -m minfer bench --quality`.
+
+For each weight format we run the model over a held-out English text (Alice in Wonderland,
+chapter I, public domain, shipped in minfer/data/) in windows of `window` tokens and compare:
+
+  perplexity   exp(mean negative log-likelihood of each next token): lower is better
+  KL           mean KL(p_f32 || p_format) of the next-token distributions, in nats: 0 is identical
+  top-1        how often the format's most likely next token is the float32 model's
+
+float32 (the file dequantized) is the reference every format is compared against.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+TEXT = Path(__file__).parent / "data" / "alice_ch1.txt"
+
+
+def log_softmax(z: np.ndarray) -> np.ndarray:
+    z = z.astype(np.float64)
+    z = z - z.max(axis=-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+
+def evaluate(model, quants=("f32", "q8_0", "q4_1", "q4_0", "auto"), window: int = 512,
+             max_tokens: int | None = None, backend: str = "numba") -> list[dict]:
+    from .llm import LLM
+    ref = LLM(model, backend=backend, quant="f32", quiet=True)
+    ids = ref.tokenizer.encode(TEXT.read_text())[: max_tokens]
+    others = {q: (ref if q == "f32" else LLM(model, backend=backend, quant=q, quiet=True)) for q in quants}
+    stats = {q: {"nll": 0.0, "kl": 0.0, "top1": 0, "n": 0} for q in quants}
+    for start in range(0, len(ids) - 1, window):
+        chunk = ids[start:start + window + 1]
+        if len(chunk) < 2:
+            break
+        x, y = chunk[:-1], np.asarray(chunk[1:])
+        lp_ref = log_softmax(ref.logits(x))                                # [n, V]
+        for q, llm in others.items():
+            lp = lp_ref if llm is ref else log_softmax(llm.logits(x))
+            s = stats[q]
+            s["nll"] -= lp[np.arange(len(y)), y].sum()
+            s["kl"] += (np.exp(lp_ref) * (lp_ref - lp)).sum()
+            s["top1"] += int((lp.argmax(-1) == lp_ref.argmax(-1)).sum())
+            s["n"] += len(y)
+    rows = []
+    for q, s in stats.items():
+        rows.append({"quant": q, "tokens": s["n"], "perplexity": float(np.exp(s["nll"] / s["n"])),
+                     "kl_vs_f32": float(s["kl"] / s["n"]), "top1_vs_f32": s["top1"] / s["n"],
+                     "weights_mb": others[q].weights.nbytes() / 1e6})
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    print(f"{'quant':<6} {'tokens':>7} {'perplexity':>11} {'KL vs f32':>10} {'top-1 vs f32':>13} {'weights MB':>11}")
+    for r in rows:
+        print(f"{r['quant']:<6} {r['tokens']:>7} {r['perplexity']:>11.3f} {r['kl_vs_f32']:>10.5f} "
+              f"{r['top1_vs_f32'] * 100:>12.1f}% {r['weights_mb']:>11.1f}")

@@ -1,0 +1,98 @@
+"""Quantized blocks: bit-exact with the gguf package, kernels vs the dequantize-then-matmul reference."""
+import gguf
+import numpy as np
+import pytest
+
+import minfer
+from minfer.errors import ModelFormatError
+from minfer.stages import quant
+
+FORMATS = ["Q8_0", "Q4_0", "Q4_1"]
+rng = np.random.default_rng(3)
+
+
+def weights(O, K):
+    w = (rng.standard_normal((O, K)) * rng.random((O, 1)) * 3).astype(np.float32)
+    w[0, :32] = 0.0                                   # an all-zero block (scale 0)
+    w[-1, :32] = 0.25                                 # a constant block
+    if K >= 64:
+        w[-1, 32:64] = np.linspace(-1, 1, 32)        # exact halves: rounding ties
+    return w
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("shape", [(1, 32), (7, 64), (33, 96)])
+def test_quantize_dequantize_bit_exact_with_gguf(fmt, shape):
+    w = weights(*shape)
+    qtype = getattr(gguf.GGMLQuantizationType, fmt)
+    ours = quant.quantize(w, fmt)
+    theirs = gguf.quants.quantize(w, qtype)
+    assert np.array_equal(ours, theirs)
+    assert np.array_equal(quant.dequantize(ours, fmt, w.shape), gguf.quants.dequantize(theirs, qtype))
+    assert np.array_equal(quant.QuantMatrix(ours, fmt, w.shape).dequantize(),
+                          gguf.quants.dequantize(theirs, qtype))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("T", [1, 3, 8, 17])           # 8+ rows take the tile + sgemm path
+def test_quant_linear_numba_matches_reference(fmt, T):
+    w = quant.QuantMatrix.from_float(weights(45, 160), fmt)
+    x = rng.standard_normal((T, 160)).astype(np.float32)
+    ref = quant.quant_linear(x, w)
+    got = quant.quant_linear_numba(x, w)
+    assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
+def test_tiles_cover_a_matrix_taller_than_one_tile(monkeypatch):
+    monkeypatch.setattr(quant, "TILE_ROWS", 16)
+    w = quant.QuantMatrix.from_float(weights(50, 64), "Q4_1")
+    x = rng.standard_normal((9, 64)).astype(np.float32)
+    np.testing.assert_allclose(quant.quant_linear_numba(x, w), quant.quant_linear(x, w), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_quant_embedding_rows(fmt):
+    w = quant.QuantMatrix.from_float(weights(20, 64), fmt)
+    ids = np.array([0, 19, 5, 5])
+    assert np.array_equal(quant.quant_embedding(ids, w), w.dequantize()[ids])
+
+
+def test_malformed_block_buffer_is_a_clear_error():
+    good = quant.quantize(weights(4, 64), "Q4_1")
+    with pytest.raises(ModelFormatError, match="bytes, expected"):
+        quant.QuantMatrix(good.reshape(-1)[:-3], "Q4_1", (4, 64))
+    with pytest.raises(ModelFormatError, match="blocks of 32"):
+        quant.quantize(np.zeros((2, 40), np.float32), "Q8_0")
+
+
+def test_quant_flag_formats_and_memory(tiny_gguf):
+    sizes = {}
+    base = minfer.LLM(tiny_gguf, backend="numba", quant="f32")
+    ids = list(range(10, 40))
+    ref = base.logits(ids)
+    for q in ("q8_0", "q4_1", "q4_0"):
+        llm = minfer.LLM(tiny_gguf, backend="numba", quant=q)
+        assert isinstance(llm.weights.layers[0].wq, quant.QuantMatrix)
+        assert llm.weights.layers[0].wq.fmt == q.upper()
+        sizes[q] = llm.weights.nbytes()
+        err = np.abs(llm.logits(ids) - ref).max()
+        assert err < (0.1 if q == "q8_0" else 1.0)
+        # the quantized kernels compute exactly what the dequantized weights describe
+        numpy_same = minfer.LLM(tiny_gguf, backend="numpy", quant=q)
+        assert np.abs(numpy_same.logits(ids) - llm.logits(ids)).max() <= 1e-4
+    assert sizes["q4_1"] < sizes["q8_0"] < base.weights.nbytes()
+
+
+def test_auto_keeps_the_files_blocks(tiny_dir):
+    from minfer.weights import synthetic
+    path = synthetic.tiny_checkpoint(tiny_dir / "q41", fmt="gguf", dtype="Q4_1")
+    llm = minfer.LLM(path, backend="numba")            # quant="auto" is the default
+    w = llm.weights.layers[0].w_up
+    assert isinstance(w, quant.QuantMatrix) and w.fmt == "Q4_1"
+    assert llm.weights.nbytes() <= 1.3 * path.stat().st_size
+
+
+def test_unknown_quant_is_a_clear_error(tiny_gguf):
+    from minfer.errors import InvalidArgumentError
+    with pytest.raises(InvalidArgumentError, match="unknown quant"):
+        minfer.LLM(tiny_gguf, quant="q3_k")
