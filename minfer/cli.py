@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "/exit (or Ctrl-D) quits; Ctrl-C stops the current answer.")
     _model_flags(p)
     p.add_argument("--system", default=DEFAULT_SYSTEM, metavar="TEXT", help="system prompt")
+    p.add_argument("--use-mine", nargs="?", const="minfer-exercises", default=None, metavar="DIR",
+                   help="run on your own exercise functions from DIR (default: ./minfer-exercises); "
+                        "see `python -m minfer lesson list`")
     _sampling_flags(p, temperature=0.7)
 
     p = sub.add_parser("generate", help="one completion for one prompt",
@@ -77,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from . import bench
     bench.add_parser(sub)
+    from . import classroom
+    classroom.add_parser(sub)
 
     p = sub.add_parser("info", help="a model's configuration and tensors",
                        description="Show the configuration and a summary of the tensors of a model.")
@@ -99,8 +104,16 @@ def _llm(a):
     from .llm import LLM
     if a.max_context is not None and a.max_context < 2:
         raise InvalidArgumentError(f"--max-context must be at least 2, got {a.max_context}")
-    return LLM(model=a.model, backend=a.backend, quant=a.quant, max_context=a.max_context,
-               threads=a.threads)
+    mine = getattr(a, "use_mine", None)
+    if mine:  # the exercises take float32 weights: no quantized blocks under the student's code
+        from .backends import get_ops
+        from .classroom import student_ops
+        ops = student_ops(get_ops(a.backend, a.threads), mine)   # before the slow load: fail fast
+    llm = LLM(model=a.model, backend=a.backend, quant="f32" if mine else a.quant,
+              max_context=a.max_context, threads=a.threads)
+    if mine:
+        llm.model.ops = ops
+    return llm
 
 
 def _messages(system, history):
@@ -211,6 +224,11 @@ def cmd_info(a) -> int:
     return 0
 
 
+def _lesson(a) -> int:
+    from .classroom import run
+    return run(a)
+
+
 def _bench(a) -> int:
     from .bench import run_bench
     return run_bench(a)
@@ -224,7 +242,8 @@ def main(argv=None) -> int:
         return 2
     try:
         return {"chat": cmd_chat, "generate": cmd_generate, "fetch": cmd_fetch,
-                "info": cmd_info, "bench": _bench}[a.command](a)
+                "info": cmd_info, "bench": _bench,
+                "lesson": _lesson}[a.command](a)
     except MinferError as e:
         if a.debug:
             raise

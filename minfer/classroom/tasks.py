@@ -1,39 +1,16 @@
-"""The classroom: exercises for the lessons, checked against minfer's own reference.
-
-Each lesson from 03 to 08 comes with tasks: functions whose bodies are left for the student, with
-the same names and signatures as the stage's NumPy reference. The command line drives it:
-
-    python -m minfer lesson list                    # lessons and their tasks
-    python -m minfer lesson start 5 [--dir DIR]     # copy lesson05_attention.py into DIR
-    python -m minfer lesson check 5 [--dir DIR]     # run the lesson's tests on DIR's code
-
-(DIR defaults to ./minfer-exercises.) A check compares the student's function with the reference
-on random inputs of several shapes, odd sizes included, and on a failure says what differs and
-gives a hint. `student_ops` then plugs the finished functions into a backend's op table, so that
-`python -m minfer chat --use-mine` runs the real model on the student's own attention.
-
-The lessons also use two small helpers from here: `show` saves a matplotlib figure (and displays
-it in a notebook) and `figures_dir` says where figures go.
-"""
+"""The tasks of each lesson and their checks: each check calls the student's function on
+random inputs of several shapes, compares with minfer's reference, and raises CheckFailed with
+what differs (naming the classic mistakes when the output matches one of them)."""
 from __future__ import annotations
 
-import argparse
-import importlib.util
-import os
-import sys
-import textwrap
-import traceback
 from dataclasses import dataclass, field
-from pathlib import Path
-from types import ModuleType, SimpleNamespace
 from typing import Callable
 
 import numpy as np
 
-from .batch import make_batch
-from .errors import MinferError
-
-DEFAULT_DIR = "minfer-exercises"
+from ..batch import make_batch
+from ..errors import MinferError
+from .stubs import STUBS, _HEADER
 
 
 class ExerciseError(MinferError):
@@ -42,30 +19,6 @@ class ExerciseError(MinferError):
 
 class CheckFailed(AssertionError):
     """A task's output differs from the reference; the message says how."""
-
-
-# =============================================================================================
-# Helpers for the lesson scripts
-# =============================================================================================
-
-def figures_dir() -> Path:
-    """Where lessons save their figures: $MINFER_FIGURES, else ./figures."""
-    d = Path(os.environ.get("MINFER_FIGURES") or "figures")
-    d.mkdir(parents=True, exist_ok=True)
-    return d
-
-
-def show(fig, name: str) -> Path:
-    """Save a matplotlib figure as figures/<name>.png; in a notebook, also display it."""
-    path = figures_dir() / f"{name}.png"
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    if "ipykernel" in sys.modules:                       # running as a notebook: show it inline
-        from IPython.display import display
-        display(fig)
-    import matplotlib.pyplot as plt
-    plt.close(fig)
-    print(f"[figure saved: {path}]")
-    return path
 
 
 # =============================================================================================
@@ -144,7 +97,7 @@ class Lesson:
 # --- lesson 03: embedding and RMSNorm -----------------------------------------------------------
 
 def _check_embedding(f):
-    from .stages.embedding import embedding
+    from ..stages.embedding import embedding
     rng = _rng(3)
     for V, D, T, dtype in [(37, 24, 1, np.float32), (101, 33, 7, np.float32), (50, 16, 5, np.float16)]:
         table = _randn(rng, V, D).astype(dtype)
@@ -159,7 +112,7 @@ def _check_embedding(f):
 
 
 def _check_rmsnorm(f):
-    from .stages.rmsnorm import rmsnorm
+    from ..stages.rmsnorm import rmsnorm
     rng = _rng(4)
     for T, D, scale, eps in [(1, 8, 1.0, 1e-5), (5, 33, 30.0, 1e-6), (3, 576, 1e-3, 1e-5)]:
         x, w = _randn(rng, T, D, scale=scale), _randn(rng, D) + 1
@@ -182,7 +135,7 @@ def _check_rmsnorm(f):
 # --- lesson 04: RoPE ----------------------------------------------------------------------------
 
 def _check_rope_angles(f):
-    from .stages.rope import rope_angles
+    from ..stages.rope import rope_angles
     for pos, hd, base in [([0, 1, 2, 3], 8, 10000.0), ([7, 100, 3000], 64, 100000.0),
                           ([5, 0, 17, 2, 9], 6, 500.0)]:
         pos = np.asarray(pos)
@@ -212,7 +165,7 @@ def _rotate_half_rope(x, cos, sin):
 
 
 def _check_rope(f):
-    from .stages.rope import rope, rope_angles
+    from ..stages.rope import rope, rope_angles
     rng = _rng(5)
     for T, H, hd in [(1, 1, 4), (5, 3, 16), (4, 9, 64)]:
         x = _randn(rng, T, H, hd)
@@ -236,7 +189,7 @@ def _check_rope(f):
 # --- lesson 05: attention -----------------------------------------------------------------------
 
 def _check_softmax(f):
-    from .stages.attention import softmax
+    from ..stages.attention import softmax
     rng = _rng(6)
     cases = [(_randn(rng, 3, 7), -1), (_randn(rng, 4, 5) * 300, -1), (_randn(rng, 2, 3, 6), 0)]
     masked = _randn(rng, 3, 5)
@@ -297,7 +250,7 @@ def _attention_case(rng, Hq, Hkv, hd, bs, seqs, n_blocks):
 
 
 def _check_paged_attention(f):
-    from .stages.attention import paged_attention
+    from ..stages.attention import paged_attention
     rng = _rng(7)
     cases = [
         ("one sequence, a 5-token prompt, one block, 2 heads", (2, 2, 8, 16, [(5, 0)], 2)),
@@ -351,7 +304,7 @@ def _check_slot_mapping(f):
 
 
 def _check_kv_write(f):
-    from .stages.kvcache import kv_write
+    from ..stages.kvcache import kv_write
     rng = _rng(8)
     for nb, bs, Hkv, hd, slots in [(2, 4, 1, 4, [0, 1, 2]), (6, 4, 2, 8, [13, 14, 2, 22, 7]),
                                    (4, 16, 3, 64, [63])]:
@@ -369,7 +322,7 @@ def _check_kv_write(f):
 # --- lesson 07: the MLP -------------------------------------------------------------------------
 
 def _check_silu(f):
-    from .stages.mlp import silu
+    from ..stages.mlp import silu
     rng = _rng(9)
     for z in [_randn(rng, 7), _randn(rng, 3, 11, scale=6), np.array([-100.0, -20, 0, 20, 100], np.float32)]:
         with np.errstate(over="ignore"):
@@ -382,7 +335,7 @@ def _check_silu(f):
 
 
 def _check_swiglu(f):
-    from .stages.mlp import silu, swiglu
+    from ..stages.mlp import silu, swiglu
     rng = _rng(10)
     for T, D, F in [(1, 8, 12), (5, 24, 40), (3, 64, 96)]:
         x = _randn(rng, T, D)
@@ -397,7 +350,7 @@ def _check_swiglu(f):
 # --- lesson 08: sampling ------------------------------------------------------------------------
 
 def _check_repetition_penalty(f):
-    from .sampling import apply_repetition_penalty
+    from ..sampling import apply_repetition_penalty
     rng = _rng(11)
     for V, seen, penalty in [(10, [1, 3, 3, 7], 1.3), (50, [0, 49, 20, 21, 20], 2.0), (8, [2], 1.0),
                              (8, [], 1.5)]:
@@ -422,7 +375,7 @@ def _kept(x):
 
 
 def _check_filter_logits(f):
-    from .sampling import SamplingParams, filter_logits
+    from ..sampling import SamplingParams, filter_logits
     rng = _rng(12)
     for V in (12, 40):
         logits = _randn(rng, V, scale=2.5)
@@ -446,7 +399,7 @@ def _check_filter_logits(f):
 
 
 def _check_sample(f):
-    from .sampling import SamplingParams, sample
+    from ..sampling import SamplingParams, sample
     rng = _rng(13)
     logits = np.array([2.0, 1.0, 0.5, 3.0, -1.0, 0.0], dtype=np.float32)
     seen = np.array([3])
@@ -477,150 +430,9 @@ def _check_sample(f):
 
 
 # --- the stub files the students fill in ----------------------------------------------------------
-
-_HEADER = '''"""minfer classroom — lesson {n:02d}: {title}.
-
-Fill in the function bodies (each now raises NotImplementedError), then check your work:
-
-    python -m minfer lesson check {n}
-
-Each function has the signature of minfer's own reference (minfer/{where}). Read the lesson
-(lessons/{lesson_file}) first; peek at the reference only when you are stuck.
-Once a function passes, `python -m minfer chat --use-mine` runs the real model with it.
-"""
-import numpy as np
-'''
-
-STUBS = {
-    3: '''
-
-def embedding(token_ids, table):
-    """token_ids [T] int, table [V, D] -> x [T, D] float32.
-
-    Each token id picks one row of the table. The result is float32 even when the table is not.
-    """
-    raise NotImplementedError("lesson 03: embedding")
-
-
-def rmsnorm(x, w, eps):
-    """x [T, D], w [D], eps float -> [T, D].
-
-        y = x / sqrt(mean(x^2) + eps) * w       (the mean over each token's D values)
-    """
-    raise NotImplementedError("lesson 03: rmsnorm")
-''',
-    4: '''
-
-def rope_angles(positions, head_dim, base):
-    """positions [T] int -> (cos, sin), each [T, head_dim // 2] float32.
-
-    Pair i turns by angle positions * theta_i with theta_i = base ** (-2 i / head_dim).
-    Tip: compute the angles in float64 (positions reach the thousands) and cast at the end.
-    """
-    raise NotImplementedError("lesson 04: rope_angles")
-
-
-def rope(x, cos, sin):
-    """x [T, H, hd], cos/sin [T, hd // 2] -> [T, H, hd], a new array.
-
-    Pair i of each head is (x[..., 2i], x[..., 2i+1]); rotate it by the angle of row t:
-        (a, b) -> (a cos - b sin, a sin + b cos)
-    The same cos/sin serve every head (broadcast over H).
-    """
-    raise NotImplementedError("lesson 04: rope")
-''',
-    5: '''
-
-def softmax(s, axis=-1):
-    """Probabilities along `axis`: exp(s) / sum(exp(s)). -inf entries get probability 0.
-    Large scores must not overflow: subtract the max along the axis first."""
-    raise NotImplementedError("lesson 05: softmax")
-
-
-def paged_attention(q, k_cache, v_cache, batch):
-    """q [T, Hq, hd]; k_cache, v_cache [n_blocks, block_size, Hkv, hd] -> out [T, Hq, hd].
-
-    For each sequence b of the batch (see minfer/batch.py):
-      rows      batch.seq_starts[b] : batch.seq_starts[b + 1]     its rows of q and out
-      S         batch.context_lens[b]                             how many keys it has
-      blocks    batch.block_tables[b]                             where its keys live, in order:
-                key j is k_cache[blocks[j // block_size], j % block_size]
-    A query row at position batch.positions[t] sees keys 0 .. positions[t] (the causal mask).
-    Query head h reads kv head h // (Hq // Hkv). Scores are q.k / sqrt(hd); out = softmax(scores) V.
-    Your softmax above is yours to use.
-    """
-    raise NotImplementedError("lesson 05: paged_attention")
-''',
-    6: '''
-
-def slot_mapping(block_table, start, stop, block_size):
-    """Cache slots of positions start .. stop-1 of one sequence -> int array [stop - start].
-
-    Position p lives in block block_table[p // block_size], row p % block_size;
-    its slot (its row in the flattened pool) is block * block_size + row.
-    """
-    raise NotImplementedError("lesson 06: slot_mapping")
-
-
-def kv_write(k_cache, v_cache, k, v, slot_mapping):
-    """Write the new tokens' keys and values into their slots, in place; return nothing.
-
-    k_cache, v_cache [n_blocks, block_size, Hkv, hd]; k, v [T, Hkv, hd]; slot_mapping [T].
-    Tip: k_cache.reshape(n_blocks * block_size, Hkv, hd) is a view of the same memory.
-    """
-    raise NotImplementedError("lesson 06: kv_write")
-''',
-    7: '''
-
-def silu(z):
-    """silu(z) = z * sigmoid(z) = z / (1 + exp(-z)), elementwise. Mind exp overflowing for z << 0."""
-    raise NotImplementedError("lesson 07: silu")
-
-
-def swiglu(x, w_gate, w_up, w_down):
-    """x [T, D]; w_gate, w_up [F, D]; w_down [D, F] -> [T, D].
-
-        out = ( silu(x W_gate^T) * (x W_up^T) ) W_down^T        (weights are stored [out, in])
-    """
-    raise NotImplementedError("lesson 07: swiglu")
-''',
-    8: '''
-
-def apply_repetition_penalty(logits, seen, penalty):
-    """logits [V], seen: token ids already in the text, penalty > 0 -> new logits [V].
-
-    Each seen token (once, however often it was seen) becomes less likely: a positive logit is
-    divided by the penalty, a negative one multiplied. Do not modify `logits` in place.
-    """
-    raise NotImplementedError("lesson 08: apply_repetition_penalty")
-
-
-def filter_logits(logits, p):
-    """logits [V] (already divided by the temperature), p: minfer.SamplingParams -> logits [V]
-    with the dropped tokens set to -inf, applied in this order:
-
-      p.top_k > 0    keep the k largest logits
-      p.top_p < 1    sort by probability; keep a token while the mass *before* it is < top_p
-      p.min_p > 0    drop tokens whose probability is below min_p x the largest probability
-    """
-    raise NotImplementedError("lesson 08: filter_logits")
-
-
-def sample(logits, p, rng, seen=None):
-    """logits [V] -> the next token id (an int).
-
-    Apply the repetition penalty (when `seen` is given); if p.temperature == 0 take the arg-max;
-    else divide by the temperature, filter, softmax, and draw one id with `rng`
-    (a numpy Generator, e.g. rng.choice).
-    """
-    raise NotImplementedError("lesson 08: sample")
-''',
-}
-
-
 def _lessons() -> dict[int, Lesson]:
-    from . import sampling
-    from .stages import attention, embedding, kvcache, mlp, rmsnorm, rope
+    from .. import sampling
+    from ..stages import attention, embedding, kvcache, mlp, rmsnorm, rope
     L = {}
 
     def add(n, slug, title, where, lesson_file, minutes, tasks, refs):
@@ -697,206 +509,6 @@ def get_lesson(n) -> Lesson:
     return L[n]
 
 
-# =============================================================================================
-# Running the checks
-# =============================================================================================
-
-@dataclass
-class Result:
-    task: str
-    status: str          # "pass" | "fail" | "todo"
-    message: str = ""
-    hint: str = ""
-
-    @property
-    def passed(self) -> bool:
-        return self.status == "pass"
-
-
-def check_functions(lesson: Lesson | int, functions) -> list[Result]:
-    """Run a lesson's tasks on `functions` (a module, namespace or dict: task name -> function)."""
-    lesson = lesson if isinstance(lesson, Lesson) else get_lesson(lesson)
-    get = functions.get if isinstance(functions, dict) else (lambda k: getattr(functions, k, None))
-    results = []
-    for task in lesson.tasks:
-        f = get(task.name)
-        if not callable(f):
-            results.append(Result(task.name, "fail", f"no function named {task.name} in your file", task.hint))
-            continue
-        try:
-            with np.errstate(all="ignore"):
-                task.check(f)
-            results.append(Result(task.name, "pass"))
-        except NotImplementedError:
-            results.append(Result(task.name, "todo", "not done yet (it still raises NotImplementedError)"))
-        except CheckFailed as e:
-            results.append(Result(task.name, "fail", str(e), task.hint))
-        except Exception as e:                                    # the student's code crashed
-            tb = traceback.extract_tb(e.__traceback__)
-            theirs = [fr for fr in tb if not fr.filename.endswith("classroom.py")]
-            where = f" (line {theirs[-1].lineno}: {theirs[-1].line})" if theirs else ""
-            results.append(Result(task.name, "fail", f"it raised {type(e).__name__}: {e}{where}", task.hint))
-    return results
-
-
-def load_student_module(path: Path) -> ModuleType:
-    """Import a student's exercise file by path (a fresh module each time)."""
-    name = f"minfer_student_{path.stem}_{abs(hash(str(path.resolve())))}"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    try:
-        spec.loader.exec_module(module)
-    except Exception as e:
-        line = f" at line {e.lineno}" if isinstance(e, SyntaxError) else ""
-        raise ExerciseError(f"{path} cannot be imported{line}: {type(e).__name__}: {e}") from None
-    return module
-
-
-def exercise_path(lesson: Lesson, folder) -> Path:
-    return Path(folder or DEFAULT_DIR) / lesson.filename
-
-
-def format_results(lesson: Lesson, results: list[Result], source: str) -> str:
-    lines = [f"lesson {lesson.number:02d} — {lesson.title} ({source})"]
-    for r in results:
-        tag = {"pass": "PASS", "fail": "FAIL", "todo": "TODO"}[r.status]
-        lines.append(f"  {tag}  {r.task}" + (f": {r.message}" if r.message else ""))
-        if r.status == "fail" and r.hint:
-            lines.append(textwrap.fill(r.hint, 96, initial_indent="        hint: ",
-                                       subsequent_indent="              "))
-    n_pass = sum(r.passed for r in results)
-    lines.append(f"{n_pass} of {len(results)} tasks pass." +
-                 (" Well done!" if n_pass == len(results) else ""))
-    return "\n".join(lines)
-
-
-# =============================================================================================
-# Plugging the student's functions into the engine
-# =============================================================================================
-
-def _probe_args(name: str):
-    """Small valid inputs for one op (fresh arrays each call)."""
-    rng = _rng(99)
-    if name == "embedding":
-        return (np.array([1, 2]), _randn(rng, 5, 8))
-    if name == "rmsnorm":
-        return (_randn(rng, 2, 8), _randn(rng, 8), 1e-5)
-    if name == "rope_angles":
-        return (np.array([0, 1]), 8, 10000.0)
-    if name == "rope":
-        return (_randn(rng, 2, 2, 8), np.ones((2, 4), np.float32), np.zeros((2, 4), np.float32))
-    if name == "attention":
-        q, kc, vc, batch = _attention_case(rng, 2, 1, 8, 4, [(2, 0)], 2)
-        return (q, kc, vc, batch)
-    if name == "kv_write":
-        return (np.zeros((2, 4, 1, 8), np.float32), np.zeros((2, 4, 1, 8), np.float32),
-                _randn(rng, 2, 1, 8), _randn(rng, 2, 1, 8), np.array([0, 5]))
-    if name == "swiglu":
-        return (_randn(rng, 2, 8), _randn(rng, 12, 8), _randn(rng, 12, 8), _randn(rng, 8, 12))
-    raise KeyError(name)
-
-
-def student_ops(base_ops: SimpleNamespace, folder=None, log=None) -> SimpleNamespace:
-    """A copy of the op table `base_ops` (backends.get_ops) with the student's functions from
-    `folder` (default ./minfer-exercises) swapped in — those that no longer raise
-    NotImplementedError on a small probe. The result's `.mine` lists the swapped ops.
-    Messages go to `log` (default: stderr)."""
-    log = log or (lambda msg: print(msg, file=sys.stderr))
-    folder = Path(folder or DEFAULT_DIR)
-    if not folder.is_dir():
-        raise ExerciseError(f"no exercise folder at {folder}; start one with "
-                            f"`python -m minfer lesson start 3` (or pass the folder you used)")
-    ops = SimpleNamespace(**vars(base_ops))
-    mine = []
-    for lesson in lessons().values():
-        path = exercise_path(lesson, folder)
-        if not path.exists():
-            continue
-        module = load_student_module(path)
-        for task in lesson.tasks:
-            f = getattr(module, task.name, None)
-            if task.op is None or not callable(f):
-                continue
-            try:
-                with np.errstate(all="ignore"):
-                    f(*_probe_args(task.op))
-            except NotImplementedError:
-                continue
-            except Exception as e:
-                raise ExerciseError(f"your {task.name} ({path}) raised {type(e).__name__}: {e} on a "
-                                    f"small input; run `python -m minfer lesson check {lesson.number}`")
-            setattr(ops, task.op, f)
-            mine.append(task.op)
-    ops.mine = mine
-    ops.name = f"{getattr(base_ops, 'name', 'ops')}+mine" if mine else getattr(base_ops, "name", "ops")
-    if mine:
-        log(f"minfer: running on your own {', '.join(mine)} (from {folder}/); "
-            f"everything else is minfer's {getattr(base_ops, 'name', '')} path")
-    else:
-        log(f"minfer: no finished exercises in {folder}/ yet; running minfer's own code")
-    return ops
-
-
-# =============================================================================================
-# Command line: python -m minfer lesson list | start N | check N
-# =============================================================================================
-
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    """Register `lesson` on the CLI's subparsers."""
-    p = subparsers.add_parser(
-        "lesson", help="exercises: list | start N | check N",
-        description="Exercises for lessons 03-08: `start N` copies the lesson's stub functions into "
-                    "your folder, `check N` tests your functions against minfer's reference.")
-    sub = p.add_subparsers(dest="lesson_command", metavar="ACTION")
-    sub.add_parser("list", help="the lessons with exercises and their tasks")
-    for name, help_ in [("start", "copy lesson N's exercise file into your folder"),
-                        ("check", "run lesson N's tests on your functions")]:
-        s = sub.add_parser(name, help=help_)
-        s.add_argument("n", metavar="N", help="the lesson number, e.g. 5")
-        s.add_argument("--dir", default=DEFAULT_DIR, metavar="DIR",
-                       help="your exercise folder (default: %(default)s)")
-        if name == "start":
-            s.add_argument("--force", action="store_true", help="overwrite an existing file")
-    return p
-
-
-def run(args) -> int:
-    """Carry out `lesson ...`; return the exit code (non-zero when a check fails)."""
-    cmd = getattr(args, "lesson_command", None)
-    if cmd in (None, "list"):
-        folder = Path(getattr(args, "dir", None) or DEFAULT_DIR)
-        print("lesson  title                                  tasks")
-        for L in lessons().values():
-            started = " (started)" if exercise_path(L, folder).exists() else ""
-            print(f"  {L.number:02d}    {L.title:<38} {', '.join(t.name for t in L.tasks)}{started}")
-        print(f"\nStart one with `python -m minfer lesson start N`; your files go to ./{DEFAULT_DIR}/.")
-        return 0
-    lesson = get_lesson(args.n)
-    path = exercise_path(lesson, args.dir)
-    if cmd == "start":
-        if path.exists() and not args.force:
-            raise ExerciseError(f"{path} already exists (your work!); check it with `python -m minfer "
-                                f"lesson check {lesson.number}`, or add --force to start over")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(lesson.stub)
-        print(f"wrote {path} with {len(lesson.tasks)} tasks: {', '.join(t.name for t in lesson.tasks)}")
-        print(f"fill in the bodies, then run: python -m minfer lesson check {lesson.number}"
-              + (f" --dir {args.dir}" if args.dir != DEFAULT_DIR else ""))
-        return 0
-    if cmd == "check":
-        if not path.exists():
-            raise ExerciseError(f"{path} does not exist; create it with `python -m minfer lesson start "
-                                f"{lesson.number}`" + (f" --dir {args.dir}" if args.dir != DEFAULT_DIR else ""))
-        results = check_functions(lesson, load_student_module(path))
-        print(format_results(lesson, results, str(path)))
-        return 0 if all(r.passed for r in results) else 1
-    raise ExerciseError(f"unknown lesson action {cmd!r}; use list, start or check")
-
-
 def reference_functions(n) -> dict[str, Callable]:
     """minfer's own functions for lesson n's tasks (they pass every check)."""
     return dict(get_lesson(n).references)
-
-
-__all__ = ["add_parser", "run", "student_ops", "check_functions", "lessons", "get_lesson",
-           "reference_functions", "show", "figures_dir", "ExerciseError", "CheckFailed"]

@@ -1,0 +1,270 @@
+"""The classroom: exercises for the lessons, checked against minfer's own reference.
+
+Each lesson from 03 to 08 comes with tasks: functions whose bodies are left for the student, with
+the same names and signatures as the stage's NumPy reference. The command line drives it:
+
+    python -m minfer lesson list                    # lessons and their tasks
+    python -m minfer lesson start 5 [--dir DIR]     # copy lesson05_attention.py into DIR
+    python -m minfer lesson check 5 [--dir DIR]     # run the lesson's tests on DIR's code
+
+(DIR defaults to ./minfer-exercises.) A check (tasks.py) compares the student's function with the reference
+on random inputs of several shapes, odd sizes included, and on a failure says what differs and
+gives a hint. `student_ops` then plugs the finished functions into a backend's op table, so that
+`python -m minfer chat --use-mine` runs the real model on the student's own attention.
+
+The lessons also use two small helpers from here: `show` saves a matplotlib figure (and displays
+it in a notebook) and `figures_dir` says where figures go.
+
+    __init__.py   running checks, student_ops, the `lesson` command, lesson helpers
+    tasks.py      each lesson's tasks and their checks against the reference
+    stubs.py      the exercise files that `start` writes
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+import textwrap
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType, SimpleNamespace
+
+import numpy as np
+
+from .tasks import (CheckFailed, ExerciseError, Lesson, Task, _attention_case, _randn, _rng,
+                    expect_close, get_lesson, lessons, reference_functions)
+
+DEFAULT_DIR = "minfer-exercises"
+
+
+# =============================================================================================
+# Helpers for the lesson scripts
+# =============================================================================================
+
+def figures_dir() -> Path:
+    """Where lessons save their figures: $MINFER_FIGURES, else ./figures."""
+    d = Path(os.environ.get("MINFER_FIGURES") or "figures")
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def show(fig, name: str) -> Path:
+    """Save a matplotlib figure as figures/<name>.png; in a notebook, also display it."""
+    path = figures_dir() / f"{name}.png"
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    if "ipykernel" in sys.modules:                       # running as a notebook: show it inline
+        from IPython.display import display
+        display(fig)
+    import matplotlib.pyplot as plt
+    plt.close(fig)
+    print(f"[figure saved: {path}]")
+    return path
+
+
+# =============================================================================================
+# Running the checks
+# =============================================================================================
+
+@dataclass
+class Result:
+    task: str
+    status: str          # "pass" | "fail" | "todo"
+    message: str = ""
+    hint: str = ""
+
+    @property
+    def passed(self) -> bool:
+        return self.status == "pass"
+
+
+def check_functions(lesson: Lesson | int, functions) -> list[Result]:
+    """Run a lesson's tasks on `functions` (a module, namespace or dict: task name -> function)."""
+    lesson = lesson if isinstance(lesson, Lesson) else get_lesson(lesson)
+    get = functions.get if isinstance(functions, dict) else (lambda k: getattr(functions, k, None))
+    results = []
+    for task in lesson.tasks:
+        f = get(task.name)
+        if not callable(f):
+            results.append(Result(task.name, "fail", f"no function named {task.name} in your file", task.hint))
+            continue
+        try:
+            with np.errstate(all="ignore"):
+                task.check(f)
+            results.append(Result(task.name, "pass"))
+        except NotImplementedError:
+            results.append(Result(task.name, "todo", "not done yet (it still raises NotImplementedError)"))
+        except CheckFailed as e:
+            results.append(Result(task.name, "fail", str(e), task.hint))
+        except Exception as e:                                    # the student's code crashed
+            tb = traceback.extract_tb(e.__traceback__)
+            skip = (str(Path(__file__).parent), str(Path(np.__file__).parent))   # ours and numpy's
+            theirs = [fr for fr in tb if not fr.filename.startswith(skip)]
+            where = f" (line {theirs[-1].lineno}: {theirs[-1].line})" if theirs else ""
+            results.append(Result(task.name, "fail", f"it raised {type(e).__name__}: {e}{where}", task.hint))
+    return results
+
+
+def load_student_module(path: Path) -> ModuleType:
+    """Import a student's exercise file by path (a fresh module each time)."""
+    name = f"minfer_student_{path.stem}_{abs(hash(str(path.resolve())))}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:
+        line = f" at line {e.lineno}" if isinstance(e, SyntaxError) else ""
+        raise ExerciseError(f"{path} cannot be imported{line}: {type(e).__name__}: {e}") from None
+    return module
+
+
+def exercise_path(lesson: Lesson, folder) -> Path:
+    return Path(folder or DEFAULT_DIR) / lesson.filename
+
+
+def format_results(lesson: Lesson, results: list[Result], source: str) -> str:
+    lines = [f"lesson {lesson.number:02d} — {lesson.title} ({source})"]
+    for r in results:
+        tag = {"pass": "PASS", "fail": "FAIL", "todo": "TODO"}[r.status]
+        lines.append(f"  {tag}  {r.task}" + (f": {r.message}" if r.message else ""))
+        if r.status == "fail" and r.hint:
+            lines.append(textwrap.fill(r.hint, 96, initial_indent="        hint: ",
+                                       subsequent_indent="              "))
+    n_pass = sum(r.passed for r in results)
+    lines.append(f"{n_pass} of {len(results)} tasks pass." +
+                 (" Well done!" if n_pass == len(results) else ""))
+    return "\n".join(lines)
+
+
+# =============================================================================================
+# Plugging the student's functions into the engine
+# =============================================================================================
+
+def _probe_args(name: str):
+    """Small valid inputs for one op (fresh arrays each call)."""
+    rng = _rng(99)
+    if name == "embedding":
+        return (np.array([1, 2]), _randn(rng, 5, 8))
+    if name == "rmsnorm":
+        return (_randn(rng, 2, 8), _randn(rng, 8), 1e-5)
+    if name == "rope_angles":
+        return (np.array([0, 1]), 8, 10000.0)
+    if name == "rope":
+        return (_randn(rng, 2, 2, 8), np.ones((2, 4), np.float32), np.zeros((2, 4), np.float32))
+    if name == "attention":
+        q, kc, vc, batch = _attention_case(rng, 2, 1, 8, 4, [(2, 0)], 2)
+        return (q, kc, vc, batch)
+    if name == "kv_write":
+        return (np.zeros((2, 4, 1, 8), np.float32), np.zeros((2, 4, 1, 8), np.float32),
+                _randn(rng, 2, 1, 8), _randn(rng, 2, 1, 8), np.array([0, 5]))
+    if name == "swiglu":
+        return (_randn(rng, 2, 8), _randn(rng, 12, 8), _randn(rng, 12, 8), _randn(rng, 8, 12))
+    raise KeyError(name)
+
+
+def student_ops(base_ops: SimpleNamespace, folder=None, log=None) -> SimpleNamespace:
+    """A copy of the op table `base_ops` (backends.get_ops) with the student's functions from
+    `folder` (default ./minfer-exercises) swapped in — those that no longer raise
+    NotImplementedError on a small probe. The result's `.mine` lists the swapped ops.
+    Messages go to `log` (default: stderr)."""
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    folder = Path(folder or DEFAULT_DIR)
+    if not folder.is_dir():
+        raise ExerciseError(f"no exercise folder at {folder}; start one with "
+                            f"`python -m minfer lesson start 3` (or pass the folder you used)")
+    ops = SimpleNamespace(**vars(base_ops))
+    mine = []
+    for lesson in lessons().values():
+        path = exercise_path(lesson, folder)
+        if not path.exists():
+            continue
+        module = load_student_module(path)
+        for task in lesson.tasks:
+            f = getattr(module, task.name, None)
+            if task.op is None or not callable(f):
+                continue
+            try:
+                with np.errstate(all="ignore"):
+                    got = f(*_probe_args(task.op))
+            except NotImplementedError:
+                continue
+            except Exception as e:
+                raise ExerciseError(f"your {task.name} ({path}) raised {type(e).__name__}: {e} on a "
+                                    f"small input; run `python -m minfer lesson check {lesson.number}`")
+            want = getattr(base_ops, task.op)(*_probe_args(task.op))
+            if np.shape(got) != np.shape(want):
+                raise ExerciseError(f"your {task.name} ({path}) returned shape {np.shape(got)} where "
+                                    f"{np.shape(want)} was expected; run `python -m minfer lesson "
+                                    f"check {lesson.number}`")
+            setattr(ops, task.op, f)
+            mine.append(task.op)
+    ops.mine = mine
+    ops.name = f"{getattr(base_ops, 'name', 'ops')}+mine" if mine else getattr(base_ops, "name", "ops")
+    if mine:
+        log(f"minfer: running on your own {', '.join(mine)} (from {folder}/); "
+            f"everything else is minfer's {getattr(base_ops, 'name', '')} path")
+    else:
+        log(f"minfer: no finished exercises in {folder}/ yet; running minfer's own code")
+    return ops
+
+
+# =============================================================================================
+# Command line: python -m minfer lesson list | start N | check N
+# =============================================================================================
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register `lesson` on the CLI's subparsers."""
+    p = subparsers.add_parser(
+        "lesson", help="exercises: list | start N | check N",
+        description="Exercises for lessons 03-08: `start N` copies the lesson's stub functions into "
+                    "your folder, `check N` tests your functions against minfer's reference.")
+    sub = p.add_subparsers(dest="lesson_command", metavar="ACTION")
+    sub.add_parser("list", help="the lessons with exercises and their tasks")
+    for name, help_ in [("start", "copy lesson N's exercise file into your folder"),
+                        ("check", "run lesson N's tests on your functions")]:
+        s = sub.add_parser(name, help=help_)
+        s.add_argument("n", metavar="N", help="the lesson number, e.g. 5")
+        s.add_argument("--dir", default=DEFAULT_DIR, metavar="DIR",
+                       help="your exercise folder (default: %(default)s)")
+        if name == "start":
+            s.add_argument("--force", action="store_true", help="overwrite an existing file")
+    return p
+
+
+def run(args) -> int:
+    """Carry out `lesson ...`; return the exit code (non-zero when a check fails)."""
+    cmd = getattr(args, "lesson_command", None)
+    if cmd in (None, "list"):
+        folder = Path(getattr(args, "dir", None) or DEFAULT_DIR)
+        print("lesson  title                                  tasks")
+        for L in lessons().values():
+            started = " (started)" if exercise_path(L, folder).exists() else ""
+            print(f"  {L.number:02d}    {L.title:<38} {', '.join(t.name for t in L.tasks)}{started}")
+        print(f"\nStart one with `python -m minfer lesson start N`; your files go to ./{DEFAULT_DIR}/.")
+        return 0
+    lesson = get_lesson(args.n)
+    path = exercise_path(lesson, args.dir)
+    if cmd == "start":
+        if path.exists() and not args.force:
+            raise ExerciseError(f"{path} already exists (your work!); check it with `python -m minfer "
+                                f"lesson check {lesson.number}`, or add --force to start over")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(lesson.stub)
+        print(f"wrote {path} with {len(lesson.tasks)} tasks: {', '.join(t.name for t in lesson.tasks)}")
+        print(f"fill in the bodies, then run: python -m minfer lesson check {lesson.number}"
+              + (f" --dir {args.dir}" if args.dir != DEFAULT_DIR else ""))
+        return 0
+    if cmd == "check":
+        if not path.exists():
+            raise ExerciseError(f"{path} does not exist; create it with `python -m minfer lesson start "
+                                f"{lesson.number}`" + (f" --dir {args.dir}" if args.dir != DEFAULT_DIR else ""))
+        results = check_functions(lesson, load_student_module(path))
+        print(format_results(lesson, results, str(path)))
+        return 0 if all(r.passed for r in results) else 1
+    raise ExerciseError(f"unknown lesson action {cmd!r}; use list, start or check")
+
+
+__all__ = ["add_parser", "run", "student_ops", "check_functions", "lessons", "get_lesson",
+           "reference_functions", "exercise_path", "load_student_module", "show", "figures_dir",
+           "expect_close", "ExerciseError", "CheckFailed", "Lesson", "Task"]

@@ -1,0 +1,143 @@
+"""The exercise files that `python -m minfer lesson start N` writes: minfer's reference
+signatures with the bodies left to the student."""
+
+_HEADER = '''"""minfer classroom — lesson {n:02d}: {title}.
+
+Fill in the function bodies (each now raises NotImplementedError), then check your work:
+
+    python -m minfer lesson check {n}
+
+Each function has the signature of minfer's own reference (minfer/{where}). Read the lesson
+(lessons/{lesson_file}) first; peek at the reference only when you are stuck.
+Once a function passes, `python -m minfer chat --use-mine` runs the real model with it.
+"""
+import numpy as np
+'''
+
+STUBS = {
+    3: '''
+
+def embedding(token_ids, table):
+    """token_ids [T] int, table [V, D] -> x [T, D] float32.
+
+    Each token id picks one row of the table. The result is float32 even when the table is not.
+    """
+    raise NotImplementedError("lesson 03: embedding")
+
+
+def rmsnorm(x, w, eps):
+    """x [T, D], w [D], eps float -> [T, D].
+
+        y = x / sqrt(mean(x^2) + eps) * w       (the mean over each token's D values)
+    """
+    raise NotImplementedError("lesson 03: rmsnorm")
+''',
+    4: '''
+
+def rope_angles(positions, head_dim, base):
+    """positions [T] int -> (cos, sin), each [T, head_dim // 2] float32.
+
+    Pair i turns by angle positions * theta_i with theta_i = base ** (-2 i / head_dim).
+    Tip: compute the angles in float64 (positions reach the thousands) and cast at the end.
+    """
+    raise NotImplementedError("lesson 04: rope_angles")
+
+
+def rope(x, cos, sin):
+    """x [T, H, hd], cos/sin [T, hd // 2] -> [T, H, hd], a new array.
+
+    Pair i of each head is (x[..., 2i], x[..., 2i+1]); rotate it by the angle of row t:
+        (a, b) -> (a cos - b sin, a sin + b cos)
+    The same cos/sin serve every head (broadcast over H).
+    """
+    raise NotImplementedError("lesson 04: rope")
+''',
+    5: '''
+
+def softmax(s, axis=-1):
+    """Probabilities along `axis`: exp(s) / sum(exp(s)). -inf entries get probability 0.
+    Large scores must not overflow: subtract the max along the axis first."""
+    raise NotImplementedError("lesson 05: softmax")
+
+
+def paged_attention(q, k_cache, v_cache, batch):
+    """q [T, Hq, hd]; k_cache, v_cache [n_blocks, block_size, Hkv, hd] -> out [T, Hq, hd].
+
+    For each sequence b of the batch (see minfer/batch.py):
+      rows      batch.seq_starts[b] : batch.seq_starts[b + 1]     its rows of q and out
+      S         batch.context_lens[b]                             how many keys it has
+      blocks    batch.block_tables[b]                             where its keys live, in order:
+                key j is k_cache[blocks[j // block_size], j % block_size]
+    A query row at position batch.positions[t] sees keys 0 .. positions[t] (the causal mask).
+    Query head h reads kv head h // (Hq // Hkv). Scores are q.k / sqrt(hd); out = softmax(scores) V.
+    Your softmax above is yours to use.
+    """
+    raise NotImplementedError("lesson 05: paged_attention")
+''',
+    6: '''
+
+def slot_mapping(block_table, start, stop, block_size):
+    """Cache slots of positions start .. stop-1 of one sequence -> int array [stop - start].
+
+    Position p lives in block block_table[p // block_size], row p % block_size;
+    its slot (its row in the flattened pool) is block * block_size + row.
+    """
+    raise NotImplementedError("lesson 06: slot_mapping")
+
+
+def kv_write(k_cache, v_cache, k, v, slot_mapping):
+    """Write the new tokens' keys and values into their slots, in place; return nothing.
+
+    k_cache, v_cache [n_blocks, block_size, Hkv, hd]; k, v [T, Hkv, hd]; slot_mapping [T].
+    Tip: k_cache.reshape(n_blocks * block_size, Hkv, hd) is a view of the same memory.
+    """
+    raise NotImplementedError("lesson 06: kv_write")
+''',
+    7: '''
+
+def silu(z):
+    """silu(z) = z * sigmoid(z) = z / (1 + exp(-z)), elementwise. Mind exp overflowing for z << 0."""
+    raise NotImplementedError("lesson 07: silu")
+
+
+def swiglu(x, w_gate, w_up, w_down):
+    """x [T, D]; w_gate, w_up [F, D]; w_down [D, F] -> [T, D].
+
+        out = ( silu(x W_gate^T) * (x W_up^T) ) W_down^T        (weights are stored [out, in])
+    """
+    raise NotImplementedError("lesson 07: swiglu")
+''',
+    8: '''
+
+def apply_repetition_penalty(logits, seen, penalty):
+    """logits [V], seen: token ids already in the text, penalty > 0 -> new logits [V].
+
+    Each seen token (once, however often it was seen) becomes less likely: a positive logit is
+    divided by the penalty, a negative one multiplied. Do not modify `logits` in place.
+    """
+    raise NotImplementedError("lesson 08: apply_repetition_penalty")
+
+
+def filter_logits(logits, p):
+    """logits [V] (already divided by the temperature), p: minfer.SamplingParams -> logits [V]
+    with the dropped tokens set to -inf, applied in this order:
+
+      p.top_k > 0    keep the k largest logits
+      p.top_p < 1    sort by probability; keep a token while the mass *before* it is < top_p
+      p.min_p > 0    drop tokens whose probability is below min_p x the largest probability
+    """
+    raise NotImplementedError("lesson 08: filter_logits")
+
+
+def sample(logits, p, rng, seen=None):
+    """logits [V] -> the next token id (an int).
+
+    Apply the repetition penalty (when `seen` is given); if p.temperature == 0 take the arg-max;
+    else divide by the temperature, filter, softmax, and draw one id with `rng`
+    (a numpy Generator, e.g. rng.choice).
+    """
+    raise NotImplementedError("lesson 08: sample")
+''',
+}
+
+
