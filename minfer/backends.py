@@ -26,6 +26,7 @@ def numpy_ops() -> SimpleNamespace:
         kv_write=kvcache.kv_write,
         attention=attention.paged_attention,
         linear=linear.linear,
+        qkv=linear.qkv,
         swiglu=mlp.swiglu,
     )
 
@@ -41,6 +42,7 @@ def numba_ops() -> SimpleNamespace:
         kv_write=kvcache.kv_write_numba,
         attention=attention.paged_attention_numba,
         linear=linear.linear_numba,
+        qkv=linear.qkv_numba,
         swiglu=mlp.swiglu_numba,
     )
 

@@ -32,6 +32,12 @@ class LayerWeights:
     w_gate: np.ndarray      # [F, D]
     w_up: np.ndarray        # [F, D]
     w_down: np.ndarray      # [D, F]
+    wqkv: object = None     # [(Hq + 2 Hkv) hd, D]: wq, wk, wv stacked (they are views of it)
+
+    def storage(self) -> list:
+        """The distinct arrays that hold this layer (views of wqkv are not counted twice)."""
+        parts = [self.attn_norm, self.wo, self.ffn_norm, self.w_gate, self.w_up, self.w_down]
+        return parts + ([self.wqkv] if self.wqkv is not None else [self.wq, self.wk, self.wv])
 
 
 @dataclass
@@ -45,7 +51,7 @@ class Weights:
     def nbytes(self) -> int:
         arrays = {id(a): a for a in [self.tok_embd, self.norm, self.lm_head]}
         for L in self.layers:
-            arrays.update({id(a): a for a in vars(L).values()})
+            arrays.update({id(a): a for a in L.storage()})
         return sum(getattr(a, "nbytes", 0) for a in arrays.values())  # QuantMatrix has .nbytes too
 
 
@@ -66,9 +72,10 @@ class Transformer:
         for l, L in enumerate(W.layers):
             # --- attention block -------------------------------------------------------------
             h = op.rmsnorm(x, L.attn_norm, c.rms_eps)                          # [T, D]
-            q = op.linear(h, L.wq).reshape(T, c.n_heads, c.head_dim)           # [T, Hq, hd]
-            k = op.linear(h, L.wk).reshape(T, c.n_kv_heads, c.head_dim)        # [T, Hkv, hd]
-            v = op.linear(h, L.wv).reshape(T, c.n_kv_heads, c.head_dim)        # [T, Hkv, hd]
+            q, k, v = op.qkv(h, L.wq, L.wk, L.wv, L.wqkv)                      # three projections of h
+            q = q.reshape(T, c.n_heads, c.head_dim)                            # [T, Hq, hd]
+            k = k.reshape(T, c.n_kv_heads, c.head_dim)                         # [T, Hkv, hd]
+            v = v.reshape(T, c.n_kv_heads, c.head_dim)                         # [T, Hkv, hd]
             q, k = op.rope(q, cos, sin), op.rope(k, cos, sin)
             op.kv_write(cache.k[l], cache.v[l], k, v, batch.slot_mapping)
             a = op.attention(q, cache.k[l], cache.v[l], batch)                 # [T, Hq, hd]

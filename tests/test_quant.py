@@ -96,3 +96,30 @@ def test_unknown_quant_is_a_clear_error(tiny_gguf):
     from minfer.errors import InvalidArgumentError
     with pytest.raises(InvalidArgumentError, match="unknown quant"):
         minfer.LLM(tiny_gguf, quant="q3_k")
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("T", [1, 5, 9])               # 1 and 5: the fused gate/up kernel; 9: sgemm
+def test_swiglu_numba_on_blocks_matches_reference(fmt, T):
+    from minfer.stages import mlp
+    g, u, d = (quant.QuantMatrix.from_float(weights(64, 64), fmt) for _ in range(3))
+    x = rng.standard_normal((T, 64)).astype(np.float32)
+    ref = mlp.swiglu(x, g, u, d)
+    assert np.abs(mlp.swiglu_numba(x, g, u, d) - ref).max() <= 1e-4 * np.abs(ref).max()
+    if T < 8:
+        h = mlp.silu(quant.quant_linear(x, g)) * quant.quant_linear(x, u)
+        assert np.abs(quant.quant_gate_up_numba(x, g, u) - h).max() <= 1e-4 * np.abs(h).max()
+
+
+@pytest.mark.parametrize("T", [1, 3, 12])
+def test_stacked_qkv_equals_three_matmuls(T):
+    from minfer.stages.linear import qkv, qkv_numba, stack_rows
+    for fmt in FORMATS + [None]:
+        ws = [weights(o, 64) for o in (48, 16, 16)]
+        if fmt:
+            ws = [quant.QuantMatrix.from_float(w, fmt) for w in ws]
+        big, views = stack_rows(ws)
+        assert big is not None and views[1].shape == (16, 64)
+        x = rng.standard_normal((T, 64)).astype(np.float32)
+        for a, b in zip(qkv_numba(x, *views, big), qkv(x, *ws)):
+            assert np.abs(a - b).max() <= 1e-4 * np.abs(b).max()

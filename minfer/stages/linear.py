@@ -16,6 +16,29 @@ def linear(x: np.ndarray, w) -> np.ndarray:
     return x @ w.T                                                  # [T, out]
 
 
+def qkv(x: np.ndarray, wq, wk, wv, wqkv=None):
+    """The query, key and value projections of the same input: three linear layers.
+    (wqkv, the three stacked, is what the fast paths use; the reference ignores it.)"""
+    return linear(x, wq), linear(x, wk), linear(x, wv)             # [T, Hq*hd], [T, Hkv*hd] x 2
+
+
+def stack_rows(ws: list):
+    """Stack matrices of one kind along their output rows, and return (stacked, row views of it):
+    the fast paths then run one matmul instead of three, the reference keeps its three names."""
+    if isinstance(ws[0], QuantMatrix):
+        if not all(isinstance(w, QuantMatrix) and w.fmt == ws[0].fmt for w in ws):
+            return None, ws
+        big = QuantMatrix.stack(ws)
+        view = big.rows
+    else:
+        if not all(isinstance(w, np.ndarray) for w in ws):
+            return None, ws
+        big = np.concatenate(ws)
+        view = lambda a, b: big[a:b]                                # noqa: E731
+    edges = np.cumsum([0] + [w.shape[0] for w in ws])
+    return big, [view(edges[i], edges[i + 1]) for i in range(len(ws))]
+
+
 # ---------------------------------------------------------------------------------------------
 # Numba CPU path. Decoding reads every weight once per token, so a matvec is bound by memory
 # bandwidth: the only thing that matters is streaming W's rows once, in order, on all cores.
@@ -32,6 +55,14 @@ def linear_numba(x: np.ndarray, w) -> np.ndarray:
         # many tokens: compute-bound, and BLAS's register-blocked sgemm is ~3x the loop below
         return x @ w.T
     return _dense_matmul(np.ascontiguousarray(x, dtype=np.float32), w)
+
+
+def qkv_numba(x: np.ndarray, wq, wk, wv, wqkv=None):
+    if wqkv is None:
+        return linear_numba(x, wq), linear_numba(x, wk), linear_numba(x, wv)
+    y = linear_numba(x, wqkv)                                       # [T, (Hq + 2 Hkv) hd]
+    a, b = wq.shape[0], wq.shape[0] + wk.shape[0]
+    return y[:, :a], y[:, a:b], y[:, b:]
 
 
 @njit(parallel=True, fastmath=True, cache=True)

@@ -21,10 +21,13 @@ def swiglu(x: np.ndarray, w_gate: np.ndarray, w_up: np.ndarray, w_down: np.ndarr
     return linear(h, w_down)                                        # [T, D]
 
 
-# --- Numba CPU path: the matmuls are linear_numba; gate and activation fuse into one pass -----
+# --- Numba CPU path ---------------------------------------------------------------------------
+# For a few tokens (decode) gate and up are computed in one fused kernel with the SiLU applied on
+# the spot; for many tokens (prefill) the matmuls go to sgemm and the activation is one pass.
 from numba import njit, prange, float32  # noqa: E402
 
 from .linear import linear_numba  # noqa: E402
+from .quant import QuantMatrix, quant_gate_up_numba  # noqa: E402
 
 
 @njit(parallel=True, fastmath=True, cache=True)
@@ -38,5 +41,55 @@ def silu_mul_numba(g, u):
     return g
 
 
+@njit(parallel=True, fastmath=True, cache=True)
+def _dense_gate_up(x, wg, wu):
+    T, K = x.shape
+    F = wg.shape[0]
+    out = np.empty((T, F), dtype=np.float32)
+    for o in prange(F):
+        for t in range(T):
+            g = float32(0.0)
+            u = float32(0.0)
+            for k in range(K):
+                g += x[t, k] * wg[o, k]
+                u += x[t, k] * wu[o, k]
+            out[t, o] = g / (float32(1.0) + np.exp(-g)) * u
+    return out
+
+
 def swiglu_numba(x, w_gate, w_up, w_down):
+    if x.shape[0] < 8 and type(w_gate) is type(w_up):
+        if isinstance(w_gate, QuantMatrix) and w_gate.fmt == w_up.fmt:
+            return linear_numba(quant_gate_up_numba(x, w_gate, w_up), w_down)
+        if isinstance(w_gate, np.ndarray):
+            return linear_numba(_dense_gate_up(np.ascontiguousarray(x, dtype=np.float32), w_gate, w_up), w_down)
     return linear_numba(silu_mul_numba(linear_numba(x, w_gate), linear_numba(x, w_up)), w_down)
+
+
+
+# ---------------------------------------------------------------------------------------------
+# numba.cuda GPU path. In the cuda backend silu(gate) * up is the epilogue of the fused gate/up
+# matmul (stages/linear_cuda.py, swiglu_kernel); `silu_cuda` is that step, and silu_mul_kernel is
+# the standalone version.  grid (T,)  block (threads,) — thread j of row t does columns j, j+threads...
+# ---------------------------------------------------------------------------------------------
+import math  # noqa: E402
+
+from numba import cuda  # noqa: E402
+
+
+@cuda.jit(device=True, inline=True)
+def silu_cuda(z):
+    # exp(-z) overflows to inf for z << 0, and z / inf = -0: the right limit, no NaN
+    return z / (float32(1.0) + float32(math.exp(-z)))
+
+
+@cuda.jit
+def silu_mul_kernel(g, u, out):
+    t = cuda.blockIdx.x
+    for i in range(cuda.threadIdx.x, g.shape[1], cuda.blockDim.x):
+        out[t, i] = silu_cuda(g[t, i]) * u[t, i]
+
+
+def silu_mul_cuda(g, u, out, threads=256, stream=0):
+    """Device arrays g, u, out [T, F]: out = silu(g) * u."""
+    silu_mul_kernel[g.shape[0], threads, stream](g, u, out)

@@ -21,6 +21,7 @@ from ..config import ModelConfig
 from ..errors import ModelFormatError, ModelNotFoundError
 from ..model import LayerWeights, Weights
 from ..stages.quant import BLOCK_DTYPES, QuantMatrix
+from ..stages.linear import stack_rows
 from ..stages.rope import hf_to_interleaved
 from ..tokenizer import Tokenizer
 from .gguf import read_gguf
@@ -68,6 +69,12 @@ def load(path: str | os.PathLike, quant: str = "f32") -> tuple[ModelConfig, Weig
     return load_gguf(path, quant)
 
 
+def _fuse(layers: list[LayerWeights]) -> None:
+    """Stack each layer's Q, K, V rows into one matrix (wq/wk/wv become views of it)."""
+    for L in layers:
+        L.wqkv, (L.wq, L.wk, L.wv) = stack_rows([L.wq, L.wk, L.wv])
+
+
 def _check(name: str, arr, shape: tuple) -> np.ndarray:
     if tuple(arr.shape) != tuple(shape):
         raise ModelFormatError(f"tensor {name!r} has shape {tuple(arr.shape)}, expected {shape}")
@@ -109,6 +116,7 @@ def load_gguf(path: Path, quant: str = "f32") -> tuple[ModelConfig, Weights, Tok
         ))
     tok_embd = mat("token_embd.weight", (c.vocab_size, D), _embedding_quant(quant))
     lm_head = tok_embd if c.tie_embeddings else mat("output.weight", (c.vocab_size, D), _embedding_quant(quant))
+    _fuse(layers)
     weights = Weights(tok_embd, layers, f32("output_norm.weight", (D,)), lm_head, raw=tensors)
     tokenizer = Tokenizer.from_gguf_metadata(meta)
     return config, weights, tokenizer
@@ -149,5 +157,6 @@ def load_hf(folder: Path, quant: str = "f32") -> tuple[ModelConfig, Weights, Tok
         lm_head = mat("lm_head.weight", (c.vocab_size, D), q=_embedding_quant(quant))
     else:
         c.tie_embeddings, lm_head = True, tok_embd
+    _fuse(layers)
     weights = Weights(tok_embd, layers, f32("model.norm.weight", (D,)), lm_head)
     return c, weights, Tokenizer.from_hf_folder(folder, c)
