@@ -50,6 +50,11 @@ def numba_ops() -> SimpleNamespace:
 def set_threads(n: int | None) -> int:
     """Threads for the numba kernels: `n`, else $NUMBA_NUM_THREADS, else all cores."""
     import numba
+    if "NUMBA_THREADING_LAYER" not in os.environ:
+        # numba's own thread pool. OpenMP's threads spin at the barrier after every kernel; when
+        # another program holds a core, each of our ~200 kernel launches per token then waits for a
+        # descheduled thread (measured on 2 busy cores: decode 4x slower than with this pool).
+        numba.config.THREADING_LAYER = "workqueue"
     if n is not None:
         if not 1 <= n <= numba.config.NUMBA_NUM_THREADS:
             raise InvalidArgumentError(

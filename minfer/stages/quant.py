@@ -184,7 +184,7 @@ def quant_embedding(token_ids: np.ndarray, w: QuantMatrix) -> np.ndarray:
 # Numba kernels on the quants. One flat loop over each row (the nibble order is untouched), with
 # the block scale looked up per element: the weights are never expanded to float in memory.
 # For Q4, x is split once per call into the elements that meet low nibbles (xl) and high ones
-# (xh), and the "+ m" term is factored out of the dot product:
+# (xh, folded into xh2 below), and the "+ m" term is factored out of the dot product:
 #     sum_k (d q_k + m) x_k  =  sum_k d q_k x_k  +  sum_blocks m_b * (sum of x over block b)
 # ---------------------------------------------------------------------------------------------
 from numba import njit, prange, float32  # noqa: E402
@@ -200,12 +200,17 @@ def _q8_0_dot(x, qs, d, o, t):
 
 
 @njit(inline="always", fastmath=True)
-def _q4_dot(xl, xh, xsum, qs, d, m, o, t):
-    """Row o of a Q4 matrix . token t of x (split into xl, xh, xsum by split_for_q4)."""
+def _q4_dot(xl, xh2, xsum, qs, d, m, o, t):
+    """Row o of a Q4 matrix . token t of x (split by split_for_q4).
+
+    A byte b holds lo = b mod 16 and hi = b // 16, so lo*xl + hi*xh = b*xl + hi*(xh - 16 xl) = b*xl + hi*xh2.
+    Unpacking with float arithmetic (floor(b / 16)) keeps every lane 32 bits wide: integer nibble
+    masks make LLVM widen to 64-bit lanes, half as many per vector (measured: 1.7x slower)."""
     acc = float32(0.0)
     for i in range(qs.shape[1]):
-        b = qs[o, i]
-        acc += d[o, i >> 4] * (float32(b & 15) * xl[t, i] + float32(b >> 4) * xh[t, i])
+        b = float32(qs[o, i])
+        hi = np.floor(b * float32(0.0625))
+        acc += d[o, i >> 4] * (b * xl[t, i] + hi * xh2[t, i])
     for j in range(d.shape[1]):
         acc += m[o, j] * xsum[t, j]
     return acc
@@ -222,12 +227,12 @@ def _q8_0_matmul(x, qs, d):
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def _q4_matmul(xl, xh, xsum, qs, d, m):
+def _q4_matmul(xl, xh2, xsum, qs, d, m):
     T, O = xl.shape[0], qs.shape[0]
     out = np.empty((T, O), dtype=np.float32)
     for o in prange(O):
         for t in range(T):
-            out[t, o] = _q4_dot(xl, xh, xsum, qs, d, m, o, t)
+            out[t, o] = _q4_dot(xl, xh2, xsum, qs, d, m, o, t)
     return out
 
 
@@ -245,23 +250,24 @@ def _q8_0_gate_up(x, qg, dg, qu, du):
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def _q4_gate_up(xl, xh, xsum, qg, dg, mg, qu, du, mu):
+def _q4_gate_up(xl, xh2, xsum, qg, dg, mg, qu, du, mu):
     T, F = xl.shape[0], qg.shape[0]
     out = np.empty((T, F), dtype=np.float32)
     for o in prange(F):
         for t in range(T):
-            g = _q4_dot(xl, xh, xsum, qg, dg, mg, o, t)
-            out[t, o] = g / (float32(1.0) + np.exp(-g)) * _q4_dot(xl, xh, xsum, qu, du, mu, o, t)
+            g = _q4_dot(xl, xh2, xsum, qg, dg, mg, o, t)
+            out[t, o] = g / (float32(1.0) + np.exp(-g)) * _q4_dot(xl, xh2, xsum, qu, du, mu, o, t)
     return out
 
 
 def split_for_q4(x: np.ndarray):
-    """x [T, K] -> xl, xh [T, K/2] (the elements under low / high nibbles), xsum [T, K/32]."""
+    """x [T, K] -> xl [T, K/2] (the elements under low nibbles), xh2 = xh - 16 xl [T, K/2]
+    (xh: those under high nibbles; see _q4_dot), xsum [T, K/32] (sum of x over each block)."""
     T, K = x.shape
     xb = x.reshape(T, K // QK, 2, QK // 2)                              # [T, nb, 2, 16]
     xl = np.ascontiguousarray(xb[:, :, 0, :]).reshape(T, K // 2)
-    xh = np.ascontiguousarray(xb[:, :, 1, :]).reshape(T, K // 2)
-    return xl, xh, xb.sum(axis=(2, 3), dtype=np.float32)
+    xh = xb[:, :, 1, :].reshape(T, K // 2)
+    return xl, xh - np.float32(16) * xl, xb.sum(axis=(2, 3), dtype=np.float32)
 
 
 # Prefill and big batches: many tokens share every weight, so the work is compute-bound, not
