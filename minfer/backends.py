@@ -70,5 +70,6 @@ def get_ops(name: str, threads: int | None = None) -> SimpleNamespace:
         set_threads(threads)
         return numba_ops()
     if name == "cuda":
-        raise BackendUnavailableError("the cuda backend is not built yet; use --backend numba")
+        from .cuda_backend import cuda_ops
+        return cuda_ops()  # BackendUnavailableError, one sentence, without numba-cuda or a GPU
     raise InvalidArgumentError(f"unknown backend {name!r}; choose one of: {', '.join(BACKENDS)}")

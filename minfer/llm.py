@@ -46,7 +46,9 @@ class LLM:
         self.quant = quant
         self.config, self.weights, self.tokenizer = load(path, quant)
         self.backend = backend
-        self.model = Transformer(self.config, self.weights, ops)
+        make_model = getattr(ops, "make_model", None)  # the cuda backend runs whole steps itself
+        self.model = (make_model(self.config, self.weights) if make_model
+                      else Transformer(self.config, self.weights, ops))
         self.engine = Engine(self.model, self.tokenizer.stop_ids, max_context, block_size)
 
     # --- prompts -------------------------------------------------------------------------------

@@ -98,8 +98,7 @@ class Engine:
             for s in seqs:
                 self.blocks.ensure(s.seq_id, len(s.prompt_ids))
             batch = make_batch([(s.prompt_ids, 0, self.blocks.tables[s.seq_id]) for s in seqs], bs)
-            logits = self.model.forward(batch, self.cache)                  # [B, V]
-            yield from self._sample_all(seqs, seqs, logits, stop_check)
+            yield from self._sample_all(seqs, seqs, self._next_tokens(seqs, batch), stop_check)
             self.stats.prefill_s = time.perf_counter() - t0
             # --- decode: one token per live sequence per step ---------------------------------
             t0 = time.perf_counter()
@@ -108,18 +107,27 @@ class Engine:
                     self.blocks.ensure(s.seq_id, s.n_tokens)
                 batch = make_batch([([s.output_ids[-1]], s.n_tokens - 1, self.blocks.tables[s.seq_id])
                                     for s in live], bs)
-                logits = self.model.forward(batch, self.cache)              # [B, V]
-                yield from self._sample_all(seqs, live, logits, stop_check)
+                yield from self._sample_all(seqs, live, self._next_tokens(live, batch), stop_check)
             self.stats.decode_s = time.perf_counter() - t0
         finally:
             for s in seqs:
                 self.blocks.release(s.seq_id)
             self.last_seqs = seqs
 
-    def _sample_all(self, seqs, live, logits, stop_check):
-        for s, row in zip(live, logits):
-            seen = np.asarray(s.prompt_ids + s.output_ids) if s.params.repetition_penalty != 1 else None
-            tok = sample(row, s.params, s.rng, seen)
+    def _next_tokens(self, live, batch) -> list[int]:
+        """One forward; the next token of each live sequence. A model that samples on its device
+        (the cuda backend) returns only the ids; otherwise the logits come back and are sampled here."""
+        if getattr(self.model, "samples_on_device", False) and all(
+                s.params.repetition_penalty == 1 for s in live):
+            return self.model.forward_sample(batch, self.cache, [s.params for s in live],
+                                             [s.rng for s in live])
+        logits = self.model.forward(batch, self.cache)                      # [B, V]
+        return [sample(row, s.params, s.rng,
+                       np.asarray(s.prompt_ids + s.output_ids) if s.params.repetition_penalty != 1 else None)
+                for s, row in zip(live, logits)]
+
+    def _sample_all(self, seqs, live, toks, stop_check):
+        for s, tok in zip(live, toks):
             s.output_ids.append(tok)
             self.stats.generated_tokens += 1
             if tok in self.stop_ids and not s.params.ignore_eos:

@@ -88,3 +88,82 @@ def _attention_rows(q, k_cache, v_cache, row_seq, positions, block_tables):
 def paged_attention_numba(q, k_cache, v_cache, batch: Batch):
     row_seq = np.repeat(np.arange(batch.n_seqs), np.diff(batch.seq_starts))   # [T] sequence of each row
     return _attention_rows(q, k_cache, v_cache, row_seq, batch.positions, batch.block_tables)
+
+
+# ---------------------------------------------------------------------------------------------
+# numba.cuda GPU path: the same online softmax, with a thread block per (token row, query head)
+# walking the keys a chunk at a time.
+#   grid (T, Hq)   block (threads,) — threads >= head_dim, a power of two <= 256.
+#   Per chunk of `threads` keys: thread j scores key c0 + j (q . k over head_dim) into shared
+#   memory; every thread reads the chunk's scores for the new running max m (a broadcast read:
+#   as quick as a tree, with one barrier instead of log2(n)); thread j turns its score into
+#   p_j = exp(s_j - m); every thread adds the p_j to the running sum l, and thread i (< head_dim)
+#   rescales its output element i and adds sum_j p_j * v_j[i].
+# q and out are [T, Hq*hd] (heads side by side); the cache is the whole [L, n_blocks, bs, Hkv, hd]
+# pool and `layer` picks the layer.
+# ---------------------------------------------------------------------------------------------
+import math  # noqa: E402
+
+from numba import cuda  # noqa: E402
+
+MAX_THREADS, MAX_HEAD_DIM = 256, 256
+
+
+@cuda.jit
+def attention_kernel(q, k_cache, v_cache, layer, row_seq, positions, block_tables, out):
+    qv = cuda.shared.array(MAX_HEAD_DIM, float32)      # this row's query head
+    sc = cuda.shared.array(MAX_THREADS, float32)       # the chunk's scores
+    t, h, tid, n = cuda.blockIdx.x, cuda.blockIdx.y, cuda.threadIdx.x, cuda.blockDim.x
+    bs, n_kv, hd = k_cache.shape[2], k_cache.shape[3], k_cache.shape[4]
+    kvh = h // (q.shape[1] // hd // n_kv)             # GQA: the kv head this query head reads
+    b = row_seq[t]
+    n_keys = positions[t] + 1                          # causal: keys 0..position
+    sqrt_hd = float32(math.sqrt(float32(hd)))
+    if tid < hd:
+        qv[tid] = q[t, h * hd + tid]
+    m = float32(-math.inf)                             # running max (the same in every thread)
+    l = float32(0.0)                                   # running sum of exp(score - m)
+    acc = float32(0.0)                                 # output element tid (threads < hd)
+    cuda.syncthreads()
+    for c0 in range(0, n_keys, n):
+        nc = min(n, n_keys - c0)                       # keys in this chunk
+        s = float32(-math.inf)
+        if tid < nc:
+            j = c0 + tid
+            blk, row = block_tables[b, j // bs], j % bs
+            s = float32(0.0)
+            for i in range(hd):
+                s += qv[i] * k_cache[layer, blk, row, kvh, i]
+            s = s / sqrt_hd
+            sc[tid] = s
+        cuda.syncthreads()
+        m_new = m
+        for jj in range(nc):                           # every thread: the chunk's max
+            m_new = max(m_new, sc[jj])
+        cuda.syncthreads()
+        if tid < nc:
+            sc[tid] = float32(math.exp(s - m_new))     # p_j, by the thread that scored key j
+        cuda.syncthreads()
+        c = float32(math.exp(m - m_new))              # rescale what came before the new max
+        l *= c
+        acc *= c
+        for jj in range(nc):
+            l += sc[jj]
+            if tid < hd:
+                key = c0 + jj
+                acc += sc[jj] * v_cache[layer, block_tables[b, key // bs], key % bs, kvh, tid]
+        m = m_new
+        cuda.syncthreads()                             # sc is rewritten by the next chunk
+    if tid < hd:
+        out[t, h * hd + tid] = acc / l
+
+
+def paged_attention_cuda(q, k_cache, v_cache, layer, row_seq, positions, block_tables, out,
+                         threads=128, stream=0):
+    """Device arrays: q/out [T, Hq*hd], caches [L, n_blocks, bs, Hkv, hd], row_seq/positions [T]
+    int32, block_tables [B, M] int32."""
+    hd = k_cache.shape[4]
+    n_heads = q.shape[1] // hd
+    threads = max(threads, 1 << (hd - 1).bit_length())   # at least one thread per output element
+    attention_kernel[(q.shape[0], n_heads), threads, stream](
+        q, k_cache, v_cache, layer, row_seq, positions, block_tables, out)

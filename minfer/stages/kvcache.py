@@ -92,3 +92,61 @@ def kv_write_numba(k_cache, v_cache, k, v, slot_mapping):
         blk, row = slot_mapping[t] // bs, slot_mapping[t] % bs
         k_cache[blk, row] = k[t]
         v_cache[blk, row] = v[t]
+
+
+# ---------------------------------------------------------------------------------------------
+# numba.cuda GPU path. On the GPU the pool lives in device memory from load to exit; the block
+# manager above hands out its blocks exactly as for the host pool. The cuda backend writes k and
+# v into it straight from the QKV matmul (stages/linear_cuda.py); kv_write_kernel is the
+# standalone copy.  grid (T,)  block (threads,) — thread j of token t copies elements j,
+# j + threads, ... of the token's [Hkv, hd] keys and values into its slot.
+# ---------------------------------------------------------------------------------------------
+from numba import cuda  # noqa: E402
+
+
+class DeviceKVCache:
+    """The block pool on the device: k, v [n_layers, n_blocks, block_size, n_kv_heads, head_dim]
+    float32 device arrays. Same interface as KVCache for the BlockManager. `generation` counts
+    the reallocations (grow): whatever holds the old arrays (a captured CUDA graph) must be redone."""
+
+    def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, block_size: int = 16,
+                 n_blocks: int = 32):
+        self.block_size = block_size
+        self.shape = (n_layers, n_blocks, block_size, n_kv_heads, head_dim)
+        self.k = cuda.device_array(self.shape, dtype=np.float32)
+        self.v = cuda.device_array(self.shape, dtype=np.float32)
+        self.generation = 0
+
+    @property
+    def n_blocks(self) -> int:
+        return self.shape[1]
+
+    def grow(self, n_blocks: int) -> None:
+        old = self.n_blocks
+        k, v = self.k, self.v
+        self.shape = self.shape[:1] + (n_blocks,) + self.shape[2:]
+        self.k = cuda.device_array(self.shape, dtype=np.float32)
+        self.v = cuda.device_array(self.shape, dtype=np.float32)
+        for layer in range(self.shape[0]):           # device-to-device copies of the used blocks
+            self.k[layer, :old].copy_to_device(k[layer])
+            self.v[layer, :old].copy_to_device(v[layer])
+        self.generation += 1
+
+    def nbytes(self) -> int:
+        return 2 * int(np.prod(self.shape)) * 4
+
+
+@cuda.jit
+def kv_write_kernel(k_cache, v_cache, k, v, slot_mapping):
+    t = cuda.blockIdx.x
+    bs, n_kv, hd = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
+    blk, row = slot_mapping[t] // bs, slot_mapping[t] % bs
+    for j in range(cuda.threadIdx.x, n_kv * hd, cuda.blockDim.x):
+        h, i = j // hd, j % hd
+        k_cache[blk, row, h, i] = k[t, h, i]
+        v_cache[blk, row, h, i] = v[t, h, i]
+
+
+def kv_write_cuda(k_cache, v_cache, k, v, slot_mapping, threads=128, stream=0):
+    """Device arrays, one layer: k_cache/v_cache [n_blocks, bs, Hkv, hd], k/v [T, Hkv, hd]."""
+    kv_write_kernel[k.shape[0], threads, stream](k_cache, v_cache, k, v, slot_mapping)

@@ -31,3 +31,41 @@ def rmsnorm_numba(x, w, eps):
         for i in range(D):
             out[t, i] = x[t, i] * r * w[i]
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# numba.cuda GPU path. In the cuda backend RMSNorm is folded into the matmul that follows it
+# (stages/linear_cuda.py); this standalone kernel is the plain version of the same arithmetic.
+#   grid (T,)   block (threads,) — one block per token row, threads <= 1024, a power of two.
+#   Each thread sums the squares of columns tid, tid + threads, ...; a tree in shared memory adds
+#   the partial sums; then each thread scales its own columns.
+# ---------------------------------------------------------------------------------------------
+import math  # noqa: E402
+
+from numba import cuda  # noqa: E402
+
+
+@cuda.jit
+def rmsnorm_kernel(x, w, eps, out):
+    part = cuda.shared.array(1024, float32)
+    t, tid, n = cuda.blockIdx.x, cuda.threadIdx.x, cuda.blockDim.x
+    D = x.shape[1]
+    ss = float32(0.0)
+    for i in range(tid, D, n):
+        ss += x[t, i] * x[t, i]
+    part[tid] = ss
+    cuda.syncthreads()
+    s = n // 2
+    while s > 0:                       # tree: threads 0..s-1 add the partial sums s..2s-1
+        if tid < s:
+            part[tid] += part[tid + s]
+        cuda.syncthreads()
+        s //= 2
+    r = float32(1.0) / float32(math.sqrt(part[0] / float32(D) + eps))
+    for i in range(tid, D, n):
+        out[t, i] = x[t, i] * r * w[i]
+
+
+def rmsnorm_cuda(x, w, eps, out, threads=256, stream=0):
+    """Device arrays: x [T, D], w [D] -> out [T, D]."""
+    rmsnorm_kernel[x.shape[0], threads, stream](x, w, float32(eps), out)

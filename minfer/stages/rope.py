@@ -58,3 +58,37 @@ def rope_numba(x, cos, sin):
                 x[t, h, 2 * i] = x0 * cos[t, i] - x1 * sin[t, i]
                 x[t, h, 2 * i + 1] = x0 * sin[t, i] + x1 * cos[t, i]
     return x
+
+
+# ---------------------------------------------------------------------------------------------
+# numba.cuda GPU path. In the cuda backend the rotation happens inside the QKV matmul, right
+# after a pair of rows (2i, 2i+1) is computed (stages/linear_cuda.py); `rope_rotate_cuda` is that
+# step. The cos/sin tables are rope_angles(arange(max_seq_len)), uploaded once.
+#   rope_kernel: grid (T,)  block (threads,) — thread j of token t rotates pairs j, j + threads, ...
+#   of all heads (H * hd/2 pairs per token), in place.
+# ---------------------------------------------------------------------------------------------
+from numba import cuda  # noqa: E402
+
+
+@cuda.jit(device=True, inline=True)
+def rope_rotate_cuda(x0, x1, c, s):
+    """Turn the pair (x0, x1) by the angle whose cosine and sine are c and s."""
+    return x0 * c - x1 * s, x0 * s + x1 * c
+
+
+@cuda.jit
+def rope_kernel(x, positions, cos_t, sin_t):
+    t = cuda.blockIdx.x
+    H, hd = x.shape[1], x.shape[2]
+    half = hd // 2
+    p = positions[t]
+    for j in range(cuda.threadIdx.x, H * half, cuda.blockDim.x):
+        h, i = j // half, j % half
+        a, b = rope_rotate_cuda(x[t, h, 2 * i], x[t, h, 2 * i + 1], cos_t[p, i], sin_t[p, i])
+        x[t, h, 2 * i] = a
+        x[t, h, 2 * i + 1] = b
+
+
+def rope_cuda(x, positions, cos_t, sin_t, threads=128, stream=0):
+    """Device arrays: x [T, H, hd] rotated in place; positions [T]; cos_t/sin_t [max_pos, hd/2]."""
+    rope_kernel[x.shape[0], threads, stream](x, positions, cos_t, sin_t)

@@ -1,0 +1,173 @@
+"""Sampling on the GPU: logits -> next token, with the logits never leaving the device.
+
+(The third section of sampling.py — the NumPy reference is `sampling.sample` — in its own file
+for now.) Same rules as the reference: temperature 0 is greedy (arg-max, first index on ties);
+otherwise logits / temperature, then top-k, top-p and min-p, then one draw.
+
+A GPU has no cheap sort of 49,152 logits in one thread block, so the filters are thresholds found
+by binary search instead of sorting:
+  * every kept set is "all tokens whose logit is >= some threshold", and the threshold is one of
+    the logits;
+  * floats compare like integers once their bits are mapped to an ordered key (negative floats
+    have their 31 low bits flipped), so a binary search over 32-bit keys finds the exact logit
+    where the set starts, in 32 steps, each a pass over the vocabulary plus a block reduction;
+  * top-k: the largest key tau with count(key >= tau) >= k (ties with the k-th are kept, as in the
+    reference); top-p: the smallest key tau whose mass strictly above it is < top_p (a token is
+    kept when the tokens more likely than it hold less than top_p).
+The draw is the reference's `rng.choice(V, p=probs)`: u = rng.random() drawn on the host from the
+sequence's own generator, and the first token whose running sum (in token order) exceeds
+u * total — a prefix sum across the block. The same seed gives the same text as the numba
+backend, up to float32 rounding.
+
+    grid (B,)   block (threads,) — one block per sequence, threads a power of two <= 1024.
+Greedy sequences stop after the arg-max pass: one read of the logits.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import cuda, float32, int32, int64
+
+MAX_THREADS = 1024
+THREADS = 256               # per sequence on the GPU: 192 logits per thread for SmolLM2
+N_PARAMS = 5                 # per sequence: temperature, top_k, top_p, min_p, u
+
+
+@cuda.jit(device=True, inline=True)
+def _key(bits):
+    """Order-preserving integer key of a float32 given by its bits (int32)."""
+    b = int64(bits)
+    return b if b >= 0 else b ^ int64(0x7FFFFFFF)
+
+
+@cuda.jit(device=True)
+def _block_sum(red, v):
+    """Sum of v over the thread block; every thread gets it. Every thread adds up the block's
+    values from shared memory (a broadcast read, as quick as a tree for a few hundred threads)."""
+    tid, n = cuda.threadIdx.x, cuda.blockDim.x
+    red[tid] = v
+    cuda.syncthreads()
+    total = float32(0.0)
+    for i in range(n):
+        total += red[i]
+    cuda.syncthreads()
+    return total
+
+
+@cuda.jit(device=True, inline=True)
+def _weight(x, top, temp, key, tau, min_p):
+    """exp((x - top) / T) for a kept token, 0 for a dropped one."""
+    if key < tau:
+        return float32(0.0)
+    e = float32(math.exp(float32(x / temp) - float32(top / temp)))
+    return e if e >= min_p else float32(0.0)
+
+
+@cuda.jit
+def sample_kernel(logits, bits, params, out):
+    red = cuda.shared.array(MAX_THREADS, float32)
+    idx = cuda.shared.array(MAX_THREADS, int32)
+    b, tid, n = cuda.blockIdx.x, cuda.threadIdx.x, cuda.blockDim.x
+    V = logits.shape[1]
+    temp, top_k, top_p, min_p, u = (params[b, 0], int32(params[b, 1]), params[b, 2], params[b, 3],
+                                    params[b, 4])
+    # --- arg-max: each thread its strided share, then a tree (larger value, else smaller index)
+    best, bi = float32(-math.inf), int32(V)
+    for k in range(tid, V, n):
+        if logits[b, k] > best:
+            best, bi = logits[b, k], int32(k)
+    red[tid], idx[tid] = best, bi
+    cuda.syncthreads()
+    s = n // 2
+    while s > 0:
+        if tid < s:
+            if red[tid + s] > red[tid] or (red[tid + s] == red[tid] and idx[tid + s] < idx[tid]):
+                red[tid], idx[tid] = red[tid + s], idx[tid + s]
+        cuda.syncthreads()
+        s //= 2
+    top, arg = red[0], idx[0]
+    cuda.syncthreads()
+    if tid == 0:
+        out[b] = arg                                  # greedy; also the fallback of the draw
+    if temp <= float32(0.0):
+        return                                        # the whole block leaves together
+    top_key = _key(bits[b, arg])
+    # --- top-k: the largest tau with count(key >= tau) >= k
+    tau = int64(-2147483648)
+    if 0 < top_k < V:
+        hi = top_key + 1                              # count(key >= hi) = 0 < k
+        while hi - tau > 1:
+            mid = (tau + hi) // 2
+            c = float32(0.0)
+            for k in range(tid, V, n):
+                if _key(bits[b, k]) >= mid:
+                    c += float32(1.0)
+            if _block_sum(red, c) >= float32(top_k):
+                tau = mid
+            else:
+                hi = mid
+    # --- top-p: the smallest tau whose mass strictly above it is < top_p * total
+    if top_p < float32(1.0):
+        z = float32(0.0)
+        for k in range(tid, V, n):
+            z += _weight(logits[b, k], top, temp, _key(bits[b, k]), tau, float32(0.0))
+        goal = top_p * _block_sum(red, z)
+        lo, hi = tau - 1, top_key                     # mass above lo >= goal; above hi = 0 < goal
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            above = float32(0.0)
+            for k in range(tid, V, n):
+                kk = _key(bits[b, k])
+                if kk > mid:
+                    above += _weight(logits[b, k], top, temp, kk, tau, float32(0.0))
+            if _block_sum(red, above) < goal:
+                hi = mid
+            else:
+                lo = mid
+        tau = hi
+    # --- the draw: thread tid owns tokens [tid*C, tid*C + C); a prefix sum over the threads says
+    # whose stretch holds u * total, and that thread walks it
+    C = (V + n - 1) // n
+    k0, k1 = tid * C, min(V, tid * C + C)
+    part = float32(0.0)
+    for k in range(k0, k1):
+        part += _weight(logits[b, k], top, temp, _key(bits[b, k]), tau, min_p)
+    red[tid] = part
+    cuda.syncthreads()
+    off = 1
+    while off < n:                                    # inclusive scan (Hillis-Steele)
+        v = red[tid - off] if tid >= off else float32(0.0)
+        cuda.syncthreads()
+        red[tid] += v
+        cuda.syncthreads()
+        off *= 2
+    incl, total = red[tid], red[n - 1]
+    target = u * total
+    if incl - part <= target < incl:
+        run, last = incl - part, int32(-1)
+        for k in range(k0, k1):
+            wk = _weight(logits[b, k], top, temp, _key(bits[b, k]), tau, min_p)
+            if wk > float32(0.0):
+                last = int32(k)
+                run += wk
+                if run > target:
+                    break
+        if last >= 0:
+            out[b] = last
+
+
+def params_array(params, rngs) -> np.ndarray:
+    """Per sequence [temperature, top_k, top_p, min_p, u] float32 [B, 5]; u is drawn from the
+    sequence's generator (as `sampling.sample` would draw it) unless the sequence is greedy."""
+    a = np.zeros((len(params), N_PARAMS), dtype=np.float32)
+    for i, (p, rng) in enumerate(zip(params, rngs)):
+        if p.greedy:
+            continue
+        a[i] = (p.temperature, p.top_k, p.top_p, p.min_p, rng.random())
+    return a
+
+
+def sample_cuda(logits, params, out, threads=THREADS, stream=0):
+    """Device arrays: logits float32 [B, V], params float32 [B, 5] -> out int32 [B]."""
+    sample_kernel[logits.shape[0], threads, stream](logits, logits.view(np.int32), params, out)

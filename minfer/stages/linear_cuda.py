@@ -1,0 +1,307 @@
+"""Stage — linear layers on the GPU (numba.cuda): y = x W^T for dense, Q8_0, Q4_0 and Q4_1 weights.
+
+(This page is the third section of linear.py / quant.py — the NumPy reference and the @njit paths
+live there — kept in its own file for now.)
+
+A decode step of SmolLM2-135M is ~150 small matmuls. On a GPU each one takes a few microseconds,
+but launching a kernel from Python costs ~40 us, so the launches, not the arithmetic, set the speed.
+The cure is fusion: one kernel does a matmul *and* what comes right before and after it.
+
+    linear_kernel   out (+)= W · rmsnorm?(x[rows])    the LM head (norm folded in, last rows only),
+                                                      W_o and W_down (the residual add folded in)
+    qkv_kernel      [q|k|v] = W_qkv · rmsnorm(x), RoPE on q and k, k and v written to the cache
+    swiglu_kernel   h = silu(W_gate · rmsnorm(x)) * (W_up · rmsnorm(x))
+
+RMSNorm folds into a matmul because its scale is one number per token:
+    W · (g * x / rms(x)) = (W · (g * x)) / rms(x),
+and the sum of squares behind rms(x) is accumulated in the same pass over x as the dot products.
+
+All three kernels share one inner loop, `_pair_dots`: a group of `lanes` threads (one warp on a
+GPU) computes two output rows for up to TB tokens. The lanes split the row into units of 8
+weights; each unit is dequantized once into registers and multiplied with the x values of every
+token of the tile. Each lane ends with partial sums; a tree in shared memory adds them up.
+Why two rows? RoPE rotates pairs of rows (2i, 2i+1) and SwiGLU multiplies row i of the gate with
+row i of up: computing both members of a pair in the same place lets the epilogue finish the job.
+
+Weights stay in their file's blocks on the device (DeviceMatrix). The quants are uploaded as
+32-bit words (the same bytes, read four at a time); the scales d (and m) as float32 [O, K/32]:
+    Q8_0  qs uint32 [O, K/4]   unit u (8 weights) = words 2u, 2u+1, one signed byte per weight
+    Q4_*  qs uint32 [O, K/8]   unit u = word u: bytes i = 4u..4u+3 of the row; in block b = u // 4,
+                               the low nibbles are columns 32b + i%16, the high ones 16 further on
+    F32   w float32 [O, K]     unit u = columns 8u..8u+7
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import cuda, float32, int32, uint32
+
+from .mlp import silu_cuda
+from .quant import QK, QuantMatrix
+from .rope import rope_rotate_cuda
+
+F32, Q8_0, Q4 = 0, 1, 2      # weight formats as the kernels know them (Q4 covers Q4_0 and Q4_1)
+TB = 8                       # tokens per tile: each weight is loaded once for up to TB tokens
+MAX_LANES = 32               # threads that split one row (blockDim.x, a power of two <= 32)
+MAX_GROUPS = 4               # row pairs per block (blockDim.y)
+RED_W = MAX_LANES + 1        # shared partial sums per (group, value, token): the lanes, then the total
+LANES, GROUPS = 32, 4        # what the GPU launches use; the simulator tests use fewer
+
+
+class DeviceMatrix:
+    """A [O, K] weight on the device, in its own format. `w`, `qs`, `d`, `m` are always device
+    arrays (the unused ones are 1x1 dummies), so every format goes through the same kernel."""
+
+    def __init__(self, fmt: int, shape, w, qs, d, m):
+        self.fmt, self.shape, self.w, self.qs, self.d, self.m = fmt, tuple(shape), w, qs, d, m
+
+    @classmethod
+    def upload(cls, w, stream=0) -> "DeviceMatrix":
+        """w: a float32 ndarray [O, K] or a QuantMatrix (or a list of them: their rows stacked)."""
+        ws = w if isinstance(w, (list, tuple)) else [w]
+        fmts = {x.fmt if isinstance(x, QuantMatrix) else "F32" for x in ws}
+        if len(fmts) > 1:        # e.g. Q and V in different block formats: stack them as float32
+            ws = [x.dequantize() if isinstance(x, QuantMatrix) else x for x in ws]
+            fmts = {"F32"}
+        fmt = fmts.pop()
+        O, K = sum(x.shape[0] for x in ws), ws[0].shape[1]
+        one_f, one_u = np.zeros((1, 1), np.float32), np.zeros((1, 1), np.uint32)
+        dev = lambda a: cuda.to_device(np.ascontiguousarray(a), stream=stream)  # noqa: E731
+        if fmt == "F32":
+            w32 = np.concatenate([np.asarray(x, dtype=np.float32) for x in ws])
+            return cls(F32, (O, K), dev(w32), dev(one_u), dev(one_f), dev(one_f))
+        qs = np.concatenate([x.qs for x in ws]).view(np.uint32)           # the file's bytes as words
+        d = np.concatenate([x.d for x in ws])
+        if fmt == "Q8_0":
+            return cls(Q8_0, (O, K), dev(one_f), dev(qs), dev(d), dev(one_f))
+        m = np.concatenate([np.broadcast_to(x.m, x.d.shape) for x in ws]).astype(np.float32)
+        return cls(Q4, (O, K), dev(one_f), dev(qs), dev(d), dev(m))
+
+    @property
+    def arrays(self):
+        return self.fmt, self.w, self.qs, self.d, self.m
+
+
+# ---------------------------------------------------------------------------------------------
+# The shared inner loop
+# ---------------------------------------------------------------------------------------------
+@cuda.jit(device=True, inline=True)
+def _unpack8(fmt, w, qs, d, m, r, u, w8):
+    """Dequantize the 8 weights of unit u of row r into w8 (registers); return the column of
+    w8[0]. Columns: w8[j] sits at k0 + j, except in Q4 where w8[4..7] sit 12 further (k0+16..19)."""
+    if fmt == F32:
+        k0 = u * 8
+        for j in range(8):
+            w8[j] = w[r, k0 + j]
+        return k0
+    blk = u >> 2                                    # 4 units per 32-weight block
+    scale = d[r, blk]
+    if fmt == Q8_0:
+        for h in range(2):
+            word = qs[r, 2 * u + h]
+            for j in range(4):
+                b = int32((word >> uint32(8 * j)) & uint32(255))
+                if b > 127:                          # the byte is a signed int8
+                    b -= 256
+                w8[4 * h + j] = scale * float32(b)
+        return u * 8
+    word = qs[r, u]                                 # Q4: w = d * q + m
+    mn = m[r, blk]
+    for j in range(4):
+        byte = (word >> uint32(8 * j)) & uint32(255)
+        w8[j] = scale * float32(int32(byte & uint32(15))) + mn
+        w8[4 + j] = scale * float32(int32(byte >> uint32(4))) + mn
+    return 32 * blk + 4 * (u & 3)
+
+
+@cuda.jit(device=True)
+def _pair_dots(x, xr, nt, g, has_norm, fmt, w, qs, d, m, r0, r1, red):
+    """Thread group threadIdx.y computes, for the nt tokens whose x rows are xr[0..nt), the dot
+    products of rows r0 and r1 of W (a row >= O is skipped) with g * x (g only if has_norm), and the
+    sum of squares of x. Each lane takes units lane, lane + lanes, ...; its partial sums go to
+    red[ty, v, tt, lane], and after one barrier lane tt adds up token tt's: on return (for the
+    lane that will write token tt) red[ty, 0|1|2, tt, RED_W - 1] holds row r0 | row r1 | sum(x^2).
+    A tree would take log2(lanes) barriers; adding 32 numbers from shared memory is as quick.
+    Every thread of the block must call it (it synchronises)."""
+    lane, ty, lanes = cuda.threadIdx.x, cuda.threadIdx.y, cuda.blockDim.x
+    O, K = qs.shape[0] if fmt != F32 else w.shape[0], x.shape[1]
+    acc0 = cuda.local.array(TB, float32)
+    acc1 = cuda.local.array(TB, float32)
+    ss = cuda.local.array(TB, float32)
+    w8a = cuda.local.array(8, float32)
+    w8b = cuda.local.array(8, float32)
+    for tt in range(TB):
+        acc0[tt] = float32(0.0)
+        acc1[tt] = float32(0.0)
+        ss[tt] = float32(0.0)
+    hop = 12 if fmt == Q4 else 0                     # Q4: the high nibbles are 16 columns on
+    for u in range(lane, K // 8, lanes):
+        k0 = 0
+        for j in range(8):
+            w8a[j] = float32(0.0)
+            w8b[j] = float32(0.0)
+        if r0 < O:
+            k0 = _unpack8(fmt, w, qs, d, m, r0, u, w8a)
+        if r1 < O:
+            k0 = _unpack8(fmt, w, qs, d, m, r1, u, w8b)
+        for j in range(8):
+            if has_norm:
+                gk = g[k0 + j + hop * (j >> 2)]
+                w8a[j] *= gk
+                w8b[j] *= gk
+        for tt in range(TB):
+            if tt < nt:
+                t = xr[tt]
+                for j in range(8):
+                    xv = x[t, k0 + j + hop * (j >> 2)]
+                    acc0[tt] += w8a[j] * xv
+                    acc1[tt] += w8b[j] * xv
+                    ss[tt] += xv * xv
+    for tt in range(TB):
+        if tt < nt:
+            red[ty, 0, tt, lane] = acc0[tt]
+            red[ty, 1, tt, lane] = acc1[tt]
+            red[ty, 2, tt, lane] = ss[tt]
+    cuda.syncthreads()
+    for tt in range(lane, nt, lanes):               # lane tt adds up token tt's partial sums
+        a0, a1, a2 = float32(0.0), float32(0.0), float32(0.0)
+        for i in range(lanes):
+            a0 += red[ty, 0, tt, i]
+            a1 += red[ty, 1, tt, i]
+            a2 += red[ty, 2, tt, i]
+        red[ty, 0, tt, RED_W - 1] = a0
+        red[ty, 1, tt, RED_W - 1] = a1
+        red[ty, 2, tt, RED_W - 1] = a2
+
+
+@cuda.jit(device=True, inline=True)
+def _norm_scale(red, ty, tt, K, has_norm, eps):
+    """1 / rms(x) of token tt (1 when the kernel has no norm)."""
+    if not has_norm:
+        return float32(1.0)
+    return float32(1.0) / float32(math.sqrt(red[ty, 2, tt, RED_W - 1] / float32(K) + eps))
+
+
+def _grid(n_pairs: int, T: int, lanes: int, groups: int):
+    return (-(-n_pairs // groups), -(-T // TB)), (lanes, groups)
+
+
+# ---------------------------------------------------------------------------------------------
+# linear_kernel: out[t] (+)= W · norm?(x[rows[t]]).  Plain matmul, LM head, W_o / W_down + residual.
+#   grid  (ceil(ceil(O/2) / groups), ceil(T/TB))   block (lanes, groups)
+#   thread group y of block (bx, by) computes rows 2p, 2p+1 (p = bx*groups + y) for tokens
+#   by*TB .. by*TB+TB-1; after the reduction, lane j writes the outputs of tokens j, j+lanes, ...
+# ---------------------------------------------------------------------------------------------
+@cuda.jit
+def linear_kernel(x, rows, g, eps, has_norm, fmt, w, qs, d, m, out, accumulate):
+    red = cuda.shared.array((MAX_GROUPS, 3, TB, RED_W), float32)
+    xr = cuda.local.array(TB, int32)
+    T, O = out.shape
+    ty, lane = cuda.threadIdx.y, cuda.threadIdx.x
+    r0 = 2 * (cuda.blockIdx.x * cuda.blockDim.y + ty)
+    t0 = cuda.blockIdx.y * TB
+    nt = min(TB, T - t0)
+    for tt in range(nt):
+        xr[tt] = rows[t0 + tt]
+    _pair_dots(x, xr, nt, g, has_norm, fmt, w, qs, d, m, r0, r0 + 1, red)
+    for tt in range(lane, nt, cuda.blockDim.x):     # lane tt writes token tt's two outputs
+        scale = _norm_scale(red, ty, tt, x.shape[1], has_norm, eps)
+        for h in range(2):
+            if r0 + h < O:
+                v = red[ty, h, tt, RED_W - 1] * scale
+                if accumulate:
+                    v += out[t0 + tt, r0 + h]
+                out[t0 + tt, r0 + h] = v
+
+
+def linear_cuda(x, W: DeviceMatrix, out, rows, norm=None, eps=0.0, accumulate=False,
+                lanes=LANES, groups=GROUPS, stream=0):
+    """out [T, O] (+)= W · rmsnorm(x[rows[t]], norm, eps), all device arrays: x [*, K], rows int32
+    [>= T] (an arange for a plain matmul), norm float32 [K] or None (no norm)."""
+    T, O = out.shape
+    grid, block = _grid(-(-O // 2), T, lanes, groups)
+    g = norm if norm is not None else W.d            # any float32 array: unused without a norm
+    linear_kernel[grid, block, stream](x, rows, g, float32(eps), norm is not None, *W.arrays, out,
+                                       accumulate)
+
+
+# ---------------------------------------------------------------------------------------------
+# swiglu_kernel: h[t, i] = silu(gate_i · n(x_t)) * (up_i · n(x_t)), n = RMSNorm; W = [W_gate; W_up]
+#   grid  (ceil(F / groups), ceil(T/TB))   block (lanes, groups)
+#   thread group y computes the pair (gate row i, up row F + i), i = bx*groups + y.
+# ---------------------------------------------------------------------------------------------
+@cuda.jit
+def swiglu_kernel(x, g, eps, fmt, w, qs, d, m, h):
+    red = cuda.shared.array((MAX_GROUPS, 3, TB, RED_W), float32)
+    xr = cuda.local.array(TB, int32)
+    T, F = h.shape
+    ty, lane = cuda.threadIdx.y, cuda.threadIdx.x
+    i = cuda.blockIdx.x * cuda.blockDim.y + ty
+    t0 = cuda.blockIdx.y * TB
+    nt = min(TB, T - t0)
+    for tt in range(nt):
+        xr[tt] = t0 + tt
+    r0, r1 = (i, F + i) if i < F else (2 * F, 2 * F)   # an out-of-range group computes nothing
+    _pair_dots(x, xr, nt, g, True, fmt, w, qs, d, m, r0, r1, red)
+    for tt in range(lane, nt if i < F else 0, cuda.blockDim.x):
+        scale = _norm_scale(red, ty, tt, x.shape[1], True, eps)
+        gate, up = red[ty, 0, tt, RED_W - 1] * scale, red[ty, 1, tt, RED_W - 1] * scale
+        h[t0 + tt, i] = silu_cuda(gate) * up
+
+
+def swiglu_cuda(x, norm, eps, W_gate_up: DeviceMatrix, h, lanes=LANES, groups=GROUPS, stream=0):
+    """h [T, F] = silu(W_gate n(x)) * (W_up n(x)); W_gate_up: the two stacked [2F, D]."""
+    T, F = h.shape
+    grid, block = _grid(F, T, lanes, groups)
+    swiglu_kernel[grid, block, stream](x, norm, float32(eps), *W_gate_up.arrays, h)
+
+
+# ---------------------------------------------------------------------------------------------
+# qkv_kernel: [q | k | v] = W_qkv · n(x_t); RoPE on q and k; k, v stored in the cache at slot[t].
+#   grid  (ceil((qd + 2 kvd)/2 / groups), ceil(T/TB))   block (lanes, groups)
+#   thread group y computes output rows 2p, 2p+1: a RoPE pair (heads never split a pair).
+#   Rows [0, qd) are q, [qd, qd+kvd) k, the rest v. cos/sin: tables [max_pos, hd/2].
+# ---------------------------------------------------------------------------------------------
+@cuda.jit
+def qkv_kernel(x, g, eps, fmt, w, qs, d, m, positions, slots, cos_t, sin_t, q, k_cache, v_cache,
+               layer):
+    red = cuda.shared.array((MAX_GROUPS, 3, TB, RED_W), float32)
+    xr = cuda.local.array(TB, int32)
+    T, qd = q.shape
+    bs, n_kv, hd = k_cache.shape[2], k_cache.shape[3], k_cache.shape[4]
+    kvd = n_kv * hd
+    ty, lane = cuda.threadIdx.y, cuda.threadIdx.x
+    r0 = 2 * (cuda.blockIdx.x * cuda.blockDim.y + ty)
+    t0 = cuda.blockIdx.y * TB
+    nt = min(TB, T - t0)
+    for tt in range(nt):
+        xr[tt] = t0 + tt
+    _pair_dots(x, xr, nt, g, True, fmt, w, qs, d, m, r0, r0 + 1, red)
+    for tt in range(lane, nt if r0 < qd + 2 * kvd else 0, cuda.blockDim.x):
+        t = t0 + tt
+        scale = _norm_scale(red, ty, tt, x.shape[1], True, eps)
+        a, b = red[ty, 0, tt, RED_W - 1] * scale, red[ty, 1, tt, RED_W - 1] * scale
+        if r0 < qd + kvd:                            # q or k: rotate the pair by its angle
+            pair = (r0 % hd) // 2
+            a, b = rope_rotate_cuda(a, b, cos_t[positions[t], pair], sin_t[positions[t], pair])
+        if r0 < qd:
+            q[t, r0] = a
+            q[t, r0 + 1] = b
+        else:
+            blk, row = slots[t] // bs, slots[t] % bs
+            rr = (r0 - qd) % kvd                     # row within k (or within v)
+            head, i = rr // hd, rr % hd
+            cache = k_cache if r0 < qd + kvd else v_cache
+            cache[layer, blk, row, head, i] = a
+            cache[layer, blk, row, head, i + 1] = b
+
+
+def qkv_cuda(x, norm, eps, W_qkv: DeviceMatrix, positions, slots, cos_t, sin_t, q, k_cache, v_cache,
+             layer, lanes=LANES, groups=GROUPS, stream=0):
+    """q [T, Hq*hd] (roped) and, in the cache [L, n_blocks, bs, Hkv, hd], layer `layer`'s k
+    (roped) and v at each token's slot; W_qkv: wq, wk, wv stacked [Hq*hd + 2*Hkv*hd, D]."""
+    T = q.shape[0]
+    grid, block = _grid(W_qkv.shape[0] // 2, T, lanes, groups)
+    qkv_kernel[grid, block, stream](x, norm, float32(eps), *W_qkv.arrays, positions, slots, cos_t,
+                                    sin_t, q, k_cache, v_cache, layer)

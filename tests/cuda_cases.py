@@ -1,0 +1,293 @@
+"""Every numba.cuda kernel against its NumPy reference (collected through test_cuda_kernels.py,
+which runs them on the GPU when there is one, else under NUMBA_ENABLE_CUDASIM=1).
+
+The simulator runs each GPU thread as a Python thread: shapes and blocks are tiny (blocks of
+8-16 threads, a few blocks), but odd sizes, several token tiles, GQA and block boundaries are all
+in. Launch shapes come from cuda_backend.Launch.for_here() (small under the simulator)."""
+import numpy as np
+import pytest
+from numba import cuda
+
+from minfer.backends import numba_ops, numpy_ops
+from minfer.batch import make_batch
+from minfer.config import ModelConfig
+from minfer.cuda_backend import CudaModel, Launch
+from minfer.engine.generate import Engine
+from minfer.model import LayerWeights, Transformer, Weights
+from minfer.sampling import SamplingParams, sample
+from minfer.sampling_cuda import params_array, sample_cuda
+from minfer.stages import attention, embedding, kvcache, linear, mlp, rmsnorm, rope
+from minfer.stages.kvcache import BlockManager, DeviceKVCache, KVCache
+from minfer.stages.linear_cuda import DeviceMatrix, linear_cuda, qkv_cuda, swiglu_cuda
+from minfer.stages.quant import QuantMatrix
+
+rng = np.random.default_rng(3)
+L = Launch.for_here()
+MM = dict(lanes=L.lanes, groups=L.groups)
+FORMATS = ["F32", "Q8_0", "Q4_0", "Q4_1"]
+
+
+def randn(*shape):
+    return rng.standard_normal(shape).astype(np.float32)
+
+
+def weight(O, K, fmt):
+    w = randn(O, K) / np.float32(np.sqrt(K))
+    return w if fmt == "F32" else QuantMatrix.from_float(w, fmt)
+
+
+def dev(a):
+    return cuda.to_device(np.ascontiguousarray(a))
+
+
+def ids(n):
+    return dev(np.arange(n, dtype=np.int32))
+
+
+# --- linear layers ---------------------------------------------------------------------------
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("T,K,O", [(1, 64, 7), (9, 32, 6)])
+def test_linear(fmt, T, K, O):
+    x, w = randn(T, K), weight(O, K, fmt)
+    out = cuda.device_array((T, O), np.float32)
+    linear_cuda(dev(x), DeviceMatrix.upload(w), out, ids(T), **MM)
+    np.testing.assert_allclose(out.copy_to_host(), linear.linear(x, w), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("fmt", ["F32", "Q4_1"])
+def test_linear_norm_rows_residual(fmt):
+    """The LM-head form (norm folded in, only some rows) and the residual form (out +=)."""
+    x, g, w = randn(5, 64), randn(64), weight(9, 64, fmt)
+    rows = np.array([4, 1, 2], np.int32)
+    out = cuda.device_array((3, 9), np.float32)
+    linear_cuda(dev(x), DeviceMatrix.upload(w), out, dev(rows), norm=dev(g), eps=1e-5, **MM)
+    want = linear.linear(rmsnorm.rmsnorm(x[rows], g, 1e-5), w)
+    np.testing.assert_allclose(out.copy_to_host(), want, rtol=1e-4, atol=1e-4)
+    res = randn(5, 9)
+    d_res = dev(res)
+    linear_cuda(dev(x), DeviceMatrix.upload(w), d_res, ids(5), accumulate=True, **MM)
+    np.testing.assert_allclose(d_res.copy_to_host(), res + linear.linear(x, w), rtol=1e-4, atol=1e-4)
+
+
+def test_stacked_mixed_formats_become_f32():
+    a, b = weight(4, 32, "Q8_0"), weight(2, 32, "Q4_1")
+    W = DeviceMatrix.upload([a, b])
+    assert W.shape == (6, 32) and W.fmt == 0
+    x, out = randn(2, 32), cuda.device_array((2, 6), np.float32)
+    linear_cuda(dev(x), W, out, ids(2), **MM)
+    want = np.concatenate([linear.linear(x, a), linear.linear(x, b)], axis=1)
+    np.testing.assert_allclose(out.copy_to_host(), want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("fmt", ["F32", "Q4_0"])
+def test_swiglu_fused(fmt):
+    T, D, F = 3, 32, 5
+    x, g = randn(T, D), randn(D)
+    wg, wu = weight(F, D, fmt), weight(F, D, fmt)
+    h = cuda.device_array((T, F), np.float32)
+    swiglu_cuda(dev(x), dev(g), 1e-5, DeviceMatrix.upload([wg, wu]), h, **MM)
+    n = rmsnorm.rmsnorm(x, g, 1e-5)
+    want = mlp.silu(linear.linear(n, wg)) * linear.linear(n, wu)
+    np.testing.assert_allclose(h.copy_to_host(), want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("fmt", ["F32", "Q8_0"])
+def test_qkv_rope_kv_fused(fmt):
+    """rmsnorm -> W_q, W_k, W_v -> RoPE on q, k -> k, v into the cache (layer 1 of 2)."""
+    T, D, Hq, Hkv, hd, bs = 3, 32, 4, 2, 8, 2
+    x, g = randn(T, D), randn(D)
+    wq, wk, wv = weight(Hq * hd, D, fmt), weight(Hkv * hd, D, fmt), weight(Hkv * hd, D, fmt)
+    positions = np.array([0, 5, 2], np.int32)
+    slots = np.array([3, 0, 6], np.int32)
+    cos, sin = rope.rope_angles(np.arange(8), hd, 1e4)
+    cache = np.zeros((2, 4, bs, Hkv, hd), np.float32)
+    dk, dv = dev(cache), dev(cache)
+    q = cuda.device_array((T, Hq * hd), np.float32)
+    qkv_cuda(dev(x), dev(g), 1e-5, DeviceMatrix.upload([wq, wk, wv]), dev(positions), dev(slots),
+             dev(cos), dev(sin), q, dk, dv, 1, **MM)
+    n = rmsnorm.rmsnorm(x, g, 1e-5)
+    c, s = cos[positions], sin[positions]
+    want_q = rope.rope(linear.linear(n, wq).reshape(T, Hq, hd), c, s)
+    k = rope.rope(linear.linear(n, wk).reshape(T, Hkv, hd), c, s)
+    v = linear.linear(n, wv).reshape(T, Hkv, hd)
+    want_k, want_v = cache.copy(), cache.copy()
+    kvcache.kv_write(want_k[1], want_v[1], k, v, slots)
+    np.testing.assert_allclose(q.copy_to_host(), want_q.reshape(T, -1), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(dk.copy_to_host(), want_k, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(dv.copy_to_host(), want_v, rtol=1e-4, atol=1e-4)
+
+
+# --- the small stages ------------------------------------------------------------------------
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_embedding(fmt):
+    table = randn(20, 64) if fmt == "F32" else QuantMatrix.from_float(randn(20, 64), fmt)
+    tok = np.array([3, 19, 0, 3], np.int32)
+    out = cuda.device_array((4, 64), np.float32)
+    embedding.embedding_cuda(dev(tok), DeviceMatrix.upload(table), out, threads=L.rows)
+    np.testing.assert_allclose(out.copy_to_host(), embedding.embedding(tok, table), rtol=1e-6, atol=1e-6)
+
+
+def test_rmsnorm():
+    x, w = randn(3, 33), randn(33)
+    out = cuda.device_array((3, 33), np.float32)
+    rmsnorm.rmsnorm_cuda(dev(x), dev(w), 1e-5, out, threads=8)
+    np.testing.assert_allclose(out.copy_to_host(), rmsnorm.rmsnorm(x, w, 1e-5), rtol=1e-5, atol=1e-5)
+
+
+def test_rope():
+    x, pos = randn(3, 3, 8), np.array([0, 7, 30], np.int32)
+    cos, sin = rope.rope_angles(np.arange(32), 8, 1e5)
+    d = dev(x)
+    rope.rope_cuda(d, dev(pos), dev(cos), dev(sin), threads=8)
+    np.testing.assert_allclose(d.copy_to_host(), rope.rope(x, cos[pos], sin[pos]), rtol=1e-5, atol=1e-6)
+
+
+def test_kv_write():
+    kc, vc = np.zeros((3, 2, 2, 4), np.float32), np.zeros((3, 2, 2, 4), np.float32)
+    k, v, slots = randn(3, 2, 4), randn(3, 2, 4), np.array([5, 0, 2], np.int32)
+    dk, dv = dev(kc), dev(vc)
+    kvcache.kv_write_cuda(dk, dv, dev(k), dev(v), dev(slots), threads=4)
+    kvcache.kv_write(kc, vc, k, v, slots)
+    np.testing.assert_array_equal(dk.copy_to_host(), kc)
+    np.testing.assert_array_equal(dv.copy_to_host(), vc)
+
+
+def test_device_cache_grows_and_keeps_blocks():
+    c = DeviceKVCache(2, 1, 4, block_size=2, n_blocks=2)
+    k = randn(2, 2, 2, 1, 4)
+    c.k.copy_to_device(k)
+    bm = BlockManager(c)
+    bm.ensure(0, 4)
+    bm.ensure(1, 3)                               # needs 2 more blocks: the pool doubles
+    assert c.n_blocks == 4 and c.generation == 1
+    np.testing.assert_array_equal(c.k.copy_to_host()[:, :2], k)
+
+
+def test_silu_mul():
+    g, u = randn(2, 5) * 8, randn(2, 5)
+    out = cuda.device_array((2, 5), np.float32)
+    mlp.silu_mul_cuda(dev(g), dev(u), out, threads=4)
+    np.testing.assert_allclose(out.copy_to_host(), mlp.silu(g) * u, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("block_size,Hq,Hkv", [(5, 4, 2), (16, 2, 2)])
+def test_paged_attention(block_size, Hq, Hkv):
+    """A mixed batch: one sequence prefilling 7 tokens, one decoding at position 12 (two chunks
+    of keys), one verifying 3 tokens at positions 6..8."""
+    hd = 8
+    lens = [(7, 0), (1, 12), (3, 6)]
+    cache = KVCache(1, Hkv, hd, block_size=block_size, n_blocks=2)
+    bm = BlockManager(cache)
+    for s in (2, 0, 1):
+        bm.ensure(s, sum(lens[s]))
+    for s, (n, p) in enumerate(lens):
+        if p:
+            kvcache.kv_write(cache.k[0], cache.v[0], randn(p, Hkv, hd), randn(p, Hkv, hd), bm.slots(s, 0, p))
+    batch = make_batch([(list(range(n)), p, bm.tables[s]) for s, (n, p) in enumerate(lens)], block_size)
+    kvcache.kv_write(cache.k[0], cache.v[0], randn(11, Hkv, hd), randn(11, Hkv, hd), batch.slot_mapping)
+    q = randn(11, Hq, hd)
+    want = attention.paged_attention(q, cache.k[0], cache.v[0], batch)
+    row_seq = np.repeat(np.arange(3), np.diff(batch.seq_starts)).astype(np.int32)
+    out = cuda.device_array((11, Hq * hd), np.float32)
+    attention.paged_attention_cuda(dev(q.reshape(11, -1)), dev(cache.k), dev(cache.v), 0, dev(row_seq),
+                                   dev(batch.positions.astype(np.int32)), dev(batch.block_tables), out,
+                                   threads=L.attn)
+    np.testing.assert_allclose(out.copy_to_host(), want.reshape(11, -1), rtol=1e-4, atol=1e-5)
+
+
+# --- sampling --------------------------------------------------------------------------------
+def _device_samples(logits, params, seeds):
+    rngs = [np.random.default_rng(s) for s in seeds]
+    out = cuda.device_array(len(params), np.int32)
+    sample_cuda(dev(logits), dev(params_array(params, rngs)), out, threads=L.sample)
+    return out.copy_to_host().tolist()
+
+
+def test_sampling_greedy_first_max():
+    logits = randn(3, 40)
+    logits[1, [7, 30]] = 9.0                      # a tie: the first index wins, as np.argmax
+    got = _device_samples(logits, [SamplingParams(temperature=0)] * 3, [0, 0, 0])
+    assert got == np.argmax(logits, axis=1).tolist()
+
+
+def test_sampling_matches_reference(seed=7):
+    """Same seed, same token as sampling.sample (which draws u with rng.random() in rng.choice):
+    one sequence per block, each with other filters."""
+    kws = [dict(temperature=0.8), dict(temperature=1.0, top_k=5), dict(temperature=0.7, top_p=0.6),
+           dict(temperature=1.3, min_p=0.2), dict(temperature=1.0, top_k=8, top_p=0.9)]
+    params = [SamplingParams(**kw) for kw in kws]
+    logits = randn(len(kws), 37) * 2
+    seeds = [seed * 100 + b for b in range(len(kws))]
+    want = [sample(logits[b], p, np.random.default_rng(s)) for b, (p, s) in enumerate(zip(params, seeds))]
+    assert _device_samples(logits, params, seeds) == want
+
+
+def test_sampling_top_k_keeps_only_top():
+    logits = randn(1, 30)
+    p = SamplingParams(temperature=5.0, top_k=3)
+    got = _device_samples(np.repeat(logits, 2, axis=0), [p] * 2, [10, 11])
+    assert set(got) <= set(np.argsort(-logits[0])[:3].tolist())
+
+
+# --- the whole model -------------------------------------------------------------------------
+def tiny_model(layer_fmt, embd_fmt, head_fmt=None, seed=0):
+    """A model small enough for the simulator: 1 layer, d 32, 2 query heads sharing 1 kv head.
+    head_fmt None: the LM head is the embedding table (tied)."""
+    c = ModelConfig(vocab_size=40, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=16,
+                    ffn_dim=32, rms_eps=1e-5, rope_theta=1e4, max_seq_len=64)
+    r = np.random.default_rng(seed)
+
+    def mat(O, K, fmt):
+        w = (r.standard_normal((O, K)) / np.sqrt(K)).astype(np.float32)
+        return w if fmt == "F32" else QuantMatrix.from_float(w, fmt)
+
+    def gain(n):
+        return (1 + 0.1 * r.standard_normal(n)).astype(np.float32)
+
+    D, qd, kvd, F = c.dim, c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim, c.ffn_dim
+    layers = [LayerWeights(gain(D), mat(qd, D, layer_fmt), mat(kvd, D, layer_fmt), mat(kvd, D, layer_fmt),
+                           mat(D, qd, layer_fmt), gain(D), mat(F, D, layer_fmt), mat(F, D, layer_fmt),
+                           mat(D, F, layer_fmt)) for _ in range(c.n_layers)]
+    emb = mat(c.vocab_size, D, embd_fmt)
+    c.tie_embeddings = head_fmt is None
+    return c, Weights(emb, layers, gain(D), emb if head_fmt is None else mat(c.vocab_size, D, head_fmt))
+
+
+def test_model_logits_match_reference():
+    """Q4_1 layers, a Q8_0 embedding, an untied F32 head: a prefill of 2 sequences (logits of
+    every row) then a decode step, through the Engine's block manager, as model.py computes them."""
+    c, W = tiny_model("Q4_1", "Q8_0", "F32")
+    ref, gpu = Transformer(c, W, numpy_ops()), CudaModel(c, W)
+    caches = [m.new_cache(n_blocks=8, block_size=4) for m in (ref, gpu)]
+    managers = [BlockManager(cache) for cache in caches]
+    prompts = [[5, 9, 33, 7, 12], [1, 2, 3]]
+    for bm in managers:
+        for s, p in enumerate(prompts):
+            bm.ensure(s, len(p) + 1)
+    steps = [make_batch([(p, 0, managers[0].tables[s]) for s, p in enumerate(prompts)], 4, all_logits=True),
+             make_batch([([11], len(p), managers[0].tables[s]) for s, p in enumerate(prompts)], 4)]
+    for batch in steps:
+        np.testing.assert_allclose(gpu.forward(batch, caches[1]), ref.forward(batch, caches[0]),
+                                   rtol=0, atol=2e-4)
+
+
+def test_model_greedy_on_device_matches_numba():
+    """Batched greedy generation with the ids sampled on the device (prefill, then a decode step)
+    equals the numba backend's Engine (Q4_0 layers, tied Q8_0 embedding)."""
+    c, W = tiny_model("Q4_0", "Q8_0", seed=1)
+    p = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
+    prompts = [[5, 6, 7], [30, 31, 32, 33, 34]]
+    eng = Engine(Transformer(c, W, numba_ops()), stop_ids=set(), block_size=4)
+    want = [[] for _ in prompts]
+    for i, tok in eng.run(prompts, [p, p]):
+        want[i].append(tok)
+    gpu = CudaModel(c, W)
+    cache = gpu.new_cache(n_blocks=8, block_size=4)
+    bm = BlockManager(cache)
+    for s, ids in enumerate(prompts):
+        bm.ensure(s, len(ids) + 1)
+    first = gpu.forward_sample(make_batch([(ids, 0, bm.tables[s]) for s, ids in enumerate(prompts)], 4),
+                               cache, [p, p], [None, None])
+    second = gpu.forward_sample(make_batch([([first[s]], len(ids), bm.tables[s])
+                                            for s, ids in enumerate(prompts)], 4), cache, [p, p], [None, None])
+    assert [[a, b] for a, b in zip(first, second)] == want

@@ -1,0 +1,341 @@
+"""The cuda backend's one prepared check on a real GPU: correctness and speed in a single run.
+
+    python3 tools/gpu_check.py                 # on a machine with an NVIDIA GPU, from the repo root
+    python3 tools/gpu_check.py --json FILE     # also write the figures as JSON
+    NUMBA_ENABLE_CUDASIM=1 python tools/gpu_check.py --tiny    # the script itself, on the simulator
+
+1. kernels    every cuda kernel against its NumPy reference at the real SmolLM2-135M shapes
+              (random weights; Q4_1 layers, Q8_0 embedding/LM head, F32 too; 300-token contexts)
+2. end-to-end random-weights model of the SmolLM2-135M shape: greedy tokens of the cuda backend
+              (CUDA-graph decode, eager decode, sampling on the device) == the numba backend's
+3. benchmark  prefill of one 128-token prompt; decode of 128 new tokens (first one excluded) at
+              batch 1 (graphs and eager) and batch 32; targets from issue 5 (H200 transformers x10/x5)
+
+Needs numba-cuda (the GPU image has it) and minfer's runtime dependencies, no model file.
+Expected run time on an H100: about 3 minutes (numba CPU JIT ~1 min, weights ~20 s, rest ~1 min).
+Ends with one summary block; exit status 0 only if every check passed.
+"""
+import numpy as np
+
+# numba-cuda 0.30 still calls np.row_stack, which numpy 2.5 removed: shim it before any compile
+if tuple(int(p) for p in np.__version__.split(".")[:2]) >= (2, 5) and not hasattr(np, "row_stack"):
+    np.row_stack = np.vstack
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+import traceback  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from numba import cuda  # noqa: E402
+
+from minfer.backends import numba_ops  # noqa: E402
+from minfer.batch import make_batch  # noqa: E402
+from minfer.config import ModelConfig  # noqa: E402
+from minfer.cuda_backend import CudaModel, Launch, check_available  # noqa: E402
+from minfer.engine.generate import Engine  # noqa: E402
+from minfer.model import LayerWeights, Transformer, Weights  # noqa: E402
+from minfer.sampling import SamplingParams, sample  # noqa: E402
+from minfer.sampling_cuda import params_array, sample_cuda  # noqa: E402
+from minfer.stages import attention, embedding, kvcache, linear, mlp, rmsnorm, rope  # noqa: E402
+from minfer.stages.kvcache import BlockManager, KVCache  # noqa: E402
+from minfer.stages.linear_cuda import DeviceMatrix, linear_cuda, qkv_cuda, swiglu_cuda  # noqa: E402
+from minfer.stages.quant import QuantMatrix  # noqa: E402
+
+SMOLLM2 = dict(vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3, head_dim=64,
+               ffn_dim=1536, rms_eps=1e-5, rope_theta=1e5, max_seq_len=8192)
+TINY = dict(vocab_size=64, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, ffn_dim=96,
+            rms_eps=1e-5, rope_theta=1e4, max_seq_len=128)
+TARGETS = {"prefill_tok_s": 4600, "decode_b1_tok_s": 450, "decode_b32_tok_s": 5700}
+results = {"checks": {}, "bench": {}}
+rng = np.random.default_rng(0)
+
+
+def dev(a):
+    return cuda.to_device(np.ascontiguousarray(a))
+
+
+def randn(*shape, scale=1.0):
+    return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+
+def mat(O, K, fmt):
+    w = randn(O, K, scale=0.8 / np.sqrt(K))
+    return w if fmt == "F32" else QuantMatrix.from_float(w, fmt)
+
+
+def check(name, got, want, tol=1e-3):
+    """Pass when max |got - want| <= tol * max |want| (+ a floor)."""
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    err = float(np.max(np.abs(got - want)) / max(np.max(np.abs(want)), 1e-6))
+    ok = bool(np.isfinite(err) and err <= tol)
+    results["checks"][name] = {"ok": ok, "rel_err": err}
+    print(f"  {'ok ' if ok else 'BAD'} {name:<44} rel err {err:.1e}", flush=True)
+
+
+def verdict(name, ok, detail=""):
+    results["checks"][name] = {"ok": bool(ok), "detail": detail}
+    print(f"  {'ok ' if ok else 'BAD'} {name:<44} {detail}", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+def kernels(c: dict, L: Launch):
+    D, Hq, Hkv, hd, F, V = (c[k] for k in ("dim", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "vocab_size"))
+    qd, kvd = Hq * hd, Hkv * hd
+    mm = dict(lanes=L.lanes, groups=L.groups)
+    for T in (1, 37):
+        x, g = randn(T, D), 1 + randn(D, scale=0.1)
+        arange = dev(np.arange(T, dtype=np.int32))
+        for fmt in ("Q4_1", "Q4_0", "F32"):
+            a, w, res = randn(T, qd), mat(D, qd, fmt), randn(T, D)
+            out = dev(res)
+            linear_cuda(dev(a), DeviceMatrix.upload(w), out, arange, accumulate=True, **mm)
+            check(f"W_o + residual {fmt} T={T}", out.copy_to_host(), res + linear.linear(a, w))
+        h = randn(T, F)
+        wd = mat(D, F, "Q8_0")
+        out = cuda.device_array((T, D), np.float32)
+        linear_cuda(dev(h), DeviceMatrix.upload(wd), out, arange, **mm)
+        check(f"W_down Q8_0 T={T}", out.copy_to_host(), linear.linear(h, wd))
+        wg, wu = mat(F, D, "Q4_1"), mat(F, D, "Q4_1")
+        hh = cuda.device_array((T, F), np.float32)
+        swiglu_cuda(dev(x), dev(g), 1e-5, DeviceMatrix.upload([wg, wu]), hh, **mm)
+        n = rmsnorm.rmsnorm(x, g, 1e-5)
+        check(f"norm+gate/up+SiLU Q4_1 T={T}", hh.copy_to_host(), mlp.silu(linear.linear(n, wg)) * linear.linear(n, wu))
+        # QKV + RoPE + cache write, positions up to 300
+        wq, wk, wv = mat(qd, D, "Q4_1"), mat(kvd, D, "Q4_1"), mat(kvd, D, "Q4_1")
+        pos = rng.integers(0, min(300, c["max_seq_len"]), T).astype(np.int32)
+        slots = rng.permutation(64)[:T].astype(np.int32) if T <= 64 else np.arange(T, dtype=np.int32)
+        cos, sin = rope.rope_angles(np.arange(c["max_seq_len"]), hd, c["rope_theta"])
+        cache = np.zeros((2, 4, 16, Hkv, hd), np.float32)
+        dk, dv, q = dev(cache), dev(cache), cuda.device_array((T, qd), np.float32)
+        qkv_cuda(dev(x), dev(g), 1e-5, DeviceMatrix.upload([wq, wk, wv]), dev(pos), dev(slots),
+                 dev(cos), dev(sin), q, dk, dv, 1, **mm)
+        k = rope.rope(linear.linear(n, wk).reshape(T, Hkv, hd), cos[pos], sin[pos])
+        want_k, want_v = cache.copy(), cache.copy()
+        kvcache.kv_write(want_k[1], want_v[1], k, linear.linear(n, wv).reshape(T, Hkv, hd), slots)
+        check(f"norm+QKV+RoPE (q) Q4_1 T={T}", q.copy_to_host(),
+              rope.rope(linear.linear(n, wq).reshape(T, Hq, hd), cos[pos], sin[pos]).reshape(T, -1))
+        check(f"norm+QKV+RoPE (k, v in cache) T={T}", np.concatenate([dk.copy_to_host(), dv.copy_to_host()]),
+              np.concatenate([want_k, want_v]))
+    # LM head: norm folded in, 3 rows of 5, Q8_0 [V, D]
+    x, g, head = randn(5, D), 1 + randn(D, scale=0.1), mat(V, D, "Q8_0")
+    rows = np.array([4, 0, 2], np.int32)
+    out = cuda.device_array((3, V), np.float32)
+    d_head = DeviceMatrix.upload(head)
+    linear_cuda(dev(x), d_head, out, dev(rows), norm=dev(g), eps=1e-5, **mm)
+    logits_ref = linear.linear(rmsnorm.rmsnorm(x[rows], g, 1e-5), head)
+    check("LM head Q8_0 (norm, rows)", out.copy_to_host(), logits_ref)
+    tok = rng.integers(0, V, 7).astype(np.int32)
+    e = cuda.device_array((7, D), np.float32)
+    embedding.embedding_cuda(dev(tok), d_head, e, threads=L.rows)
+    check("embedding Q8_0", e.copy_to_host(), embedding.embedding(tok, head), tol=1e-6)
+    # paged attention: 3 sequences (prefill 40, decode at 299, verify 4 at 150..153), GQA
+    lens = [(40, 0), (1, min(299, c["max_seq_len"] - 2)), (4, 150 if c["max_seq_len"] > 160 else 20)]
+    kc = KVCache(1, Hkv, hd, block_size=16, n_blocks=8)
+    bm = BlockManager(kc)
+    for s, (n_new, p) in enumerate(lens):
+        bm.ensure(s, n_new + p)
+        if p:
+            kvcache.kv_write(kc.k[0], kc.v[0], randn(p, Hkv, hd), randn(p, Hkv, hd), bm.slots(s, 0, p))
+    batch = make_batch([(list(range(n_new)), p, bm.tables[s]) for s, (n_new, p) in enumerate(lens)], 16)
+    Tn = len(batch.token_ids)
+    kvcache.kv_write(kc.k[0], kc.v[0], randn(Tn, Hkv, hd), randn(Tn, Hkv, hd), batch.slot_mapping)
+    qa = randn(Tn, Hq, hd)
+    out = cuda.device_array((Tn, qd), np.float32)
+    row_seq = np.repeat(np.arange(3), np.diff(batch.seq_starts)).astype(np.int32)
+    attention.paged_attention_cuda(dev(qa.reshape(Tn, -1)), dev(kc.k), dev(kc.v), 0, dev(row_seq),
+                                   dev(batch.positions.astype(np.int32)), dev(batch.block_tables), out,
+                                   threads=L.attn)
+    check("paged attention (GQA, 3 seqs, ~300 keys)", out.copy_to_host(),
+          attention.paged_attention(qa, kc.k[0], kc.v[0], batch).reshape(Tn, -1))
+    # sampling on the real vocabulary: the same token as sampling.sample for the same seed
+    kws = [dict(temperature=0), dict(temperature=0.8), dict(temperature=1.0, top_k=40),
+           dict(temperature=0.7, top_p=0.9), dict(temperature=1.0, min_p=0.05),
+           dict(temperature=0.9, top_k=50, top_p=0.95)] * 2
+    params = [SamplingParams(**kw) for kw in kws]
+    lg = np.repeat(logits_ref[:1], len(kws), axis=0) * np.float32(3)
+    seeds = list(range(len(kws)))
+    want = [sample(lg[b], p, np.random.default_rng(s)) for b, (p, s) in enumerate(zip(params, seeds))]
+    ids = cuda.device_array(len(kws), np.int32)
+    sample_cuda(dev(lg), dev(params_array(params, [np.random.default_rng(s) for s in seeds])), ids,
+                threads=L.sample)
+    got = ids.copy_to_host().tolist()
+    same = sum(a == b for a, b in zip(got, want))
+    verdict("sampling == sampling.sample (same seeds)", same >= len(kws) - 1, f"{same}/{len(kws)} same tokens")
+
+
+# ---------------------------------------------------------------------------------------------
+def random_model(c: dict):
+    cfg = ModelConfig(**c)
+    D, qd, kvd, F = cfg.dim, cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.ffn_dim
+    layers = []
+    for _ in range(cfg.n_layers):
+        wq, wk, wv = mat(qd, D, "Q4_1"), mat(kvd, D, "Q4_1"), mat(kvd, D, "Q4_1")
+        big, (wq, wk, wv) = linear.stack_rows([wq, wk, wv])
+        layers.append(LayerWeights(1 + randn(D, scale=0.1), wq, wk, wv, mat(D, qd, "Q4_1"),
+                                   1 + randn(D, scale=0.1), mat(F, D, "Q4_1"), mat(F, D, "Q4_1"),
+                                   mat(D, F, "Q4_1"), big))
+    emb = mat(cfg.vocab_size, D, "Q8_0")
+    return cfg, Weights(emb, layers, 1 + randn(D, scale=0.1), emb)
+
+
+def generate(model, prompts, n_new):
+    p = SamplingParams(temperature=0, max_tokens=n_new, ignore_eos=True)
+    eng = Engine(model, stop_ids=set())
+    out = [[] for _ in prompts]
+    for i, tok in eng.run(prompts, [p] * len(prompts)):
+        out[i].append(tok)
+    return out
+
+
+class Loop:
+    """A decode loop that samples on the device (what the engine does with the cuda backend)."""
+
+    def __init__(self, model, n_blocks):
+        self.model, self.cache = model, model.new_cache(n_blocks=n_blocks, block_size=16)
+        self.bm = BlockManager(self.cache)
+
+    def run(self, prompts, n_new, params=None):
+        """-> tokens per prompt, seconds of the prefill, seconds of the decode steps."""
+        m, bm = self.model, self.bm
+        params = params or SamplingParams(temperature=0, max_tokens=n_new, ignore_eos=True)
+        B, rngs = len(prompts), [np.random.default_rng(i) for i in range(len(prompts))]
+        for s, ids in enumerate(prompts):
+            bm.ensure(s, len(ids) + n_new)
+        t0 = time.perf_counter()
+        toks = [[t] for t in m.forward_sample(make_batch([(ids, 0, bm.tables[s]) for s, ids in enumerate(prompts)], 16),
+                                              self.cache, [params] * B, rngs)]
+        t1 = time.perf_counter()
+        for step in range(n_new - 1):
+            batch = make_batch([([toks[s][-1]], len(ids) + step, bm.tables[s]) for s, ids in enumerate(prompts)], 16)
+            for s, t in enumerate(m.forward_sample(batch, self.cache, [params] * B, rngs)):
+                toks[s].append(t)
+        t2 = time.perf_counter()
+        for s in range(B):
+            bm.release(s)
+        return toks, t1 - t0, t2 - t1
+
+
+def end_to_end(c: dict, n_new: int):
+    t = time.perf_counter()
+    cfg, W = random_model(c)
+    print(f"  random weights of the SmolLM2 shape built in {time.perf_counter() - t:.0f} s", flush=True)
+    prompts = [rng.integers(3, cfg.vocab_size, 20).tolist(), rng.integers(3, cfg.vocab_size, 9).tolist()]
+    t = time.perf_counter()
+    cpu = Transformer(cfg, W, numba_ops())
+    want = generate(cpu, prompts, n_new)
+    print(f"  numba backend: {n_new} greedy tokens x 2 in {time.perf_counter() - t:.0f} s (JIT included)", flush=True)
+    gpu = CudaModel(cfg, W)
+    got_graph = generate(gpu, prompts, n_new)                 # Engine, logits out, decode graphs
+    agree = lambda a: sum(x == y for p, q in zip(a, want) for x, y in zip(p, q))  # noqa: E731
+    total = 2 * n_new
+    verdict("greedy == numba (engine, graph decode)", got_graph == want, f"{agree(got_graph)}/{total} tokens")
+    gpu_eager = CudaModel(cfg, W, graphs=False)
+    got_eager = generate(gpu_eager, prompts, n_new)
+    verdict("greedy == numba (engine, eager decode)", got_eager == want, f"{agree(got_eager)}/{total} tokens")
+    got_dev, _, _ = Loop(gpu, 64).run(prompts, n_new)
+    verdict("greedy == numba (device sampling)", got_dev == want, f"{agree(got_dev)}/{total} tokens")
+    # the prefill logits themselves
+    cache_c, cache_g = cpu.new_cache(8, 16), gpu.new_cache(8, 16)
+    batch = make_batch([(prompts[0], 0, list(range(2)))], 16, all_logits=True)
+    check("prefill logits cuda vs numba (20 rows)", gpu.forward(batch, cache_g), cpu.forward(batch, cache_c))
+    results["graphs_used"] = bool(gpu.use_graphs and any(isinstance(v, tuple) for v in gpu._graphs.values()))
+    verdict("decode steps ran as CUDA graphs", results["graphs_used"], "" if results["graphs_used"] else
+            "(fell back to eager launches: see the message above)")
+    return cfg, W
+
+
+# ---------------------------------------------------------------------------------------------
+def bench(cfg, W, prompt_len=128, n_new=128, runs=3):
+    gpu, eager = CudaModel(cfg, W), CudaModel(cfg, W, graphs=False)
+    B32 = 32
+    loops = {"graph": Loop(gpu, B32 * 17 + 64), "eager": Loop(eager, 64)}
+    one = [rng.integers(3, cfg.vocab_size, prompt_len).tolist()]
+    many = [rng.integers(3, cfg.vocab_size, prompt_len).tolist() for _ in range(B32)]
+    med = lambda xs: statistics.median(xs)  # noqa: E731
+    for name, loop in loops.items():
+        loop.run(one, 4)                                       # compile, record graphs
+        pre, dec = [], []
+        for _ in range(runs):
+            _, tp, td = loop.run(one, n_new)
+            pre.append(prompt_len / tp)
+            dec.append((n_new - 1) / td)
+        results["bench"][f"decode_b1_{name}_tok_s"] = med(dec)
+        results["bench"][f"prefill_{name}_tok_s"] = med(pre)
+        results["bench"][f"ttft_{name}_ms"] = 1e3 * prompt_len / med(pre)
+        print(f"  batch 1 ({name}): prefill {med(pre):.0f} tok/s, decode {med(dec):.0f} tok/s", flush=True)
+    loop = loops["graph"]
+    loop.run(many, 4)
+    dec, pre = [], []
+    for _ in range(runs):
+        _, tp, td = loop.run(many, n_new)
+        pre.append(B32 * prompt_len / tp)
+        dec.append(B32 * (n_new - 1) / td)
+    results["bench"]["decode_b32_tok_s"] = med(dec)
+    results["bench"]["prefill_b32_tok_s"] = med(pre)
+    results["bench"]["prefill_tok_s"] = results["bench"]["prefill_graph_tok_s"]
+    results["bench"]["decode_b1_tok_s"] = results["bench"]["decode_b1_graph_tok_s"]
+    print(f"  batch 32: prefill {med(pre):.0f} tok/s, decode {med(dec):.0f} tok/s in total", flush=True)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tiny", action="store_true", help="tiny shapes (to try the script on the simulator)")
+    ap.add_argument("--json", default=None, help="also write the results to this file")
+    a = ap.parse_args()
+    check_available()
+    c = TINY if a.tiny else SMOLLM2
+    L = Launch.for_here()
+    import numba
+    name = "simulator" if numba.config.ENABLE_CUDASIM else cuda.get_current_device().name
+    name = name.decode() if isinstance(name, bytes) else name
+    try:
+        import numba_cuda
+        ncv = getattr(numba_cuda, "__version__", "?")
+    except ImportError:
+        ncv = "built-in"
+    results["machine"] = {"gpu": str(name), "numba": numba.__version__, "numba_cuda": ncv,
+                          "numpy": np.__version__, "python": sys.version.split()[0]}
+    t0 = time.perf_counter()
+    sections = [("kernels at the real shapes", lambda: kernels(c, L)),
+                ("end-to-end vs the numba backend", lambda: results.__setitem__("model", end_to_end(c, 4 if a.tiny else 32)))]
+    if not a.tiny:
+        sections.append(("benchmark (random weights, SmolLM2-135M shape)", lambda: bench(*results["model"])))
+    for title, fn in sections:
+        print(f"== {title}", flush=True)
+        try:
+            fn()
+        except Exception:  # noqa: BLE001 — report and go on with the other sections
+            traceback.print_exc()
+            results["checks"][title] = {"ok": False, "detail": "raised (traceback above)"}
+    results.pop("model", None)
+    bad = [k for k, v in results["checks"].items() if not v["ok"]]
+    m, b = results["machine"], results["bench"]
+    print("\n" + "=" * 78)
+    print(f"minfer gpu_check on {m['gpu']} — numba {m['numba']}, numba-cuda {m['numba_cuda']}, "
+          f"numpy {m['numpy']}; {time.perf_counter() - t0:.0f} s")
+    print(f"checks      {len(results['checks']) - len(bad)}/{len(results['checks'])} passed"
+          + (f"; FAILED: {', '.join(bad)}" if bad else ""))
+    if b:
+        for key, label in (("prefill_tok_s", "prefill, one 128-token prompt"),
+                           ("decode_b1_tok_s", "decode, batch 1 (graphs)"),
+                           ("decode_b32_tok_s", "decode, batch 32 (total)")):
+            v, target = b.get(key), TARGETS[key]
+            if v is not None:
+                print(f"{label:<34} {v:>9.0f} tok/s   target >= {target} ({'met' if v >= target else 'NOT met'})")
+        if "decode_b1_eager_tok_s" in b:
+            print(f"{'decode, batch 1 (eager launches)':<34} {b['decode_b1_eager_tok_s']:>9.0f} tok/s")
+    print("=" * 78)
+    if a.json or os.environ.get("OUT"):
+        path = a.json or os.path.join(os.environ["OUT"], "gpu_check.json")
+        Path(path).write_text(json.dumps(results, indent=1))
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
