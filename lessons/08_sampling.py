@@ -135,4 +135,4 @@ print("same seed, same draws:",
 # draws 4 000 samples from your sampler to compare the frequencies with the probabilities.
 #
 # This is the last lesson of the reference path. Next come the fast paths: Numba kernels, quantized
-# matmul and GPU kernels (lessons 09–11, coming).
+# matmul and GPU kernels. **Next:** [09 · Numba](09_numba.md)

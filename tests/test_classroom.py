@@ -122,6 +122,58 @@ def sample(logits, p, rng, seen=None):
     probs = np.exp(z - z.max()); probs /= probs.sum()
     return int(np.searchsorted(np.cumsum(probs), rng.random() * probs.sum()))
 ''',
+    9: '''
+import numpy as np
+from numba import njit, prange
+
+@njit
+def rmsnorm_numba(x, w, eps):
+    out = np.empty_like(x)
+    for t in range(x.shape[0]):
+        r = 1.0 / np.sqrt(np.mean(x[t] * x[t]) + eps)
+        out[t] = x[t] * np.float32(r) * w
+    return out
+
+@njit(parallel=True)
+def matmul_numba(x, w):
+    out = np.zeros((x.shape[0], w.shape[0]), dtype=np.float32)
+    for o in prange(w.shape[0]):
+        for t in range(x.shape[0]):
+            out[t, o] = (x[t] * w[o]).sum()
+    return out
+''',
+    10: '''
+import math
+import numpy as np
+
+def quantize_q8_0(w):
+    w = np.asarray(w, dtype=np.float32)
+    out = bytearray()
+    for blk in w.reshape(-1, 32):
+        d = np.float32(np.max(np.abs(blk)) / np.float32(127))
+        inv = np.float32(1) / d if d != 0 else np.float32(0)
+        q = [int(math.copysign(math.floor(abs(float(v)) + 0.5), v)) for v in blk * inv]
+        out += np.float16(d).tobytes() + np.array(q, dtype=np.int8).tobytes()
+    return np.frombuffer(bytes(out), dtype=np.uint8).reshape(*w.shape[:-1], -1)
+
+def dequantize_q8_0(raw, shape):
+    raw = np.asarray(raw, dtype=np.uint8).tobytes()
+    parts = []
+    for i in range(0, len(raw), 34):
+        d = np.float32(np.frombuffer(raw[i:i + 2], dtype="<f2")[0])
+        parts.append(d * np.frombuffer(raw[i + 2:i + 34], dtype=np.int8).astype(np.float32))
+    return np.concatenate(parts).reshape(shape)
+
+def dequantize_q4_1(raw, shape):
+    raw = np.asarray(raw, dtype=np.uint8).tobytes()
+    parts = []
+    for i in range(0, len(raw), 20):
+        d, m = (np.float32(v) for v in np.frombuffer(raw[i:i + 4], dtype="<f2"))
+        qs = raw[i + 4:i + 20]
+        q = np.array([b & 15 for b in qs] + [b >> 4 for b in qs], dtype=np.float32)
+        parts.append(d * q + m)
+    return np.concatenate(parts).reshape(shape)
+''',
 }
 
 
@@ -207,6 +259,61 @@ def test_classic_mistakes_are_named():
     assert "mass *before* it" in _message(8, filter_logits=top_p_off_by_one)
 
 
+def test_classic_mistakes_are_named_for_kernels_and_blocks():
+    from numba import njit
+    from minfer.stages.rmsnorm import rmsnorm
+
+    def plain(x, w, eps):                                  # right numbers, not compiled
+        return rmsnorm(x, w, eps)
+    assert "plain Python function" in _message(9, rmsnorm_numba=plain)
+
+    @njit
+    def float64_out(x, w):
+        out = np.zeros((x.shape[0], w.shape[0]))           # float64 by default
+        for o in range(w.shape[0]):
+            for t in range(x.shape[0]):
+                out[t, o] = (x[t] * w[o]).sum()
+        return out
+    assert "float64" in _message(9, matmul_numba=float64_out)
+
+    @njit
+    def not_transposed(x, w):
+        return (x @ w).astype(np.float32) if x.shape[1] == w.shape[0] == w.shape[1] else \
+            (x @ w.T).astype(np.float32)
+    assert "x @ w.T" in _message(9, matmul_numba=not_transposed)
+
+    def half_even(w):
+        x = np.asarray(w, np.float32).reshape(-1, 32)
+        d = np.abs(x).max(axis=1, keepdims=True) / np.float32(127)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            inv = np.where(d == 0, np.float32(0), np.float32(1) / d)
+        out = np.zeros(len(x), [("d", "<f2"), ("qs", "i1", (32,))])
+        out["d"], out["qs"] = d[:, 0], np.round(x * inv)
+        return out.view(np.uint8).reshape(*np.shape(w)[:-1], -1)
+    assert "away from zero" in _message(10, quantize_q8_0=half_even)
+
+    def interleaved(raw, shape):
+        b = np.asarray(raw).reshape(-1).view([("d", "<f2"), ("m", "<f2"), ("qs", "u1", (16,))])
+        q = np.stack([b["qs"] & 15, b["qs"] >> 4], axis=-1).reshape(len(b), 32).astype(np.float32)
+        return (b["d"].astype(np.float32)[:, None] * q + b["m"].astype(np.float32)[:, None]).reshape(shape)
+    assert "nibble order" in _message(10, dequantize_q4_1=interleaved)
+
+    def unsigned(raw, shape):
+        b = np.asarray(raw).reshape(-1).view([("d", "<f2"), ("qs", "u1", (32,))])
+        return (b["d"].astype(np.float32)[:, None] * b["qs"].astype(np.float32)).reshape(shape)
+    assert "signed int8" in _message(10, dequantize_q8_0=unsigned)
+
+
+def test_a_numba_compile_error_is_short():
+    from numba import njit
+
+    @njit
+    def broken(x, w, eps):
+        return x.no_such_attribute
+    msg = _message(9, rmsnorm_numba=broken)
+    assert msg.startswith("Numba could not compile") and msg.count("\n") <= 6
+
+
 def test_a_crash_is_reported_with_the_line():
     def broken(x, w, eps):
         return x @ np.ones((3, 3))          # wrong shapes
@@ -282,6 +389,19 @@ def test_student_ops_swaps_only_finished_functions(tmp_path, tiny_gguf):
     np.testing.assert_allclose(llm.logits(ids), want, atol=1e-4, rtol=1e-4)
     out = llm.generate("the cat", minfer.SamplingParams(temperature=0, max_tokens=4))
     assert len(out[0].token_ids) >= 1
+
+
+def test_student_kernels_run_in_the_engine(tmp_path, tiny_gguf):
+    """Lesson 09's kernels plug in as ops.rmsnorm and ops.linear (lesson 10's are checked only)."""
+    _write(tmp_path, 9, SOLUTIONS[9])
+    _write(tmp_path, 10, SOLUTIONS[10])
+    llm = minfer.LLM(tiny_gguf, backend="numpy")
+    ids = llm.tokenizer.encode("the cat sat on the mat")
+    want = llm.logits(ids)
+    ops = student_ops(llm.model.ops, tmp_path, log=lambda m: None)
+    assert ops.mine == ["rmsnorm", "linear"]
+    llm.model.ops = ops
+    np.testing.assert_allclose(llm.logits(ids), want, atol=1e-4, rtol=1e-4)
 
 
 def test_student_ops_errors(tmp_path):

@@ -25,9 +25,9 @@ def _site_hook():
     return module
 
 
-def test_there_are_lessons_00_to_08():
+def test_there_are_lessons_00_to_10():
     numbers = [int(p.name[:2]) for p in LESSONS]
-    assert numbers[:9] == list(range(9)), [p.name for p in LESSONS]
+    assert numbers[:11] == list(range(11)), [p.name for p in LESSONS]
 
 
 @pytest.mark.slow
@@ -57,10 +57,20 @@ def test_lesson_is_a_notebook(lesson):
     assert ours[0]["kind"] == "markdown" and ours[0]["source"].startswith(f"# {lesson.name[:2]} ·")
 
 
+def test_every_lesson_with_exercises_has_a_page_that_names_them():
+    """`lesson start N` exists exactly for the lessons whose page ends with `lesson start N`."""
+    from minfer.classroom import lessons
+    for lesson in LESSONS:
+        n = int(lesson.name[:2])
+        named = re.search(rf"lesson start {n}\b", lesson.read_text()) is not None
+        assert named == (n in lessons()), lesson.name
+
+
 def test_lessons_reference_real_modules():
     """Each stage lesson imports the module it teaches (the lessons follow the code)."""
     expect = {"03": "minfer.stages.rmsnorm", "04": "minfer.stages.rope", "05": "minfer.stages.attention",
-              "06": "minfer.stages.kvcache", "07": "minfer.stages.mlp", "08": "minfer.sampling"}
+              "06": "minfer.stages.kvcache", "07": "minfer.stages.mlp", "08": "minfer.sampling",
+              "09": "minfer.stages.rmsnorm", "10": "minfer.stages.quant"}
     for lesson in LESSONS:
         if lesson.name[:2] in expect:
             assert f"from {expect[lesson.name[:2]]} import" in lesson.read_text(), lesson.name

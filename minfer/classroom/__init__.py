@@ -1,7 +1,8 @@
 """The classroom: exercises for the lessons, checked against minfer's own reference.
 
-Each lesson from 03 to 08 comes with tasks: functions whose bodies are left for the student, with
-the same names and signatures as the stage's NumPy reference. The command line drives it:
+Each lesson from 03 to 10 comes with tasks: functions whose bodies are left for the student, with
+the same names and signatures as the stage's NumPy reference (lesson 09: as its Numba kernel;
+lesson 10: one block format at a time). The command line drives it:
 
     python -m minfer lesson list                    # lessons and their tasks
     python -m minfer lesson start 5 [--dir DIR]     # copy lesson05_attention.py into DIR
@@ -158,6 +159,8 @@ def _probe_args(name: str):
     if name == "kv_write":
         return (np.zeros((2, 4, 1, 8), np.float32), np.zeros((2, 4, 1, 8), np.float32),
                 _randn(rng, 2, 1, 8), _randn(rng, 2, 1, 8), np.array([0, 5]))
+    if name == "linear":
+        return (_randn(rng, 2, 8), _randn(rng, 12, 8))
     if name == "swiglu":
         return (_randn(rng, 2, 8), _randn(rng, 12, 8), _randn(rng, 12, 8), _randn(rng, 8, 12))
     raise KeyError(name)
@@ -217,7 +220,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register `lesson` on the CLI's subparsers."""
     p = subparsers.add_parser(
         "lesson", help="exercises: list | start N | check N",
-        description="Exercises for lessons 03-08: `start N` copies the lesson's stub functions into "
+        description="Exercises for lessons 03-10: `start N` copies the lesson's stub functions into "
                     "your folder, `check N` tests your functions against minfer's reference.")
     sub = p.add_subparsers(dest="lesson_command", metavar="ACTION")
     sub.add_parser("list", help="the lessons with exercises and their tasks")

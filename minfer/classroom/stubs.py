@@ -138,6 +138,76 @@ def sample(logits, p, rng, seen=None):
     """
     raise NotImplementedError("lesson 08: sample")
 ''',
+    9: '''
+from numba import float32, njit, prange
+
+# Lesson 09's rules: one flat loop over the contiguous axis, float32 accumulators (float32(0.0),
+# not 0.0), fastmath=True so the sum can be reordered into SIMD lanes, prange for the outer loop.
+# The check insists both functions are compiled: uncomment the decorators when you write the
+# bodies.
+
+
+# @njit(fastmath=True)
+def rmsnorm_numba(x, w, eps):
+    """x [T, D] float32, w [D] float32, eps float -> a new [T, D] float32 array.
+
+        out[t, i] = x[t, i] / sqrt(mean over i of x[t, i]^2 + eps) * w[i]
+
+    Same numbers as lesson 03's rmsnorm, written as loops: for each row, one loop for the sum of
+    squares, one to write the output. Do not change x.
+    """
+    raise NotImplementedError("lesson 09: rmsnorm_numba")
+
+
+# @njit(parallel=True, fastmath=True)
+def matmul_numba(x, w):
+    """x [T, K] float32, w [O, K] float32 (stored [out, in]) -> out [T, O] float32.
+
+        out[t, o] = sum over k of x[t, k] * w[o, k]          (that is x @ w.T)
+
+    Make prange walk the output rows o: each iteration then writes its own outputs only, and
+    reads one contiguous row of w. T is 1 when decoding, so do not parallelise over t alone.
+    """
+    raise NotImplementedError("lesson 09: matmul_numba")
+''',
+    10: '''
+from minfer.stages.quant import BLOCK_DTYPES      # numpy views of one block (d, m, qs fields)
+
+# minfer's reference handles every format at once: quant.quantize(w, fmt) and
+# quant.dequantize(raw, fmt, shape). Here you write one format per function. The checks compare
+# your bytes and floats with the reference bit for bit. (These functions are checked, not
+# plugged into the engine.)
+
+
+def quantize_q8_0(w):
+    """w float32 [..., K] (K a multiple of 32) -> the raw GGUF bytes, uint8 [..., K // 32 * 34].
+
+    Each block of 32 consecutive weights along the last axis becomes 34 bytes:
+        d  float16 (little-endian)   d = max |w| / 127, computed in float32
+        q  32 x int8                 q = round(w * (1 / d)), halves rounded AWAY from zero
+    A block of zeros has d = 0 and q = 0 (no division by zero).
+    Careful: np.round rounds halves to the even neighbour (2.5 -> 2); here 2.5 -> 3, -2.5 -> -3.
+    Use the float32 d for 1 / d; only the stored d is rounded to float16.
+    """
+    raise NotImplementedError("lesson 10: quantize_q8_0")
+
+
+def dequantize_q8_0(raw, shape):
+    """raw uint8 bytes of Q8_0 blocks -> float32 array of `shape` (blocks along the last axis).
+
+        w = d * q        (d: float16 widened to float32, q: int8)
+    """
+    raise NotImplementedError("lesson 10: dequantize_q8_0")
+
+
+def dequantize_q4_1(raw, shape):
+    """raw uint8 bytes of Q4_1 blocks (20 bytes each) -> float32 array of `shape`.
+
+    A block: d float16, m float16, then 16 bytes of 4-bit quants q in 0..15:
+        byte j holds weight j in its LOW nibble (byte & 0x0F)
+                 and weight j + 16 in its HIGH nibble (byte >> 4)
+        w = d * q + m        (in float32)
+    """
+    raise NotImplementedError("lesson 10: dequantize_q4_1")
+''',
 }
-
-

@@ -111,23 +111,27 @@ def _check_embedding(f):
                               f"is float32 (a float16 table must be widened)")
 
 
+def _rmsnorm_variants(x, w, eps):
+    """The classic RMSNorm mistakes, as (message, what they output)."""
+    ms = np.mean(x * x, axis=-1, keepdims=True)
+    return [
+        ("you subtracted the mean (that is LayerNorm); RMSNorm divides by the root of the mean "
+         "square, no centring", (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + eps) * w),
+        ("the gain w is missing: multiply by w at the end", x / np.sqrt(ms + eps)),
+        ("eps belongs inside the square root: sqrt(mean(x^2) + eps)", x / (np.sqrt(ms) + eps) * w),
+        ("the mean goes over the last axis (each token's own vector), with keepdims",
+         x / np.sqrt(np.mean(x * x, axis=0, keepdims=True) + eps) * w),
+    ]
+
+
 def _check_rmsnorm(f):
     from ..stages.rmsnorm import rmsnorm
     rng = _rng(4)
     for T, D, scale, eps in [(1, 8, 1.0, 1e-5), (5, 33, 30.0, 1e-6), (3, 576, 1e-3, 1e-5)]:
         x, w = _randn(rng, T, D, scale=scale), _randn(rng, D) + 1
         xc = x.copy()
-        ms = np.mean(x * x, axis=-1, keepdims=True)
-        variants = [
-            ("you subtracted the mean (that is LayerNorm); RMSNorm divides by the root of the mean "
-             "square, no centring", (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + eps) * w),
-            ("the gain w is missing: multiply by w at the end", x / np.sqrt(ms + eps)),
-            ("eps belongs inside the square root: sqrt(mean(x^2) + eps)", x / (np.sqrt(ms) + eps) * w),
-            ("the mean goes over the last axis (each token's own vector), with keepdims",
-             x / np.sqrt(np.mean(x * x, axis=0, keepdims=True) + eps) * w),
-        ]
         expect_close(f(x, w, eps), rmsnorm(x, w, eps), f"x [{T}, {D}] (scale {scale}), eps={eps}",
-                     atol=1e-5, rtol=1e-4, variants=variants)
+                     atol=1e-5, rtol=1e-4, variants=_rmsnorm_variants(x, w, eps))
         if not np.array_equal(x, xc):
             raise CheckFailed("your rmsnorm changed its input x in place; return a new array")
 
@@ -429,10 +433,233 @@ def _check_sample(f):
                           f"filter, softmax, then draw with the rng you are given")
 
 
+# --- lesson 09: Numba kernels -------------------------------------------------------------------
+
+def _expect_compiled(f, name: str, *probe) -> None:
+    """Fail unless f is a Numba kernel. An untouched stub (a plain function that raises
+    NotImplementedError) is called on `probe` first, so that it reports as not done yet."""
+    from numba.core.dispatcher import Dispatcher
+    if not isinstance(f, Dispatcher):
+        f(*probe)
+        raise CheckFailed(f"{name} is a plain Python function, not a Numba kernel: decorate it "
+                          f"with @njit (the stub has the decorator commented out, just above "
+                          f"`def {name}`); the check insists it is compiled")
+
+
+def _run_kernel(f, *args):
+    """Call a student's kernel; a Numba compile error becomes a short CheckFailed."""
+    from numba.core.errors import NumbaError
+    try:
+        return f(*args)
+    except NumbaError as e:
+        lines = [ln for ln in str(e).splitlines() if ln.strip()][:6]
+        raise CheckFailed("Numba could not compile your function:\n          "
+                          + "\n          ".join(lines)) from None
+
+
+def _expect_float32(got, what: str) -> None:
+    dtype = np.asarray(got).dtype
+    if dtype != np.float32:
+        raise CheckFailed(f"{what}: the result is {dtype}, expected float32; allocate the output "
+                          f"with dtype=np.float32 (np.zeros(shape) alone is float64)")
+
+
+def _check_rmsnorm_numba(f):
+    from ..stages.rmsnorm import rmsnorm
+    rng = _rng(14)
+    _expect_compiled(f, "rmsnorm_numba", _randn(rng, 2, 8), _randn(rng, 8), 1e-5)
+    for T, D, scale, eps in [(1, 8, 1.0, 1e-5), (5, 33, 30.0, 1e-6), (3, 576, 1e-3, 1e-5), (2, 1, 2.0, 1e-5)]:
+        x, w = _randn(rng, T, D, scale=scale), _randn(rng, D) + 1
+        xc, wc = x.copy(), w.copy()
+        what = f"x [{T}, {D}] (scale {scale}), eps={eps}"
+        got = _run_kernel(f, x, w, eps)
+        expect_close(got, rmsnorm(x, w, eps), what, atol=1e-5, rtol=1e-4,
+                     variants=_rmsnorm_variants(x, w, eps))
+        _expect_float32(got, what)
+        if not (np.array_equal(x, xc) and np.array_equal(w, wc)):
+            raise CheckFailed("your kernel changed its input x or w in place; write into a new array")
+
+
+def _check_matmul_numba(f):
+    rng = _rng(15)
+    _expect_compiled(f, "matmul_numba", _randn(rng, 2, 8), _randn(rng, 3, 8))
+    for T, K, O in [(1, 64, 48), (3, 33, 17), (1, 576, 200), (5, 40, 40), (9, 96, 31)]:
+        x, w = _randn(rng, T, K), _randn(rng, O, K, scale=0.1)
+        xc, wc = x.copy(), w.copy()
+        what = f"x [{T}, {K}], w [{O}, {K}]"
+        got = _run_kernel(f, x, w)
+        want = (x.astype(np.float64) @ w.astype(np.float64).T).astype(np.float32)
+        variants = [("only the first token is right: loop over every row t of x",
+                     np.concatenate([want[:1], np.zeros_like(want[1:])]))] if T > 1 else []
+        if K == O:
+            variants.append(("w is stored [out, in]: out[t, o] = sum over k of x[t, k] * w[o, k] "
+                             "(you computed x @ w, not x @ w.T)", x @ w))
+        expect_close(got, want, what, atol=1e-4, rtol=1e-4, variants=variants)
+        _expect_float32(got, what)
+        if not (np.array_equal(x, xc) and np.array_equal(w, wc)):
+            raise CheckFailed("your kernel changed x or w; it should only read them")
+
+
+# --- lesson 10: quantized blocks ----------------------------------------------------------------
+
+def _ref_quantize_q8_0(w):
+    from ..stages.quant import quantize
+    return quantize(w, "Q8_0")
+
+
+def _ref_dequantize_q8_0(raw, shape):
+    from ..stages.quant import dequantize
+    return dequantize(raw, "Q8_0", shape)
+
+
+def _ref_dequantize_q4_1(raw, shape):
+    from ..stages.quant import dequantize
+    return dequantize(raw, "Q4_1", shape)
+
+
+def _q8_0_inputs(rng):
+    """Weight arrays that exercise every corner of Q8_0 quantization."""
+    ties = np.linspace(-0.5, 0.5, 32).astype(np.float32)
+    ties[0] = 127 / 16                                   # d = 1/16 exactly...
+    ties[1:6] = np.array([2.5, -3.5, 0.5, -0.5, 6.5], np.float32) / 16   # ...and exact halves
+    zero = np.zeros(32, np.float32)                      # d = 0: no division by zero
+    negative = _randn(rng, 32)
+    negative[7] = -9.0                                   # the largest magnitude is negative
+    return [
+        ("one block with exact ties (w / d = 2.5, -3.5, 0.5 ...)", ties[None]),
+        ("a block of zeros next to a normal one", np.stack([zero, _randn(rng, 32)])),
+        ("a block whose largest weight is negative", negative[None]),
+        ("w [3, 64] (scale 0.05)", _randn(rng, 3, 64, scale=0.05)),
+        ("w [2, 5, 96] (a 3-d array; blocks along the last axis)", _randn(rng, 2, 5, 96, scale=3.0)),
+    ]
+
+
+def _as_bytes(got, fmt: str, shape_prefix, what: str) -> np.ndarray:
+    from ..stages.quant import BLOCK_DTYPES
+    if got is None:
+        raise CheckFailed(f"{what}: your function returned None (forgot `return`?)")
+    if isinstance(got, (bytes, bytearray)):
+        got = np.frombuffer(got, dtype=np.uint8)
+    got = np.asarray(got)
+    if got.dtype == BLOCK_DTYPES[fmt]:                    # a structured array of blocks: fine too
+        got = np.ascontiguousarray(got).view(np.uint8)
+    if got.dtype != np.uint8:
+        raise CheckFailed(f"{what}: the result is {got.dtype}; return the raw bytes, uint8 "
+                          f"(a structured array .view(np.uint8) gives them)")
+    return got.reshape(*shape_prefix, -1) if got.size % BLOCK_DTYPES[fmt].itemsize == 0 else got
+
+
+def _compare_blocks(got: np.ndarray, want: np.ndarray, fmt: str, what: str, variants=()) -> None:
+    """Raise CheckFailed unless the bytes are identical; say which block and field differ."""
+    from ..stages.quant import BLOCK_DTYPES
+    if got.shape != want.shape:
+        raise CheckFailed(f"{what}: shape {got.shape}, expected {want.shape} "
+                          f"({BLOCK_DTYPES[fmt].itemsize} bytes per block of 32)")
+    if np.array_equal(got, want):
+        return
+    for message, out in variants:
+        if np.array_equal(got, out):
+            raise CheckFailed(f"{what}: {message}")
+    g = np.ascontiguousarray(got).reshape(-1).view(BLOCK_DTYPES[fmt])
+    e = np.ascontiguousarray(want).reshape(-1).view(BLOCK_DTYPES[fmt])
+    i = int(np.flatnonzero(g != e)[0])
+    if g[i]["d"].view(np.uint16) != e[i]["d"].view(np.uint16):
+        raise CheckFailed(f"{what}: block {i}: d is {g[i]['d']}, expected {e[i]['d']} "
+                          f"(stored as float16, little-endian, in the block's first 2 bytes)")
+    j = int(np.flatnonzero(g[i]["qs"] != e[i]["qs"])[0])
+    raise CheckFailed(f"{what}: block {i}: q[{j}] is {g[i]['qs'][j]}, expected {e[i]['qs'][j]}")
+
+
+def _check_quantize_q8_0(f):
+    from ..stages.quant import BLOCK_DTYPES, quantize
+    rng = _rng(16)
+    for what, w in _q8_0_inputs(rng):
+        wc = w.copy()
+        want = quantize(w, "Q8_0")
+        got = _as_bytes(f(w), "Q8_0", w.shape[:-1], what)
+        x = w.reshape(-1, 32)
+        d = np.abs(x).max(axis=1, keepdims=True) / np.float32(127)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            inv = np.where(d == 0, np.float32(0), np.float32(1) / d)
+            inv16 = np.where(d == 0, np.float32(0), np.float32(1) / d.astype(np.float16).astype(np.float32))
+
+        def blocks(q):
+            out = np.zeros(len(x), BLOCK_DTYPES["Q8_0"])
+            out["d"], out["qs"] = d[:, 0], q
+            return out.view(np.uint8).reshape(want.shape)
+
+        half_even = np.round(x * inv).astype(np.int8)
+        via_f16 = np.sign(x * inv16) * np.floor(np.abs(x * inv16) + 0.5)
+        variants = [
+            ("np.round sends halves to the even neighbour (2.5 -> 2); llama.cpp's roundf sends "
+             "them away from zero (2.5 -> 3, -3.5 -> -4)", blocks(half_even)),
+            ("quantize with the float32 scale d = max|w| / 127; only the stored copy of d is "
+             "rounded to float16", blocks(via_f16.astype(np.int8))),
+        ]
+        _compare_blocks(got, want, "Q8_0", what, variants)
+        if not np.array_equal(w, wc):
+            raise CheckFailed(f"{what}: your function changed w in place")
+
+
+def _check_dequantize_q8_0(f):
+    from ..stages.quant import BLOCK_DTYPES, dequantize, quantize
+    rng = _rng(17)
+    for shape, scale in [((1, 32), 1.0), ((4, 64), 0.05), ((3, 2, 96), 7.0)]:
+        w = _randn(rng, *shape, scale=scale)
+        raw = quantize(w, "Q8_0")
+        rc = raw.copy()
+        what = f"blocks of a {list(shape)} array"
+        got = f(raw, shape)
+        want = dequantize(raw, "Q8_0", shape)
+        b = raw.reshape(-1).view(BLOCK_DTYPES["Q8_0"])
+        unsigned = (b["d"].astype(np.float32)[:, None] * b["qs"].view(np.uint8).astype(np.float32)).reshape(shape)
+        expect_close(got, want, what, atol=0, rtol=0, variants=[
+            ("the quants are signed int8 (-127..127): read them with dtype int8, not uint8", unsigned),
+            ("each weight is d * q: multiply by the block's scale",
+             b["qs"].astype(np.float32).reshape(shape)),
+        ])
+        _expect_float32(got, what)
+        if not np.array_equal(raw, rc):
+            raise CheckFailed(f"{what}: your function changed the bytes it was given")
+
+
+def _check_dequantize_q4_1(f):
+    from ..stages.quant import BLOCK_DTYPES, dequantize, quantize
+    rng = _rng(18)
+    for shape, scale, shift in [((1, 32), 1.0, 0.0), ((4, 64), 0.05, 0.02), ((3, 2, 96), 3.0, -1.0)]:
+        w = _randn(rng, *shape, scale=scale) + np.float32(shift)
+        raw = quantize(w, "Q4_1")
+        rc = raw.copy()
+        what = f"blocks of a {list(shape)} array"
+        got = f(raw, shape)
+        want = dequantize(raw, "Q4_1", shape)
+        b = raw.reshape(-1).view(BLOCK_DTYPES["Q4_1"])
+        d, m = b["d"].astype(np.float32)[:, None], b["m"].astype(np.float32)[:, None]
+        lo, hi = (b["qs"] & 0x0F).astype(np.float32), (b["qs"] >> 4).astype(np.float32)
+        inter = np.stack([lo, hi], axis=-1).reshape(len(b), 32)            # q0 q16 q1 q17 ...
+        swapped = np.concatenate([hi, lo], axis=1)
+        straight = np.concatenate([lo, hi], axis=1)
+        expect_close(got, want, what, atol=0, rtol=0, variants=[
+            ("wrong nibble order: byte j holds weight j in its LOW nibble and weight j + 16 in its "
+             "HIGH nibble (not two neighbours)", (d * inter + m).reshape(shape)),
+            ("low and high nibbles swapped: the low nibble (byte & 0x0F) is weight j, the high "
+             "nibble (byte >> 4) is weight j + 16", (d * swapped + m).reshape(shape)),
+            ("the minimum m is missing: w = d * q + m", (d * straight).reshape(shape)),
+            ("that is Q4_0's formula; Q4_1 is w = d * q + m, with m from bytes 2-3 of the block",
+             (d * (straight - 8)).reshape(shape)),
+            ("right up to the last bits: compute d * q + m in float32, as the reference does "
+             "(float64 rounds differently)",
+             (d.astype(np.float64) * straight + m).astype(np.float32).reshape(shape)),
+        ])
+        _expect_float32(got, what)
+        if not np.array_equal(raw, rc):
+            raise CheckFailed(f"{what}: your function changed the bytes it was given")
+
+
 # --- the stub files the students fill in ----------------------------------------------------------
 def _lessons() -> dict[int, Lesson]:
     from .. import sampling
-    from ..stages import attention, embedding, kvcache, mlp, rmsnorm, rope
+    from ..stages import attention, embedding, kvcache, linear, mlp, rmsnorm, rope
     L = {}
 
     def add(n, slug, title, where, lesson_file, minutes, tasks, refs):
@@ -484,6 +711,27 @@ def _lessons() -> dict[int, Lesson]:
              "filter, softmax, and rng.choice(V, p=probs); return a plain int"),
     ], dict(apply_repetition_penalty=sampling.apply_repetition_penalty,
             filter_logits=sampling.filter_logits, sample=sampling.sample))
+    add(9, "numba", "Numba kernels", "stages/rmsnorm.py, stages/linear.py", "09_numba.py", 40, [
+        Task("rmsnorm_numba", _check_rmsnorm_numba, "@njit(fastmath=True); out = np.empty_like(x); for "
+             "each row t: a float32(0.0) accumulator for the sum of squares over i, then "
+             "r = float32(1.0) / np.sqrt(ss / float32(D) + float32(eps)) and a second loop writes "
+             "x[t, i] * r * w[i]", op="rmsnorm"),
+        Task("matmul_numba", _check_matmul_numba, "@njit(parallel=True, fastmath=True); out = np.empty((T, O), "
+             "dtype=np.float32); for o in prange(O): for t in range(T): acc = float32(0.0), then one "
+             "flat loop over k adding x[t, k] * w[o, k]; each (t, o) is written by one iteration only",
+             op="linear"),
+    ], dict(rmsnorm_numba=rmsnorm.rmsnorm_numba, matmul_numba=linear._dense_matmul))
+    add(10, "quant", "quantized blocks", "stages/quant.py", "10_quantized_matmul.py", 40, [
+        Task("quantize_q8_0", _check_quantize_q8_0, "x = w.reshape(-1, 32); d = abs(x).max(axis=1) / "
+             "np.float32(127); q = round-half-away-from-zero(x * (1 / d)) (np.sign(z) * np.floor(abs(z) "
+             "+ 0.5)), 0 where d == 0; fill np.zeros(n, BLOCK_DTYPES['Q8_0']) and .view(np.uint8)"),
+        Task("dequantize_q8_0", _check_dequantize_q8_0, "raw.reshape(-1).view(BLOCK_DTYPES['Q8_0']) gives "
+             "the blocks; widen d to float32, multiply by the int8 quants, reshape"),
+        Task("dequantize_q4_1", _check_dequantize_q4_1, "view the bytes as Q4_1 blocks; q = "
+             "np.concatenate([qs & 0x0F, qs >> 4], axis=1) puts the low nibbles (weights 0-15) "
+             "before the high ones (16-31); w = d * q + m, all in float32"),
+    ], dict(quantize_q8_0=_ref_quantize_q8_0, dequantize_q8_0=_ref_dequantize_q8_0,
+            dequantize_q4_1=_ref_dequantize_q4_1))
     return L
 
 
