@@ -47,14 +47,35 @@ def numba_ops() -> SimpleNamespace:
     )
 
 
+def limit_blas_threads(n: int) -> bool:
+    """Tell the OpenBLAS inside numpy to use n threads (best effort; False if none was found).
+    The numba backend runs its sgemm tiles on its own threads, one BLAS thread each."""
+    import ctypes
+    try:
+        maps = open("/proc/self/maps").read().split()
+    except OSError:
+        return False
+    done = False
+    for path in sorted({p for p in maps if "openblas" in p.rsplit("/", 1)[-1].lower() and ".so" in p}):
+        lib = ctypes.CDLL(path)
+        for sym in ("openblas_set_num_threads", "openblas_set_num_threads64_",
+                    "scipy_openblas_set_num_threads", "scipy_openblas_set_num_threads64_"):
+            f = getattr(lib, sym, None)
+            if f is not None:
+                f(int(n))
+                done = True
+                break
+    return done
+
+
 def set_threads(n: int | None) -> int:
     """Threads for the numba kernels: `n`, else $NUMBA_NUM_THREADS, else all cores."""
     import numba
-    if "NUMBA_THREADING_LAYER" not in os.environ:
-        # numba's own thread pool. OpenMP's threads spin at the barrier after every kernel; when
-        # another program holds a core, each of our ~200 kernel launches per token then waits for a
-        # descheduled thread (measured on 2 busy cores: decode 4x slower than with this pool).
-        numba.config.THREADING_LAYER = "workqueue"
+    limit_blas_threads(1)
+    # OpenMP threads spin-wait after each parallel kernel: good for decode's back-to-back launches,
+    # bad when the sgemm threads of a prefill want the cores. 30k spins (~tens of us) measured best
+    # for both here; read by libgomp when numba first starts its pool, so set before any kernel runs.
+    os.environ.setdefault("GOMP_SPINCOUNT", "30000")
     if n is not None:
         if not 1 <= n <= numba.config.NUMBA_NUM_THREADS:
             raise InvalidArgumentError(

@@ -6,7 +6,7 @@ with one contiguous row. The reference simply calls BLAS. W may also be a quanti
 """
 import numpy as np
 
-from .quant import QuantMatrix, quant_linear, quant_linear_numba
+from .quant import QuantMatrix, quant_linear, quant_linear_numba, run_tiles
 
 
 def linear(x: np.ndarray, w) -> np.ndarray:
@@ -52,8 +52,14 @@ def linear_numba(x: np.ndarray, w) -> np.ndarray:
     if isinstance(w, QuantMatrix):
         return quant_linear_numba(x, w)
     if x.shape[0] >= 8:
-        # many tokens: compute-bound, and BLAS's register-blocked sgemm is ~3x the loop below
-        return x @ w.T
+        # many tokens: compute-bound, and BLAS's register-blocked sgemm is ~3x the loop below;
+        # row tiles go to threads, as for quantized weights (quant.run_tiles)
+        out = np.empty((x.shape[0], w.shape[0]), dtype=np.float32)
+
+        def job(r0, r1):
+            out[:, r0:r1] = x @ w[r0:r1].T
+        run_tiles(w.shape[0], job)
+        return out
     return _dense_matmul(np.ascontiguousarray(x, dtype=np.float32), w)
 
 

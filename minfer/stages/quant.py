@@ -273,16 +273,35 @@ def split_for_q4(x: np.ndarray):
 # Prefill and big batches: many tokens share every weight, so the work is compute-bound, not
 # memory-bound. There it pays to dequantize a tile of rows once into float32 (cheap: ~1 ns per
 # weight) and hand the tile to BLAS's sgemm, whose register-blocked kernels are ~3x faster than
-# anything a straightforward @njit loop reaches. The tile is bounded, so the float32 copy never
-# grows with the matrix (the 49152-row LM head goes through in tiles too).
+# anything a straightforward @njit loop reaches. The tiles are shared out to Python threads
+# (sgemm and the nogil dequantizer release the GIL), each with a single-threaded BLAS: two thread
+# pools spinning on the same cores (numba's and OpenBLAS's) were measured 2-3x slower.
 GEMM_MIN_ROWS = 8          # from this many tokens on, dequantize-then-sgemm beats the matvec kernel
-TILE_ROWS = 2048
+TILE_ROWS = 256
+_pool = None
 
 
-@njit(parallel=True, cache=True)
+def run_tiles(n_rows: int, job, tile_rows: int = TILE_ROWS) -> None:
+    """Call job(r0, r1) for consecutive row ranges, on as many threads as numba uses."""
+    global _pool
+    import numba
+    from concurrent.futures import ThreadPoolExecutor
+    n = numba.get_num_threads()
+    ranges = [(r0, min(r0 + tile_rows, n_rows)) for r0 in range(0, n_rows, tile_rows)]
+    if n == 1 or len(ranges) == 1:
+        for r in ranges:
+            job(*r)
+        return
+    if _pool is None or _pool._max_workers != n:
+        _pool = ThreadPoolExecutor(n, thread_name_prefix="minfer-gemm")
+    for f in [_pool.submit(job, *r) for r in ranges]:
+        f.result()
+
+
+@njit(nogil=True, cache=True)
 def _dequant_tile_q4(qs, d, m, r0, out):
     R, H = out.shape[0], qs.shape[1]
-    for r in prange(R):
+    for r in range(R):
         o = r0 + r
         for i in range(H):
             b, blk = qs[o, i], i >> 4
@@ -291,10 +310,10 @@ def _dequant_tile_q4(qs, d, m, r0, out):
             out[r, k + 16] = d[o, blk] * float32(b >> 4) + m[o, blk]
 
 
-@njit(parallel=True, cache=True)
+@njit(nogil=True, cache=True)
 def _dequant_tile_q8(qs, d, r0, out):
     R, K = out.shape
-    for r in prange(R):
+    for r in range(R):
         o = r0 + r
         for k in range(K):
             out[r, k] = d[o, k >> 5] * float32(qs[o, k])
@@ -303,14 +322,15 @@ def _dequant_tile_q8(qs, d, r0, out):
 def _tiled_gemm(x: np.ndarray, w: QuantMatrix) -> np.ndarray:
     O, K = w.shape
     out = np.empty((x.shape[0], O), dtype=np.float32)
-    tile = np.empty((min(TILE_ROWS, O), K), dtype=np.float32)
-    for r0 in range(0, O, TILE_ROWS):
-        t = tile[: min(TILE_ROWS, O - r0)]
+
+    def job(r0, r1):
+        tile = np.empty((r1 - r0, K), dtype=np.float32)
         if w.fmt == "Q8_0":
-            _dequant_tile_q8(w.qs, w.d, r0, t)
+            _dequant_tile_q8(w.qs, w.d, r0, tile)
         else:
-            _dequant_tile_q4(w.qs, w.d, w.m, r0, t)
-        out[:, r0:r0 + len(t)] = x @ t.T                                # [T, tile] by sgemm
+            _dequant_tile_q4(w.qs, w.d, w.m, r0, tile)
+        out[:, r0:r1] = x @ tile.T                                      # [T, tile] by sgemm
+    run_tiles(O, job)
     return out
 
 
