@@ -53,6 +53,8 @@ def evaluate(model, quants=("f32", "q8_0", "q4_1", "q4_0", "auto"), window: int 
 
 
 def print_table(rows: list[dict]) -> None:
+    print("reference f32 = the model file's own weights, dequantized to float32 (for a quantized file\n"
+          "such as SmolLM2's Q4_1 GGUF, 'auto' computes exactly that function; the others re-quantize it)")
     print(f"{'quant':<6} {'tokens':>7} {'perplexity':>11} {'KL vs f32':>10} {'top-1 vs f32':>13} {'weights MB':>11}")
     for r in rows:
         print(f"{r['quant']:<6} {r['tokens']:>7} {r['perplexity']:>11.3f} {r['kl_vs_f32']:>10.5f} "
