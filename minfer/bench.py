@@ -170,7 +170,7 @@ def run_bench(a) -> int:
     machine = _machine()
     results = []
     print(f"minfer bench: {a.prompt_tokens}-token prompt, {a.new_tokens} new tokens, {a.runs} runs "
-          f"each; {machine['cpu']}, {machine['cores']} cores", file=sys.stderr)
+          f"each ({a.numpy_runs} for numpy); {machine['cpu']}, {machine['cores']} cores", file=sys.stderr)
     for backend in backends:
         for quant in quants:
             spec = {"model": model, "random": a.random_weights, "cache": str(cache), "backend": backend,

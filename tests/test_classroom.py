@@ -2,7 +2,11 @@
 on the untouched stubs, name the classic mistakes; the CLI flow works; student_ops plugs finished
 functions into the live engine."""
 import argparse
+import os
+import subprocess
+import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +16,23 @@ from minfer import classroom
 from minfer.classroom import ExerciseError, check_functions, lessons, reference_functions, student_ops, tasks
 
 LESSON_NUMBERS = sorted(lessons())
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _on_gpu_or_simulator(request) -> bool:
+    """Lesson 11's checks launch numba.cuda kernels: they need a GPU or the CUDA simulator, which
+    numba picks at its first import (CI sets NUMBA_ENABLE_CUDASIM=1 for the whole run). Without
+    either, run this one test again in a child pytest under the simulator, and return False (the
+    caller stops: the child's result is the test's result). Never a skip."""
+    if tasks.cuda_ready():
+        return True
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           request.node.nodeid], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-30:])
+    assert proc.returncode == 0 and " passed" in tail, f"under the CUDA simulator:\n{tail}"
+    return False
 
 # Correct solutions written independently of minfer's reference (loops, other formulas): the checks
 # must accept any correct answer, not only the reference's own arithmetic.
@@ -142,6 +163,34 @@ def matmul_numba(x, w):
             out[t, o] = (x[t] * w[o]).sum()
     return out
 ''',
+    11: '''
+import math
+from numba import cuda, float32
+
+@cuda.jit
+def rmsnorm_kernel(x, w, eps, out):
+    part = cuda.shared.array(1024, float32)
+    scale = cuda.shared.array(1, float32)
+    t, tid, n = cuda.blockIdx.x, cuda.threadIdx.x, cuda.blockDim.x
+    D = x.shape[1]
+    acc = float32(0.0)
+    i = tid
+    while i < D:
+        acc += x[t, i] * x[t, i]
+        i += n
+    part[tid] = acc
+    cuda.syncthreads()
+    if tid == 0:                       # no tree: one thread adds the partial sums in order
+        total = float32(0.0)
+        for j in range(n):
+            total += part[j]
+        scale[0] = float32(1.0) / float32(math.sqrt(total / float32(D) + eps))
+    cuda.syncthreads()
+    i = tid
+    while i < D:
+        out[t, i] = x[t, i] * scale[0] * w[i]
+        i += n
+''',
     10: '''
 import math
 import numpy as np
@@ -198,13 +247,17 @@ def _cli(*argv):
 # --- the checks ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("n", LESSON_NUMBERS)
-def test_reference_passes_every_task(n):
+def test_reference_passes_every_task(n, request):
+    if classroom.get_lesson(n).needs_cuda and not _on_gpu_or_simulator(request):
+        return
     results = check_functions(n, reference_functions(n))
     assert [r.status for r in results] == ["pass"] * len(results), [(r.task, r.message) for r in results]
 
 
 @pytest.mark.parametrize("n", LESSON_NUMBERS)
-def test_independent_solutions_pass(n):
+def test_independent_solutions_pass(n, request):
+    if classroom.get_lesson(n).needs_cuda and not _on_gpu_or_simulator(request):
+        return
     results = check_functions(n, _ns(SOLUTIONS[n]))
     assert all(r.passed for r in results), [(r.task, r.message) for r in results]
 
@@ -219,6 +272,7 @@ def test_untouched_stubs_fail_every_task(n):
     stubs = _ns(lesson.stub)
     for task in lesson.tasks:
         ref = lesson.references[task.name]
+        ref = getattr(ref, "py_func", ref)                 # a kernel: the function it compiles
         assert list(inspect.signature(stubs[task.name]).parameters) == list(inspect.signature(ref).parameters)
 
 
@@ -304,6 +358,22 @@ def test_classic_mistakes_are_named_for_kernels_and_blocks():
     assert "signed int8" in _message(10, dequantize_q8_0=unsigned)
 
 
+def test_classic_mistakes_are_named_for_gpu_kernels(request):
+    if not _on_gpu_or_simulator(request):
+        return
+    def variant(old, new):                                 # the solution with one mistake in it
+        assert old in SOLUTIONS[11]
+        return _ns(SOLUTIONS[11].replace(old, new))["rmsnorm_kernel"]
+    assert "not by the number of threads" in _message(
+        11, rmsnorm_kernel=variant("total / float32(D)", "total / float32(n)"))
+    assert "never written" in _message(11, rmsnorm_kernel=variant("        i += n\n", "        i += D\n"))
+    assert "only thread 0" in _message(11, rmsnorm_kernel=variant("range(n)", "range(1)"))
+
+    def plain(x, w, eps, out):
+        return None
+    assert "@cuda.jit" in _message(11, rmsnorm_kernel=plain)
+
+
 def test_a_numba_compile_error_is_short():
     from numba import njit
 
@@ -345,6 +415,16 @@ def test_start_check_flow(tmp_path, capsys):
     assert "PASS  softmax" in out and "PASS  paged_attention" in out and "2 of 2" in out
     assert _cli("start", "5", "--dir", d, "--force") == 0            # start over
     assert _cli("check", "5", "--dir", d) == 1
+
+
+def test_check_of_the_gpu_lesson_needs_no_gpu(tmp_path):
+    """`lesson check 11` launches kernels: on a machine without a GPU (and without the simulator
+    switched on) it runs itself again under NUMBA_ENABLE_CUDASIM=1; the exit code says pass/fail."""
+    d = str(tmp_path)
+    assert _cli("start", "11", "--dir", d) == 0
+    assert _cli("check", "11", "--dir", d) == 1                      # the untouched stub
+    _write(tmp_path, 11, SOLUTIONS[11])
+    assert _cli("check", "11", "--dir", d) == 0
 
 
 def test_check_reports_a_wrong_function_with_a_hint(tmp_path, capsys):

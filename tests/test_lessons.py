@@ -25,9 +25,9 @@ def _site_hook():
     return module
 
 
-def test_there_are_lessons_00_to_10():
+def test_there_are_lessons_00_to_11():
     numbers = [int(p.name[:2]) for p in LESSONS]
-    assert numbers[:11] == list(range(11)), [p.name for p in LESSONS]
+    assert numbers[:12] == list(range(12)), [p.name for p in LESSONS]
 
 
 @pytest.mark.slow
@@ -70,7 +70,18 @@ def test_lessons_reference_real_modules():
     """Each stage lesson imports the module it teaches (the lessons follow the code)."""
     expect = {"03": "minfer.stages.rmsnorm", "04": "minfer.stages.rope", "05": "minfer.stages.attention",
               "06": "minfer.stages.kvcache", "07": "minfer.stages.mlp", "08": "minfer.sampling",
-              "09": "minfer.stages.rmsnorm", "10": "minfer.stages.quant"}
+              "09": "minfer.stages.rmsnorm", "10": "minfer.stages.quant",
+              "11": "minfer.stages.linear_cuda"}
     for lesson in LESSONS:
         if lesson.name[:2] in expect:
             assert f"from {expect[lesson.name[:2]]} import" in lesson.read_text(), lesson.name
+
+
+def test_the_gpu_lesson_runs_its_kernels_on_the_simulator_without_a_gpu():
+    """Lesson 11 picks numba's CUDA simulator itself, before numba is first imported (numba
+    chooses at import): a machine without a GPU runs it as is. Its first code cell says so."""
+    text = (ROOT / "lessons" / "11_gpu.py").read_text()
+    cells = _site_hook().parse_cells(text)
+    first_code = next(c["source"] for c in cells if c["kind"] == "code")
+    setting = first_code.index('os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")')
+    assert "numba" not in first_code[:setting] and "minfer" not in first_code[:setting]

@@ -1,14 +1,16 @@
 """The classroom: exercises for the lessons, checked against minfer's own reference.
 
-Each lesson from 03 to 10 comes with tasks: functions whose bodies are left for the student, with
+Each lesson from 03 to 11 comes with tasks: functions whose bodies are left for the student, with
 the same names and signatures as the stage's NumPy reference (lesson 09: as its Numba kernel;
-lesson 10: one block format at a time). The command line drives it:
+lesson 10: one block format at a time; lesson 11: as its numba.cuda kernel). The command line
+drives it:
 
     python -m minfer lesson list                    # lessons and their tasks
     python -m minfer lesson start 5 [--dir DIR]     # copy lesson05_attention.py into DIR
     python -m minfer lesson check 5 [--dir DIR]     # run the lesson's tests on DIR's code
 
-(DIR defaults to ./minfer-exercises.) A check (tasks.py) compares the student's function with the reference
+(DIR defaults to ./minfer-exercises. Lesson 11's check launches GPU kernels: without a GPU,
+`check 11` runs itself again under numba's CUDA simulator, NUMBA_ENABLE_CUDASIM=1.) A check (tasks.py) compares the student's function with the reference
 on random inputs of several shapes, odd sizes included, and on a failure says what differs and
 gives a hint. `student_ops` then plugs the finished functions into a backend's op table, so that
 `python -m minfer chat --use-mine` runs the real model on the student's own attention.
@@ -25,6 +27,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+import subprocess
 import sys
 import textwrap
 import traceback
@@ -35,7 +38,7 @@ from types import ModuleType, SimpleNamespace
 import numpy as np
 
 from .tasks import (CheckFailed, ExerciseError, Lesson, Task, _attention_case, _randn, _rng,
-                    expect_close, get_lesson, lessons, reference_functions)
+                    cuda_ready, expect_close, get_lesson, lessons, reference_functions)
 
 DEFAULT_DIR = "minfer-exercises"
 
@@ -220,7 +223,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register `lesson` on the CLI's subparsers."""
     p = subparsers.add_parser(
         "lesson", help="exercises: list | start N | check N",
-        description="Exercises for lessons 03-10: `start N` copies the lesson's stub functions into "
+        description="Exercises for lessons 03-11: `start N` copies the lesson's stub functions into "
                     "your folder, `check N` tests your functions against minfer's reference.")
     sub = p.add_subparsers(dest="lesson_command", metavar="ACTION")
     sub.add_parser("list", help="the lessons with exercises and their tasks")
@@ -233,6 +236,16 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         if name == "start":
             s.add_argument("--force", action="store_true", help="overwrite an existing file")
     return p
+
+
+def _check_under_simulator(lesson: Lesson, folder) -> int:
+    """Run `lesson check N` again in a child process with numba's CUDA simulator switched on (it
+    is chosen when numba.cuda is first imported, so this process cannot switch it on)."""
+    print(f"minfer: no CUDA GPU here; checking lesson {lesson.number:02d} under numba's CUDA "
+          f"simulator (NUMBA_ENABLE_CUDASIM=1): slow, but exact", file=sys.stderr, flush=True)
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
+    return subprocess.call([sys.executable, "-m", "minfer", "lesson", "check", str(lesson.number),
+                            "--dir", str(folder)], env=env)
 
 
 def run(args) -> int:
@@ -262,6 +275,8 @@ def run(args) -> int:
         if not path.exists():
             raise ExerciseError(f"{path} does not exist; create it with `python -m minfer lesson start "
                                 f"{lesson.number}`" + (f" --dir {args.dir}" if args.dir != DEFAULT_DIR else ""))
+        if lesson.needs_cuda and not cuda_ready():
+            return _check_under_simulator(lesson, args.dir)
         results = check_functions(lesson, load_student_module(path))
         print(format_results(lesson, results, str(path)))
         return 0 if all(r.passed for r in results) else 1
@@ -270,4 +285,4 @@ def run(args) -> int:
 
 __all__ = ["add_parser", "run", "student_ops", "check_functions", "lessons", "get_lesson",
            "reference_functions", "exercise_path", "load_student_module", "show", "figures_dir",
-           "expect_close", "ExerciseError", "CheckFailed", "Lesson", "Task"]
+           "expect_close", "cuda_ready", "ExerciseError", "CheckFailed", "Lesson", "Task"]

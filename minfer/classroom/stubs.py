@@ -210,4 +210,37 @@ def dequantize_q4_1(raw, shape):
     """
     raise NotImplementedError("lesson 10: dequantize_q4_1")
 ''',
+    11: '''
+import math
+
+from numba import cuda, float32
+
+# A GPU kernel is one function that every thread of the launch runs, each with its own
+# cuda.blockIdx / cuda.threadIdx. The check launches yours as
+#     rmsnorm_kernel[T, threads](x, w, eps, out)        # grid (T,) blocks, block (threads,)
+# with device arrays, threads a power of two (4 to 16; on a GPU up to 1024), and D larger than,
+# equal to and smaller than the number of threads. Without a GPU it runs under numba's simulator
+# (NUMBA_ENABLE_CUDASIM=1: `lesson check 11` sets it), where every thread is a Python thread:
+# slow, but exact about which thread touches what. Uncomment the decorator when you write the body.
+
+
+# @cuda.jit
+def rmsnorm_kernel(x, w, eps, out):
+    """One block per token row: block t = cuda.blockIdx.x normalises row t of x [T, D] into out.
+
+        out[t, i] = x[t, i] / sqrt(mean over i of x[t, i]^2 + eps) * w[i]
+
+    1. Thread tid = cuda.threadIdx.x of n = cuda.blockDim.x sums the squares of its own columns
+       tid, tid + n, tid + 2n, ... (a float32 accumulator: float32(0.0)).
+    2. It stores that partial sum in shared memory, part = cuda.shared.array(1024, float32) (the
+       size must be a constant), and waits for the others: cuda.syncthreads().
+    3. A tree adds the n partial sums: for s = n // 2, n // 4, ..., 1 the threads tid < s add
+       part[tid + s] into part[tid]; every thread reaches cuda.syncthreads() after each step.
+       (No warp shuffles: shared memory and barriers only.)
+    4. Every thread reads the total part[0], computes r = 1 / sqrt(total / D + eps) (math.sqrt),
+       and writes out[t, i] = x[t, i] * r * w[i] for its own columns.
+    Write only into out; x and w are read-only.
+    """
+    raise NotImplementedError("lesson 11: rmsnorm_kernel")
+''',
 }

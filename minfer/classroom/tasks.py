@@ -88,6 +88,7 @@ class Lesson:
     stub: str
     minutes: int = 30
     references: dict = field(default_factory=dict)
+    needs_cuda: bool = False       # its checks launch GPU kernels (a GPU, or numba's simulator)
 
     @property
     def filename(self) -> str:
@@ -656,6 +657,91 @@ def _check_dequantize_q4_1(f):
             raise CheckFailed(f"{what}: your function changed the bytes it was given")
 
 
+# --- lesson 11: a GPU kernel --------------------------------------------------------------------
+
+def cuda_ready() -> bool:
+    """Can numba.cuda launch kernels in this process: a GPU, or the simulator
+    (NUMBA_ENABLE_CUDASIM=1 when numba was first imported)?"""
+    from numba import config
+    if config.ENABLE_CUDASIM:
+        return True
+    try:
+        from numba import cuda
+        return bool(cuda.is_available())
+    except Exception:                                      # numba-cuda missing or broken
+        return False
+
+
+def _expect_cuda_kernel(f, name: str, *probe) -> None:
+    """Fail unless f is a numba.cuda kernel. An untouched stub (a plain function that raises
+    NotImplementedError) is called on `probe` first, so that it reports as not done yet."""
+    kind = type(f).__name__
+    if "CUDA" in kind:                                     # CUDADispatcher, or the simulator's FakeCUDAKernel
+        return
+    try:
+        f(*probe)
+    except NotImplementedError:
+        raise
+    except Exception:                                      # cuda.threadIdx & co. exist only in a kernel
+        pass
+    if "Dispatcher" in kind:
+        raise CheckFailed(f"{name} is a CPU kernel (@njit); a GPU kernel is decorated with @cuda.jit")
+    raise CheckFailed(f"{name} is a plain Python function, not a GPU kernel: decorate it with "
+                      f"@cuda.jit (the stub has the decorator commented out, just above `def {name}`)")
+
+
+def _check_rmsnorm_kernel(f):
+    from ..stages.rmsnorm import rmsnorm
+    rng = _rng(19)
+    x0, w0 = _randn(rng, 2, 8), _randn(rng, 8)
+    _expect_cuda_kernel(f, "rmsnorm_kernel", x0, w0, np.float32(1e-5), np.empty_like(x0))
+    if not cuda_ready():
+        raise CheckFailed("numba.cuda cannot run kernels in this process (no GPU, and the simulator "
+                          "is off): run `NUMBA_ENABLE_CUDASIM=1 python -m minfer lesson check 11` "
+                          "(`python -m minfer lesson check 11` does this by itself)")
+    from numba import cuda
+    from numba.core.errors import NumbaError
+    # (T rows = blocks, D columns, threads per block): D below, at and above the block size
+    for T, D, threads, scale, eps in [(1, 8, 8, 1.0, 1e-5), (3, 33, 8, 30.0, 1e-6),
+                                      (2, 5, 16, 1.0, 1e-5), (4, 70, 4, 1e-3, 1e-5)]:
+        x, w = _randn(rng, T, D, scale=scale), _randn(rng, D) + 1
+        xc, wc = x.copy(), w.copy()
+        what = f"x [{T}, {D}] (scale {scale}), eps={eps}, launched [{T}, {threads}]"
+        dx, dw = cuda.to_device(x), cuda.to_device(w)
+        dout = cuda.to_device(np.full((T, D), np.nan, np.float32))    # unwritten stays nan
+        try:
+            f[T, threads](dx, dw, np.float32(eps), dout)
+            cuda.synchronize()
+        except NumbaError as e:
+            lines = [ln for ln in str(e).splitlines() if ln.strip()][:6]
+            raise CheckFailed("numba.cuda could not compile your kernel:\n          "
+                              + "\n          ".join(lines)) from None
+        got = dout.copy_to_host()
+        want = rmsnorm(x, w, eps)
+        if np.isnan(got).any() and not np.isnan(want).any():
+            cols = np.flatnonzero(np.isnan(got).any(axis=0))
+            if cols.min() >= threads:
+                raise CheckFailed(f"{what}: columns {threads} and up were never written; each "
+                                  f"thread handles columns tid, tid + blockDim.x, ... "
+                                  f"(range(tid, D, cuda.blockDim.x)), not only column tid")
+            rows = np.flatnonzero(np.isnan(got).any(axis=1))
+            raise CheckFailed(f"{what}: out[{rows[0]}, {cols[0]}] was never written (still nan); "
+                              f"block t writes every column of row t = cuda.blockIdx.x")
+        ms = np.mean(x * x, axis=-1, keepdims=True)
+        expect_close(got, want, what, atol=1e-5, rtol=1e-4, variants=_rmsnorm_variants(x, w, eps) + [
+            ("the mean of the squares divides the sum by D (x.shape[1]), not by the number of "
+             "threads", x / np.sqrt(ms * D / threads + eps) * w),
+            ("each thread sums only its own columns (tid, tid + blockDim.x, ...); summing all D "
+             "in every thread and then adding the threads' sums counts each column blockDim.x times",
+             x / np.sqrt(ms * threads + eps) * w),
+            ("only thread 0's partial sum reached the total: the tree must add part[tid + s] into "
+             "part[tid] for s = blockDim.x // 2, ..., 1, with cuda.syncthreads() after each step",
+             x / np.sqrt((x[:, 0:D:threads] ** 2).sum(-1, keepdims=True) / D + eps) * w),
+        ])
+        if not (np.array_equal(dx.copy_to_host(), xc) and np.array_equal(dw.copy_to_host(), wc)):
+            raise CheckFailed(f"{what}: your kernel changed x or w; write into out only")
+
+
 # --- the stub files the students fill in ----------------------------------------------------------
 def _lessons() -> dict[int, Lesson]:
     from .. import sampling
@@ -732,6 +818,15 @@ def _lessons() -> dict[int, Lesson]:
              "before the high ones (16-31); w = d * q + m, all in float32"),
     ], dict(quantize_q8_0=_ref_quantize_q8_0, dequantize_q8_0=_ref_dequantize_q8_0,
             dequantize_q4_1=_ref_dequantize_q4_1))
+    add(11, "gpu", "a GPU kernel", "stages/rmsnorm.py", "11_gpu.py", 30, [
+        Task("rmsnorm_kernel", _check_rmsnorm_kernel, "@cuda.jit; t = cuda.blockIdx.x, tid = "
+             "cuda.threadIdx.x, n = cuda.blockDim.x; part = cuda.shared.array(1024, float32); "
+             "ss = float32(0.0) summed over i in range(tid, D, n); part[tid] = ss; "
+             "cuda.syncthreads(); then s = n // 2, n // 4, ..., 1: threads tid < s add part[tid + s] "
+             "into part[tid], with cuda.syncthreads() after every step (outside the if); "
+             "r = 1 / sqrt(part[0] / D + eps); each thread writes its own columns"),
+    ], dict(rmsnorm_kernel=rmsnorm.rmsnorm_kernel))
+    L[11].needs_cuda = True
     return L
 
 

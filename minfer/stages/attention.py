@@ -164,6 +164,6 @@ def paged_attention_cuda(q, k_cache, v_cache, layer, row_seq, positions, block_t
     int32, block_tables [B, M] int32."""
     hd = k_cache.shape[4]
     n_heads = q.shape[1] // hd
-    threads = max(threads, 1 << (hd - 1).bit_length())   # at least one thread per output element
+    threads = min(MAX_THREADS, max(threads, 1 << (hd - 1).bit_length()))  # one thread per output element, within the shared arrays
     attention_kernel[(q.shape[0], n_heads), threads, stream](
         q, k_cache, v_cache, layer, row_seq, positions, block_tables, out)

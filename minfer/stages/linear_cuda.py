@@ -19,7 +19,7 @@ and the sum of squares behind rms(x) is accumulated in the same pass over x as t
 All three kernels share one inner loop, `_pair_dots`: a group of `lanes` threads (one warp on a
 GPU) computes two output rows for up to TB tokens. The lanes split the row into units of 8
 weights; each unit is dequantized once into registers and multiplied with the x values of every
-token of the tile. Each lane ends with partial sums; a tree in shared memory adds them up.
+token of the tile. Each lane ends with partial sums; one thread adds them up from shared memory (see _pair_dots).
 Why two rows? RoPE rotates pairs of rows (2i, 2i+1) and SwiGLU multiplies row i of the gate with
 row i of up: computing both members of a pair in the same place lets the epilogue finish the job.
 
