@@ -331,9 +331,15 @@ def test_classic_mistakes_are_named_for_kernels_and_blocks():
     assert "float64" in _message(9, matmul_numba=float64_out)
 
     @njit
-    def not_transposed(x, w):
-        return (x @ w).astype(np.float32) if x.shape[1] == w.shape[0] == w.shape[1] else \
-            (x @ w.T).astype(np.float32)
+    def not_transposed(x, w):          # loops, not `@`: numba's matmul would need scipy
+        T, K = x.shape
+        O = w.shape[0]
+        out = np.zeros((T, O), np.float32)
+        for t in range(T):
+            for o in range(O):
+                for k in range(K):
+                    out[t, o] += x[t, k] * (w[k, o] if K == O else w[o, k])
+        return out
     assert "x @ w.T" in _message(9, matmul_numba=not_transposed)
 
     def half_even(w):
