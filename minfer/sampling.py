@@ -64,11 +64,25 @@ def filter_logits(logits: np.ndarray, p: SamplingParams) -> np.ndarray:
         kth = np.partition(logits, -p.top_k)[-p.top_k]
         logits[logits < kth] = -np.inf
     if p.top_p < 1.0:
-        order = np.argsort(-logits)                                 # most likely first
-        probs = _softmax(logits[order])
+        probs = _softmax(logits)
+        # Only the most likely tokens can survive, so sort just enough of them: candidates are the
+        # k largest for k = 64, 256, ... until they hold top_p of the mass (sorting all 49,152
+        # logits for every token cost ~3 ms, a third of a decode step).
+        k, V = 64, len(probs)
+        while True:
+            if 4 * k > V:                                           # a flat distribution: sort all
+                cand = np.arange(V)
+                break
+            cand = np.argpartition(-probs, k)[:k]
+            if probs[cand].sum() >= p.top_p:
+                break
+            k *= 4
+        order = cand[np.argsort(-probs[cand])]                      # most likely first
         # keep a token while the mass before it is < top_p (the top token is always kept)
-        drop = np.cumsum(probs) - probs >= p.top_p
-        logits[order[drop]] = -np.inf
+        keep = order[np.cumsum(probs[order]) - probs[order] < p.top_p]
+        kept = np.full_like(logits, -np.inf)
+        kept[keep] = logits[keep]
+        logits = kept
     if p.min_p > 0.0:
         probs = _softmax(logits)
         logits[probs < p.min_p * probs.max()] = -np.inf

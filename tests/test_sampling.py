@@ -44,3 +44,16 @@ def test_greedy_and_distribution():
 def test_bad_values_raise(kw):
     with pytest.raises(InvalidArgumentError):
         SamplingParams(**kw)
+
+
+@pytest.mark.parametrize("scale", [0.5, 3.0, 12.0])
+@pytest.mark.parametrize("top_p", [0.1, 0.5, 0.9, 0.99])
+def test_top_p_matches_the_full_sort_definition(scale, top_p):
+    """filter_logits sorts only a few candidates; the kept set must equal the textbook rule."""
+    logits = (np.random.default_rng(int(scale * 10)).standard_normal(5000) * scale).astype(np.float64)
+    order = np.argsort(-logits)
+    probs = np.exp(logits[order] - logits.max())
+    probs /= probs.sum()
+    want = set(order[np.cumsum(probs) - probs < top_p])
+    got = set(np.flatnonzero(np.isfinite(filter_logits(logits.copy(), SamplingParams(top_p=top_p)))))
+    assert got == want
