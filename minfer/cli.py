@@ -100,8 +100,25 @@ def _params(a):
                           stop=a.stop, seed=a.seed)
 
 
+def _first_run_notice(backend: str) -> None:
+    """Numba compiles the kernels the first time they run (~10 s), then caches them on disk."""
+    if backend != "numba":
+        return
+    import os
+    from . import stages
+    cache = os.environ.get("NUMBA_CACHE_DIR") or os.path.join(os.path.dirname(stages.__file__), "__pycache__")
+    try:
+        cached = any(name.startswith("quant.") and name.endswith(".nbi") for name in os.listdir(cache))
+    except OSError:
+        cached = False
+    if not cached:
+        print("minfer: first run: compiling the kernels (about 10-20 s, cached afterwards)",
+              file=sys.stderr, flush=True)
+
+
 def _llm(a):
     from .llm import LLM
+    _first_run_notice(a.backend)
     if a.max_context is not None and a.max_context < 2:
         raise InvalidArgumentError(f"--max-context must be at least 2, got {a.max_context}")
     mine = getattr(a, "use_mine", None)
