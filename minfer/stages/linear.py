@@ -102,3 +102,10 @@ def _dense_matmul(x, w):
                 acc += x[t, k] * w[o, k]
             out[t, o] = acc
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# numba.cuda GPU path: stages/linear_cuda.py. On the GPU the linear layers are where the fusion
+# happens (norm + QKV + RoPE + cache write, residual epilogues, gate/up + SiLU), and those kernels
+# are long enough to deserve their own page.
+# ---------------------------------------------------------------------------------------------

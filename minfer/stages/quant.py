@@ -350,3 +350,9 @@ def quant_linear_numba(x: np.ndarray, w: QuantMatrix) -> np.ndarray:
     if w.fmt == "Q8_0":
         return _q8_0_matmul(x, w.qs, w.d)
     return _q4_matmul(*split_for_q4(x), w.qs, w.d, w.m)
+
+
+# ---------------------------------------------------------------------------------------------
+# numba.cuda GPU path: stages/linear_cuda.py reads these same blocks (Q8_0/Q4_0/Q4_1 quants and
+# float32 scales) and dequantizes them in registers inside its fused matmul kernels.
+# ---------------------------------------------------------------------------------------------
