@@ -33,7 +33,7 @@ from numba import float32, njit, prange
 import minfer
 from minfer import backends
 from minfer.batch import make_batch
-from minfer.classroom import show
+from minfer.classroom import clock, show   # clock: (median s, first call s)
 from minfer.stages import attention, embedding, kvcache, linear, mlp, rmsnorm, rope
 from minfer.stages.rmsnorm import rmsnorm_numba
 
@@ -41,23 +41,6 @@ ALL_THREADS = numba.config.NUMBA_NUM_THREADS
 numba.set_num_threads(1)
 print(f"numba {numba.__version__}, numpy {np.__version__}; this machine has {os.cpu_count()} cores")
 print(f"Numba may use {ALL_THREADS} threads; this lesson uses 1 unless it says otherwise")
-
-
-def clock(f, *args, budget=0.05, most=200):
-    """(median seconds of f(*args), seconds of the first call). The first call is kept apart: for
-    a Numba kernel it includes compiling it. Then as many calls as fit in `budget` (3 to `most`)."""
-    t0 = time.perf_counter()
-    f(*args)
-    first = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    f(*args)
-    n = int(min(most, max(3, budget / max(time.perf_counter() - t0, 1e-7))))
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        f(*args)
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times)), first
 
 
 # %% [markdown]

@@ -27,7 +27,7 @@ import numpy as np
 
 import minfer
 from minfer import quality
-from minfer.classroom import show
+from minfer.classroom import clock, show   # clock: (median s, first call s)
 from minfer.stages import quant
 from minfer.stages.linear import linear_numba
 from minfer.stages.quant import (BLOCK_DTYPES, QK, QuantMatrix, dequantize, quant_linear,
@@ -36,20 +36,6 @@ from minfer.stages.quant import (BLOCK_DTYPES, QK, QuantMatrix, dequantize, quan
 numba.set_num_threads(1)
 llm = minfer.LLM(backend="numba")          # quant="auto": the file's own blocks, as they are
 print(f"{llm.path.name}: {llm.weights.nbytes() / 1e6:.1f} MB of weights in memory")
-
-
-def clock(f, *args, budget=0.05, most=50):
-    """Median seconds of f(*args) over as many calls as fit in `budget` (after a warm-up call)."""
-    f(*args)
-    t0 = time.perf_counter()
-    f(*args)
-    n = int(min(most, max(3, budget / max(time.perf_counter() - t0, 1e-7))))
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        f(*args)
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
 
 
 # %% [markdown]
@@ -287,7 +273,7 @@ mats = {"f32": E32, "Q8_0": E, "Q4_1": QuantMatrix.from_float(E32, "Q4_1")}   # 
 x1 = rng.standard_normal((1, E.shape[1])).astype(np.float32)
 speed = {}
 for fmt, M in mats.items():
-    t = clock(linear_numba, x1, M, budget=0.15)
+    t, _ = clock(linear_numba, x1, M, budget=0.15, most=50)
     speed[fmt] = (t, M.nbytes)
 t0 = time.perf_counter()
 quant_linear(x1, mats["Q4_1"])                       # the reference: slow, so timed once

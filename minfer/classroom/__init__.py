@@ -54,6 +54,25 @@ def figures_dir() -> Path:
     return d
 
 
+def clock(f, *args, budget=0.05, most=200):
+    """(median seconds of f(*args), seconds of the first call), for the lessons' timings. The first
+    call is kept apart: for a Numba kernel it includes compiling it. Then as many calls as fit in
+    `budget` (3 to `most`)."""
+    import time
+    t0 = time.perf_counter()
+    f(*args)
+    first = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    f(*args)
+    n = int(min(most, max(3, budget / max(time.perf_counter() - t0, 1e-7))))
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        f(*args)
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times)), first
+
+
 def show(fig, name: str) -> Path:
     """Save a matplotlib figure as figures/<name>.png; in a notebook, also display it."""
     path = figures_dir() / f"{name}.png"
