@@ -10,6 +10,9 @@
               (CUDA-graph decode, eager decode, sampling on the device) == the numba backend's
 3. benchmark  prefill of one 128-token prompt; decode of 128 new tokens (first one excluded) at
               batch 1 (graphs and eager) and batch 32; targets from issue 5 (H200 transformers x10/x5)
+4. profile    GPU time of each kernel (layer 0) at T = 1, 32 and 128 tokens, measured as 30
+              launches recorded in one CUDA graph (no Python in the timing), and the Python cost
+              of one eager launch: where a step's time goes
 
 Needs numba-cuda (the GPU image has it) and minfer's runtime dependencies, no model file.
 Expected run time on an H100: about 3 minutes (numba CPU JIT ~1 min, weights ~20 s, rest ~1 min).
@@ -283,6 +286,97 @@ def bench(cfg, W, prompt_len=128, n_new=128, runs=3):
     print(f"  batch 32: prefill {med(pre):.0f} tok/s, decode {med(dec):.0f} tok/s in total", flush=True)
 
 
+# ---------------------------------------------------------------------------------------------
+def graph_us(model, launch, n=30, reps=5):
+    """GPU microseconds per launch: `launch(stream)` n times recorded as one CUDA graph, replayed
+    reps times; None if this numba-cuda cannot record graphs."""
+    try:
+        from cuda.core import Stream as CoreStream
+        core = CoreStream.from_handle(int(model.stream.handle))
+        model.stream.synchronize()
+        b = core.create_graph_builder().begin_building()
+        for _ in range(n):
+            launch(b)
+        g = b.end_building().complete()
+        g.upload(core)
+        g.launch(core)
+        model.stream.synchronize()
+        t = time.perf_counter()
+        for _ in range(reps):
+            g.launch(core)
+        model.stream.synchronize()
+        return 1e6 * (time.perf_counter() - t) / (reps * n)
+    except Exception as e:  # noqa: BLE001
+        print(f"  (graph timing unavailable: {type(e).__name__}: {e})", flush=True)
+        return None
+
+
+def eager_us(model, launch, n=100):
+    """Wall microseconds per launch from Python, n launches then one synchronize."""
+    launch(model.stream)
+    model.stream.synchronize()
+    t = time.perf_counter()
+    for _ in range(n):
+        launch(model.stream)
+    model.stream.synchronize()
+    return 1e6 * (time.perf_counter() - t) / n
+
+
+def profile(cfg, W, sizes=(1, 32, 128), context=128, n=100):
+    from minfer.stages.attention import paged_attention_cuda as attn
+    from minfer.stages.embedding import embedding_cuda
+    gpu = CudaModel(cfg, W, graphs=False)
+    c, k = cfg, gpu.launch
+    mm = dict(lanes=k.lanes, groups=k.groups)
+    L = gpu.layers[0]
+    cache = gpu.new_cache(n_blocks=max(sizes) * (context // 16 + 2) + 16, block_size=16)
+    bm = BlockManager(cache)
+    prof = results["profile"] = {}
+    for T in sizes:
+        if T == sizes[-1]:     # prefill: one T-token prompt, logits of its last row
+            bm.ensure(0, context)
+            batch = make_batch([(list(range(3, 3 + T)), 0, bm.tables[0])], 16)
+        else:            # decode: T sequences, each bringing one token at position `context`
+            for s in range(T):
+                bm.ensure(s, context + 1)
+            batch = make_batch([([5], context, bm.tables[s]) for s in range(T)], 16)
+        R = len(batch.logits_rows)
+        B, M = batch.block_tables.shape
+        w = gpu._work_for(T, B, M, R)
+        w.upload(batch, gpu.stream)
+        w.params[:R].copy_to_device(params_array([SamplingParams(temperature=0.8, top_p=0.9)] * R,
+                                                 [np.random.default_rng(0)] * R), stream=gpu.stream)
+        x, q, a, h = w.x[:T], w.q[:T], w.a[:T], w.h[:T]
+        kern = {
+            "embedding": lambda s: embedding_cuda(w.tok, gpu.tok_embd, x, threads=k.rows, stream=s),
+            "norm+QKV+RoPE+cache": lambda s: qkv_cuda(x, L.attn_norm, c.rms_eps, L.wqkv, w.pos, w.slot, gpu.cos,
+                                                      gpu.sin, q, cache.k, cache.v, 0, stream=s, **mm),
+            "attention": lambda s: attn(q, cache.k, cache.v, 0, w.seq, w.pos, w.tables, a, threads=k.attn, stream=s),
+            "W_o + residual": lambda s: linear_cuda(a, L.wo, x, w.arange, accumulate=True, stream=s, **mm),
+            "norm+gate/up+SiLU": lambda s: swiglu_cuda(x, L.ffn_norm, c.rms_eps, L.w_gate_up, h, stream=s, **mm),
+            "W_down + residual": lambda s: linear_cuda(h, L.w_down, x, w.arange, accumulate=True, stream=s, **mm),
+            "LM head (norm, R rows)": lambda s: linear_cuda(x, gpu.lm_head, w.logits[:R], w.rows, norm=gpu.norm,
+                                                            eps=c.rms_eps, stream=s, **mm),
+            "sampling": lambda s: sample_cuda(w.logits[:R], w.params[:R], w.ids[:R], threads=k.sample, stream=s),
+        }
+        row = prof[f"T={T}"] = {}
+        print(f"  T={T} (R={R} logits rows), context {context}: GPU us per launch (graph) | eager wall us",
+              flush=True)
+        for name, fn in kern.items():
+            e = eager_us(gpu, fn, n)
+            g = graph_us(gpu, fn, n=min(n, 30), reps=5)
+            row[name] = {"graph_us": g, "eager_us": e}
+            print(f"    {name:<26} {g if g is not None else float('nan'):9.1f} | {e:9.1f}", flush=True)
+        if all(v["graph_us"] is not None for v in row.values()):
+            per_layer = sum(row[n]["graph_us"] for n in list(kern)[1:6])
+            step = row["embedding"]["graph_us"] + c.n_layers * per_layer + row["LM head (norm, R rows)"]["graph_us"] \
+                + row["sampling"]["graph_us"]
+            row["step_us_sum"] = step
+            print(f"    sum for one step ({c.n_layers} layers): {step:.0f} us = {T / step * 1e6:.0f} tok/s", flush=True)
+        for s in range(B):
+            bm.release(s)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tiny", action="store_true", help="tiny shapes (to try the script on the simulator)")
@@ -306,6 +400,7 @@ def main():
                 ("end-to-end vs the numba backend", lambda: results.__setitem__("model", end_to_end(c, 4 if a.tiny else 32)))]
     if not a.tiny:
         sections.append(("benchmark (random weights, SmolLM2-135M shape)", lambda: bench(*results["model"])))
+    sections.append(("profile: GPU time per kernel", lambda: profile(*results["model"], **(dict(sizes=(1, 2, 8), context=16, n=2) if a.tiny else {}))))
     for title, fn in sections:
         print(f"== {title}", flush=True)
         try:
