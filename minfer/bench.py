@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import platform
 import statistics
 import subprocess
@@ -103,7 +104,12 @@ def _run_worker(spec: dict, env: dict | None = None) -> dict:
     cmd = [sys.executable, "-m", "minfer.bench", "--worker", json.dumps(spec)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
     if proc.returncode != 0:
-        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        # the last line that says something (numba ends its errors with bare colour codes)
+        lines = [ln for ln in re.sub(r"\x1b\[[0-9;]*m", "", proc.stderr).splitlines() if ln.strip()]
+        errs = [ln for ln in lines if re.match(r"^[\w.]*(Error|Exception)\b", ln)]
+        last = (errs or lines or ["no output"])[-1].strip()
+        if proc.stderr.strip() and os.environ.get("MINFER_DEBUG"):
+            sys.stderr.write(proc.stderr)
         from .errors import MinferError
         raise MinferError(f"benchmark worker for {spec['backend']}/{spec['quant']} failed: {last}")
     return json.loads(proc.stdout.strip().splitlines()[-1])

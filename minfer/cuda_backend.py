@@ -65,6 +65,15 @@ def cuda_ops():
     return SimpleNamespace(name="cuda", make_model=CudaModel)
 
 
+def core_stream(stream):
+    """numba's stream as a cuda.core Stream (the same CUDA stream): cuda.core records graphs."""
+    from cuda.core import Stream as CoreStream
+    if hasattr(CoreStream, "from_handle"):
+        return CoreStream.from_handle(int(stream))
+    from cuda.core import Device
+    return Device().create_stream(stream)         # older cuda.core: via __cuda_stream__
+
+
 @dataclass
 class Launch:
     """Block shapes. The GPU wants full warps; the simulator runs each thread as a Python thread,
@@ -258,8 +267,7 @@ class CudaModel:
             return None
         builder = None
         try:
-            from cuda.core import Stream as CoreStream
-            self._core_stream = CoreStream.from_handle(int(self.stream.handle))
+            self._core_stream = core_stream(self.stream)
             w = _Work(self.cuda, self.config, B, B, self._table_width(), B)
             self.stream.synchronize()
             builder = self._core_stream.create_graph_builder().begin_building()

@@ -224,10 +224,7 @@ class Loop:
         return toks, t1 - t0, t2 - t1
 
 
-def end_to_end(c: dict, n_new: int):
-    t = time.perf_counter()
-    cfg, W = random_model(c)
-    print(f"  random weights of the SmolLM2 shape built in {time.perf_counter() - t:.0f} s", flush=True)
+def end_to_end(cfg, W, n_new: int):
     prompts = [rng.integers(3, cfg.vocab_size, 20).tolist(), rng.integers(3, cfg.vocab_size, 9).tolist()]
     t = time.perf_counter()
     cpu = Transformer(cfg, W, numba_ops())
@@ -250,7 +247,6 @@ def end_to_end(c: dict, n_new: int):
     results["graphs_used"] = bool(gpu.use_graphs and any(isinstance(v, tuple) for v in gpu._graphs.values()))
     verdict("decode steps ran as CUDA graphs", results["graphs_used"], "" if results["graphs_used"] else
             "(fell back to eager launches: see the message above)")
-    return cfg, W
 
 
 # ---------------------------------------------------------------------------------------------
@@ -291,8 +287,8 @@ def graph_us(model, launch, n=30, reps=5):
     """GPU microseconds per launch: `launch(stream)` n times recorded as one CUDA graph, replayed
     reps times; None if this numba-cuda cannot record graphs."""
     try:
-        from cuda.core import Stream as CoreStream
-        core = CoreStream.from_handle(int(model.stream.handle))
+        from minfer.cuda_backend import core_stream
+        core = core_stream(model.stream)
         model.stream.synchronize()
         b = core.create_graph_builder().begin_building()
         for _ in range(n):
@@ -396,8 +392,11 @@ def main():
     results["machine"] = {"gpu": str(name), "numba": numba.__version__, "numba_cuda": ncv,
                           "numpy": np.__version__, "python": sys.version.split()[0]}
     t0 = time.perf_counter()
+    t = time.perf_counter()
+    results["model"] = random_model(c)
+    print(f"random weights of the model's shape built in {time.perf_counter() - t:.0f} s", flush=True)
     sections = [("kernels at the real shapes", lambda: kernels(c, L)),
-                ("end-to-end vs the numba backend", lambda: results.__setitem__("model", end_to_end(c, 4 if a.tiny else 32)))]
+                ("end-to-end vs the numba backend", lambda: end_to_end(*results["model"], 4 if a.tiny else 32))]
     if not a.tiny:
         sections.append(("benchmark (random weights, SmolLM2-135M shape)", lambda: bench(*results["model"])))
     sections.append(("profile: GPU time per kernel", lambda: profile(*results["model"], **(dict(sizes=(1, 2, 8), context=16, n=2) if a.tiny else {}))))
@@ -408,6 +407,7 @@ def main():
         except Exception:  # noqa: BLE001 — report and go on with the other sections
             traceback.print_exc()
             results["checks"][title] = {"ok": False, "detail": "raised (traceback above)"}
+        save(a.json)                          # after every section: a timeout keeps what ran
     results.pop("model", None)
     bad = [k for k, v in results["checks"].items() if not v["ok"]]
     m, b = results["machine"], results["bench"]
@@ -426,10 +426,14 @@ def main():
         if "decode_b1_eager_tok_s" in b:
             print(f"{'decode, batch 1 (eager launches)':<34} {b['decode_b1_eager_tok_s']:>9.0f} tok/s")
     print("=" * 78)
-    if a.json or os.environ.get("OUT"):
-        path = a.json or os.path.join(os.environ["OUT"], "gpu_check.json")
-        Path(path).write_text(json.dumps(results, indent=1))
+    save(a.json)
     return 1 if bad else 0
+
+
+def save(path):
+    if path or os.environ.get("OUT"):
+        path = path or os.path.join(os.environ["OUT"], "gpu_check.json")
+        Path(path).write_text(json.dumps({k: v for k, v in results.items() if k != "model"}, indent=1))
 
 
 if __name__ == "__main__":

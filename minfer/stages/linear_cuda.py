@@ -221,7 +221,7 @@ def linear_cuda(x, W: DeviceMatrix, out, rows, norm=None, eps=0.0, accumulate=Fa
     [>= T] (an arange for a plain matmul), norm float32 [K] or None (no norm)."""
     T, O = out.shape
     grid, block = _grid(-(-O // 2), T, lanes, groups)
-    g = norm if norm is not None else W.d            # any float32 array: unused without a norm
+    g = norm if norm is not None else W.d.reshape(W.d.size)   # unused without a norm, but typed: 1-D f32
     linear_kernel[grid, block, stream](x, rows, g, float32(eps), norm is not None, *W.arrays, out,
                                        accumulate)
 
