@@ -80,9 +80,9 @@ class Launch:
     so it gets the smallest shapes that still exercise every reduction."""
     lanes: int = 32          # threads splitting one weight row (matmuls)
     groups: int = 4          # row pairs per block (matmuls)
-    attn: int = 128          # threads per (row, head) of attention (>= head_dim)
+    attn: int = 256          # threads per (row, head) of attention (>= head_dim)
     rows: int = 128          # threads per row (embedding)
-    sample: int = 256        # threads per sequence (sampling)
+    sample: int = 512        # threads per sequence (sampling)
 
     @classmethod
     def for_here(cls) -> "Launch":

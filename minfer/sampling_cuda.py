@@ -30,7 +30,7 @@ import numpy as np
 from numba import cuda, float32, int32, int64
 
 MAX_THREADS = 1024
-THREADS = 256               # per sequence on the GPU: 192 logits per thread for SmolLM2
+THREADS = 512               # per sequence on the GPU: 96 logits per thread for SmolLM2
 N_PARAMS = 5                 # per sequence: temperature, top_k, top_p, min_p, u
 
 
@@ -43,14 +43,19 @@ def _key(bits):
 
 @cuda.jit(device=True)
 def _block_sum(red, v):
-    """Sum of v over the thread block; every thread gets it. Every thread adds up the block's
-    values from shared memory (a broadcast read, as quick as a tree for a few hundred threads)."""
-    tid, n = cuda.threadIdx.x, cuda.blockDim.x
+    """Sum of v over the thread block (a power of two); every thread gets it. A tree in shared
+    memory: log2(n) steps (with every thread reading all n values, a top-p draw took 2.3 ms on
+    an H200)."""
+    tid = cuda.threadIdx.x
     red[tid] = v
     cuda.syncthreads()
-    total = float32(0.0)
-    for i in range(n):
-        total += red[i]
+    s = cuda.blockDim.x // 2
+    while s > 0:
+        if tid < s:
+            red[tid] += red[tid + s]
+        cuda.syncthreads()
+        s //= 2
+    total = red[0]
     cuda.syncthreads()
     return total
 

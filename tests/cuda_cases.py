@@ -170,12 +170,14 @@ def test_silu_mul():
     np.testing.assert_allclose(out.copy_to_host(), mlp.silu(g) * u, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("threads", [L.attn, 16])
 @pytest.mark.parametrize("block_size,Hq,Hkv", [(5, 4, 2), (16, 2, 2)])
-def test_paged_attention(block_size, Hq, Hkv):
-    """A mixed batch: one sequence prefilling 7 tokens, one decoding at position 12 (two chunks
-    of keys), one verifying 3 tokens at positions 6..8."""
+def test_paged_attention(block_size, Hq, Hkv, threads):
+    """A mixed batch: one sequence prefilling 7 tokens, one decoding at position 20 (several
+    chunks of keys), one verifying 3 tokens at positions 6..8. 16 threads for head_dim 8: two
+    groups share the p . V sum."""
     hd = 8
-    lens = [(7, 0), (1, 12), (3, 6)]
+    lens = [(7, 0), (1, 20), (3, 6)]
     cache = KVCache(1, Hkv, hd, block_size=block_size, n_blocks=2)
     bm = BlockManager(cache)
     for s in (2, 0, 1):
@@ -191,7 +193,7 @@ def test_paged_attention(block_size, Hq, Hkv):
     out = cuda.device_array((11, Hq * hd), np.float32)
     attention.paged_attention_cuda(dev(q.reshape(11, -1)), dev(cache.k), dev(cache.v), 0, dev(row_seq),
                                    dev(batch.positions.astype(np.int32)), dev(batch.block_tables), out,
-                                   threads=L.attn)
+                                   threads=threads)
     np.testing.assert_allclose(out.copy_to_host(), want.reshape(11, -1), rtol=1e-4, atol=1e-5)
 
 

@@ -343,6 +343,7 @@ def profile(cfg, W, sizes=(1, 32, 128), context=128, n=100):
         w.params[:R].copy_to_device(params_array([SamplingParams(temperature=0.8, top_p=0.9)] * R,
                                                  [np.random.default_rng(0)] * R), stream=gpu.stream)
         x, q, a, h = w.x[:T], w.q[:T], w.a[:T], w.h[:T]
+        greedy = cuda.to_device(np.zeros((R, 5), np.float32))
         kern = {
             "embedding": lambda s: embedding_cuda(w.tok, gpu.tok_embd, x, threads=k.rows, stream=s),
             "norm+QKV+RoPE+cache": lambda s: qkv_cuda(x, L.attn_norm, c.rms_eps, L.wqkv, w.pos, w.slot, gpu.cos,
@@ -353,8 +354,17 @@ def profile(cfg, W, sizes=(1, 32, 128), context=128, n=100):
             "W_down + residual": lambda s: linear_cuda(h, L.w_down, x, w.arange, accumulate=True, stream=s, **mm),
             "LM head (norm, R rows)": lambda s: linear_cuda(x, gpu.lm_head, w.logits[:R], w.rows, norm=gpu.norm,
                                                             eps=c.rms_eps, stream=s, **mm),
-            "sampling": lambda s: sample_cuda(w.logits[:R], w.params[:R], w.ids[:R], threads=k.sample, stream=s),
+            "sampling (greedy)": lambda s: sample_cuda(w.logits[:R], greedy[:R], w.ids[:R], threads=k.sample, stream=s),
+            "sampling (T 0.8, top-p 0.9)": lambda s: sample_cuda(w.logits[:R], w.params[:R], w.ids[:R],
+                                                                 threads=k.sample, stream=s),
         }
+        for lanes, groups in ((16, 4), (8, 4), (32, 2), (32, 1)):      # other launch shapes of the matmuls
+            sh = dict(lanes=lanes, groups=groups)
+            kern[f"  LM head, lanes {lanes} groups {groups}"] = (
+                lambda s, sh=sh: linear_cuda(x, gpu.lm_head, w.logits[:R], w.rows, norm=gpu.norm, eps=c.rms_eps,
+                                             stream=s, **sh))
+            kern[f"  gate/up, lanes {lanes} groups {groups}"] = (
+                lambda s, sh=sh: swiglu_cuda(x, L.ffn_norm, c.rms_eps, L.w_gate_up, h, stream=s, **sh))
         row = prof[f"T={T}"] = {}
         print(f"  T={T} (R={R} logits rows), context {context}: GPU us per launch (graph) | eager wall us",
               flush=True)
@@ -362,11 +372,11 @@ def profile(cfg, W, sizes=(1, 32, 128), context=128, n=100):
             e = eager_us(gpu, fn, n)
             g = graph_us(gpu, fn, n=min(n, 30), reps=5)
             row[name] = {"graph_us": g, "eager_us": e}
-            print(f"    {name:<26} {g if g is not None else float('nan'):9.1f} | {e:9.1f}", flush=True)
+            print(f"    {name:<30} {g if g is not None else float('nan'):9.1f} | {e:9.1f}", flush=True)
         if all(v["graph_us"] is not None for v in row.values()):
             per_layer = sum(row[n]["graph_us"] for n in list(kern)[1:6])
             step = row["embedding"]["graph_us"] + c.n_layers * per_layer + row["LM head (norm, R rows)"]["graph_us"] \
-                + row["sampling"]["graph_us"]
+                + row["sampling (greedy)"]["graph_us"]
             row["step_us_sum"] = step
             print(f"    sum for one step ({c.n_layers} layers): {step:.0f} us = {T / step * 1e6:.0f} tok/s", flush=True)
         for s in range(B):

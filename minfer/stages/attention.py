@@ -95,16 +95,20 @@ def paged_attention_numba(q, k_cache, v_cache, batch: Batch):
 # walking the keys a chunk at a time.
 #   grid (T, Hq)   block (threads,) — threads >= head_dim, a power of two <= 256.
 #   Per chunk of `threads` keys: thread j scores key c0 + j (q . k over head_dim) into shared
-#   memory; every thread reads the chunk's scores for the new running max m (a broadcast read:
-#   as quick as a tree, with one barrier instead of log2(n)); thread j turns its score into
-#   p_j = exp(s_j - m); every thread adds the p_j to the running sum l, and thread i (< head_dim)
-#   rescales its output element i and adds sum_j p_j * v_j[i].
+#   memory, and notes where the key's block lives; every thread reads the chunk's scores for the
+#   new running max m (a broadcast read: as quick as a tree, with one barrier instead of
+#   log2(n)); thread j turns its score into p_j = exp(s_j - m); every thread adds the p_j to the
+#   running sum l. Then sum_j p_j v_j: the threads form G = threads // head_dim groups, thread
+#   (g, i) adds up output element i over the keys j = g, g + G, ... — G chains of loads instead
+#   of one, so a 256-key chunk is 64 steps, not 256 (one chain made decode attention ~60 us
+#   a layer on an H200). The G partial outputs are added at the end (m and l are the same in
+#   every thread, so partials add up plainly).
 # q and out are [T, Hq*hd] (heads side by side); the cache is the whole [L, n_blocks, bs, Hkv, hd]
 # pool and `layer` picks the layer.
 # ---------------------------------------------------------------------------------------------
 import math  # noqa: E402
 
-from numba import cuda  # noqa: E402
+from numba import cuda, int32  # noqa: E402
 
 MAX_THREADS, MAX_HEAD_DIM = 256, 256
 
@@ -112,18 +116,21 @@ MAX_THREADS, MAX_HEAD_DIM = 256, 256
 @cuda.jit
 def attention_kernel(q, k_cache, v_cache, layer, row_seq, positions, block_tables, out):
     qv = cuda.shared.array(MAX_HEAD_DIM, float32)      # this row's query head
-    sc = cuda.shared.array(MAX_THREADS, float32)       # the chunk's scores
+    sc = cuda.shared.array(MAX_THREADS, float32)       # the chunk's scores, then p_j
+    where = cuda.shared.array(MAX_THREADS, int32)      # the chunk's keys: their physical block
     t, h, tid, n = cuda.blockIdx.x, cuda.blockIdx.y, cuda.threadIdx.x, cuda.blockDim.x
     bs, n_kv, hd = k_cache.shape[2], k_cache.shape[3], k_cache.shape[4]
     kvh = h // (q.shape[1] // hd // n_kv)             # GQA: the kv head this query head reads
     b = row_seq[t]
     n_keys = positions[t] + 1                          # causal: keys 0..position
     sqrt_hd = float32(math.sqrt(float32(hd)))
+    G = n // hd                                        # key groups in the p . V sum
+    g, i = tid // hd, tid % hd                         # this thread: group g, output element i
     if tid < hd:
         qv[tid] = q[t, h * hd + tid]
     m = float32(-math.inf)                             # running max (the same in every thread)
     l = float32(0.0)                                   # running sum of exp(score - m)
-    acc = float32(0.0)                                 # output element tid (threads < hd)
+    acc = float32(0.0)                                 # output element i, keys of group g
     cuda.syncthreads()
     for c0 in range(0, n_keys, n):
         nc = min(n, n_keys - c0)                       # keys in this chunk
@@ -131,9 +138,10 @@ def attention_kernel(q, k_cache, v_cache, layer, row_seq, positions, block_table
         if tid < nc:
             j = c0 + tid
             blk, row = block_tables[b, j // bs], j % bs
+            where[tid] = blk
             s = float32(0.0)
-            for i in range(hd):
-                s += qv[i] * k_cache[layer, blk, row, kvh, i]
+            for d in range(hd):
+                s += qv[d] * k_cache[layer, blk, row, kvh, d]
             s = s / sqrt_hd
             sc[tid] = s
         cuda.syncthreads()
@@ -149,17 +157,22 @@ def attention_kernel(q, k_cache, v_cache, layer, row_seq, positions, block_table
         acc *= c
         for jj in range(nc):
             l += sc[jj]
-            if tid < hd:
-                key = c0 + jj
-                acc += sc[jj] * v_cache[layer, block_tables[b, key // bs], key % bs, kvh, tid]
+        if g < G:
+            for jj in range(g, nc, G):
+                acc += sc[jj] * v_cache[layer, where[jj], (c0 + jj) % bs, kvh, i]
         m = m_new
-        cuda.syncthreads()                             # sc is rewritten by the next chunk
+        cuda.syncthreads()                             # sc, where are rewritten by the next chunk
+    sc[tid] = acc                                      # the groups' partial outputs
+    cuda.syncthreads()
     if tid < hd:
-        out[t, h * hd + tid] = acc / l
+        total = float32(0.0)
+        for gg in range(G):
+            total += sc[gg * hd + tid]
+        out[t, h * hd + tid] = total / l
 
 
 def paged_attention_cuda(q, k_cache, v_cache, layer, row_seq, positions, block_tables, out,
-                         threads=128, stream=0):
+                         threads=256, stream=0):
     """Device arrays: q/out [T, Hq*hd], caches [L, n_blocks, bs, Hkv, hd], row_seq/positions [T]
     int32, block_tables [B, M] int32."""
     hd = k_cache.shape[4]
