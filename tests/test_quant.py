@@ -123,3 +123,9 @@ def test_stacked_qkv_equals_three_matmuls(T):
         x = rng.standard_normal((T, 64)).astype(np.float32)
         for a, b in zip(qkv_numba(x, *views, big), qkv(x, *ws)):
             assert np.abs(a - b).max() <= 1e-4 * np.abs(b).max()
+
+
+def test_split_for_q4_numba_matches_numpy():
+    x = rng.standard_normal((3, 96)).astype(np.float32)
+    for a, b in zip(quant._split_q4(x), quant.split_for_q4(x)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-5)
