@@ -78,7 +78,7 @@ def core_stream(stream):
 class Launch:
     """Block shapes. The GPU wants full warps; the simulator runs each thread as a Python thread,
     so it gets the smallest shapes that still exercise every reduction."""
-    lanes: int = 32          # threads splitting one weight row (matmuls)
+    lanes: int | None = None # threads splitting one row pair (matmuls); None: per launch
     groups: int = 4          # row pairs per block (matmuls)
     attn: int = 256          # threads per (row, head) of attention (>= head_dim)
     rows: int = 128          # threads per row (embedding)
@@ -117,28 +117,39 @@ class _Work:
         self.h = cuda.device_array((T, c.ffn_dim), np.float32)       # SwiGLU hidden
         self.logits = cuda.device_array((R, c.vocab_size), np.float32)   # R rows want logits
         self.ids = cuda.device_array(R, np.int32)                    # sampled ids
-        self.params = cuda.device_array((R, 5), np.float32)          # sampling parameters
+        self.host_ids = cuda.pinned_array(R, np.int32)
         self.arange = cuda.to_device(np.arange(T, dtype=np.int32))
-        # the batch's integers, one buffer (one copy per step): 5 arrays of T, then the tables
-        self.meta = cuda.device_array(5 * T + max_seqs * width, np.int32)
+        # What changes every step goes in with one copy from a pinned host twin (a copy from
+        # pageable memory, and every slice of a device array, costs tens of us in numba-cuda):
+        # 5 int32 arrays of T, the block tables [max_seqs, width], then the R x 5 float32
+        # sampling parameters. The views below are made once.
+        n_int = 5 * T + max_seqs * width
+        self.meta = cuda.device_array(n_int + 5 * R, np.int32)
+        self.host = cuda.pinned_array(n_int + 5 * R, np.int32)
         self.tok, self.pos, self.slot, self.seq, self.rows = (self.meta[i * T:(i + 1) * T]
                                                               for i in range(5))
-        self.tables = self.meta[5 * T:].reshape(max_seqs, width)
+        self.tables = self.meta[5 * T:n_int].reshape(max_seqs, width)
+        self.params = self.meta[n_int:].view(np.float32).reshape(R, 5)
+        self.host_tables = self.host[5 * T:n_int].reshape(max_seqs, width)
+        self.host_params = self.host[n_int:].view(np.float32).reshape(R, 5)
 
     def fits(self, T: int, B: int, width: int, R: int) -> bool:
         return T <= self.T and B <= self.max_seqs and width <= self.width and R <= self.R
 
-    def upload(self, batch: Batch, stream) -> None:
-        """Copy the batch's integers into `meta`: one host-to-device copy (the rows in use)."""
+    def upload(self, batch: Batch, stream, params: np.ndarray | None = None) -> None:
+        """The batch's integers (and the sampling parameters) to the device: one copy. Entries
+        past the batch keep old values: no kernel reads past T tokens, B sequences, R rows, or a
+        sequence's keys."""
         B, M = batch.block_tables.shape
-        n = 5 * self.T + B * self.width
-        meta = np.full(n, -1, np.int32)
-        row_seq = np.repeat(np.arange(B), np.diff(batch.seq_starts))
+        h, T = self.host, self.T
+        row_seq = np.repeat(np.arange(B, dtype=np.int32), np.diff(batch.seq_starts))
         for i, a in enumerate((batch.token_ids, batch.positions, batch.slot_mapping, row_seq,
                                batch.logits_rows)):
-            meta[i * self.T: i * self.T + len(a)] = a
-        meta[5 * self.T:].reshape(B, self.width)[:, :M] = batch.block_tables
-        self.meta[:n].copy_to_device(meta, stream=stream)
+            h[i * T: i * T + len(a)] = a
+        self.host_tables[:B, :M] = batch.block_tables
+        if params is not None:
+            self.host_params[:len(params)] = params
+        self.meta.copy_to_device(h, stream=stream)
 
 
 class CudaModel:
@@ -222,16 +233,13 @@ class CudaModel:
             graph = self._graph(batch, cache, params is not None)
             if graph is not None:
                 w, g = graph
-                w.upload(batch, self.stream)
-                if params is not None:
-                    w.params[:R].copy_to_device(params, stream=self.stream)
+                w.upload(batch, self.stream, params)
                 g.launch(self._core_stream)
                 return w
         w = self._work_for(T, B, M, R)
-        w.upload(batch, self.stream)
+        w.upload(batch, self.stream, params)
         self._layers(w, T, R, cache, self.stream)
         if params is not None:
-            w.params[:R].copy_to_device(params, stream=self.stream)
             self._sample(w, R, self.stream)
         return w
 
@@ -247,9 +255,9 @@ class CudaModel:
         sequence; rngs: their generators, which draw the uniforms). Only the ids come back."""
         from .sampling_cuda import params_array
         w = self._step(batch, cache, params_array(params, rngs))
-        ids = w.ids[:len(batch.logits_rows)].copy_to_host(stream=self.stream)
+        w.ids.copy_to_host(w.host_ids, stream=self.stream)
         self.stream.synchronize()
-        return [int(i) for i in ids]
+        return w.host_ids[:len(batch.logits_rows)].tolist()
 
     # --- CUDA graphs for decode steps ---------------------------------------------------------
     def _graph(self, batch: Batch, cache, sample: bool):

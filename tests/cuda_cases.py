@@ -171,12 +171,11 @@ def test_silu_mul():
 
 
 @pytest.mark.parametrize("threads", [L.attn, 16])
-@pytest.mark.parametrize("block_size,Hq,Hkv", [(5, 4, 2), (16, 2, 2)])
-def test_paged_attention(block_size, Hq, Hkv, threads):
+@pytest.mark.parametrize("block_size,Hq,Hkv,hd", [(5, 4, 2, 8), (16, 2, 2, 8), (5, 2, 1, 12)])
+def test_paged_attention(block_size, Hq, Hkv, hd, threads):
     """A mixed batch: one sequence prefilling 7 tokens, one decoding at position 20 (several
     chunks of keys), one verifying 3 tokens at positions 6..8. 16 threads for head_dim 8: two
-    groups share the p . V sum."""
-    hd = 8
+    groups share the p . V sum. head_dim 12: the scores' loop has a tail after its steps of 8."""
     lens = [(7, 0), (1, 20), (3, 6)]
     cache = KVCache(1, Hkv, hd, block_size=block_size, n_blocks=2)
     bm = BlockManager(cache)

@@ -93,15 +93,15 @@ def paged_attention_numba(q, k_cache, v_cache, batch: Batch):
 # ---------------------------------------------------------------------------------------------
 # numba.cuda GPU path: the same online softmax, with a thread block per (token row, query head)
 # walking the keys a chunk at a time.
-#   grid (T, Hq)   block (threads,) — threads >= head_dim, a power of two <= 256.
+#   grid (T, Hq)   block (threads,) — threads >= head_dim, a power of two <= 512.
 #   Per chunk of `threads` keys: thread j scores key c0 + j (q . k over head_dim) into shared
 #   memory, and notes where the key's block lives; every thread reads the chunk's scores for the
 #   new running max m (a broadcast read: as quick as a tree, with one barrier instead of
 #   log2(n)); thread j turns its score into p_j = exp(s_j - m); every thread adds the p_j to the
 #   running sum l. Then sum_j p_j v_j: the threads form G = threads // head_dim groups, thread
 #   (g, i) adds up output element i over the keys j = g, g + G, ... — G chains of loads instead
-#   of one, so a 256-key chunk is 64 steps, not 256 (one chain made decode attention ~60 us
-#   a layer on an H200). The G partial outputs are added at the end (m and l are the same in
+#   of one: with 256 threads and head_dim 64, a 256-key chunk is 64 steps, not 256. (One chain
+#   made decode attention ~60 us a layer on an H200; scoring a key one load at a time, ~25.) The G partial outputs are added at the end (m and l are the same in
 #   every thread, so partials add up plainly).
 # q and out are [T, Hq*hd] (heads side by side); the cache is the whole [L, n_blocks, bs, Hkv, hd]
 # pool and `layer` picks the layer.
@@ -110,7 +110,7 @@ import math  # noqa: E402
 
 from numba import cuda, int32  # noqa: E402
 
-MAX_THREADS, MAX_HEAD_DIM = 256, 256
+MAX_THREADS, MAX_HEAD_DIM = 512, 256
 
 
 @cuda.jit
@@ -140,7 +140,14 @@ def attention_kernel(q, k_cache, v_cache, layer, row_seq, positions, block_table
             blk, row = block_tables[b, j // bs], j % bs
             where[tid] = blk
             s = float32(0.0)
-            for d in range(hd):
+            for d in range(0, hd - 7, 8):              # 8 loads in flight, not one at a time
+                k0, k1, k2, k3 = (k_cache[layer, blk, row, kvh, d], k_cache[layer, blk, row, kvh, d + 1],
+                                  k_cache[layer, blk, row, kvh, d + 2], k_cache[layer, blk, row, kvh, d + 3])
+                k4, k5, k6, k7 = (k_cache[layer, blk, row, kvh, d + 4], k_cache[layer, blk, row, kvh, d + 5],
+                                  k_cache[layer, blk, row, kvh, d + 6], k_cache[layer, blk, row, kvh, d + 7])
+                s += (qv[d] * k0 + qv[d + 1] * k1 + qv[d + 2] * k2 + qv[d + 3] * k3
+                      + qv[d + 4] * k4 + qv[d + 5] * k5 + qv[d + 6] * k6 + qv[d + 7] * k7)
+            for d in range(hd - hd % 8, hd):
                 s += qv[d] * k_cache[layer, blk, row, kvh, d]
             s = s / sqrt_hd
             sc[tid] = s

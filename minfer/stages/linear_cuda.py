@@ -46,7 +46,7 @@ TB = 8                       # tokens per tile: each weight is loaded once for u
 MAX_LANES = 32               # threads that split one row (blockDim.x, a power of two <= 32)
 MAX_GROUPS = 4               # row pairs per block (blockDim.y)
 RED_W = MAX_LANES + 1        # shared partial sums per (group, value, token): the lanes, then the total
-LANES, GROUPS = 32, 4        # what the GPU launches use; the simulator tests use fewer
+GROUPS = 4                   # what the GPU launches use; the simulator tests use fewer
 
 
 class DeviceMatrix:
@@ -183,7 +183,17 @@ def _norm_scale(red, ty, tt, K, has_norm, eps):
     return float32(1.0) / float32(math.sqrt(red[ty, 2, tt, RED_W - 1] / float32(K) + eps))
 
 
-def _grid(n_pairs: int, T: int, lanes: int, groups: int):
+def pick_lanes(n_pairs: int, T: int) -> int:
+    """Threads per row pair. Measured on an H200 (tools/gpu_check.py, profile): with few pairs
+    and one token, a whole warp per pair keeps enough threads busy (W_gate/up at T=1: 8.6 us
+    with 32 lanes, 13.3 with 8); with many (the 49,152-row LM head, or 32 tokens) 8 lanes win
+    (LM head at T=1: 53 us vs 90; gate/up at T=32: 32 vs 53): each lane has more units to add
+    up, and the one-lane-per-token sum of the partials is 4x shorter."""
+    return 32 if n_pairs * T < 8192 else 8
+
+
+def _grid(n_pairs: int, T: int, lanes: int | None, groups: int):
+    lanes = lanes or pick_lanes(n_pairs, T)
     return (-(-n_pairs // groups), -(-T // TB)), (lanes, groups)
 
 
@@ -216,7 +226,7 @@ def linear_kernel(x, rows, g, eps, has_norm, fmt, w, qs, d, m, out, accumulate):
 
 
 def linear_cuda(x, W: DeviceMatrix, out, rows, norm=None, eps=0.0, accumulate=False,
-                lanes=LANES, groups=GROUPS, stream=0):
+                lanes=None, groups=GROUPS, stream=0):
     """out [T, O] (+)= W · rmsnorm(x[rows[t]], norm, eps), all device arrays: x [*, K], rows int32
     [>= T] (an arange for a plain matmul), norm float32 [K] or None (no norm)."""
     T, O = out.shape
@@ -250,7 +260,7 @@ def swiglu_kernel(x, g, eps, fmt, w, qs, d, m, h):
         h[t0 + tt, i] = silu_cuda(gate) * up
 
 
-def swiglu_cuda(x, norm, eps, W_gate_up: DeviceMatrix, h, lanes=LANES, groups=GROUPS, stream=0):
+def swiglu_cuda(x, norm, eps, W_gate_up: DeviceMatrix, h, lanes=None, groups=GROUPS, stream=0):
     """h [T, F] = silu(W_gate n(x)) * (W_up n(x)); W_gate_up: the two stacked [2F, D]."""
     T, F = h.shape
     grid, block = _grid(F, T, lanes, groups)
@@ -298,7 +308,7 @@ def qkv_kernel(x, g, eps, fmt, w, qs, d, m, positions, slots, cos_t, sin_t, q, k
 
 
 def qkv_cuda(x, norm, eps, W_qkv: DeviceMatrix, positions, slots, cos_t, sin_t, q, k_cache, v_cache,
-             layer, lanes=LANES, groups=GROUPS, stream=0):
+             layer, lanes=None, groups=GROUPS, stream=0):
     """q [T, Hq*hd] (roped) and, in the cache [L, n_blocks, bs, Hkv, hd], layer `layer`'s k
     (roped) and v at each token's slot; W_qkv: wq, wk, wv stacked [Hq*hd + 2*Hkv*hd, D]."""
     T = q.shape[0]
