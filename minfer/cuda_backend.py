@@ -82,7 +82,7 @@ class Launch:
     groups: int = 4          # row pairs per block (matmuls)
     attn: int = 256          # threads per (row, head) of attention (>= head_dim)
     rows: int = 128          # threads per row (embedding)
-    sample: int = 512        # threads per sequence (sampling)
+    sample: int = 1024       # threads per sequence (sampling)
 
     @classmethod
     def for_here(cls) -> "Launch":

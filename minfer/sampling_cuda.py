@@ -30,7 +30,7 @@ import numpy as np
 from numba import cuda, float32, int32, int64
 
 MAX_THREADS = 1024
-THREADS = 512               # per sequence on the GPU: 96 logits per thread for SmolLM2
+THREADS = 1024              # per sequence on the GPU: 48 logits per thread for SmolLM2
 N_PARAMS = 5                 # per sequence: temperature, top_k, top_p, min_p, u
 
 

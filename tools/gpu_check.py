@@ -383,6 +383,8 @@ def profile(cfg, W, sizes=(1, 32, 128), context=128, n=100):
         for threads in (128, 512):
             kern[f"  attention, {threads} threads"] = (
                 lambda s, th=threads: attn(q, cache.k, cache.v, 0, w.seq, w.pos, w.tables, a, threads=th, stream=s))
+        kern["  sampling top-p, 512 threads"] = lambda s: sample_cuda(w.logits[:R], w.params[:R], w.ids[:R],
+                                                                      threads=512, stream=s)
         for name, fn in kern.items():
             try:
                 e = eager_us(gpu, fn, n)

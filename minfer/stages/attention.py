@@ -95,31 +95,33 @@ def paged_attention_numba(q, k_cache, v_cache, batch: Batch):
 # walking the keys a chunk at a time.
 #   grid (T, Hq)   block (threads,) — threads >= head_dim, a power of two <= 512.
 #   Per chunk of `threads` keys: thread j scores key c0 + j (q . k over head_dim) into shared
-#   memory, and notes where the key's block lives; every thread reads the chunk's scores for the
+#   memory, and notes where the key's row starts in the (flattened) cache: the loops below then
+#   index with one addition — no 5-D index arithmetic and no division in them (a 64-bit `//` or
+#   `%` is a ~100-instruction routine on a GPU); every thread reads the chunk's scores for the
 #   new running max m (a broadcast read: as quick as a tree, with one barrier instead of
 #   log2(n)); thread j turns its score into p_j = exp(s_j - m); every thread adds the p_j to the
 #   running sum l. Then sum_j p_j v_j: the threads form G = threads // head_dim groups, thread
 #   (g, i) adds up output element i over the keys j = g, g + G, ... — G chains of loads instead
 #   of one: with 256 threads and head_dim 64, a 256-key chunk is 64 steps, not 256. (One chain
-#   made decode attention ~60 us a layer on an H200; scoring a key one load at a time, ~25.) The G partial outputs are added at the end (m and l are the same in
+#   made decode attention ~60 us a layer on an H200; a `%` left in that loop, ~25.) The G partial outputs are added at the end (m and l are the same in
 #   every thread, so partials add up plainly).
 # q and out are [T, Hq*hd] (heads side by side); the cache is the whole [L, n_blocks, bs, Hkv, hd]
 # pool and `layer` picks the layer.
 # ---------------------------------------------------------------------------------------------
 import math  # noqa: E402
 
-from numba import cuda, int32  # noqa: E402
+from numba import cuda, int64  # noqa: E402
 
 MAX_THREADS, MAX_HEAD_DIM = 512, 256
 
 
 @cuda.jit
-def attention_kernel(q, k_cache, v_cache, layer, row_seq, positions, block_tables, out):
+def attention_kernel(q, kf, vf, shape, layer, row_seq, positions, block_tables, out):
     qv = cuda.shared.array(MAX_HEAD_DIM, float32)      # this row's query head
     sc = cuda.shared.array(MAX_THREADS, float32)       # the chunk's scores, then p_j
-    where = cuda.shared.array(MAX_THREADS, int32)      # the chunk's keys: their physical block
+    where = cuda.shared.array(MAX_THREADS, int64)      # the chunk's keys: where their rows start
     t, h, tid, n = cuda.blockIdx.x, cuda.blockIdx.y, cuda.threadIdx.x, cuda.blockDim.x
-    bs, n_kv, hd = k_cache.shape[2], k_cache.shape[3], k_cache.shape[4]
+    n_blocks, bs, n_kv, hd = shape[1], shape[2], shape[3], shape[4]   # of the caches kf, vf flatten
     kvh = h // (q.shape[1] // hd // n_kv)             # GQA: the kv head this query head reads
     b = row_seq[t]
     n_keys = positions[t] + 1                          # causal: keys 0..position
@@ -137,18 +139,12 @@ def attention_kernel(q, k_cache, v_cache, layer, row_seq, positions, block_table
         s = float32(-math.inf)
         if tid < nc:
             j = c0 + tid
-            blk, row = block_tables[b, j // bs], j % bs
-            where[tid] = blk
+            blk = int64(block_tables[b, j // bs])
+            row0 = (((layer * n_blocks + blk) * bs + j % bs) * n_kv + kvh) * hd
+            where[tid] = row0
             s = float32(0.0)
-            for d in range(0, hd - 7, 8):              # 8 loads in flight, not one at a time
-                k0, k1, k2, k3 = (k_cache[layer, blk, row, kvh, d], k_cache[layer, blk, row, kvh, d + 1],
-                                  k_cache[layer, blk, row, kvh, d + 2], k_cache[layer, blk, row, kvh, d + 3])
-                k4, k5, k6, k7 = (k_cache[layer, blk, row, kvh, d + 4], k_cache[layer, blk, row, kvh, d + 5],
-                                  k_cache[layer, blk, row, kvh, d + 6], k_cache[layer, blk, row, kvh, d + 7])
-                s += (qv[d] * k0 + qv[d + 1] * k1 + qv[d + 2] * k2 + qv[d + 3] * k3
-                      + qv[d + 4] * k4 + qv[d + 5] * k5 + qv[d + 6] * k6 + qv[d + 7] * k7)
-            for d in range(hd - hd % 8, hd):
-                s += qv[d] * k_cache[layer, blk, row, kvh, d]
+            for d in range(hd):
+                s += qv[d] * kf[row0 + d]
             s = s / sqrt_hd
             sc[tid] = s
         cuda.syncthreads()
@@ -166,9 +162,9 @@ def attention_kernel(q, k_cache, v_cache, layer, row_seq, positions, block_table
             l += sc[jj]
         if g < G:
             for jj in range(g, nc, G):
-                acc += sc[jj] * v_cache[layer, where[jj], (c0 + jj) % bs, kvh, i]
+                acc += sc[jj] * vf[where[jj] + i]
         m = m_new
-        cuda.syncthreads()                             # sc, where are rewritten by the next chunk
+        cuda.syncthreads()                             # sc, where: rewritten by the next chunk
     sc[tid] = acc                                      # the groups' partial outputs
     cuda.syncthreads()
     if tid < hd:
@@ -176,6 +172,14 @@ def attention_kernel(q, k_cache, v_cache, layer, row_seq, positions, block_table
         for gg in range(G):
             total += sc[gg * hd + tid]
         out[t, h * hd + tid] = total / l
+
+
+def _flat(a):
+    """A 1-D view of a device array, made once per array (making a view costs ~20 us in Python)."""
+    f = getattr(a, "_minfer_flat", None)
+    if f is None:
+        f = a._minfer_flat = a.reshape(a.size)
+    return f
 
 
 def paged_attention_cuda(q, k_cache, v_cache, layer, row_seq, positions, block_tables, out,
@@ -186,4 +190,4 @@ def paged_attention_cuda(q, k_cache, v_cache, layer, row_seq, positions, block_t
     n_heads = q.shape[1] // hd
     threads = min(MAX_THREADS, max(threads, 1 << (hd - 1).bit_length()))  # one thread per output element, within the shared arrays
     attention_kernel[(q.shape[0], n_heads), threads, stream](
-        q, k_cache, v_cache, layer, row_seq, positions, block_tables, out)
+        q, _flat(k_cache), _flat(v_cache), tuple(k_cache.shape), layer, row_seq, positions, block_tables, out)
