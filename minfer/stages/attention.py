@@ -97,14 +97,14 @@ def paged_attention_numba(q, k_cache, v_cache, batch: Batch):
 #   Per chunk of `threads` keys: thread j scores key c0 + j (q . k over head_dim) into shared
 #   memory, and notes where the key's row starts in the (flattened) cache: the loops below then
 #   index with one addition — no 5-D index arithmetic and no division in them (a 64-bit `//` or
-#   `%` is a ~100-instruction routine on a GPU); every thread reads the chunk's scores for the
-#   new running max m (a broadcast read: as quick as a tree, with one barrier instead of
-#   log2(n)); thread j turns its score into p_j = exp(s_j - m); every thread adds the p_j to the
+#   `%` is a ~100-instruction routine on a GPU); a tree over the block gives the new running
+#   max m; thread j turns its score into p_j = exp(s_j - m); another tree adds the p_j to the
 #   running sum l. Then sum_j p_j v_j: the threads form G = threads // head_dim groups, thread
 #   (g, i) adds up output element i over the keys j = g, g + G, ... — G chains of loads instead
 #   of one: with 256 threads and head_dim 64, a 256-key chunk is 64 steps, not 256. (One chain
-#   made decode attention ~60 us a layer on an H200; a `%` left in that loop, ~25.) The G partial outputs are added at the end (m and l are the same in
-#   every thread, so partials add up plainly).
+#   made decode attention ~60 us a layer on an H200; a `%` left in that loop, ~25.) The G
+#   partial outputs are added at the end (m and l are the same in every thread, so partials add
+#   up plainly).
 # q and out are [T, Hq*hd] (heads side by side); the cache is the whole [L, n_blocks, bs, Hkv, hd]
 # pool and `layer` picks the layer.
 # ---------------------------------------------------------------------------------------------
@@ -115,11 +115,30 @@ from numba import cuda, int64  # noqa: E402
 MAX_THREADS, MAX_HEAD_DIM = 512, 256
 
 
+@cuda.jit(device=True)
+def _block_reduce(red, v, is_max):
+    """max (or sum) of v over the thread block, in every thread: a tree in shared memory,
+    log2(threads) steps (each thread reading all the chunk's values cost more on an H200)."""
+    tid = cuda.threadIdx.x
+    red[tid] = v
+    cuda.syncthreads()
+    half = cuda.blockDim.x // 2
+    while half > 0:
+        if tid < half:
+            red[tid] = max(red[tid], red[tid + half]) if is_max else red[tid] + red[tid + half]
+        cuda.syncthreads()
+        half //= 2
+    r = red[0]
+    cuda.syncthreads()
+    return r
+
+
 @cuda.jit
 def attention_kernel(q, kf, vf, shape, layer, row_seq, positions, block_tables, out):
     qv = cuda.shared.array(MAX_HEAD_DIM, float32)      # this row's query head
     sc = cuda.shared.array(MAX_THREADS, float32)       # the chunk's scores, then p_j
     where = cuda.shared.array(MAX_THREADS, int64)      # the chunk's keys: where their rows start
+    red = cuda.shared.array(MAX_THREADS, float32)      # block reductions
     t, h, tid, n = cuda.blockIdx.x, cuda.blockIdx.y, cuda.threadIdx.x, cuda.blockDim.x
     n_blocks, bs, n_kv, hd = shape[1], shape[2], shape[3], shape[4]   # of the caches kf, vf flatten
     kvh = h // (q.shape[1] // hd // n_kv)             # GQA: the kv head this query head reads
@@ -147,19 +166,12 @@ def attention_kernel(q, kf, vf, shape, layer, row_seq, positions, block_tables, 
                 s += qv[d] * kf[row0 + d]
             s = s / sqrt_hd
             sc[tid] = s
-        cuda.syncthreads()
-        m_new = m
-        for jj in range(nc):                           # every thread: the chunk's max
-            m_new = max(m_new, sc[jj])
-        cuda.syncthreads()
-        if tid < nc:
-            sc[tid] = float32(math.exp(s - m_new))     # p_j, by the thread that scored key j
-        cuda.syncthreads()
+        m_new = max(m, _block_reduce(red, s, True))   # the chunk's max, in every thread
+        p = float32(math.exp(s - m_new))               # p_j (0 for a thread without a key)
+        sc[tid] = p
         c = float32(math.exp(m - m_new))              # rescale what came before the new max
-        l *= c
+        l = l * c + _block_reduce(red, p, False)       # (its barriers also publish sc)
         acc *= c
-        for jj in range(nc):
-            l += sc[jj]
         if g < G:
             for jj in range(g, nc, G):
                 acc += sc[jj] * vf[where[jj] + i]
