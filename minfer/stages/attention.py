@@ -58,30 +58,36 @@ def _attention_rows(q, k_cache, v_cache, row_seq, positions, block_tables):
     bs, Hkv = k_cache.shape[1], k_cache.shape[2]
     group = Hq // Hkv
     scale = float32(1.0 / np.sqrt(hd))
-    out = np.zeros_like(q)
+    out = np.empty_like(q)
     for job in prange(T * Hq):
         t, h = job // Hq, job % Hq
         b, kvh = row_seq[t], h // group
-        m = float32(-np.inf)      # running max of the scores
-        l = float32(0.0)          # running sum of exp(score - m)
-        for j in range(positions[t] + 1):             # causal: keys 0..position
-            blk, row = block_tables[b, j // bs], j % bs
-            s = float32(0.0)
-            for i in range(hd):
-                s += q[t, h, i] * k_cache[blk, row, kvh, i]
-            s *= scale
-            if s > m:                                  # new max: rescale the past
-                c = np.exp(m - s)
-                l *= c
+        qh = q[t, h]                                   # [hd]
+        o = np.zeros(hd, dtype=np.float32)             # running output, sum of p_j v_j
+        m = float32(-np.inf)                           # running max of the scores
+        l = float32(0.0)                               # running sum of exp(score - m)
+        n = positions[t] + 1                           # causal: keys 0..position
+        for j0 in range(0, n, bs):                     # block by block: no division per key
+            blk = block_tables[b, j0 // bs]
+            for row in range(min(bs, n - j0)):
+                kr = k_cache[blk, row, kvh]            # [hd]: one key, a contiguous row
+                s = float32(0.0)
                 for i in range(hd):
-                    out[t, h, i] *= c
-                m = s
-            p = np.exp(s - m)
-            l += p
-            for i in range(hd):
-                out[t, h, i] += p * v_cache[blk, row, kvh, i]
+                    s += qh[i] * kr[i]
+                s *= scale
+                if s > m:                              # new max: rescale the past
+                    c = np.exp(m - s)
+                    l *= c
+                    for i in range(hd):
+                        o[i] *= c
+                    m = s
+                p = np.exp(s - m)
+                l += p
+                vr = v_cache[blk, row, kvh]            # [hd]
+                for i in range(hd):
+                    o[i] += p * vr[i]
         for i in range(hd):
-            out[t, h, i] /= l
+            out[t, h, i] = o[i] / l
     return out
 
 
