@@ -223,6 +223,41 @@ def test_sampling_matches_reference(seed=7):
     assert _device_samples(logits, params, seeds) == want
 
 
+def test_sampling_thresholds_many_seeds():
+    """4 seeds per setting, the same tokens as the reference. Top-k on logits with many ties (a
+    coarse grid: ties with the k-th are kept, as the reference keeps them); top-p on distinct
+    logits (the reference orders equal logits arbitrarily, a threshold keeps them all)."""
+    ties = np.round(randn(1, 45) * 2) / 2                        # -4.0, -3.5, ..., 4.0
+    distinct = randn(1, 45) * 2
+    cases = [(ties, dict(temperature=1.0, top_k=4)), (ties, dict(temperature=0.8, top_k=9)),
+             (distinct, dict(temperature=0.9, top_p=0.5)),
+             (distinct, dict(temperature=1.2, top_k=10, top_p=0.8))]
+    rows, params, seeds = [], [], []
+    for logits, kw in cases:
+        for seed in range(4):
+            rows.append(logits[0])
+            params.append(SamplingParams(**kw))
+            seeds.append(1000 + 10 * len(seeds) + seed)
+    lg = np.stack(rows)
+    want = [sample(lg[b], p, np.random.default_rng(s)) for b, (p, s) in enumerate(zip(params, seeds))]
+    assert _device_samples(lg, params, seeds) == want
+
+
+@pytest.mark.parametrize("kw", [dict(top_k=3), dict(top_p=0.3), dict(top_k=6, top_p=0.5)])
+def test_sampling_kept_set_is_exact(kw):
+    """A hot temperature makes every kept token likely: 24 draws must all fall in the reference's
+    kept set and be the reference's draws; a threshold one token too low or high shows up."""
+    from minfer.sampling import filter_logits
+    p = SamplingParams(temperature=4.0, **kw)
+    logits = randn(1, 33) * 3
+    kept = set(np.flatnonzero(np.isfinite(filter_logits(logits[0] / 4.0, p))).tolist())
+    lg = np.repeat(logits, 24, axis=0)
+    seeds = list(range(500, 524))
+    got = _device_samples(lg, [p] * 24, seeds)
+    assert set(got) <= kept and len(set(got)) == len(kept)
+    assert got == [sample(lg[b], p, np.random.default_rng(s)) for b, s in enumerate(seeds)]
+
+
 def test_sampling_top_k_keeps_only_top():
     logits = randn(1, 30)
     p = SamplingParams(temperature=5.0, top_k=3)
