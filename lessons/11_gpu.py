@@ -531,15 +531,19 @@ print(textwrap.dedent(inspect.getsource(CudaModel._step)))
 #
 # Lesson 08's top-k and top-p sort the 49,152 logits. A sort inside one thread block is slow and
 # awkward; `sampling_cuda.py` avoids it with one observation: every filter keeps *all tokens
-# whose logit is at least some threshold*, and the threshold is one of the logits. Find it by
-# **binary search**, and each step of the search is a pass that every thread can do on its own
-# share of the vocabulary — count (or add up the probabilities of) the tokens above `mid`,
-# then one block reduction.
+# whose logit is at least some threshold*, and the threshold is one of the logits. So find the
+# threshold, not the order.
 #
 # What to search over? The bits of a float32, read as an integer, are in the same order as the
 # floats for positive numbers and in reverse for negative ones; flipping the 31 low bits of the
-# negative ones makes the order right everywhere. So 32 steps over 32-bit keys find the exact
-# threshold:
+# negative ones makes the order right everywhere. Then the threshold's 32-bit key can be found
+# **one byte at a time, from the top** (a *radix select*): a histogram of the keys' first byte
+# says which byte the threshold has — walk the 256 bins down from the top, adding up counts (for
+# top-k) or probabilities (for top-p), until the goal is reached. The next pass looks only at
+# the tokens whose first byte is that one, and makes a histogram of their second byte; four
+# passes give the exact key. On the GPU each pass is every thread on its share of the
+# vocabulary, adding into a 256-bin histogram in shared memory (atomic adds). A binary search
+# over the keys, minfer's first version, took 32 passes: 0.66 ms a token on an H200.
 
 # %%
 logits = randn(49152, scale=2.0)
@@ -547,28 +551,34 @@ bits = logits.view(np.int32).astype(np.int64)
 keys = np.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)        # sampling_cuda._key, vectorised
 print("keys sort like the logits:", np.array_equal(np.argsort(keys, kind="stable"),
                                                    np.argsort(logits, kind="stable")))
+u = keys + 2 ** 31                                          # unsigned, 0 .. 2^32 - 1, same order
 top_k = 50
-lo, hi = -(2 ** 31), int(keys.max()) + 1                    # count(key >= hi) = 0 < k
-steps = []
-while hi - lo > 1:                                          # the kernel's top-k loop
-    mid = (lo + hi) // 2
-    kept = int((keys >= mid).sum())                          # on the GPU: a block reduction
-    steps.append(kept)
-    lo, hi = (mid, hi) if kept >= top_k else (lo, mid)
-tau = lo
-print(f"top-{top_k} threshold after {len(steps)} passes: logit "
+prefix, above, looked_at = 0, 0, []
+for byte in range(4):                                       # the kernel's _radix_select
+    shift = 24 - 8 * byte
+    match = (u >> (shift + 8)) == prefix                    # the higher bytes found so far
+    looked_at.append(int(match.sum()))
+    hist = np.bincount((u[match] >> shift) & 255, minlength=256)   # GPU: shared-memory atomics
+    d = 255
+    while d > 0 and above + hist[d] < top_k:                # walk the bins down from the top
+        above += hist[d]
+        d -= 1
+    prefix = prefix * 256 + d
+tau = prefix - 2 ** 31
+print(f"top-{top_k} threshold after 4 passes: logit "
       f"{logits[keys == tau][0]:.4f}; by sorting: {np.sort(logits)[-top_k]:.4f}; "
       f"tokens kept: {int((keys >= tau).sum())}")
 
 # %%
 fig, ax = plt.subplots(figsize=(8, 3.2))
-ax.plot(range(1, len(steps) + 1), steps, "o-", color="#3f6ec6", ms=4)
-ax.axhline(top_k, color="#e07b39", lw=1, ls="--")
-ax.text(len(steps), top_k * 1.3, f"k = {top_k}", color="#e07b39", ha="right", fontsize=9)
+ax.bar(range(1, 5), looked_at, color="#3f6ec6")
+for i, v in enumerate(looked_at):
+    ax.text(i + 1, v * 1.15, f"{v:,}", ha="center", fontsize=9)
 ax.set_yscale("log")
-ax.set_xlabel("step of the binary search (one pass over the vocabulary each)")
-ax.set_ylabel("tokens with key ≥ mid")
-ax.set_title("Finding the top-k threshold among 49,152 logits without sorting")
+ax.set_xticks(range(1, 5), [f"byte {i + 1}" for i in range(4)])
+ax.set_xlabel("pass (one byte of the 32-bit key, from the top)")
+ax.set_ylabel("tokens whose higher bytes match")
+ax.set_title(f"Finding the top-{top_k} threshold among 49,152 logits without sorting")
 show(fig, "11_topk_search")
 
 # %% [markdown]

@@ -78,7 +78,7 @@ def _radix_select(logits, bits, b, goal, by_mass, top, temp, tau_min, hist, pick
     the weights of tokens with key >= tau_min. Four passes over the vocabulary, one per byte of
     the 32-bit key from the top: each makes a histogram of that byte among the tokens whose
     higher bytes are the ones found so far, and one thread walks it down to the byte where the
-    goal is reached. (A binary search over the keys took 32 passes: 0.9 ms a draw on an H200.)"""
+    goal is reached. (A binary search over the keys took 32 passes: 0.66 ms a draw on an H200.)"""
     tid, n = cuda.threadIdx.x, cuda.blockDim.x
     V = logits.shape[1]
     prefix = int64(0)                                 # the bytes found so far, unsigned key
