@@ -14,8 +14,10 @@
               launches recorded in one CUDA graph (no Python in the timing), and the Python cost
               of one eager launch: where a step's time goes
 
-Needs numba-cuda (the GPU image has it) and minfer's runtime dependencies, no model file.
-Expected run time on an H100: about 3 minutes (numba CPU JIT ~1 min, weights ~20 s, rest ~1 min).
+Needs numba-cuda (the GPU image has it) and minfer's runtime dependencies, no model file
+(`python -m minfer bench --random-weights` also needs the gguf package: it writes a GGUF).
+Run time on an H200: 40-50 s (numba CPU JIT ~10 s, kernels' compile, the rest ~30 s).
+Measured results, and what each fix gave: docs/gpu.md.
 Ends with one summary block; exit status 0 only if every check passed.
 """
 import numpy as np
