@@ -630,8 +630,9 @@ for kw, a_, b_ in zip(settings, device_ids, host_ids):
 # * **Graphs are the speed.** The same 153 kernels decode 71 tok/s launched one by one from
 #   Python, and 468 tok/s replayed as one CUDA graph.
 # * **Integer division is slow.** numba's integers are 64-bit, and a 64-bit `//` or `%` is a
-#   ~100-instruction routine on a GPU. Attention's first version divided to find each key's
-#   block and row inside its p·V loop, and one chain of loads walked all the keys. Four changes
+#   call to a division routine on a GPU, not one instruction. Attention's first version divided
+#   to find each key's block and row inside its p·V loop, and one chain of loads walked all the
+#   keys. Four changes
 #   took decode attention from 61 µs to 13 µs a layer — groups of threads share p·V; each key's
 #   place is computed once, by the thread that scores it; a flat view of the cache instead of
 #   5-D indexing; tree reductions instead of every thread reading every score — and one-stream

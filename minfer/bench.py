@@ -108,8 +108,6 @@ def _run_worker(spec: dict, env: dict | None = None) -> dict:
         lines = [ln for ln in re.sub(r"\x1b\[[0-9;]*m", "", proc.stderr).splitlines() if ln.strip()]
         errs = [ln for ln in lines if re.match(r"^[\w.]*(Error|Exception)\b", ln)]
         last = (errs or lines or ["no output"])[-1].strip()
-        if proc.stderr.strip() and os.environ.get("MINFER_DEBUG"):
-            sys.stderr.write(proc.stderr)
         from .errors import MinferError
         raise MinferError(f"benchmark worker for {spec['backend']}/{spec['quant']} failed: {last}")
     return json.loads(proc.stdout.strip().splitlines()[-1])

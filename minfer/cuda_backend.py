@@ -68,10 +68,7 @@ def cuda_ops():
 def core_stream(stream):
     """numba's stream as a cuda.core Stream (the same CUDA stream): cuda.core records graphs."""
     from cuda.core import Stream as CoreStream
-    if hasattr(CoreStream, "from_handle"):
-        return CoreStream.from_handle(int(stream))
-    from cuda.core import Device
-    return Device().create_stream(stream)         # older cuda.core: via __cuda_stream__
+    return CoreStream.from_handle(int(stream))
 
 
 @dataclass

@@ -31,6 +31,8 @@ import math
 import numpy as np
 from numba import cuda, float32, int32, int64
 
+from .stages.attention import block_reduce   # the tree sum over a thread block
+
 MAX_THREADS = 1024
 THREADS = 1024              # per sequence on the GPU: 48 logits per thread for SmolLM2
 N_PARAMS = 5                 # per sequence: temperature, top_k, top_p, min_p, u
@@ -41,25 +43,6 @@ def _key(bits):
     """Order-preserving integer key of a float32 given by its bits (int32)."""
     b = int64(bits)
     return b if b >= 0 else b ^ int64(0x7FFFFFFF)
-
-
-@cuda.jit(device=True)
-def _block_sum(red, v):
-    """Sum of v over the thread block (a power of two); every thread gets it. A tree in shared
-    memory: log2(n) steps (with every thread reading all n values, a top-p draw took 2.3 ms on
-    an H200)."""
-    tid = cuda.threadIdx.x
-    red[tid] = v
-    cuda.syncthreads()
-    s = cuda.blockDim.x // 2
-    while s > 0:
-        if tid < s:
-            red[tid] += red[tid + s]
-        cuda.syncthreads()
-        s //= 2
-    total = red[0]
-    cuda.syncthreads()
-    return total
 
 
 @cuda.jit(device=True, inline=True)
@@ -151,7 +134,7 @@ def sample_kernel(logits, bits, params, out):
         z = float32(0.0)
         for k in range(tid, V, n):
             z += _weight(logits[b, k], top, temp, _key(bits[b, k]), tau, float32(0.0))
-        goal = top_p * _block_sum(red, z)
+        goal = top_p * block_reduce(red, z, False)
         tau = _radix_select(logits, bits, b, goal, True, top, temp, tau, hist, pick)
     # --- the draw: thread tid owns tokens [tid*C, tid*C + C); a prefix sum over the threads says
     # whose stretch holds u * total, and that thread walks it

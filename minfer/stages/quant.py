@@ -190,6 +190,33 @@ def quant_embedding(token_ids: np.ndarray, w: QuantMatrix) -> np.ndarray:
 from numba import njit, prange, float32  # noqa: E402
 
 
+def split_for_q4(x: np.ndarray):
+    """x [T, K] -> xl [T, K/2] (the elements under low nibbles), xh2 = xh - 16 xl [T, K/2]
+    (xh: those under high nibbles; see _q4_dot), xsum [T, K/32] (sum of x over each block)."""
+    T, K = x.shape
+    xb = x.reshape(T, K // QK, 2, QK // 2)                              # [T, nb, 2, 16]
+    xl = np.ascontiguousarray(xb[:, :, 0, :]).reshape(T, K // 2)
+    xh = xb[:, :, 1, :].reshape(T, K // 2)
+    return xl, xh - np.float32(16) * xl, xb.sum(axis=(2, 3), dtype=np.float32)
+
+
+@njit(fastmath=True, cache=True)
+def _split_q4(x):
+    """split_for_q4 as loops, so that the kernels do it themselves (no NumPy calls per matvec)."""
+    T, K = x.shape
+    xl = np.empty((T, K // 2), dtype=np.float32)
+    xh2 = np.empty((T, K // 2), dtype=np.float32)
+    xsum = np.zeros((T, K // QK), dtype=np.float32)
+    for t in range(T):
+        for i in range(K // 2):
+            lo, hi = x[t, (i >> 4) * QK + (i & 15)], x[t, (i >> 4) * QK + (i & 15) + 16]
+            xl[t, i] = lo
+            xh2[t, i] = hi - float32(16) * lo
+            xsum[t, i >> 4] += lo + hi
+    return xl, xh2, xsum
+
+
+
 @njit(inline="always", fastmath=True)
 def _q8_0_dot(x, qs, d, o, t):
     """Row o of a Q8_0 matrix . token t of x."""
@@ -260,32 +287,6 @@ def _q4_gate_up(x, qg, dg, mg, qu, du, mu):
             g = _q4_dot(xl, xh2, xsum, qg, dg, mg, o, t)
             out[t, o] = g / (float32(1.0) + np.exp(-g)) * _q4_dot(xl, xh2, xsum, qu, du, mu, o, t)
     return out
-
-
-def split_for_q4(x: np.ndarray):
-    """x [T, K] -> xl [T, K/2] (the elements under low nibbles), xh2 = xh - 16 xl [T, K/2]
-    (xh: those under high nibbles; see _q4_dot), xsum [T, K/32] (sum of x over each block)."""
-    T, K = x.shape
-    xb = x.reshape(T, K // QK, 2, QK // 2)                              # [T, nb, 2, 16]
-    xl = np.ascontiguousarray(xb[:, :, 0, :]).reshape(T, K // 2)
-    xh = xb[:, :, 1, :].reshape(T, K // 2)
-    return xl, xh - np.float32(16) * xl, xb.sum(axis=(2, 3), dtype=np.float32)
-
-
-@njit(fastmath=True, cache=True)
-def _split_q4(x):
-    """split_for_q4 as loops, so that the kernels do it themselves (no NumPy calls per matvec)."""
-    T, K = x.shape
-    xl = np.empty((T, K // 2), dtype=np.float32)
-    xh2 = np.empty((T, K // 2), dtype=np.float32)
-    xsum = np.zeros((T, K // QK), dtype=np.float32)
-    for t in range(T):
-        for i in range(K // 2):
-            lo, hi = x[t, (i >> 4) * QK + (i & 15)], x[t, (i >> 4) * QK + (i & 15) + 16]
-            xl[t, i] = lo
-            xh2[t, i] = hi - float32(16) * lo
-            xsum[t, i >> 4] += lo + hi
-    return xl, xh2, xsum
 
 
 # Prefill and big batches: many tokens share every weight, so the work is compute-bound, not
