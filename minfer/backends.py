@@ -13,6 +13,7 @@ from .errors import BackendUnavailableError, InvalidArgumentError
 
 BACKENDS = ("numpy", "numba", "cuda")
 DEFAULT_BACKEND = "numba"
+ACTIVATIONS = ("f32", "int8")   # what the matmuls on quantized weights multiply the weights with
 
 
 def numpy_ops() -> SimpleNamespace:
@@ -31,19 +32,28 @@ def numpy_ops() -> SimpleNamespace:
     )
 
 
-def numba_ops() -> SimpleNamespace:
+def numba_ops(int8_act: bool = False) -> SimpleNamespace:
+    """int8_act: the matmuls on quantized weights round x to int8 per block (stages/quant_i8.py)."""
+    from functools import partial
+
     from .stages import attention, embedding, kvcache, linear, mlp, rmsnorm, rope
+    if int8_act:
+        from .stages import quant_i8
+        quant_i8.check_available()
+        mm = dict(linear=partial(linear.linear_numba, int8_act=True),
+                  qkv=partial(linear.qkv_numba, int8_act=True),
+                  swiglu=partial(mlp.swiglu_numba, int8_act=True))
+    else:
+        mm = dict(linear=linear.linear_numba, qkv=linear.qkv_numba, swiglu=mlp.swiglu_numba)
     return SimpleNamespace(
-        name="numba",
+        name="numba+int8" if int8_act else "numba",
         embedding=embedding.embedding_numba,
         rmsnorm=rmsnorm.rmsnorm_numba,
         rope_angles=rope.rope_angles,
         rope=rope.rope_numba,
         kv_write=kvcache.kv_write_numba,
         attention=attention.paged_attention_numba,
-        linear=linear.linear_numba,
-        qkv=linear.qkv_numba,
-        swiglu=mlp.swiglu_numba,
+        **mm,
     )
 
 
@@ -84,12 +94,18 @@ def set_threads(n: int | None) -> int:
     return numba.get_num_threads()
 
 
-def get_ops(name: str, threads: int | None = None) -> SimpleNamespace:
+def get_ops(name: str, threads: int | None = None, activations: str = "f32") -> SimpleNamespace:
+    if activations not in ACTIVATIONS:
+        raise InvalidArgumentError(f"unknown activations {activations!r}; choose one of: "
+                                   f"{', '.join(ACTIVATIONS)}")
+    if activations == "int8" and name != "numba":
+        raise InvalidArgumentError("int8 activations are a numba-backend variant; "
+                                   "use --backend numba (or float32 activations)")
     if name == "numpy":
         return numpy_ops()
     if name == "numba":
         set_threads(threads)
-        return numba_ops()
+        return numba_ops(activations == "int8")
     if name == "cuda":
         from .cuda_backend import cuda_ops
         return cuda_ops()  # BackendUnavailableError, one sentence, without numba-cuda or a GPU

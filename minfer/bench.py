@@ -62,7 +62,8 @@ def worker(spec: dict) -> dict:
     if spec.get("random"):
         model = _random_model(spec["random"], quant, Path(spec["cache"]))
         quant = "auto" if quant in ("auto", "f32") else quant
-    llm = minfer.LLM(model, backend=spec["backend"], quant=quant, threads=spec.get("threads"), quiet=True)
+    llm = minfer.LLM(model, backend=spec["backend"], quant=quant, threads=spec.get("threads"), quiet=True,
+                     activations=spec.get("activations", "f32"))
     load_s = time.perf_counter() - t_start
     rng = np.random.default_rng(0)
     prompt = rng.integers(3, llm.config.vocab_size, spec["prompt_tokens"]).tolist()
@@ -109,8 +110,12 @@ def _run_worker(spec: dict, env: dict | None = None) -> dict:
         errs = [ln for ln in lines if re.match(r"^[\w.]*(Error|Exception)\b", ln)]
         last = (errs or lines or ["no output"])[-1].strip()
         from .errors import MinferError
-        raise MinferError(f"benchmark worker for {spec['backend']}/{spec['quant']} failed: {last}")
+        raise MinferError(f"benchmark worker for {_label(spec)} failed: {last}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _label(r: dict) -> str:
+    return f"{r['backend']}/{r['quant']}" + ("/int8" if r.get("activations") == "int8" else "")
 
 
 def _machine() -> dict:
@@ -155,7 +160,8 @@ def run_bench(a) -> int:
     from .weights.fetch import ensure_default_model
     backends = [b.strip() for b in a.backend.split(",") if b.strip()]
     quants = [q.strip() for q in a.quant.split(",") if q.strip()]
-    from .backends import BACKENDS
+    acts = [x.strip() for x in a.activations.split(",") if x.strip()]
+    from .backends import ACTIVATIONS, BACKENDS
     from .weights.load import QUANTS
     from .errors import InvalidArgumentError
     for b in backends:
@@ -164,6 +170,9 @@ def run_bench(a) -> int:
     for q in quants:
         if q not in QUANTS:
             raise InvalidArgumentError(f"unknown quant {q!r}; choose from {', '.join(QUANTS)}")
+    for x in acts:
+        if x not in ACTIVATIONS:
+            raise InvalidArgumentError(f"unknown activations {x!r}; choose from {', '.join(ACTIVATIONS)}")
     if a.random_weights and a.random_weights not in SHAPES:
         raise InvalidArgumentError(f"unknown shape {a.random_weights!r}; choose from {', '.join(SHAPES)}")
     if a.runs < 1:
@@ -175,21 +184,22 @@ def run_bench(a) -> int:
     results = []
     print(f"minfer bench: {a.prompt_tokens}-token prompt, {a.new_tokens} new tokens, {a.runs} runs "
           f"each ({a.numpy_runs} for numpy); {machine['cpu']}, {machine['cores']} cores", file=sys.stderr)
-    for backend in backends:
-        for quant in quants:
-            spec = {"model": model, "random": a.random_weights, "cache": str(cache), "backend": backend,
-                    "quant": quant, "threads": a.threads, "prompt_tokens": a.prompt_tokens,
-                    "new_tokens": a.new_tokens,
-                    "runs": a.runs if not (backend == "numpy" and a.numpy_runs) else a.numpy_runs}
-            print(f"  running {backend}/{quant} ...", file=sys.stderr, flush=True)
-            r = _run_worker(spec)
-            row = {"backend": backend, "quant": quant, **r}
-            if backend == "numba" and not a.skip_startup:
-                with tempfile.TemporaryDirectory() as nb_cache:
-                    one = dict(spec, runs=1, new_tokens=2)
-                    row["cold_start_s"] = _run_worker(one, {"NUMBA_CACHE_DIR": nb_cache})["start_to_first_token_s"]
-                    row["cached_start_s"] = _run_worker(one, {"NUMBA_CACHE_DIR": nb_cache})["start_to_first_token_s"]
-            results.append(row)
+    configs = [(b, q, x) for b in backends for q in quants for x in acts
+               if x == "f32" or (b == "numba" and q != "f32")]   # int8: numba, quantized weights
+    for backend, quant, act in configs:
+        spec = {"model": model, "random": a.random_weights, "cache": str(cache), "backend": backend,
+                "quant": quant, "activations": act, "threads": a.threads,
+                "prompt_tokens": a.prompt_tokens, "new_tokens": a.new_tokens,
+                "runs": a.runs if not (backend == "numpy" and a.numpy_runs) else a.numpy_runs}
+        print(f"  running {_label(spec)} ...", file=sys.stderr, flush=True)
+        r = _run_worker(spec)
+        row = {"backend": backend, "quant": quant, "activations": act, **r}
+        if backend == "numba" and not a.skip_startup:
+            with tempfile.TemporaryDirectory() as nb_cache:
+                one = dict(spec, runs=1, new_tokens=2)
+                row["cold_start_s"] = _run_worker(one, {"NUMBA_CACHE_DIR": nb_cache})["start_to_first_token_s"]
+                row["cached_start_s"] = _run_worker(one, {"NUMBA_CACHE_DIR": nb_cache})["start_to_first_token_s"]
+        results.append(row)
     _print_table(results)
     if a.json:
         Path(a.json).write_text(json.dumps({"machine": machine, "settings": vars(a) | {"model": model},
@@ -199,7 +209,7 @@ def run_bench(a) -> int:
 
 
 def _print_table(results):
-    head = (f"{'backend':<8} {'quant':<6} {'prefill tok/s':>22} {'decode tok/s':>22} {'TTFT ms':>8} "
+    head = (f"{'backend':<8} {'quant':<6} {'act':<4} {'prefill tok/s':>22} {'decode tok/s':>22} {'TTFT ms':>8} "
             f"{'weights MB':>10} {'RSS MB':>7} {'threads':>7} {'cold s':>7} {'cached s':>8}")
     print(head)
     print("-" * len(head))
@@ -211,12 +221,12 @@ def _print_table(results):
         base = base or d[0]
         cold = f"{r['cold_start_s']:.1f}" if "cold_start_s" in r else "-"
         cached = f"{r['cached_start_s']:.1f}" if "cached_start_s" in r else "-"
-        print(f"{r['backend']:<8} {r['quant']:<6} {p[0]:>8.1f} ({p[1]:.0f}..{p[2]:.0f}){'':>3} "
+        print(f"{r['backend']:<8} {r['quant']:<6} {r.get('activations', 'f32'):<4} {p[0]:>8.1f} ({p[1]:.0f}..{p[2]:.0f}){'':>3} "
               f"{d[0]:>8.1f} ({d[1]:.1f}..{d[2]:.1f}) {t[0]:>8.0f} {r['weights_mb']:>10.1f} "
               f"{r['peak_rss_mb']:>7.0f} {str(r['threads'] or '-'):>7} {cold:>7} {cached:>8}")
     if len(results) > 1:
         print("decode speed relative to the first row: " + ", ".join(
-            f"{r['backend']}/{r['quant']} {statistics.median(x['decode_tok_s'] for x in r['runs']) / base:.2f}x"
+            f"{_label(r)} {statistics.median(x['decode_tok_s'] for x in r['runs']) / base:.2f}x"
             for r in results))
 
 
@@ -228,6 +238,9 @@ def add_parser(sub) -> None:
     p.add_argument("--backend", default="numpy,numba", help="comma-separated (default: %(default)s)")
     p.add_argument("--quant", default="auto", help="comma-separated: auto,f32,q8_0,q4_0,q4_1 "
                                                    "(default: %(default)s)")
+    p.add_argument("--activations", default="f32",
+                   help="comma-separated: f32,int8 (int8: numba backend, quantized weights only; "
+                        "default: %(default)s)")
     p.add_argument("--runs", type=int, default=3, help="measured runs per configuration (default: 3)")
     p.add_argument("--numpy-runs", type=int, default=1, help="runs for the slow numpy backend (default: 1)")
     p.add_argument("--prompt-tokens", type=int, default=128)

@@ -48,6 +48,9 @@ class Weights:
     lm_head: np.ndarray               # [V, D] (the same array as tok_embd when tied)
     raw: dict = field(default_factory=dict, repr=False)  # the file's own tensors (GGUF blocks)
 
+    def has_quantized(self) -> bool:
+        return any(not isinstance(a, np.ndarray) for L in self.layers for a in L.storage())
+
     def nbytes(self) -> int:
         arrays = {id(a): a for a in [self.tok_embd, self.norm, self.lm_head]}
         for L in self.layers:

@@ -48,9 +48,10 @@ def stack_rows(ws: list):
 from numba import njit, prange, float32  # noqa: E402
 
 
-def linear_numba(x: np.ndarray, w) -> np.ndarray:
+def linear_numba(x: np.ndarray, w, int8_act: bool = False) -> np.ndarray:
+    """int8_act: on quantized weights, round x to int8 per block (quant_i8.py; opt-in)."""
     if isinstance(w, QuantMatrix):
-        return quant_linear_numba(x, w)
+        return quant_linear_numba(x, w, int8_act)
     if x.shape[0] >= 8:
         # many tokens: compute-bound, and BLAS's register-blocked sgemm is ~3x the loop below;
         # row tiles go to threads, as for quantized weights (quant.run_tiles)
@@ -63,10 +64,11 @@ def linear_numba(x: np.ndarray, w) -> np.ndarray:
     return _dense_matmul(np.ascontiguousarray(x, dtype=np.float32), w)
 
 
-def qkv_numba(x: np.ndarray, wq, wk, wv, wqkv=None):
+def qkv_numba(x: np.ndarray, wq, wk, wv, wqkv=None, int8_act: bool = False):
     if wqkv is None:
-        return linear_numba(x, wq), linear_numba(x, wk), linear_numba(x, wv)
-    y = linear_numba(x, wqkv)                                       # [T, (Hq + 2 Hkv) hd]
+        return (linear_numba(x, wq, int8_act), linear_numba(x, wk, int8_act),
+                linear_numba(x, wv, int8_act))
+    y = linear_numba(x, wqkv, int8_act)                                     # [T, (Hq + 2 Hkv) hd]
     a, b = wq.shape[0], wq.shape[0] + wk.shape[0]
     # contiguous pieces: a kernel given a strided view compiles to slower code (measured 4x in attention)
     return np.ascontiguousarray(y[:, :a]), np.ascontiguousarray(y[:, a:b]), np.ascontiguousarray(y[:, b:])

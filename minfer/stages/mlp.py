@@ -57,14 +57,15 @@ def _dense_gate_up(x, wg, wu):
     return out
 
 
-def swiglu_numba(x, w_gate, w_up, w_down):
-    if x.shape[0] < 8 and type(w_gate) is type(w_up):
+def swiglu_numba(x, w_gate, w_up, w_down, int8_act: bool = False):
+    """int8_act: on quantized weights, x rounded to int8 per block (quant_i8.py; opt-in)."""
+    if (x.shape[0] < 8 or int8_act) and type(w_gate) is type(w_up):
         if isinstance(w_gate, QuantMatrix) and w_gate.fmt == w_up.fmt:
-            return linear_numba(quant_gate_up_numba(x, w_gate, w_up), w_down)
-        if isinstance(w_gate, np.ndarray):
+            return linear_numba(quant_gate_up_numba(x, w_gate, w_up, int8_act), w_down, int8_act)
+        if isinstance(w_gate, np.ndarray) and x.shape[0] < 8:
             return linear_numba(_dense_gate_up(np.ascontiguousarray(x, dtype=np.float32), w_gate, w_up), w_down)
-    return linear_numba(silu_mul_numba(linear_numba(x, w_gate), linear_numba(x, w_up)), w_down)
-
+    return linear_numba(silu_mul_numba(linear_numba(x, w_gate, int8_act), linear_numba(x, w_up, int8_act)),
+                        w_down, int8_act)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -353,16 +353,25 @@ def _tiled_gemm(x: np.ndarray, w: QuantMatrix) -> np.ndarray:
     return out
 
 
-def quant_gate_up_numba(x: np.ndarray, wg: QuantMatrix, wu: QuantMatrix) -> np.ndarray:
-    """silu(x wg^T) * (x wu^T) for decode-sized x, in one fused kernel. [T, K] -> [T, F]."""
+def quant_gate_up_numba(x: np.ndarray, wg: QuantMatrix, wu: QuantMatrix,
+                        int8_act: bool = False) -> np.ndarray:
+    """silu(x wg^T) * (x wu^T) for decode-sized x, in one fused kernel. [T, K] -> [T, F].
+    int8_act: x rounded to int8 per block (quant_i8.py, the opt-in variant), any T."""
+    if int8_act:
+        from .quant_i8 import quant_gate_up_i8
+        return quant_gate_up_i8(x, wg, wu)
     x = np.ascontiguousarray(x, dtype=np.float32)
     if wg.fmt == "Q8_0":
         return _q8_0_gate_up(x, wg.qs, wg.d, wu.qs, wu.d)
     return _q4_gate_up(x, wg.qs, wg.d, wg.m, wu.qs, wu.d, wu.m)
 
 
-def quant_linear_numba(x: np.ndarray, w: QuantMatrix) -> np.ndarray:
-    """x [T, K] -> [T, O]: the matvec kernels on the quants for decode, tiles + sgemm for prefill."""
+def quant_linear_numba(x: np.ndarray, w: QuantMatrix, int8_act: bool = False) -> np.ndarray:
+    """x [T, K] -> [T, O]: the matvec kernels on the quants for decode, tiles + sgemm for prefill.
+    int8_act: x rounded to int8 per block (quant_i8.py, the opt-in variant), any T."""
+    if int8_act:
+        from .quant_i8 import quant_linear_i8
+        return quant_linear_i8(x, w)
     x = np.ascontiguousarray(x, dtype=np.float32)
     if x.shape[0] >= GEMM_MIN_ROWS:
         return _tiled_gemm(x, w)

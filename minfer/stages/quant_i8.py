@@ -1,0 +1,389 @@
+"""Quantized matmul with int8 activations — llama.cpp's trick, a separate variant of quant.py.
+
+The kernels in quant.py keep x in float32 and turn every 4-bit weight into a float before a
+multiply-add: exact (the same function as the dequantized model), but ~7 vector instructions per
+32 weights. Here x is rounded too, per block of 32, to int8 with a float scale of its own
+
+    x[k] ~ dx[b] * xq[k]          dx[b] = max |x| over block b / 127,   xq in -127..127
+
+and a block's dot product becomes an integer one, done by the CPU's byte dot-product instruction
+(AVX-512 VNNI `vpdpbusd`: 64 unsigned-byte x signed-byte products, summed by 4 into 16 int32
+lanes, in one instruction):
+
+    sum_k (d q_k + m) x_k  ~  d dx * sum_k q_k xq_k  +  m * sum_k x_k          (one block)
+
+The cost is rounding error: ~1e-2 of the largest output on random data (llama.cpp's own CPU
+kernels do the same), so this is opt-in — `LLM(activations="int8")`, `--activations int8` — and
+`bench` and the quality report show it as its own row. Needs a CPU with AVX-512 VNNI.
+
+Layouts. The weights are quant.QuantMatrix's, untouched (the file's bytes). Q4 rows are read 64
+bytes (4 blocks) at a time: `b & 15` gives the 4 blocks' elements 0..15, `b >> 4` their 16..31.
+So x is stored in that order — per chunk of 4 blocks, the 64 values that meet low nibbles, then
+the 64 that meet high ones — and a chunk is two vpdpbusd on plain loads, no shuffles. The int32
+lanes 4i..4i+3 then hold block i's sum; one multiply by [d dx] spread over the lanes and one add
+finish the chunk. Rows whose block count is not a multiple of 4 end with a chunk of 2 and/or 1.
+Q8_0 rows are read 2 blocks at a time in their own order; vpdpbusd wants one unsigned operand,
+so the weight bytes get their top bit flipped (q + 128) and the 128 * sum(xq) that adds is taken
+off with the per-block term, like Q4's m.
+
+LLVM does not find vpdpbusd in a plain loop (numba widens the byte products to int64), so the few
+vector operations are written as numba intrinsics in LLVM IR, below; the loops around them are
+ordinary @njit code.
+"""
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba import float32, njit, prange
+from numba.core import cgutils, types
+from numba.extending import intrinsic
+
+from ..errors import InvalidArgumentError
+from .quant import QK, QuantMatrix
+
+
+def has_vnni() -> bool:
+    """Does the CPU numba compiles for have AVX-512 VNNI (and the byte ops it needs)?"""
+    from numba.core import config
+    if config.CPU_NAME or config.CPU_FEATURES:             # numba was told to target another CPU
+        return "+avx512vnni" in (config.CPU_FEATURES or "")
+    import llvmlite.binding as ll
+    f = ll.get_host_cpu_features()
+    return bool(f.get("avx512vnni") and f.get("avx512bw") and f.get("avx512vl"))
+
+
+def check_available() -> None:
+    if not has_vnni():
+        raise InvalidArgumentError(
+            "int8 activations need a CPU with AVX-512 VNNI (this one has none); "
+            "use the default float32 activations")
+
+
+# ---------------------------------------------------------------------------------------------
+# x -> int8, per token and block, in the order the kernels read it
+# ---------------------------------------------------------------------------------------------
+def chunks(nb: int) -> list[int]:
+    """How a row of nb blocks is read: chunks of 4 blocks, then 2 and/or 1 for the rest."""
+    return [4] * (nb // 4) + [2] * (nb % 4 // 2) + [1] * (nb % 2)
+
+
+def quantize_x(x: np.ndarray, q4_order: bool):
+    """Reference: x [T, K] float32 -> xq int8 [T, K] (in the kernels' order), dx [T, nb] scales,
+    xsum [T, nb] (sum of x over each block, float), isum [T, nb] (sum of xq over each block)."""
+    T, K = x.shape
+    xb = x.reshape(T, K // QK, QK)                                     # [T, nb, 32]
+    amax = np.abs(xb).max(axis=2)                                       # [T, nb]
+    dx = (amax / np.float32(127)).astype(np.float32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        inv = np.where(amax > 0, np.float32(127) / amax, np.float32(0)).astype(np.float32)
+    q = np.rint(xb * inv[:, :, None]).astype(np.int8)                  # [T, nb, 32]
+    if q4_order:                                                        # [lows of a chunk, highs]
+        parts, b = [], 0
+        for n in chunks(K // QK):
+            c = q[:, b:b + n]                                           # [T, n, 32]
+            parts += [c[:, :, :16].reshape(T, -1), c[:, :, 16:].reshape(T, -1)]
+            b += n
+        xq = np.concatenate(parts, axis=1)                              # [T, K]
+    else:
+        xq = q.reshape(T, K)
+    return xq, dx, xb.sum(axis=2, dtype=np.float32), q.sum(axis=2, dtype=np.int32)
+
+
+def quant_linear_i8_reference(x: np.ndarray, w: QuantMatrix) -> np.ndarray:
+    """The spec, in NumPy: x [T, K] -> [T, O] as the kernels compute it. x is replaced by its
+    rounded self dx * xq; Q4's "+ m" part meets the exact block sums of x (as in the kernels)."""
+    T, K = x.shape
+    xq, dx, xsum, _ = quantize_x(x, q4_order=False)
+    x_seen = (xq.reshape(T, K // QK, QK) * dx[:, :, None]).reshape(T, K)   # [T, K]
+    if w.fmt == "Q8_0":
+        return x_seen @ w.dequantize().T                                      # [T, O]
+    dq = w.dequantize() - np.repeat(w.m, QK, axis=1)                          # [O, K]: d * q
+    return x_seen @ dq.T + xsum @ w.m.T                                       # [T, O]
+
+
+@njit(fastmath=True, cache=True)
+def _quantize_x(x, q4_order):
+    """quantize_x as loops (the kernels call it first, once per matmul)."""
+    T, K = x.shape
+    nb = K // QK
+    xq = np.empty((T, K), dtype=np.int8)
+    dx = np.empty((T, nb), dtype=np.float32)
+    xsum = np.empty((T, nb), dtype=np.float32)
+    isum = np.empty((T, nb), dtype=np.int32)
+    for t in range(T):
+        b = 0
+        while b < nb:
+            n = 4 if nb - b >= 4 else (2 if nb - b >= 2 else 1)       # this chunk's blocks
+            for i in range(b, b + n):
+                amax, s = float32(0.0), float32(0.0)
+                for k in range(i * QK, i * QK + QK):
+                    amax, s = max(amax, abs(x[t, k])), s + x[t, k]
+                inv = float32(127.0) / amax if amax > float32(0.0) else float32(0.0)
+                dx[t, i], xsum[t, i] = amax / float32(127.0), s
+                si = 0
+                for j in range(QK):
+                    v = np.int8(np.rint(x[t, i * QK + j] * inv))
+                    si += v
+                    if q4_order:        # low half of block i, then its high half 16 n further on
+                        xq[t, b * QK + (i - b) * 16 + (j & 15) + (j >> 4) * 16 * n] = v
+                    else:
+                        xq[t, i * QK + j] = v
+                isum[t, i] = si
+            b += n
+    return xq, dx, xsum, isum
+
+
+# ---------------------------------------------------------------------------------------------
+# The vector step, in LLVM IR: one chunk of n blocks of one row against the same blocks of x
+# ---------------------------------------------------------------------------------------------
+I8, I32, F32 = ir.IntType(8), ir.IntType(32), ir.FloatType()
+
+
+def _vec(t, n):
+    return ir.VectorType(t, n)
+
+
+def _load(context, builder, arrty, arr, offset, elt, n):
+    """n elements of a C-contiguous array, from flat index `offset`, as one vector."""
+    data = context.make_array(arrty)(context, builder, arr).data
+    ptr = builder.bitcast(builder.gep(data, [offset]), _vec(elt, n).as_pointer())
+    return builder.load(ptr, align=1)
+
+
+def _vpdpbusd(builder, acc, u8, s8):
+    """acc[l] += sum of the 4 products u8[4l + j] * s8[4l + j] (unsigned x signed bytes)."""
+    lanes = acc.type.count
+    name = f"llvm.x86.avx512.vpdpbusd.{32 * lanes}"
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(
+        _vec(I32, lanes), [_vec(I32, lanes), _vec(I8, 4 * lanes), _vec(I8, 4 * lanes)]), name)
+    return builder.call(fn, [acc, u8, s8])
+
+
+def _finish(builder, acc16, isum, scale, offset):
+    """acc16 + float(isum) * scale[block] + offset[block], over the int32 lanes of isum (each block
+    owns lanes // n consecutive lanes), widened to 16 lanes (the missing ones add 0)."""
+    lanes, n = isum.type.count, scale.type.count
+    spread = ir.Constant(_vec(I32, lanes), [l * n // lanes for l in range(lanes)])
+    part = builder.fadd(builder.fmul(builder.sitofp(isum, _vec(F32, lanes)),
+                                     builder.shuffle_vector(scale, scale, spread), flags=["fast"]),
+                        builder.shuffle_vector(offset, offset, spread), flags=["fast"])
+    if lanes < 16:                                                 # zeros in the upper lanes
+        part = builder.shuffle_vector(part, ir.Constant(_vec(F32, lanes), [0.0] * lanes),
+                                      ir.Constant(_vec(I32, 16), list(range(lanes)) +
+                                                  [lanes] * (16 - lanes)))
+    return builder.fadd(acc16, part, flags=["fast"])
+
+
+def _scales(context, builder, sig, args, n):
+    """The chunk's per-block float terms: d * dx (the integer sum's scale) and e * c (added per
+    lane: e = m, c = sum(x) / 4 for Q4; e = d, c = -128 dx sum(xq) / 8 for Q8_0)."""
+    _, _, _, _, _, d, dx, e, c, row, tok = args
+    td, tdx, te, tc = sig.args[5:9]
+    ld = lambda t, a, i: _load(context, builder, t, a, i, F32, n)   # noqa: E731
+    return (builder.fmul(ld(td, d, row), ld(tdx, dx, tok), flags=["fast"]),
+            builder.fmul(ld(te, e, row), ld(tc, c, tok), flags=["fast"]))
+
+
+def _make_q4_chunk(n):
+    @intrinsic
+    def q4_chunk(typingctx, acc, qs, qoff, xq, xoff, d, dx, e, c, row, tok):
+        """acc + the n blocks of a Q4 row at qs.flat[qoff:] . xq.flat[xoff:]; the blocks' scales
+        are at d.flat[row:] (weights) and dx.flat[tok:] (x)."""
+        def codegen(context, builder, sig, args):
+            W = 16 * n                                             # weight bytes in the chunk
+            v = _load(context, builder, sig.args[1], args[1], args[2], I8, W)
+            lo = builder.and_(v, ir.Constant(_vec(I8, W), [15] * W))
+            hi = builder.lshr(v, ir.Constant(_vec(I8, W), [4] * W))
+            xl = _load(context, builder, sig.args[3], args[3], args[4], I8, W)
+            xh = _load(context, builder, sig.args[3], args[3],
+                       builder.add(args[4], ir.Constant(args[4].type, W)), I8, W)
+            isum = _vpdpbusd(builder, ir.Constant(_vec(I32, 4 * n), [0] * (4 * n)), lo, xl)
+            isum = _vpdpbusd(builder, isum, hi, xh)
+            return _finish(builder, args[0], isum, *_scales(context, builder, sig, args, n))
+        return acc(acc, qs, qoff, xq, xoff, d, dx, e, c, row, tok), codegen
+    return q4_chunk
+
+
+def _make_q8_chunk(n):
+    @intrinsic
+    def q8_chunk(typingctx, acc, qs, qoff, xq, xoff, d, dx, e, c, row, tok):
+        """acc + the n blocks of a Q8_0 row . x, computed as (q + 128) . xq (see the top)."""
+        def codegen(context, builder, sig, args):
+            W = 32 * n
+            q = builder.xor(_load(context, builder, sig.args[1], args[1], args[2], I8, W),
+                            ir.Constant(_vec(I8, W), [-128] * W))  # q + 128, as unsigned bytes
+            isum = _vpdpbusd(builder, ir.Constant(_vec(I32, 8 * n), [0] * (8 * n)), q,
+                             _load(context, builder, sig.args[3], args[3], args[4], I8, W))
+            return _finish(builder, args[0], isum, *_scales(context, builder, sig, args, n))
+        return acc(acc, qs, qoff, xq, xoff, d, dx, e, c, row, tok), codegen
+    return q8_chunk
+
+
+class _F32x16(types.Type):
+    """An LLVM <16 x float> as a numba value: the accumulator stays in one vector register."""
+    def __init__(self):
+        super().__init__(name="f32x16")
+
+
+from numba.extending import models, register_model  # noqa: E402
+
+F32x16 = _F32x16()
+
+
+@register_model(_F32x16)
+class _F32x16Model(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type):
+        super().__init__(dmm, fe_type, _vec(F32, 16))
+
+
+@intrinsic
+def _zeros16(typingctx):
+    return F32x16(), lambda context, builder, sig, args: ir.Constant(_vec(F32, 16), [0.0] * 16)
+
+
+@intrinsic
+def _sum16(typingctx, a):
+    def codegen(context, builder, sig, args):
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(
+            F32, [F32, _vec(F32, 16)]), "llvm.vector.reduce.fadd.v16f32")
+        return builder.call(fn, [ir.Constant(F32, -0.0), args[0]], fastmath=("fast",))
+    return types.float32(a), codegen
+
+
+@intrinsic
+def _prefetch(typingctx, arr, offset):
+    """Ask for the cache line holding arr.flat[offset] now: it is needed a few rows later."""
+    def codegen(context, builder, sig, args):
+        data = context.make_array(sig.args[0])(context, builder, args[0]).data
+        ptr = builder.bitcast(builder.gep(data, [args[1]]), ir.IntType(8).as_pointer())
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(
+            ir.VoidType(), [ptr.type, I32, I32, I32]), "llvm.prefetch.p0")
+        builder.call(fn, [ptr, ir.Constant(I32, 0), ir.Constant(I32, 3), ir.Constant(I32, 1)])
+        return context.get_dummy_value()
+    return types.none(arr, offset), codegen
+
+
+PREFETCH_ROWS = 8           # rows ahead: the hardware prefetcher alone left ~10% on the table
+
+
+_q4_4, _q4_2, _q4_1 = _make_q4_chunk(4), _make_q4_chunk(2), _make_q4_chunk(1)
+_q8_2, _q8_1 = _make_q8_chunk(2), _make_q8_chunk(1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rows of dot products and the matmul kernels. Threads take tiles of ROWS rows: each tile is one
+# call of a row function (a call per row cost ~30 ns in reference counting of its array
+# arguments, as much as the row's arithmetic).
+# ---------------------------------------------------------------------------------------------
+ROWS = 64
+
+
+@njit(fastmath=True, cache=True)
+def _q4_rows(xq, dx, c, qs, d, m, t, o0, o1, out, pf):
+    """out[o - o0] = row o of a Q4 matrix . token t of x (quantized by _quantize_x in q4 order);
+    c = sum(x) / 4 per block: the m term, sum_b m_b sum(x over b), added a quarter per lane."""
+    H, nb = qs.shape[1], d.shape[1]
+    K = 2 * H
+    last = qs.shape[0] * H - 1
+    for o in range(o0, o1):
+        if pf > 0:
+            for k in range(0, H, 64):
+                _prefetch(qs, min(last, (o + pf) * H + k))
+        acc = _zeros16()
+        b = 0
+        while b + 4 <= nb:
+            acc = _q4_4(acc, qs, o * H + b * 16, xq, t * K + b * QK, d, dx, m, c, o * nb + b, t * nb + b)
+            b += 4
+        if b + 2 <= nb:
+            acc = _q4_2(acc, qs, o * H + b * 16, xq, t * K + b * QK, d, dx, m, c, o * nb + b, t * nb + b)
+            b += 2
+        if b < nb:
+            acc = _q4_1(acc, qs, o * H + b * 16, xq, t * K + b * QK, d, dx, m, c, o * nb + b, t * nb + b)
+        out[o - o0] = _sum16(acc)
+
+
+@njit(fastmath=True, cache=True)
+def _q8_0_rows(xq, dx, c, qs, d, t, o0, o1, out):
+    """The same for Q8_0; c = -128 dx sum(xq) / 8 per block takes off the q + 128 shift."""
+    K, nb = qs.shape[1], d.shape[1]
+    for o in range(o0, o1):
+        acc = _zeros16()
+        b = 0
+        while b + 2 <= nb:
+            acc = _q8_2(acc, qs, o * K + b * QK, xq, t * K + b * QK, d, dx, d, c, o * nb + b, t * nb + b)
+            b += 2
+        if b < nb:
+            acc = _q8_1(acc, qs, o * K + b * QK, xq, t * K + b * QK, d, dx, d, c, o * nb + b, t * nb + b)
+        out[o - o0] = _sum16(acc)
+
+
+@njit(fastmath=True, cache=True)
+def _rows(xi, qs, d, m, t, o0, o1, out, pf):
+    """Rows o0..o1-1 of either format . token t; xi = what _prepare_x made for that format."""
+    xq, dx, c = xi
+    if m.shape[0] == 0:
+        _q8_0_rows(xq, dx, c, qs, d, t, o0, o1, out)
+    else:
+        _q4_rows(xq, dx, c, qs, d, m, t, o0, o1, out, pf)
+
+
+@njit(fastmath=True, cache=True)
+def _prepare_x(x, q8):
+    """x -> (xq, dx, c): c is the per-block term each int32 lane adds (see _q4_rows, _q8_0_rows)."""
+    xq, dx, xsum, isum = _quantize_x(x, not q8)
+    if q8:
+        return xq, dx, float32(-16.0) * dx * isum.astype(np.float32)       # -128 dx sum(xq) / 8
+    return xq, dx, float32(0.25) * xsum
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def _matmul_i8(x, qs, d, m, pf):
+    """x [T, K] -> [T, O]. m: Q4's [O, nb] mins, or an empty array for Q8_0."""
+    xi = _prepare_x(x, m.shape[0] == 0)
+    T, O = x.shape[0], qs.shape[0]
+    out = np.empty((T, O), dtype=np.float32)
+    for tile in prange((O + ROWS - 1) // ROWS):
+        o0 = tile * ROWS
+        o1 = min(O, o0 + ROWS)
+        for t in range(T):
+            _rows(xi, qs, d, m, t, o0, o1, out[t, o0:o1], pf)
+    return out
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def _gate_up_i8(x, qg, dg, mg, qu, du, mu, pf):
+    """silu(x wg^T) * (x wu^T) in one pass over the rows. [T, K] -> [T, F]."""
+    xi = _prepare_x(x, mg.shape[0] == 0)
+    T, F = x.shape[0], qg.shape[0]
+    out = np.empty((T, F), dtype=np.float32)
+    up = np.empty((T, F), dtype=np.float32)
+    for tile in prange((F + ROWS - 1) // ROWS):
+        o0 = tile * ROWS
+        o1 = min(F, o0 + ROWS)
+        for t in range(T):
+            _rows(xi, qg, dg, mg, t, o0, o1, out[t, o0:o1], pf)
+            _rows(xi, qu, du, mu, t, o0, o1, up[t, o0:o1], pf)
+            for o in range(o0, o1):
+                g = out[t, o]
+                out[t, o] = g / (float32(1.0) + np.exp(-g)) * up[t, o]
+    return out
+
+
+_NO_M = np.zeros((0, 0), dtype=np.float32)    # Q8_0 has no mins
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry points (decode-sized x; prefill stays on quant.py's tiles + sgemm, float32 throughout)
+# ---------------------------------------------------------------------------------------------
+def quant_linear_i8(x: np.ndarray, w: QuantMatrix) -> np.ndarray:
+    """x [T, K] -> [T, O] with x rounded to int8 per block."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    return _matmul_i8(x, w.qs, w.d, _NO_M if w.fmt == "Q8_0" else w.m, PREFETCH_ROWS)
+
+
+def quant_gate_up_i8(x: np.ndarray, wg: QuantMatrix, wu: QuantMatrix) -> np.ndarray:
+    """silu(x wg^T) * (x wu^T), x rounded to int8 per block. [T, K] -> [T, F]."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if wg.fmt == "Q8_0":
+        return _gate_up_i8(x, wg.qs, wg.d, _NO_M, wu.qs, wu.d, _NO_M, PREFETCH_ROWS)
+    return _gate_up_i8(x, wg.qs, wg.d, wg.m, wu.qs, wu.d, wu.m, PREFETCH_ROWS)

@@ -1,0 +1,99 @@
+"""int8 activations (stages/quant_i8.py): the VNNI kernels against their NumPy spec, their error
+against the float32-activation function, and the option's plumbing and errors."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import minfer
+from minfer.errors import InvalidArgumentError
+from minfer.stages import mlp, quant, quant_i8
+
+FORMATS = ["Q8_0", "Q4_0", "Q4_1"]
+rng = np.random.default_rng(11)
+vnni = pytest.mark.skipif(not quant_i8.has_vnni(), reason="this CPU has no AVX-512 VNNI")
+
+
+def mat(O, K, fmt):
+    return quant.QuantMatrix.from_float(rng.standard_normal((O, K)).astype(np.float32), fmt)
+
+
+@pytest.mark.parametrize("K", [32, 64, 96, 224, 576])  # 1, 2, 3, 7 (4 + 2 + 1), 18 blocks
+def test_quantize_x_numba_matches_numpy(K):
+    x = rng.standard_normal((3, K)).astype(np.float32)
+    x[1, :32] = 0.0                                     # an all-zero block: scale 0, no NaN
+    for q4 in (True, False):
+        got, want = quant_i8._quantize_x(x, q4), quant_i8.quantize_x(x, q4)
+        assert np.array_equal(got[0], want[0]) and np.array_equal(got[3], want[3])
+        np.testing.assert_allclose(got[1], want[1], rtol=1e-6)
+        np.testing.assert_allclose(got[2], want[2], rtol=1e-5, atol=1e-5)
+    # q4 order: every chunk holds the values under low nibbles, then those under high ones
+    xq = quant_i8.quantize_x(x, True)[0]
+    plain = quant_i8.quantize_x(x, False)[0]
+    assert np.array_equal(np.sort(xq, axis=1), np.sort(plain, axis=1))
+    if K >= 128:                                        # first chunk: 4 blocks, lows then highs
+        assert np.array_equal(xq[:, 16:32], plain[:, 32:48])      # block 1, elements 0..15
+        assert np.array_equal(xq[:, 64:80], plain[:, 16:32])      # block 0, elements 16..31
+
+
+@vnni
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("K", [32, 64, 96, 224, 576])
+@pytest.mark.parametrize("T", [1, 3, 9])
+def test_kernels_match_their_reference(fmt, K, T):
+    w = mat(45, K, fmt)
+    x = rng.standard_normal((T, K)).astype(np.float32)
+    spec = quant_i8.quant_linear_i8_reference(x, w)
+    got = quant_i8.quant_linear_i8(x, w)
+    assert np.abs(got - spec).max() <= 1e-5 * np.abs(spec).max()
+    # and the rounding of x costs what llama.cpp's scheme costs: about 1% of the output's scale
+    exact = quant.quant_linear(x, w)
+    assert np.abs(got - exact).max() <= 5e-2 * np.abs(exact).max()
+    assert np.abs(got - exact).max() >= 1e-5 * np.abs(exact).max()   # it does round
+
+
+@vnni
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_gate_up_and_swiglu(fmt):
+    g, u, d = mat(64, 96, fmt), mat(64, 96, fmt), mat(96, 64, fmt)
+    x = rng.standard_normal((2, 96)).astype(np.float32)
+    spec = (mlp.silu(quant_i8.quant_linear_i8_reference(x, g))
+            * quant_i8.quant_linear_i8_reference(x, u))
+    got = quant_i8.quant_gate_up_i8(x, g, u)
+    assert np.abs(got - spec).max() <= 1e-5 * np.abs(spec).max()
+    y = mlp.swiglu_numba(x, g, u, d, int8_act=True)
+    assert np.abs(y - quant_i8.quant_linear_i8(got, d)).max() <= 1e-5 * np.abs(y).max()
+
+
+@vnni
+def test_llm_with_int8_activations(tiny_gguf):
+    ids = list(range(10, 30))
+    for q in ("q4_1", "q8_0"):
+        exact = minfer.LLM(tiny_gguf, quant=q).logits(ids)
+        llm = minfer.LLM(tiny_gguf, quant=q, activations="int8")
+        assert llm.model.ops.name == "numba+int8"
+        got = llm.logits(ids)
+        err = np.abs(got - exact).max() / np.abs(exact).max()
+        assert 0 < err < 0.1, err
+        out = llm.generate([ids], minfer.SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+        assert len(out[0].token_ids) == 4
+
+
+def test_int8_activations_errors(tiny_gguf, monkeypatch):
+    with pytest.raises(InvalidArgumentError, match="numba-backend"):
+        minfer.LLM(tiny_gguf, backend="numpy", activations="int8")
+    with pytest.raises(InvalidArgumentError, match="need quantized weights"):
+        minfer.LLM(tiny_gguf, quant="f32", activations="int8")
+    with pytest.raises(InvalidArgumentError, match="unknown activations"):
+        minfer.LLM(tiny_gguf, activations="int4")
+    monkeypatch.setattr(quant_i8, "has_vnni", lambda: False)
+    with pytest.raises(InvalidArgumentError, match="AVX-512 VNNI"):
+        minfer.LLM(tiny_gguf, quant="q4_1", activations="int8")
+
+
+def test_cli_activations_flag_error_is_one_line(tiny_gguf):
+    r = subprocess.run([sys.executable, "-m", "minfer", "generate", "hi", "--model", str(tiny_gguf),
+                        "--backend", "numpy", "--activations", "int8"], capture_output=True, text=True)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert r.stderr.strip().count("\n") == 0 and "numba-backend" in r.stderr
