@@ -36,6 +36,7 @@ def numba_ops(int8_act: bool = False) -> SimpleNamespace:
     """int8_act: the matmuls on quantized weights round x to int8 per block (stages/quant_i8.py)."""
     from functools import partial
 
+    from .fused import FusedLayers
     from .stages import attention, embedding, kvcache, linear, mlp, rmsnorm, rope
     if int8_act:
         from .stages import quant_i8
@@ -54,6 +55,7 @@ def numba_ops(int8_act: bool = False) -> SimpleNamespace:
         kv_write=kvcache.kv_write_numba,
         attention=attention.paged_attention_numba,
         **mm,
+        layers=FusedLayers(int8_act),    # decode: all layers in one compiled call (fused.py)
     )
 
 

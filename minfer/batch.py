@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from functools import cached_property
+
 import numpy as np
 
 
@@ -26,6 +28,11 @@ class Batch:
     @property
     def n_seqs(self) -> int:
         return len(self.context_lens)
+
+    @cached_property
+    def row_seq(self) -> np.ndarray:
+        """[T] the sequence each row belongs to."""
+        return np.repeat(np.arange(self.n_seqs), np.diff(self.seq_starts))
 
 
 def make_batch(seqs: list[tuple[list[int] | np.ndarray, int, list[int]]], block_size: int,

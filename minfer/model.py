@@ -47,6 +47,7 @@ class Weights:
     norm: np.ndarray                  # [D]
     lm_head: np.ndarray               # [V, D] (the same array as tok_embd when tied)
     raw: dict = field(default_factory=dict, repr=False)  # the file's own tensors (GGUF blocks)
+    stacks: dict = field(default_factory=dict, repr=False)  # kind -> all layers' in one array (load.py)
 
     def has_quantized(self) -> bool:
         return any(not isinstance(a, np.ndarray) for L in self.layers for a in L.storage())
@@ -69,9 +70,18 @@ class Transformer:
     def forward(self, batch: Batch, cache: KVCache) -> np.ndarray:
         """-> logits [len(batch.logits_rows), V] float32."""
         c, W, op = self.config, self.weights, self.ops
-        T = len(batch.token_ids)
         x = op.embedding(batch.token_ids, W.tok_embd)                       # [T, D]
         cos, sin = op.rope_angles(batch.positions, c.head_dim, c.rope_theta)  # [T, hd/2] each
+        fused = getattr(op, "layers", None)     # numba: run_layers as one compiled call (fused.py)
+        y = fused(x, cos, sin, W, cache, batch, c) if fused is not None else None
+        x = y if y is not None else self.run_layers(x, cos, sin, batch, cache)   # [T, D]
+        x = op.rmsnorm(x[batch.logits_rows], W.norm, c.rms_eps)               # [R, D]
+        return op.linear(x, W.lm_head)                                         # [R, V]
+
+    def run_layers(self, x: np.ndarray, cos, sin, batch: Batch, cache: KVCache) -> np.ndarray:
+        """The transformer layers: x [T, D] -> [T, D], each layer's K and V written to the cache."""
+        c, W, op = self.config, self.weights, self.ops
+        T = len(x)
         for l, L in enumerate(W.layers):
             # --- attention block -------------------------------------------------------------
             h = op.rmsnorm(x, L.attn_norm, c.rms_eps)                          # [T, D]
@@ -86,5 +96,4 @@ class Transformer:
             # --- MLP block -------------------------------------------------------------------
             h = op.rmsnorm(x, L.ffn_norm, c.rms_eps)                           # [T, D]
             x = x + op.swiglu(h, L.w_gate, L.w_up, L.w_down)                   # [T, D]
-        x = op.rmsnorm(x[batch.logits_rows], W.norm, c.rms_eps)               # [R, D]
-        return op.linear(x, W.lm_head)                                         # [R, V]
+        return x

@@ -225,6 +225,8 @@ def student_ops(base_ops: SimpleNamespace, folder=None, log=None) -> SimpleNames
             setattr(ops, task.op, f)
             mine.append(task.op)
     ops.mine = mine
+    if mine:
+        ops.layers = None         # the fused layer loop would bypass the student's functions
     ops.name = f"{getattr(base_ops, 'name', 'ops')}+mine" if mine else getattr(base_ops, "name", "ops")
     if mine:
         log(f"minfer: running on your own {', '.join(mine)} (from {folder}/); "

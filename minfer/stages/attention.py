@@ -92,8 +92,7 @@ def _attention_rows(q, k_cache, v_cache, row_seq, positions, block_tables):
 
 
 def paged_attention_numba(q, k_cache, v_cache, batch: Batch):
-    row_seq = np.repeat(np.arange(batch.n_seqs), np.diff(batch.seq_starts))   # [T] sequence of each row
-    return _attention_rows(q, k_cache, v_cache, row_seq, batch.positions, batch.block_tables)
+    return _attention_rows(q, k_cache, v_cache, batch.row_seq, batch.positions, batch.block_tables)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -69,10 +69,39 @@ def load(path: str | os.PathLike, quant: str = "f32") -> tuple[ModelConfig, Weig
     return load_gguf(path, quant)
 
 
-def _fuse(layers: list[LayerWeights]) -> None:
-    """Stack each layer's Q, K, V rows into one matrix (wq/wk/wv become views of it)."""
+STACKED = ("attn_norm", "wqkv", "wo", "ffn_norm", "w_gate", "w_up", "w_down")
+
+
+def _fuse(layers: list[LayerWeights]) -> dict:
+    """Stack each layer's Q, K, V rows into one matrix (wq/wk/wv become views of it). Then hold
+    each kind of layer weight for all layers in one array, [L, ...], each layer keeping a view:
+    the numba decode step (fused.py) takes a whole stack in one argument, and one large
+    allocation can sit on huge pages (streaming the weights measured ~5-10% faster).
+    -> {kind: (format, array or quants [L, ...], scales or None, mins or None)}."""
     for L in layers:
         L.wqkv, (L.wq, L.wk, L.wv) = stack_rows([L.wq, L.wk, L.wv])
+    stacks = {}
+    for kind in STACKED:
+        ws = [getattr(L, kind) for L in layers]
+        if all(isinstance(w, np.ndarray) and w.shape == ws[0].shape for w in ws):
+            big = np.stack(ws)                                          # [L, ...]
+            stacks[kind] = ("F32", big, None, None)
+            for L, w in zip(layers, big):
+                setattr(L, kind, w)
+        elif all(isinstance(w, QuantMatrix) and (w.fmt, w.shape) == (ws[0].fmt, ws[0].shape)
+                 for w in ws):
+            qs, d = np.stack([w.qs for w in ws]), np.stack([w.d for w in ws])   # [L, O, ...]
+            m = None if ws[0].m is None else np.stack([w.m for w in ws])
+            stacks[kind] = (ws[0].fmt, qs, d, m)
+            for i, L in enumerate(layers):
+                setattr(L, kind, QuantMatrix._from_parts(ws[0].fmt, qs[i], d[i],
+                                                         None if m is None else m[i], ws[0].shape[1]))
+    for L in layers:                            # wq, wk, wv: views of the (new) wqkv again
+        if L.wqkv is not None:
+            edges = np.cumsum([0, L.wq.shape[0], L.wk.shape[0], L.wv.shape[0]])
+            view = L.wqkv.rows if isinstance(L.wqkv, QuantMatrix) else (lambda a, b: L.wqkv[a:b])
+            L.wq, L.wk, L.wv = (view(edges[i], edges[i + 1]) for i in range(3))
+    return stacks
 
 
 def _check(name: str, arr, shape: tuple) -> np.ndarray:
@@ -116,8 +145,9 @@ def load_gguf(path: Path, quant: str = "f32") -> tuple[ModelConfig, Weights, Tok
         ))
     tok_embd = mat("token_embd.weight", (c.vocab_size, D), _embedding_quant(quant))
     lm_head = tok_embd if c.tie_embeddings else mat("output.weight", (c.vocab_size, D), _embedding_quant(quant))
-    _fuse(layers)
-    weights = Weights(tok_embd, layers, f32("output_norm.weight", (D,)), lm_head, raw=tensors)
+    stacks = _fuse(layers)
+    weights = Weights(tok_embd, layers, f32("output_norm.weight", (D,)), lm_head, raw=tensors,
+                      stacks=stacks)
     tokenizer = Tokenizer.from_gguf_metadata(meta)
     return config, weights, tokenizer
 
@@ -157,6 +187,6 @@ def load_hf(folder: Path, quant: str = "f32") -> tuple[ModelConfig, Weights, Tok
         lm_head = mat("lm_head.weight", (c.vocab_size, D), q=_embedding_quant(quant))
     else:
         c.tie_embeddings, lm_head = True, tok_embd
-    _fuse(layers)
-    weights = Weights(tok_embd, layers, f32("model.norm.weight", (D,)), lm_head)
+    stacks = _fuse(layers)
+    weights = Weights(tok_embd, layers, f32("model.norm.weight", (D,)), lm_head, stacks=stacks)
     return c, weights, Tokenizer.from_hf_folder(folder, c)

@@ -1,0 +1,57 @@
+"""fused.py: the numba backend's one-call layer loop computes what model.run_layers computes."""
+import numpy as np
+import pytest
+
+import minfer
+from minfer import fused
+from minfer.batch import make_batch
+from minfer.stages import quant_i8
+from minfer.model import Transformer
+
+
+def steps(model, tables):
+    """Prefill two prompts together (every row's logits), then decode one token for each."""
+    prompts = [list(range(10, 23)), list(range(40, 47))]
+    cache = model.new_cache(n_blocks=12, block_size=4)
+    out = [model.forward(make_batch([(p, 0, t) for p, t in zip(prompts, tables)], 4, all_logits=True), cache)]
+    out.append(model.forward(make_batch([([5], len(p), t) for p, t in zip(prompts, tables)], 4), cache))
+    out.append(model.forward(make_batch([([7, 8, 9], len(p) + 1, t) for p, t in zip(prompts, tables)], 4), cache))
+    return out, cache
+
+
+@pytest.mark.parametrize("quant", ["q4_1", "q4_0", "q8_0"])
+@pytest.mark.parametrize("act", ["f32", "int8"])
+def test_fused_layers_equal_the_python_loop(tiny_gguf, quant, act):
+    if act == "int8" and not quant_i8.has_vnni():
+        pytest.skip("this CPU has no AVX-512 VNNI")
+    llm = minfer.LLM(tiny_gguf, quant=quant, activations=act)
+    assert fused.kernels_for(llm.weights.stacks, act == "int8") is not None
+    plain_ops = type(llm.model.ops)(**{**vars(llm.model.ops), "layers": None})
+    plain = Transformer(llm.config, llm.weights, plain_ops)
+    calls = []
+    real = fused.layers_numba
+    tables = [[0, 1, 2, 3, 4, 5], [11, 10, 9, 8, 7, 6]]
+    try:
+        fused.layers_numba = lambda *a: calls.append(len(a[0])) or real(*a)
+        got, cache_got = steps(llm.model, tables)
+    finally:
+        fused.layers_numba = real
+    want, cache_want = steps(plain, tables)
+    # the fused loop ran for the decode steps (and, with int8 activations, for the prefill too)
+    assert calls == ([20, 2, 6] if act == "int8" else [2, 6])
+    for g, w in zip(got, want):
+        assert g.shape == w.shape
+        assert np.abs(g - w).max() <= 1e-5 * np.abs(w).max()
+    np.testing.assert_allclose(cache_got.k, cache_want.k, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(cache_got.v, cache_want.v, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_loop_is_skipped_where_it_does_not_apply(tiny_gguf):
+    f32 = minfer.LLM(tiny_gguf, quant="f32")
+    assert fused.kernels_for(f32.weights.stacks, False) is None      # float32 weights: no kernel
+    q = minfer.LLM(tiny_gguf, quant="q4_1")
+    assert fused.kernels_for({k: v for k, v in q.weights.stacks.items() if k != "wo"}, False) is None
+    # the layers hold views of the stacks: one copy of the weights in memory
+    L = q.weights.layers[1]
+    assert np.shares_memory(L.w_up.qs, q.weights.stacks["w_up"][1])
+    assert np.shares_memory(L.wq.qs, q.weights.stacks["wqkv"][1])
