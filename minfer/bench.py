@@ -147,7 +147,9 @@ def run_quality(a) -> int:
     if quants == ["auto"]:
         quants = ["f32", "q8_0", "q4_1", "q4_0", "auto"]
     print(f"minfer bench --quality: {quality.TEXT.name}, windows of {a.window} tokens", file=sys.stderr)
-    rows = quality.evaluate(model, quants, window=a.window, max_tokens=a.max_eval_tokens)
+    acts = [x.strip() for x in a.activations.split(",") if x.strip()]
+    rows = quality.evaluate(model, quants, window=a.window, max_tokens=a.max_eval_tokens,
+                            activations=acts)
     quality.print_table(rows)
     if a.json:
         Path(a.json).write_text(json.dumps({"machine": _machine(), "quality": rows}, indent=1))

@@ -97,3 +97,14 @@ def test_cli_activations_flag_error_is_one_line(tiny_gguf):
                         "--backend", "numpy", "--activations", "int8"], capture_output=True, text=True)
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert r.stderr.strip().count("\n") == 0 and "numba-backend" in r.stderr
+
+
+@vnni
+def test_quality_rows_for_int8_activations(tiny_gguf):
+    from minfer import quality
+    rows = quality.evaluate(tiny_gguf, quants=("f32", "q8_0"), activations=("f32", "int8"),
+                            window=16, max_tokens=33)
+    got = {(r["quant"], r["activations"]): r for r in rows}
+    assert set(got) == {("f32", "f32"), ("q8_0", "f32"), ("q8_0", "int8")}   # no f32 + int8
+    assert got["f32", "f32"]["kl_vs_f32"] == 0 and got["f32", "f32"]["top1_vs_f32"] == 1
+    assert got["q8_0", "int8"]["kl_vs_f32"] > 0 and got["q8_0", "int8"]["tokens"] == 32
