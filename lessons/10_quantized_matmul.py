@@ -326,9 +326,35 @@ show(fig, "10_lm_head_speed")
 # The memory roof is shared by all the cores; the compute roof grows with each core. So the
 # 4-bit kernels gain the most from `prange` on a machine with cores to spare, and
 # `python -m minfer bench --quant f32,q8_0,auto` measures the whole model per format, with all
-# threads. (llama.cpp goes further: it also rounds the *activations* to 8-bit integers and uses
-# the CPU's integer dot-product instructions — less arithmetic per weight, a different kernel.)
+# threads.
 #
+# ### Rounding the activations too (opt-in)
+#
+# llama.cpp goes further: it also rounds the *activations* x to 8-bit integers, per block of 32
+# with a float scale of their own ($x \approx d_x \cdot x_q$), so that a block's dot product is
+# an integer one, $d\,d_x \sum_k q_k x_{q,k}$ — and a CPU with AVX-512 VNNI does 64 such byte
+# products in one instruction (`vpdpbusd`). minfer has that kernel too, in
+# `minfer/stages/quant_i8.py` (the few vector operations written as numba intrinsics in LLVM IR,
+# with a NumPy spec beside them), behind `--activations int8`. It is not the default, because it
+# is no longer the function the weights describe: rounding x costs about 1% of each output's
+# scale. On a 2-core machine it decoded ~16% faster than the float kernels end to end
+# (`python -m minfer bench --activations f32,int8`; docs/benchmarks.md has the figures, and the
+# quality it costs, measured).
+
+# %%
+from minfer.stages import quant_i8
+
+if quant_i8.has_vnni():
+    exact = quant.quant_linear(xq, Q)                       # float32 activations: the reference
+    rounded = quant_i8.quant_linear_i8(xq, Q)               # int8 activations, VNNI kernel
+    spec = quant_i8.quant_linear_i8_reference(xq, Q)        # ... and its NumPy spec
+    print(f"int8 kernel vs its spec:       {np.abs(rounded - spec).max() / np.abs(spec).max():.1e}")
+    print(f"int8 activations vs float32:   {np.abs(rounded - exact).max() / np.abs(exact).max():.1e}"
+          " (of the largest output)")
+else:
+    print("this CPU has no AVX-512 VNNI: the int8-activation kernels cannot run here")
+
+# %% [markdown]
 # ## 5 · What it costs: quality, and memory
 #
 # `minfer.quality.evaluate` runs the model over a held-out English text (Alice in Wonderland,

@@ -25,39 +25,30 @@ from .stages.rope import rope_numba
 
 
 # ---------------------------------------------------------------------------------------------
-# One signature for each kind of matmul kernel, so that the layer loop below can take the kernel
-# as an argument: mm(x, (qs, d, m), l) is x @ W[l]^T; gate_up(x, gate, up, l) is the fused
-# silu(x Wg^T) * (x Wu^T). m, the Q4 mins, is an empty array for Q8_0.
+# Which kernel: mm(x, (qs, d, m), l, kind) is x @ W[l]^T; gate_up(x, gate, up, l, kind) is the
+# fused silu(x Wg^T) * (x Wu^T). m, the Q4 mins, is an empty array for Q8_0. (`kind` is a plain
+# integer: numba's on-disk cache does not keep functions compiled for function arguments.)
 # ---------------------------------------------------------------------------------------------
+Q4, Q8, INT8 = 0, 1, 2
+
+
 @njit(cache=True)
-def _mm_q4(x, w, l):
+def _mm(x, w, l, kind):
+    if kind == INT8:
+        return quant_i8._matmul_i8(x, w[0][l], w[1][l], w[2][l], quant_i8.PREFETCH_ROWS)
+    if kind == Q8:
+        return quant._q8_0_matmul(x, w[0][l], w[1][l])
     return quant._q4_matmul(x, w[0][l], w[1][l], w[2][l])
 
 
 @njit(cache=True)
-def _mm_q8(x, w, l):
-    return quant._q8_0_matmul(x, w[0][l], w[1][l])
-
-
-@njit(cache=True)
-def _mm_i8(x, w, l):
-    return quant_i8._matmul_i8(x, w[0][l], w[1][l], w[2][l], quant_i8.PREFETCH_ROWS)
-
-
-@njit(cache=True)
-def _gate_up_q4(x, g, u, l):
+def _gate_up(x, g, u, l, kind):
+    if kind == INT8:
+        return quant_i8._gate_up_i8(x, g[0][l], g[1][l], g[2][l], u[0][l], u[1][l], u[2][l],
+                                    quant_i8.PREFETCH_ROWS)
+    if kind == Q8:
+        return quant._q8_0_gate_up(x, g[0][l], g[1][l], u[0][l], u[1][l])
     return quant._q4_gate_up(x, g[0][l], g[1][l], g[2][l], u[0][l], u[1][l], u[2][l])
-
-
-@njit(cache=True)
-def _gate_up_q8(x, g, u, l):
-    return quant._q8_0_gate_up(x, g[0][l], g[1][l], u[0][l], u[1][l])
-
-
-@njit(cache=True)
-def _gate_up_i8(x, g, u, l):
-    return quant_i8._gate_up_i8(x, g[0][l], g[1][l], g[2][l], u[0][l], u[1][l], u[2][l],
-                                quant_i8.PREFETCH_ROWS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -65,53 +56,49 @@ def _gate_up_i8(x, g, u, l):
 # ---------------------------------------------------------------------------------------------
 @njit(cache=True)
 def _layers(x, cos, sin, attn_norm, wqkv, wo, ffn_norm, w_gate, w_up, w_down, k_cache, v_cache,
-            row_seq, positions, block_tables, slot_mapping, n_heads, n_kv_heads, eps, mm, gate_up):
+            row_seq, positions, block_tables, slot_mapping, n_heads, n_kv_heads, eps, kind):
     T = x.shape[0]
     hd = k_cache.shape[-1]
     qd, kvd = n_heads * hd, n_kv_heads * hd
     for l in range(attn_norm.shape[0]):
         # --- attention block ---------------------------------------------------------------
         h = rmsnorm_numba(x, attn_norm[l], eps)                                 # [T, D]
-        y = mm(h, wqkv, l)                                                      # [T, qd + 2 kvd]
+        y = _mm(h, wqkv, l, kind)                                               # [T, qd + 2 kvd]
         q = np.ascontiguousarray(y[:, :qd]).reshape(T, n_heads, hd)             # [T, Hq, hd]
         k = np.ascontiguousarray(y[:, qd:qd + kvd]).reshape(T, n_kv_heads, hd)  # [T, Hkv, hd]
         v = np.ascontiguousarray(y[:, qd + kvd:]).reshape(T, n_kv_heads, hd)    # [T, Hkv, hd]
         q, k = rope_numba(q, cos, sin), rope_numba(k, cos, sin)
         kv_write_numba(k_cache[l], v_cache[l], k, v, slot_mapping)
         a = _attention_rows(q, k_cache[l], v_cache[l], row_seq, positions, block_tables)
-        x = x + mm(a.reshape(T, qd), wo, l)                                     # [T, D]
+        x = x + _mm(a.reshape(T, qd), wo, l, kind)                              # [T, D]
         # --- MLP block ---------------------------------------------------------------------
         h = rmsnorm_numba(x, ffn_norm[l], eps)                                  # [T, D]
-        x = x + mm(gate_up(h, w_gate, w_up, l), w_down, l)                      # [T, D]
+        x = x + _mm(_gate_up(h, w_gate, w_up, l, kind), w_down, l, kind)        # [T, D]
     return x
 
 
-_KERNELS = {("Q4", False): (_mm_q4, _gate_up_q4), ("Q8", False): (_mm_q8, _gate_up_q8),
-            ("Q4", True): (_mm_i8, _gate_up_i8), ("Q8", True): (_mm_i8, _gate_up_i8)}
-
-
 def kernels_for(stacks: dict, int8_act: bool):
-    """(mm, gate_up) for these weight stacks, or None when the fused loop does not apply."""
+    """The kernel kind (Q4, Q8 or INT8) for these weight stacks, or None when the fused loop
+    does not apply."""
     kinds = ("attn_norm", "wqkv", "wo", "ffn_norm", "w_gate", "w_up", "w_down")
     if not all(k in stacks for k in kinds):
         return None
     if stacks["attn_norm"][0] != "F32" or stacks["ffn_norm"][0] != "F32":
         return None
     fmts = {stacks[k][0] for k in kinds[1:3] + kinds[4:]}
-    family = {"Q4_0": "Q4", "Q4_1": "Q4", "Q8_0": "Q8"}.get(fmts.pop()) if len(fmts) == 1 else None
-    return None if family is None else _KERNELS[(family, int8_act)]
+    family = {"Q4_0": Q4, "Q4_1": Q4, "Q8_0": Q8}.get(fmts.pop()) if len(fmts) == 1 else None
+    return None if family is None else (INT8 if int8_act else family)
 
 
-def layers_numba(x, cos, sin, stacks, cache, batch, config, kernels):
+def layers_numba(x, cos, sin, stacks, cache, batch, config, kind):
     """x [T, D] after the embedding -> x [T, D] after the last layer (cache written on the way)."""
-    mm, gate_up = kernels
     no_m = np.zeros((config.n_layers, 0, 0), dtype=np.float32)     # Q8_0 has no mins
     w = {k: (v[1], v[2], v[3] if v[3] is not None else no_m) for k, v in stacks.items()}
     return _layers(np.ascontiguousarray(x, dtype=np.float32), cos, sin, stacks["attn_norm"][1],
                    w["wqkv"], w["wo"], stacks["ffn_norm"][1], w["w_gate"], w["w_up"], w["w_down"],
                    cache.k, cache.v, batch.row_seq, batch.positions, batch.block_tables,
                    batch.slot_mapping, config.n_heads, config.n_kv_heads, float(config.rms_eps),
-                   mm, gate_up)
+                   kind)
 
 
 class FusedLayers:
@@ -123,7 +110,7 @@ class FusedLayers:
     def __call__(self, x, cos, sin, weights, cache, batch, config):
         if len(x) >= quant.GEMM_MIN_ROWS and not self.int8_act:
             return None                          # prefill: sgemm tiles, in model.forward
-        kernels = kernels_for(weights.stacks, self.int8_act)
-        if kernels is None:
+        kind = kernels_for(weights.stacks, self.int8_act)
+        if kind is None:
             return None
-        return layers_numba(x, cos, sin, weights.stacks, cache, batch, config, kernels)
+        return layers_numba(x, cos, sin, weights.stacks, cache, batch, config, kind)

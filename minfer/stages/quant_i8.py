@@ -303,10 +303,14 @@ def _q4_rows(xq, dx, c, qs, d, m, t, o0, o1, out, pf):
 
 
 @njit(fastmath=True, cache=True)
-def _q8_0_rows(xq, dx, c, qs, d, t, o0, o1, out):
+def _q8_0_rows(xq, dx, c, qs, d, t, o0, o1, out, pf):
     """The same for Q8_0; c = -128 dx sum(xq) / 8 per block takes off the q + 128 shift."""
     K, nb = qs.shape[1], d.shape[1]
+    last = qs.shape[0] * K - 1
     for o in range(o0, o1):
+        if pf > 0:
+            for k in range(0, K, 64):
+                _prefetch(qs, min(last, (o + pf) * K + k))
         acc = _zeros16()
         b = 0
         while b + 2 <= nb:
@@ -322,7 +326,7 @@ def _rows(xi, qs, d, m, t, o0, o1, out, pf):
     """Rows o0..o1-1 of either format . token t; xi = what _prepare_x made for that format."""
     xq, dx, c = xi
     if m.shape[0] == 0:
-        _q8_0_rows(xq, dx, c, qs, d, t, o0, o1, out)
+        _q8_0_rows(xq, dx, c, qs, d, t, o0, o1, out, pf)
     else:
         _q4_rows(xq, dx, c, qs, d, m, t, o0, o1, out, pf)
 
