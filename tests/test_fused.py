@@ -55,3 +55,18 @@ def test_fused_loop_is_skipped_where_it_does_not_apply(tiny_gguf):
     L = q.weights.layers[1]
     assert np.shares_memory(L.w_up.qs, q.weights.stacks["w_up"][1])
     assert np.shares_memory(L.wq.qs, q.weights.stacks["wqkv"][1])
+
+
+def test_the_layer_loop_is_loaded_from_the_disk_cache(tiny_gguf):
+    """A second process must not compile the loop again (functions passed as arguments once made
+    numba recompile it in every process, ~15 s on the first decode step)."""
+    import os
+    import subprocess
+    import sys
+    cmd = [sys.executable, "-m", "minfer", "generate", "hi", "--model", str(tiny_gguf),
+           "--quant", "q4_1", "-n", "3"]
+    assert subprocess.run(cmd, capture_output=True).returncode == 0       # compiled and saved
+    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "NUMBA_DEBUG_CACHE": "1"})
+    log = (r.stdout + r.stderr).splitlines()
+    assert any("fused._layers" in line and "loaded" in line for line in log)
+    assert not [line for line in log if "fused." in line and "saved" in line]
