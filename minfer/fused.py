@@ -25,56 +25,81 @@ from .stages.rope import rope_numba
 
 
 # ---------------------------------------------------------------------------------------------
-# Which kernel: mm(x, (qs, d, m), l, kind) is x @ W[l]^T; gate_up(x, gate, up, l, kind) is the
-# fused silu(x Wg^T) * (x Wu^T). m, the Q4 mins, is an empty array for Q8_0. (`kind` is a plain
-# integer: numba's on-disk cache does not keep functions compiled for function arguments.)
+# Which kernel: mm(x, (qs, d, m), l, kind, int8) is x @ W[l]^T; gate_up(x, gate, up, l, kind,
+# int8) is the fused silu(x Wg^T) * (x Wu^T). m, the Q4 mins, is an empty array for Q8_0.
+# `kind` is a plain integer (numba's on-disk cache does not keep a function compiled for function
+# arguments); `int8` is a constant of each entry point below, so that numba drops the branch not
+# taken before compiling it: the int8 kernels are compiled only when they are used. The quants
+# are viewed as the dtype each kernel is compiled for, so that no kernel is compiled twice.
 # ---------------------------------------------------------------------------------------------
 Q4, Q8, INT8 = 0, 1, 2
 
 
-@njit(cache=True)
-def _mm(x, w, l, kind):
-    if kind == INT8:
-        return quant_i8._matmul_i8(x, w[0][l], w[1][l], w[2][l], quant_i8.PREFETCH_ROWS)
+@njit(inline="always")
+def _mm(x, w, l, kind, int8):
+    if int8:
+        return quant_i8._matmul_i8(x, w[0][l].view(np.uint8), w[1][l], w[2][l],
+                                   quant_i8.PREFETCH_ROWS)
     if kind == Q8:
-        return quant._q8_0_matmul(x, w[0][l], w[1][l])
-    return quant._q4_matmul(x, w[0][l], w[1][l], w[2][l])
+        return quant._q8_0_matmul(x, w[0][l].view(np.int8), w[1][l])
+    return quant._q4_matmul(x, w[0][l].view(np.uint8), w[1][l], w[2][l])
 
 
-@njit(cache=True)
-def _gate_up(x, g, u, l, kind):
-    if kind == INT8:
-        return quant_i8._gate_up_i8(x, g[0][l], g[1][l], g[2][l], u[0][l], u[1][l], u[2][l],
+@njit(inline="always")
+def _gate_up(x, g, u, l, kind, int8):
+    if int8:
+        return quant_i8._gate_up_i8(x, g[0][l].view(np.uint8), g[1][l], g[2][l],
+                                    u[0][l].view(np.uint8), u[1][l], u[2][l],
                                     quant_i8.PREFETCH_ROWS)
     if kind == Q8:
-        return quant._q8_0_gate_up(x, g[0][l], g[1][l], u[0][l], u[1][l])
-    return quant._q4_gate_up(x, g[0][l], g[1][l], g[2][l], u[0][l], u[1][l], u[2][l])
+        return quant._q8_0_gate_up(x, g[0][l].view(np.int8), g[1][l], u[0][l].view(np.int8), u[1][l])
+    return quant._q4_gate_up(x, g[0][l].view(np.uint8), g[1][l], g[2][l],
+                             u[0][l].view(np.uint8), u[1][l], u[2][l])
 
 
 # ---------------------------------------------------------------------------------------------
 # The layer loop: model.forward's, line for line
 # ---------------------------------------------------------------------------------------------
-@njit(cache=True)
-def _layers(x, cos, sin, attn_norm, wqkv, wo, ffn_norm, w_gate, w_up, w_down, k_cache, v_cache,
-            row_seq, positions, block_tables, slot_mapping, n_heads, n_kv_heads, eps, kind):
+@njit(inline="always")
+def _loop(x, cos, sin, attn_norm, wqkv, wo, ffn_norm, w_gate, w_up, w_down, k_cache, v_cache,
+          row_seq, positions, block_tables, slot_mapping, n_heads, n_kv_heads, eps, kind, int8):
     T = x.shape[0]
     hd = k_cache.shape[-1]
     qd, kvd = n_heads * hd, n_kv_heads * hd
     for l in range(attn_norm.shape[0]):
         # --- attention block ---------------------------------------------------------------
         h = rmsnorm_numba(x, attn_norm[l], eps)                                 # [T, D]
-        y = _mm(h, wqkv, l, kind)                                               # [T, qd + 2 kvd]
+        y = _mm(h, wqkv, l, kind, int8)                                         # [T, qd + 2 kvd]
         q = np.ascontiguousarray(y[:, :qd]).reshape(T, n_heads, hd)             # [T, Hq, hd]
         k = np.ascontiguousarray(y[:, qd:qd + kvd]).reshape(T, n_kv_heads, hd)  # [T, Hkv, hd]
         v = np.ascontiguousarray(y[:, qd + kvd:]).reshape(T, n_kv_heads, hd)    # [T, Hkv, hd]
         q, k = rope_numba(q, cos, sin), rope_numba(k, cos, sin)
         kv_write_numba(k_cache[l], v_cache[l], k, v, slot_mapping)
         a = _attention_rows(q, k_cache[l], v_cache[l], row_seq, positions, block_tables)
-        x = x + _mm(a.reshape(T, qd), wo, l, kind)                              # [T, D]
+        x = x + _mm(a.reshape(T, qd), wo, l, kind, int8)                        # [T, D]
         # --- MLP block ---------------------------------------------------------------------
         h = rmsnorm_numba(x, ffn_norm[l], eps)                                  # [T, D]
-        x = x + _mm(_gate_up(h, w_gate, w_up, l, kind), w_down, l, kind)        # [T, D]
+        x = x + _mm(_gate_up(h, w_gate, w_up, l, kind, int8), w_down, l, kind, int8)   # [T, D]
     return x
+
+
+@njit(cache=True)
+def _layers(x, cos, sin, attn_norm, wqkv, wo, ffn_norm, w_gate, w_up, w_down, k_cache, v_cache,
+            row_seq, positions, block_tables, slot_mapping, n_heads, n_kv_heads, eps, kind):
+    """Float32 activations: the Q4 or Q8_0 kernels of quant.py."""
+    return _loop(x, cos, sin, attn_norm, wqkv, wo, ffn_norm, w_gate, w_up, w_down, k_cache,
+                 v_cache, row_seq, positions, block_tables, slot_mapping, n_heads, n_kv_heads,
+                 eps, kind, False)
+
+
+@njit(cache=True)
+def _layers_i8(x, cos, sin, attn_norm, wqkv, wo, ffn_norm, w_gate, w_up, w_down, k_cache,
+               v_cache, row_seq, positions, block_tables, slot_mapping, n_heads, n_kv_heads, eps,
+               kind):
+    """int8 activations: the kernels of quant_i8.py."""
+    return _loop(x, cos, sin, attn_norm, wqkv, wo, ffn_norm, w_gate, w_up, w_down, k_cache,
+                 v_cache, row_seq, positions, block_tables, slot_mapping, n_heads, n_kv_heads,
+                 eps, kind, True)
 
 
 def kernels_for(stacks: dict, int8_act: bool):
@@ -94,11 +119,11 @@ def layers_numba(x, cos, sin, stacks, cache, batch, config, kind):
     """x [T, D] after the embedding -> x [T, D] after the last layer (cache written on the way)."""
     no_m = np.zeros((config.n_layers, 0, 0), dtype=np.float32)     # Q8_0 has no mins
     w = {k: (v[1], v[2], v[3] if v[3] is not None else no_m) for k, v in stacks.items()}
-    return _layers(np.ascontiguousarray(x, dtype=np.float32), cos, sin, stacks["attn_norm"][1],
-                   w["wqkv"], w["wo"], stacks["ffn_norm"][1], w["w_gate"], w["w_up"], w["w_down"],
-                   cache.k, cache.v, batch.row_seq, batch.positions, batch.block_tables,
-                   batch.slot_mapping, config.n_heads, config.n_kv_heads, float(config.rms_eps),
-                   kind)
+    run = _layers_i8 if kind == INT8 else _layers
+    return run(np.ascontiguousarray(x, dtype=np.float32), cos, sin, stacks["attn_norm"][1],
+               w["wqkv"], w["wo"], stacks["ffn_norm"][1], w["w_gate"], w["w_up"], w["w_down"],
+               cache.k, cache.v, batch.row_seq, batch.positions, batch.block_tables,
+               batch.slot_mapping, config.n_heads, config.n_kv_heads, float(config.rms_eps), kind)
 
 
 class FusedLayers:
