@@ -337,7 +337,7 @@ show(fig, "10_lm_head_speed")
 # `minfer/stages/quant_i8.py` (the few vector operations written as numba intrinsics in LLVM IR,
 # with a NumPy spec beside them), behind `--activations int8`. It is not the default, because it
 # is no longer the function the weights describe: rounding x costs about 1% of each output's
-# scale. On a 2-core machine it decoded ~16% faster than the float kernels end to end
+# scale. On a 2-core machine it decoded 10-23% faster than the float kernels end to end
 # (`python -m minfer bench --activations f32,int8`; docs/benchmarks.md has the figures, and the
 # quality it costs, measured).
 

@@ -116,7 +116,7 @@ def _first_run_notice(backend: str) -> None:
     except OSError:
         cached = False
     if not cached:
-        print("minfer: first run: compiling the kernels (about 10-20 s, cached afterwards)",
+        print("minfer: first run: compiling the kernels (about 20 s, cached afterwards)",
               file=sys.stderr, flush=True)
 
 
