@@ -170,7 +170,8 @@ def cmd_chat(a) -> int:
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
         pass
-    print(f"minfer chat — {llm.config.name} on {llm.backend}. /reset forgets, /exit quits, "
+    act = ", int8 activations" if llm.activations == "int8" else ""
+    print(f"minfer chat — {llm.config.name} on {llm.backend}{act}. /reset forgets, /exit quits, "
           f"Ctrl-C stops an answer.", file=sys.stderr)
     history: list[dict] = []
     while True:
