@@ -18,6 +18,7 @@ import numpy as np
 from numba import njit
 
 from .stages import quant, quant_i8
+from .stages.quant_i8 import bits
 from .stages.attention import _attention_rows
 from .stages.kvcache import kv_write_numba
 from .stages.rmsnorm import rmsnorm_numba
@@ -118,7 +119,8 @@ def kernels_for(stacks: dict, int8_act: bool):
 def layers_numba(x, cos, sin, stacks, cache, batch, config, kind):
     """x [T, D] after the embedding -> x [T, D] after the last layer (cache written on the way)."""
     no_m = np.zeros((config.n_layers, 0, 0), dtype=np.float32)     # Q8_0 has no mins
-    w = {k: (v[1], v[2], v[3] if v[3] is not None else no_m) for k, v in stacks.items()}
+    w = {k: (v[1], bits(v[2]), bits(v[3]) if v[3] is not None else no_m)    # (float16 scales
+         for k, v in stacks.items() if v[0] != "F32"}                       # as uint16 bits)
     run = _layers_i8 if kind == INT8 else _layers
     return run(np.ascontiguousarray(x, dtype=np.float32), cos, sin, stacks["attn_norm"][1],
                w["wqkv"], w["wo"], stacks["ffn_norm"][1], w["w_gate"], w["w_up"], w["w_down"],

@@ -20,7 +20,7 @@ from .model import Transformer
 from .sampling import SamplingParams
 from .tokenizer import StreamDecoder
 from .weights import fetch
-from .weights.load import load
+from .weights.load import half_scales, load
 
 
 @dataclass
@@ -49,9 +49,11 @@ class LLM:
         self.quant = quant
         self.config, self.weights, self.tokenizer = load(path, quant)
         self.activations = activations
-        if activations == "int8" and not self.weights.has_quantized():
-            raise InvalidArgumentError("int8 activations need quantized weights (--quant auto on a "
-                                       "GGUF with quantized blocks, or q8_0, q4_0, q4_1)")
+        if activations == "int8":
+            if not self.weights.has_quantized():
+                raise InvalidArgumentError("int8 activations need quantized weights (--quant auto "
+                                           "on a GGUF with quantized blocks, or q8_0, q4_0, q4_1)")
+            half_scales(self.weights)    # its kernels read float16 scales: fewer bytes a token
         self.backend = backend
         make_model = getattr(ops, "make_model", None)  # the cuda backend runs whole steps itself
         self.model = (make_model(self.config, self.weights) if make_model

@@ -108,3 +108,28 @@ def test_quality_rows_for_int8_activations(tiny_gguf):
     assert set(got) == {("f32", "f32"), ("q8_0", "f32"), ("q8_0", "int8")}   # no f32 + int8
     assert got["f32", "f32"]["kl_vs_f32"] == 0 and got["f32", "f32"]["top1_vs_f32"] == 1
     assert got["q8_0", "int8"]["kl_vs_f32"] > 0 and got["q8_0", "int8"]["tokens"] == 32
+
+
+@vnni
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_float16_scales_give_the_same_numbers(fmt):
+    w = mat(40, 224, fmt)
+    h = w.half_scales()
+    assert h.d.dtype == np.float16 and np.array_equal(h.dequantize(), w.dequantize())
+    x = rng.standard_normal((3, 224)).astype(np.float32)
+    assert np.array_equal(quant_i8.quant_linear_i8(x, h), quant_i8.quant_linear_i8(x, w))
+    u = mat(40, 224, fmt)
+    assert np.array_equal(quant_i8.quant_gate_up_i8(x, h, u.half_scales()),
+                          quant_i8.quant_gate_up_i8(x, w, u))
+
+
+@vnni
+def test_int8_model_holds_float16_scales(tiny_gguf):
+    exact = minfer.LLM(tiny_gguf, quant="q4_1")
+    llm = minfer.LLM(tiny_gguf, quant="q4_1", activations="int8")
+    W = llm.weights
+    assert W.layers[0].w_up.d.dtype == np.float16 and W.stacks["w_up"][2].dtype == np.float16
+    assert np.shares_memory(W.layers[1].wq.d, W.stacks["wqkv"][2])          # still views
+    assert W.lm_head is W.tok_embd or not exact.config.tie_embeddings
+    assert W.nbytes() < exact.weights.nbytes()
+    np.testing.assert_array_equal(W.layers[0].wo.dequantize(), exact.weights.layers[0].wo.dequantize())

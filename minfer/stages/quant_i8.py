@@ -97,8 +97,9 @@ def quant_linear_i8_reference(x: np.ndarray, w: QuantMatrix) -> np.ndarray:
     x_seen = (xq.reshape(T, K // QK, QK) * dx[:, :, None]).reshape(T, K)   # [T, K]
     if w.fmt == "Q8_0":
         return x_seen @ w.dequantize().T                                      # [T, O]
-    dq = w.dequantize() - np.repeat(w.m, QK, axis=1)                          # [O, K]: d * q
-    return x_seen @ dq.T + xsum @ w.m.T                                       # [T, O]
+    m = w.m.astype(np.float32)                                                # [O, nb]
+    dq = w.dequantize() - np.repeat(m, QK, axis=1)                            # [O, K]: d * q
+    return x_seen @ dq.T + xsum @ m.T                                         # [T, O]
 
 
 @njit(fastmath=True, cache=True)
@@ -179,7 +180,12 @@ def _scales(context, builder, sig, args, n):
     lane: e = m, c = sum(x) / 4 for Q4; e = d, c = -128 dx sum(xq) / 8 for Q8_0)."""
     _, _, _, _, _, d, dx, e, c, row, tok = args
     td, tdx, te, tc = sig.args[5:9]
-    ld = lambda t, a, i: _load(context, builder, t, a, i, F32, n)   # noqa: E731
+
+    def ld(t, a, i):
+        if t.dtype == types.uint16:                  # float16 bits: widened in registers
+            h = _load(context, builder, t, a, i, ir.IntType(16), n)
+            return builder.fpext(builder.bitcast(h, _vec(ir.HalfType(), n)), _vec(F32, n))
+        return _load(context, builder, t, a, i, F32, n)
     return (builder.fmul(ld(td, d, row), ld(tdx, dx, tok), flags=["fast"]),
             builder.fmul(ld(te, e, row), ld(tc, c, tok), flags=["fast"]))
 
@@ -376,18 +382,25 @@ def _gate_up_i8(x, qg, dg, mg, qu, du, mu, pf):
 _NO_M = np.zeros((0, 0), dtype=np.float32)    # Q8_0 has no mins
 
 
+def bits(a):
+    """Scales for the kernels: float16 ones as their uint16 bits (numba's CPU target has no
+    float16 type; the kernels widen them), float32 ones as they are."""
+    return a.view(np.uint16) if a.dtype == np.float16 else a
+
+
 # ---------------------------------------------------------------------------------------------
-# Entry points (decode-sized x; prefill stays on quant.py's tiles + sgemm, float32 throughout)
+# Entry points (any T: with int8 activations the prefill runs these kernels too)
 # ---------------------------------------------------------------------------------------------
 def quant_linear_i8(x: np.ndarray, w: QuantMatrix) -> np.ndarray:
     """x [T, K] -> [T, O] with x rounded to int8 per block."""
     x = np.ascontiguousarray(x, dtype=np.float32)
-    return _matmul_i8(x, w.qs, w.d, _NO_M if w.fmt == "Q8_0" else w.m, PREFETCH_ROWS)
+    return _matmul_i8(x, w.qs, bits(w.d), _NO_M if w.fmt == "Q8_0" else bits(w.m), PREFETCH_ROWS)
 
 
 def quant_gate_up_i8(x: np.ndarray, wg: QuantMatrix, wu: QuantMatrix) -> np.ndarray:
     """silu(x wg^T) * (x wu^T), x rounded to int8 per block. [T, K] -> [T, F]."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     if wg.fmt == "Q8_0":
-        return _gate_up_i8(x, wg.qs, wg.d, _NO_M, wu.qs, wu.d, _NO_M, PREFETCH_ROWS)
-    return _gate_up_i8(x, wg.qs, wg.d, wg.m, wu.qs, wu.d, wu.m, PREFETCH_ROWS)
+        return _gate_up_i8(x, wg.qs, bits(wg.d), _NO_M, wu.qs, bits(wu.d), _NO_M, PREFETCH_ROWS)
+    return _gate_up_i8(x, wg.qs, bits(wg.d), bits(wg.m), wu.qs, bits(wu.d), bits(wu.m),
+                       PREFETCH_ROWS)

@@ -96,12 +96,38 @@ def _fuse(layers: list[LayerWeights]) -> dict:
             for i, L in enumerate(layers):
                 setattr(L, kind, QuantMatrix._from_parts(ws[0].fmt, qs[i], d[i],
                                                          None if m is None else m[i], ws[0].shape[1]))
-    for L in layers:                            # wq, wk, wv: views of the (new) wqkv again
+    _qkv_views(layers)
+    return stacks
+
+
+def _qkv_views(layers: list[LayerWeights]) -> None:
+    """wq, wk, wv: views of the layer's (new) wqkv again."""
+    for L in layers:
         if L.wqkv is not None:
             edges = np.cumsum([0, L.wq.shape[0], L.wk.shape[0], L.wv.shape[0]])
             view = L.wqkv.rows if isinstance(L.wqkv, QuantMatrix) else (lambda a, b: L.wqkv[a:b])
             L.wq, L.wk, L.wv = (view(edges[i], edges[i + 1]) for i in range(3))
-    return stacks
+
+
+def half_scales(weights: Weights) -> None:
+    """Keep every quantized matrix's scales (and Q4 mins) in float16, as the file does, in place:
+    what the int8-activation kernels want (QuantMatrix.half_scales). Stacks and views follow."""
+    for kind, (fmt, qs, d, m) in list(weights.stacks.items()):
+        if fmt == "F32":
+            continue
+        d, m = d.astype(np.float16), None if m is None else m.astype(np.float16)
+        weights.stacks[kind] = (fmt, qs, d, m)
+        for i, L in enumerate(weights.layers):
+            setattr(L, kind, QuantMatrix._from_parts(fmt, qs[i], d[i], None if m is None else m[i],
+                                                     getattr(L, kind).shape[1]))
+    _qkv_views(weights.layers)
+    tied = weights.lm_head is weights.tok_embd
+    if isinstance(weights.tok_embd, QuantMatrix):
+        weights.tok_embd = weights.tok_embd.half_scales()
+    if tied:
+        weights.lm_head = weights.tok_embd
+    elif isinstance(weights.lm_head, QuantMatrix):
+        weights.lm_head = weights.lm_head.half_scales()
 
 
 def _check(name: str, arr, shape: tuple) -> np.ndarray:
