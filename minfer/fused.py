@@ -28,10 +28,9 @@ from .stages.rope import rope_numba
 # ---------------------------------------------------------------------------------------------
 # Which kernel: mm(x, (qs, d, m), l, kind, int8) is x @ W[l]^T; gate_up(x, gate, up, l, kind,
 # int8) is the fused silu(x Wg^T) * (x Wu^T). m, the Q4 mins, is an empty array for Q8_0.
-# `kind` is a plain integer (numba's on-disk cache does not keep a function compiled for function
-# arguments); `int8` is a constant of each entry point below, so that numba drops the branch not
-# taken before compiling it: the int8 kernels are compiled only when they are used. The quants
-# are viewed as the dtype each kernel is compiled for, so that no kernel is compiled twice.
+# `kind` and `int8` are plain values (numba's on-disk cache does not keep a function compiled for
+# function arguments), constants in each entry point below. The quants are viewed as the dtype
+# each kernel is compiled for, so that no kernel is compiled twice.
 # ---------------------------------------------------------------------------------------------
 Q4, Q8, INT8 = 0, 1, 2
 
@@ -84,23 +83,36 @@ def _loop(x, cos, sin, attn_norm, wqkv, wo, ffn_norm, w_gate, w_up, w_down, k_ca
     return x
 
 
+# One compiled entry point per kind of kernel: `kind` and `int8` are constants in each, so numba
+# drops the branches not taken before compiling them (only the kernels a model uses compile).
 @njit(cache=True)
-def _layers(x, cos, sin, attn_norm, wqkv, wo, ffn_norm, w_gate, w_up, w_down, k_cache, v_cache,
-            row_seq, positions, block_tables, slot_mapping, n_heads, n_kv_heads, eps, kind):
-    """Float32 activations: the Q4 or Q8_0 kernels of quant.py."""
+def _layers_q4(x, cos, sin, attn_norm, wqkv, wo, ffn_norm, w_gate, w_up, w_down, k_cache,
+               v_cache, row_seq, positions, block_tables, slot_mapping, n_heads, n_kv_heads, eps):
+    """Q4_0/Q4_1 weights, float32 activations: the kernels of quant.py."""
     return _loop(x, cos, sin, attn_norm, wqkv, wo, ffn_norm, w_gate, w_up, w_down, k_cache,
                  v_cache, row_seq, positions, block_tables, slot_mapping, n_heads, n_kv_heads,
-                 eps, kind, False)
+                 eps, Q4, False)
+
+
+@njit(cache=True)
+def _layers_q8(x, cos, sin, attn_norm, wqkv, wo, ffn_norm, w_gate, w_up, w_down, k_cache,
+               v_cache, row_seq, positions, block_tables, slot_mapping, n_heads, n_kv_heads, eps):
+    """Q8_0 weights, float32 activations."""
+    return _loop(x, cos, sin, attn_norm, wqkv, wo, ffn_norm, w_gate, w_up, w_down, k_cache,
+                 v_cache, row_seq, positions, block_tables, slot_mapping, n_heads, n_kv_heads,
+                 eps, Q8, False)
 
 
 @njit(cache=True)
 def _layers_i8(x, cos, sin, attn_norm, wqkv, wo, ffn_norm, w_gate, w_up, w_down, k_cache,
-               v_cache, row_seq, positions, block_tables, slot_mapping, n_heads, n_kv_heads, eps,
-               kind):
-    """int8 activations: the kernels of quant_i8.py."""
+               v_cache, row_seq, positions, block_tables, slot_mapping, n_heads, n_kv_heads, eps):
+    """int8 activations, any block format: the kernels of quant_i8.py."""
     return _loop(x, cos, sin, attn_norm, wqkv, wo, ffn_norm, w_gate, w_up, w_down, k_cache,
                  v_cache, row_seq, positions, block_tables, slot_mapping, n_heads, n_kv_heads,
-                 eps, kind, True)
+                 eps, INT8, True)
+
+
+_ENTRY = {Q4: _layers_q4, Q8: _layers_q8, INT8: _layers_i8}
 
 
 def kernels_for(stacks: dict, int8_act: bool):
@@ -121,11 +133,11 @@ def layers_numba(x, cos, sin, stacks, cache, batch, config, kind):
     no_m = np.zeros((config.n_layers, 0, 0), dtype=np.float32)     # Q8_0 has no mins
     w = {k: (v[1], bits(v[2]), bits(v[3]) if v[3] is not None else no_m)    # (float16 scales
          for k, v in stacks.items() if v[0] != "F32"}                       # as uint16 bits)
-    run = _layers_i8 if kind == INT8 else _layers
-    return run(np.ascontiguousarray(x, dtype=np.float32), cos, sin, stacks["attn_norm"][1],
-               w["wqkv"], w["wo"], stacks["ffn_norm"][1], w["w_gate"], w["w_up"], w["w_down"],
-               cache.k, cache.v, batch.row_seq, batch.positions, batch.block_tables,
-               batch.slot_mapping, config.n_heads, config.n_kv_heads, float(config.rms_eps), kind)
+    return _ENTRY[kind](np.ascontiguousarray(x, dtype=np.float32), cos, sin,
+                        stacks["attn_norm"][1], w["wqkv"], w["wo"], stacks["ffn_norm"][1],
+                        w["w_gate"], w["w_up"], w["w_down"], cache.k, cache.v, batch.row_seq,
+                        batch.positions, batch.block_tables, batch.slot_mapping, config.n_heads,
+                        config.n_kv_heads, float(config.rms_eps))
 
 
 class FusedLayers:
