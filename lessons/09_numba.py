@@ -578,7 +578,7 @@ show(fig, "09_whole_model")
 # calls ~15 stage functions per layer, 450 per token, and each call — the interpreter, numba
 # checking and unboxing its arguments, a NumPy temporary — takes a few microseconds. On a model
 # of the same 30 layers but width 64, where the arithmetic is next to nothing, that alone was
-# 1.5–1.8 ms a token: a fifth of a decode step of the real model once the kernels were fast. So
+# 1.5–2.1 ms a token: a fifth of a decode step of the real model once the kernels were fast. So
 # on the numba backend a decode step runs `minfer/fused.py`: the very same layer loop, written
 # inside one `@njit` function that calls the very same kernels — Python runs once per token.
 # (It is what `LLM(backend="numba")` does for the Q4_1 run above; the float32 runs here go

@@ -9,7 +9,6 @@ serves one request, a batch of mixed lengths, and (later) continuous batching.
 from __future__ import annotations
 
 from dataclasses import dataclass
-
 from functools import cached_property
 
 import numpy as np

@@ -2,15 +2,16 @@
 
 model.forward is the spec: for each layer it calls ~15 stage functions from Python. In a decode
 step of SmolLM2-135M each of those calls does a few microseconds of arithmetic, and the calls
-themselves (the interpreter, argument unboxing, NumPy temporaries) cost ~1.5 ms of a ~9 ms step:
+themselves (the interpreter, argument unboxing, NumPy temporaries) cost 1.5-2.1 ms of a ~9 ms step:
 measured on a model of the same 30 layers but width 64, whose arithmetic is next to nothing.
-`layers_numba` is the same loop body as model.forward, written inside one @njit function, so
-Python runs once per step instead of ~450 times. The stage kernels are the very same functions
+`_loop` is the same loop body as model.run_layers, written inside one @njit function, so Python
+runs once per step instead of ~450 times. The stage kernels are the very same functions
 (their parallel loops still share the rows out to the threads); only the loop over layers moved.
 
 It takes each kind of layer weight as one stack [L, ...] (weights/load.py keeps them that way)
 in a block format with a kernel — Q4_0/Q4_1 or Q8_0 — and decode-sized batches (prefill runs
-sgemm tiles on Python threads, in model.forward). Everything else goes the ordinary way.
+sgemm tiles on Python threads, in model.run_layers), or any batch with int8 activations (their
+kernels serve prefill too). Everything else goes the ordinary way.
 """
 from __future__ import annotations
 
@@ -58,11 +59,15 @@ def _gate_up(x, g, u, l, kind, int8):
 
 
 # ---------------------------------------------------------------------------------------------
-# The layer loop: model.forward's, line for line
+# The layer loop: model.forward's, line for line. W: the stacked layer weights, (attn_norm,
+# wqkv, wo, ffn_norm, w_gate, w_up, w_down), the matrices as (quants, scales, mins); kv: the
+# cache (k, v) [L, ...]; B: the batch's (row_seq, positions, block_tables, slot_mapping).
 # ---------------------------------------------------------------------------------------------
 @njit(inline="always")
-def _loop(x, cos, sin, attn_norm, wqkv, wo, ffn_norm, w_gate, w_up, w_down, k_cache, v_cache,
-          row_seq, positions, block_tables, slot_mapping, n_heads, n_kv_heads, eps, kind, int8):
+def _loop(x, cos, sin, W, kv, B, n_heads, n_kv_heads, eps, kind, int8):
+    attn_norm, wqkv, wo, ffn_norm, w_gate, w_up, w_down = W
+    k_cache, v_cache = kv
+    row_seq, positions, block_tables, slot_mapping = B
     T = x.shape[0]
     hd = k_cache.shape[-1]
     qd, kvd = n_heads * hd, n_kv_heads * hd
@@ -86,30 +91,18 @@ def _loop(x, cos, sin, attn_norm, wqkv, wo, ffn_norm, w_gate, w_up, w_down, k_ca
 # One compiled entry point per kind of kernel: `kind` and `int8` are constants in each, so numba
 # drops the branches not taken before compiling them (only the kernels a model uses compile).
 @njit(cache=True)
-def _layers_q4(x, cos, sin, attn_norm, wqkv, wo, ffn_norm, w_gate, w_up, w_down, k_cache,
-               v_cache, row_seq, positions, block_tables, slot_mapping, n_heads, n_kv_heads, eps):
-    """Q4_0/Q4_1 weights, float32 activations: the kernels of quant.py."""
-    return _loop(x, cos, sin, attn_norm, wqkv, wo, ffn_norm, w_gate, w_up, w_down, k_cache,
-                 v_cache, row_seq, positions, block_tables, slot_mapping, n_heads, n_kv_heads,
-                 eps, Q4, False)
+def _layers_q4(x, cos, sin, W, kv, B, n_heads, n_kv_heads, eps):
+    return _loop(x, cos, sin, W, kv, B, n_heads, n_kv_heads, eps, Q4, False)    # quant.py
 
 
 @njit(cache=True)
-def _layers_q8(x, cos, sin, attn_norm, wqkv, wo, ffn_norm, w_gate, w_up, w_down, k_cache,
-               v_cache, row_seq, positions, block_tables, slot_mapping, n_heads, n_kv_heads, eps):
-    """Q8_0 weights, float32 activations."""
-    return _loop(x, cos, sin, attn_norm, wqkv, wo, ffn_norm, w_gate, w_up, w_down, k_cache,
-                 v_cache, row_seq, positions, block_tables, slot_mapping, n_heads, n_kv_heads,
-                 eps, Q8, False)
+def _layers_q8(x, cos, sin, W, kv, B, n_heads, n_kv_heads, eps):
+    return _loop(x, cos, sin, W, kv, B, n_heads, n_kv_heads, eps, Q8, False)    # quant.py
 
 
 @njit(cache=True)
-def _layers_i8(x, cos, sin, attn_norm, wqkv, wo, ffn_norm, w_gate, w_up, w_down, k_cache,
-               v_cache, row_seq, positions, block_tables, slot_mapping, n_heads, n_kv_heads, eps):
-    """int8 activations, any block format: the kernels of quant_i8.py."""
-    return _loop(x, cos, sin, attn_norm, wqkv, wo, ffn_norm, w_gate, w_up, w_down, k_cache,
-                 v_cache, row_seq, positions, block_tables, slot_mapping, n_heads, n_kv_heads,
-                 eps, INT8, True)
+def _layers_i8(x, cos, sin, W, kv, B, n_heads, n_kv_heads, eps):
+    return _loop(x, cos, sin, W, kv, B, n_heads, n_kv_heads, eps, INT8, True)   # quant_i8.py
 
 
 _ENTRY = {Q4: _layers_q4, Q8: _layers_q8, INT8: _layers_i8}
@@ -133,11 +126,11 @@ def layers_numba(x, cos, sin, stacks, cache, batch, config, kind):
     no_m = np.zeros((config.n_layers, 0, 0), dtype=np.float32)     # Q8_0 has no mins
     w = {k: (v[1], bits(v[2]), bits(v[3]) if v[3] is not None else no_m)    # (float16 scales
          for k, v in stacks.items() if v[0] != "F32"}                       # as uint16 bits)
-    return _ENTRY[kind](np.ascontiguousarray(x, dtype=np.float32), cos, sin,
-                        stacks["attn_norm"][1], w["wqkv"], w["wo"], stacks["ffn_norm"][1],
-                        w["w_gate"], w["w_up"], w["w_down"], cache.k, cache.v, batch.row_seq,
-                        batch.positions, batch.block_tables, batch.slot_mapping, config.n_heads,
-                        config.n_kv_heads, float(config.rms_eps))
+    W = (stacks["attn_norm"][1], w["wqkv"], w["wo"], stacks["ffn_norm"][1], w["w_gate"],
+         w["w_up"], w["w_down"])
+    B = (batch.row_seq, batch.positions, batch.block_tables, batch.slot_mapping)
+    return _ENTRY[kind](np.ascontiguousarray(x, dtype=np.float32), cos, sin, W, (cache.k, cache.v),
+                        B, config.n_heads, config.n_kv_heads, float(config.rms_eps))
 
 
 class FusedLayers:

@@ -111,8 +111,10 @@ def quantize(w: np.ndarray, fmt: str) -> np.ndarray:
 #   Q4_*: qs uint8 [O, K // 2]      byte i of a row: low nibble -> element 32*(i//16) + i%16,
 #                                   high nibble -> the element 16 further on (GGUF's own order)
 #         w = d * q + m             (Q4_0 is the case m = -8 d)
-# Scales are widened to float32 (the CPU kernels have no float16). The quants are the file's
-# own bytes, so the kernels compute exactly the function the file describes.
+# Scales are widened to float32 (numba's CPU target has no float16 type); half_scales() keeps
+# them in float16 for the int8-activation kernels (quant_i8.py), which widen them in registers.
+# The quants are the file's own bytes, so the kernels compute exactly the function the file
+# describes.
 # ---------------------------------------------------------------------------------------------
 class QuantMatrix:
     def __init__(self, raw: np.ndarray, fmt: str, shape: tuple[int, int]):

@@ -285,61 +285,43 @@ ROWS = 64
 
 
 @njit(fastmath=True, cache=True)
-def _q4_rows(xq, dx, c, qs, d, m, t, o0, o1, out, pf):
-    """out[o - o0] = row o of a Q4 matrix . token t of x (quantized by _quantize_x in q4 order);
-    c = sum(x) / 4 per block: the m term, sum_b m_b sum(x over b), added a quarter per lane."""
-    H, nb = qs.shape[1], d.shape[1]
-    K = 2 * H
-    last = qs.shape[0] * H - 1
-    for o in range(o0, o1):
-        if pf > 0:
-            for k in range(0, H, 64):
-                _prefetch(qs, min(last, (o + pf) * H + k))
-        acc = _zeros16()
-        b = 0
-        while b + 4 <= nb:
-            acc = _q4_4(acc, qs, o * H + b * 16, xq, t * K + b * QK, d, dx, m, c, o * nb + b, t * nb + b)
-            b += 4
-        if b + 2 <= nb:
-            acc = _q4_2(acc, qs, o * H + b * 16, xq, t * K + b * QK, d, dx, m, c, o * nb + b, t * nb + b)
-            b += 2
-        if b < nb:
-            acc = _q4_1(acc, qs, o * H + b * 16, xq, t * K + b * QK, d, dx, m, c, o * nb + b, t * nb + b)
-        out[o - o0] = _sum16(acc)
-
-
-@njit(fastmath=True, cache=True)
-def _q8_0_rows(xq, dx, c, qs, d, t, o0, o1, out, pf):
-    """The same for Q8_0; c = -128 dx sum(xq) / 8 per block takes off the q + 128 shift."""
-    K, nb = qs.shape[1], d.shape[1]
-    last = qs.shape[0] * K - 1
-    for o in range(o0, o1):
-        if pf > 0:
-            for k in range(0, K, 64):
-                _prefetch(qs, min(last, (o + pf) * K + k))
-        acc = _zeros16()
-        b = 0
-        while b + 2 <= nb:
-            acc = _q8_2(acc, qs, o * K + b * QK, xq, t * K + b * QK, d, dx, d, c, o * nb + b, t * nb + b)
-            b += 2
-        if b < nb:
-            acc = _q8_1(acc, qs, o * K + b * QK, xq, t * K + b * QK, d, dx, d, c, o * nb + b, t * nb + b)
-        out[o - o0] = _sum16(acc)
-
-
-@njit(fastmath=True, cache=True)
 def _rows(xi, qs, d, m, t, o0, o1, out, pf):
-    """Rows o0..o1-1 of either format . token t; xi = what _prepare_x made for that format."""
+    """out[o - o0] = row o of the matrix . token t of x, for o in o0..o1-1; xi = (xq, dx, c) from
+    _prepare_x. Q4 (m: its mins): c = sum(x) / 4 per block, so the lanes add up the m term,
+    sum_b m_b sum(x over b). Q8_0 (m empty): c = -128 dx sum(xq) / 8 per block takes off the
+    q + 128 shift. pf: prefetch the row that many rows ahead."""
     xq, dx, c = xi
-    if m.shape[0] == 0:
-        _q8_0_rows(xq, dx, c, qs, d, t, o0, o1, out, pf)
-    else:
-        _q4_rows(xq, dx, c, qs, d, m, t, o0, o1, out, pf)
+    q8 = m.shape[0] == 0
+    n, nb = qs.shape[1], d.shape[1]                     # bytes and blocks per row
+    K = nb * QK
+    last = qs.shape[0] * n - 1
+    for o in range(o0, o1):
+        if pf > 0:
+            for k in range(0, n, 64):
+                _prefetch(qs, min(last, (o + pf) * n + k))
+        acc = _zeros16()
+        b, row, tok = 0, o * nb, t * nb                 # block b's scales: d.flat[row + b], dx.flat[tok + b]
+        if q8:                                          # 2 blocks a chunk, then 1
+            while b + 2 <= nb:
+                acc = _q8_2(acc, qs, o * n + b * QK, xq, t * K + b * QK, d, dx, d, c, row + b, tok + b)
+                b += 2
+            if b < nb:
+                acc = _q8_1(acc, qs, o * n + b * QK, xq, t * K + b * QK, d, dx, d, c, row + b, tok + b)
+        else:                                           # 4 blocks a chunk, then 2 and/or 1
+            while b + 4 <= nb:
+                acc = _q4_4(acc, qs, o * n + b * 16, xq, t * K + b * QK, d, dx, m, c, row + b, tok + b)
+                b += 4
+            if b + 2 <= nb:
+                acc = _q4_2(acc, qs, o * n + b * 16, xq, t * K + b * QK, d, dx, m, c, row + b, tok + b)
+                b += 2
+            if b < nb:
+                acc = _q4_1(acc, qs, o * n + b * 16, xq, t * K + b * QK, d, dx, m, c, row + b, tok + b)
+        out[o - o0] = _sum16(acc)
 
 
 @njit(fastmath=True, cache=True)
 def _prepare_x(x, q8):
-    """x -> (xq, dx, c): c is the per-block term each int32 lane adds (see _q4_rows, _q8_0_rows)."""
+    """x -> (xq, dx, c): c is the per-block term each int32 lane adds (see _rows)."""
     xq, dx, xsum, isum = _quantize_x(x, not q8)
     if q8:
         return xq, dx, float32(-16.0) * dx * isum.astype(np.float32)       # -128 dx sum(xq) / 8
