@@ -70,3 +70,36 @@ def test_the_layer_loop_is_loaded_from_the_disk_cache(tiny_gguf):
     log = (r.stdout + r.stderr).splitlines()
     assert any("fused._layers" in line and "loaded" in line for line in log)
     assert not [line for line in log if "fused." in line and "saved" in line]
+
+
+def test_an_edit_to_a_helper_in_another_file_recompiles_the_cached_kernel(tmp_path):
+    """numba stamps a cached kernel with its own file only; attention.py's kernel compiles in
+    fastexp.py's exp32. In a copy of the package: run the kernel (cached), edit exp32, run again
+    in a new process: the result must change (jitcache.py widens the stamp to all kernel files)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import minfer
+    shutil.copytree(os.path.dirname(minfer.__file__), tmp_path / "minfer",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    run = ("import numpy as np\n"
+           "from minfer.stages.attention import _attention_rows\n"
+           "r = np.random.default_rng(0)\n"
+           "q = r.standard_normal((1, 2, 8)).astype(np.float32)\n"
+           "k, v = (r.standard_normal((2, 4, 1, 8)).astype(np.float32) for _ in '01')\n"
+           "o = _attention_rows(q, k, v, np.zeros(1, np.int64), np.array([6]), np.array([[1, 0]], np.int32))\n"
+           "print(repr(float(o.sum())))\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), "NUMBA_CACHE_DIR": str(tmp_path / "nbcache")}
+
+    def result():
+        r = subprocess.run([sys.executable, "-c", run], capture_output=True, text=True, env=env,
+                           cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+        return float(r.stdout)
+    before = result()
+    assert result() == before                                    # from the cache: the same
+    exp = tmp_path / "minfer" / "stages" / "fastexp.py"
+    exp.write_text(exp.read_text().replace("    t = min(", "    x = x * float32(0.0)\n    t = min(", 1))
+    after = result()                  # every exp is now 1: uniform attention weights
+    assert after != before

@@ -1,1 +1,4 @@
 """One module per stage of the forward pass: NumPy reference first, then the fast paths."""
+from .. import jitcache
+
+jitcache.install()      # before any kernel here is defined: cached kernels see edits to helpers

@@ -26,6 +26,7 @@ def swiglu(x: np.ndarray, w_gate: np.ndarray, w_up: np.ndarray, w_down: np.ndarr
 # the spot; for many tokens (prefill) the matmuls go to sgemm and the activation is one pass.
 from numba import njit, prange, float32  # noqa: E402
 
+from .fastexp import exp32  # noqa: E402  (e^x in plain arithmetic: the silu loops vectorize)
 from .linear import linear_numba  # noqa: E402
 from .quant import QuantMatrix, quant_gate_up_numba  # noqa: E402
 
@@ -37,7 +38,7 @@ def silu_mul_numba(g, u):
     for t in prange(T):
         for i in range(F):
             z = g[t, i]
-            g[t, i] = z / (float32(1.0) + np.exp(-z)) * u[t, i]
+            g[t, i] = z / (float32(1.0) + exp32(-z)) * u[t, i]
     return g
 
 
@@ -53,7 +54,7 @@ def _dense_gate_up(x, wg, wu):
             for k in range(K):
                 g += x[t, k] * wg[o, k]
                 u += x[t, k] * wu[o, k]
-            out[t, o] = g / (float32(1.0) + np.exp(-g)) * u
+            out[t, o] = g / (float32(1.0) + exp32(-g)) * u
     return out
 
 

@@ -201,6 +201,8 @@ def quant_embedding(token_ids: np.ndarray, w: QuantMatrix) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 from numba import njit, prange, float32  # noqa: E402
 
+from .fastexp import exp32  # noqa: E402  (silu's exp, in plain arithmetic)
+
 
 def split_for_q4(x: np.ndarray):
     """x [T, K] -> xl [T, K/2] (the elements under low nibbles), xh2 = xh - 16 xl [T, K/2]
@@ -285,7 +287,7 @@ def _q8_0_gate_up(x, qg, dg, qu, du):
     for o in prange(F):
         for t in range(T):
             g = _q8_0_dot(x, qg, dg, o, t)
-            out[t, o] = g / (float32(1.0) + np.exp(-g)) * _q8_0_dot(x, qu, du, o, t)
+            out[t, o] = g / (float32(1.0) + exp32(-g)) * _q8_0_dot(x, qu, du, o, t)
     return out
 
 
@@ -297,7 +299,7 @@ def _q4_gate_up(x, qg, dg, mg, qu, du, mu):
     for o in prange(F):
         for t in range(T):
             g = _q4_dot(xl, xh2, xsum, qg, dg, mg, o, t)
-            out[t, o] = g / (float32(1.0) + np.exp(-g)) * _q4_dot(xl, xh2, xsum, qu, du, mu, o, t)
+            out[t, o] = g / (float32(1.0) + exp32(-g)) * _q4_dot(xl, xh2, xsum, qu, du, mu, o, t)
     return out
 
 

@@ -39,6 +39,7 @@ from numba.core import cgutils, types
 from numba.extending import intrinsic
 
 from ..errors import InvalidArgumentError
+from .fastexp import exp32
 from .quant import QK, QuantMatrix
 
 
@@ -357,7 +358,7 @@ def _gate_up_i8(x, qg, dg, mg, qu, du, mu, pf):
             _rows(xi, qu, du, mu, t, o0, o1, up[t, o0:o1], pf)
             for o in range(o0, o1):
                 g = out[t, o]
-                out[t, o] = g / (float32(1.0) + np.exp(-g)) * up[t, o]
+                out[t, o] = g / (float32(1.0) + exp32(-g)) * up[t, o]
     return out
 
 
