@@ -13,7 +13,9 @@ plus, per backend, the start-up cost: a cold start (empty Numba cache: includes 
 kernel) and a cached start (the compiled kernels loaded from disk), both to the second token:
 the first comes from the prefill, the second from the first decode step, whose kernels differ.
 Several runs per configuration; the table shows the median and the spread (min..max).
-Machines are noisy: compare configurations within one run, and quote ratios.
+The runs take turns: every configuration's worker stays up, and round r runs each configuration
+once before round r + 1 starts, so a noisy minute on a shared machine lands on all of them
+rather than on one. Still: compare configurations within one run, and quote ratios.
 """
 from __future__ import annotations
 
@@ -51,7 +53,16 @@ def _random_model(shape: str, quant: str, folder: Path) -> Path:
     return path
 
 
-def worker(spec: dict) -> dict:
+TAG = "@minfer-bench "      # the worker's protocol lines on stdout start with this
+
+
+def _say(obj) -> None:
+    print(TAG + json.dumps(obj), flush=True)
+
+
+def worker(spec: dict) -> None:
+    """Load the model, generate once to warm up (that run measures the start-up), say so; then
+    one measured generate per "run" line on stdin, a line of figures each; "done" -> a summary."""
     import resource
 
     import numpy as np
@@ -69,30 +80,27 @@ def worker(spec: dict) -> dict:
     rng = np.random.default_rng(0)
     prompt = rng.integers(3, llm.config.vocab_size, spec["prompt_tokens"]).tolist()
     params = minfer.SamplingParams(temperature=0, max_tokens=spec["new_tokens"], ignore_eos=True)
-    runs = []
-    first = True
-    for _ in range(spec["runs"] + 1):          # run 0 warms up (and, cold, compiles)
-        t0, t0_wall = time.perf_counter(), time.time()
+    # warm-up (and, cold, compile): process spawn -> first token: interpreter, imports, load,
+    # (compile,) prefill. The second token is the first decode step's: on the numba backend its
+    # layer loop (fused.py) is compiled then, not at the prefill.
+    t0_wall = time.time()
+    llm.generate([prompt], params)
+    s = llm.stats
+    startup = t0_wall + s.prefill_s - spec["spawn_time"]
+    _say({"ready": True, "start_to_first_token_s": startup,
+          "start_to_second_token_s": startup + s.decode_s if s.generated_tokens > 1 else None})
+    for line in sys.stdin:
+        if line.strip() != "run":
+            break
         llm.generate([prompt], params)
         s = llm.stats
-        if first:   # process spawn -> first token: interpreter, imports, load, (compile,) prefill
-            startup = t0_wall + s.prefill_s - spec["spawn_time"]
-            # the second token is the first decode step's: on the numba backend its layer loop
-            # (fused.py) is compiled then, not at the prefill
-            startup2 = startup + s.decode_s if s.generated_tokens > 1 else None
-            first = False
-            continue
-        runs.append({"prefill_tok_s": s.prefill_tok_s, "decode_tok_s": s.decode_tok_s,
-                     "ttft_ms": s.prefill_s * 1e3})
-    return {
-        "runs": runs,
-        "start_to_first_token_s": startup,
-        "start_to_second_token_s": startup2,
-        "load_s": load_s,
-        "weights_mb": llm.weights.nbytes() / 1e6,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "threads": _threads(spec["backend"]),
-    }
+        _say({"prefill_tok_s": s.prefill_tok_s, "decode_tok_s": s.decode_tok_s,
+              "ttft_ms": s.prefill_s * 1e3})
+    stack = llm.weights.stacks.get("w_up")
+    _say({"load_s": load_s, "weights_mb": llm.weights.nbytes() / 1e6,
+          "weight_format": stack[0] if stack else None,        # of the layers' matmuls
+          "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+          "threads": _threads(spec["backend"])})
 
 
 def _threads(backend: str):
@@ -105,18 +113,83 @@ def _threads(backend: str):
 # --------------------------------------------------------------------------------------------
 # The driver
 # --------------------------------------------------------------------------------------------
-def _run_worker(spec: dict, env: dict | None = None) -> dict:
-    spec = dict(spec, spawn_time=time.time())
-    cmd = [sys.executable, "-m", "minfer.bench", "--worker", json.dumps(spec)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
-    if proc.returncode != 0:
+class _Worker:
+    """One configuration's worker process (see worker()), driven a line at a time."""
+
+    def __init__(self, spec: dict, env: dict | None = None):
+        self.spec = dict(spec, spawn_time=time.time())
+        self.err = tempfile.TemporaryFile(mode="w+")            # its stderr, read if it fails
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "minfer.bench", "--worker", json.dumps(self.spec)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.err, text=True,
+            env={**os.environ, **(env or {})})
+        self.ready = self._read()                                 # start-up figures
+
+    def run(self) -> dict:
+        return self._ask("run")
+
+    def close(self) -> dict:
+        summary = self._ask("done")
+        self.proc.wait()
+        self.err.close()
+        return summary
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def _ask(self, line: str) -> dict:
+        try:
+            self.proc.stdin.write(line + "\n")
+            self.proc.stdin.flush()
+        except BrokenPipeError:
+            pass                                                  # it died: _read says why
+        return self._read()
+
+    def _read(self) -> dict:
+        for line in self.proc.stdout:
+            if line.startswith(TAG):
+                return json.loads(line[len(TAG):])
+        self.proc.wait()
+        self.err.seek(0)
         # the last line that says something (numba ends its errors with bare colour codes)
-        lines = [ln for ln in re.sub(r"\x1b\[[0-9;]*m", "", proc.stderr).splitlines() if ln.strip()]
+        lines = [ln for ln in re.sub(r"\x1b\[[0-9;]*m", "", self.err.read()).splitlines() if ln.strip()]
         errs = [ln for ln in lines if re.match(r"^[\w.]*(Error|Exception)\b", ln)]
         last = (errs or lines or ["no output"])[-1].strip()
         from .errors import MinferError
-        raise MinferError(f"benchmark worker for {_label(spec)} failed: {last}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+        raise MinferError(f"benchmark worker for {_label(self.spec)} failed: {last}")
+
+
+def _start_up(spec: dict) -> tuple:
+    """Seconds from process start to the second token, with an empty Numba cache, then with the
+    cache that run filled."""
+    with tempfile.TemporaryDirectory() as nb_cache:
+        times = []
+        for _ in range(2):
+            w = _Worker(dict(spec, new_tokens=2), {"NUMBA_CACHE_DIR": nb_cache})
+            times.append(w.ready["start_to_second_token_s"])
+            w.close()
+    return tuple(times)
+
+
+def _llama_run(binary: str, model: str, a) -> dict:
+    """One run of llama.cpp's own benchmark on a GGUF file: the same prompt and generation
+    lengths, the same threads, prefill and decode tok/s."""
+    threads = a.threads or os.cpu_count()
+    cmd = [binary, "-m", model, "-t", str(threads), "-p", str(a.prompt_tokens),
+           "-n", str(a.new_tokens), "-r", "1", "-o", "json"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    try:
+        tests = json.loads(proc.stdout)
+        pp = next(t for t in tests if t["n_prompt"] and not t["n_gen"])
+        tg = next(t for t in tests if t["n_gen"] and not t["n_prompt"])
+    except (ValueError, StopIteration, KeyError, TypeError):
+        lines = [ln for ln in proc.stderr.splitlines() if ln.strip()] or ["no output"]
+        from .errors import MinferError
+        raise MinferError(f"llama-bench failed on {model}: {lines[-1].strip()}")
+    return {"prefill_tok_s": pp["avg_ts"], "decode_tok_s": tg["avg_ts"], "ttft_ms": None,
+            "format": tg.get("model_type", "").split()[-1], "threads": threads}
 
 
 def _label(r: dict) -> str:
@@ -185,30 +258,65 @@ def run_bench(a) -> int:
     if a.runs < 1:
         raise InvalidArgumentError("--runs must be at least 1")
     model = None if a.random_weights else str(a.model or ensure_default_model())
+    llama_models = []
+    if a.llama_bench:
+        if not (os.path.isfile(a.llama_bench) and os.access(a.llama_bench, os.X_OK)):
+            raise InvalidArgumentError(f"--llama-bench {a.llama_bench}: not an executable file "
+                                       "(llama.cpp's llama-bench)")
+        llama_models = [m.strip() for m in (a.llama_models or "").split(",") if m.strip()]
+        if not llama_models:
+            if model is None or not model.endswith(".gguf"):
+                raise InvalidArgumentError("--llama-bench needs a GGUF file: give --llama-models")
+            llama_models = [model]
+        for m in llama_models:
+            if not os.path.isfile(m):
+                raise InvalidArgumentError(f"--llama-models: no file {m}")
     cache = Path(tempfile.gettempdir()) / "minfer-bench"
     cache.mkdir(exist_ok=True)
     machine = _machine()
-    results = []
     print(f"minfer bench: {a.prompt_tokens}-token prompt, {a.new_tokens} new tokens, {a.runs} runs "
           f"each ({a.numpy_runs} for numpy); {machine['cpu']}, {machine['cores']} cores", file=sys.stderr)
     configs = [(b, q, x) for b in backends for q in quants for x in acts
                if x == "f32" or (b == "numba" and q != "f32")]   # int8: numba, quantized weights
-    for backend, quant, act in configs:
-        spec = {"model": model, "random": a.random_weights, "cache": str(cache), "backend": backend,
-                "quant": quant, "activations": act, "threads": a.threads,
-                "prompt_tokens": a.prompt_tokens, "new_tokens": a.new_tokens,
-                "runs": a.runs if not (backend == "numpy" and a.numpy_runs) else a.numpy_runs}
-        print(f"  running {_label(spec)} ...", file=sys.stderr, flush=True)
-        r = _run_worker(spec)
-        row = {"backend": backend, "quant": quant, "activations": act, **r}
-        if backend == "numba" and not a.skip_startup:
-            with tempfile.TemporaryDirectory() as nb_cache:
-                one = dict(spec, runs=1, new_tokens=2)
-                cold = _run_worker(one, {"NUMBA_CACHE_DIR": nb_cache})
-                cached = _run_worker(one, {"NUMBA_CACHE_DIR": nb_cache})
-                row["cold_start_s"], row["cached_start_s"] = (cold["start_to_second_token_s"],
-                                                              cached["start_to_second_token_s"])
-        results.append(row)
+    specs = [{"model": model, "random": a.random_weights, "cache": str(cache), "backend": backend,
+              "quant": quant, "activations": act, "threads": a.threads,
+              "prompt_tokens": a.prompt_tokens, "new_tokens": a.new_tokens,
+              "runs": a.runs if not (backend == "numpy" and a.numpy_runs) else a.numpy_runs}
+             for backend, quant, act in configs]
+    results = [{"backend": sp["backend"], "quant": sp["quant"], "activations": sp["activations"],
+                "runs": []} for sp in specs]
+    llama_rows = [{"backend": "llama.cpp", "quant": "", "activations": "", "model": m, "runs": [],
+                   "weights_mb": None, "peak_rss_mb": None} for m in llama_models]
+    workers = []
+    try:
+        for sp in specs:                          # one at a time: start-ups must not overlap
+            print(f"  starting {_label(sp)} ...", file=sys.stderr, flush=True)
+            workers.append(_Worker(sp))
+        rounds = max([sp["runs"] for sp in specs] + [a.runs if llama_models else 0])
+        for r in range(rounds):
+            print(f"  round {r + 1}/{rounds}: " + ", ".join(
+                [_label(sp) for sp in specs if r < sp["runs"]] +
+                [f"llama.cpp {os.path.basename(m)}" for m in llama_models if r < a.runs]),
+                file=sys.stderr, flush=True)
+            for sp, w, row in zip(specs, workers, results):
+                if r < sp["runs"]:
+                    row["runs"].append(w.run())
+            for m, row in zip(llama_models, llama_rows):
+                if r < a.runs:
+                    run = _llama_run(a.llama_bench, m, a)
+                    row["quant"], row["threads"] = run.pop("format") or "gguf", run.pop("threads")
+                    row["runs"].append(run)
+        for w, row in zip(workers, results):
+            row.update(w.close())
+    finally:
+        for w in workers:
+            w.kill()
+    results += llama_rows
+    if not a.skip_startup:
+        for sp, row in zip(specs, results):
+            if sp["backend"] == "numba":
+                print(f"  start-up of {_label(sp)}, cold and cached ...", file=sys.stderr, flush=True)
+                row["cold_start_s"], row["cached_start_s"] = _start_up(sp)
     _print_table(results)
     if a.json:
         Path(a.json).write_text(json.dumps({"machine": machine, "settings": vars(a) | {"model": model},
@@ -218,25 +326,39 @@ def run_bench(a) -> int:
 
 
 def _print_table(results):
-    head = (f"{'backend':<8} {'quant':<6} {'act':<4} {'prefill tok/s':>22} {'decode tok/s':>22} {'TTFT ms':>8} "
+    head = (f"{'backend':<9} {'quant':<6} {'act':<4} {'prefill tok/s':>22} {'decode tok/s':>22} {'TTFT ms':>8} "
             f"{'weights MB':>10} {'RSS MB':>7} {'threads':>7} {'cold s':>7} {'cached s':>8}")
     print(head)
     print("-" * len(head))
-    base = None
+
+    def num(v, fmt):
+        return "-" if v is None else format(v, fmt)
     for r in results:
         p = _med([x["prefill_tok_s"] for x in r["runs"]])
         d = _med([x["decode_tok_s"] for x in r["runs"]])
-        t = _med([x["ttft_ms"] for x in r["runs"]])
-        base = base or d[0]
+        ttft = [x["ttft_ms"] for x in r["runs"] if x["ttft_ms"] is not None]
         cold = f"{r['cold_start_s']:.1f}" if "cold_start_s" in r else "-"
         cached = f"{r['cached_start_s']:.1f}" if "cached_start_s" in r else "-"
-        print(f"{r['backend']:<8} {r['quant']:<6} {r.get('activations', 'f32'):<4} {p[0]:>8.1f} ({p[1]:.0f}..{p[2]:.0f}){'':>3} "
-              f"{d[0]:>8.1f} ({d[1]:.1f}..{d[2]:.1f}) {t[0]:>8.0f} {r['weights_mb']:>10.1f} "
-              f"{r['peak_rss_mb']:>7.0f} {str(r['threads'] or '-'):>7} {cold:>7} {cached:>8}")
-    if len(results) > 1:
+        print(f"{r['backend']:<9} {r['quant']:<6} {r.get('activations', 'f32'):<4} {p[0]:>8.1f} ({p[1]:.0f}..{p[2]:.0f}){'':>3} "
+              f"{d[0]:>8.1f} ({d[1]:.1f}..{d[2]:.1f}) {num(ttft and _med(ttft)[0] or None, '.0f'):>8} "
+              f"{num(r['weights_mb'], '.1f'):>10} {num(r['peak_rss_mb'], '.0f'):>7} "
+              f"{str(r['threads'] or '-'):>7} {cold:>7} {cached:>8}")
+    med = lambda r, k: statistics.median(x[k] for x in r["runs"])   # noqa: E731
+    llama = {r["quant"]: r for r in results if r["backend"] == "llama.cpp"}
+    pairs = [(r, llama[r["weight_format"]]) for r in results
+             if r["backend"] != "llama.cpp" and r.get("weight_format") in llama]
+    if pairs:
+        print("against llama.cpp on the same weight format: " + ", ".join(
+            f"{_row_name(r)} ({r['weight_format']}) decode {med(r, 'decode_tok_s') / med(b, 'decode_tok_s'):.2f}x "
+            f"prefill {med(r, 'prefill_tok_s') / med(b, 'prefill_tok_s'):.2f}x" for r, b in pairs))
+    elif len(results) > 1:
+        b = results[0]
         print("decode speed relative to the first row: " + ", ".join(
-            f"{_label(r)} {statistics.median(x['decode_tok_s'] for x in r['runs']) / base:.2f}x"
-            for r in results))
+            f"{_row_name(r)} {med(r, 'decode_tok_s') / med(b, 'decode_tok_s'):.2f}x" for r in results))
+
+
+def _row_name(r: dict) -> str:
+    return f"llama.cpp/{r['quant']}" if r["backend"] == "llama.cpp" else _label(r)
 
 
 def add_parser(sub) -> None:
@@ -259,6 +381,10 @@ def add_parser(sub) -> None:
                    help=f"random weights of a named shape instead of a model file ({', '.join(SHAPES)})")
     p.add_argument("--skip-startup", action="store_true", help="skip the cold/cached start measurement")
     p.add_argument("--json", metavar="FILE", default=None, help="also write the results as JSON")
+    p.add_argument("--llama-bench", metavar="BIN", default=None,
+                   help="also run llama.cpp's llama-bench (this path) in every round, side by side")
+    p.add_argument("--llama-models", metavar="FILES", default=None,
+                   help="comma-separated GGUF files for --llama-bench (default: the model measured)")
     q = p.add_argument_group("quality (instead of speed)")
     q.add_argument("--quality", action="store_true",
                    help="perplexity, KL divergence and top-1 agreement vs float32 for each --quant "
@@ -270,4 +396,4 @@ def add_parser(sub) -> None:
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--worker", required=True)
-    print(json.dumps(worker(json.loads(ap.parse_args().worker))))
+    worker(json.loads(ap.parse_args().worker))

@@ -27,3 +27,32 @@ def test_bench_bad_flags_are_one_line_errors():
     r = subprocess.run([sys.executable, "-m", "minfer", "bench", "--backend", "tpu"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and "Traceback" not in r.stderr and "unknown backend" in r.stderr
+
+
+def test_bench_runs_llama_bench_side_by_side(tmp_path):
+    """--llama-bench: a stand-in for llama.cpp's llama-bench (its JSON output) runs once a round,
+    and its row is paired with minfer's row of the same weight format."""
+    fake = tmp_path / "llama-bench"
+    fake.write_text(
+        f"#!{sys.executable}\n"
+        "import json, sys\n"
+        "a = sys.argv\n"
+        "assert a[a.index('-r') + 1] == '1' and a[a.index('-t') + 1] == '2'\n"
+        "open(__file__ + '.calls', 'a').write('x')\n"
+        "t = 'llama 256M Q4_1'\n"
+        "print(json.dumps([{'n_prompt': int(a[a.index('-p') + 1]), 'n_gen': 0, 'avg_ts': 100.0, 'model_type': t},\n"
+        "                  {'n_prompt': 0, 'n_gen': int(a[a.index('-n') + 1]), 'avg_ts': 50.0, 'model_type': t}]))\n")
+    fake.chmod(0o755)
+    out = tmp_path / "bench.json"
+    r = subprocess.run([sys.executable, "-m", "minfer", "bench", "--random-weights", "tiny",
+                        "--backend", "numba", "--quant", "auto", "--runs", "2", "--skip-startup",
+                        "--prompt-tokens", "8", "--new-tokens", "4", "--threads", "2",
+                        "--llama-bench", str(fake), "--llama-models", str(fake), "--json", str(out)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(out.read_text())["results"]
+    llama = [x for x in rows if x["backend"] == "llama.cpp"]
+    assert len(llama) == 1 and llama[0]["quant"] == "Q4_1" and len(llama[0]["runs"]) == 2
+    assert [x["decode_tok_s"] for x in llama[0]["runs"]] == [50.0, 50.0]
+    assert (tmp_path / "llama-bench.calls").read_text() == "xx"           # once per round
+    assert "against llama.cpp on the same weight format: numba/auto (Q4_1)" in r.stdout
