@@ -51,6 +51,18 @@ def test_tiles_cover_a_matrix_taller_than_one_tile(monkeypatch):
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
+def test_prefill_tiles_dequantize_bit_exact(fmt):
+    """The tiles handed to sgemm are exactly the dequantized weights (rows 7..18 of 30)."""
+    w = quant.QuantMatrix.from_float(weights(30, 96), fmt)
+    tile = np.empty((12, 96), dtype=np.float32)
+    if fmt == "Q8_0":
+        quant._dequant_tile_q8(w.qs, w.d, 7, tile)
+    else:
+        quant._dequant_tile_q4(w.qs, w.d, w.m, 7, tile)
+    assert np.array_equal(tile, w.dequantize()[7:19])
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
 def test_quant_embedding_rows(fmt):
     w = quant.QuantMatrix.from_float(weights(20, 64), fmt)
     ids = np.array([0, 19, 5, 5])
