@@ -27,31 +27,33 @@ from .stages.rope import rope_numba
 
 
 # ---------------------------------------------------------------------------------------------
-# Which kernel: mm(x, (qs, d, m), l, kind, int8) is x @ W[l]^T; gate_up(x, gate, up, l, kind,
-# int8) is the fused silu(x Wg^T) * (x Wu^T). m, the Q4 mins, is an empty array for Q8_0.
-# `kind` and `int8` are plain values (numba's on-disk cache does not keep a function compiled for
-# function arguments), constants in each entry point below. The quants are viewed as the dtype
-# each kernel is compiled for, so that no kernel is compiled twice.
+# Which kernel: mm(x, (qs, d, m), l, kind, limbs) is x @ W[l]^T; gate_up(x, gate, up, l, kind,
+# limbs) is the fused silu(x Wg^T) * (x Wu^T). m, the Q4 mins, is an empty array for Q8_0.
+# limbs: 0, float kernels (quant.py); 1, x rounded to int8 (--activations int8); 3, float32 x
+# split into three int8 parts (the default on a CPU with VNNI; quant_i8.py).
+# `kind` and `limbs` are plain values (numba's on-disk cache does not keep a function compiled
+# for function arguments), constants in each entry point below. The quants are viewed as the
+# dtype each kernel is compiled for, so that no kernel is compiled twice.
 # ---------------------------------------------------------------------------------------------
-Q4, Q8, INT8 = 0, 1, 2
+Q4, Q8, INT8, SPLIT = 0, 1, 2, 3
 
 
 @njit(inline="always")
-def _mm(x, w, l, kind, int8):
-    if int8:
+def _mm(x, w, l, kind, limbs):
+    if limbs:                               # x as int8 parts (quant_i8.py): 1, or 3 (split)
         return quant_i8._matmul_i8(x, w[0][l].view(np.uint8), w[1][l], w[2][l],
-                                   quant_i8.PREFETCH_ROWS)
+                                   quant_i8.PREFETCH_ROWS, limbs)
     if kind == Q8:
         return quant._q8_0_matmul(x, w[0][l].view(np.int8), w[1][l])
     return quant._q4_matmul(x, w[0][l].view(np.uint8), w[1][l], w[2][l])
 
 
 @njit(inline="always")
-def _gate_up(x, g, u, l, kind, int8):
-    if int8:
+def _gate_up(x, g, u, l, kind, limbs):
+    if limbs:
         return quant_i8._gate_up_i8(x, g[0][l].view(np.uint8), g[1][l], g[2][l],
                                     u[0][l].view(np.uint8), u[1][l], u[2][l],
-                                    quant_i8.PREFETCH_ROWS)
+                                    quant_i8.PREFETCH_ROWS, limbs)
     if kind == Q8:
         return quant._q8_0_gate_up(x, g[0][l].view(np.int8), g[1][l], u[0][l].view(np.int8), u[1][l])
     return quant._q4_gate_up(x, g[0][l].view(np.uint8), g[1][l], g[2][l],
@@ -64,7 +66,7 @@ def _gate_up(x, g, u, l, kind, int8):
 # cache (k, v) [L, ...]; B: the batch's (row_seq, positions, block_tables, slot_mapping).
 # ---------------------------------------------------------------------------------------------
 @njit(inline="always")
-def _loop(x, cos, sin, W, kv, B, n_heads, n_kv_heads, eps, kind, int8):
+def _loop(x, cos, sin, W, kv, B, n_heads, n_kv_heads, eps, kind, limbs):
     attn_norm, wqkv, wo, ffn_norm, w_gate, w_up, w_down = W
     k_cache, v_cache = kv
     row_seq, positions, block_tables, slot_mapping = B
@@ -74,43 +76,49 @@ def _loop(x, cos, sin, W, kv, B, n_heads, n_kv_heads, eps, kind, int8):
     for l in range(attn_norm.shape[0]):
         # --- attention block ---------------------------------------------------------------
         h = rmsnorm_numba(x, attn_norm[l], eps)                                 # [T, D]
-        y = _mm(h, wqkv, l, kind, int8)                                         # [T, qd + 2 kvd]
+        y = _mm(h, wqkv, l, kind, limbs)                                         # [T, qd + 2 kvd]
         q = np.ascontiguousarray(y[:, :qd]).reshape(T, n_heads, hd)             # [T, Hq, hd]
         k = np.ascontiguousarray(y[:, qd:qd + kvd]).reshape(T, n_kv_heads, hd)  # [T, Hkv, hd]
         v = np.ascontiguousarray(y[:, qd + kvd:]).reshape(T, n_kv_heads, hd)    # [T, Hkv, hd]
         q, k = rope_numba(q, cos, sin), rope_numba(k, cos, sin)
         kv_write_numba(k_cache[l], v_cache[l], k, v, slot_mapping)
         a = _attention_rows(q, k_cache[l], v_cache[l], row_seq, positions, block_tables)
-        x = x + _mm(a.reshape(T, qd), wo, l, kind, int8)                        # [T, D]
+        x = x + _mm(a.reshape(T, qd), wo, l, kind, limbs)                        # [T, D]
         # --- MLP block ---------------------------------------------------------------------
         h = rmsnorm_numba(x, ffn_norm[l], eps)                                  # [T, D]
-        x = x + _mm(_gate_up(h, w_gate, w_up, l, kind, int8), w_down, l, kind, int8)   # [T, D]
+        x = x + _mm(_gate_up(h, w_gate, w_up, l, kind, limbs), w_down, l, kind, limbs)  # [T, D]
     return x
 
 
-# One compiled entry point per kind of kernel: `kind` and `int8` are constants in each, so numba
+# One compiled entry point per kind of kernel: `kind` and `limbs` are constants in each, so numba
 # drops the branches not taken before compiling them (only the kernels a model uses compile).
 @njit(cache=True)
 def _layers_q4(x, cos, sin, W, kv, B, n_heads, n_kv_heads, eps):
-    return _loop(x, cos, sin, W, kv, B, n_heads, n_kv_heads, eps, Q4, False)    # quant.py
+    return _loop(x, cos, sin, W, kv, B, n_heads, n_kv_heads, eps, Q4, 0)        # quant.py
 
 
 @njit(cache=True)
 def _layers_q8(x, cos, sin, W, kv, B, n_heads, n_kv_heads, eps):
-    return _loop(x, cos, sin, W, kv, B, n_heads, n_kv_heads, eps, Q8, False)    # quant.py
+    return _loop(x, cos, sin, W, kv, B, n_heads, n_kv_heads, eps, Q8, 0)        # quant.py
 
 
 @njit(cache=True)
 def _layers_i8(x, cos, sin, W, kv, B, n_heads, n_kv_heads, eps):
-    return _loop(x, cos, sin, W, kv, B, n_heads, n_kv_heads, eps, INT8, True)   # quant_i8.py
+    return _loop(x, cos, sin, W, kv, B, n_heads, n_kv_heads, eps, INT8, 1)      # quant_i8.py
 
 
-_ENTRY = {Q4: _layers_q4, Q8: _layers_q8, INT8: _layers_i8}
+@njit(cache=True)
+def _layers_split(x, cos, sin, W, kv, B, n_heads, n_kv_heads, eps):
+    return _loop(x, cos, sin, W, kv, B, n_heads, n_kv_heads, eps, SPLIT, 3)     # quant_i8.py
+
+
+_ENTRY = {Q4: _layers_q4, Q8: _layers_q8, INT8: _layers_i8, SPLIT: _layers_split}
 
 
 def kernels_for(stacks: dict, int8_act: bool):
-    """The kernel kind (Q4, Q8 or INT8) for these weight stacks, or None when the fused loop
-    does not apply."""
+    """The kernel kind (Q4, Q8, INT8 or SPLIT: float32 activations as three int8 parts, for 4-bit
+    weights on a CPU with VNNI) for these weight stacks, or None when the fused loop does not
+    apply."""
     kinds = ("attn_norm", "wqkv", "wo", "ffn_norm", "w_gate", "w_up", "w_down")
     if not all(k in stacks for k in kinds):
         return None
@@ -118,7 +126,9 @@ def kernels_for(stacks: dict, int8_act: bool):
         return None
     fmts = {stacks[k][0] for k in kinds[1:3] + kinds[4:]}
     family = {"Q4_0": Q4, "Q4_1": Q4, "Q8_0": Q8}.get(fmts.pop()) if len(fmts) == 1 else None
-    return None if family is None else (INT8 if int8_act else family)
+    if family is None:
+        return None
+    return INT8 if int8_act else (SPLIT if family == Q4 and quant.split_x() else family)
 
 
 def layers_numba(x, cos, sin, stacks, cache, batch, config, kind):

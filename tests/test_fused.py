@@ -5,7 +5,7 @@ import pytest
 import minfer
 from minfer import fused
 from minfer.batch import make_batch
-from minfer.stages import quant_i8
+from minfer.stages import quant as qmod, quant_i8
 from minfer.model import Transformer
 
 
@@ -20,12 +20,19 @@ def steps(model, tables):
 
 
 @pytest.mark.parametrize("quant", ["q4_1", "q4_0", "q8_0"])
-@pytest.mark.parametrize("act", ["f32", "int8"])
-def test_fused_layers_equal_the_python_loop(tiny_gguf, quant, act):
-    if act == "int8" and not quant_i8.has_vnni():
+@pytest.mark.parametrize("act", ["f32", "f32-float-kernels", "int8"])
+def test_fused_layers_equal_the_python_loop(tiny_gguf, quant, act, monkeypatch):
+    """f32: float32 x split into three int8 parts where the CPU has VNNI (the default);
+    f32-float-kernels: the float kernels, as on a CPU without it."""
+    if act != "f32-float-kernels" and not quant_i8.has_vnni():
         pytest.skip("this CPU has no AVX-512 VNNI")
+    monkeypatch.setattr(qmod, "SPLIT_X", act != "f32-float-kernels")
+    act = act[:3] if act.startswith("f32") else act
     llm = minfer.LLM(tiny_gguf, quant=quant, activations=act)
-    assert fused.kernels_for(llm.weights.stacks, act == "int8") is not None
+    family = fused.Q8 if quant == "q8_0" else fused.Q4
+    want_kind = {"int8": fused.INT8}.get(act, fused.SPLIT if qmod.SPLIT_X and family == fused.Q4
+                                         else family)
+    assert fused.kernels_for(llm.weights.stacks, act == "int8") == want_kind
     plain_ops = type(llm.model.ops)(**{**vars(llm.model.ops), "layers": None})
     plain = Transformer(llm.config, llm.weights, plain_ops)
     calls = []
@@ -39,11 +46,15 @@ def test_fused_layers_equal_the_python_loop(tiny_gguf, quant, act):
     want, cache_want = steps(plain, tables)
     # the fused loop ran for the decode steps (and, with int8 activations, for the prefill too)
     assert calls == ([20, 2, 6] if act == "int8" else [2, 6])
+    # int8: x is rounded to int8 in every matmul, so a last-bit difference between two compiled
+    # copies of a kernel (the loop's own and the standalone one; numba's cached and fresh code
+    # were seen to differ so) can flip a rounding and grow through the layers: int8-level bound
+    tol = 2e-2 if act == "int8" else 1e-5
     for g, w in zip(got, want):
         assert g.shape == w.shape
-        assert np.abs(g - w).max() <= 1e-5 * np.abs(w).max()
-    np.testing.assert_allclose(cache_got.k, cache_want.k, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(cache_got.v, cache_want.v, rtol=1e-5, atol=1e-5)
+        assert np.abs(g - w).max() <= tol * np.abs(w).max()
+    np.testing.assert_allclose(cache_got.k, cache_want.k, rtol=tol, atol=tol)
+    np.testing.assert_allclose(cache_got.v, cache_want.v, rtol=tol, atol=tol)
 
 
 def test_fused_loop_is_skipped_where_it_does_not_apply(tiny_gguf):

@@ -20,14 +20,25 @@ def mat(O, K, fmt):
 
 
 @pytest.mark.parametrize("K", [32, 64, 96, 224, 576])  # 1, 2, 3, 7 (4 + 2 + 1), 18 blocks
-def test_quantize_x_numba_matches_numpy(K):
+@pytest.mark.parametrize("limbs", [1, 3])
+def test_quantize_x_numba_matches_numpy(K, limbs):
     x = rng.standard_normal((3, K)).astype(np.float32)
     x[1, :32] = 0.0                                     # an all-zero block: scale 0, no NaN
     for q4 in (True, False):
-        got, want = quant_i8._quantize_x(x, q4), quant_i8.quantize_x(x, q4)
+        got, want = quant_i8._quantize_x(x, q4, limbs), quant_i8.quantize_x(x, q4, limbs)
         assert np.array_equal(got[0], want[0]) and np.array_equal(got[3], want[3])
         np.testing.assert_allclose(got[1], want[1], rtol=1e-6)
         np.testing.assert_allclose(got[2], want[2], rtol=1e-5, atol=1e-5)
+    if limbs == 3:                                      # the parts add up to x, to ~2^-21 of a block's max
+        xq, dx = quant_i8.quantize_x(x, False, 3)[:2]
+        nb, X = K // 32, np.zeros((3, K // 32, 32))
+        for b, n in zip(np.cumsum([0] + quant_i8.chunks(nb, False))[:-1], quant_i8.chunks(nb, False)):
+            c = xq[:, b * 96:(b + n) * 96].reshape(3, 3, n, 32).astype(np.float64)
+            X[:, b:b + n] = c[:, 0] * 16384 + c[:, 1] * 128 + c[:, 2]
+        back = (X * dx[:, :, None]).reshape(3, K)
+        amax = np.abs(x.reshape(3, nb, 32)).max(axis=2).repeat(32, axis=1)
+        assert (np.abs(back - x) <= 2.0 ** -21 * amax + 1e-30).all()
+        return
     # q4 order: every chunk holds the values under low nibbles, then those under high ones
     xq = quant_i8.quantize_x(x, True)[0]
     plain = quant_i8.quantize_x(x, False)[0]
@@ -51,6 +62,42 @@ def test_kernels_match_their_reference(fmt, K, T):
     exact = quant.quant_linear(x, w)
     assert np.abs(got - exact).max() <= 5e-2 * np.abs(exact).max()
     assert np.abs(got - exact).max() >= 1e-5 * np.abs(exact).max()   # it does round
+
+
+@vnni
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("K", [32, 64, 96, 224, 576])
+@pytest.mark.parametrize("T", [1, 3])
+def test_split_float_x_is_as_exact_as_the_float_kernels(fmt, K, T):
+    """x split into three int8 parts (the default decode path on VNNI CPUs): against float64,
+    within a few times the float kernels' own error (x spread over e^+-6 within a block), and
+    the kernels equal their NumPy spec."""
+    w = mat(45, K, fmt)
+    x = (rng.standard_normal((T, K)) * np.exp(2 * rng.standard_normal((T, K)))).astype(np.float32)
+    exact = x.astype(np.float64) @ w.dequantize().astype(np.float64).T
+    scale = np.abs(exact).max()
+    got = quant_i8.quant_linear_i8(x, w, limbs=3)
+    floats = quant._q8_0_matmul(x, w.qs, w.d) if fmt == "Q8_0" else quant._q4_matmul(x, w.qs, w.d, w.m)
+    assert np.abs(got - exact).max() <= max(4 * np.abs(floats - exact).max(), 4e-6 * scale)
+    spec = quant_i8.quant_linear_i8_reference(x, w, limbs=3)
+    assert np.abs(got - spec).max() <= 1e-6 * scale
+    g = quant_i8.quant_gate_up_i8(x, w, w, limbs=3)
+    np.testing.assert_allclose(g, mlp.silu(got) * got, rtol=1e-5, atol=1e-6 * scale ** 2)
+
+
+@vnni
+def test_default_decode_uses_the_split_and_can_be_turned_off(monkeypatch):
+    w = mat(64, 96, "Q4_1")
+    x = rng.standard_normal((2, 96)).astype(np.float32)
+    monkeypatch.setattr(quant, "SPLIT_X", True)
+    split = quant.quant_linear_numba(x, w)
+    assert np.array_equal(split, quant_i8.quant_linear_i8(x, w, limbs=3))
+    w8 = mat(64, 96, "Q8_0")                            # Q8_0 keeps its float kernel
+    assert np.array_equal(quant.quant_linear_numba(x, w8), quant._q8_0_matmul(x, w8.qs, w8.d))
+    monkeypatch.setattr(quant, "SPLIT_X", False)
+    floats = quant.quant_linear_numba(x, w)
+    assert np.array_equal(floats, quant._q4_matmul(x, w.qs, w.d, w.m))
+    assert np.abs(split - floats).max() <= 1e-5 * np.abs(floats).max()
 
 
 @vnni

@@ -47,6 +47,22 @@ def test_logits_match_transformers(llm, golden, name):
     assert (np.argsort(-logits, axis=1)[:, :1] == z[f"{name}/top5_ids"][:, :1]).all()
 
 
+@pytest.mark.parametrize("name", PROMPTS)
+def test_decode_step_logits_match_transformers(llm, golden, name):
+    """The last token as a decode step (a one-row batch after the prefill of the others): on the
+    numba backend that is the decode kernels' path (x split into int8 parts on a VNNI CPU)."""
+    from minfer.batch import make_batch
+    z, _ = golden
+    ids = z[f"{name}/ids"].tolist()
+    model = llm.model
+    cache = model.new_cache(n_blocks=-(-len(ids) // 16), block_size=16)
+    table = list(range(cache.k.shape[1]))
+    model.forward(make_batch([(ids[:-1], 0, table)], 16), cache)
+    logits = model.forward(make_batch([(ids[-1:], len(ids) - 1, table)], 16), cache)[0]
+    err = np.abs(logits - z[f"{name}/logits_last"]).max()
+    assert err <= 1e-3, f"{name}: {err:.2e}"
+
+
 @pytest.mark.parametrize("name", ["english", "chat_capital", "code"])
 def test_greedy_32_tokens_identical(llm, golden, name):
     z, _ = golden
