@@ -180,3 +180,25 @@ def test_int8_model_holds_float16_scales(tiny_gguf):
     assert W.lm_head is W.tok_embd or not exact.config.tie_embeddings
     assert W.nbytes() < exact.weights.nbytes()
     np.testing.assert_array_equal(W.layers[0].wo.dequantize(), exact.weights.layers[0].wo.dequantize())
+
+
+@vnni
+def test_default_model_keeps_float16_scales_for_its_4bit_layers(tiny_gguf, monkeypatch):
+    """On a VNNI CPU the default (float32 activations) runs the 4-bit layers on the int8-part
+    kernels, which read float16 scales; the Q8_0 LM head keeps float32 for its float kernel.
+    Prefill tiles widen the scales and give the same logits as with float32 scales."""
+    monkeypatch.setattr(quant, "SPLIT_X", True)
+    llm = minfer.LLM(tiny_gguf, quant="q4_1")
+    assert llm.weights.stacks["w_up"][2].dtype == np.float16
+    assert llm.weights.layers[0].wq.d.dtype == np.float16
+    monkeypatch.setattr(quant, "SPLIT_X", False)
+    floats = minfer.LLM(tiny_gguf, quant="q4_1")
+    assert floats.weights.stacks["w_up"][2].dtype == np.float32
+    assert llm.weights.nbytes() < floats.weights.nbytes()
+    ids = list(range(10, 30))                                   # 20 tokens: the prefill tiles
+    np.testing.assert_array_equal(llm.logits(ids), floats.logits(ids))
+    w = mat(300, 96, "Q4_1")                                    # and a float kernel, if asked
+    x = rng.standard_normal((2, 96)).astype(np.float32)
+    assert np.array_equal(quant.quant_linear_numba(x, w.half_scales()), quant.quant_linear_numba(x, w))
+    x9 = rng.standard_normal((9, 96)).astype(np.float32)
+    assert np.array_equal(quant.quant_linear_numba(x9, w.half_scales()), quant.quant_linear_numba(x9, w))

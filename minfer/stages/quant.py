@@ -112,7 +112,8 @@ def quantize(w: np.ndarray, fmt: str) -> np.ndarray:
 #                                   high nibble -> the element 16 further on (GGUF's own order)
 #         w = d * q + m             (Q4_0 is the case m = -8 d)
 # Scales are widened to float32 (numba's CPU target has no float16 type); half_scales() keeps
-# them in float16 for the int8-activation kernels (quant_i8.py), which widen them in registers.
+# them in float16 for the int8-part kernels (quant_i8.py), which widen them in registers, and
+# float_scales() widens them back where a float kernel or a prefill tile needs them.
 # The quants are the file's own bytes, so the kernels compute exactly the function the file
 # describes.
 # ---------------------------------------------------------------------------------------------
@@ -165,6 +166,14 @@ class QuantMatrix:
             return (q * d).reshape(O, K)
         q = unpack_nibbles(self.qs.reshape(O * nb, QK // 2)).reshape(O, nb, QK)  # [O, nb, 32]
         return (q.astype(np.float32) * d + self.m.astype(np.float32)[:, :, None]).reshape(O, K)
+
+    def float_scales(self) -> "QuantMatrix":
+        """self, or (with float16 scales) a copy of its scales widened for the float kernels."""
+        if self.d.dtype == np.float32:
+            return self
+        return QuantMatrix._from_parts(self.fmt, self.qs, self.d.astype(np.float32),
+                                       None if self.m is None else self.m.astype(np.float32),
+                                       self.shape[1])
 
     def half_scales(self) -> "QuantMatrix":
         """The same matrix with its scales (and Q4 mins) in float16, as the file stores them
@@ -358,10 +367,11 @@ def _tiled_gemm(x: np.ndarray, w: QuantMatrix) -> np.ndarray:
 
     def job(r0, r1):
         tile = np.empty((r1 - r0, K), dtype=np.float32)
+        d = w.d[r0:r1].astype(np.float32, copy=False)                   # float16 scales: widened
         if w.fmt == "Q8_0":
-            _dequant_tile_q8(w.qs, w.d, r0, tile)
+            _dequant_tile_q8(w.qs[r0:r1], d, 0, tile)
         else:
-            _dequant_tile_q4(w.qs, w.d, w.m, r0, tile)
+            _dequant_tile_q4(w.qs[r0:r1], d, w.m[r0:r1].astype(np.float32, copy=False), 0, tile)
         out[:, r0:r1] = x @ tile.T                                      # [T, tile] by sgemm
     run_tiles(O, job)
     return out
@@ -392,6 +402,7 @@ def quant_gate_up_numba(x: np.ndarray, wg: QuantMatrix, wu: QuantMatrix,
         from .quant_i8 import quant_gate_up_i8
         return quant_gate_up_i8(x, wg, wu, limbs=1 if int8_act else 3)
     x = np.ascontiguousarray(x, dtype=np.float32)
+    wg, wu = wg.float_scales(), wu.float_scales()
     if wg.fmt == "Q8_0":
         return _q8_0_gate_up(x, wg.qs, wg.d, wu.qs, wu.d)
     return _q4_gate_up(x, wg.qs, wg.d, wg.m, wu.qs, wu.d, wu.m)
@@ -409,6 +420,7 @@ def quant_linear_numba(x: np.ndarray, w: QuantMatrix, int8_act: bool = False) ->
     if split_x() and w.fmt != "Q8_0":
         from .quant_i8 import quant_linear_i8
         return quant_linear_i8(x, w, limbs=3)
+    w = w.float_scales()
     if w.fmt == "Q8_0":
         return _q8_0_matmul(x, w.qs, w.d)
     return _q4_matmul(x, w.qs, w.d, w.m)

@@ -109,11 +109,12 @@ def _qkv_views(layers: list[LayerWeights]) -> None:
             L.wq, L.wk, L.wv = (view(edges[i], edges[i + 1]) for i in range(3))
 
 
-def half_scales(weights: Weights) -> None:
-    """Keep every quantized matrix's scales (and Q4 mins) in float16, as the file does, in place:
-    what the int8-activation kernels want (QuantMatrix.half_scales). Stacks and views follow."""
+def half_scales(weights: Weights, formats=("Q8_0", "Q4_0", "Q4_1"), layers_only: bool = False) -> None:
+    """Keep the quantized matrices' scales (and Q4 mins) in float16, as the file does, in place:
+    what the int8-part kernels (quant_i8.py) want (QuantMatrix.half_scales). Stacks and views
+    follow. formats / layers_only: only the layer weights of these formats."""
     for kind, (fmt, qs, d, m) in list(weights.stacks.items()):
-        if fmt == "F32":
+        if fmt not in formats:
             continue
         d, m = d.astype(np.float16), None if m is None else m.astype(np.float16)
         weights.stacks[kind] = (fmt, qs, d, m)
@@ -121,6 +122,8 @@ def half_scales(weights: Weights) -> None:
             setattr(L, kind, QuantMatrix._from_parts(fmt, qs[i], d[i], None if m is None else m[i],
                                                      getattr(L, kind).shape[1]))
     _qkv_views(weights.layers)
+    if layers_only:
+        return
     tied = weights.lm_head is weights.tok_embd
     if isinstance(weights.tok_embd, QuantMatrix):
         weights.tok_embd = weights.tok_embd.half_scales()
