@@ -225,10 +225,11 @@ def cmd_fetch(a) -> int:
 
 def cmd_info(a) -> int:
     from .weights.fetch import ensure_default_model
-    from .weights.load import load
+    from .weights.load import load, scales_for_kernels
     import numpy as np
     path = Path(a.model) if a.model else ensure_default_model()
     config, weights, tok = load(path, a.quant)
+    scales_for_kernels(weights, "numba", "f32")          # as the default engine holds them
     print(f"{'model':<16}{path}")
     for k, v in config.to_dict().items():
         print(f"{k:<16}{v}")
@@ -244,7 +245,8 @@ def cmd_info(a) -> int:
                                         f"{nbytes[k] / 1e6:.1f} MB)" for k in sorted(by_type)))
     n_params = sum(int(np.prod(t.shape)) for t in weights.raw.values()) if weights.raw else None
     f32 = f", {n_params * 4 / 1e6:.1f} MB as float32" if n_params else ""
-    print(f"{'resident':<16}{weights.nbytes() / 1e6:.1f} MB of weights with --quant {a.quant}{f32}")
+    print(f"{'resident':<16}{weights.nbytes() / 1e6:.1f} MB of weights with --quant {a.quant} "
+          f"(numba backend){f32}")
     return 0
 
 

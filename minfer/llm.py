@@ -20,8 +20,7 @@ from .model import Transformer
 from .sampling import SamplingParams
 from .tokenizer import StreamDecoder
 from .weights import fetch
-from .stages.quant import split_x
-from .weights.load import half_scales, load
+from .weights.load import load, scales_for_kernels
 
 
 @dataclass
@@ -54,11 +53,7 @@ class LLM:
             if not self.weights.has_quantized():
                 raise InvalidArgumentError("int8 activations need quantized weights (--quant auto "
                                            "on a GGUF with quantized blocks, or q8_0, q4_0, q4_1)")
-            half_scales(self.weights)    # its kernels read float16 scales: fewer bytes a token
-        elif backend == "numba" and split_x():
-            # float32 x as three int8 parts (quant_i8.py) on the 4-bit layer weights: those
-            # kernels widen float16 scales in registers, so keep the file's 2 bytes, not 4
-            half_scales(self.weights, formats=("Q4_0", "Q4_1"), layers_only=True)
+        scales_for_kernels(self.weights, backend, activations)   # float16 where kernels widen them
         self.backend = backend
         make_model = getattr(ops, "make_model", None)  # the cuda backend runs whole steps itself
         self.model = (make_model(self.config, self.weights) if make_model
