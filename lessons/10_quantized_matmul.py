@@ -220,7 +220,9 @@ print(inspect.getsource(quant_linear))
 # the case $m_b = -8 d_b$, so the same kernel serves it.) In NumPy, for one row:
 
 # %%
-Q = llm.weights.layers[0].w_up                     # a QuantMatrix: qs, d, m as the kernels want
+# a QuantMatrix: qs, d, m as the float kernels want them (float32 scales; on a CPU with VNNI the
+# engine keeps the file's float16 ones, which its int8-part kernels widen in registers)
+Q = llm.weights.layers[0].w_up.float_scales()
 print(type(Q).__name__, Q.fmt, Q.shape, "qs", Q.qs.shape, Q.qs.dtype, "d", Q.d.shape, Q.d.dtype)
 xq = rng.standard_normal((1, Q.shape[1])).astype(np.float32)
 xb = xq[0].reshape(-1, 2, 16)                      # [blocks, low half / high half, 16]

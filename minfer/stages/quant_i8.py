@@ -30,7 +30,9 @@ Three parts: float32 x on the same instruction. With limbs=3, x is not rounded b
 block, r = x * 127 / max|x| is cut into q1 = round(r), q2 = round(128 (r - q1)), q3 = round(128 (...)),
 three int8 numbers with x = dx (q1 128^2 + q2 128 + q3) to within 2^-21 of the block's largest
 |x| (float32 keeps 2^-24 of each value). Each part goes through vpdpbusd like x above, and the three
-int32 sums combine exactly, (s1 * 128 + s2) * 128 + s3, before the one conversion to float. The
+int32 sums combine exactly, (s1 * 128 + s2) * 128 + s3, before the one conversion to float (an
+int32 lane holds it: at most 4 * 255 * (127 * 128^2 + 64 * 128 + 64) < 2^31, Q8_0's shifted bytes
+being the largest weights). The
 result is as exact as the float kernels' (~1e-6 of the output against float64; tested), and for
 4-bit weights it is faster than turning every nibble into a float: it is how the default float32
 activations run on a CPU with VNNI (quant.py, SPLIT_X), for decode-sized batches.
