@@ -49,10 +49,9 @@ class LLM:
         self.quant = quant
         self.config, self.weights, self.tokenizer = load(path, quant)
         self.activations = activations
-        if activations == "int8":
-            if not self.weights.has_quantized():
-                raise InvalidArgumentError("int8 activations need quantized weights (--quant auto "
-                                           "on a GGUF with quantized blocks, or q8_0, q4_0, q4_1)")
+        if activations == "int8" and not self.weights.has_quantized():
+            raise InvalidArgumentError("int8 activations need quantized weights (--quant auto on a "
+                                       "GGUF with quantized blocks, or q8_0, q4_0, q4_1)")
         scales_for_kernels(self.weights, backend, activations)   # float16 where kernels widen them
         self.backend = backend
         make_model = getattr(ops, "make_model", None)  # the cuda backend runs whole steps itself

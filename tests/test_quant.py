@@ -5,7 +5,7 @@ import pytest
 
 import minfer
 from minfer.errors import ModelFormatError
-from minfer.stages import quant
+from minfer.stages import quant, quant_i8
 
 FORMATS = ["Q8_0", "Q4_0", "Q4_1"]
 rng = np.random.default_rng(3)
@@ -33,9 +33,16 @@ def test_quantize_dequantize_bit_exact_with_gguf(fmt, shape):
                           gguf.quants.dequantize(theirs, qtype))
 
 
+# split: decode on x as three int8 parts (a VNNI CPU's default for 4-bit weights) or on the float
+# kernels (every other CPU); both are checked against the reference on this machine.
+SPLIT = [False, True] if quant_i8.has_vnni() else [False]
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("T", [1, 3, 8, 17])           # 8+ rows take the tile + sgemm path
-def test_quant_linear_numba_matches_reference(fmt, T):
+@pytest.mark.parametrize("split", SPLIT)
+def test_quant_linear_numba_matches_reference(fmt, T, split, monkeypatch):
+    monkeypatch.setattr(quant, "SPLIT_X", split)
     w = quant.QuantMatrix.from_float(weights(45, 160), fmt)
     x = rng.standard_normal((T, 160)).astype(np.float32)
     ref = quant.quant_linear(x, w)
@@ -112,8 +119,10 @@ def test_unknown_quant_is_a_clear_error(tiny_gguf):
 
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("T", [1, 5, 9])               # 1 and 5: the fused gate/up kernel; 9: sgemm
-def test_swiglu_numba_on_blocks_matches_reference(fmt, T):
+@pytest.mark.parametrize("split", SPLIT)
+def test_swiglu_numba_on_blocks_matches_reference(fmt, T, split, monkeypatch):
     from minfer.stages import mlp
+    monkeypatch.setattr(quant, "SPLIT_X", split)
     g, u, d = (quant.QuantMatrix.from_float(weights(64, 64), fmt) for _ in range(3))
     x = rng.standard_normal((T, 64)).astype(np.float32)
     ref = mlp.swiglu(x, g, u, d)

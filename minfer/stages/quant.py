@@ -380,9 +380,9 @@ def _tiled_gemm(x: np.ndarray, w: QuantMatrix) -> np.ndarray:
 # Decode-sized x and 4-bit weights, on a CPU with AVX-512 VNNI: x split into three int8 parts per
 # block (quant_i8.py, "Three parts") — as exact as float32 (~1e-6 relative error against float64,
 # like the float kernels above), on the byte dot-product instruction. The Q4 float kernels spend
-# ~7 vector instructions per 32 weights turning nibbles into floats; on the split they ran 1.5x
-# faster (30 layers' gate/up, weights from memory). Q8_0's float kernel is memory-bound already:
-# it stays. SPLIT_X: None = where the CPU has VNNI; False forces the float kernels everywhere.
+# ~7 vector instructions per 32 weights turning nibbles into floats; a 1536 x 512 Q4_1 matvec
+# took 21-22 us on the split against 32-33 (weights from memory). Q8_0's float kernel is bound by
+# memory already (the split was 0.95x there): it stays. SPLIT_X: None = where the CPU has VNNI; False forces the float kernels everywhere.
 SPLIT_X = None
 
 
