@@ -359,15 +359,15 @@ else:
 # %% [markdown]
 # ### The same instruction, without the rounding: three parts
 #
-# One int8 number per value keeps ~7 bits of x. Three keep ~21: per block, cut
-# $r = 127\,x / \max|x|$ into $q_1 = \mathrm{round}(r)$, then $q_2 = \mathrm{round}(128\,(r - q_1))$,
-# then $q_3$ the same way from what is left. $x = d_x (128^2 q_1 + 128 q_2 + q_3)$ to within
-# $2^{-21}$ of the block's largest value — float32 itself keeps $2^{-24}$ of each value. Each
-# part goes through `vpdpbusd` on its own, and the three integer sums combine exactly,
-# $(s_1 \cdot 128 + s_2) \cdot 128 + s_3$, before the one conversion to float. Three byte
-# dot products per 64 weight bytes still cost fewer instructions than turning 128 nibbles into
-# floats, so on a CPU with VNNI this is how minfer's **default** (float32 activations) decodes
-# 4-bit weights: the same function as the float kernels, to the same ~1e-6 — measured below
+# One int8 number per value keeps ~7 bits of x. Three keep ~21: per block, round
+# $r = 127\,x / \max|x|$ to $1/128^2$ of a step, $X = \mathrm{round}(128^2 r)$, and write $X$ in
+# base 128: $X = 128^2 q_1 + 128 q_2 + q_3$ with $q_2, q_3$ in −64..63 and $q_1$ in −127..127.
+# $x = d_x X$ to within $2^{-21}$ of the block's largest value — float32 itself keeps $2^{-24}$
+# of each value. Each part goes through `vpdpbusd` on its own, and the three integer sums
+# combine exactly, $(s_1 \cdot 128 + s_2) \cdot 128 + s_3$, before the one conversion to
+# float. Three byte dot products per 64 weight bytes still cost fewer instructions than turning
+# 128 nibbles into floats, so on a CPU with VNNI this is how minfer's **default** (float32
+# activations) decodes 4-bit weights: the same function as the float kernels, to the same ~1e-6 — measured below
 # against float64, and in the tests against Hugging Face transformers.
 
 # %%

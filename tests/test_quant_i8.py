@@ -35,6 +35,7 @@ def test_quantize_x_numba_matches_numpy(K, limbs):
         for b, n in zip(np.cumsum([0] + quant_i8.chunks(nb, False))[:-1], quant_i8.chunks(nb, False)):
             c = xq[:, b * 96:(b + n) * 96].reshape(3, 3, n, 32).astype(np.float64)
             X[:, b:b + n] = c[:, 0] * 16384 + c[:, 1] * 128 + c[:, 2]
+            assert (c[:, 1:] >= -64).all() and (c[:, 1:] <= 63).all()   # the lower digits
         back = (X * dx[:, :, None]).reshape(3, K)
         amax = np.abs(x.reshape(3, nb, 32)).max(axis=2).repeat(32, axis=1)
         assert (np.abs(back - x) <= 2.0 ** -21 * amax + 1e-30).all()
@@ -62,6 +63,27 @@ def test_kernels_match_their_reference(fmt, K, T):
     exact = quant.quant_linear(x, w)
     assert np.abs(got - exact).max() <= 5e-2 * np.abs(exact).max()
     assert np.abs(got - exact).max() >= 1e-5 * np.abs(exact).max()   # it does round
+
+
+@pytest.mark.parametrize("O", [1, 5, 23, 24, 576, 577, 960, 1536, 49152])
+def test_tiles_share_the_rows_out_evenly(O):
+    n = quant_i8._tiles(O)
+    assert n % quant_i8.TILES == 0                      # as many for 1, 2, 3, 4, 6, 8, 12 threads
+    edges = [i * O // n for i in range(n + 1)]
+    assert edges[0] == 0 and edges[-1] == O and all(a <= b for a, b in zip(edges, edges[1:]))
+    assert max(b - a for a, b in zip(edges, edges[1:])) <= max(1, 2 * quant_i8.ROWS)
+
+
+@vnni
+@pytest.mark.parametrize("O", [5, 577])                 # fewer rows than tiles; tiles of 24 and 25
+@pytest.mark.parametrize("limbs", [1, 3])
+def test_kernels_with_uneven_tiles(O, limbs):
+    w = mat(O, 96, "Q4_1")
+    x = rng.standard_normal((2, 96)).astype(np.float32)
+    spec = quant_i8.quant_linear_i8_reference(x, w, limbs)
+    assert np.abs(quant_i8.quant_linear_i8(x, w, limbs) - spec).max() <= 1e-5 * np.abs(spec).max()
+    g = quant_i8.quant_gate_up_i8(x, w, w, limbs)
+    assert np.abs(g - spec / (1 + np.exp(-spec)) * spec).max() <= 1e-4 * np.abs(g).max()
 
 
 @vnni

@@ -382,7 +382,8 @@ def _tiled_gemm(x: np.ndarray, w: QuantMatrix) -> np.ndarray:
 # like the float kernels above), on the byte dot-product instruction. The Q4 float kernels spend
 # ~7 vector instructions per 32 weights turning nibbles into floats; a 1536 x 512 Q4_1 matvec
 # took 21-22 us on the split against 32-33 (weights from memory). Q8_0's float kernel is bound by
-# memory already (the split was 0.95x there): it stays. SPLIT_X: None = where the CPU has VNNI; False forces the float kernels everywhere.
+# memory already (a whole decode step on the split: 0.95x, then 1.005x in two A/Bs): it stays.
+# SPLIT_X: None = where the CPU has VNNI; False forces the float kernels everywhere.
 SPLIT_X = None
 
 

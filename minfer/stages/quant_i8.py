@@ -26,13 +26,13 @@ Q8_0 rows are read 2 blocks at a time in their own order; vpdpbusd wants one uns
 so the weight bytes get their top bit flipped (q + 128) and the 128 * sum(xq) that adds is taken
 off with the per-block term, like Q4's m.
 
-Three parts: float32 x on the same instruction. With limbs=3, x is not rounded but split: per
-block, r = x * 127 / max|x| is cut into q1 = round(r), q2 = round(128 (r - q1)), q3 = round(128 (...)),
-three int8 numbers with x = dx (q1 128^2 + q2 128 + q3) to within 2^-21 of the block's largest
-|x| (float32 keeps 2^-24 of each value). Each part goes through vpdpbusd like x above, and the three
-int32 sums combine exactly, (s1 * 128 + s2) * 128 + s3, before the one conversion to float (an
-int32 lane holds it: at most 4 * 255 * (127 * 128^2 + 64 * 128 + 64) < 2^31, Q8_0's shifted bytes
-being the largest weights). The
+Three parts: float32 x on the same instruction. With limbs=3, x is not rounded to int8 but to
+1/128^2 of a step: per block, X = round(128^2 r) with r = x * 127 / max|x|, and X is written in
+base 128 — X = q1 128^2 + q2 128 + q3, with q3, q2 in -64..63 and q1 in -127..127: three int8
+numbers with x = dx X to within 2^-21 of the block's largest |x| (float32 keeps 2^-24 of each
+value). Each part goes through vpdpbusd like x above, and the three int32 sums combine exactly,
+(s1 * 128 + s2) * 128 + s3, before the one conversion to float (an int32 lane holds it: at most
+4 * 255 * (127 * 128^2 + 1) < 2^31, Q8_0's shifted bytes being the largest weights). The
 result is as exact as the float kernels' (~1e-6 of the output against float64; tested), and for
 4-bit weights it is faster than turning every nibble into a float: it is how the default float32
 activations run on a CPU with VNNI (quant.py, SPLIT_X), for decode-sized batches.
@@ -94,12 +94,13 @@ def quantize_x(x: np.ndarray, q4_order: bool, limbs: int = 1):
     with np.errstate(divide="ignore", invalid="ignore"):
         inv = np.where(amax > 0, np.float32(127) / amax, np.float32(0)).astype(np.float32)
     r = xb * inv[:, :, None]                                            # [T, nb, 32] in -127..127
-    parts_q = []
-    for _ in range(limbs):              # each part: the rounding error of the last, times 128
-        q = np.rint(r)
-        parts_q.append(q.astype(np.int8))                               # [T, nb, 32]
-        r = (r - q) * np.float32(128)
-    X = sum(q.astype(np.int32) * 128 ** (limbs - 1 - i) for i, q in enumerate(parts_q))
+    X = np.rint(r * np.float32(128 ** (limbs - 1))).astype(np.int32)    # r to 1 / 128^(limbs-1)
+    parts_q, top = [], X                # X's digits in base 128, the lowest first: -64..63
+    for _ in range(limbs - 1):
+        up = (top + 64) >> 7                                            # floor((top + 64) / 128)
+        parts_q.insert(0, (top - (up << 7)).astype(np.int8))            # [T, nb, 32]
+        top = up
+    parts_q.insert(0, top.astype(np.int8))                              # the top one: -127..127
     pieces, b = [], 0
     for n in chunks(K // QK, q4_order):
         for q in parts_q:
@@ -133,47 +134,9 @@ def quant_linear_i8_reference(x: np.ndarray, w: QuantMatrix, limbs: int = 1) -> 
     return x_seen @ dq.T + xsum @ m.T                                         # [T, O]
 
 
-@njit(fastmath=True, cache=True)
-def _quantize_x(x, q4_order, limbs):
-    """quantize_x as loops (the kernels call it first, once per matmul)."""
-    T, K = x.shape
-    nb = K // QK
-    xq = np.empty((T, K * limbs), dtype=np.int8)
-    dx = np.empty((T, nb), dtype=np.float32)
-    xsum = np.empty((T, nb), dtype=np.float32)
-    isum = np.empty((T, nb), dtype=np.int32)
-    for t in range(T):
-        b = 0
-        while b < nb:
-            n = 4 if q4_order and nb - b >= 4 else (2 if nb - b >= 2 else 1)   # this chunk's blocks
-            for i in range(b, b + n):
-                amax, s = float32(0.0), float32(0.0)
-                for k in range(i * QK, i * QK + QK):
-                    amax, s = max(amax, abs(x[t, k])), s + x[t, k]
-                inv = float32(127.0) / amax if amax > float32(0.0) else float32(0.0)
-                dx[t, i], xsum[t, i] = amax / float32(127.0), s
-                si = 0
-                for j in range(QK):
-                    r = x[t, i * QK + j] * inv
-                    for part in range(limbs):
-                        q = np.rint(r)
-                        r = (r - q) * float32(128.0)
-                        v = np.int8(q)
-                        si += int32(v) << int32(7 * (limbs - 1 - part))
-                        at = b * QK * limbs + part * QK * n       # this part's bytes of the chunk
-                        if q4_order:    # low half of block i, then its high half 16 n further on
-                            xq[t, at + (i - b) * 16 + (j & 15) + (j >> 4) * 16 * n] = v
-                        else:
-                            xq[t, at + (i - b) * QK + j] = v
-                isum[t, i] = si
-            b += n
-    if limbs > 1:       # the scale of X, not of q1: exact (a power of two), and apart, so that
-        dx *= float32(2.0 ** (-7 * (limbs - 1)))    # dx for one part is computed the same way
-    return xq, dx, xsum, isum
-
-
 # ---------------------------------------------------------------------------------------------
-# The vector step, in LLVM IR: one chunk of n blocks of one row against the same blocks of x
+# The vector steps, in LLVM IR: one chunk of n blocks of one row against the same blocks of x;
+# one block of x rounded and cut into its parts (_quantize_x)
 # ---------------------------------------------------------------------------------------------
 I8, I32, F32 = ir.IntType(8), ir.IntType(32), ir.FloatType()
 
@@ -281,6 +244,68 @@ def _make_q8_chunk(n, limbs=1):
     return q8_chunk
 
 
+def _reduce(builder, op, v, start=None):
+    """One number from a vector: llvm.vector.reduce.<op> (fmax, fadd: in any order; add)."""
+    t = v.type.element
+    name = f"llvm.vector.reduce.{op}.v{v.type.count}{'f32' if t == F32 else 'i32'}"
+    args = [v] if start is None else [start, v]
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(t, [a.type for a in args]), name)
+    return builder.call(fn, args, fastmath=("fast",) if t == F32 else ())
+
+
+@intrinsic
+def _absmax_sum(typingctx, x, off):
+    """(max |x|, sum of x) over the 32 values x.flat[off:off + 32]."""
+    def codegen(context, builder, sig, args):
+        v = _load(context, builder, sig.args[0], args[0], args[1], F32, QK)
+        fabs = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v.type, [v.type]),
+                                              "llvm.fabs.v32f32")
+        amax = _reduce(builder, "fmax", builder.call(fabs, [v]))
+        total = _reduce(builder, "fadd", v, ir.Constant(F32, -0.0))
+        return context.make_tuple(builder, sig.return_type, [amax, total])
+    if x.layout == "C":                       # flat offsets: C-contiguous arrays only
+        return types.UniTuple(types.float32, 2)(x, off), codegen
+
+
+def _make_digits(limbs):
+    @intrinsic
+    def digits(typingctx, x, off, mul, xq, at, gap, stride):
+        """Round the 32 values x.flat[off:] to X = rint(x mul), store X's `limbs` digits in base
+        128 (quantize_x) as int8 at xq.flat[at + p stride:] (digit p; the block's first 16
+        values there, the other 16 `gap` bytes on), and return the sum of the X."""
+        def codegen(context, builder, sig, args):
+            v = _load(context, builder, sig.args[0], args[0], args[1], F32, QK)
+            rint = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v.type, [v.type]),
+                                                  "llvm.rint.v32f32")
+            one = builder.insert_element(ir.Constant(_vec(F32, 1), None), args[2], ir.Constant(I32, 0))
+            r = builder.fmul(v, builder.shuffle_vector(one, one, ir.Constant(_vec(I32, QK), [0] * QK)))
+            X = builder.fptosi(builder.call(rint, [r]), _vec(I32, QK))
+            total = _reduce(builder, "add", X)
+            data = context.make_array(sig.args[3])(context, builder, args[3]).data
+            c = (lambda k: ir.Constant(_vec(I32, QK), [k] * QK))
+
+            def store(p, d):                                       # digit p: two halves of 16
+                b8 = builder.trunc(d, _vec(I8, QK))
+                at = builder.add(args[4], builder.mul(args[6], ir.Constant(args[6].type, p)))
+                for half, off in ((0, at), (1, builder.add(at, args[5]))):
+                    h = builder.shuffle_vector(b8, b8, ir.Constant(_vec(I32, 16),
+                                                                   list(range(16 * half, 16 * half + 16))))
+                    ptr = builder.bitcast(builder.gep(data, [off]), _vec(I8, 16).as_pointer())
+                    builder.store(h, ptr, align=1)
+            for p in range(limbs - 1, 0, -1):                      # -64..63, the lowest first
+                up = builder.ashr(builder.add(X, c(64)), c(7))
+                store(p, builder.sub(X, builder.shl(up, c(7))))
+                X = up
+            store(0, X)                                            # the top one: -127..127
+            return total
+        if x.layout == "C" and xq.layout == "C":
+            return types.int32(x, off, mul, xq, at, gap, stride), codegen
+    return digits
+
+
+_digits1, _digits3 = _make_digits(1), _make_digits(3)
+
+
 class _F32x16(types.Type):
     """An LLVM <16 x float> as a numba value: the accumulator stays in one vector register."""
     def __init__(self):
@@ -335,11 +360,22 @@ _q8_2x3, _q8_1x3 = _make_q8_chunk(2, 3), _make_q8_chunk(1, 3)
 
 
 # ---------------------------------------------------------------------------------------------
-# Rows of dot products and the matmul kernels. Threads take tiles of ROWS rows: each tile is one
+# Rows of dot products and the matmul kernels. Threads take tiles of ~ROWS rows: each tile is one
 # call of a row function (a call per row cost ~30 ns in reference counting of its array
-# arguments, as much as the row's arithmetic).
+# arguments, as much as the row's arithmetic). The tiles come in a multiple of TILES, so that 1,
+# 2, 3, 4, 6, 8 or 12 threads each get as many rows: 576 rows in tiles of 64 made 9 tiles, 5 for
+# one thread and 4 for the other, and the matmul took as long as 640 rows would. (The thread
+# count itself is not read in here: numba cannot cache a kernel that asks for it.)
 # ---------------------------------------------------------------------------------------------
-ROWS = 64
+ROWS, TILES = 64, 24
+
+
+@njit(cache=True)
+def _tiles(O):
+    """How many tiles O rows make: the multiple of TILES whose tiles come nearest to ROWS rows
+    (576 rows: 24 tiles of 24; 1536: 24 of 64). Tile i holds rows i O // n .. (i + 1) O // n - 1
+    (none when O < TILES)."""
+    return TILES * max(1, (O + ROWS * TILES // 2) // (ROWS * TILES))
 
 
 @njit(fastmath=True, cache=True)
@@ -394,6 +430,38 @@ def _rows(xi, qs, d, m, t, o0, o1, out, pf, limbs):
 
 
 @njit(fastmath=True, cache=True)
+def _quantize_x(x, q4_order, limbs):
+    """quantize_x, a block at a time in vector code (_absmax_sum, _digits: plain loops over the
+    values, with the parts and the layout's index arithmetic inside, took ~8 us for K = 1536)."""
+    T, K = x.shape
+    nb = K // QK
+    xq = np.empty((T, K * limbs), dtype=np.int8)
+    dx = np.empty((T, nb), dtype=np.float32)
+    xsum = np.empty((T, nb), dtype=np.float32)
+    isum = np.empty((T, nb), dtype=np.int32)
+    step = float32(1 << (7 * (limbs - 1)))              # 128^(limbs - 1)
+    for t in range(T):
+        b = 0
+        while b < nb:
+            n = 4 if q4_order and nb - b >= 4 else (2 if nb - b >= 2 else 1)   # this chunk's blocks
+            for i in range(b, b + n):
+                amax, xsum[t, i] = _absmax_sum(x, t * K + i * QK)
+                inv = float32(127.0) / amax if amax > float32(0.0) else float32(0.0)
+                dx[t, i] = amax / float32(127.0)
+                # Q4 order: block i's low half, then its high half 16 n further on
+                at = t * K * limbs + b * QK * limbs + (i - b) * (QK // 2 if q4_order else QK)
+                gap = 16 * n if q4_order else QK // 2
+                if limbs == 3:
+                    isum[t, i] = _digits3(x, t * K + i * QK, inv * step, xq, at, gap, QK * n)
+                else:
+                    isum[t, i] = _digits1(x, t * K + i * QK, inv * step, xq, at, gap, QK * n)
+            b += n
+    if limbs > 1:       # the scale of X, not of q1: exact (a power of two), and apart, so that
+        dx *= float32(2.0 ** (-7 * (limbs - 1)))    # dx for one part is computed the same way
+    return xq, dx, xsum, isum
+
+
+@njit(fastmath=True, cache=True)
 def _prepare_x(x, q8, limbs):
     """x -> (xq, dx, c): c is the per-block term each int32 lane adds (see _rows)."""
     xq, dx, xsum, isum = _quantize_x(x, not q8, limbs)
@@ -408,9 +476,9 @@ def _matmul_i8(x, qs, d, m, pf, limbs):
     xi = _prepare_x(x, m.shape[0] == 0, limbs)
     T, O = x.shape[0], qs.shape[0]
     out = np.empty((T, O), dtype=np.float32)
-    for tile in prange((O + ROWS - 1) // ROWS):
-        o0 = tile * ROWS
-        o1 = min(O, o0 + ROWS)
+    n = _tiles(O)
+    for tile in prange(n):
+        o0, o1 = tile * O // n, (tile + 1) * O // n
         for t in range(T):
             _rows(xi, qs, d, m, t, o0, o1, out[t, o0:o1], pf, limbs)
     return out
@@ -423,9 +491,9 @@ def _gate_up_i8(x, qg, dg, mg, qu, du, mu, pf, limbs):
     T, F = x.shape[0], qg.shape[0]
     out = np.empty((T, F), dtype=np.float32)
     up = np.empty((T, F), dtype=np.float32)
-    for tile in prange((F + ROWS - 1) // ROWS):
-        o0 = tile * ROWS
-        o1 = min(F, o0 + ROWS)
+    n = _tiles(F)
+    for tile in prange(n):
+        o0, o1 = tile * F // n, (tile + 1) * F // n
         for t in range(T):
             _rows(xi, qg, dg, mg, t, o0, o1, out[t, o0:o1], pf, limbs)
             _rows(xi, qu, du, mu, t, o0, o1, up[t, o0:o1], pf, limbs)
