@@ -9,9 +9,9 @@ runs once per step instead of ~450 times. The stage kernels are the very same fu
 (their parallel loops still share the rows out to the threads); only the loop over layers moved.
 
 It takes each kind of layer weight as one stack [L, ...] (weights/load.py keeps them that way)
-in a block format with a kernel — Q4_0/Q4_1 or Q8_0 — and decode-sized batches (prefill runs
-sgemm tiles on Python threads, in model.run_layers), or any batch with int8 activations (their
-kernels serve prefill too). Everything else goes the ordinary way.
+in a block format with a kernel — Q4_0/Q4_1 or Q8_0 — and batches of fewer than
+quant.gemm_min_rows tokens (a long prefill runs sgemm tiles on Python threads, in
+model.run_layers), or any batch with int8 activations. Everything else goes the ordinary way.
 """
 from __future__ import annotations
 
@@ -128,7 +128,10 @@ def kernels_for(stacks: dict, int8_act: bool):
     family = {"Q4_0": Q4, "Q4_1": Q4, "Q8_0": Q8}.get(fmts.pop()) if len(fmts) == 1 else None
     if family is None:
         return None
-    return INT8 if int8_act else (SPLIT if family == Q4 and quant.split_x() else family)
+    if int8_act:
+        return INT8
+    half = stacks["w_up"][2].dtype == np.float16          # only the int8-part kernels read those
+    return SPLIT if family == Q4 and (half or quant.split_x()) else family
 
 
 def layers_numba(x, cos, sin, stacks, cache, batch, config, kind):
@@ -150,9 +153,9 @@ class FusedLayers:
         self.int8_act = int8_act
 
     def __call__(self, x, cos, sin, weights, cache, batch, config):
-        if len(x) >= quant.GEMM_MIN_ROWS and not self.int8_act:
-            return None                          # prefill: sgemm tiles, in model.forward
         kind = kernels_for(weights.stacks, self.int8_act)
         if kind is None:
             return None
+        if kind != INT8 and len(x) >= quant.gemm_min_rows(weights.stacks["w_up"][0]):
+            return None                          # long prefill: sgemm tiles, in model.forward
         return layers_numba(x, cos, sin, weights.stacks, cache, batch, config, kind)

@@ -44,8 +44,8 @@ def test_fused_layers_equal_the_python_loop(tiny_gguf, quant, act, monkeypatch):
     finally:
         fused.layers_numba = real
     want, cache_want = steps(plain, tables)
-    # the fused loop ran for the decode steps (and, with int8 activations, for the prefill too)
-    assert calls == ([20, 2, 6] if act == "int8" else [2, 6])
+    # the fused loop ran for every step: the 20-token prefill is short of quant.gemm_min_rows
+    assert calls == [20, 2, 6]
     # int8: x is rounded to int8 in every matmul, so a last-bit difference between two compiled
     # copies of a kernel (the loop's own and the standalone one; numba's cached and fresh code
     # were seen to differ so) can flip a rounding and grow through the layers: int8-level bound
@@ -57,7 +57,7 @@ def test_fused_layers_equal_the_python_loop(tiny_gguf, quant, act, monkeypatch):
     np.testing.assert_allclose(cache_got.v, cache_want.v, rtol=tol, atol=tol)
 
 
-def test_fused_loop_is_skipped_where_it_does_not_apply(tiny_gguf):
+def test_fused_loop_is_skipped_where_it_does_not_apply(tiny_gguf, monkeypatch):
     f32 = minfer.LLM(tiny_gguf, quant="f32")
     assert fused.kernels_for(f32.weights.stacks, False) is None      # float32 weights: no kernel
     q = minfer.LLM(tiny_gguf, quant="q4_1")
@@ -66,6 +66,30 @@ def test_fused_loop_is_skipped_where_it_does_not_apply(tiny_gguf):
     L = q.weights.layers[1]
     assert np.shares_memory(L.w_up.qs, q.weights.stacks["w_up"][1])
     assert np.shares_memory(L.wq.qs, q.weights.stacks["wqkv"][1])
+    # a prompt of gemm_min_rows tokens or more goes to the sgemm tiles, outside the loop
+    ids = list(range(10, 30))
+    short = q.logits(ids)
+    for name in ("GEMM_MIN_ROWS", "SPLIT_GEMM_MIN_ROWS"):
+        monkeypatch.setattr(qmod, name, 20)
+    calls, real = [], fused.layers_numba
+    monkeypatch.setattr(fused, "layers_numba", lambda *a: calls.append(len(a[0])) or real(*a))
+    assert np.abs(q.logits(ids) - short).max() <= 1e-4 * np.abs(short).max() and calls == []
+    assert q.logits(ids[:19]).shape[0] == 19 and calls == [19]
+
+
+def test_float16_scales_pick_the_kernels_that_read_them(tiny_gguf, monkeypatch):
+    """The stacks' scales decide: float16 ones go to the int8-part kernels even with the split
+    switched off after loading (the float kernels would read their bits as numbers)."""
+    if not quant_i8.has_vnni():
+        pytest.skip("this CPU has no AVX-512 VNNI")
+    monkeypatch.setattr(qmod, "SPLIT_X", True)
+    q = minfer.LLM(tiny_gguf, quant="q4_1")
+    monkeypatch.setattr(qmod, "SPLIT_X", False)
+    assert fused.kernels_for(q.weights.stacks, False) == fused.SPLIT
+    floats = minfer.LLM(tiny_gguf, quant="q4_1")
+    assert fused.kernels_for(floats.weights.stacks, False) == fused.Q4
+    ids = list(range(10, 15))
+    np.testing.assert_allclose(q.logits(ids), floats.logits(ids), rtol=1e-4, atol=1e-4)
 
 
 def test_the_layer_loop_is_loaded_from_the_disk_cache(tiny_gguf):

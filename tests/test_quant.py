@@ -38,11 +38,20 @@ def test_quantize_dequantize_bit_exact_with_gguf(fmt, shape):
 SPLIT = [False, True] if quant_i8.has_vnni() else [False]
 
 
+def tiles_from(monkeypatch, rows):
+    """Send matmuls of `rows` tokens or more to the tile + sgemm path (quant.gemm_min_rows)."""
+    monkeypatch.setattr(quant, "GEMM_MIN_ROWS", rows)
+    monkeypatch.setattr(quant, "SPLIT_GEMM_MIN_ROWS", rows)
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("T", [1, 3, 8, 17])           # 8+ rows take the tile + sgemm path
+@pytest.mark.parametrize("T,tiles", [(1, False), (3, False), (20, False), (8, True), (17, True)])
 @pytest.mark.parametrize("split", SPLIT)
-def test_quant_linear_numba_matches_reference(fmt, T, split, monkeypatch):
+def test_quant_linear_numba_matches_reference(fmt, T, tiles, split, monkeypatch):
     monkeypatch.setattr(quant, "SPLIT_X", split)
+    if tiles:
+        tiles_from(monkeypatch, 8)
+    assert (T >= quant.gemm_min_rows(fmt)) == tiles
     w = quant.QuantMatrix.from_float(weights(45, 160), fmt)
     x = rng.standard_normal((T, 160)).astype(np.float32)
     ref = quant.quant_linear(x, w)
@@ -52,6 +61,7 @@ def test_quant_linear_numba_matches_reference(fmt, T, split, monkeypatch):
 
 def test_tiles_cover_a_matrix_taller_than_one_tile(monkeypatch):
     monkeypatch.setattr(quant, "TILE_ROWS", 16)
+    tiles_from(monkeypatch, 8)
     w = quant.QuantMatrix.from_float(weights(50, 64), "Q4_1")
     x = rng.standard_normal((9, 64)).astype(np.float32)
     np.testing.assert_allclose(quant.quant_linear_numba(x, w), quant.quant_linear(x, w), rtol=1e-4, atol=1e-4)
@@ -123,6 +133,7 @@ def test_unknown_quant_is_a_clear_error(tiny_gguf):
 def test_swiglu_numba_on_blocks_matches_reference(fmt, T, split, monkeypatch):
     from minfer.stages import mlp
     monkeypatch.setattr(quant, "SPLIT_X", split)
+    tiles_from(monkeypatch, 8)
     g, u, d = (quant.QuantMatrix.from_float(weights(64, 64), fmt) for _ in range(3))
     x = rng.standard_normal((T, 64)).astype(np.float32)
     ref = mlp.swiglu(x, g, u, d)

@@ -217,6 +217,8 @@ def test_default_model_keeps_float16_scales_for_its_4bit_layers(tiny_gguf, monke
     floats = minfer.LLM(tiny_gguf, quant="q4_1")
     assert floats.weights.stacks["w_up"][2].dtype == np.float32
     assert llm.weights.nbytes() < floats.weights.nbytes()
+    monkeypatch.setattr(quant, "GEMM_MIN_ROWS", 8)
+    monkeypatch.setattr(quant, "SPLIT_GEMM_MIN_ROWS", 8)
     ids = list(range(10, 30))                                   # 20 tokens: the prefill tiles
     np.testing.assert_array_equal(llm.logits(ids), floats.logits(ids))
     w = mat(300, 96, "Q4_1")                                    # and a float kernel, if asked

@@ -318,7 +318,14 @@ def _q4_gate_up(x, qg, dg, mg, qu, du, mu):
 # anything a straightforward @njit loop reaches. The tiles are shared out to Python threads
 # (sgemm and the nogil dequantizer release the GIL), each with a single-threaded BLAS: two thread
 # pools spinning on the same cores (numba's and OpenBLAS's) were measured 2-3x slower.
-GEMM_MIN_ROWS = 8          # from this many tokens on, dequantize-then-sgemm beats the matvec kernel
+#
+# But dequantizing every weight costs the same for 16 tokens as for 256, while the matvec kernels
+# cost the same per token at any T (the tokens share each row while it is in cache). Prefill of
+# the default model, 2 threads (Zen 4): the tiles 113 tok/s at T = 16, 316 at 64, 421 at 128, 503
+# at 256; the float kernels ~230 (Q4) and ~290 (Q8_0) tok/s at any T, the int8-part kernels
+# (quant_i8.py) ~490. So the tiles take over from GEMM_MIN_ROWS tokens on, later for the latter.
+GEMM_MIN_ROWS = 48
+SPLIT_GEMM_MIN_ROWS = 160
 TILE_ROWS = 256
 _pool = None
 
@@ -377,7 +384,7 @@ def _tiled_gemm(x: np.ndarray, w: QuantMatrix) -> np.ndarray:
     return out
 
 
-# Decode-sized x and 4-bit weights, on a CPU with AVX-512 VNNI: x split into three int8 parts per
+# Fewer than SPLIT_GEMM_MIN_ROWS tokens and 4-bit weights, on a CPU with AVX-512 VNNI: x split into three int8 parts per
 # block (quant_i8.py, "Three parts") — as exact as float32 (~1e-6 relative error against float64,
 # like the float kernels above), on the byte dot-product instruction. The Q4 float kernels spend
 # ~7 vector instructions per 32 weights turning nibbles into floats; a 1536 x 512 Q4_1 matvec
@@ -395,9 +402,14 @@ def split_x() -> bool:
     return SPLIT_X
 
 
+def gemm_min_rows(fmt: str) -> int:
+    """From how many tokens on a matmul on weights of this block format goes to sgemm tiles."""
+    return SPLIT_GEMM_MIN_ROWS if split_x() and fmt != "Q8_0" else GEMM_MIN_ROWS
+
+
 def quant_gate_up_numba(x: np.ndarray, wg: QuantMatrix, wu: QuantMatrix,
                         int8_act: bool = False) -> np.ndarray:
-    """silu(x wg^T) * (x wu^T) for decode-sized x, in one fused kernel. [T, K] -> [T, F].
+    """silu(x wg^T) * (x wu^T) for fewer than gemm_min_rows tokens, in one fused kernel. [T, K] -> [T, F].
     int8_act: x rounded to int8 per block (quant_i8.py, the opt-in variant), any T."""
     if int8_act or (split_x() and wg.fmt != "Q8_0"):
         from .quant_i8 import quant_gate_up_i8
@@ -410,13 +422,14 @@ def quant_gate_up_numba(x: np.ndarray, wg: QuantMatrix, wu: QuantMatrix,
 
 
 def quant_linear_numba(x: np.ndarray, w: QuantMatrix, int8_act: bool = False) -> np.ndarray:
-    """x [T, K] -> [T, O]: the matvec kernels on the quants for decode, tiles + sgemm for prefill.
+    """x [T, K] -> [T, O]: the matvec kernels on the quants for decode and short prompts, tiles +
+    sgemm from gemm_min_rows(w.fmt) tokens on.
     int8_act: x rounded to int8 per block (quant_i8.py, the opt-in variant), any T."""
     if int8_act:
         from .quant_i8 import quant_linear_i8
         return quant_linear_i8(x, w)
     x = np.ascontiguousarray(x, dtype=np.float32)
-    if x.shape[0] >= GEMM_MIN_ROWS:
+    if x.shape[0] >= gemm_min_rows(w.fmt):
         return _tiled_gemm(x, w)
     if split_x() and w.fmt != "Q8_0":
         from .quant_i8 import quant_linear_i8
