@@ -23,8 +23,9 @@ the 64 that meet high ones — and a chunk is two vpdpbusd on plain loads, no sh
 lanes 4i..4i+3 then hold block i's sum; one multiply by [d dx] spread over the lanes and one add
 finish the chunk. Rows whose block count is not a multiple of 4 end with a chunk of 2 and/or 1.
 Q8_0 rows are read 2 blocks at a time in their own order; vpdpbusd wants one unsigned operand,
-so the weight bytes get their top bit flipped (q + 128) and the 128 * sum(xq) that adds is taken
-off with the per-block term, like Q4's m.
+so the weight bytes get their top bit flipped (q + 128), and each int32 lane starts from -128
+times the sum of the 4 values of x it meets, which takes that off again in integers (with a
+float term per block, like Q4's m, the chunks ran ~20% slower).
 
 Three parts: float32 x on the same instruction. With limbs=3, x is not rounded to int8 but to
 1/128^2 of a step: per block, X = round(128^2 r) with r = x * 127 / max|x|, and X is written in
@@ -84,8 +85,8 @@ def chunks(nb: int, q4: bool = True) -> list[int]:
 
 def quantize_x(x: np.ndarray, q4_order: bool, limbs: int = 1):
     """Reference: x [T, K] float32 -> xq int8 [T, limbs K] (in the kernels' order), dx [T, nb]
-    scales, xsum [T, nb] (sum of x over each block, float), isum [T, nb] (sum of the integers
-    over each block). limbs 3: each integer is X = q1 128^2 + q2 128 + q3, the three int8 parts
+    scales, xsum [T, nb] (sum of x over each block, float), x4 [T, K/4] (sum of the integers
+    over each 4 consecutive values: what one int32 lane meets in a Q8_0 row). limbs 3: each integer is X = q1 128^2 + q2 128 + q3, the three int8 parts
     stored one after the other in each chunk (see "Three parts" at the top)."""
     T, K = x.shape
     xb = x.reshape(T, K // QK, QK)                                     # [T, nb, 32]
@@ -112,7 +113,7 @@ def quantize_x(x: np.ndarray, q4_order: bool, limbs: int = 1):
         b += n
     xq = np.concatenate(pieces, axis=1)                                 # [T, limbs K]
     dx = (dx / np.float32(128 ** (limbs - 1))).astype(np.float32)      # the scale of X
-    return xq, dx, xb.sum(axis=2, dtype=np.float32), X.sum(axis=2, dtype=np.int32)
+    return xq, dx, xb.sum(axis=2, dtype=np.float32), X.reshape(T, K // 4, 4).sum(axis=2, dtype=np.int32)
 
 
 def quant_linear_i8_reference(x: np.ndarray, w: QuantMatrix, limbs: int = 1) -> np.ndarray:
@@ -162,13 +163,14 @@ def _vpdpbusd(builder, acc, u8, s8):
 
 
 def _finish(builder, acc16, isum, scale, offset):
-    """acc16 + float(isum) * scale[block] + offset[block], over the int32 lanes of isum (each block
-    owns lanes // n consecutive lanes), widened to 16 lanes (the missing ones add 0)."""
+    """acc16 + float(isum) * scale[block] (+ offset[block]), over the int32 lanes of isum (each
+    block owns lanes // n consecutive lanes), widened to 16 lanes (the missing ones add 0)."""
     lanes, n = isum.type.count, scale.type.count
     spread = ir.Constant(_vec(I32, lanes), [l * n // lanes for l in range(lanes)])
-    part = builder.fadd(builder.fmul(builder.sitofp(isum, _vec(F32, lanes)),
-                                     builder.shuffle_vector(scale, scale, spread), flags=["fast"]),
-                        builder.shuffle_vector(offset, offset, spread), flags=["fast"])
+    part = builder.fmul(builder.sitofp(isum, _vec(F32, lanes)),
+                        builder.shuffle_vector(scale, scale, spread), flags=["fast"])
+    if offset is not None:
+        part = builder.fadd(part, builder.shuffle_vector(offset, offset, spread), flags=["fast"])
     if lanes < 16:                                                 # zeros in the upper lanes
         part = builder.shuffle_vector(part, ir.Constant(_vec(F32, lanes), [0.0] * lanes),
                                       ir.Constant(_vec(I32, 16), list(range(lanes)) +
@@ -177,27 +179,30 @@ def _finish(builder, acc16, isum, scale, offset):
 
 
 def _scales(context, builder, sig, args, n):
-    """The chunk's per-block float terms: d * dx (the integer sum's scale) and e * c (added per
-    lane: e = m, c = sum(x) / 4 for Q4; e = d, c = -128 dx sum(xq) / 8 for Q8_0)."""
-    _, _, _, _, _, d, dx, e, c, row, tok = args
-    td, tdx, te, tc = sig.args[5:9]
+    """The chunk's per-block float terms: d * dx (the integer sum's scale) and, for Q4, m * c
+    (added per lane: c = sum(x) / 4)."""
+    d, dx, row, tok = args[5], args[6], args[-2], args[-1]
+    td, tdx = sig.args[5:7]
 
     def ld(t, a, i):
         if t.dtype == types.uint16:                  # float16 bits: widened in registers
             h = _load(context, builder, t, a, i, ir.IntType(16), n)
             return builder.fpext(builder.bitcast(h, _vec(ir.HalfType(), n)), _vec(F32, n))
         return _load(context, builder, t, a, i, F32, n)
-    return (builder.fmul(ld(td, d, row), ld(tdx, dx, tok), flags=["fast"]),
-            builder.fmul(ld(te, e, row), ld(tc, c, tok), flags=["fast"]))
+    scale = builder.fmul(ld(td, d, row), ld(tdx, dx, tok), flags=["fast"])
+    if len(args) == 10:                              # Q8_0: no float term
+        return scale, None
+    return scale, builder.fmul(ld(sig.args[7], args[7], row), ld(sig.args[8], args[8], tok), flags=["fast"])
 
 
-def _parts(builder, one, limbs):
-    """The integer sums of x's `limbs` parts, combined: (s1 * 128 + s2) * 128 + s3 (one(part)
-    gives part's int32 lanes)."""
-    total = one(0)
+def _parts(builder, one, limbs, start):
+    """The integer sums of x's `limbs` parts, combined: (s1 * 128 + s2) * 128 + s3 (one(part, s)
+    gives part's int32 lanes, starting from s); `start` is where the lowest part's lanes start."""
+    zero = ir.Constant(start.type, [0] * start.type.count)
+    total = one(0, start if limbs == 1 else zero)
     for part in range(1, limbs):
         seven = ir.Constant(total.type, [7] * total.type.count)
-        total = builder.add(builder.shl(total, seven), one(part))
+        total = builder.add(builder.shl(total, seven), one(part, start if part == limbs - 1 else zero))
     return total
 
 
@@ -212,14 +217,14 @@ def _make_q4_chunk(n, limbs=1):
             lo = builder.and_(v, ir.Constant(_vec(I8, W), [15] * W))
             hi = builder.lshr(v, ir.Constant(_vec(I8, W), [4] * W))
 
-            def one(part):                                         # this part: lows, then highs
+            def one(part, start):                                  # this part: lows, then highs
                 at = builder.add(args[4], ir.Constant(args[4].type, 2 * W * part))
                 xl = _load(context, builder, sig.args[3], args[3], at, I8, W)
                 xh = _load(context, builder, sig.args[3], args[3],
                            builder.add(at, ir.Constant(args[4].type, W)), I8, W)
-                isum = _vpdpbusd(builder, ir.Constant(_vec(I32, 4 * n), [0] * (4 * n)), lo, xl)
-                return _vpdpbusd(builder, isum, hi, xh)
-            return _finish(builder, args[0], _parts(builder, one, limbs),
+                return _vpdpbusd(builder, _vpdpbusd(builder, start, lo, xl), hi, xh)
+            zero = ir.Constant(_vec(I32, 4 * n), [0] * (4 * n))
+            return _finish(builder, args[0], _parts(builder, one, limbs, zero),
                            *_scales(context, builder, sig, args, n))
         return acc(acc, qs, qoff, xq, xoff, d, dx, e, c, row, tok), codegen
     return q4_chunk
@@ -227,20 +232,23 @@ def _make_q4_chunk(n, limbs=1):
 
 def _make_q8_chunk(n, limbs=1):
     @intrinsic
-    def q8_chunk(typingctx, acc, qs, qoff, xq, xoff, d, dx, e, c, row, tok):
-        """acc + the n blocks of a Q8_0 row . x, computed as (q + 128) . xq (see the top)."""
+    def q8_chunk(typingctx, acc, qs, qoff, xq, xoff, d, dx, start, row, tok):
+        """acc + the n blocks of a Q8_0 row . x, computed as (q + 128) . xq, the lanes starting
+        from start.flat[8 tok:] = -128 * (sum of the 4 values of x each lane meets), which takes
+        the 128 off again (see the top)."""
         def codegen(context, builder, sig, args):
             W = 32 * n
             q = builder.xor(_load(context, builder, sig.args[1], args[1], args[2], I8, W),
                             ir.Constant(_vec(I8, W), [-128] * W))  # q + 128, as unsigned bytes
 
-            def one(part):
+            def one(part, s):
                 at = builder.add(args[4], ir.Constant(args[4].type, W * part))
-                return _vpdpbusd(builder, ir.Constant(_vec(I32, 8 * n), [0] * (8 * n)), q,
-                                 _load(context, builder, sig.args[3], args[3], at, I8, W))
-            return _finish(builder, args[0], _parts(builder, one, limbs),
+                return _vpdpbusd(builder, s, q, _load(context, builder, sig.args[3], args[3], at, I8, W))
+            s0 = _load(context, builder, sig.args[7], args[7],
+                       builder.mul(args[9], ir.Constant(args[9].type, 8)), I32, 8 * n)
+            return _finish(builder, args[0], _parts(builder, one, limbs, s0),
                            *_scales(context, builder, sig, args, n))
-        return acc(acc, qs, qoff, xq, xoff, d, dx, e, c, row, tok), codegen
+        return acc(acc, qs, qoff, xq, xoff, d, dx, start, row, tok), codegen
     return q8_chunk
 
 
@@ -269,10 +277,10 @@ def _absmax_sum(typingctx, x, off):
 
 def _make_digits(limbs):
     @intrinsic
-    def digits(typingctx, x, off, mul, xq, at, gap, stride):
+    def digits(typingctx, x, off, mul, xq, at, gap, stride, x4, at4):
         """Round the 32 values x.flat[off:] to X = rint(x mul), store X's `limbs` digits in base
         128 (quantize_x) as int8 at xq.flat[at + p stride:] (digit p; the block's first 16
-        values there, the other 16 `gap` bytes on), and return the sum of the X."""
+        values there, the other 16 `gap` bytes on) and the sums of X by 4 at x4.flat[at4:]."""
         def codegen(context, builder, sig, args):
             v = _load(context, builder, sig.args[0], args[0], args[1], F32, QK)
             rint = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v.type, [v.type]),
@@ -280,7 +288,11 @@ def _make_digits(limbs):
             one = builder.insert_element(ir.Constant(_vec(F32, 1), None), args[2], ir.Constant(I32, 0))
             r = builder.fmul(v, builder.shuffle_vector(one, one, ir.Constant(_vec(I32, QK), [0] * QK)))
             X = builder.fptosi(builder.call(rint, [r]), _vec(I32, QK))
-            total = _reduce(builder, "add", X)
+            by4 = [builder.shuffle_vector(X, X, ir.Constant(_vec(I32, QK // 4), list(range(j, QK, 4))))
+                   for j in range(4)]                              # X[j::4]
+            s4 = builder.add(builder.add(by4[0], by4[1]), builder.add(by4[2], by4[3]))
+            ptr4 = context.make_array(sig.args[7])(context, builder, args[7]).data
+            builder.store(s4, builder.bitcast(builder.gep(ptr4, [args[8]]), s4.type.as_pointer()), align=4)
             data = context.make_array(sig.args[3])(context, builder, args[3]).data
             c = (lambda k: ir.Constant(_vec(I32, QK), [k] * QK))
 
@@ -297,9 +309,9 @@ def _make_digits(limbs):
                 store(p, builder.sub(X, builder.shl(up, c(7))))
                 X = up
             store(0, X)                                            # the top one: -127..127
-            return total
-        if x.layout == "C" and xq.layout == "C":
-            return types.int32(x, off, mul, xq, at, gap, stride), codegen
+            return context.get_dummy_value()
+        if x.layout == "C" and xq.layout == "C" and x4.layout == "C":
+            return types.none(x, off, mul, xq, at, gap, stride, x4, at4), codegen
     return digits
 
 
@@ -380,11 +392,11 @@ def _tiles(O):
 
 @njit(fastmath=True, cache=True)
 def _rows(xi, qs, d, m, t, o0, o1, out, pf, limbs):
-    """out[o - o0] = row o of the matrix . token t of x, for o in o0..o1-1; xi = (xq, dx, c) from
-    _prepare_x. Q4 (m: its mins): c = sum(x) / 4 per block, so the lanes add up the m term,
-    sum_b m_b sum(x over b). Q8_0 (m empty): c = -128 dx sum(X) / 8 per block takes off the
+    """out[o - o0] = row o of the matrix . token t of x, for o in o0..o1-1; xi = (xq, dx, c, s0)
+    from _prepare_x. Q4 (m: its mins): c = sum(x) / 4 per block, so the lanes add up the m term,
+    sum_b m_b sum(x over b). Q8_0 (m empty): the lanes start from s0, which takes off the
     q + 128 shift. pf: prefetch the row that many rows ahead. limbs: x's int8 parts (1 or 3)."""
-    xq, dx, c = xi
+    xq, dx, c, s0 = xi
     q8 = m.shape[0] == 0
     n, nb = qs.shape[1], d.shape[1]                     # bytes and blocks per row
     K = nb * QK * limbs                                 # x's bytes per token
@@ -399,15 +411,15 @@ def _rows(xi, qs, d, m, t, o0, o1, out, pf, limbs):
         if q8:                                          # 2 blocks a chunk, then 1
             while b + 2 <= nb:
                 if limbs == 3:
-                    acc = _q8_2x3(acc, qs, o * n + b * QK, xq, x0 + b * QK * 3, d, dx, d, c, row + b, tok + b)
+                    acc = _q8_2x3(acc, qs, o * n + b * QK, xq, x0 + b * QK * 3, d, dx, s0, row + b, tok + b)
                 else:
-                    acc = _q8_2(acc, qs, o * n + b * QK, xq, x0 + b * QK, d, dx, d, c, row + b, tok + b)
+                    acc = _q8_2(acc, qs, o * n + b * QK, xq, x0 + b * QK, d, dx, s0, row + b, tok + b)
                 b += 2
             if b < nb:
                 if limbs == 3:
-                    acc = _q8_1x3(acc, qs, o * n + b * QK, xq, x0 + b * QK * 3, d, dx, d, c, row + b, tok + b)
+                    acc = _q8_1x3(acc, qs, o * n + b * QK, xq, x0 + b * QK * 3, d, dx, s0, row + b, tok + b)
                 else:
-                    acc = _q8_1(acc, qs, o * n + b * QK, xq, x0 + b * QK, d, dx, d, c, row + b, tok + b)
+                    acc = _q8_1(acc, qs, o * n + b * QK, xq, x0 + b * QK, d, dx, s0, row + b, tok + b)
         else:                                           # 4 blocks a chunk, then 2 and/or 1
             while b + 4 <= nb:
                 if limbs == 3:
@@ -438,7 +450,7 @@ def _quantize_x(x, q4_order, limbs):
     xq = np.empty((T, K * limbs), dtype=np.int8)
     dx = np.empty((T, nb), dtype=np.float32)
     xsum = np.empty((T, nb), dtype=np.float32)
-    isum = np.empty((T, nb), dtype=np.int32)
+    x4 = np.empty((T, K // 4), dtype=np.int32)
     step = float32(1 << (7 * (limbs - 1)))              # 128^(limbs - 1)
     for t in range(T):
         b = 0
@@ -451,23 +463,25 @@ def _quantize_x(x, q4_order, limbs):
                 # Q4 order: block i's low half, then its high half 16 n further on
                 at = t * K * limbs + b * QK * limbs + (i - b) * (QK // 2 if q4_order else QK)
                 gap = 16 * n if q4_order else QK // 2
+                o = t * K + i * QK
                 if limbs == 3:
-                    isum[t, i] = _digits3(x, t * K + i * QK, inv * step, xq, at, gap, QK * n)
+                    _digits3(x, o, inv * step, xq, at, gap, QK * n, x4, o // 4)
                 else:
-                    isum[t, i] = _digits1(x, t * K + i * QK, inv * step, xq, at, gap, QK * n)
+                    _digits1(x, o, inv * step, xq, at, gap, QK * n, x4, o // 4)
             b += n
     if limbs > 1:       # the scale of X, not of q1: exact (a power of two), and apart, so that
         dx *= float32(2.0 ** (-7 * (limbs - 1)))    # dx for one part is computed the same way
-    return xq, dx, xsum, isum
+    return xq, dx, xsum, x4
 
 
 @njit(fastmath=True, cache=True)
 def _prepare_x(x, q8, limbs):
-    """x -> (xq, dx, c): c is the per-block term each int32 lane adds (see _rows)."""
-    xq, dx, xsum, isum = _quantize_x(x, not q8, limbs)
+    """x -> (xq, dx, c, s0): c, Q4's per-block term each int32 lane adds; s0, Q8_0's start values
+    of the lanes (see _rows)."""
+    xq, dx, xsum, x4 = _quantize_x(x, not q8, limbs)
     if q8:
-        return xq, dx, float32(-16.0) * dx * isum.astype(np.float32)       # -128 dx sum(X) / 8
-    return xq, dx, float32(0.25) * xsum
+        x4 *= int32(-128)           # sum of (q + 128) X over a lane's 4 values, from here: q . X
+    return xq, dx, float32(0.25) * xsum, x4
 
 
 @njit(parallel=True, fastmath=True, cache=True)
