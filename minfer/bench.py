@@ -257,6 +257,9 @@ def run_bench(a) -> int:
         raise InvalidArgumentError(f"unknown shape {a.random_weights!r}; choose from {', '.join(SHAPES)}")
     if a.runs < 1:
         raise InvalidArgumentError("--runs must be at least 1")
+    if a.prompt_tokens < 1 or a.new_tokens < 2:
+        raise InvalidArgumentError("--prompt-tokens must be at least 1 and --new-tokens at least 2 "
+                                   "(decode speed leaves out the first new token)")
     model = None if a.random_weights else str(a.model or ensure_default_model())
     llama_models = []
     if a.llama_bench:
@@ -374,8 +377,10 @@ def add_parser(sub) -> None:
                         "default: %(default)s)")
     p.add_argument("--runs", type=int, default=3, help="measured runs per configuration (default: 3)")
     p.add_argument("--numpy-runs", type=int, default=1, help="runs for the slow numpy backend (default: 1)")
-    p.add_argument("--prompt-tokens", type=int, default=128)
-    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--prompt-tokens", type=int, default=128,
+                   help="length of the (random) prompt whose prefill is timed (default: 128)")
+    p.add_argument("--new-tokens", type=int, default=128,
+                   help="tokens generated after it, the first one not counted (default: 128)")
     p.add_argument("--threads", type=int, default=None, help="numba threads")
     p.add_argument("--random-weights", metavar="SHAPE", default=None,
                    help=f"random weights of a named shape instead of a model file ({', '.join(SHAPES)})")

@@ -3,6 +3,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 
 def test_bench_random_weights_json(tmp_path):
     out = tmp_path / "bench.json"
@@ -23,10 +25,14 @@ def test_bench_random_weights_json(tmp_path):
     assert rows[("numba", "auto")]["cold_start_s"] >= rows[("numba", "auto")]["cached_start_s"] > 0
 
 
-def test_bench_bad_flags_are_one_line_errors():
-    r = subprocess.run([sys.executable, "-m", "minfer", "bench", "--backend", "tpu"],
+@pytest.mark.parametrize("flags,says", [(["--backend", "tpu"], "unknown backend"),
+                                        (["--new-tokens", "1"], "--new-tokens at least 2"),
+                                        (["--prompt-tokens", "0"], "--prompt-tokens must be")])
+def test_bench_bad_flags_are_one_line_errors(flags, says):
+    r = subprocess.run([sys.executable, "-m", "minfer", "bench", *flags],
                        capture_output=True, text=True, timeout=120)
-    assert r.returncode == 1 and "Traceback" not in r.stderr and "unknown backend" in r.stderr
+    assert r.returncode == 1 and "Traceback" not in r.stderr and says in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
 
 
 def test_bench_runs_llama_bench_side_by_side(tmp_path):
