@@ -369,8 +369,8 @@ else:
 # combine exactly, $(s_1 \cdot 128 + s_2) \cdot 128 + s_3$, before the one conversion to
 # float. Three byte dot products per 64 weight bytes still cost fewer instructions than turning
 # 128 nibbles into floats, so on a CPU with VNNI this is how minfer's **default** (float32
-# activations) decodes 4-bit weights: the same function as the float kernels, to the same ~1e-6 — measured below
-# against float64, and in the tests against Hugging Face transformers.
+# activations) decodes 4-bit weights: the same function as the float kernels, to the same
+# ~1e-6 — measured below against float64, and in the tests against Hugging Face transformers.
 
 # %%
 if quant_i8.has_vnni():

@@ -384,12 +384,13 @@ def _tiled_gemm(x: np.ndarray, w: QuantMatrix) -> np.ndarray:
     return out
 
 
-# Fewer than SPLIT_GEMM_MIN_ROWS tokens and 4-bit weights, on a CPU with AVX-512 VNNI: x split into three int8 parts per
-# block (quant_i8.py, "Three parts") — as exact as float32 (~1e-6 relative error against float64,
-# like the float kernels above), on the byte dot-product instruction. The Q4 float kernels spend
-# ~7 vector instructions per 32 weights turning nibbles into floats; a 1536 x 512 Q4_1 matvec
-# took 21-22 us on the split against 32-33 (weights from memory). Q8_0's float kernel is bound by
-# memory already (a whole decode step on the split: 0.95x, then 1.005x in two A/Bs): it stays.
+# Fewer than SPLIT_GEMM_MIN_ROWS tokens and 4-bit weights, on a CPU with AVX-512 VNNI: x split
+# into three int8 parts per block (quant_i8.py, "Three parts") — as exact as float32 (~1e-6
+# relative error against float64, like the float kernels above), on the byte dot-product
+# instruction. The Q4 float kernels spend ~7 vector instructions per 32 weights turning nibbles
+# into floats; a 1536 x 512 Q4_1 matvec took 21-22 us on the split against 32-33 (weights from
+# memory). Q8_0's float kernel is bound by memory already (a whole decode step on the split:
+# 0.95x, then 1.005x and 1.03x on the layers in later A/Bs): it stays.
 # SPLIT_X: None = where the CPU has VNNI; False forces the float kernels everywhere.
 SPLIT_X = None
 
@@ -409,7 +410,8 @@ def gemm_min_rows(fmt: str) -> int:
 
 def quant_gate_up_numba(x: np.ndarray, wg: QuantMatrix, wu: QuantMatrix,
                         int8_act: bool = False) -> np.ndarray:
-    """silu(x wg^T) * (x wu^T) for fewer than gemm_min_rows tokens, in one fused kernel. [T, K] -> [T, F].
+    """silu(x wg^T) * (x wu^T) for fewer than gemm_min_rows tokens, in one fused kernel.
+    [T, K] -> [T, F].
     int8_act: x rounded to int8 per block (quant_i8.py, the opt-in variant), any T."""
     if int8_act or (split_x() and wg.fmt != "Q8_0"):
         from .quant_i8 import quant_gate_up_i8

@@ -24,8 +24,8 @@ lanes 4i..4i+3 then hold block i's sum; one multiply by [d dx] spread over the l
 finish the chunk. Rows whose block count is not a multiple of 4 end with a chunk of 2 and/or 1.
 Q8_0 rows are read 2 blocks at a time in their own order; vpdpbusd wants one unsigned operand,
 so the weight bytes get their top bit flipped (q + 128), and each int32 lane starts from -128
-times the sum of the 4 values of x it meets, which takes that off again in integers (with a
-float term per block, like Q4's m, the chunks ran ~20% slower).
+times the sum of the 4 values of x it meets, which takes that off again in integers (a float
+term per block, like Q4's m, made the chunks 5-15% slower where they are bound by arithmetic).
 
 Three parts: float32 x on the same instruction. With limbs=3, x is not rounded to int8 but to
 1/128^2 of a step: per block, X = round(128^2 r) with r = x * 127 / max|x|, and X is written in
@@ -86,8 +86,9 @@ def chunks(nb: int, q4: bool = True) -> list[int]:
 def quantize_x(x: np.ndarray, q4_order: bool, limbs: int = 1):
     """Reference: x [T, K] float32 -> xq int8 [T, limbs K] (in the kernels' order), dx [T, nb]
     scales, xsum [T, nb] (sum of x over each block, float), x4 [T, K/4] (sum of the integers
-    over each 4 consecutive values: what one int32 lane meets in a Q8_0 row). limbs 3: each integer is X = q1 128^2 + q2 128 + q3, the three int8 parts
-    stored one after the other in each chunk (see "Three parts" at the top)."""
+    over each 4 consecutive values: what one int32 lane meets in a Q8_0 row). limbs 3: each
+    integer is X = q1 128^2 + q2 128 + q3, the three int8 parts stored one after the other in
+    each chunk (see "Three parts" at the top)."""
     T, K = x.shape
     xb = x.reshape(T, K // QK, QK)                                     # [T, nb, 32]
     amax = np.abs(xb).max(axis=2)                                       # [T, nb]
@@ -178,9 +179,9 @@ def _finish(builder, acc16, isum, scale, offset):
     return builder.fadd(acc16, part, flags=["fast"])
 
 
-def _scales(context, builder, sig, args, n):
-    """The chunk's per-block float terms: d * dx (the integer sum's scale) and, for Q4, m * c
-    (added per lane: c = sum(x) / 4)."""
+def _scales(context, builder, sig, args, n, mins=True):
+    """The chunk's per-block float terms: d * dx (the integer sum's scale) and, for Q4 (mins),
+    m * c (added per lane: c = sum(x) / 4); args end with (..., d, dx[, m, c], row, tok)."""
     d, dx, row, tok = args[5], args[6], args[-2], args[-1]
     td, tdx = sig.args[5:7]
 
@@ -190,9 +191,10 @@ def _scales(context, builder, sig, args, n):
             return builder.fpext(builder.bitcast(h, _vec(ir.HalfType(), n)), _vec(F32, n))
         return _load(context, builder, t, a, i, F32, n)
     scale = builder.fmul(ld(td, d, row), ld(tdx, dx, tok), flags=["fast"])
-    if len(args) == 10:                              # Q8_0: no float term
+    if not mins:
         return scale, None
-    return scale, builder.fmul(ld(sig.args[7], args[7], row), ld(sig.args[8], args[8], tok), flags=["fast"])
+    return scale, builder.fmul(ld(sig.args[7], args[7], row), ld(sig.args[8], args[8], tok),
+                               flags=["fast"])
 
 
 def _parts(builder, one, limbs, start):
@@ -243,11 +245,12 @@ def _make_q8_chunk(n, limbs=1):
 
             def one(part, s):
                 at = builder.add(args[4], ir.Constant(args[4].type, W * part))
-                return _vpdpbusd(builder, s, q, _load(context, builder, sig.args[3], args[3], at, I8, W))
+                xs = _load(context, builder, sig.args[3], args[3], at, I8, W)
+                return _vpdpbusd(builder, s, q, xs)
             s0 = _load(context, builder, sig.args[7], args[7],
                        builder.mul(args[9], ir.Constant(args[9].type, 8)), I32, 8 * n)
             return _finish(builder, args[0], _parts(builder, one, limbs, s0),
-                           *_scales(context, builder, sig, args, n))
+                           *_scales(context, builder, sig, args, n, mins=False))
         return acc(acc, qs, qoff, xq, xoff, d, dx, start, row, tok), codegen
     return q8_chunk
 
@@ -292,21 +295,22 @@ def _make_digits(limbs):
                    for j in range(4)]                              # X[j::4]
             s4 = builder.add(builder.add(by4[0], by4[1]), builder.add(by4[2], by4[3]))
             ptr4 = context.make_array(sig.args[7])(context, builder, args[7]).data
-            builder.store(s4, builder.bitcast(builder.gep(ptr4, [args[8]]), s4.type.as_pointer()), align=4)
+            at4 = builder.bitcast(builder.gep(ptr4, [args[8]]), s4.type.as_pointer())
+            builder.store(s4, at4, align=4)
             data = context.make_array(sig.args[3])(context, builder, args[3]).data
-            c = (lambda k: ir.Constant(_vec(I32, QK), [k] * QK))
+            ints = (lambda k: ir.Constant(_vec(I32, QK), [k] * QK))   # k in every lane
 
             def store(p, d):                                       # digit p: two halves of 16
                 b8 = builder.trunc(d, _vec(I8, QK))
                 at = builder.add(args[4], builder.mul(args[6], ir.Constant(args[6].type, p)))
                 for half, off in ((0, at), (1, builder.add(at, args[5]))):
-                    h = builder.shuffle_vector(b8, b8, ir.Constant(_vec(I32, 16),
-                                                                   list(range(16 * half, 16 * half + 16))))
+                    pick = ir.Constant(_vec(I32, 16), list(range(16 * half, 16 * half + 16)))
+                    h = builder.shuffle_vector(b8, b8, pick)
                     ptr = builder.bitcast(builder.gep(data, [off]), _vec(I8, 16).as_pointer())
                     builder.store(h, ptr, align=1)
             for p in range(limbs - 1, 0, -1):                      # -64..63, the lowest first
-                up = builder.ashr(builder.add(X, c(64)), c(7))
-                store(p, builder.sub(X, builder.shl(up, c(7))))
+                up = builder.ashr(builder.add(X, ints(64)), ints(7))       # floor((X + 64) / 128)
+                store(p, builder.sub(X, builder.shl(up, ints(7))))
                 X = up
             store(0, X)                                            # the top one: -127..127
             return context.get_dummy_value()
