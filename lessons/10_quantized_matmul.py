@@ -383,6 +383,42 @@ if quant_i8.has_vnni():
     print(f"one int8 part vs float64:    {np.abs(rounded - exact64).max() / scale:.1e}")
 
 # %% [markdown]
+# ### Many tokens at once: the kernels, or dequantize + sgemm?
+#
+# A prompt's tokens all meet the same weights. The matvec kernels take them one after another
+# while a tile of rows sits in cache: their cost grows with the token count T, at the same price
+# per token. The other way — turn a tile of rows into float32 once and hand it to BLAS's sgemm —
+# pays for that dequantization per call, whatever T is, and then very little per token. So each
+# wins on its own side of a crossover. One of the model's matrices, per token, on one thread:
+
+# %%
+W = llm.weights.layers[0].w_up                              # Q4_1, 1536 x 576
+Wf = W.float_scales()
+
+
+def kernels(x):                                             # the kernel the engine would run
+    if quant.split_x():
+        return quant_i8.quant_linear_i8(x, W, limbs=3)      # three int8 parts (VNNI)
+    return quant._q4_matmul(x, Wf.qs, Wf.d, Wf.m)           # float kernel
+
+
+print(f"{'tokens':>6} {'kernels, us/token':>18} {'tiles + sgemm, us/token':>24}")
+for T in (1, 16, 64, 256):
+    xt = rng.standard_normal((T, W.shape[1])).astype(np.float32)
+    tk, _ = clock(kernels, xt, budget=0.1, most=20)
+    tt, _ = clock(quant._tiled_gemm, xt, W, budget=0.1, most=20)
+    print(f"{T:6d} {tk / T * 1e6:18.1f} {tt / T * 1e6:24.1f}")
+print(f"minfer hands {W.fmt} matmuls to the tiles from {quant.gemm_min_rows(W.fmt)} tokens on")
+
+# %% [markdown]
+# For one matrix the tiles catch up somewhere between 16 and 256 tokens. minfer's switch,
+# `quant.gemm_min_rows(fmt)`, was measured on the whole model instead (prefill tokens/s on two
+# threads, docs/benchmarks.md): there the kernels run inside the one compiled layer loop of
+# `fused.py`, while the tiles' path goes through the layers in Python, a call per stage, and
+# hands its tiles to Python threads — so the kernels win for longer, up to ~160 tokens with the
+# three int8 parts (~48 with the float kernels, which are slower per token).
+
+# %% [markdown]
 # ## 5 · What it costs: quality, and memory
 #
 # `minfer.quality.evaluate` runs the model over a held-out English text (Alice in Wonderland,
