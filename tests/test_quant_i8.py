@@ -108,6 +108,23 @@ def test_split_float_x_is_as_exact_as_the_float_kernels(fmt, K, T):
 
 
 @vnni
+@pytest.mark.parametrize("fmt", ["Q4_0", "Q4_1"])
+def test_two_tokens_a_pass_equal_one_at_a_time(fmt):
+    """The three-part kernels take a prompt's tokens in pairs (each 4-block chunk of weights
+    loaded once for both): the same numbers as token by token — 4 and 5 tokens, rows of 7
+    blocks (a chunk of 4, then 2 and 1, token by token), the matmul and the gate/up kernel."""
+    w, u = mat(70, 224, fmt), mat(70, 224, fmt)
+    x = rng.standard_normal((5, 224)).astype(np.float32)
+    for T in (4, 5):
+        one = np.concatenate([quant_i8.quant_linear_i8(x[t:t + 1], w, limbs=3) for t in range(T)])
+        got = quant_i8.quant_linear_i8(x[:T], w, limbs=3)
+        assert np.abs(got - one).max() <= 1e-6 * np.abs(one).max()
+        one = np.concatenate([quant_i8.quant_gate_up_i8(x[t:t + 1], w, u, limbs=3) for t in range(T)])
+        got = quant_i8.quant_gate_up_i8(x[:T], w, u, limbs=3)
+        assert np.abs(got - one).max() <= 1e-6 * np.abs(one).max()
+
+
+@vnni
 def test_default_decode_uses_the_split_and_can_be_turned_off(monkeypatch):
     w = mat(64, 96, "Q4_1")
     x = rng.standard_normal((2, 96)).astype(np.float32)
