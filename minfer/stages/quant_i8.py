@@ -533,24 +533,29 @@ def _prepare_x(x, q8, limbs):
     return xq, dx, float32(0.25) * xsum, x4
 
 
+@njit(fastmath=True, cache=True)
+def _tokens(xi, qs, d, m, t, o0, o1, out, pf, limbs):
+    """Rows o0..o1-1 against token t of x into out[t, o0:o1] — and token t + 1 with it, for
+    4-bit weights and x in three parts (_rows_pair). Returns how many tokens it did."""
+    if limbs == 3 and m.shape[0] > 0 and t + 2 <= out.shape[0]:
+        _rows_pair(xi, qs, d, m, t, o0, o1, out[t, o0:o1], out[t + 1, o0:o1], pf)
+        return 2
+    _rows(xi, qs, d, m, t, o0, o1, out[t, o0:o1], pf, limbs)
+    return 1
+
+
 @njit(parallel=True, fastmath=True, cache=True)
 def _matmul_i8(x, qs, d, m, pf, limbs):
     """x [T, K] -> [T, O]. m: Q4's [O, nb] mins, or an empty array for Q8_0."""
     xi = _prepare_x(x, m.shape[0] == 0, limbs)
     T, O = x.shape[0], qs.shape[0]
     out = np.empty((T, O), dtype=np.float32)
-    pairs = limbs == 3 and m.shape[0] > 0              # 4-bit weights, x in three parts
     n = _tiles(O)
     for tile in prange(n):
         o0, o1 = tile * O // n, (tile + 1) * O // n
         t = 0
         while t < T:
-            if pairs and t + 2 <= T:
-                _rows_pair(xi, qs, d, m, t, o0, o1, out[t, o0:o1], out[t + 1, o0:o1], pf)
-                t += 2
-            else:
-                _rows(xi, qs, d, m, t, o0, o1, out[t, o0:o1], pf, limbs)
-                t += 1
+            t += _tokens(xi, qs, d, m, t, o0, o1, out, pf, limbs)
     return out
 
 
@@ -561,19 +566,13 @@ def _gate_up_i8(x, qg, dg, mg, qu, du, mu, pf, limbs):
     T, F = x.shape[0], qg.shape[0]
     out = np.empty((T, F), dtype=np.float32)
     up = np.empty((T, F), dtype=np.float32)
-    pairs = limbs == 3 and mg.shape[0] > 0             # 4-bit weights, x in three parts
     n = _tiles(F)
     for tile in prange(n):
         o0, o1 = tile * F // n, (tile + 1) * F // n
         t = 0
         while t < T:
-            step = 2 if pairs and t + 2 <= T else 1
-            if step == 2:
-                _rows_pair(xi, qg, dg, mg, t, o0, o1, out[t, o0:o1], out[t + 1, o0:o1], pf)
-                _rows_pair(xi, qu, du, mu, t, o0, o1, up[t, o0:o1], up[t + 1, o0:o1], pf)
-            else:
-                _rows(xi, qg, dg, mg, t, o0, o1, out[t, o0:o1], pf, limbs)
-                _rows(xi, qu, du, mu, t, o0, o1, up[t, o0:o1], pf, limbs)
+            step = _tokens(xi, qg, dg, mg, t, o0, o1, out, pf, limbs)
+            _tokens(xi, qu, du, mu, t, o0, o1, up, pf, limbs)         # the same step: same format
             for tt in range(t, t + step):
                 for o in range(o0, o1):
                     g = out[tt, o]
