@@ -407,9 +407,13 @@ print("one pass:", (o / l).round(6))
 print("two pass:", two_pass.round(6))
 
 # %% [markdown]
-# minfer's kernel does this for every (token row, query head) pair — `prange` runs the pairs in
-# parallel — reading keys and values straight from the paged cache through the block table. No
-# score matrix, no copies of K and V. It takes the keys a cache block at a time: the block's
+# minfer's kernel does this for every token row and query head, reading keys and values straight
+# from the paged cache through the block table. No score matrix, no copies of K and V. Each key
+# row is read once for the 3 query heads that share it. A decode step has one row and two
+# threads with nothing to do between them, so its keys are cut into slices (`SLICES`), each a
+# job of its own with its own $m$, $\ell$ and $o$; at the end the slices merge with the same
+# rescale, $M = \max_s m_s$, $o = \sum_s e^{m_s - M} o_s$, $\ell = \sum_s e^{m_s - M} \ell_s$
+# ("flash-decoding"). It takes the keys a cache block at a time: the block's
 # scores first, then one new max and one rescale for the whole block, then the block's exps in a
 # loop of their own. That loop calls `exp32` (`stages/fastexp.py`), e^x written as plain
 # arithmetic (a power of two times a polynomial), which the compiler turns into vector code;

@@ -107,10 +107,13 @@ def test_exp32_matches_np_exp():
 
 
 @pytest.mark.parametrize("block_size", [3, 16])
-def test_paged_attention_with_peaked_scores(block_size):
+@pytest.mark.parametrize("n_new,n", [(2, 40), (1, 40), (1, 3), (5, 61)])
+def test_paged_attention_with_peaked_scores(block_size, n_new, n):
     """Scores spread over ~+-60: the running max keeps rising from block to block and most
-    exps underflow. The numba kernel's per-block rescale must still agree with the reference."""
-    Hq, Hkv, hd, n = 6, 2, 16, 40
+    exps underflow. The numba kernel's per-block rescale, and the merge of its key slices (a
+    decode row's keys are cut into attention.SLICES slices; with 3 keys most slices are empty),
+    must still agree with the reference."""
+    Hq, Hkv, hd = 6, 2, 16
     r = np.random.default_rng(3)
     cache = KVCache(1, Hkv, hd, block_size=block_size, n_blocks=-(-n // block_size))
     bm = BlockManager(cache)
@@ -118,8 +121,8 @@ def test_paged_attention_with_peaked_scores(block_size):
     k = (r.standard_normal((n, Hkv, hd)) * np.linspace(0.1, 3, n)[:, None, None]).astype(np.float32)
     kvcache.kv_write(cache.k[0], cache.v[0], k, r.standard_normal((n, Hkv, hd)).astype(np.float32),
                      bm.slots(0, 0, n))
-    batch = make_batch([([1, 2], n - 2, bm.tables[0])], block_size)
-    q = (r.standard_normal((2, Hq, hd)) * 5).astype(np.float32)
+    batch = make_batch([(list(range(n_new)), n - n_new, bm.tables[0])], block_size)
+    q = (r.standard_normal((n_new, Hq, hd)) * 5).astype(np.float32)
     want = attention.paged_attention(q, cache.k[0], cache.v[0], batch)
     got = attention.paged_attention_numba(q, cache.k[0], cache.v[0], batch)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)

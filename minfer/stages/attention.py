@@ -44,60 +44,105 @@ def paged_attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, bat
 
 
 # ---------------------------------------------------------------------------------------------
-# Numba CPU path. Each (token row, query head) is one independent job: walk the sequence's keys
-# through its block table and keep a running softmax ("online softmax", Milakov & Gimelshein
-# 2018): when a larger score turns up, rescale what was accumulated so far. One pass over K and V,
-# no score matrix in memory. The walk goes a cache block (bs keys) at a time: the block's scores
-# first, then one rescale for the block, then its exps in one loop — exp32 is plain arithmetic, so
-# that loop becomes vector code (np.exp, one C call per key, was ~40% of the kernel's time).
+# Numba CPU path. Walk a sequence's keys through its block table and keep a running softmax
+# ("online softmax", Milakov & Gimelshein 2018): when a larger score turns up, rescale what was
+# accumulated so far. One pass over K and V, no score matrix in memory. The walk goes a cache
+# block (bs keys) at a time: the block's scores first, then one rescale for the block, then its
+# exps in one loop — exp32 is plain arithmetic, so that loop becomes vector code (np.exp, one C
+# call per key, was ~40% of the kernel's time).
+#
+# The jobs: (token row, slice of its keys), every query head in each. A decode step has one row:
+# its keys are cut into S = SLICES slices, each thread walks its own slices, and the partial
+# results (m, l, o of each slice) are merged at the end ("flash-decoding", Dao et al. 2023) —
+# the softmax rescale once more: o = sum_s e^(m_s - M) o_s, l = sum_s e^(m_s - M) l_s. A job
+# reads each key and value row once for the G query heads that share it, and walks the cache's
+# memory in order, whole blocks [bs, Hkv, hd] at a time: inside a decode step, where the cache
+# comes from memory each layer, that was 1.3-2x faster than a job per (row, query head).
+# A prefill has many rows and S = 1; rows are taken in zigzag order (0, T-1, 1, T-2, ...), so
+# each thread's share of the rows holds short and long causal contexts alike.
 # ---------------------------------------------------------------------------------------------
 from numba import njit, prange, float32  # noqa: E402
 
 from .fastexp import exp32  # noqa: E402
+
+SLICES = 8                                             # jobs for a decode step (T x S jobs)
 
 
 @njit(parallel=True, fastmath=True, cache=True)
 def _attention_rows(q, k_cache, v_cache, row_seq, positions, block_tables):
     T, Hq, hd = q.shape
     bs, Hkv = k_cache.shape[1], k_cache.shape[2]
-    group = Hq // Hkv
+    G = Hq // Hkv                                      # query heads per kv head
+    S = max(1, SLICES // T)                            # key slices per row
     scale = float32(1.0 / np.sqrt(hd))
-    out = np.empty_like(q)
-    for job in prange(T * Hq):
-        t, h = job // Hq, job % Hq
-        b, kvh = row_seq[t], h // group
-        qh = q[t, h] * scale                           # [hd]: scaled once, not every score
-        o = np.zeros(hd, dtype=np.float32)             # running output, sum of p_j v_j
-        p = np.empty(bs, dtype=np.float32)             # one block's scores, then their exps
-        m = float32(-np.inf)                           # running max of the scores
-        l = float32(0.0)                               # running sum of exp(score - m)
+    m_part = np.empty((T, S, Hq), dtype=np.float32)    # each slice's running max,
+    l_part = np.empty((T, S, Hq), dtype=np.float32)    # sum of exps,
+    o_part = np.empty((T, S, Hq, hd), dtype=np.float32)   # and unnormalised output
+    for job in prange(T * S):
+        j, s = job // S, job % S
+        t = j // 2 if j % 2 == 0 else T - 1 - j // 2   # zigzag over the rows
+        b = row_seq[t]
         n = positions[t] + 1                           # causal: keys 0..position
-        for j0 in range(0, n, bs):
-            blk = block_tables[b, j0 // bs]
-            nk = min(bs, n - j0)                       # keys of this block that are visible
-            m_new = m
-            for r in range(nk):
-                kr = k_cache[blk, r, kvh]              # [hd]: one key, a contiguous row
-                s = float32(0.0)
-                for i in range(hd):
-                    s += qh[i] * kr[i]
-                p[r] = s
-                m_new = max(m_new, s)
-            c = exp32(m - m_new)                       # rescale the past (1 if the max held)
-            l *= c
+        n_blk = (n + bs - 1) // bs
+        qs = np.empty((Hq, hd), dtype=np.float32)      # q, scaled once, not every score
+        for h in range(Hq):
             for i in range(hd):
-                o[i] *= c
+                qs[h, i] = q[t, h, i] * scale
+        o = np.zeros((Hq, hd), dtype=np.float32)
+        m = np.full(Hq, -np.inf, dtype=np.float32)
+        l = np.zeros(Hq, dtype=np.float32)
+        p = np.empty((Hq, bs), dtype=np.float32)       # one block's scores, then their exps
+        for jb in range(s * n_blk // S, (s + 1) * n_blk // S):   # this slice's blocks
+            blk = block_tables[b, jb]
+            nk = min(bs, n - jb * bs)                  # keys of this block that are visible
             for r in range(nk):
-                p[r] = exp32(p[r] - m_new)
-            for r in range(nk):
-                l += p[r]
-            for r in range(nk):
-                vr = v_cache[blk, r, kvh]              # [hd]
+                for kvh in range(Hkv):
+                    kr = k_cache[blk, r, kvh]          # [hd]: one key, for its G query heads
+                    for h in range(kvh * G, kvh * G + G):
+                        acc = float32(0.0)
+                        for i in range(hd):
+                            acc += qs[h, i] * kr[i]
+                        p[h, r] = acc
+            for h in range(Hq):
+                m_new = m[h]
+                for r in range(nk):
+                    m_new = max(m_new, p[h, r])
+                c = exp32(m[h] - m_new)                # rescale the past (1 if the max held)
+                l[h] *= c
                 for i in range(hd):
-                    o[i] += p[r] * vr[i]
-            m = m_new
-        for i in range(hd):
-            out[t, h, i] = o[i] / l
+                    o[h, i] *= c
+                for r in range(nk):
+                    p[h, r] = exp32(p[h, r] - m_new)
+                    l[h] += p[h, r]
+                m[h] = m_new
+            for r in range(nk):
+                for kvh in range(Hkv):
+                    vr = v_cache[blk, r, kvh]          # [hd]
+                    for h in range(kvh * G, kvh * G + G):
+                        pr = p[h, r]
+                        for i in range(hd):
+                            o[h, i] += pr * vr[i]
+        for h in range(Hq):
+            m_part[t, s, h], l_part[t, s, h] = m[h], l[h]
+            for i in range(hd):
+                o_part[t, s, h, i] = o[h, i]
+    # merge the slices: the same rescale, now between slices (an empty slice has l = 0)
+    out = np.empty_like(q)                 # (np.zeros_like would be a parallel loop of its own)
+    for t in range(T):
+        for h in range(Hq):
+            out[t, h] = float32(0.0)
+            M = m_part[t, 0, h]
+            for s in range(1, S):
+                M = max(M, m_part[t, s, h])
+            L = float32(0.0)
+            for s in range(S):
+                if l_part[t, s, h] > 0:
+                    c = exp32(m_part[t, s, h] - M)
+                    L += c * l_part[t, s, h]
+                    for i in range(hd):
+                        out[t, h, i] += c * o_part[t, s, h, i]
+            for i in range(hd):
+                out[t, h, i] /= L
     return out
 
 
