@@ -187,6 +187,7 @@ def cmd_chat(a) -> int:
             return 0
         if text == "/reset":
             history.clear()
+            llm.engine.drop_kept()
             print("(conversation cleared)", file=sys.stderr)
             continue
         if text.startswith("/"):
@@ -203,7 +204,7 @@ def cmd_chat(a) -> int:
             print("(oldest turn dropped to fit the context)", file=sys.stderr)
         answer = []
         try:
-            for piece in llm.stream(prompt, params):
+            for piece in llm.stream(prompt, params, reuse_prefix=True):   # prefill the new turn only
                 answer.append(piece)
                 sys.stdout.write(piece)
                 sys.stdout.flush()

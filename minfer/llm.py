@@ -103,13 +103,17 @@ class LLM:
         prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         return self.generate([prompt], params)[0]
 
-    def stream(self, prompt, params: SamplingParams | None = None) -> Iterator[str]:
-        """Yield the completion's text piece by piece (never half a UTF-8 character)."""
+    def stream(self, prompt, params: SamplingParams | None = None,
+               reuse_prefix: bool = False) -> Iterator[str]:
+        """Yield the completion's text piece by piece (never half a UTF-8 character).
+        reuse_prefix: keep this prompt's and answer's K/V when done, and start from the kept ones
+        of the call before (as many tokens as this prompt begins with): a chat's next turn
+        prefills only its new message."""
         params = params or SamplingParams()
         dec = StreamDecoder(self.tokenizer)
         hold = max((len(s) for s in params.stop), default=1) - 1  # a stop string may be forming
         sent = 0
-        run = self.engine.run([self._ids(prompt)], [params], self._stop_check(params))
+        run = self.engine.run([self._ids(prompt)], [params], self._stop_check(params), reuse_prefix)
         try:
             for _, tok in run:
                 dec.push(tok)
@@ -129,9 +133,10 @@ class LLM:
         cut = [text.find(s) for s in params.stop if s in text]
         return text[:min(cut)] if cut else text
 
-    def stream_chat(self, messages: list[dict], params: SamplingParams | None = None) -> Iterator[str]:
+    def stream_chat(self, messages: list[dict], params: SamplingParams | None = None,
+                    reuse_prefix: bool = False) -> Iterator[str]:
         prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        return self.stream(prompt, params)
+        return self.stream(prompt, params, reuse_prefix)
 
     # --- raw model -----------------------------------------------------------------------------
     def logits(self, token_ids) -> np.ndarray:

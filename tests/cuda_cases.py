@@ -291,7 +291,9 @@ def tiny_model(layer_fmt, embd_fmt, head_fmt=None, seed=0):
 
 def test_model_logits_match_reference():
     """Q4_1 layers, a Q8_0 embedding, an untied F32 head: a prefill of 2 sequences (logits of
-    every row) then a decode step, through the Engine's block manager, as model.py computes them."""
+    every row), a decode step, then 3 more tokens each from there (a chat's next turn, whose
+    prompt starts where the cache ends), through the Engine's block manager, as model.py
+    computes them."""
     c, W = tiny_model("Q4_1", "Q8_0", "F32")
     ref, gpu = Transformer(c, W, numpy_ops()), CudaModel(c, W)
     caches = [m.new_cache(n_blocks=8, block_size=4) for m in (ref, gpu)]
@@ -299,9 +301,11 @@ def test_model_logits_match_reference():
     prompts = [[5, 9, 33, 7, 12], [1, 2, 3]]
     for bm in managers:
         for s, p in enumerate(prompts):
-            bm.ensure(s, len(p) + 1)
+            bm.ensure(s, len(p) + 4)
     steps = [make_batch([(p, 0, managers[0].tables[s]) for s, p in enumerate(prompts)], 4, all_logits=True),
-             make_batch([([11], len(p), managers[0].tables[s]) for s, p in enumerate(prompts)], 4)]
+             make_batch([([11], len(p), managers[0].tables[s]) for s, p in enumerate(prompts)], 4),
+             make_batch([([13, 4, 8], len(p) + 1, managers[0].tables[s]) for s, p in enumerate(prompts)],
+                        4, all_logits=True)]
     for batch in steps:
         np.testing.assert_allclose(gpu.forward(batch, caches[1]), ref.forward(batch, caches[0]),
                                    rtol=0, atol=2e-4)

@@ -125,3 +125,39 @@ def test_chat_uses_template_and_stops_at_end_of_turn(tiny_llm):
     out = tiny_llm.chat(msgs, minfer.SamplingParams(temperature=0, max_tokens=8))
     assert out.prompt_token_ids == tiny_llm.tokenizer.encode(prompt)
     assert 2 not in out.token_ids                              # <|im_end|> ends the turn, not text
+
+
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+def test_reused_prefix_equals_fresh_prefill(tiny_gguf, backend):
+    """A chat's next turn (reuse_prefix) prefills only what the kept tokens do not cover, at the
+    right positions: its logits and tokens equal a fresh run's; other runs free the kept blocks."""
+    llm = minfer.LLM(tiny_gguf, backend=backend)
+    eng, bm = llm.engine, llm.engine.blocks
+    turn1 = [5, 80, 81, 40, 100, 7, 9, 33, 12, 60, 61, 62, 63, 70, 71, 72, 73, 74]
+    out1 = [t for _, t in eng.run([turn1], [GREEDY], reuse_prefix=True)]
+    assert eng.kept is not None and eng.kept[1] == (turn1 + out1)[:-1]  # the last token never went in
+    turn2 = turn1 + out1 + [90, 91, 92]
+    seen = []
+    orig = eng.model.forward
+
+    def spy(batch, cache):
+        out = orig(batch, cache)
+        seen.append((batch.positions.copy(), np.asarray(out, dtype=np.float32).copy()))
+        return out
+    eng.model.forward = spy
+    try:
+        out2 = [t for _, t in eng.run([turn2], [GREEDY], reuse_prefix=True)]
+    finally:
+        eng.model.forward = orig
+    n = len(turn1) + len(out1) - 1
+    assert eng.stats.reused_tokens == n and eng.stats.prompt_tokens == len(turn2) - n
+    assert list(seen[0][0]) == list(range(n, len(turn2)))      # only the new tokens, at their places
+    np.testing.assert_allclose(seen[0][1][0], llm.logits(turn2)[-1], rtol=1e-4, atol=1e-4)
+    assert out2 == llm.generate([turn2], GREEDY)[0].token_ids  # a plain run, which frees the kept
+    assert eng.kept is None and bm.tables == {}
+    # nothing in common: the kept blocks go back, the whole prompt is prefilled
+    list(eng.run([[3, 4, 5]], [GREEDY], reuse_prefix=True))
+    list(eng.run([[6, 7, 8, 9]], [GREEDY], reuse_prefix=True))
+    assert eng.stats.reused_tokens == 0 and list(bm.tables) == [eng.kept[0]]
+    eng.drop_kept()
+    assert bm.tables == {}

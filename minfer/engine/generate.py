@@ -6,6 +6,12 @@
 
 Each sequence owns blocks of the KV-cache pool (kvcache.BlockManager) from its first token until
 it finishes. Single-request generation is a batch of one.
+
+A chat sends the whole conversation each turn, and all but the newest message was in the previous
+turn's prompt or answer. run(..., reuse_prefix=True) keeps that one sequence's blocks when it ends
+(`Engine.kept`), and the next such run starts from them: the tokens its prompt shares with the kept
+ones are already in the cache, so only the rest is prefilled (prefix caching, as vLLM and
+llama.cpp's server do it; here for one conversation).
 """
 from __future__ import annotations
 
@@ -30,6 +36,8 @@ class Sequence:
     rng: np.random.Generator
     output_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None   # "stop" (EOS or stop string), "length"
+    n_reused: int = 0                  # prompt tokens whose K/V were kept from the run before
+    n_cached: int = 0                  # positions 0..n_cached-1 have their K/V in the cache
 
     @property
     def n_tokens(self) -> int:
@@ -38,7 +46,8 @@ class Sequence:
 
 @dataclass
 class Stats:
-    prompt_tokens: int = 0
+    prompt_tokens: int = 0             # prefilled (a reused prefix not counted)
+    reused_tokens: int = 0
     generated_tokens: int = 0
     prefill_s: float = 0.0
     decode_s: float = 0.0
@@ -64,6 +73,7 @@ class Engine:
         self.blocks = BlockManager(self.cache)
         self._next_id = 0
         self.stats = Stats()
+        self.kept: tuple[int, list[int]] | None = None   # (seq id, the tokens its blocks hold)
 
     # ------------------------------------------------------------------------------------------
     def check_prompt(self, ids: list[int]) -> None:
@@ -85,20 +95,32 @@ class Engine:
 
     # ------------------------------------------------------------------------------------------
     def run(self, prompts: list[list[int]], params: list[SamplingParams],
-            stop_check: Callable[[Sequence], bool] | None = None) -> Iterator[tuple[int, int]]:
+            stop_check: Callable[[Sequence], bool] | None = None,
+            reuse_prefix: bool = False) -> Iterator[tuple[int, int]]:
         """Generate for all prompts together; yield (prompt index, new token id) as tokens come.
         `stop_check(seq)` may end a sequence early (stop strings). Blocks are freed at the end,
-        also when the caller stops iterating (Ctrl-C)."""
+        also when the caller stops iterating (Ctrl-C) — unless reuse_prefix (one prompt): then
+        the sequence's blocks are kept for the next such run (see the top)."""
         seqs = [self._new_seq(p, sp) for p, sp in zip(prompts, params)]
-        self.stats = Stats(prompt_tokens=sum(len(p) for p in prompts))
+        keep = reuse_prefix and len(seqs) == 1
+        if keep:
+            self._take_kept(seqs[0])
+        else:
+            self.drop_kept()
+        self.stats = Stats(prompt_tokens=sum(len(s.prompt_ids) - s.n_reused for s in seqs),
+                           reused_tokens=sum(s.n_reused for s in seqs))
         bs = self.cache.block_size
         try:
-            # --- prefill: every prompt in one forward ---------------------------------------------
+            # --- prefill: every prompt in one forward (from its first token not in the cache) -----
             t0 = time.perf_counter()
             for s in seqs:
                 self.blocks.ensure(s.seq_id, len(s.prompt_ids))
-            batch = make_batch([(s.prompt_ids, 0, self.blocks.tables[s.seq_id]) for s in seqs], bs)
-            yield from self._sample_all(seqs, seqs, self._next_tokens(seqs, batch), stop_check)
+            batch = make_batch([(s.prompt_ids[s.n_reused:], s.n_reused, self.blocks.tables[s.seq_id])
+                                for s in seqs], bs)
+            toks = self._next_tokens(seqs, batch)
+            for s in seqs:
+                s.n_cached = len(s.prompt_ids)
+            yield from self._sample_all(seqs, seqs, toks, stop_check)
             self.stats.prefill_s = time.perf_counter() - t0
             # --- decode: one token per live sequence per step ---------------------------------
             t0 = time.perf_counter()
@@ -107,12 +129,41 @@ class Engine:
                     self.blocks.ensure(s.seq_id, s.n_tokens)
                 batch = make_batch([([s.output_ids[-1]], s.n_tokens - 1, self.blocks.tables[s.seq_id])
                                     for s in live], bs)
-                yield from self._sample_all(seqs, live, self._next_tokens(live, batch), stop_check)
+                toks = self._next_tokens(live, batch)
+                for s in live:
+                    s.n_cached = s.n_tokens
+                yield from self._sample_all(seqs, live, toks, stop_check)
             self.stats.decode_s = time.perf_counter() - t0
         finally:
             for s in seqs:
-                self.blocks.release(s.seq_id)
+                if keep:
+                    self.kept = (s.seq_id, (s.prompt_ids + s.output_ids)[:s.n_cached])
+                else:
+                    self.blocks.release(s.seq_id)
             self.last_seqs = seqs
+
+    def _take_kept(self, seq: Sequence) -> None:
+        """Hand the kept sequence's blocks to `seq`, for the tokens its prompt begins with (at
+        least its last token is left to prefill: its logits give the first new token)."""
+        if self.kept is None:
+            return
+        old_id, old_ids = self.kept
+        self.kept = None
+        limit = min(len(old_ids), len(seq.prompt_ids) - 1)
+        n = 0
+        while n < limit and old_ids[n] == seq.prompt_ids[n]:
+            n += 1
+        if n == 0:
+            self.blocks.release(old_id)
+            return
+        self.blocks.tables[seq.seq_id] = self.blocks.tables.pop(old_id)  # positions >= n: rewritten
+        seq.n_reused = n
+
+    def drop_kept(self) -> None:
+        """Free the kept sequence's blocks (if any)."""
+        if self.kept is not None:
+            self.blocks.release(self.kept[0])
+            self.kept = None
 
     def _next_tokens(self, live, batch) -> list[int]:
         """One forward; the next token of each live sequence. A model that samples on its device
