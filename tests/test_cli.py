@@ -37,7 +37,7 @@ def test_generate_prints_completion_on_stdout_and_stats_on_stderr(tiny_gguf):
 
 def test_chat_session(tiny_gguf):
     r = run("chat", "--model", tiny_gguf, "--max-tokens", "4", "--seed", "1",
-            input="hello\n/reset\nagain\n/exit\n")
+            input="hello\nand more\n/reset\nagain\n/exit\n")   # the 2nd turn reuses the 1st one's cache
     assert r.returncode == 0, r.stderr
     assert "conversation cleared" in r.stderr
 
