@@ -87,21 +87,25 @@ class LLM:
         return Completion(text, list(seq.output_ids), list(seq.prompt_ids), seq.finish_reason)
 
     # --- generation ----------------------------------------------------------------------------
-    def generate(self, prompts, params: SamplingParams | None = None) -> list[Completion]:
+    def generate(self, prompts, params: SamplingParams | None = None,
+                 reuse_prefix: bool = False) -> list[Completion]:
         """One completion per prompt. A prompt is a string (used as is, no chat template) or a list
-        of token ids. Several prompts run together as one batch."""
+        of token ids. Several prompts run together as one batch. reuse_prefix (one prompt): see
+        stream()."""
         params = params or SamplingParams()
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], (int, np.integer))):
             prompts = [prompts]
         ids = [self._ids(p) for p in prompts]
-        for _ in self.engine.run(ids, [params] * len(ids), self._stop_check(params)):
+        for _ in self.engine.run(ids, [params] * len(ids), self._stop_check(params), reuse_prefix):
             pass
         return [self._finish(s) for s in self.engine.last_seqs]
 
-    def chat(self, messages: list[dict], params: SamplingParams | None = None) -> Completion:
-        """OpenAI-style messages [{"role": "user", "content": "..."}] -> the assistant's answer."""
+    def chat(self, messages: list[dict], params: SamplingParams | None = None,
+             reuse_prefix: bool = False) -> Completion:
+        """OpenAI-style messages [{"role": "user", "content": "..."}] -> the assistant's answer.
+        reuse_prefix: a conversation's next turn prefills only its new message (see stream())."""
         prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        return self.generate([prompt], params)[0]
+        return self.generate([prompt], params, reuse_prefix)[0]
 
     def stream(self, prompt, params: SamplingParams | None = None,
                reuse_prefix: bool = False) -> Iterator[str]:

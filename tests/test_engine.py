@@ -161,3 +161,10 @@ def test_reused_prefix_equals_fresh_prefill(tiny_gguf, backend):
     assert eng.stats.reused_tokens == 0 and list(bm.tables) == [eng.kept[0]]
     eng.drop_kept()
     assert bm.tables == {}
+    # through the API: a conversation's second turn, as llm.chat gives it
+    p = minfer.SamplingParams(temperature=0, max_tokens=6)
+    msgs = [{"role": "user", "content": "hi"}]
+    msgs += [{"role": "assistant", "content": llm.chat(msgs, p, reuse_prefix=True).text},
+             {"role": "user", "content": "and then?"}]
+    again = llm.chat(msgs, p, reuse_prefix=True)
+    assert eng.stats.reused_tokens > 0 and again.token_ids == llm.chat(msgs, p).token_ids
