@@ -149,6 +149,27 @@ cached = np.concatenate(steps)                               # logits of positio
 print("positions compared:", len(cached), "| max |difference|:", np.abs(cached - full[n0 - 1:]).max())
 
 # %% [markdown]
+# ## A chat's next turn
+#
+# The same fact pays off across requests. A chat sends the whole conversation every turn, and
+# all of it but the newest message was the previous turn's prompt and answer, whose keys and
+# values are already in the cache. With `reuse_prefix=True` the engine keeps that sequence's
+# blocks (and the token ids they hold) when the answer ends; the next turn takes them over for the
+# tokens its prompt shares with them and prefills only the rest, starting at that position —
+# `make_batch([(new_ids, n_shared, table)])`, like a decode step with more than one token.
+
+# %%
+greedy = minfer.SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+turn1 = ids[:8]
+answer = [tok for _, tok in llm.engine.run([turn1], [greedy], reuse_prefix=True)]
+turn2 = turn1 + answer + ids[8:]                             # the conversation so far, and more
+again = [tok for _, tok in llm.engine.run([turn2], [greedy], reuse_prefix=True)]
+st = llm.engine.stats
+print(f"turn 2: {len(turn2)} prompt tokens, {st.reused_tokens} already in the cache, "
+      f"{st.prompt_tokens} prefilled")
+print("same tokens as a fresh prefill:", again == llm.generate([turn2], greedy)[0].token_ids)
+
+# %% [markdown]
 # ## Your turn
 #
 # ```bash
