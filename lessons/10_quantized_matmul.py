@@ -415,7 +415,7 @@ print(f"minfer hands {W.fmt} matmuls to the tiles from {quant.gemm_min_rows(W.fm
 # `quant.gemm_min_rows(fmt)`, was measured on the whole model instead (prefill tokens/s on two
 # threads, docs/benchmarks.md): there the kernels run inside the one compiled layer loop of
 # `fused.py`, while the tiles' path goes through the layers in Python, a call per stage, and
-# hands its tiles to Python threads — so the kernels win for longer, up to ~160 tokens with the
+# hands its tiles to Python threads — so the kernels win for longer, up to ~224 tokens with the
 # three int8 parts (~48 with the float kernels, which are slower per token).
 
 # %% [markdown]

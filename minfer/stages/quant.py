@@ -323,9 +323,12 @@ def _q4_gate_up(x, qg, dg, mg, qu, du, mu):
 # cost the same per token at any T (the tokens share each row while it is in cache). Prefill of
 # the default model, 2 threads (Zen 4): the tiles 113 tok/s at T = 16, 316 at 64, 421 at 128, 503
 # at 256; the float kernels ~230 (Q4) and ~290 (Q8_0) tok/s at any T, the int8-part kernels
-# (quant_i8.py) ~490. So the tiles take over from GEMM_MIN_ROWS tokens on, later for the latter.
+# (quant_i8.py) ~490. So the tiles take over from GEMM_MIN_ROWS tokens on, later for the latter:
+# since those take a prompt's tokens in pairs, they win up to ~224 tokens (one-process A/B of
+# whole prefills, sixth session: kernels 540 / 530 / 496 tok/s at 160 / 192 / 224 tokens against
+# the tiles' 464 / 485 / 458; even at 224-240, behind from 256 on, 407 against 463).
 GEMM_MIN_ROWS = 48
-SPLIT_GEMM_MIN_ROWS = 160
+SPLIT_GEMM_MIN_ROWS = 224
 TILE_ROWS = 256
 _pool = None
 
