@@ -84,3 +84,16 @@ def test_bad_flags(tiny_gguf, flags, word):
 def test_debug_shows_traceback():
     r = run("--debug", "generate", "--model", "/nonexistent/x.gguf", "hi")
     assert r.returncode != 0 and "Traceback" in r.stderr
+
+
+def test_chat_turns_tool(tiny_gguf):
+    """tools/chat_turns.py (the figures in docs/architecture.md): from the second turn on, the
+    reusing chat prefills fewer tokens than the fresh one, and says how many it reused."""
+    tool = os.path.join(os.path.dirname(__file__), "..", "tools", "chat_turns.py")
+    r = subprocess.run([sys.executable, tool, "--model", str(tiny_gguf), "--rounds", "1",
+                        "--max-tokens", "3"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    rows = {ln.split()[0]: ln.split("tokens:")[1].split() for ln in r.stdout.splitlines()}
+    fresh, reuse = ([tuple(map(int, t.split("/"))) for t in rows[k]] for k in ("fresh", "reuse"))
+    assert all(u == 0 for _, u in fresh) and fresh[0] == reuse[0]
+    assert all(p < pf and u > 0 for (p, u), (pf, _) in zip(reuse[1:], fresh[1:]))
