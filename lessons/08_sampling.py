@@ -123,6 +123,23 @@ print("same seed, same draws:",
       [sample(logits, params, np.random.default_rng(42)) for _ in range(3)])
 
 # %% [markdown]
+# The draw itself is inverse transform sampling: take $u$ uniform in $[0, 1)$ and return the
+# first token where the running sum of the probabilities passes $u$. `rng.choice(V, p=probs)`
+# does exactly that, and so does `draw(probs, rng.random())` — the same token from the same
+# generator — but `rng.choice` first checks the whole vector and sums all 49 152 entries one by
+# one: ~350 us a token, 7 % of a decode step. `draw` sums blocks of 256 first and only then the
+# 256 entries of the block that holds $u$ (~20 us); likewise `largest` finds top-k's and top-p's
+# candidates without partitioning the whole vocabulary. Whatever sampling costs is paid once per
+# token, on top of the forward pass, so in a chat (temperature 0.7) it showed: 1.15x decode.
+
+# %%
+from minfer.sampling import draw
+
+probs = expected
+u = np.random.default_rng(7).random()
+print("draw:", draw(probs, u), " rng.choice:", np.random.default_rng(7).choice(len(probs), p=probs))
+
+# %% [markdown]
 # ## Your turn
 #
 # ```bash

@@ -61,7 +61,7 @@ def filter_logits(logits: np.ndarray, p: SamplingParams) -> np.ndarray:
     """logits [V] (already divided by the temperature) -> logits with dropped tokens at -inf."""
     logits = logits.astype(np.float64)
     if 0 < p.top_k < len(logits):
-        kth = np.partition(logits, -p.top_k)[-p.top_k]
+        kth = logits[largest(logits, p.top_k)].min()                 # the k-th largest logit
         logits[logits < kth] = -np.inf
     if p.top_p < 1.0:
         probs = _softmax(logits)
@@ -73,7 +73,7 @@ def filter_logits(logits: np.ndarray, p: SamplingParams) -> np.ndarray:
             if 4 * k > V:                                           # a flat distribution: sort all
                 cand = np.arange(V)
                 break
-            cand = np.argpartition(-probs, k)[:k]
+            cand = largest(probs, k)
             if probs[cand].sum() >= p.top_p:
                 break
             k *= 4
@@ -89,6 +89,32 @@ def filter_logits(logits: np.ndarray, p: SamplingParams) -> np.ndarray:
     return logits
 
 
+def largest(v: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k largest values of v, in no order (which of several equal to the k-th:
+    any) — np.argpartition(-v, k)[:k], which takes ~380 us on 49,152 logits. The k-th largest of
+    every 16th value is a lower bound for v's own (those k values are in v too), so only the
+    values above it, ~16 k of them, need partitioning."""
+    if 16 * k >= len(v):
+        return np.argpartition(-v, k - 1)[:k]
+    bound = np.partition(v[::16], -k)[-k]
+    cand = np.flatnonzero(v >= bound)                                # holds v's k largest
+    return cand[np.argpartition(-v[cand], k - 1)[:k]]
+
+
+def draw(probs: np.ndarray, u: float, block: int = 256) -> int:
+    """The token where the running sum of probs first exceeds u * sum(probs), u in [0, 1): the
+    draw rng.choice(len(probs), p=probs) makes from u = rng.random() (inverse transform
+    sampling), without its checks and its running sum over the whole vocabulary (~350 us for
+    49,152 tokens). In two steps, ~20 us: which block of `block` tokens (a running sum over the
+    blocks' sums), then which token in that block."""
+    starts = np.arange(0, len(probs), block)
+    cum = np.cumsum(np.add.reduceat(probs, starts))                  # mass up to each block's end
+    target = u * cum[-1]
+    b = min(int(np.searchsorted(cum, target, side="right")), len(cum) - 1)
+    inside = (cum[b - 1] if b else 0.0) + np.cumsum(probs[starts[b]:starts[b] + block])
+    return int(starts[b] + min(int(np.searchsorted(inside, target, side="right")), len(inside) - 1))
+
+
 def _softmax(x: np.ndarray) -> np.ndarray:
     e = np.exp(x - np.max(x))
     return e / e.sum()
@@ -102,4 +128,4 @@ def sample(logits: np.ndarray, p: SamplingParams, rng: np.random.Generator,
     if p.greedy:
         return int(np.argmax(logits))
     probs = _softmax(filter_logits(logits / p.temperature, p))
-    return int(rng.choice(len(probs), p=probs))
+    return draw(probs, rng.random())

@@ -57,3 +57,31 @@ def test_top_p_matches_the_full_sort_definition(scale, top_p):
     want = set(order[np.cumsum(probs) - probs < top_p])
     got = set(np.flatnonzero(np.isfinite(filter_logits(logits.copy(), SamplingParams(top_p=top_p)))))
     assert got == want
+
+
+@pytest.mark.parametrize("V", [5, 256, 1000, 49152])
+def test_draw_is_rng_choice(V):
+    """sample() draws with draw(probs, rng.random()): the very token rng.choice(V, p=probs) picks
+    from the same generator (the CUDA sampler and old seeds rely on it), zeros and all."""
+    from minfer.sampling import draw
+    r = np.random.default_rng(V)
+    for case in range(40):
+        probs = np.exp(r.standard_normal(V) * (1 + case % 5))
+        probs[r.random(V) < 0.3] = 0.0                         # filtered-out tokens
+        probs[0] = max(probs[0], 1e-3)
+        probs /= probs.sum()
+        for seed in range(10):
+            assert draw(probs, np.random.default_rng(seed).random()) == \
+                np.random.default_rng(seed).choice(V, p=probs)
+
+
+def test_largest_finds_the_k_largest_values():
+    from minfer.sampling import largest
+    r = np.random.default_rng(1)
+    for _ in range(300):
+        V, k = int(r.integers(2, 4000)), int(r.integers(1, 80))
+        v = np.round(r.standard_normal(V) * 3, int(r.integers(0, 3)))   # many ties when rounded
+        k = min(k, V - 1)
+        got = largest(v, k)
+        assert len(set(got.tolist())) == k
+        np.testing.assert_array_equal(np.sort(v[got]), np.sort(v)[-k:])
