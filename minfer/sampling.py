@@ -110,9 +110,15 @@ def draw(probs: np.ndarray, u: float, block: int = 256) -> int:
     starts = np.arange(0, len(probs), block)
     cum = np.cumsum(np.add.reduceat(probs, starts))                  # mass up to each block's end
     target = u * cum[-1]
-    b = min(int(np.searchsorted(cum, target, side="right")), len(cum) - 1)
-    inside = (cum[b - 1] if b else 0.0) + np.cumsum(probs[starts[b]:starts[b] + block])
-    return int(starts[b] + min(int(np.searchsorted(inside, target, side="right")), len(inside) - 1))
+    b = int(np.searchsorted(cum, target, side="right"))              # the block it falls in
+    if b < len(cum):
+        inside = (cum[b - 1] if b else 0.0) + np.cumsum(probs[starts[b]:starts[b] + block])
+        i = int(np.searchsorted(inside, target, side="right"))
+        if i < len(inside):
+            return int(starts[b] + i)
+    # rounding carried the target past the end (of its block, or of all): the last token there
+    # that has a probability — never a filtered-out one
+    return int(np.flatnonzero(probs[:starts[b] + block] if b < len(cum) else probs)[-1])
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:

@@ -75,6 +75,13 @@ def test_draw_is_rng_choice(V):
                 np.random.default_rng(seed).choice(V, p=probs)
 
 
+def test_draw_never_picks_a_filtered_token_at_the_edges():
+    from minfer.sampling import draw
+    probs = np.zeros(600)
+    probs[[3, 300]] = 0.5                                       # the last block holds nothing
+    assert [draw(probs, u) for u in (0.0, 0.49999, 0.5, 1 - 2 ** -53)] == [3, 3, 300, 300]
+
+
 def test_largest_finds_the_k_largest_values():
     from minfer.sampling import largest
     r = np.random.default_rng(1)
