@@ -80,6 +80,7 @@ def test_draw_never_picks_a_filtered_token_at_the_edges():
     probs = np.zeros(600)
     probs[[3, 300]] = 0.5                                       # the last block holds nothing
     assert [draw(probs, u) for u in (0.0, 0.49999, 0.5, 1 - 2 ** -53)] == [3, 3, 300, 300]
+    assert draw(probs, 1.0) == 300          # u * total == total: what rounding can do near 1
 
 
 def test_largest_finds_the_k_largest_values():
