@@ -210,8 +210,10 @@ def test_float16_scales_give_the_same_numbers(fmt):
 
 
 @vnni
-def test_int8_model_holds_float16_scales(tiny_gguf):
+def test_int8_model_holds_float16_scales(tiny_gguf, monkeypatch):
+    monkeypatch.setattr(quant, "SPLIT_X", False)                # float kernels: float32 scales
     exact = minfer.LLM(tiny_gguf, quant="q4_1")
+    monkeypatch.undo()
     llm = minfer.LLM(tiny_gguf, quant="q4_1", activations="int8")
     W = llm.weights
     assert W.layers[0].w_up.d.dtype == np.float16 and W.stacks["w_up"][2].dtype == np.float16
@@ -224,12 +226,13 @@ def test_int8_model_holds_float16_scales(tiny_gguf):
 @vnni
 def test_default_model_keeps_float16_scales_for_its_4bit_layers(tiny_gguf, monkeypatch):
     """On a VNNI CPU the default (float32 activations) runs the 4-bit layers on the int8-part
-    kernels, which read float16 scales; the Q8_0 LM head keeps float32 for its float kernel.
+    kernels, which read float16 scales, and the embedding / LM head too (whatever its format).
     Prefill tiles widen the scales and give the same logits as with float32 scales."""
     monkeypatch.setattr(quant, "SPLIT_X", True)
     llm = minfer.LLM(tiny_gguf, quant="q4_1")
     assert llm.weights.stacks["w_up"][2].dtype == np.float16
     assert llm.weights.layers[0].wq.d.dtype == np.float16
+    assert llm.weights.lm_head.d.dtype == np.float16
     monkeypatch.setattr(quant, "SPLIT_X", False)
     floats = minfer.LLM(tiny_gguf, quant="q4_1")
     assert floats.weights.stacks["w_up"][2].dtype == np.float32
@@ -243,3 +246,20 @@ def test_default_model_keeps_float16_scales_for_its_4bit_layers(tiny_gguf, monke
     assert np.array_equal(quant.quant_linear_numba(x, w.half_scales()), quant.quant_linear_numba(x, w))
     x9 = rng.standard_normal((9, 96)).astype(np.float32)
     assert np.array_equal(quant.quant_linear_numba(x9, w.half_scales()), quant.quant_linear_numba(x9, w))
+
+
+@vnni
+def test_q8_0_with_float16_scales_runs_on_the_split_kernel(monkeypatch):
+    """The LM head's rule (quant.quant_linear_numba): a Q8_0 matrix with float16 scales goes to
+    the three-part kernel, one with float32 scales (the Q8_0 layers) stays on the float kernel;
+    both give the reference's numbers."""
+    monkeypatch.setattr(quant, "SPLIT_X", True)
+    calls, real = [], quant_i8.quant_linear_i8
+    monkeypatch.setattr(quant_i8, "quant_linear_i8", lambda *a, **k: calls.append(k) or real(*a, **k))
+    w = mat(300, 96, "Q8_0")
+    x = rng.standard_normal((1, 96)).astype(np.float32)
+    want = quant.quant_linear(x, w)
+    np.testing.assert_allclose(quant.quant_linear_numba(x, w.half_scales()), want, rtol=1e-5, atol=1e-5)
+    assert calls == [dict(limbs=3)]
+    np.testing.assert_allclose(quant.quant_linear_numba(x, w), want, rtol=1e-5, atol=1e-5)
+    assert len(calls) == 1

@@ -393,7 +393,10 @@ def _tiled_gemm(x: np.ndarray, w: QuantMatrix) -> np.ndarray:
 # instruction. The Q4 float kernels spend ~7 vector instructions per 32 weights turning nibbles
 # into floats; a 1536 x 512 Q4_1 matvec took 21-22 us on the split against 32-33 (weights from
 # memory). Q8_0's float kernel is bound by memory already (a whole decode step on the split:
-# 0.95x, then 1.005x and 1.03x on the layers in later A/Bs): it stays.
+# 0.95x, then 1.005x and 1.03x on the layers in later A/Bs): it stays for the layers. The LM head
+# is different: one 49,152-row matrix, which the split kernel reads from float16 scales in
+# 0.86 ms against the float kernel's 1.05 (from memory, one process): weights.load gives it
+# float16 scales, and a Q8_0 matrix that has them goes to the split kernel.
 # SPLIT_X: None = where the CPU has VNNI; False forces the float kernels everywhere.
 SPLIT_X = None
 
@@ -436,7 +439,7 @@ def quant_linear_numba(x: np.ndarray, w: QuantMatrix, int8_act: bool = False) ->
     x = np.ascontiguousarray(x, dtype=np.float32)
     if x.shape[0] >= gemm_min_rows(w.fmt):
         return _tiled_gemm(x, w)
-    if split_x() and w.fmt != "Q8_0":
+    if split_x() and (w.fmt != "Q8_0" or w.d.dtype == np.float16):
         from .quant_i8 import quant_linear_i8
         return quant_linear_i8(x, w, limbs=3)
     w = w.float_scales()
