@@ -58,8 +58,9 @@ def paged_attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, bat
 # reads each key and value row once for the G query heads that share it, and walks the cache's
 # memory in order, whole blocks [bs, Hkv, hd] at a time: inside a decode step, where the cache
 # comes from memory each layer, that was 1.3-2x faster than a job per (row, query head).
-# A prefill has many rows and S = 1; rows are taken in zigzag order (0, T-1, 1, T-2, ...), so
-# each thread's share of the rows holds short and long causal contexts alike.
+# With T rows, S = SLICES // T (at least 1): a prefill of 8 rows or more is a job per row, the
+# rows taken in zigzag order (0, T-1, 1, T-2, ...), so that each thread's share of them holds
+# short and long causal contexts alike.
 # ---------------------------------------------------------------------------------------------
 from numba import njit, prange, float32  # noqa: E402
 
