@@ -112,7 +112,8 @@ def _first_run_notice(backend: str) -> None:
     from . import stages
     cache = os.environ.get("NUMBA_CACHE_DIR") or os.path.join(os.path.dirname(stages.__file__), "__pycache__")
     try:
-        cached = any(name.startswith("quant.") and name.endswith(".nbi") for name in os.listdir(cache))
+        cached = any(name.startswith(("attention.", "quant.", "quant_i8.")) and name.endswith(".nbi")
+                     for name in os.listdir(cache))      # attention runs with every model
     except OSError:
         cached = False
     if not cached:

@@ -97,3 +97,16 @@ def test_chat_turns_tool(tiny_gguf):
     fresh, reuse = ([tuple(map(int, t.split("/"))) for t in rows[k]] for k in ("fresh", "reuse"))
     assert all(u == 0 for _, u in fresh) and fresh[0] == reuse[0]
     assert all(p < pf and u > 0 for (p, u), (pf, _) in zip(reuse[1:], fresh[1:]))
+
+
+def test_first_run_notice_only_without_cached_kernels(tmp_path, monkeypatch, capsys):
+    """The "compiling the kernels" notice shows while numba's cache holds none of the stage
+    kernels, and stops once any model has run (attention is compiled for every model)."""
+    from minfer.cli import _first_run_notice
+    monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path))
+    _first_run_notice("numba")
+    assert "first run" in capsys.readouterr().err
+    (tmp_path / "attention._attention_rows-75.py311.nbi").write_bytes(b"")
+    _first_run_notice("numba")
+    _first_run_notice("numpy")
+    assert capsys.readouterr().err == ""
