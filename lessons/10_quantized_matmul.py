@@ -271,14 +271,16 @@ for fmt in ("Q8_0", "Q4_0", "Q4_1"):
 # embedding table, tied). The same matrix in each format, one decode step's matvec:
 
 # %%
-E = llm.weights.lm_head                             # QuantMatrix, Q8_0, from the file
+E = llm.weights.lm_head.float_scales()              # QuantMatrix, Q8_0, from the file
 E32 = E.dequantize()                                # the same weights as float32
 mats = {"f32": E32, "Q8_0": E, "Q4_1": QuantMatrix.from_float(E32, "Q4_1")}   # (Q4_0: same kernel)
 x1 = rng.standard_normal((1, E.shape[1])).astype(np.float32)
 speed = {}
+quant.SPLIT_X = False               # the float kernels, as on a CPU without VNNI (int8 parts: below)
 for fmt, M in mats.items():
     t, _ = clock(linear_numba, x1, M, budget=0.15, most=50)
     speed[fmt] = (t, M.nbytes)
+quant.SPLIT_X = None                # back to asking the CPU
 t0 = time.perf_counter()
 quant_linear(x1, mats["Q4_1"])                       # the reference: slow, so timed once
 t_ref = time.perf_counter() - t0
@@ -369,8 +371,10 @@ else:
 # combine exactly, $(s_1 \cdot 128 + s_2) \cdot 128 + s_3$, before the one conversion to
 # float. Three byte dot products per 64 weight bytes still cost fewer instructions than turning
 # 128 nibbles into floats, so on a CPU with VNNI this is how minfer's **default** (float32
-# activations) decodes 4-bit weights: the same function as the float kernels, to the same
-# ~1e-6 — measured below against float64, and in the tests against Hugging Face transformers.
+# activations) decodes 4-bit weights — and the Q8_0 LM head, the one matrix large enough for
+# them to beat the float kernel on 8-bit weights: the same function as the float kernels, to
+# the same ~1e-6 — measured below against float64, and in the tests against Hugging Face
+# transformers.
 
 # %%
 if quant_i8.has_vnni():
