@@ -109,10 +109,10 @@ def _qkv_views(layers: list[LayerWeights]) -> None:
             L.wq, L.wk, L.wv = (view(edges[i], edges[i + 1]) for i in range(3))
 
 
-def half_scales(weights: Weights, formats=("Q8_0", "Q4_0", "Q4_1"), layers_only: bool = False) -> None:
+def half_scales(weights: Weights, formats=("Q8_0", "Q4_0", "Q4_1")) -> None:
     """Keep the quantized matrices' scales (and Q4 mins) in float16, as the file does, in place:
     what the int8-part kernels (quant_i8.py) want (QuantMatrix.half_scales). Stacks and views
-    follow. formats / layers_only: only the layer weights of these formats."""
+    follow. formats: the layer weights of these formats; the embedding / LM head, whatever its."""
     for kind, (fmt, qs, d, m) in list(weights.stacks.items()):
         if fmt not in formats:
             continue
@@ -122,8 +122,6 @@ def half_scales(weights: Weights, formats=("Q8_0", "Q4_0", "Q4_1"), layers_only:
             setattr(L, kind, QuantMatrix._from_parts(fmt, qs[i], d[i], None if m is None else m[i],
                                                      getattr(L, kind).shape[1]))
     _qkv_views(weights.layers)
-    if layers_only:
-        return
     tied = weights.lm_head is weights.tok_embd
     if isinstance(weights.tok_embd, QuantMatrix):
         weights.tok_embd = weights.tok_embd.half_scales()
