@@ -99,6 +99,26 @@ def test_chat_turns_tool(tiny_gguf):
     assert all(p < pf and u > 0 for (p, u), (pf, _) in zip(reuse[1:], fresh[1:]))
 
 
+def test_decode_floor_tool(tiny_gguf):
+    """tools/decode_floor.py (docs/benchmarks.md): a row per format, whose ideal is the bytes
+    read at the measured bandwidth plus the regions, and minfer's share of it below 100%."""
+    tool = os.path.join(os.path.dirname(__file__), "..", "tools", "decode_floor.py")
+    r = subprocess.run([sys.executable, tool, "--model", str(tiny_gguf), "--quant", "auto,q8_0",
+                        "--runs", "1"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    bw = float(lines[0].split(":")[1].split()[0]) * 1e9                   # bytes / s
+    regions_ms = float(lines[1].split("=")[1].split()[0])
+    kv_mb = float(lines[2].split(":")[1].split()[0])
+    rows = {ln.split()[0]: ln.split() for ln in lines[4:]}
+    assert set(rows) == {"auto", "q8_0"} and rows["auto"][1] == "F32" and rows["q8_0"][1] == "Q8_0"
+    for quant, fmt, mb, ideal_ms, ideal_tok_s, tok_s, share in rows.values():
+        expect = (float(mb) + kv_mb) * 1e6 / bw * 1e3 + regions_ms
+        assert abs(float(ideal_ms) - expect) < 0.011 + 0.01 * expect
+        assert 0 < float(tok_s) < float(ideal_tok_s) and 0 < int(share.rstrip("%")) < 100
+    assert float(rows["q8_0"][2]) < float(rows["auto"][2]) / 2         # ~1 byte a weight vs 4
+
+
 def test_first_run_notice_only_without_cached_kernels(tmp_path, monkeypatch, capsys):
     """The "compiling the kernels" notice shows while numba's cache holds none of the stage
     kernels, and stops once any model has run (attention is compiled for every model)."""
