@@ -33,6 +33,9 @@ def test_fused_layers_equal_the_python_loop(tiny_gguf, quant, act, monkeypatch):
     want_kind = {"int8": fused.INT8}.get(act, fused.SPLIT if qmod.SPLIT_X and family == fused.Q4
                                          else family)
     assert fused.kernels_for(llm.weights.stacks, act == "int8") == want_kind
+    # a prompt: Q8_0 too takes the split from two tokens on (4 rows x 2 tokens a step)
+    want_prompt = fused.SPLIT if act == "f32" and qmod.SPLIT_X else want_kind
+    assert fused.kernels_for(llm.weights.stacks, act == "int8", 20) == want_prompt
     plain_ops = type(llm.model.ops)(**{**vars(llm.model.ops), "layers": None})
     plain = Transformer(llm.config, llm.weights, plain_ops)
     calls = []

@@ -125,14 +125,43 @@ def test_two_tokens_a_pass_equal_one_at_a_time(fmt):
 
 
 @vnni
+@pytest.mark.parametrize("limbs", [1, 3])
+@pytest.mark.parametrize("O", [127, 1536])
+def test_q8_0_tiles_of_4_rows_by_2_tokens_equal_one_token_at_a_time(O, limbs):
+    """Q8_0 rows 4 at a time against tokens 2 at a time (_rows_pair_q8): the same numbers as a
+    token at a time and as the spec — 127 rows make tiles of 5 and 6 rows (a step of 4, then
+    rows one by one), rows of 7 blocks end with a chunk of 1; 2, 3 and 5 tokens (the last one
+    alone); the matmul and the gate/up kernel; float16 and float32 scales."""
+    w, u = mat(O, 224, "Q8_0"), mat(O, 224, "Q8_0")
+    x = rng.standard_normal((5, 224)).astype(np.float32)
+    for T in (2, 3, 5):
+        one = np.concatenate([quant_i8.quant_linear_i8(x[t:t + 1], w, limbs) for t in range(T)])
+        got = quant_i8.quant_linear_i8(x[:T], w, limbs)
+        assert np.abs(got - one).max() <= 1e-6 * np.abs(one).max()
+        spec = quant_i8.quant_linear_i8_reference(x[:T], w, limbs)
+        assert np.abs(got - spec).max() <= 1e-5 * np.abs(spec).max()
+        half = quant_i8.quant_linear_i8(x[:T], w.half_scales(), limbs)
+        assert np.abs(half - one).max() <= 1e-6 * np.abs(one).max()       # scales as in the file
+        one = np.concatenate([quant_i8.quant_gate_up_i8(x[t:t + 1], w, u, limbs) for t in range(T)])
+        got = quant_i8.quant_gate_up_i8(x[:T], w, u, limbs)
+        assert np.abs(got - one).max() <= 1e-6 * np.abs(one).max()
+
+
+@vnni
 def test_default_decode_uses_the_split_and_can_be_turned_off(monkeypatch):
     w = mat(64, 96, "Q4_1")
     x = rng.standard_normal((2, 96)).astype(np.float32)
     monkeypatch.setattr(quant, "SPLIT_X", True)
     split = quant.quant_linear_numba(x, w)
     assert np.array_equal(split, quant_i8.quant_linear_i8(x, w, limbs=3))
-    w8 = mat(64, 96, "Q8_0")                            # Q8_0 keeps its float kernel
-    assert np.array_equal(quant.quant_linear_numba(x, w8), quant._q8_0_matmul(x, w8.qs, w8.d))
+    w8 = mat(64, 96, "Q8_0")                    # Q8_0 keeps its float kernel for one token,
+    x1 = x[:1]                                  # takes the split from two (quant.split_for)
+    assert np.array_equal(quant.quant_linear_numba(x1, w8), quant._q8_0_matmul(x1, w8.qs, w8.d))
+    assert np.array_equal(quant.quant_linear_numba(x, w8), quant_i8.quant_linear_i8(x, w8, limbs=3))
+    assert np.array_equal(quant.quant_gate_up_numba(x1, w8, w8),
+                          quant._q8_0_gate_up(x1, w8.qs, w8.d, w8.qs, w8.d))
+    assert np.array_equal(quant.quant_gate_up_numba(x, w8, w8),
+                          quant_i8.quant_gate_up_i8(x, w8, w8, limbs=3))
     monkeypatch.setattr(quant, "SPLIT_X", False)
     floats = quant.quant_linear_numba(x, w)
     assert np.array_equal(floats, quant._q4_matmul(x, w.qs, w.d, w.m))

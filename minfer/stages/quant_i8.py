@@ -186,15 +186,20 @@ def _scales(context, builder, sig, args, n, mins=True):
     td, tdx = sig.args[5:7]
 
     def ld(t, a, i):
-        if t.dtype == types.uint16:                  # float16 bits: widened in registers
-            h = _load(context, builder, t, a, i, ir.IntType(16), n)
-            return builder.fpext(builder.bitcast(h, _vec(ir.HalfType(), n)), _vec(F32, n))
-        return _load(context, builder, t, a, i, F32, n)
+        return _load_scales(context, builder, t, a, i, n)
     scale = builder.fmul(ld(td, d, row), ld(tdx, dx, tok), flags=["fast"])
     if not mins:
         return scale, None
     return scale, builder.fmul(ld(sig.args[7], args[7], row), ld(sig.args[8], args[8], tok),
                                flags=["fast"])
+
+
+def _load_scales(context, builder, t, a, i, n):
+    """n scales from a.flat[i:] as float32 lanes (float16 bits are widened in registers)."""
+    if t.dtype == types.uint16:
+        h = _load(context, builder, t, a, i, ir.IntType(16), n)
+        return builder.fpext(builder.bitcast(h, _vec(ir.HalfType(), n)), _vec(F32, n))
+    return _load(context, builder, t, a, i, F32, n)
 
 
 def _parts(builder, one, limbs, start):
@@ -263,6 +268,39 @@ def _make_q8_chunk(n, limbs=1):
                            *_scales(context, builder, sig, args, n, mins=False))
         return acc(acc, qs, qoff, xq, xoff, d, dx, start, row, tok), codegen
     return q8_chunk
+
+
+def _make_q8_tile(n, limbs, R=4, C=2):
+    @intrinsic
+    def q8_tile(typingctx, accs, qs, qoffs, xq, xoffs, d, dx, start, rows, toks):
+        """_make_q8_chunk's step for R rows and C tokens at once (prefill, batches): accs[C r + t]
+        + the n blocks of row r . those of token t. Each row's bytes are loaded and shifted once
+        for the C tokens, each token's parts and start lanes once for the R rows: 8 dot products
+        on what one would load. qoffs, rows: the rows' offsets in qs and d; xoffs, toks: the
+        tokens' in xq and dx (all flat)."""
+        def codegen(context, builder, sig, args):
+            W = 32 * n
+            pick = (lambda a, i: builder.extract_value(a, i))
+            q = [builder.xor(_load(context, builder, sig.args[1], args[1], pick(args[2], r), I8, W),
+                             ir.Constant(_vec(I8, W), [-128] * W)) for r in range(R)]
+            d = [_load_scales(context, builder, sig.args[5], args[5], pick(args[8], r), n)
+                 for r in range(R)]
+            out = [None] * (R * C)
+            for t in range(C):
+                xoff, tok = pick(args[4], t), pick(args[9], t)
+                xs = [_load(context, builder, sig.args[3], args[3],
+                            builder.add(xoff, ir.Constant(xoff.type, W * p)), I8, W) for p in range(limbs)]
+                s0 = _load(context, builder, sig.args[7], args[7],
+                           builder.mul(tok, ir.Constant(tok.type, 8)), I32, 8 * n)
+                dx = _load_scales(context, builder, sig.args[6], args[6], tok, n)
+                for r in range(R):
+                    isum = _parts(builder, lambda p, s, r=r: _vpdpbusd(builder, s, q[r], xs[p]),
+                                  limbs, s0)
+                    out[C * r + t] = _finish(builder, pick(args[0], C * r + t), isum,
+                                             builder.fmul(d[r], dx, flags=["fast"]), None)
+            return context.make_tuple(builder, sig.return_type, out)
+        return accs(accs, qs, qoffs, xq, xoffs, d, dx, start, rows, toks), codegen
+    return q8_tile
 
 
 def _reduce(builder, op, v, start=None):
@@ -355,6 +393,15 @@ def _zeros16(typingctx):
 
 
 @intrinsic
+def _zeros16x8(typingctx):
+    """8 zero accumulators: a Q8_0 tile's (4 rows x 2 tokens)."""
+    def codegen(context, builder, sig, args):
+        zero = ir.Constant(_vec(F32, 16), [0.0] * 16)
+        return context.make_tuple(builder, sig.return_type, [zero] * 8)
+    return types.UniTuple(F32x16, 8)(), codegen
+
+
+@intrinsic
 def _sum16(typingctx, a):
     def codegen(context, builder, sig, args):
         fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(
@@ -384,6 +431,8 @@ _q8_2, _q8_1 = _make_q8_chunk(2), _make_q8_chunk(1)
 _q4_4x3, _q4_2x3, _q4_1x3 = _make_q4_chunk(4, 3), _make_q4_chunk(2, 3), _make_q4_chunk(1, 3)
 _q4_4x3_2t = _make_q4_chunk(4, 3, tokens=2)
 _q8_2x3, _q8_1x3 = _make_q8_chunk(2, 3), _make_q8_chunk(1, 3)
+_q8_tile2, _q8_tile1 = _make_q8_tile(2, 1), _make_q8_tile(1, 1)
+_q8_tile2x3, _q8_tile1x3 = _make_q8_tile(2, 3), _make_q8_tile(1, 3)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -491,6 +540,49 @@ def _rows_pair(xi, qs, d, m, t, o0, o1, out0, out1, pf):
 
 
 @njit(fastmath=True, cache=True)
+def _rows_pair_q8(xi, qs, d, m, t, o0, o1, out0, out1, pf, limbs):
+    """_rows for tokens t and t + 1 of a Q8_0 matrix, 4 rows at a time (_make_q8_tile): each
+    2-block chunk of 4 rows is loaded once for both tokens, and each token's x once for the 4
+    rows (prefill: 1.4-1.9x on the matrices of SmolLM2-135M at 128 tokens, with its weights in
+    cache). The last o1 - o0 mod 4 rows go a token at a time."""
+    xq, dx, _, s0 = xi
+    n, nb = qs.shape[1], d.shape[1]
+    K = nb * QK * limbs                                 # x's bytes per token
+    last = qs.shape[0] * n - 1
+    o = o0
+    while o + 4 <= o1:
+        if pf > 0:
+            for k in range(0, 4 * n, 64):
+                _prefetch(qs, min(last, (o + pf) * n + k))
+        acc = _zeros16x8()                              # acc[2 r + j]: row o + r, token t + j
+        b, tok, x0 = 0, t * nb, t * K
+        while b < nb:
+            qoffs = (o * n + b * QK, (o + 1) * n + b * QK, (o + 2) * n + b * QK, (o + 3) * n + b * QK)
+            rows = (o * nb + b, (o + 1) * nb + b, (o + 2) * nb + b, (o + 3) * nb + b)
+            xoffs = (x0 + b * QK * limbs, x0 + K + b * QK * limbs)
+            toks = (tok + b, tok + nb + b)
+            if b + 2 <= nb:                             # 2 blocks a chunk, then 1
+                if limbs == 3:
+                    acc = _q8_tile2x3(acc, qs, qoffs, xq, xoffs, d, dx, s0, rows, toks)
+                else:
+                    acc = _q8_tile2(acc, qs, qoffs, xq, xoffs, d, dx, s0, rows, toks)
+                b += 2
+            else:
+                if limbs == 3:
+                    acc = _q8_tile1x3(acc, qs, qoffs, xq, xoffs, d, dx, s0, rows, toks)
+                else:
+                    acc = _q8_tile1(acc, qs, qoffs, xq, xoffs, d, dx, s0, rows, toks)
+                b += 1
+        for r in range(4):
+            out0[o + r - o0] = _sum16(acc[2 * r])
+            out1[o + r - o0] = _sum16(acc[2 * r + 1])
+        o += 4
+    if o < o1:
+        _rows(xi, qs, d, m, t, o, o1, out0[o - o0:], pf, limbs)           # m: empty, Q8_0's
+        _rows(xi, qs, d, m, t + 1, o, o1, out1[o - o0:], pf, limbs)
+
+
+@njit(fastmath=True, cache=True)
 def _quantize_x(x, q4_order, limbs):
     """quantize_x, a block at a time in vector code (_absmax_sum, _digits: plain loops over the
     values, with the parts and the layout's index arithmetic inside, took ~8 us for K = 1536)."""
@@ -536,10 +628,15 @@ def _prepare_x(x, q8, limbs):
 @njit(fastmath=True, cache=True)
 def _tokens(xi, qs, d, m, t, o0, o1, out, pf, limbs):
     """Rows o0..o1-1 against token t of x into out[t, o0:o1] — and token t + 1 with it, for
-    4-bit weights and x in three parts (_rows_pair). Returns how many tokens it did."""
-    if limbs == 3 and m.shape[0] > 0 and t + 2 <= out.shape[0]:
-        _rows_pair(xi, qs, d, m, t, o0, o1, out[t, o0:o1], out[t + 1, o0:o1], pf)
-        return 2
+    Q8_0 (_rows_pair_q8), and for 4-bit weights with x in three parts (_rows_pair). Returns how
+    many tokens it did."""
+    if t + 2 <= out.shape[0]:
+        if m.shape[0] == 0:
+            _rows_pair_q8(xi, qs, d, m, t, o0, o1, out[t, o0:o1], out[t + 1, o0:o1], pf, limbs)
+            return 2
+        if limbs == 3:
+            _rows_pair(xi, qs, d, m, t, o0, o1, out[t, o0:o1], out[t + 1, o0:o1], pf)
+            return 2
     _rows(xi, qs, d, m, t, o0, o1, out[t, o0:o1], pf, limbs)
     return 1
 
