@@ -332,7 +332,10 @@ show(fig, "10_lm_head_speed")
 # The memory roof is shared by all the cores; the compute roof grows with each core. So the
 # 4-bit kernels gain the most from `prange` on a machine with cores to spare, and
 # `python -m minfer bench --quant f32,q8_0,auto` measures the whole model per format, with all
-# threads.
+# threads; `python tools/decode_floor.py` sets a whole decode step beside its memory roof here
+# (every weight and the KV cache read once at the machine's best read rate) and says what share
+# of it minfer reaches — on the 2-core machine in docs/benchmarks.md, 47-83%, depending on how
+# busy the neighbours keep the memory.
 #
 # ### Rounding the activations too (opt-in)
 #
@@ -420,7 +423,7 @@ print(f"minfer hands {W.fmt} matmuls to the tiles from {quant.gemm_min_rows(W.fm
 # threads, docs/benchmarks.md): there the kernels run inside the one compiled layer loop of
 # `fused.py`, while the tiles' path goes through the layers in Python, a call per stage, and
 # hands its tiles to Python threads — so the kernels win for longer, up to ~224 tokens with the
-# three int8 parts (~48 with the float kernels, which are slower per token).
+# three int8 parts (~112 for Q8_0 there, ~48 with the float kernels, which are slower per token).
 
 # %% [markdown]
 # ## 5 · What it costs: quality, and memory
