@@ -40,8 +40,8 @@ SPLIT = [False, True] if quant_i8.has_vnni() else [False]
 
 def tiles_from(monkeypatch, rows):
     """Send matmuls of `rows` tokens or more to the tile + sgemm path (quant.gemm_min_rows)."""
-    monkeypatch.setattr(quant, "GEMM_MIN_ROWS", rows)
-    monkeypatch.setattr(quant, "SPLIT_GEMM_MIN_ROWS", rows)
+    for name in ("GEMM_MIN_ROWS", "SPLIT_GEMM_MIN_ROWS", "Q8_SPLIT_GEMM_MIN_ROWS"):
+        monkeypatch.setattr(quant, name, rows)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
