@@ -28,7 +28,7 @@ from .stages.rope import rope_numba
 
 # ---------------------------------------------------------------------------------------------
 # Which kernel: mm(x, (qs, d, m), l, kind, limbs) is x @ W[l]^T; gate_up(x, gate, up, l, kind,
-# limbs) is the fused silu(x Wg^T) * (x Wu^T). m, the Q4 mins, is an empty array for Q8_0.
+# limbs) is the fused silu(x Wg^T) * (x Wu^T). m, the Q4 mins, is an empty 1-D array for Q8_0.
 # limbs: 0, float kernels (quant.py); 1, x rounded to int8 (--activations int8); 3, float32 x
 # split into three int8 parts (the default on a CPU with VNNI; quant_i8.py).
 # `kind` and `limbs` are plain values (numba's on-disk cache does not keep a function compiled
@@ -136,7 +136,7 @@ def kernels_for(stacks: dict, int8_act: bool, tokens: int = 1):
 
 def layers_numba(x, cos, sin, stacks, cache, batch, config, kind):
     """x [T, D] after the embedding -> x [T, D] after the last layer (cache written on the way)."""
-    no_m = np.zeros((config.n_layers, 0, 0), dtype=np.float32)     # Q8_0 has no mins
+    no_m = np.zeros((config.n_layers, 0), dtype=np.float32)     # Q8_0 has no mins (1-D a layer)
     w = {k: (v[1], bits(v[2]), bits(v[3]) if v[3] is not None else no_m)    # (float16 scales
          for k, v in stacks.items() if v[0] != "F32"}                       # as uint16 bits)
     W = (stacks["attn_norm"][1], w["wqkv"], w["wo"], stacks["ffn_norm"][1], w["w_gate"],

@@ -457,11 +457,12 @@ def _tiles(O):
 @njit(fastmath=True, cache=True)
 def _rows(xi, qs, d, m, t, o0, o1, out, pf, limbs):
     """out[o - o0] = row o of the matrix . token t of x, for o in o0..o1-1; xi = (xq, dx, c, s0)
-    from _prepare_x. Q4 (m: its mins): c = sum(x) / 4 per block, so the lanes add up the m term,
-    sum_b m_b sum(x over b). Q8_0 (m empty): the lanes start from s0, which takes off the
-    q + 128 shift. pf: prefetch the row that many rows ahead. limbs: x's int8 parts (1 or 3)."""
+    from _prepare_x. Q4 (m: its mins [O, nb]): c = sum(x) / 4 per block, so the lanes add up
+    the m term, sum_b m_b sum(x over b). Q8_0 (m: an empty 1-D array): the lanes start from s0,
+    which takes off the q + 128 shift. pf: prefetch the row that many rows ahead. limbs: x's
+    int8 parts (1 or 3)."""
     xq, dx, c, s0 = xi
-    q8 = m.shape[0] == 0
+    q8 = m.ndim == 1        # a constant when numba compiles: only one format's code is compiled
     n, nb = qs.shape[1], d.shape[1]                     # bytes and blocks per row
     K = nb * QK * limbs                                 # x's bytes per token
     last = qs.shape[0] * n - 1
@@ -631,7 +632,7 @@ def _tokens(xi, qs, d, m, t, o0, o1, out, pf, limbs):
     Q8_0 (_rows_pair_q8), and for 4-bit weights with x in three parts (_rows_pair). Returns how
     many tokens it did."""
     if t + 2 <= out.shape[0]:
-        if m.shape[0] == 0:
+        if m.ndim == 1:                                 # Q8_0 (known when numba compiles this)
             _rows_pair_q8(xi, qs, d, m, t, o0, o1, out[t, o0:o1], out[t + 1, o0:o1], pf, limbs)
             return 2
         if limbs == 3:
@@ -643,8 +644,9 @@ def _tokens(xi, qs, d, m, t, o0, o1, out, pf, limbs):
 
 @njit(parallel=True, fastmath=True, cache=True)
 def _matmul_i8(x, qs, d, m, pf, limbs):
-    """x [T, K] -> [T, O]. m: Q4's [O, nb] mins, or an empty array for Q8_0."""
-    xi = _prepare_x(x, m.shape[0] == 0, limbs)
+    """x [T, K] -> [T, O]. m: Q4's [O, nb] mins, or an empty 1-D array for Q8_0 (_NO_M: numba
+    compiles a kernel for each, each without the other format's code)."""
+    xi = _prepare_x(x, m.ndim == 1, limbs)
     T, O = x.shape[0], qs.shape[0]
     out = np.empty((T, O), dtype=np.float32)
     n = _tiles(O)
@@ -659,7 +661,7 @@ def _matmul_i8(x, qs, d, m, pf, limbs):
 @njit(parallel=True, fastmath=True, cache=True)
 def _gate_up_i8(x, qg, dg, mg, qu, du, mu, pf, limbs):
     """silu(x wg^T) * (x wu^T) in one pass over the rows. [T, K] -> [T, F]."""
-    xi = _prepare_x(x, mg.shape[0] == 0, limbs)
+    xi = _prepare_x(x, mg.ndim == 1, limbs)
     T, F = x.shape[0], qg.shape[0]
     out = np.empty((T, F), dtype=np.float32)
     up = np.empty((T, F), dtype=np.float32)
@@ -678,7 +680,7 @@ def _gate_up_i8(x, qg, dg, mg, qu, du, mu, pf, limbs):
     return out
 
 
-_NO_M = np.zeros((0, 0), dtype=np.float32)    # Q8_0 has no mins
+_NO_M = np.zeros(0, dtype=np.float32)    # Q8_0 has no mins: 1-D, where Q4's are [O, nb]
 
 
 def bits(a):
