@@ -26,6 +26,9 @@ Q8_0 rows are read 2 blocks at a time in their own order; vpdpbusd wants one uns
 so the weight bytes get their top bit flipped (q + 128), and each int32 lane starts from -128
 times the sum of the 4 values of x it meets, which takes that off again in integers (a float
 term per block, like Q4's m, made the chunks 5-15% slower where they are bound by arithmetic).
+A prompt's tokens go two at a time: a 4-bit row's chunk is loaded and split once for both
+(_rows_pair), and Q8_0 goes 4 rows x 2 tokens a step (_rows_pair_q8), each load serving 2 or 4
+dot products — the same sums, in the same order, as a token at a time.
 
 Three parts: float32 x on the same instruction. With limbs=3, x is not rounded to int8 but to
 1/128^2 of a step: per block, X = round(128^2 r) with r = x * 127 / max|x|, and X is written in
@@ -275,8 +278,8 @@ def _make_q8_tile(n, limbs, R=4, C=2):
     def q8_tile(typingctx, accs, qs, qoffs, xq, xoffs, d, dx, start, rows, toks):
         """_make_q8_chunk's step for R rows and C tokens at once (prefill, batches): accs[C r + t]
         + the n blocks of row r . those of token t. Each row's bytes are loaded and shifted once
-        for the C tokens, each token's parts and start lanes once for the R rows: 8 dot products
-        on what one would load. qoffs, rows: the rows' offsets in qs and d; xoffs, toks: the
+        for the C tokens, each token's parts and start lanes once for the R rows: R x C dot
+        products on the loads of R + C. qoffs, rows: the rows' offsets in qs and d; xoffs, toks: the
         tokens' in xq and dx (all flat)."""
         def codegen(context, builder, sig, args):
             W = 32 * n
