@@ -20,6 +20,18 @@ def weights(O, K):
     return w
 
 
+def test_round_half_away_is_c_roundf():
+    """Q8_0's rounding: halves away from zero, as C's roundf (gguf's numpy code does the same);
+    against float64, where v + 0.5 is exact: ties of both signs, the floats next to a half."""
+    v = np.concatenate([np.arange(-127, 127.5, 0.5), rng.uniform(-127, 127, 10000),
+                        np.nextafter(np.float32([0.5, -0.5, 2.5, -2.5, 126.5]), np.float32(0)),
+                        np.nextafter(np.float32([0.5, -0.5, 2.5, -2.5, 126.5]), np.float32(200)),
+                        [0.0, -0.0]]).astype(np.float32)
+    v64 = v.astype(np.float64)
+    want = np.where(v64 >= 0, np.floor(v64 + 0.5), -np.floor(-v64 + 0.5))
+    assert np.array_equal(quant._round_half_away(v), want)
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("shape", [(1, 32), (7, 64), (33, 96)])
 def test_quantize_dequantize_bit_exact_with_gguf(fmt, shape):
