@@ -117,6 +117,9 @@ def test_decode_floor_tool(tiny_gguf):
         assert abs(float(ideal_ms) - expect) < 0.011 + 0.01 * expect
         assert 0 < float(tok_s) < float(ideal_tok_s) and 0 < int(share.rstrip("%")) < 100
     assert float(rows["q8_0"][2]) < float(rows["auto"][2]) / 2         # ~1 byte a weight vs 4
+    bad = subprocess.run([sys.executable, tool, "--model", str(tiny_gguf), "--quant", "q3"],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "unknown quant 'q3'" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_first_run_notice_only_without_cached_kernels(tmp_path, monkeypatch, capsys):

@@ -45,6 +45,7 @@ from numba.extending import intrinsic  # noqa: E402
 import minfer  # noqa: E402
 from minfer.stages.attention import _attention_rows  # noqa: E402
 from minfer.stages.quant_i8 import I32, _load, _prefetch  # noqa: E402
+from minfer.weights.load import QUANTS  # noqa: E402
 
 
 @intrinsic
@@ -102,14 +103,19 @@ def main() -> int:
     ap.add_argument("--quant", default="auto,q8_0,q4_0", help="weight formats, comma-separated")
     ap.add_argument("--runs", type=int, default=5, help="runs of each measurement (median)")
     a = ap.parse_args()
+    quants = a.quant.split(",")
+    bad = [q for q in quants if q not in QUANTS]
+    if bad:
+        raise minfer.errors.InvalidArgumentError(
+            f"unknown quant {bad[0]!r}; choose from: {', '.join(QUANTS)}")
     prompt_tokens, new_tokens = 128, 128                   # as `python -m minfer bench` does
     context = prompt_tokens + new_tokens // 2              # keys a decode step sees, on average
 
+    llm0 = minfer.LLM(a.model, quiet=True)                 # a bad --model fails here, first
     buf = np.ones(256 << 20, dtype=np.uint8)
     bw = max(buf.nbytes / median_time(lambda: _read_all(buf, ahead), a.runs) for ahead in (4096, 16384))
     region = median_time(lambda: _empty_region(np.zeros(2)), 200 * a.runs)
 
-    llm0 = minfer.LLM(a.model, quiet=True)
     c = llm0.config
     regions = 5 * c.n_layers + 1
     kv_bytes = 2 * c.n_layers * context * c.n_kv_heads * c.head_dim * 4     # K and V, float32
@@ -129,7 +135,7 @@ def main() -> int:
           f"with it in cache: {attn * 1e6:.1f} us a layer (not in the ideal)")
     print(f"{'quant':<6} {'format':<7} {'weights MB':>10} {'ideal ms':>9} {'ideal tok/s':>12} "
           f"{'minfer tok/s':>13} {'of ideal':>9}")
-    for quant in a.quant.split(","):
+    for quant in quants:
         llm = llm0 if quant == "auto" else minfer.LLM(a.model, quant=quant, quiet=True)
         nbytes = decode_bytes(llm)
         ideal = (nbytes + kv_bytes) / bw + regions * region
@@ -140,10 +146,15 @@ def main() -> int:
             llm.generate([prompt], params)
             speeds.append(llm.stats.decode_tok_s)
         speed = statistics.median(speeds[1:])
-        print(f"{quant:<6} {llm.weights.stacks.get('w_up', ('F32',))[0]:<7} {nbytes / 1e6:10.2f} {ideal * 1e3:9.2f} "
-              f"{1 / ideal:12.0f} {speed:13.1f} {speed * ideal:9.0%}")
+        fmt = llm.weights.stacks.get("w_up", ("F32",))[0]
+        print(f"{quant:<6} {fmt:<7} {nbytes / 1e6:10.2f} {ideal * 1e3:9.2f} {1 / ideal:12.0f} "
+              f"{speed:13.1f} {speed * ideal:9.0%}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except minfer.MinferError as e:                        # a bad --model or --quant: one line
+        print(f"decode_floor: {e}", file=sys.stderr)
+        sys.exit(2)

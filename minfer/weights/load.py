@@ -136,7 +136,8 @@ def scales_for_kernels(weights: Weights, backend: str, activations: str) -> None
     2 bytes) for the int8-part kernels of quant_i8.py — every matrix with int8 activations; with
     float32 activations on a CPU with VNNI, the 4-bit layers and the embedding / LM head of any
     format (a Q8_0 head with float16 scales runs on those kernels too: quant.quant_linear_numba)
-    — else float32 (Q8_0 layers: the float kernel)."""
+    — else float32 (Q8_0 layers: the float kernel decodes on them, and the int8-part kernels
+    that take their prompts read float32 scales as well)."""
     from ..stages.quant import split_x
     if backend != "numba" or not weights.has_quantized():
         return
