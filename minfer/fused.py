@@ -7,6 +7,7 @@ measured on a model of the same 30 layers but width 64, whose arithmetic is next
 `_loop` is the same loop body as model.run_layers, written inside one @njit function, so Python
 runs once per step instead of ~450 times. The stage kernels are the very same functions
 (their parallel loops still share the rows out to the threads); only the loop over layers moved.
+The next step, region.py, keeps the threads in one parallel region for the whole loop.
 
 It takes each kind of layer weight as one stack [L, ...] (weights/load.py keeps them that way)
 in a block format with a kernel — Q4_0/Q4_1 or Q8_0 — and batches of fewer than
@@ -15,6 +16,7 @@ model.run_layers), or any batch with int8 activations. Everything else goes the 
 """
 from __future__ import annotations
 
+import numba
 import numpy as np
 from numba import njit
 
@@ -114,6 +116,12 @@ def _layers_split(x, cos, sin, W, kv, B, n_heads, n_kv_heads, eps):
 
 _ENTRY = {Q4: _layers_q4, Q8: _layers_q8, INT8: _layers_i8, SPLIT: _layers_split}
 
+# The loop above opens a parallel region for every matmul and attention (~150 a decode step);
+# region.py walks the same loop with the threads kept in one region, claiming the work of each
+# stage and meeting at barriers: 3-10 % faster (docs/benchmarks.md), the default. False: this
+# loop, the readable one, which the tests hold region.py to.
+ONE_REGION = True
+
 
 def kernels_for(stacks: dict, int8_act: bool, tokens: int = 1):
     """The kernel kind (Q4, Q8, INT8 or SPLIT: float32 activations as three int8 parts, on a CPU
@@ -134,16 +142,21 @@ def kernels_for(stacks: dict, int8_act: bool, tokens: int = 1):
     return SPLIT if half or quant.split_for(stacks["w_up"][0], half, tokens) else family
 
 
-def layers_numba(x, cos, sin, stacks, cache, batch, config, kind):
-    """x [T, D] after the embedding -> x [T, D] after the last layer (cache written on the way)."""
+def layers_numba(x, cos, sin, stacks, cache, batch, config, kind, workers=None):
+    """x [T, D] after the embedding -> x [T, D] after the last layer (cache written on the way).
+    workers: region.py's prange iterations (default: numba's threads, one each)."""
     no_m = np.zeros((config.n_layers, 0), dtype=np.float32)     # Q8_0 has no mins (1-D a layer)
     w = {k: (v[1], bits(v[2]), bits(v[3]) if v[3] is not None else no_m)    # (float16 scales
          for k, v in stacks.items() if v[0] != "F32"}                       # as uint16 bits)
     W = (stacks["attn_norm"][1], w["wqkv"], w["wo"], stacks["ffn_norm"][1], w["w_gate"],
          w["w_up"], w["w_down"])
     B = (batch.row_seq, batch.positions, batch.block_tables, batch.slot_mapping)
-    return _ENTRY[kind](np.ascontiguousarray(x, dtype=np.float32), cos, sin, W, (cache.k, cache.v),
-                        B, config.n_heads, config.n_kv_heads, float(config.rms_eps))
+    args = (np.ascontiguousarray(x, dtype=np.float32), cos, sin, W, (cache.k, cache.v), B,
+            config.n_heads, config.n_kv_heads, float(config.rms_eps))
+    if ONE_REGION:
+        from . import region
+        return region.ENTRY[kind](*args, workers or numba.get_num_threads())
+    return _ENTRY[kind](*args)
 
 
 class FusedLayers:

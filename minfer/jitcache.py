@@ -1,10 +1,11 @@
 """numba's on-disk kernel cache, made to notice an edit in any of minfer's kernel files.
 
 numba keys a cached kernel on the contents of its own file only, yet the machine code of a kernel
-includes the @njit helpers it calls from other files: fused.py's layer loop calls every stage,
-attention.py calls fastexp.py. After an edit to such a helper, the cache would go on serving the
-old code, silently. So every kernel in minfer.stages and minfer.fused is stamped with the contents
-of all those files together: any edit there recompiles them all on the next run (~20 s, once).
+includes the @njit helpers it calls from other files: fused.py's and region.py's layer loops call
+every stage, attention.py calls fastexp.py. After an edit to such a helper, the cache would go on
+serving the old code, silently. So every kernel in minfer.stages, .fused and .region is stamped
+with the contents of all those files together: any edit there recompiles them all on the next
+run (~20-40 s, once).
 stages/__init__.py installs this before any kernel is defined.
 """
 from __future__ import annotations
@@ -17,7 +18,8 @@ import os
 from numba.core import caching
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-_WATCHED = (os.path.join(_HERE, "fused.py"), os.path.join(_HERE, "stages"))
+_FILES = (os.path.join(_HERE, "fused.py"), os.path.join(_HERE, "region.py"))
+_STAGES = os.path.join(_HERE, "stages")
 
 
 @functools.lru_cache(maxsize=None)
@@ -28,7 +30,7 @@ def _digest(path: str, mtime: float, size: int) -> str:
 
 def sources_stamp() -> str:
     """One hash of the current contents of every watched kernel file."""
-    files = [_WATCHED[0]] + sorted(glob.glob(os.path.join(_WATCHED[1], "*.py")))
+    files = list(_FILES) + sorted(glob.glob(os.path.join(_STAGES, "*.py")))
     h = hashlib.sha256()
     for p in files:
         st = os.stat(p)
@@ -45,7 +47,7 @@ def _watching(base):
         @classmethod
         def from_function(cls, py_func, py_file):
             p = os.path.abspath(py_file)
-            if p != _WATCHED[0] and os.path.dirname(p) != _WATCHED[1]:
+            if p not in _FILES and os.path.dirname(p) != _STAGES:
                 return None                                  # not ours: numba's own locators
             return super().from_function(py_func, py_file)
     Locator.__name__ = Locator.__qualname__ = "Minfer" + base.__name__

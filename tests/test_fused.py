@@ -21,9 +21,12 @@ def steps(model, tables):
 
 @pytest.mark.parametrize("quant", ["q4_1", "q4_0", "q8_0"])
 @pytest.mark.parametrize("act", ["f32", "f32-float-kernels", "int8"])
-def test_fused_layers_equal_the_python_loop(tiny_gguf, quant, act, monkeypatch):
+@pytest.mark.parametrize("one_region", [True, False], ids=["region", "loop"])
+def test_fused_layers_equal_the_python_loop(tiny_gguf, quant, act, one_region, monkeypatch):
     """f32: float32 x split into three int8 parts where the CPU has VNNI (the default);
-    f32-float-kernels: the float kernels, as on a CPU without it."""
+    f32-float-kernels: the float kernels, as on a CPU without it. region: region.py's walk in
+    one parallel region (the default); loop: fused._loop, a parallel region per kernel."""
+    monkeypatch.setattr(fused, "ONE_REGION", one_region)
     if act != "f32-float-kernels" and not quant_i8.has_vnni():
         pytest.skip("this CPU has no AVX-512 VNNI")
     monkeypatch.setattr(qmod, "SPLIT_X", act != "f32-float-kernels")
@@ -106,8 +109,8 @@ def test_the_layer_loop_is_loaded_from_the_disk_cache(tiny_gguf):
     assert subprocess.run(cmd, capture_output=True).returncode == 0       # compiled and saved
     r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "NUMBA_DEBUG_CACHE": "1"})
     log = (r.stdout + r.stderr).splitlines()
-    assert any("fused._layers" in line and "loaded" in line for line in log)
-    assert not [line for line in log if "fused." in line and "saved" in line]
+    assert any("region._region" in line and "loaded" in line for line in log)
+    assert not [line for line in log if ("fused." in line or "region." in line) and "saved" in line]
 
 
 def test_an_edit_to_a_helper_in_another_file_recompiles_the_cached_kernel(tmp_path):
@@ -141,3 +144,22 @@ def test_an_edit_to_a_helper_in_another_file_recompiles_the_cached_kernel(tmp_pa
     exp.write_text(exp.read_text().replace("    t = min(", "    x = x * float32(0.0)\n    t = min(", 1))
     after = result()                  # every exp is now 1: uniform attention weights
     assert after != before
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_the_region_needs_no_thread_for_each_worker(tiny_gguf, workers):
+    """region.py's barriers wait for work, not for threads: with one prange iteration, or more
+    iterations than numba has threads (some run only after others finished the whole step), the
+    step neither hangs nor changes."""
+    llm = minfer.LLM(tiny_gguf, quant="q4_1")
+    tables = [[0, 1, 2, 3, 4, 5], [11, 10, 9, 8, 7, 6]]
+    want, cache_want = steps(llm.model, tables)
+    real = fused.layers_numba
+    try:
+        fused.layers_numba = lambda *a: real(*a, workers=workers)
+        got, cache_got = steps(llm.model, tables)
+    finally:
+        fused.layers_numba = real
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w)            # the same items, the same sums
+    np.testing.assert_array_equal(cache_got.k, cache_want.k)

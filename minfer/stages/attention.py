@@ -72,62 +72,85 @@ SLICES = 8                                             # jobs for a decode step 
 @njit(parallel=True, fastmath=True, cache=True)
 def _attention_rows(q, k_cache, v_cache, row_seq, positions, block_tables):
     T, Hq, hd = q.shape
+    S = max(1, SLICES // T)                            # key slices per row
+    parts = _slices(T, S, Hq, hd)
+    for job in prange(T * S):
+        _attention_job(q, k_cache, v_cache, row_seq, positions, block_tables, job, parts)
+    return _merge_slices(q, parts)
+
+
+@njit(inline="always")
+def _slices(T, S, Hq, hd):
+    """Each (row, slice) job's partial result: its running max, sum of exps, unnormalised output."""
+    return (np.empty((T, S, Hq), dtype=np.float32), np.empty((T, S, Hq), dtype=np.float32),
+            np.empty((T, S, Hq, hd), dtype=np.float32))
+
+
+@njit(fastmath=True, cache=True)
+def _attention_job(q, k_cache, v_cache, row_seq, positions, block_tables, job, parts):
+    """Job `job` of T x S: one row's one slice of keys, all query heads, into parts[..][t, s]."""
+    m_part, l_part, o_part = parts
+    T, S, Hq = m_part.shape
+    hd = q.shape[2]
     bs, Hkv = k_cache.shape[1], k_cache.shape[2]
     G = Hq // Hkv                                      # query heads per kv head
-    S = max(1, SLICES // T)                            # key slices per row
     scale = float32(1.0 / np.sqrt(hd))
-    m_part = np.empty((T, S, Hq), dtype=np.float32)    # each slice's running max,
-    l_part = np.empty((T, S, Hq), dtype=np.float32)    # sum of exps,
-    o_part = np.empty((T, S, Hq, hd), dtype=np.float32)   # and unnormalised output
-    for job in prange(T * S):
-        j, s = job // S, job % S
-        t = j // 2 if j % 2 == 0 else T - 1 - j // 2   # zigzag over the rows
-        b = row_seq[t]
-        n = positions[t] + 1                           # causal: keys 0..position
-        n_blk = (n + bs - 1) // bs
-        qs = np.empty((Hq, hd), dtype=np.float32)      # q, scaled once, not every score
+    j, s = job // S, job % S
+    t = j // 2 if j % 2 == 0 else T - 1 - j // 2       # zigzag over the rows
+    b = row_seq[t]
+    n = positions[t] + 1                               # causal: keys 0..position
+    n_blk = (n + bs - 1) // bs
+    qs = np.empty((Hq, hd), dtype=np.float32)          # q, scaled once, not every score
+    for h in range(Hq):
+        for i in range(hd):
+            qs[h, i] = q[t, h, i] * scale
+    o = np.zeros((Hq, hd), dtype=np.float32)
+    m = np.full(Hq, -np.inf, dtype=np.float32)
+    l = np.zeros(Hq, dtype=np.float32)
+    p = np.empty((Hq, bs), dtype=np.float32)           # one block's scores, then their exps
+    for jb in range(s * n_blk // S, (s + 1) * n_blk // S):   # this slice's blocks
+        blk = block_tables[b, jb]
+        nk = min(bs, n - jb * bs)                      # keys of this block that are visible
+        for r in range(nk):
+            for kvh in range(Hkv):
+                kr = k_cache[blk, r, kvh]              # [hd]: one key, for its G query heads
+                for h in range(kvh * G, kvh * G + G):
+                    acc = float32(0.0)
+                    for i in range(hd):
+                        acc += qs[h, i] * kr[i]
+                    p[h, r] = acc
         for h in range(Hq):
-            for i in range(hd):
-                qs[h, i] = q[t, h, i] * scale
-        o = np.zeros((Hq, hd), dtype=np.float32)
-        m = np.full(Hq, -np.inf, dtype=np.float32)
-        l = np.zeros(Hq, dtype=np.float32)
-        p = np.empty((Hq, bs), dtype=np.float32)       # one block's scores, then their exps
-        for jb in range(s * n_blk // S, (s + 1) * n_blk // S):   # this slice's blocks
-            blk = block_tables[b, jb]
-            nk = min(bs, n - jb * bs)                  # keys of this block that are visible
+            m_new = m[h]
             for r in range(nk):
-                for kvh in range(Hkv):
-                    kr = k_cache[blk, r, kvh]          # [hd]: one key, for its G query heads
-                    for h in range(kvh * G, kvh * G + G):
-                        acc = float32(0.0)
-                        for i in range(hd):
-                            acc += qs[h, i] * kr[i]
-                        p[h, r] = acc
-            for h in range(Hq):
-                m_new = m[h]
-                for r in range(nk):
-                    m_new = max(m_new, p[h, r])
-                c = exp32(m[h] - m_new)                # rescale the past (1 if the max held)
-                l[h] *= c
-                for i in range(hd):
-                    o[h, i] *= c
-                for r in range(nk):
-                    p[h, r] = exp32(p[h, r] - m_new)
-                    l[h] += p[h, r]
-                m[h] = m_new
-            for r in range(nk):
-                for kvh in range(Hkv):
-                    vr = v_cache[blk, r, kvh]          # [hd]
-                    for h in range(kvh * G, kvh * G + G):
-                        pr = p[h, r]
-                        for i in range(hd):
-                            o[h, i] += pr * vr[i]
-        for h in range(Hq):
-            m_part[t, s, h], l_part[t, s, h] = m[h], l[h]
+                m_new = max(m_new, p[h, r])
+            c = exp32(m[h] - m_new)                    # rescale the past (1 if the max held)
+            l[h] *= c
             for i in range(hd):
-                o_part[t, s, h, i] = o[h, i]
-    # merge the slices: the same rescale, now between slices (an empty slice has l = 0)
+                o[h, i] *= c
+            for r in range(nk):
+                p[h, r] = exp32(p[h, r] - m_new)
+                l[h] += p[h, r]
+            m[h] = m_new
+        for r in range(nk):
+            for kvh in range(Hkv):
+                vr = v_cache[blk, r, kvh]              # [hd]
+                for h in range(kvh * G, kvh * G + G):
+                    pr = p[h, r]
+                    for i in range(hd):
+                        o[h, i] += pr * vr[i]
+    for h in range(Hq):
+        m_part[t, s, h], l_part[t, s, h] = m[h], l[h]
+        for i in range(hd):
+            o_part[t, s, h, i] = o[h, i]
+
+
+@njit(fastmath=True, cache=True)
+def _merge_slices(q, parts):
+    """The slices' partial results -> out [T, Hq, hd]: the same rescale, now between slices (an
+    empty slice has l = 0)."""
+    m_part, l_part, o_part = parts
+    T, S, Hq = m_part.shape
+    hd = q.shape[2]
     out = np.empty_like(q)                 # (np.zeros_like would be a parallel loop of its own)
     for t in range(T):
         for h in range(Hq):

@@ -299,8 +299,7 @@ def _q8_0_gate_up(x, qg, dg, qu, du):
     out = np.empty((T, F), dtype=np.float32)
     for o in prange(F):
         for t in range(T):
-            g = _q8_0_dot(x, qg, dg, o, t)
-            out[t, o] = g / (float32(1.0) + exp32(-g)) * _q8_0_dot(x, qu, du, o, t)
+            out[t, o] = _q8_0_gate_up_dot(x, qg, dg, qu, du, o, t)
     return out
 
 
@@ -311,9 +310,51 @@ def _q4_gate_up(x, qg, dg, mg, qu, du, mu):
     out = np.empty((T, F), dtype=np.float32)
     for o in prange(F):
         for t in range(T):
-            g = _q4_dot(xl, xh2, xsum, qg, dg, mg, o, t)
-            out[t, o] = g / (float32(1.0) + exp32(-g)) * _q4_dot(xl, xh2, xsum, qu, du, mu, o, t)
+            out[t, o] = _q4_gate_up_dot(xl, xh2, xsum, qg, dg, mg, qu, du, mu, o, t)
     return out
+
+
+@njit(inline="always", fastmath=True)
+def _q8_0_gate_up_dot(x, qg, dg, qu, du, o, t):
+    """silu(row o of gate . token t) * (row o of up . token t)."""
+    g = _q8_0_dot(x, qg, dg, o, t)
+    return g / (float32(1.0) + exp32(-g)) * _q8_0_dot(x, qu, du, o, t)
+
+
+@njit(inline="always", fastmath=True)
+def _q4_gate_up_dot(xl, xh2, xsum, qg, dg, mg, qu, du, mu, o, t):
+    g = _q4_dot(xl, xh2, xsum, qg, dg, mg, o, t)
+    return g / (float32(1.0) + exp32(-g)) * _q4_dot(xl, xh2, xsum, qu, du, mu, o, t)
+
+
+# The same rows a thread's share at a time, for region.py (a whole step in one parallel region):
+# out[:, o0:o1] = rows o0..o1-1 of W . every token of x.
+@njit(inline="always", fastmath=True)
+def _q8_0_rows(x, qs, d, o0, o1, out):
+    for o in range(o0, o1):
+        for t in range(x.shape[0]):
+            out[t, o] = _q8_0_dot(x, qs, d, o, t)
+
+
+@njit(inline="always", fastmath=True)
+def _q4_rows(xl, xh2, xsum, qs, d, m, o0, o1, out):
+    for o in range(o0, o1):
+        for t in range(xl.shape[0]):
+            out[t, o] = _q4_dot(xl, xh2, xsum, qs, d, m, o, t)
+
+
+@njit(inline="always", fastmath=True)
+def _q8_0_gate_up_rows(x, qg, dg, qu, du, o0, o1, out):
+    for o in range(o0, o1):
+        for t in range(x.shape[0]):
+            out[t, o] = _q8_0_gate_up_dot(x, qg, dg, qu, du, o, t)
+
+
+@njit(inline="always", fastmath=True)
+def _q4_gate_up_rows(xl, xh2, xsum, qg, dg, mg, qu, du, mu, o0, o1, out):
+    for o in range(o0, o1):
+        for t in range(xl.shape[0]):
+            out[t, o] = _q4_gate_up_dot(xl, xh2, xsum, qg, dg, mg, qu, du, mu, o, t)
 
 
 # Prefill and big batches: many tokens share every weight, so the work is compute-bound, not

@@ -645,6 +645,28 @@ def _tokens(xi, qs, d, m, t, o0, o1, out, pf, limbs):
     return 1
 
 
+@njit(inline="always")
+def _tile(xi, qs, d, m, o0, o1, out, pf, limbs):
+    """Rows o0..o1-1 against every token of x: out[:, o0:o1]."""
+    t = 0
+    while t < out.shape[0]:
+        t += _tokens(xi, qs, d, m, t, o0, o1, out, pf, limbs)
+
+
+@njit(inline="always", fastmath=True)
+def _gate_up_tile(xi, qg, dg, mg, qu, du, mu, o0, o1, out, up, pf, limbs):
+    """out[:, o0:o1] = silu(gate rows) * (up rows), up[:, o0:o1] the scratch for the latter."""
+    t = 0
+    while t < out.shape[0]:
+        step = _tokens(xi, qg, dg, mg, t, o0, o1, out, pf, limbs)
+        _tokens(xi, qu, du, mu, t, o0, o1, up, pf, limbs)             # the same step: same format
+        for tt in range(t, t + step):
+            for o in range(o0, o1):
+                g = out[tt, o]
+                out[tt, o] = g / (float32(1.0) + exp32(-g)) * up[tt, o]
+        t += step
+
+
 @njit(parallel=True, fastmath=True, cache=True)
 def _matmul_i8(x, qs, d, m, pf, limbs):
     """x [T, K] -> [T, O]. m: Q4's [O, nb] mins, or an empty 1-D array for Q8_0 (_NO_M: numba
@@ -654,10 +676,7 @@ def _matmul_i8(x, qs, d, m, pf, limbs):
     out = np.empty((T, O), dtype=np.float32)
     n = _tiles(O)
     for tile in prange(n):
-        o0, o1 = tile * O // n, (tile + 1) * O // n
-        t = 0
-        while t < T:
-            t += _tokens(xi, qs, d, m, t, o0, o1, out, pf, limbs)
+        _tile(xi, qs, d, m, tile * O // n, (tile + 1) * O // n, out, pf, limbs)
     return out
 
 
@@ -670,16 +689,7 @@ def _gate_up_i8(x, qg, dg, mg, qu, du, mu, pf, limbs):
     up = np.empty((T, F), dtype=np.float32)
     n = _tiles(F)
     for tile in prange(n):
-        o0, o1 = tile * F // n, (tile + 1) * F // n
-        t = 0
-        while t < T:
-            step = _tokens(xi, qg, dg, mg, t, o0, o1, out, pf, limbs)
-            _tokens(xi, qu, du, mu, t, o0, o1, up, pf, limbs)         # the same step: same format
-            for tt in range(t, t + step):
-                for o in range(o0, o1):
-                    g = out[tt, o]
-                    out[tt, o] = g / (float32(1.0) + exp32(-g)) * up[tt, o]
-            t += step
+        _gate_up_tile(xi, qg, dg, mg, qu, du, mu, tile * F // n, (tile + 1) * F // n, out, up, pf, limbs)
     return out
 
 

@@ -1,0 +1,431 @@
+"""The layers of a step in ONE parallel region: fused.py's loop, with the threads kept together.
+
+fused._loop runs each matmul and each attention as a parallel loop of its own, and a decode step
+of SmolLM2-135M opens ~150 of them. Each start, ramp-up and join costs the threads a few
+microseconds — ~0.5 ms of a ~6.5 ms Q8_0 step. llama.cpp keeps its threads for the whole graph
+and meets them at barriers; so does this module:
+
+    for each thread, in one prange:                  work of a stage = items (tiles of rows,
+        for each layer:                              attention jobs), which the threads claim
+            h = rmsnorm(x)          (every thread)   from a shared counter: fetch-and-add
+            claim QKV tiles      -> y                gives each item to exactly one thread
+            claim the RoPE item  -> q, cache         and counts the items done in another;
+            claim attention jobs -> slices           before reading what a stage wrote, a
+            a = merge(slices)       (every thread)   thread waits until its done count is full
+            claim wo tiles       -> x +=
+            h = rmsnorm(x)          (every thread)
+            claim gate/up tiles  -> g
+            claim down tiles     -> x +=
+
+The barrier waits for *work*, not for threads: a thread never waits for one that has not started.
+Had the runtime run the prange's iterations one after another, the first would do every item
+and the others would find none left, instead of spinning forever.
+
+What each thread computes for itself (a norm of x, x cut into int8 parts, the attention slices
+merged) is a few thousand flops, cheaper than another wait; a thread that finds a stage's items
+all taken skips it. It is safe because a thread reads only what finished stages wrote, and
+writes shared arrays only inside an item it claimed: if a slow thread's own copy was computed
+while a later stage was already overwriting its inputs, then every item of its stage had been
+claimed before, and the copy goes unused.
+
+The same kernels as fused._loop, the same sums in the same order (tests/test_fused.py).
+"""
+from __future__ import annotations
+
+import platform
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from .fused import Q8
+from .stages import attention, quant, quant_i8
+from .stages.kvcache import kv_write_numba
+from .stages.rmsnorm import rmsnorm_numba
+from .stages.rope import rope_numba
+
+
+# ---------------------------------------------------------------------------------------------
+# Atomics: numba has none on the CPU, so two LLVM instructions of our own. ctr is an int64
+# array; counters sit 64 bytes apart (STRIDE) so that two of them never share a cache line.
+# ---------------------------------------------------------------------------------------------
+STRIDE = 8
+_X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
+
+
+def _ptr(context, builder, arrty, arr, i):
+    return builder.gep(context.make_array(arrty)(context, builder, arr).data, [i])
+
+
+@intrinsic
+def _fetch_add(typingctx, ctr, i, k):
+    """ctr[i] += k, atomically; -> the value before."""
+    def codegen(context, builder, sig, args):
+        ptr = _ptr(context, builder, sig.args[0], args[0], args[1])
+        return builder.atomic_rmw("add", ptr, args[2], "acq_rel")
+    return types.int64(ctr, i, types.int64), codegen
+
+
+@intrinsic
+def _load(typingctx, ctr, i):
+    """ctr[i], with everything written before the add that stored it visible after."""
+    def codegen(context, builder, sig, args):
+        return builder.load_atomic(_ptr(context, builder, sig.args[0], args[0], args[1]), "acquire", 8)
+    return types.int64(ctr, i), codegen
+
+
+@intrinsic
+def _pause(typingctx):
+    """x86's spin-wait hint: the waiting loop yields the core's pipeline to its sibling."""
+    def codegen(context, builder, sig, args):
+        if _X86:
+            fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), []),
+                                                "llvm.x86.sse2.pause")
+            builder.call(fn, [])
+        return context.get_dummy_value()
+    return types.none(), codegen
+
+
+# ---------------------------------------------------------------------------------------------
+# Claiming. Stage s has n items; thread w of nw owns the share w n / nw .. (w + 1) n / nw - 1 and
+# takes its items in order, so each thread streams through its own contiguous rows of a matrix
+# (and the kernels' prefetch, a few rows ahead, fetches rows it will use). Interleaved items
+# broke those streams: 0.85x. A thread whose share is done takes from the others' — a thread
+# that lags, or one that never came. Counters per stage: nw + 1 (claimed of each share, done),
+# each on a cache line of its own.
+# ---------------------------------------------------------------------------------------------
+@njit(inline="always")
+def _counter(s, v, nw):
+    return (s * (nw + 1) + v) * STRIDE
+
+
+@njit(inline="always")
+def _next(ctr, s, w, nw, n):
+    """The next items of stage s for thread w: (i0, i1), or (-1, -1) when all n are taken. Half
+    of what is left of a share at a time: fewer, longer kernel calls (a call costs ~0.1 us), and
+    still single items at the end, where the threads meet."""
+    for k in range(nw):
+        v = (w + k) % nw
+        first, end = v * n // nw, (v + 1) * n // nw
+        c = _counter(s, v, nw)
+        left = end - first - _load(ctr, c)    # a plain read first: no write to a line for nothing
+        if left > 0:
+            take = max(1, left // 2)
+            i = first + _fetch_add(ctr, c, take)
+            if i < end:
+                return i, min(i + take, end)
+    return -1, -1
+
+
+@njit(inline="always")
+def _left(ctr, s, nw, n):
+    """Are items of stage s still unclaimed?"""
+    for v in range(nw):
+        if v * n // nw + _load(ctr, _counter(s, v, nw)) < (v + 1) * n // nw:
+            return True
+    return False
+
+
+@njit(inline="always")
+def _finish(ctr, s, nw, n, k):
+    """This thread did k items of stage s: count them, and wait until all n are done."""
+    c = _counter(s, nw, nw)
+    if k:
+        _fetch_add(ctr, c, k)
+    while _load(ctr, c) < n:
+        _pause()
+
+
+# ---------------------------------------------------------------------------------------------
+# The stages. A matmul: out = res + x @ W[l]^T, [T, K] -> [T, O], where res is x itself (the
+# residual add, in place) or all zeros (0 + v is v exactly: one code path, one compiled kernel
+# for both). An item is a tile of rows (quant_i8._tiles: as the separate kernels cut them),
+# computed by the kernels fused.py's loop calls: the int8-part ones (quant_i8.py, limbs 1 or 3)
+# or the float ones (quant.py), a stage function for each. C = (ctr, s, wi, nw): the counters,
+# this stage, this thread, the threads. (Each stage is a function of its own, not inlined: numba
+# copies a function's IR at every inlined call, and the step inlined whole took ~60 s to compile.)
+# ---------------------------------------------------------------------------------------------
+@njit(inline="always")
+def _add(out, res, y, o0, o1):
+    for t in range(y.shape[0]):
+        for o in range(o0, o1):
+            out[t, o] = res[t, o] + y[t, o]
+
+
+@njit(cache=True)
+def _matmul_i8(x, w, l, limbs, out, res, C):
+    ctr, s, wi, nw = C
+    qs, d, m = w[0][l].view(np.uint8), w[1][l], w[2][l]
+    T, O = x.shape[0], qs.shape[0]
+    n, k = quant_i8._tiles(O), 0
+    if _left(ctr, s, nw, n):                  # (else nothing is left for this thread: no set-up)
+        xi = quant_i8._prepare_x(x, m.ndim == 1, limbs)
+        y = np.empty((T, O), dtype=np.float32)
+        i0, i1 = _next(ctr, s, wi, nw, n)
+        while i0 >= 0:
+            o0, o1 = i0 * O // n, i1 * O // n
+            quant_i8._tile(xi, qs, d, m, o0, o1, y, quant_i8.PREFETCH_ROWS, limbs)
+            _add(out, res, y, o0, o1)
+            k += i1 - i0
+            i0, i1 = _next(ctr, s, wi, nw, n)
+    _finish(ctr, s, nw, n, k)
+
+
+@njit(fastmath=True, cache=True)
+def _matmul_q8(x, w, l, out, res, C):
+    ctr, s, wi, nw = C
+    qs, d = w[0][l].view(np.int8), w[1][l]
+    T, O = x.shape[0], qs.shape[0]
+    n, k = quant_i8._tiles(O), 0
+    y = np.empty((T, O), dtype=np.float32)
+    i0, i1 = _next(ctr, s, wi, nw, n)
+    while i0 >= 0:
+        o0, o1 = i0 * O // n, i1 * O // n
+        quant._q8_0_rows(x, qs, d, o0, o1, y)
+        _add(out, res, y, o0, o1)
+        k += i1 - i0
+        i0, i1 = _next(ctr, s, wi, nw, n)
+    _finish(ctr, s, nw, n, k)
+
+
+@njit(fastmath=True, cache=True)
+def _matmul_q4(x, w, l, out, res, C):
+    ctr, s, wi, nw = C
+    qs, d, m = w[0][l].view(np.uint8), w[1][l], w[2][l]
+    T, O = x.shape[0], qs.shape[0]
+    n, k = quant_i8._tiles(O), 0
+    if _left(ctr, s, nw, n):
+        xl, xh2, xsum = quant._split_q4(x)
+        y = np.empty((T, O), dtype=np.float32)
+        i0, i1 = _next(ctr, s, wi, nw, n)
+        while i0 >= 0:
+            o0, o1 = i0 * O // n, i1 * O // n
+            quant._q4_rows(xl, xh2, xsum, qs, d, m, o0, o1, y)
+            _add(out, res, y, o0, o1)
+            k += i1 - i0
+            i0, i1 = _next(ctr, s, wi, nw, n)
+    _finish(ctr, s, nw, n, k)
+
+
+# silu(x Wg^T) * (x Wu^T) -> out [T, F]; an item is a tile of rows of both.
+@njit(cache=True)
+def _gate_up_i8(x, g, u, l, limbs, out, C):
+    ctr, s, wi, nw = C
+    T, F = x.shape[0], g[0].shape[1]
+    n, k = quant_i8._tiles(F), 0
+    if _left(ctr, s, nw, n):
+        xi = quant_i8._prepare_x(x, g[2][l].ndim == 1, limbs)
+        up = np.empty((T, F), dtype=np.float32)
+        i0, i1 = _next(ctr, s, wi, nw, n)
+        while i0 >= 0:
+            quant_i8._gate_up_tile(xi, g[0][l].view(np.uint8), g[1][l], g[2][l], u[0][l].view(np.uint8),
+                                   u[1][l], u[2][l], i0 * F // n, i1 * F // n, out, up,
+                                   quant_i8.PREFETCH_ROWS, limbs)
+            k += i1 - i0
+            i0, i1 = _next(ctr, s, wi, nw, n)
+    _finish(ctr, s, nw, n, k)
+
+
+@njit(fastmath=True, cache=True)
+def _gate_up_q8(x, g, u, l, out, C):
+    ctr, s, wi, nw = C
+    F = g[0].shape[1]
+    n, k = quant_i8._tiles(F), 0
+    i0, i1 = _next(ctr, s, wi, nw, n)
+    while i0 >= 0:
+        quant._q8_0_gate_up_rows(x, g[0][l].view(np.int8), g[1][l], u[0][l].view(np.int8), u[1][l],
+                                 i0 * F // n, i1 * F // n, out)
+        k += i1 - i0
+        i0, i1 = _next(ctr, s, wi, nw, n)
+    _finish(ctr, s, nw, n, k)
+
+
+@njit(fastmath=True, cache=True)
+def _gate_up_q4(x, g, u, l, out, C):
+    ctr, s, wi, nw = C
+    F = g[0].shape[1]
+    n, k = quant_i8._tiles(F), 0
+    if _left(ctr, s, nw, n):
+        xl, xh2, xsum = quant._split_q4(x)
+        i0, i1 = _next(ctr, s, wi, nw, n)
+        while i0 >= 0:
+            quant._q4_gate_up_rows(xl, xh2, xsum, g[0][l].view(np.uint8), g[1][l], g[2][l],
+                                   u[0][l].view(np.uint8), u[1][l], u[2][l], i0 * F // n,
+                                   i1 * F // n, out)
+            k += i1 - i0
+            i0, i1 = _next(ctr, s, wi, nw, n)
+    _finish(ctr, s, nw, n, k)
+
+
+@njit(inline="always")
+def _matmul(x, w, l, kind, limbs, out, res, C):
+    if limbs:                                 # kind and limbs are constants: one branch compiles
+        _matmul_i8(x, w, l, limbs, out, res, C)
+    elif kind == Q8:
+        _matmul_q8(x, w, l, out, res, C)
+    else:
+        _matmul_q4(x, w, l, out, res, C)
+
+
+@njit(inline="always")
+def _gate_up(x, g, u, l, kind, limbs, out, C):
+    if limbs:
+        _gate_up_i8(x, g, u, l, limbs, out, C)
+    elif kind == Q8:
+        _gate_up_q8(x, g, u, l, out, C)
+    else:
+        _gate_up_q4(x, g, u, l, out, C)
+
+
+@njit(cache=True)
+def _rope_cache(y, q, cos, sin, k_cache, v_cache, slot_mapping, C):
+    """One item: RoPE on q and k (q kept for attention), k and v written to the cache."""
+    ctr, s, wi, nw = C
+    T, n_heads, hd = q.shape
+    qd, kvd = n_heads * hd, (y.shape[1] - n_heads * hd) // 2
+    k = 0
+    if _next(ctr, s, wi, nw, 1)[0] == 0:
+        qf = q.reshape(T, qd)
+        for t in range(T):
+            for i in range(qd):
+                qf[t, i] = y[t, i]
+        rope_numba(q, cos, sin)                                       # in place
+        kr = rope_numba(np.ascontiguousarray(y[:, qd:qd + kvd]).reshape(T, kvd // hd, hd), cos, sin)
+        v = np.ascontiguousarray(y[:, qd + kvd:]).reshape(T, kvd // hd, hd)
+        kv_write_numba(k_cache, v_cache, kr, v, slot_mapping)
+        k = 1
+    _finish(ctr, s, nw, 1, k)
+
+
+@njit(cache=True)
+def _attention(q, k_cache, v_cache, row_seq, positions, block_tables, parts, C):
+    """The (row, slice of keys) jobs of attention._attention_job, an item each."""
+    ctr, s, wi, nw = C
+    n, k = parts[0].shape[0] * parts[0].shape[1], 0                # T x S
+    j0, j1 = _next(ctr, s, wi, nw, n)
+    while j0 >= 0:
+        for j in range(j0, j1):
+            attention._attention_job(q, k_cache, v_cache, row_seq, positions, block_tables, j, parts)
+        k += j1 - j0
+        j0, j1 = _next(ctr, s, wi, nw, n)
+    _finish(ctr, s, nw, n, k)
+
+
+# ---------------------------------------------------------------------------------------------
+# The step, as one thread walks it: fused._loop's arguments, and the shared arrays (QKV, q after
+# RoPE, the attention jobs' parts, silu(gate) * up, the counters); wi: this thread, of nw.
+# Six stages a layer, s = 6 l + 0..5.
+# ---------------------------------------------------------------------------------------------
+@njit(inline="always")
+def _walk(x, cos, sin, f, n_heads, n_kv_heads, eps, kind, limbs, wi, nw):
+    W, kv, B, shared = _nest(f)
+    attn_norm, wqkv, wo, ffn_norm, w_gate, w_up, w_down = W
+    k_cache, v_cache = kv
+    row_seq, positions, block_tables, slot_mapping = B
+    y, q, parts, g, ctr, zeros = shared
+    T, qd = x.shape[0], q.shape[1] * q.shape[2]
+    for l in range(attn_norm.shape[0]):
+        s = 6 * l
+        # --- attention block ---------------------------------------------------------------
+        h = rmsnorm_numba(x, attn_norm[l], eps)                                   # [T, D]
+        _matmul(h, wqkv, l, kind, limbs, y, zeros, (ctr, s, wi, nw))             # [T, qd + 2 kvd]
+        _rope_cache(y, q, cos, sin, k_cache[l], v_cache[l], slot_mapping, (ctr, s + 1, wi, nw))
+        _attention(q, k_cache[l], v_cache[l], row_seq, positions, block_tables, parts,
+                   (ctr, s + 2, wi, nw))
+        a = q.reshape(T, qd)                   # (a placeholder for a thread with nothing left)
+        if _left(ctr, s + 3, nw, quant_i8._tiles(wo[0].shape[1])):
+            a = attention._merge_slices(q, parts).reshape(T, qd)                 # [T, qd]
+        _matmul(a, wo, l, kind, limbs, x, x, (ctr, s + 3, wi, nw))                # x += [T, D]
+        # --- MLP block ---------------------------------------------------------------------
+        h = rmsnorm_numba(x, ffn_norm[l], eps)                                    # [T, D]
+        _gate_up(h, w_gate, w_up, l, kind, limbs, g, (ctr, s + 4, wi, nw))        # [T, F]
+        _matmul(g, w_down, l, kind, limbs, x, x, (ctr, s + 5, wi, nw))            # x += [T, D]
+
+
+# One compiled walk per kind of kernel, as in fused.py: `kind` and `limbs` are constants in each,
+# and only the kernels of that kind compile.
+@njit(cache=True)
+def _walk_q4(x, cos, sin, f, n_heads, n_kv_heads, eps, wi, nw):
+    _walk(x, cos, sin, f, n_heads, n_kv_heads, eps, 0, 0, wi, nw)
+
+
+@njit(cache=True)
+def _walk_q8(x, cos, sin, f, n_heads, n_kv_heads, eps, wi, nw):
+    _walk(x, cos, sin, f, n_heads, n_kv_heads, eps, 1, 0, wi, nw)
+
+
+@njit(cache=True)
+def _walk_i8(x, cos, sin, f, n_heads, n_kv_heads, eps, wi, nw):
+    _walk(x, cos, sin, f, n_heads, n_kv_heads, eps, 2, 1, wi, nw)
+
+
+@njit(cache=True)
+def _walk_split(x, cos, sin, f, n_heads, n_kv_heads, eps, wi, nw):
+    _walk(x, cos, sin, f, n_heads, n_kv_heads, eps, 3, 3, wi, nw)
+
+
+# The region: the shared arrays, then one prange iteration a thread, each walking the whole step.
+# (The walk is a function of its own: a parallel function's body goes through numba's parfor
+# passes, which took ~45 s on the walk inlined there. And a parallel loop cannot take nested
+# tuples of arrays in: all the arrays go in as one flat tuple, nested again inside the walk.)
+@njit(inline="always")
+def _flat(x, W, kv, B, n_heads, n_kv_heads, nw):
+    attn_norm, (aq, ad, am), (oq, od, om), ffn_norm, (gq, gd, gm), (uq, ud, um), (dq, dd, dm) = W
+    T, hd, F = x.shape[0], kv[0].shape[-1], uq.shape[1]
+    S = max(1, attention.SLICES // T)                          # attention's key slices per row
+    m_part, l_part, o_part = attention._slices(T, S, n_heads, hd)
+    shared = (np.empty((T, (n_heads + 2 * n_kv_heads) * hd), dtype=np.float32),  # QKV
+              np.empty((T, n_heads, hd), dtype=np.float32),    # [T, Hq, hd]  q after RoPE
+              m_part, l_part, o_part,                          # each attention job's result
+              np.empty((T, F), dtype=np.float32),              # [T, F]  silu(gate) * up
+              np.zeros(_counter(6 * aq.shape[0], 0, nw), dtype=np.int64),   # the counters
+              np.zeros((T, (n_heads + 2 * n_kv_heads) * hd), dtype=np.float32))   # QKV's "residual"
+    return (attn_norm, aq, ad, am, oq, od, om, ffn_norm, gq, gd, gm, uq, ud, um, dq, dd, dm) + kv + B + shared
+
+
+@njit(inline="always")
+def _nest(f):
+    W = (f[0], (f[1], f[2], f[3]), (f[4], f[5], f[6]), f[7], (f[8], f[9], f[10]),
+         (f[11], f[12], f[13]), (f[14], f[15], f[16]))
+    return W, (f[17], f[18]), (f[19], f[20], f[21], f[22]), (f[23], f[24], (f[25], f[26], f[27]), f[28], f[29], f[30])
+
+
+@njit(parallel=True, cache=True)
+def _region_q4(x, cos, sin, W, kv, B, n_heads, n_kv_heads, eps, nw):
+    x = x.copy()                                               # [T, D]  the residual stream
+    f = _flat(x, W, kv, B, n_heads, n_kv_heads, nw)
+    for wi in prange(nw):
+        _walk_q4(x, cos, sin, f, n_heads, n_kv_heads, eps, np.int64(wi), nw)   # (wi: uint64)
+    return x
+
+
+@njit(parallel=True, cache=True)
+def _region_q8(x, cos, sin, W, kv, B, n_heads, n_kv_heads, eps, nw):
+    x = x.copy()                                               # [T, D]  the residual stream
+    f = _flat(x, W, kv, B, n_heads, n_kv_heads, nw)
+    for wi in prange(nw):
+        _walk_q8(x, cos, sin, f, n_heads, n_kv_heads, eps, np.int64(wi), nw)   # (wi: uint64)
+    return x
+
+
+@njit(parallel=True, cache=True)
+def _region_i8(x, cos, sin, W, kv, B, n_heads, n_kv_heads, eps, nw):
+    x = x.copy()                                               # [T, D]  the residual stream
+    f = _flat(x, W, kv, B, n_heads, n_kv_heads, nw)
+    for wi in prange(nw):
+        _walk_i8(x, cos, sin, f, n_heads, n_kv_heads, eps, np.int64(wi), nw)   # (wi: uint64)
+    return x
+
+
+@njit(parallel=True, cache=True)
+def _region_split(x, cos, sin, W, kv, B, n_heads, n_kv_heads, eps, nw):
+    x = x.copy()                                               # [T, D]  the residual stream
+    f = _flat(x, W, kv, B, n_heads, n_kv_heads, nw)
+    for wi in prange(nw):
+        _walk_split(x, cos, sin, f, n_heads, n_kv_heads, eps, np.int64(wi), nw)   # (wi: uint64)
+    return x
+
+
+ENTRY = (_region_q4, _region_q8, _region_i8, _region_split)     # by fused's Q4, Q8, INT8, SPLIT
