@@ -112,7 +112,7 @@ def _next(ctr, s, w, nw, n):
         c = _counter(s, v, nw)
         left = end - first - _load(ctr, c)    # a plain read first: no write to a line for nothing
         if left > 0:
-            take = max(1, left // 2)
+            take = max(1, left // 2) if v == w else 1
             i = first + _fetch_add(ctr, c, take)
             if i < end:
                 return i, min(i + take, end)
