@@ -592,6 +592,10 @@ show(fig, "09_whole_model")
 # 1.5–2.1 ms a token: a fifth of a decode step of the real model once the kernels were fast. So
 # on the numba backend a decode step runs `minfer/fused.py`: the very same layer loop, written
 # inside one `@njit` function that calls the very same kernels — Python runs once per token.
+# The last step, `minfer/region.py`, keeps the threads in one `prange` for the whole token: each
+# stage's work is cut into items that the threads claim with an atomic counter, and before a
+# stage reads what the previous one wrote, a thread waits until its items are all done — about
+# 150 parallel-loop starts and joins a token become barriers (llama.cpp's thread pool works so).
 # (It is what `LLM(backend="numba")` does for the Q4_1 run above; the float32 runs here go
 # through the Python loop, which is what `op` tables are for.)
 #
