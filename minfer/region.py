@@ -1,9 +1,10 @@
 """The layers of a step in ONE parallel region: fused.py's loop, with the threads kept together.
 
 fused._loop runs each matmul and each attention as a parallel loop of its own, and a decode step
-of SmolLM2-135M opens ~150 of them. Each start, ramp-up and join costs the threads a few
-microseconds — ~0.5 ms of a ~6.5 ms Q8_0 step. llama.cpp keeps its threads for the whole graph
-and meets them at barriers; so does this module:
+of SmolLM2-135M opens ~150 of them; each start, ramp-up and join costs the threads a few
+microseconds. llama.cpp keeps its threads for the whole graph and meets them at barriers; so
+does this module (a decode step of the default model: 1.05x; with int8 activations 1.12x; on
+the float Q8_0 kernels no gain; docs/benchmarks.md):
 
     for each thread, in one prange:                  work of a stage = items (tiles of rows,
         for each layer:                              attention jobs), which the threads claim
