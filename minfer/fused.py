@@ -118,7 +118,7 @@ _ENTRY = {Q4: _layers_q4, Q8: _layers_q8, INT8: _layers_i8, SPLIT: _layers_split
 
 # The loop above opens a parallel region for every matmul and attention (~150 a decode step);
 # region.py walks the same loop with the threads kept in one region, claiming the work of each
-# stage and meeting at barriers: the default (decode 0-12 % faster, short prompts up to ~13 %;
+# stage and meeting at barriers: the default (decode 6-15 % faster, short prompts up to ~13 %;
 # docs/benchmarks.md). False: this loop, the readable one, which the tests hold region.py to.
 ONE_REGION = True
 

@@ -3,8 +3,8 @@
 fused._loop runs each matmul and each attention as a parallel loop of its own, and a decode step
 of SmolLM2-135M opens ~150 of them; each start, ramp-up and join costs the threads a few
 microseconds. llama.cpp keeps its threads for the whole graph and meets them at barriers; so
-does this module (a decode step of the default model: 1.05x; with int8 activations 1.12x; on
-the float Q8_0 kernels no gain; docs/benchmarks.md):
+does this module (decode, end to end: the default model 1.13x, Q8_0 1.06x, with int8
+activations 1.15x; docs/benchmarks.md):
 
     for each thread, in one prange:                  work of a stage = items (tiles of rows,
         for each layer:                              attention jobs), which the threads claim
@@ -375,7 +375,9 @@ def _walk_split(x, cos, sin, f, n_heads, n_kv_heads, eps, wi, nw):
 def _flat(x, W, kv, B, n_heads, n_kv_heads, nw):
     attn_norm, (aq, ad, am), (oq, od, om), ffn_norm, (gq, gd, gm), (uq, ud, um), (dq, dd, dm) = W
     T, hd, F = x.shape[0], kv[0].shape[-1], uq.shape[1]
-    S = max(1, attention.SLICES // T)                          # attention's key slices per row
+    # attention's key slices per row: one a thread (fewer jobs than attention.SLICES, their fixed
+    # costs with them: the 30 layers of a decode step on 2 threads 0.96-0.98x the time with 8)
+    S = max(1, nw // T)
     m_part, l_part, o_part = attention._slices(T, S, n_heads, hd)
     shared = (np.empty((T, (n_heads + 2 * n_kv_heads) * hd), dtype=np.float32),  # QKV
               np.empty((T, n_heads, hd), dtype=np.float32),    # [T, Hq, hd]  q after RoPE

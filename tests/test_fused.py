@@ -160,6 +160,7 @@ def test_the_region_needs_no_thread_for_each_worker(tiny_gguf, workers):
         got, cache_got = steps(llm.model, tables)
     finally:
         fused.layers_numba = real
+    # the same items; only attention's slices of the keys (one a worker) add up in another order
     for g, w in zip(got, want):
-        np.testing.assert_array_equal(g, w)            # the same items, the same sums
-    np.testing.assert_array_equal(cache_got.k, cache_want.k)
+        assert np.abs(g - w).max() <= 1e-5 * np.abs(w).max()
+    np.testing.assert_allclose(cache_got.k, cache_want.k, rtol=1e-5, atol=1e-6)
