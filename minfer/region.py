@@ -369,7 +369,7 @@ def _walk_split(x, cos, sin, f, n_heads, n_kv_heads, eps, wi, nw):
 
 # The region: the shared arrays, then one prange iteration a thread, each walking the whole step.
 # (The walk is a function of its own: a parallel function's body goes through numba's parfor
-# passes, which took ~45 s on the walk inlined there. And a parallel loop cannot take nested
+# passes, which took 45-50 s on the walk inlined there. And a parallel loop cannot take nested
 # tuples of arrays in: all the arrays go in as one flat tuple, nested again inside the walk.)
 @njit(inline="always")
 def _flat(x, W, kv, B, n_heads, n_kv_heads, nw):
@@ -385,14 +385,16 @@ def _flat(x, W, kv, B, n_heads, n_kv_heads, nw):
               np.empty((T, F), dtype=np.float32),              # [T, F]  silu(gate) * up
               np.zeros(_counter(6 * aq.shape[0], 0, nw), dtype=np.int64),   # the counters
               np.zeros((T, (n_heads + 2 * n_kv_heads) * hd), dtype=np.float32))   # QKV's "residual"
-    return (attn_norm, aq, ad, am, oq, od, om, ffn_norm, gq, gd, gm, uq, ud, um, dq, dd, dm) + kv + B + shared
+    return ((attn_norm, aq, ad, am, oq, od, om, ffn_norm, gq, gd, gm, uq, ud, um, dq, dd, dm)
+            + kv + B + shared)                             # 17 + 2 + 4 + 8 arrays
 
 
 @njit(inline="always")
 def _nest(f):
     W = (f[0], (f[1], f[2], f[3]), (f[4], f[5], f[6]), f[7], (f[8], f[9], f[10]),
          (f[11], f[12], f[13]), (f[14], f[15], f[16]))
-    return W, (f[17], f[18]), (f[19], f[20], f[21], f[22]), (f[23], f[24], (f[25], f[26], f[27]), f[28], f[29], f[30])
+    shared = (f[23], f[24], (f[25], f[26], f[27]), f[28], f[29], f[30])
+    return W, (f[17], f[18]), (f[19], f[20], f[21], f[22]), shared
 
 
 @njit(parallel=True, cache=True)
