@@ -413,19 +413,26 @@ def _sum16(typingctx, a):
     return types.float32(a), codegen
 
 
-@intrinsic
-def _prefetch(typingctx, arr, offset):
-    """Ask for the cache line holding arr.flat[offset] now: it is needed a few rows later."""
-    def codegen(context, builder, sig, args):
-        data = context.make_array(sig.args[0])(context, builder, args[0]).data
-        ptr = builder.bitcast(builder.gep(data, [args[1]]), ir.IntType(8).as_pointer())
-        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(
-            ir.VoidType(), [ptr.type, I32, I32, I32]), "llvm.prefetch.p0")
-        builder.call(fn, [ptr, ir.Constant(I32, 0), ir.Constant(I32, 3), ir.Constant(I32, 1)])
-        return context.get_dummy_value()
-    return types.none(arr, offset), codegen
+def _make_prefetch(locality):
+    @intrinsic
+    def prefetch(typingctx, arr, offset):
+        """Ask for the cache line holding arr.flat[offset] now: it is needed a few rows later."""
+        def codegen(context, builder, sig, args):
+            data = context.make_array(sig.args[0])(context, builder, args[0]).data
+            ptr = builder.bitcast(builder.gep(data, [args[1]]), ir.IntType(8).as_pointer())
+            fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(
+                ir.VoidType(), [ptr.type, I32, I32, I32]), "llvm.prefetch.p0")
+            builder.call(fn, [ptr, ir.Constant(I32, 0), ir.Constant(I32, locality), ir.Constant(I32, 1)])
+            return context.get_dummy_value()
+        return types.none(arr, offset), codegen
+    return prefetch
 
 
+# Into L1 (x86 prefetcht0), or into L2 only (prefetcht1). A decode step's int8 kernels (limbs 1)
+# streamed their rows faster with the rows ahead sent to L2 — L1 is where they keep x and do their
+# loads (q8_0 with int8 activations: a step 0.89-0.94x the time, one process, ninth session); the
+# three-part kernels, bound by their arithmetic, did not (1.01-1.03x), and keep L1.
+_prefetch, _prefetch_l2 = _make_prefetch(3), _make_prefetch(2)
 PREFETCH_ROWS = 8           # rows ahead: the hardware prefetcher alone left ~10% on the table
 
 
@@ -471,8 +478,12 @@ def _rows(xi, qs, d, m, t, o0, o1, out, pf, limbs):
     last = qs.shape[0] * n - 1
     for o in range(o0, o1):
         if pf > 0:
-            for k in range(0, n, 64):
-                _prefetch(qs, min(last, (o + pf) * n + k))
+            if limbs == 1:                              # (see _prefetch_l2)
+                for k in range(0, n, 64):
+                    _prefetch_l2(qs, min(last, (o + pf) * n + k))
+            else:
+                for k in range(0, n, 64):
+                    _prefetch(qs, min(last, (o + pf) * n + k))
         acc = _zeros16()
         b, row, tok = 0, o * nb, t * nb                 # block b's scales: d.flat[row + b], dx.flat[tok + b]
         x0 = t * K                                      # block b's parts of x: xq.flat[x0 + b QK limbs:]
