@@ -374,11 +374,11 @@ else:
 # combine exactly, $(s_1 \cdot 128 + s_2) \cdot 128 + s_3$, before the one conversion to
 # float. Three byte dot products per 64 weight bytes still cost fewer instructions than turning
 # 128 nibbles into floats, so on a CPU with VNNI this is how minfer's **default** (float32
-# activations) decodes 4-bit weights — and the Q8_0 LM head, the one matrix large enough for
-# them to beat the float kernel on 8-bit weights, and Q8_0 prompts, where they take 4 rows x 2
-# tokens a step so that every load serves 8 dot products: the same function as the float
-# kernels, to the same ~1e-6 — measured below against float64, and in the tests against
-# Hugging Face transformers.
+# activations) decodes quantized weights — 8-bit ones too, since their kernels began sending
+# the rows they prefetch to L2 rather than L1 (a Q8_0 decode step 0.87x the float kernel's
+# time), and Q8_0 prompts take 4 rows x 2 tokens a step so that every load serves 8 dot
+# products: the same function as the float kernels, to the same ~1e-6 — measured below against
+# float64, and in the tests against Hugging Face transformers.
 
 # %%
 if quant_i8.has_vnni():

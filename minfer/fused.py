@@ -123,10 +123,10 @@ _ENTRY = {Q4: _layers_q4, Q8: _layers_q8, INT8: _layers_i8, SPLIT: _layers_split
 ONE_REGION = True
 
 
-def kernels_for(stacks: dict, int8_act: bool, tokens: int = 1):
+def kernels_for(stacks: dict, int8_act: bool):
     """The kernel kind (Q4, Q8, INT8 or SPLIT: float32 activations as three int8 parts, on a CPU
-    with VNNI, quant.split_for) for these weight stacks and a batch of this many tokens, or None
-    when the fused loop does not apply."""
+    with VNNI, quant.split_x) for these weight stacks, or None when the fused loop does not
+    apply."""
     kinds = ("attn_norm", "wqkv", "wo", "ffn_norm", "w_gate", "w_up", "w_down")
     if not all(k in stacks for k in kinds):
         return None
@@ -139,7 +139,7 @@ def kernels_for(stacks: dict, int8_act: bool, tokens: int = 1):
     if int8_act:
         return INT8
     half = stacks["w_up"][2].dtype == np.float16          # only the int8-part kernels read those
-    return SPLIT if half or quant.split_for(stacks["w_up"][0], half, tokens) else family
+    return SPLIT if half or quant.split_x() else family
 
 
 def layers_numba(x, cos, sin, stacks, cache, batch, config, kind, workers=None):
@@ -166,7 +166,7 @@ class FusedLayers:
         self.int8_act = int8_act
 
     def __call__(self, x, cos, sin, weights, cache, batch, config):
-        kind = kernels_for(weights.stacks, self.int8_act, len(x))
+        kind = kernels_for(weights.stacks, self.int8_act)
         if kind is None:
             return None
         if kind != INT8 and len(x) >= quant.gemm_min_rows(weights.stacks["w_up"][0]):

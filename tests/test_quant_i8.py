@@ -154,14 +154,11 @@ def test_default_decode_uses_the_split_and_can_be_turned_off(monkeypatch):
     monkeypatch.setattr(quant, "SPLIT_X", True)
     split = quant.quant_linear_numba(x, w)
     assert np.array_equal(split, quant_i8.quant_linear_i8(x, w, limbs=3))
-    w8 = mat(64, 96, "Q8_0")                    # Q8_0 keeps its float kernel for one token,
-    x1 = x[:1]                                  # takes the split from two (quant.split_for)
-    assert np.array_equal(quant.quant_linear_numba(x1, w8), quant._q8_0_matmul(x1, w8.qs, w8.d))
-    assert np.array_equal(quant.quant_linear_numba(x, w8), quant_i8.quant_linear_i8(x, w8, limbs=3))
-    assert np.array_equal(quant.quant_gate_up_numba(x1, w8, w8),
-                          quant._q8_0_gate_up(x1, w8.qs, w8.d, w8.qs, w8.d))
-    assert np.array_equal(quant.quant_gate_up_numba(x, w8, w8),
-                          quant_i8.quant_gate_up_i8(x, w8, w8, limbs=3))
+    w8 = mat(64, 96, "Q8_0").half_scales()      # Q8_0 too, one token or more (as loaded:
+    for xt in (x[:1], x):                       # float16 scales, weights.scales_for_kernels)
+        assert np.array_equal(quant.quant_linear_numba(xt, w8), quant_i8.quant_linear_i8(xt, w8, limbs=3))
+        assert np.array_equal(quant.quant_gate_up_numba(xt, w8, w8),
+                              quant_i8.quant_gate_up_i8(xt, w8, w8, limbs=3))
     monkeypatch.setattr(quant, "SPLIT_X", False)
     floats = quant.quant_linear_numba(x, w)
     assert np.array_equal(floats, quant._q4_matmul(x, w.qs, w.d, w.m))
@@ -278,10 +275,10 @@ def test_default_model_keeps_float16_scales_for_its_4bit_layers(tiny_gguf, monke
 
 
 @vnni
-def test_q8_0_with_float16_scales_runs_on_the_split_kernel(monkeypatch):
-    """The LM head's rule (quant.quant_linear_numba): a Q8_0 matrix with float16 scales goes to
-    the three-part kernel, one with float32 scales (the Q8_0 layers) stays on the float kernel;
-    both give the reference's numbers."""
+def test_q8_0_runs_on_the_split_kernel_unless_switched_off(monkeypatch):
+    """quant.quant_linear_numba on a VNNI CPU: a Q8_0 matrix goes to the three-part kernel with
+    float16 scales (as weights.load keeps them there) or float32 ones; with the split switched
+    off, to the float kernel (float16 scales widened for it). All give the reference's numbers."""
     monkeypatch.setattr(quant, "SPLIT_X", True)
     calls, real = [], quant_i8.quant_linear_i8
     monkeypatch.setattr(quant_i8, "quant_linear_i8", lambda *a, **k: calls.append(k) or real(*a, **k))
@@ -289,6 +286,8 @@ def test_q8_0_with_float16_scales_runs_on_the_split_kernel(monkeypatch):
     x = rng.standard_normal((1, 96)).astype(np.float32)
     want = quant.quant_linear(x, w)
     np.testing.assert_allclose(quant.quant_linear_numba(x, w.half_scales()), want, rtol=1e-5, atol=1e-5)
-    assert calls == [dict(limbs=3)]
     np.testing.assert_allclose(quant.quant_linear_numba(x, w), want, rtol=1e-5, atol=1e-5)
-    assert len(calls) == 1
+    assert calls == [dict(limbs=3)] * 2
+    monkeypatch.setattr(quant, "SPLIT_X", False)
+    np.testing.assert_allclose(quant.quant_linear_numba(x, w.half_scales()), want, rtol=1e-5, atol=1e-5)
+    assert len(calls) == 2

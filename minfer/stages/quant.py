@@ -432,37 +432,30 @@ def _tiled_gemm(x: np.ndarray, w: QuantMatrix) -> np.ndarray:
     return out
 
 
-# Fewer than SPLIT_GEMM_MIN_ROWS tokens and 4-bit weights, on a CPU with AVX-512 VNNI: x split
-# into three int8 parts per block (quant_i8.py, "Three parts") — as exact as float32 (~1e-6
-# relative error against float64, like the float kernels above), on the byte dot-product
-# instruction. The Q4 float kernels spend ~7 vector instructions per 32 weights turning nibbles
-# into floats; a 1536 x 512 Q4_1 matvec took 21-22 us on the split against 32-33 (weights from
-# memory). Q8_0's float kernel is as fast at decode (a whole decode step on the split: 0.95x,
-# then 1.005x and 1.03x on the layers in later A/Bs, 0.93x in the seventh session): it stays for
-# the layers' decode steps; a prompt of 2 tokens or more goes to the split (split_for). The LM
-# head is different: one 49,152-row matrix, which the split kernel reads from float16 scales in
-# 0.86 ms against the float kernel's 1.05 (from memory, one process): weights.load gives it
-# float16 scales, and a Q8_0 matrix that has them goes to the split kernel.
+# Fewer than gemm_min_rows tokens, on a CPU with AVX-512 VNNI: x split into three int8 parts per
+# block (quant_i8.py, "Three parts") — as exact as float32 (~1e-6 relative error against float64,
+# like the float kernels above), on the byte dot-product instruction, reading the file's float16
+# scales (weights.load keeps them). The Q4 float kernels spend ~7 vector instructions per 32
+# weights turning nibbles into floats; a 1536 x 512 Q4_1 matvec took 21-22 us on the split
+# against 32-33 (weights from memory). For Q8_0 the float kernel held its own at decode until
+# the split kernels sent the rows they prefetch to L2 rather than L1 (quant_i8._prefetch_l2):
+# a `q8_0` decode step then took 0.87x the float kernel's time (ninth session, one process), and
+# its weights are 4.5% smaller with float16 scales. Q8_0 prompts gained from the split earlier
+# (4 rows x 2 tokens a step, quant_i8._rows_pair_q8; seventh session, one process: 1.34x at 16
+# and 32 tokens, 1.16x at 64, 1.09x at 96, 1.05x at 112, 0.85x at 128: the sgemm tiles from
+# Q8_SPLIT_GEMM_MIN_ROWS on), and the LM head too (one 49,152-row matrix, 0.86 ms against the
+# float kernel's 1.05, from memory).
 # SPLIT_X: None = where the CPU has VNNI; False forces the float kernels everywhere.
 SPLIT_X = None
 
 
 def split_x() -> bool:
+    """Do matmuls of float32 x on quantized weights run on the split (three-part) kernels here?"""
     global SPLIT_X
     if SPLIT_X is None:
         from .quant_i8 import has_vnni
         SPLIT_X = has_vnni()
     return SPLIT_X
-
-
-def split_for(fmt: str, half: bool, tokens: int) -> bool:
-    """Does a matmul of float32 x with weights of this format run on the split (three-part)
-    kernels here? On a CPU with VNNI: 4-bit weights always; Q8_0 with float16 scales (the LM
-    head), or for two tokens or more — a short prompt, where the split kernels take 4 rows x 2
-    tokens a step (quant_i8._rows_pair_q8) and beat the float kernel and the tiles up to
-    Q8_SPLIT_GEMM_MIN_ROWS tokens (seventh session, one process, q8_0 prefill: 1.34x at 16 and
-    32 tokens, 1.16x at 64, 1.09x at 96, 1.05x at 112, 0.85x at 128)."""
-    return split_x() and (fmt != "Q8_0" or half or tokens > 1)
 
 
 Q8_SPLIT_GEMM_MIN_ROWS = 112
@@ -480,7 +473,7 @@ def quant_gate_up_numba(x: np.ndarray, wg: QuantMatrix, wu: QuantMatrix,
     """silu(x wg^T) * (x wu^T) for fewer than gemm_min_rows tokens, in one fused kernel.
     [T, K] -> [T, F].
     int8_act: x rounded to int8 per block (quant_i8.py, the opt-in variant), any T."""
-    if int8_act or split_for(wg.fmt, wg.d.dtype == np.float16, x.shape[0]):
+    if int8_act or split_x():
         from .quant_i8 import quant_gate_up_i8
         return quant_gate_up_i8(x, wg, wu, limbs=1 if int8_act else 3)
     x = np.ascontiguousarray(x, dtype=np.float32)
@@ -500,7 +493,7 @@ def quant_linear_numba(x: np.ndarray, w: QuantMatrix, int8_act: bool = False) ->
     x = np.ascontiguousarray(x, dtype=np.float32)
     if x.shape[0] >= gemm_min_rows(w.fmt):
         return _tiled_gemm(x, w)
-    if split_for(w.fmt, w.d.dtype == np.float16, x.shape[0]):
+    if split_x():
         from .quant_i8 import quant_linear_i8
         return quant_linear_i8(x, w, limbs=3)
     w = w.float_scales()

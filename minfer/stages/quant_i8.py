@@ -428,10 +428,11 @@ def _make_prefetch(locality):
     return prefetch
 
 
-# Into L1 (x86 prefetcht0), or into L2 only (prefetcht1). A decode step's int8 kernels (limbs 1)
-# streamed their rows faster with the rows ahead sent to L2 — L1 is where they keep x and do their
-# loads (q8_0 with int8 activations: a step 0.89-0.94x the time, one process, ninth session); the
-# three-part kernels, bound by their arithmetic, did not (1.01-1.03x), and keep L1.
+# Into L1 (x86 prefetcht0), or into L2 only (prefetcht1). The kernels stream Q8_0 rows (34 bytes
+# a block) faster with the rows ahead sent to L2 — L1 is where they keep x and do their loads:
+# a q8_0 decode step 0.89-0.94x the time with int8 activations, 0.87x in three parts (one process,
+# ninth session). So do 4-bit rows against int8 x (auto, int8: 0.96x); the three-part kernels on
+# 4-bit rows, bound by their arithmetic, did not gain (1.01-1.03x) and keep L1.
 _prefetch, _prefetch_l2 = _make_prefetch(3), _make_prefetch(2)
 PREFETCH_ROWS = 8           # rows ahead: the hardware prefetcher alone left ~10% on the table
 
@@ -478,7 +479,7 @@ def _rows(xi, qs, d, m, t, o0, o1, out, pf, limbs):
     last = qs.shape[0] * n - 1
     for o in range(o0, o1):
         if pf > 0:
-            if limbs == 1:                              # (see _prefetch_l2)
+            if q8 or limbs == 1:                        # (see _prefetch_l2)
                 for k in range(0, n, 64):
                     _prefetch_l2(qs, min(last, (o + pf) * n + k))
             else:

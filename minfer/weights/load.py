@@ -133,18 +133,14 @@ def half_scales(weights: Weights, formats=("Q8_0", "Q4_0", "Q4_1")) -> None:
 
 def scales_for_kernels(weights: Weights, backend: str, activations: str) -> None:
     """Hold the quantized scales as the kernels that will run want them: float16 (the file's own
-    2 bytes) for the int8-part kernels of quant_i8.py — every matrix with int8 activations; with
-    float32 activations on a CPU with VNNI, the 4-bit layers and the embedding / LM head of any
-    format (a Q8_0 head with float16 scales runs on those kernels too: quant.quant_linear_numba)
-    — else float32 (Q8_0 layers: the float kernel decodes on them, and the int8-part kernels
-    that take their prompts read float32 scales as well)."""
+    2 bytes) for the int8-part kernels of quant_i8.py — every matrix with int8 activations, and
+    with float32 activations on a CPU with VNNI (the three-part kernels, quant.split_x) — else
+    float32, for the float kernels."""
     from ..stages.quant import split_x
     if backend != "numba" or not weights.has_quantized():
         return
-    if activations == "int8":
+    if activations == "int8" or split_x():
         half_scales(weights)
-    elif split_x():
-        half_scales(weights, formats=("Q4_0", "Q4_1"))
 
 
 def _check(name: str, arr, shape: tuple) -> np.ndarray:
