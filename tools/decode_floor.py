@@ -24,8 +24,8 @@ attention. This script measures each of those here:
 and prints, for each weight format, the ideal: the decode speed of a step that read its weights
 and the KV cache at that bandwidth and opened its regions, and did nothing else — and minfer's
 decode (bench's run: 128-token prompt, 128 new tokens) as a share of it. Real steps add the
-arithmetic (minfer's kernels are bound by it: on a Zen 4 core the Q8_0 float kernel turns
-~20 G weights/s from cache), norms, RoPE, sampling and Python (~0.2 ms). The machine is shared:
+arithmetic (the three-part kernels of minfer's default float32 activations are bound by it on
+4-bit weights), attention, norms, RoPE, sampling and Python (~0.1 ms). The machine is shared:
 its bandwidth moves with its neighbours, so run it twice and compare.
 """
 import argparse
