@@ -126,3 +126,23 @@ def test_paged_attention_with_peaked_scores(block_size, n_new, n):
     want = attention.paged_attention(q, cache.k[0], cache.v[0], batch)
     got = attention.paged_attention_numba(q, cache.k[0], cache.v[0], batch)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("block_size", [5, 16, 32])
+@pytest.mark.parametrize("n_new,n", [(1, 1), (1, 19), (1, 200), (3, 70)])
+def test_paged_attention_vector_path_at_model_shapes(block_size, n_new, n):
+    """head_dim 64, 9 query heads on 3 kv heads (SmolLM2-135M): the vector job (head_dim a
+    multiple of 16; _scores16, _pv4, the next block prefetched) against the reference, with keys
+    that fill no whole 16-key vector, one, and many blocks."""
+    Hq, Hkv, hd = 9, 3, 64
+    r = np.random.default_rng(5)
+    cache = KVCache(1, Hkv, hd, block_size=block_size, n_blocks=-(-n // block_size) + 2)
+    bm = BlockManager(cache)
+    bm.ensure(0, n)
+    kvcache.kv_write(cache.k[0], cache.v[0], r.standard_normal((n, Hkv, hd)).astype(np.float32),
+                     r.standard_normal((n, Hkv, hd)).astype(np.float32), bm.slots(0, 0, n))
+    batch = make_batch([(list(range(n_new)), n - n_new, bm.tables[0])], block_size)
+    q = (r.standard_normal((n_new, Hq, hd)) * 2).astype(np.float32)
+    want = attention.paged_attention(q, cache.k[0], cache.v[0], batch)
+    got = attention.paged_attention_numba(q, cache.k[0], cache.v[0], batch)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
