@@ -149,10 +149,11 @@ def _attention_job(q, k_cache, v_cache, row_seq, positions, block_tables, job, p
 
 # ---------------------------------------------------------------------------------------------
 # Vector code, for head_dim a multiple of 16 (SmolLM2: 64): the same job, written with 16-float
-# vectors. In a decode step the job above was bound by its arithmetic (a score was a dot product
-# summed across its vector lanes, one at a time; p.V one chain of adds per head) and by waiting on
-# memory (each block's keys read when first needed): ~36 us a layer for 192 keys on one thread
-# with the cache in memory, 23 with it in cache. Here:
+# vectors. The job above is bound by its arithmetic (a score is a dot product summed across its
+# vector lanes, one at a time; p.V one chain of adds per head) and by waiting on memory (each
+# block's keys read when first needed): 31-32 us a layer for 192 keys on one thread with the
+# cache in memory, 23 with it in cache; this one 26-28 and 17, at 1000 keys 110 against 141-147
+# (docs/benchmarks.md, "Attention in vector code"). Here:
 #   scores: 16 keys of a head at once (_scores16): 16 vector dot products, then one tree of
 #           shuffles adds each one's lanes — 16 sums for the price of ~3 lanewise adds;
 #   p.V:    o[h] += p[h, r] v_r four keys at a time, in four independent chains (_pv4);
