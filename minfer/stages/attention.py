@@ -86,30 +86,43 @@ def _slices(T, S, Hq, hd):
             np.empty((T, S, Hq, hd), dtype=np.float32))
 
 
+@njit(inline="always")
+def _job_start(q, row_seq, positions, job, S, T, bs):
+    """Job `job` of T x S: its row t (zigzag over the rows), slice s, sequence b, visible keys n
+    (causal: 0..position) in n_blk blocks; q scaled once (not every score); o, m, l started."""
+    Hq, hd = q.shape[1], q.shape[2]
+    j, s = job // S, job % S
+    t = j // 2 if j % 2 == 0 else T - 1 - j // 2
+    n = positions[t] + 1
+    scale = float32(1.0 / np.sqrt(hd))
+    qs = np.empty((Hq, hd), dtype=np.float32)
+    for h in range(Hq):
+        for i in range(hd):
+            qs[h, i] = q[t, h, i] * scale
+    return (t, s, row_seq[t], n, (n + bs - 1) // bs, qs, np.zeros((Hq, hd), dtype=np.float32),
+            np.full(Hq, -np.inf, dtype=np.float32), np.zeros(Hq, dtype=np.float32))
+
+
+@njit(inline="always")
+def _job_end(parts, t, s, m, l, o):
+    m_part, l_part, o_part = parts
+    for h in range(m.shape[0]):
+        m_part[t, s, h], l_part[t, s, h] = m[h], l[h]
+        for i in range(o.shape[1]):
+            o_part[t, s, h, i] = o[h, i]
+
+
 @njit(fastmath=True, cache=True)
 def _attention_job(q, k_cache, v_cache, row_seq, positions, block_tables, job, parts):
     """Job `job` of T x S: one row's one slice of keys, all query heads, into parts[..][t, s]."""
     if q.shape[2] % 16 == 0:                           # (see "Vector code", below)
         _attention_job_vec(q, k_cache, v_cache, row_seq, positions, block_tables, job, parts)
         return
-    m_part, l_part, o_part = parts
-    T, S, Hq = m_part.shape
+    T, S, Hq = parts[0].shape
     hd = q.shape[2]
     bs, Hkv = k_cache.shape[1], k_cache.shape[2]
     G = Hq // Hkv                                      # query heads per kv head
-    scale = float32(1.0 / np.sqrt(hd))
-    j, s = job // S, job % S
-    t = j // 2 if j % 2 == 0 else T - 1 - j // 2       # zigzag over the rows
-    b = row_seq[t]
-    n = positions[t] + 1                               # causal: keys 0..position
-    n_blk = (n + bs - 1) // bs
-    qs = np.empty((Hq, hd), dtype=np.float32)          # q, scaled once, not every score
-    for h in range(Hq):
-        for i in range(hd):
-            qs[h, i] = q[t, h, i] * scale
-    o = np.zeros((Hq, hd), dtype=np.float32)
-    m = np.full(Hq, -np.inf, dtype=np.float32)
-    l = np.zeros(Hq, dtype=np.float32)
+    t, s, b, n, n_blk, qs, o, m, l = _job_start(q, row_seq, positions, job, S, T, bs)
     p = np.empty((Hq, bs), dtype=np.float32)           # one block's scores, then their exps
     for jb in range(s * n_blk // S, (s + 1) * n_blk // S):   # this slice's blocks
         blk = block_tables[b, jb]
@@ -141,10 +154,7 @@ def _attention_job(q, k_cache, v_cache, row_seq, positions, block_tables, job, p
                     pr = p[h, r]
                     for i in range(hd):
                         o[h, i] += pr * vr[i]
-    for h in range(Hq):
-        m_part[t, s, h], l_part[t, s, h] = m[h], l[h]
-        for i in range(hd):
-            o_part[t, s, h, i] = o[h, i]
+    _job_end(parts, t, s, m, l, o)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -287,26 +297,13 @@ def _pv_end(typingctx, acc):
 @njit(fastmath=True, cache=True)
 def _attention_job_vec(q, k_cache, v_cache, row_seq, positions, block_tables, job, parts):
     """_attention_job in vector code (head_dim % 16 == 0)."""
-    m_part, l_part, o_part = parts
-    T, S, Hq = m_part.shape
+    T, S, Hq = parts[0].shape
     hd = q.shape[2]
     bs, Hkv = k_cache.shape[1], k_cache.shape[2]
     G = Hq // Hkv                                      # query heads per kv head
     row, blk_len = Hkv * hd, bs * Hkv * hd             # floats a key (all kv heads), a block
     bs16 = (bs + 15) // 16 * 16                        # a head's scores, in whole vectors
-    scale = float32(1.0 / np.sqrt(hd))
-    j, s = job // S, job % S
-    t = j // 2 if j % 2 == 0 else T - 1 - j // 2       # zigzag over the rows
-    b = row_seq[t]
-    n = positions[t] + 1                               # causal: keys 0..position
-    n_blk = (n + bs - 1) // bs
-    qs = np.empty(Hq * hd, dtype=np.float32)           # q, scaled once, not every score
-    for h in range(Hq):
-        for i in range(hd):
-            qs[h * hd + i] = q[t, h, i] * scale
-    o = np.zeros(Hq * hd, dtype=np.float32)
-    m = np.full(Hq, -np.inf, dtype=np.float32)
-    l = np.zeros(Hq, dtype=np.float32)
+    t, s, b, n, n_blk, qs, o, m, l = _job_start(q, row_seq, positions, job, S, T, bs)
     c = np.empty(Hq, dtype=np.float32)                 # each head's rescale of the past
     p = np.empty(Hq * bs16, dtype=np.float32)          # [Hq, bs16]: a block's scores, then exps
     j0, j1 = s * n_blk // S, (s + 1) * n_blk // S      # this slice's blocks
@@ -353,11 +350,8 @@ def _attention_job_vec(q, k_cache, v_cache, row_seq, positions, block_tables, jo
                     while r < nk:                      # the last 1-3 keys: the first chain
                         acc = _pv1(acc, p, h * bs16 + r, V, r * row + kvh * hd + i)
                         r += 1
-                    _store16(o, h * hd + i, _pv_end(acc))
-    for h in range(Hq):
-        m_part[t, s, h], l_part[t, s, h] = m[h], l[h]
-        for i in range(hd):
-            o_part[t, s, h, i] = o[h * hd + i]
+                    _store16(o, h * hd + i, _pv_end(acc))   # (flat offsets: o is [Hq, hd])
+    _job_end(parts, t, s, m, l, o)
 
 
 @njit(fastmath=True, cache=True)
