@@ -46,12 +46,12 @@ def test_swiglu(T, D, F):
     np.testing.assert_allclose(mlp.swiglu_numba(x, g, u, d), mlp.swiglu(x, g, u, d), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("hd", [8, 16])          # the scalar job, the vector one (hd % 16 == 0)
 @pytest.mark.parametrize("block_size", [1, 5, 16])
 @pytest.mark.parametrize("Hq,Hkv", [(4, 4), (9, 3), (6, 1)])
-def test_kv_write_and_paged_attention(block_size, Hq, Hkv):
+def test_kv_write_and_paged_attention(block_size, Hq, Hkv, hd):
     """A mixed batch: one sequence prefilling 11 tokens, one decoding at position 20, one verifying
     3 tokens at positions 6..8; block counts not a multiple of anything in particular."""
-    hd = 8
     lens = [(11, 0), (1, 20), (3, 6)]           # (new tokens, tokens already cached)
     caches = []
     for write in (kvcache.kv_write, kvcache.kv_write_numba):
