@@ -216,16 +216,9 @@ def _scores16(typingctx, qs, qoff, K, koff, kstride, nk, hd):
 
 
 def _splat(builder, s):
+    """The float s in all 16 lanes of a vector."""
     one = builder.insert_element(ir.Constant(_vec(F32, 1), None), s, ir.Constant(I32, 0))
     return builder.shuffle_vector(one, one, ir.Constant(_vec(I32, 16), [0] * 16))
-
-
-@intrinsic
-def _load16(typingctx, a, off):
-    def codegen(context, builder, sig, args):
-        return _load(context, builder, sig.args[0], args[0], args[1], F32, 16)
-    if a.layout == "C":
-        return F32x16(a, types.int64), codegen
 
 
 @intrinsic
