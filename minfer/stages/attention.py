@@ -165,7 +165,7 @@ def _attention_job(q, k_cache, v_cache, row_seq, positions, block_tables, job, p
 # cache in memory, 23 with it in cache; this one 26-28 and 17, at 1000 keys 110 against 141-147
 # (docs/benchmarks.md, "Attention in vector code"). Here:
 #   scores: 16 keys of a head at once (_scores16): 16 vector dot products, then one tree of
-#           shuffles adds each one's lanes — 16 sums for the price of ~3 lanewise adds;
+#           shuffles adds up each one's lanes: ~3 vector operations a sum;
 #   p.V:    o[h] += p[h, r] v_r four keys at a time, in four independent chains (_pv4);
 #   memory: while it scores a block, the job asks for the next block's keys and values into L2
 #           (prefetch), a few lines per head, so their loads do not wait on memory.
@@ -258,8 +258,8 @@ def _pv1(typingctx, acc, p, poff, V, voff):
         acc_, p_, poff_, V_, voff_ = args
         pj = builder.load(builder.gep(context.make_array(sig.args[1])(context, builder, p_).data, [poff_]))
         v = _load(context, builder, sig.args[3], V_, voff_, F32, 16)
-        first = builder.fadd(builder.extract_value(acc_, 0), builder.fmul(_splat(builder, pj), v, flags=["fast"]),
-                             flags=["fast"])
+        pv = builder.fmul(_splat(builder, pj), v, flags=["fast"])
+        first = builder.fadd(builder.extract_value(acc_, 0), pv, flags=["fast"])
         return builder.insert_value(acc_, first, 0)
     if p.layout == "C" and V.layout == "C":
         return acc(acc, p, types.int64, V, types.int64), codegen
@@ -282,8 +282,8 @@ def _pv_end(typingctx, acc):
     """The four accumulators' sum."""
     def codegen(context, builder, sig, args):
         a = [builder.extract_value(args[0], j) for j in range(4)]
-        return builder.fadd(builder.fadd(a[0], a[1], flags=["fast"]), builder.fadd(a[2], a[3], flags=["fast"]),
-                            flags=["fast"])
+        add = (lambda x, y: builder.fadd(x, y, flags=["fast"]))
+        return add(add(a[0], a[1]), add(a[2], a[3]))
     return F32x16(acc), codegen
 
 
@@ -302,8 +302,8 @@ def _attention_job_vec(q, k_cache, v_cache, row_seq, positions, block_tables, jo
     j0, j1 = s * n_blk // S, (s + 1) * n_blk // S      # this slice's blocks
     lines = blk_len // 16                              # 64-byte lines in a block's K (and V)
     for jb in range(j0, j1):
-        K = k_cache[block_tables[b, jb]].reshape(blk_len)
-        V = v_cache[block_tables[b, jb]].reshape(blk_len)
+        K = k_cache[block_tables[b, jb]].reshape(blk_len)    # [bs * Hkv * hd]: key r, kv head
+        V = v_cache[block_tables[b, jb]].reshape(blk_len)    # kvh at (r * Hkv + kvh) * hd
         nk = min(bs, n - jb * bs)                      # keys of this block that are visible
         # the next block's lines, a share with each head's scores
         nxt = block_tables[b, jb + 1] if jb + 1 < j1 else -1
