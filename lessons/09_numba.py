@@ -418,7 +418,10 @@ print("two pass:", two_pass.round(6))
 # loop of their own. That loop calls `exp32` (`stages/fastexp.py`), e^x written as plain
 # arithmetic (a power of two times a polynomial), which the compiler turns into vector code;
 # `np.exp` is a call into the C library per value, and perf showed it taking ~40% of the
-# kernel's time:
+# kernel's time. When head_dim is a multiple of 16 (SmolLM2: 64) each job runs the same steps in
+# vector code, `attention._attention_job_vec`: a head's scores for 16 keys in one call, p.V four
+# keys at a time in four independent chains, the next block prefetched while this one is scored
+# (1.2-1.4x the plain job on one thread; docs/benchmarks.md):
 
 # %%
 print(inspect.getsource(attention._attention_rows))

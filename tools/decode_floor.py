@@ -25,8 +25,9 @@ and prints, for each weight format, the ideal: the decode speed of a step that r
 and the KV cache at that bandwidth and opened its regions, and did nothing else — and minfer's
 decode (bench's run: 128-token prompt, 128 new tokens) as a share of it. Real steps add the
 arithmetic (the three-part kernels of minfer's default float32 activations are bound by it on
-4-bit weights), attention, norms, RoPE, sampling and Python (~0.1 ms). The machine is shared:
-its bandwidth moves with its neighbours, so run it twice and compare.
+4-bit weights), attention, norms, RoPE, sampling and Python (~0.25 ms a step: it runs on caches
+the weights have just flushed). The machine is shared: its bandwidth moves with its neighbours,
+so run it twice and compare.
 """
 import argparse
 import statistics
