@@ -142,28 +142,56 @@ def kernels_for(stacks: dict, int8_act: bool):
     return SPLIT if half or quant.split_x() else family
 
 
-def layers_numba(x, cos, sin, stacks, cache, batch, config, kind, workers=None):
-    """x [T, D] after the embedding -> x [T, D] after the last layer (cache written on the way).
+def layer_args(stacks: dict, n_layers: int) -> tuple:
+    """The stacks as the compiled loop takes them: (attn_norm, wqkv, wo, ffn_norm, w_gate, w_up,
+    w_down), each matrix as (quants, scales, mins) [L, ...], float16 scales as uint16 bits."""
+    no_m = np.zeros((n_layers, 0), dtype=np.float32)            # Q8_0 has no mins (1-D a layer)
+    w = {k: (v[1], bits(v[2]), bits(v[3]) if v[3] is not None else no_m)
+         for k, v in stacks.items() if v[0] != "F32"}
+    return (stacks["attn_norm"][1], w["wqkv"], w["wo"], stacks["ffn_norm"][1], w["w_gate"],
+            w["w_up"], w["w_down"])
+
+
+def head_args(weights, kind: int):
+    """The final norm and the LM head as region.py's walk takes them — (norm, (quants, scales,
+    mins) [1, ...]) — or None where its kernels cannot read this LM head: float32 weights, or a
+    format the float kernels of `kind` are not compiled for (the int8-part ones read all three)."""
+    lm = weights.lm_head
+    if not isinstance(lm, quant.QuantMatrix):
+        return None
+    if kind in (Q4, Q8) and ((lm.fmt == "Q8_0") != (kind == Q8) or lm.d.dtype != np.float32):
+        return None
+    m = np.zeros((1, 0), dtype=np.float32) if lm.m is None else bits(lm.m)[None]
+    return weights.norm, (lm.qs[None], bits(lm.d)[None], m)
+
+
+def layers_numba(x, cos, sin, stacks, cache, batch, config, kind, workers=None, W=None, head=None):
+    """x [T, D] after the embedding -> (x [T, D] after the last layer, logits [R, V] or None),
+    the cache written on the way. W: layer_args(stacks), if already made. head: head_args(...),
+    or None: the logits then come from model.forward's own final norm and LM head.
     workers: region.py's prange iterations (default: numba's threads, one each)."""
-    no_m = np.zeros((config.n_layers, 0), dtype=np.float32)     # Q8_0 has no mins (1-D a layer)
-    w = {k: (v[1], bits(v[2]), bits(v[3]) if v[3] is not None else no_m)    # (float16 scales
-         for k, v in stacks.items() if v[0] != "F32"}                       # as uint16 bits)
-    W = (stacks["attn_norm"][1], w["wqkv"], w["wo"], stacks["ffn_norm"][1], w["w_gate"],
-         w["w_up"], w["w_down"])
+    W = layer_args(stacks, config.n_layers) if W is None else W
     B = (batch.row_seq, batch.positions, batch.block_tables, batch.slot_mapping)
     args = (np.ascontiguousarray(x, dtype=np.float32), cos, sin, W, (cache.k, cache.v), B,
             config.n_heads, config.n_kv_heads, float(config.rms_eps))
     if ONE_REGION:
         from . import region
-        return region.ENTRY[kind](*args, workers or numba.get_num_threads())
-    return _ENTRY[kind](*args)
+        if head is None:     # no logits rows: the walk's tail does nothing (one compiled walk)
+            head, rows = (stacks["ffn_norm"][1][0], W[2]), batch.logits_rows[:0]
+        else:
+            rows = batch.logits_rows
+        x, logits = region.ENTRY[kind](*args, head, rows, workers or numba.get_num_threads())
+        return x, (logits if len(logits) else None)
+    return _ENTRY[kind](*args), None
 
 
 class FusedLayers:
     """The op-table entry (backends.numba_ops): layers(x, cos, sin, weights, cache, batch, config)
-    -> x after the last layer, or None where the fused loop does not apply."""
+    -> (x after the last layer, the logits of batch.logits_rows or None), or None where the
+    fused loop does not apply."""
     def __init__(self, int8_act: bool = False):
         self.int8_act = int8_act
+        self._made = None     # (the stacks' entries, W, head): made once, not each step (~40 us)
 
     def __call__(self, x, cos, sin, weights, cache, batch, config):
         kind = kernels_for(weights.stacks, self.int8_act)
@@ -171,4 +199,11 @@ class FusedLayers:
             return None
         if kind != INT8 and len(x) >= quant.gemm_min_rows(weights.stacks["w_up"][0]):
             return None                          # long prefill: sgemm tiles, in model.forward
-        return layers_numba(x, cos, sin, weights.stacks, cache, batch, config, kind)
+        entries = (kind, *weights.stacks.values(), weights.lm_head, weights.norm)
+        made = self._made
+        if made is None or len(made[0]) != len(entries) or any(
+                a is not b for a, b in zip(made[0][1:], entries[1:])) or made[0][0] != kind:
+            made = self._made = (entries, layer_args(weights.stacks, config.n_layers),
+                                 head_args(weights, kind))
+        _, W, head = made
+        return layers_numba(x, cos, sin, weights.stacks, cache, batch, config, kind, W=W, head=head)

@@ -74,7 +74,9 @@ class Transformer:
         cos, sin = op.rope_angles(batch.positions, c.head_dim, c.rope_theta)  # [T, hd/2] each
         fused = getattr(op, "layers", None)     # numba: run_layers as one compiled call (fused.py)
         y = fused(x, cos, sin, W, cache, batch, c) if fused is not None else None
-        x = y if y is not None else self.run_layers(x, cos, sin, batch, cache)   # [T, D]
+        if y is not None and y[1] is not None:
+            return y[1]                    # the compiled call ran the final norm and LM head too
+        x = y[0] if y is not None else self.run_layers(x, cos, sin, batch, cache)   # [T, D]
         x = op.rmsnorm(x[batch.logits_rows], W.norm, c.rms_eps)               # [R, D]
         return op.linear(x, W.lm_head)                                         # [R, V]
 

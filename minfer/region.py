@@ -317,11 +317,11 @@ def _attention(q, k_cache, v_cache, row_seq, positions, block_tables, parts, C):
 # ---------------------------------------------------------------------------------------------
 # The step, as one thread walks it: fused._loop's arguments, and the shared arrays (QKV, q after
 # RoPE, the attention jobs' parts, silu(gate) * up, the counters); wi: this thread, of nw.
-# Six stages a layer, s = 6 l + 0..5.
+# Six stages a layer, s = 6 l + 0..5, then the LM head.
 # ---------------------------------------------------------------------------------------------
 @njit(inline="always")
 def _walk(x, cos, sin, f, n_heads, n_kv_heads, eps, kind, limbs, wi, nw):
-    W, kv, B, shared = _nest(f)
+    W, kv, B, shared, head = _nest(f)
     attn_norm, wqkv, wo, ffn_norm, w_gate, w_up, w_down = W
     k_cache, v_cache = kv
     row_seq, positions, block_tables, slot_mapping = B
@@ -343,6 +343,11 @@ def _walk(x, cos, sin, f, n_heads, n_kv_heads, eps, kind, limbs, wi, nw):
         h = rmsnorm_numba(x, ffn_norm[l], eps)                                    # [T, D]
         _gate_up(h, w_gate, w_up, l, kind, limbs, g, (ctr, s + 4, wi, nw))        # [T, F]
         _matmul(g, w_down, l, kind, limbs, x, x, (ctr, s + 5, wi, nw))            # x += [T, D]
+    # --- final norm and LM head, for the logits rows (none: model.forward does them) ---------
+    norm, lm, rows, logits = head
+    if rows.shape[0] > 0:
+        h = rmsnorm_numba(x[rows], norm, eps)                                    # [R, D]
+        _matmul(h, lm, 0, kind, limbs, logits, logits, (ctr, 6 * attn_norm.shape[0], wi, nw))  # [R, V]
 
 
 # One compiled walk per kind of kernel, as in fused.py: `kind` and `limbs` are constants in each,
@@ -372,8 +377,9 @@ def _walk_split(x, cos, sin, f, n_heads, n_kv_heads, eps, wi, nw):
 # passes, which took 45-50 s on the walk inlined there. And a parallel loop cannot take nested
 # tuples of arrays in: all the arrays go in as one flat tuple, nested again inside the walk.)
 @njit(inline="always")
-def _flat(x, W, kv, B, n_heads, n_kv_heads, nw):
+def _flat(x, W, kv, B, head, rows, n_heads, n_kv_heads, nw):
     attn_norm, (aq, ad, am), (oq, od, om), ffn_norm, (gq, gd, gm), (uq, ud, um), (dq, dd, dm) = W
+    norm, (lq, ld, lm) = head
     T, hd, F = x.shape[0], kv[0].shape[-1], uq.shape[1]
     # attention's key slices per row: one a thread (fewer jobs than attention.SLICES, their fixed
     # costs with them: the 30 layers of a decode step on 2 threads 0.96-0.98x the time with 8)
@@ -383,10 +389,11 @@ def _flat(x, W, kv, B, n_heads, n_kv_heads, nw):
               np.empty((T, n_heads, hd), dtype=np.float32),    # [T, Hq, hd]  q after RoPE
               m_part, l_part, o_part,                          # each attention job's result
               np.empty((T, F), dtype=np.float32),              # [T, F]  silu(gate) * up
-              np.zeros(_counter(6 * aq.shape[0], 0, nw), dtype=np.int64),   # the counters
+              np.zeros(_counter(6 * aq.shape[0] + 1, 0, nw), dtype=np.int64),   # the counters
               np.zeros((T, (n_heads + 2 * n_kv_heads) * hd), dtype=np.float32))   # QKV's "residual"
+    logits = np.zeros((rows.shape[0], lq.shape[1]), dtype=np.float32)   # [R, V] (0 + v is v)
     return ((attn_norm, aq, ad, am, oq, od, om, ffn_norm, gq, gd, gm, uq, ud, um, dq, dd, dm)
-            + kv + B + shared)                             # 17 + 2 + 4 + 8 arrays
+            + kv + B + shared + (norm, lq, ld, lm, rows, logits))   # 17 + 2 + 4 + 8 + 6 arrays
 
 
 @njit(inline="always")
@@ -394,43 +401,44 @@ def _nest(f):
     W = (f[0], (f[1], f[2], f[3]), (f[4], f[5], f[6]), f[7], (f[8], f[9], f[10]),
          (f[11], f[12], f[13]), (f[14], f[15], f[16]))
     shared = (f[23], f[24], (f[25], f[26], f[27]), f[28], f[29], f[30])
-    return W, (f[17], f[18]), (f[19], f[20], f[21], f[22]), shared
+    head = (f[31], (f[32], f[33], f[34]), f[35], f[36])
+    return W, (f[17], f[18]), (f[19], f[20], f[21], f[22]), shared, head
 
 
 @njit(parallel=True, cache=True)
-def _region_q4(x, cos, sin, W, kv, B, n_heads, n_kv_heads, eps, nw):
+def _region_q4(x, cos, sin, W, kv, B, n_heads, n_kv_heads, eps, head, rows, nw):
     x = x.copy()                                               # [T, D]  the residual stream
-    f = _flat(x, W, kv, B, n_heads, n_kv_heads, nw)
+    f = _flat(x, W, kv, B, head, rows, n_heads, n_kv_heads, nw)
     for wi in prange(nw):
         _walk_q4(x, cos, sin, f, n_heads, n_kv_heads, eps, np.int64(wi), nw)   # (wi: uint64)
-    return x
+    return x, f[36]                                            # [T, D], logits [R, V]
 
 
 @njit(parallel=True, cache=True)
-def _region_q8(x, cos, sin, W, kv, B, n_heads, n_kv_heads, eps, nw):
+def _region_q8(x, cos, sin, W, kv, B, n_heads, n_kv_heads, eps, head, rows, nw):
     x = x.copy()                                               # [T, D]  the residual stream
-    f = _flat(x, W, kv, B, n_heads, n_kv_heads, nw)
+    f = _flat(x, W, kv, B, head, rows, n_heads, n_kv_heads, nw)
     for wi in prange(nw):
         _walk_q8(x, cos, sin, f, n_heads, n_kv_heads, eps, np.int64(wi), nw)   # (wi: uint64)
-    return x
+    return x, f[36]                                            # [T, D], logits [R, V]
 
 
 @njit(parallel=True, cache=True)
-def _region_i8(x, cos, sin, W, kv, B, n_heads, n_kv_heads, eps, nw):
+def _region_i8(x, cos, sin, W, kv, B, n_heads, n_kv_heads, eps, head, rows, nw):
     x = x.copy()                                               # [T, D]  the residual stream
-    f = _flat(x, W, kv, B, n_heads, n_kv_heads, nw)
+    f = _flat(x, W, kv, B, head, rows, n_heads, n_kv_heads, nw)
     for wi in prange(nw):
         _walk_i8(x, cos, sin, f, n_heads, n_kv_heads, eps, np.int64(wi), nw)   # (wi: uint64)
-    return x
+    return x, f[36]                                            # [T, D], logits [R, V]
 
 
 @njit(parallel=True, cache=True)
-def _region_split(x, cos, sin, W, kv, B, n_heads, n_kv_heads, eps, nw):
+def _region_split(x, cos, sin, W, kv, B, n_heads, n_kv_heads, eps, head, rows, nw):
     x = x.copy()                                               # [T, D]  the residual stream
-    f = _flat(x, W, kv, B, n_heads, n_kv_heads, nw)
+    f = _flat(x, W, kv, B, head, rows, n_heads, n_kv_heads, nw)
     for wi in prange(nw):
         _walk_split(x, cos, sin, f, n_heads, n_kv_heads, eps, np.int64(wi), nw)   # (wi: uint64)
-    return x
+    return x, f[36]                                            # [T, D], logits [R, V]
 
 
 ENTRY = (_region_q4, _region_q8, _region_i8, _region_split)     # by fused's Q4, Q8, INT8, SPLIT

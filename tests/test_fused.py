@@ -37,17 +37,28 @@ def test_fused_layers_equal_the_python_loop(tiny_gguf, quant, act, one_region, m
     assert fused.kernels_for(llm.weights.stacks, act == "int8") == want_kind
     plain_ops = type(llm.model.ops)(**{**vars(llm.model.ops), "layers": None})
     plain = Transformer(llm.config, llm.weights, plain_ops)
-    calls = []
+    calls, heads = [], []
     real = fused.layers_numba
+
+    def spy(*a, **k):
+        calls.append(len(a[0]))
+        x, logits = real(*a, **k)
+        heads.append(logits is not None)
+        return x, logits
     tables = [[0, 1, 2, 3, 4, 5], [11, 10, 9, 8, 7, 6]]
     try:
-        fused.layers_numba = lambda *a: calls.append(len(a[0])) or real(*a)
+        fused.layers_numba = spy
         got, cache_got = steps(llm.model, tables)
     finally:
         fused.layers_numba = real
     want, cache_want = steps(plain, tables)
     # the fused loop ran for every step: the 20-token prefill is short of quant.gemm_min_rows
     assert calls == [20, 2, 6]
+    # the region ran the final norm and the (Q8_0) LM head too where its kernels read that
+    # format: the int8-part ones read all three; the float Q4 kernels not Q8_0
+    fused_head = fused.head_args(llm.weights, want_kind) is not None
+    assert fused_head == (want_kind != fused.Q4)
+    assert heads == [one_region and fused_head] * 3
     # int8: x is rounded to int8 in every matmul, so a last-bit difference between two compiled
     # copies of a kernel (the loop's own and the standalone one; numba's cached and fresh code
     # were seen to differ so) can flip a rounding (1/127 of a block's largest value) and grow
@@ -76,7 +87,7 @@ def test_fused_loop_is_skipped_where_it_does_not_apply(tiny_gguf, monkeypatch):
     for name in ("GEMM_MIN_ROWS", "SPLIT_GEMM_MIN_ROWS"):
         monkeypatch.setattr(qmod, name, 20)
     calls, real = [], fused.layers_numba
-    monkeypatch.setattr(fused, "layers_numba", lambda *a: calls.append(len(a[0])) or real(*a))
+    monkeypatch.setattr(fused, "layers_numba", lambda *a, **k: calls.append(len(a[0])) or real(*a, **k))
     assert np.abs(q.logits(ids) - short).max() <= 1e-4 * np.abs(short).max() and calls == []
     assert q.logits(ids[:19]).shape[0] == 19 and calls == [19]
 
@@ -154,7 +165,7 @@ def test_the_region_needs_no_thread_for_each_worker(tiny_gguf, workers):
     want, cache_want = steps(llm.model, tables)
     real = fused.layers_numba
     try:
-        fused.layers_numba = lambda *a: real(*a, workers=workers)
+        fused.layers_numba = lambda *a, **k: real(*a, **k, workers=workers)
         got, cache_got = steps(llm.model, tables)
     finally:
         fused.layers_numba = real
