@@ -35,8 +35,20 @@ def test_rope(T, H, hd):
     np.testing.assert_allclose(rope.rope_numba(x.copy(), cos, sin), want, rtol=1e-5, atol=1e-5)
 
 
-def test_embedding():
-    table, ids = randn(50, 12), rng.integers(0, 50, 9)
+@pytest.mark.parametrize("T,hd,base", [(1, 64, 1e5), (9, 16, 1e4), (300, 128, 5e5)])
+def test_rope_angles(T, hd, base):
+    pos = rng.integers(0, 70000, T)
+    for got, want in zip(rope.rope_angles_numba(pos, hd, base), rope.rope_angles(pos, hd, base)):
+        np.testing.assert_array_equal(got, want)       # the same float64 arithmetic: the same bits
+
+
+@pytest.mark.parametrize("fmt", ["F32", "Q8_0", "Q4_0", "Q4_1"])
+@pytest.mark.parametrize("half", [False, True], ids=["f32-scales", "f16-scales"])
+def test_embedding(fmt, half):
+    table, ids = randn(50, 96), rng.integers(0, 50, 9)
+    if fmt != "F32":
+        table = minfer.stages.quant.QuantMatrix.from_float(table, fmt)
+        table = table.half_scales() if half else table
     np.testing.assert_array_equal(embedding.embedding_numba(ids, table), embedding.embedding(ids, table))
 
 

@@ -11,6 +11,8 @@ are the same function after permuting the rows of the Q and K projection weights
 llama.cpp's converter does when it writes a GGUF. minfer computes with interleaved pairs, so GGUF
 weights load as they are and HF weights go through `hf_to_interleaved` once, at load.
 """
+import functools
+
 import numpy as np
 
 
@@ -58,6 +60,31 @@ def rope_numba(x, cos, sin):
                 x[t, h, 2 * i] = x0 * cos[t, i] - x1 * sin[t, i]
                 x[t, h, 2 * i + 1] = x0 * sin[t, i] + x1 * cos[t, i]
     return x
+
+
+def rope_angles_numba(positions: np.ndarray, head_dim: int, base: float):
+    """rope_angles as one compiled call, the same float64 arithmetic (the same bits: checked
+    over 65,536 positions). A decode step's eight NumPy calls took ~30-50 us, on the caches that
+    the step's weights have just flushed."""
+    return _angles(positions, _inv_freq(head_dim, base))
+
+
+@functools.lru_cache(maxsize=8)
+def _inv_freq(head_dim: int, base: float) -> np.ndarray:
+    return base ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)     # [hd/2]
+
+
+@njit(cache=True)
+def _angles(positions, inv_freq):
+    T, n = positions.shape[0], inv_freq.shape[0]
+    cos = np.empty((T, n), dtype=np.float32)
+    sin = np.empty((T, n), dtype=np.float32)
+    for t in range(T):
+        for i in range(n):
+            a = np.float64(positions[t]) * inv_freq[i]
+            cos[t, i] = np.float32(np.cos(a))
+            sin[t, i] = np.float32(np.sin(a))
+    return cos, sin
 
 
 # ---------------------------------------------------------------------------------------------
