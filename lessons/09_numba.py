@@ -599,6 +599,7 @@ show(fig, "09_whole_model")
 # stage's work is cut into items that the threads claim with an atomic counter, and before a
 # stage reads what the previous one wrote, a thread waits until its items are all done — about
 # 150 parallel-loop starts and joins a token become barriers (llama.cpp's thread pool works so).
+# Its last stage is the final norm and the LM head: one compiled call from the layers to the logits.
 # (It is what `LLM(backend="numba")` does for the Q4_1 run above; the float32 runs here go
 # through the Python loop, which is what `op` tables are for.)
 #

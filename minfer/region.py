@@ -4,7 +4,9 @@ fused._loop runs each matmul and each attention as a parallel loop of its own, a
 of SmolLM2-135M opens ~150 of them; each start, ramp-up and join costs the threads a few
 microseconds. llama.cpp keeps its threads for the whole graph and meets them at barriers; so
 does this module (decode, end to end: the default model 1.13x, Q8_0 1.06x, with int8
-activations 1.15x; docs/benchmarks.md):
+activations 1.15x; docs/benchmarks.md). The final norm and the LM head are its last stage, so a
+decode step is three compiled calls — the embedding, the RoPE angles, then this region through to
+the logits — and little Python (0.95x the step's time again, eleventh session):
 
     for each thread, in one prange:                  work of a stage = items (tiles of rows,
         for each layer:                              attention jobs), which the threads claim
@@ -17,6 +19,8 @@ activations 1.15x; docs/benchmarks.md):
             h = rmsnorm(x)          (every thread)
             claim gate/up tiles  -> g
             claim down tiles     -> x +=
+        h = rmsnorm(x[rows])        (every thread)   rows: the batch's logits rows
+        claim LM head tiles  -> logits               (none: model.forward does the two)
 
 The barrier waits for *work*, not for threads: a thread never waits for one that has not started.
 Had the runtime run the prange's iterations one after another, the first would do every item
