@@ -42,9 +42,11 @@ def test_rope_angles(T, hd, base):
         np.testing.assert_array_equal(got, want)       # the same float64 arithmetic: the same bits
 
 
-@pytest.mark.parametrize("fmt", ["F32", "Q8_0", "Q4_0", "Q4_1"])
-@pytest.mark.parametrize("half", [False, True], ids=["f32-scales", "f16-scales"])
+@pytest.mark.parametrize("fmt,half", [("F32", False)] + [(f, h) for f in ("Q8_0", "Q4_0", "Q4_1")
+                                                          for h in (False, True)])
 def test_embedding(fmt, half):
+    """float32 rows; quantized rows with float32 scales, or float16 ones (as the int8 kernels
+    keep them): the compiled gathers widen them exactly."""
     table, ids = randn(50, 96), rng.integers(0, 50, 9)
     if fmt != "F32":
         table = minfer.stages.quant.QuantMatrix.from_float(table, fmt)
