@@ -191,7 +191,7 @@ class FusedLayers:
     fused loop does not apply."""
     def __init__(self, int8_act: bool = False):
         self.int8_act = int8_act
-        self._made = None     # (the stacks' entries, W, head): made once, not each step (~40 us)
+        self._made = None     # (kind, weights' entries, W, head): made once, not each step
 
     def __call__(self, x, cos, sin, weights, cache, batch, config):
         kind = kernels_for(weights.stacks, self.int8_act)
@@ -199,11 +199,13 @@ class FusedLayers:
             return None
         if kind != INT8 and len(x) >= quant.gemm_min_rows(weights.stacks["w_up"][0]):
             return None                          # long prefill: sgemm tiles, in model.forward
-        entries = (kind, *weights.stacks.values(), weights.lm_head, weights.norm)
+        # (rebuilt each step, the argument tuples had cost ~85 us of Python; remade when the
+        # weights' arrays are others, e.g. after load.half_scales)
+        entries = (*weights.stacks.values(), weights.lm_head, weights.norm)
         made = self._made
-        if made is None or len(made[0]) != len(entries) or any(
-                a is not b for a, b in zip(made[0][1:], entries[1:])) or made[0][0] != kind:
-            made = self._made = (entries, layer_args(weights.stacks, config.n_layers),
+        if (made is None or made[0] != kind or len(made[1]) != len(entries)
+                or any(a is not b for a, b in zip(made[1], entries))):
+            made = self._made = (kind, entries, layer_args(weights.stacks, config.n_layers),
                                  head_args(weights, kind))
-        _, W, head = made
+        _, _, W, head = made
         return layers_numba(x, cos, sin, weights.stacks, cache, batch, config, kind, W=W, head=head)

@@ -37,9 +37,11 @@ def test_rope(T, H, hd):
 
 @pytest.mark.parametrize("T,hd,base", [(1, 64, 1e5), (9, 16, 1e4), (300, 128, 5e5)])
 def test_rope_angles(T, hd, base):
-    pos = rng.integers(0, 70000, T)
-    for got, want in zip(rope.rope_angles_numba(pos, hd, base), rope.rope_angles(pos, hd, base)):
-        np.testing.assert_array_equal(got, want)       # the same float64 arithmetic: the same bits
+    """Rows of a table of the reference's own angles: the same bits, also after the table grew
+    (positions past its end) and for positions it does not hold (negative: the reference)."""
+    for pos in (rng.integers(0, 900, T), rng.integers(0, 20000, T), np.array([-3, 5])):
+        for got, want in zip(rope.rope_angles_numba(pos, hd, base), rope.rope_angles(pos, hd, base)):
+            np.testing.assert_array_equal(got, want)
 
 
 @pytest.mark.parametrize("fmt,half", [("F32", False)] + [(f, h) for f in ("Q8_0", "Q4_0", "Q4_1")

@@ -11,8 +11,6 @@ are the same function after permuting the rows of the Q and K projection weights
 llama.cpp's converter does when it writes a GGUF. minfer computes with interleaved pairs, so GGUF
 weights load as they are and HF weights go through `hf_to_interleaved` once, at load.
 """
-import functools
-
 import numpy as np
 
 
@@ -63,28 +61,38 @@ def rope_numba(x, cos, sin):
 
 
 def rope_angles_numba(positions: np.ndarray, head_dim: int, base: float):
-    """rope_angles as one compiled call, the same float64 arithmetic (the same bits: checked
-    over 65,536 positions). A decode step's eight NumPy calls took ~30-50 us, on the caches that
-    the step's weights have just flushed."""
-    return _angles(positions, _inv_freq(head_dim, base))
+    """rope_angles as rows of a table of rope_angles(arange(n)) itself (as the GPU path keeps
+    one), gathered in one compiled call: a decode step's eight NumPy calls took ~30-50 us on the
+    caches that the step's weights have just flushed. The table grows to a power of two when a
+    position passes its end: a few times at most, up to a model's context."""
+    key = (head_dim, base)
+    table = _TABLES.get(key)
+    if table is not None:
+        cos, sin, ok = _gather_angles(positions, *table)
+        if ok:
+            return cos, sin
+    if len(positions) == 0 or positions.min() < 0:                  # (not from the engine)
+        return rope_angles(positions, head_dim, base)
+    n = max(1024, 1 << int(positions.max()).bit_length())
+    _TABLES[key] = rope_angles(np.arange(n), head_dim, base)
+    return rope_angles_numba(positions, head_dim, base)
 
 
-@functools.lru_cache(maxsize=8)
-def _inv_freq(head_dim: int, base: float) -> np.ndarray:
-    return base ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)     # [hd/2]
+_TABLES = {}      # (head_dim, base) -> (cos, sin) [n, hd/2]: rope_angles(arange(n))
 
 
 @njit(cache=True)
-def _angles(positions, inv_freq):
-    T, n = positions.shape[0], inv_freq.shape[0]
-    cos = np.empty((T, n), dtype=np.float32)
-    sin = np.empty((T, n), dtype=np.float32)
+def _gather_angles(positions, cos_t, sin_t):
+    """Rows `positions` of the tables; ok: all of them were in the tables."""
+    T, n = positions.shape[0], cos_t.shape[0]
+    cos = np.empty((T, cos_t.shape[1]), dtype=np.float32)
+    sin = np.empty((T, cos_t.shape[1]), dtype=np.float32)
     for t in range(T):
-        for i in range(n):
-            a = np.float64(positions[t]) * inv_freq[i]
-            cos[t, i] = np.float32(np.cos(a))
-            sin[t, i] = np.float32(np.sin(a))
-    return cos, sin
+        p = positions[t]
+        if p < 0 or p >= n:
+            return cos, sin, False
+        cos[t], sin[t] = cos_t[p], sin_t[p]
+    return cos, sin, True
 
 
 # ---------------------------------------------------------------------------------------------
