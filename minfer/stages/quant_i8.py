@@ -208,12 +208,16 @@ def _load_scales(context, builder, t, a, i, n):
 
 def _parts(builder, one, limbs, start):
     """The integer sums of x's `limbs` parts, combined: (s1 * 128 + s2) * 128 + s3 (one(part, s)
-    gives part's int32 lanes, starting from s); `start` is where the lowest part's lanes start."""
-    zero = ir.Constant(start.type, [0] * start.type.count)
-    total = one(0, start if limbs == 1 else zero)
+    gives part's int32 lanes added to s, which vpdpbusd does for free: each part's products go
+    onto the sum so far, shifted, rather than onto zeros and then an add); `start` is where the
+    lowest part's lanes start."""
+    if limbs == 1:
+        return one(0, start)
+    seven = ir.Constant(start.type, [7] * start.type.count)
+    total = one(0, ir.Constant(start.type, [0] * start.type.count))
     for part in range(1, limbs):
-        seven = ir.Constant(total.type, [7] * total.type.count)
-        total = builder.add(builder.shl(total, seven), one(part, start if part == limbs - 1 else zero))
+        s = builder.shl(total, seven)
+        total = one(part, builder.add(s, start) if part == limbs - 1 else s)
     return total
 
 
