@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import re
+import signal
 import platform
 import statistics
 import subprocess
@@ -185,8 +186,14 @@ def _llama_run(binary: str, model: str, a) -> dict:
         pp = next(t for t in tests if t["n_prompt"] and not t["n_gen"])
         tg = next(t for t in tests if t["n_gen"] and not t["n_prompt"])
     except (ValueError, StopIteration, KeyError, TypeError):
-        lines = [ln for ln in proc.stderr.splitlines() if ln.strip()] or ["no output"]
         from .errors import MinferError
+        if proc.returncode < 0:                    # killed by a signal: say which
+            sig = signal.Signals(-proc.returncode).name
+            hint = (" (an instruction this CPU does not have: a build for another machine? "
+                    "GGML_NATIVE=ON can pick up features a VM does not allow; rebuild with "
+                    "GGML_NATIVE=OFF)" if sig == "SIGILL" else "")
+            raise MinferError(f"llama-bench was killed by {sig} on {model}{hint}")
+        lines = [ln for ln in proc.stderr.splitlines() if ln.strip()] or ["no output"]
         raise MinferError(f"llama-bench failed on {model}: {lines[-1].strip()}")
     return {"prefill_tok_s": pp["avg_ts"], "decode_tok_s": tg["avg_ts"], "ttft_ms": None,
             "format": tg.get("model_type", "").split()[-1], "threads": threads}

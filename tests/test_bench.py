@@ -62,3 +62,20 @@ def test_bench_runs_llama_bench_side_by_side(tmp_path):
     assert [x["decode_tok_s"] for x in llama[0]["runs"]] == [50.0, 50.0]
     assert (tmp_path / "llama-bench.calls").read_text() == "xx"           # once per round
     assert "against llama.cpp on the same weight format: numba/auto (Q4_1)" in r.stdout
+
+
+def test_bench_says_how_llama_bench_died(tmp_path):
+    """A llama-bench killed by a signal (SIGILL: built for another CPU's instructions) is named in
+    a one-line error, with the hint to rebuild, not "no output"."""
+    fake = tmp_path / "llama-bench"
+    fake.write_text("#!/bin/sh\nkill -ILL $$\n")
+    fake.chmod(0o755)
+    r = subprocess.run([sys.executable, "-m", "minfer", "bench", "--random-weights", "tiny",
+                        "--backend", "numba", "--quant", "auto", "--runs", "1", "--skip-startup",
+                        "--prompt-tokens", "8", "--new-tokens", "4",
+                        "--llama-bench", str(fake), "--llama-models", str(fake)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    last = r.stderr.strip().splitlines()[-1]              # (the lines before: bench's progress)
+    assert last.startswith("minfer: error: llama-bench was killed by SIGILL")
+    assert "GGML_NATIVE=OFF" in last
