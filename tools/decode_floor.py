@@ -4,7 +4,9 @@
     python tools/decode_floor.py --quant q8_0 --runs 9
 
 A decode step must read every weight it multiplies once from memory (the model is 3-5x larger
-than the L3 cache, and the next step needs them all again), and the KV cache of every layer.
+than the EPYC's L3 cache, and the next step needs them all again; an Intel Xeon VM that reports
+480 MB of L3, shared with its neighbours, read 150 MB no faster than 400 MB: 32 GB/s), and the
+KV cache of every layer.
 So no step can be shorter than
 
     (weight bytes + KV cache bytes) / the machine's read bandwidth
