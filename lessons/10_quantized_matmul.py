@@ -370,9 +370,10 @@ else:
 # $r = 127\,x / \max|x|$ to $1/128^2$ of a step, $X = \mathrm{round}(128^2 r)$, and write $X$ in
 # base 128: $X = 128^2 q_1 + 128 q_2 + q_3$ with $q_2, q_3$ in −64..63 and $q_1$ in −127..127.
 # $x = d_x X$ to within $2^{-21}$ of the block's largest value — float32 itself keeps $2^{-24}$
-# of each value. Each part goes through `vpdpbusd` on its own, and the three integer sums
-# combine exactly, $(s_1 \cdot 128 + s_2) \cdot 128 + s_3$, before the one conversion to
-# float. Three byte dot products per 64 weight bytes still cost fewer instructions than turning
+# of each value. Each part goes through `vpdpbusd`, and the three integer sums combine
+# exactly, $(s_1 \cdot 128 + s_2) \cdot 128 + s_3$, before the one conversion to float — the
+# instruction adds its products onto whatever its register holds, so each part's go onto the
+# sum so far, shifted left by 7 bits, with no separate add. Three byte dot products per 64 weight bytes still cost fewer instructions than turning
 # 128 nibbles into floats, so on a CPU with VNNI this is how minfer's **default** (float32
 # activations) decodes quantized weights — 8-bit ones too, since their kernels began sending
 # the rows they prefetch to L2 rather than L1 (a Q8_0 decode step 0.87x the float kernel's
