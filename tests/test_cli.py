@@ -101,7 +101,10 @@ def test_chat_turns_tool(tiny_gguf):
 
 def test_decode_floor_tool(tiny_gguf):
     """tools/decode_floor.py (docs/benchmarks.md): a row per format, whose ideal is the bytes
-    read at the measured bandwidth plus the regions, and minfer's share of it below 100%."""
+    read at the measured bandwidth plus the regions, and minfer's share of it. (Not "below
+    100%": this tiny model's weights sit in cache, and with the machine busy the bandwidth and
+    region measures can drop ~10x while the model's decode does not: 4548 tok/s against an
+    "ideal" of 745 once, in a CI run that shared the cores with a benchmark.)"""
     tool = os.path.join(os.path.dirname(__file__), "..", "tools", "decode_floor.py")
     r = subprocess.run([sys.executable, tool, "--model", str(tiny_gguf), "--quant", "auto,q8_0",
                         "--runs", "1"], capture_output=True, text=True, timeout=300)
@@ -115,7 +118,8 @@ def test_decode_floor_tool(tiny_gguf):
     for quant, fmt, mb, ideal_ms, ideal_tok_s, tok_s, share in rows.values():
         expect = (float(mb) + kv_mb) * 1e6 / bw * 1e3 + regions_ms
         assert abs(float(ideal_ms) - expect) < 0.011 + 0.01 * expect
-        assert 0 < float(tok_s) < float(ideal_tok_s) and 0 < int(share.rstrip("%")) < 100
+        assert float(tok_s) > 0 and float(ideal_tok_s) > 0
+        assert abs(int(share.rstrip("%")) - 100 * float(tok_s) / float(ideal_tok_s)) <= 1.5
     assert float(rows["q8_0"][2]) < float(rows["auto"][2]) / 2         # ~1 byte a weight vs 4
     bad = subprocess.run([sys.executable, tool, "--model", str(tiny_gguf), "--quant", "q3"],
                          capture_output=True, text=True, timeout=300)
