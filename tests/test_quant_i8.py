@@ -51,7 +51,7 @@ def test_quantize_x_numba_matches_numpy(K, limbs):
 
 @vnni
 @pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("K", [32, 64, 96, 224, 576])
+@pytest.mark.parametrize("K", [32, 64, 96, 224, 576, 1120])   # 1120: Q8_0 rows 16 + 16 + 2 + 1
 @pytest.mark.parametrize("T", [1, 3, 9])
 def test_kernels_match_their_reference(fmt, K, T):
     w = mat(45, K, fmt)
@@ -88,7 +88,7 @@ def test_kernels_with_uneven_tiles(O, limbs):
 
 @vnni
 @pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("K", [32, 64, 96, 224, 576])
+@pytest.mark.parametrize("K", [32, 64, 96, 224, 576, 1120])   # (blocks a row: 1 ... 35)
 @pytest.mark.parametrize("T", [1, 3])
 def test_split_float_x_is_as_exact_as_the_float_kernels(fmt, K, T):
     """x split into three int8 parts (the default decode path on VNNI CPUs): against float64,
