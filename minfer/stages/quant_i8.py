@@ -219,36 +219,52 @@ def _parts(builder, one, limbs, start):
     return total
 
 
-def _make_q4_chunk(n, limbs=1, tokens=1):
+def _make_q4_chunk(n, limbs=1, tokens=1, chunks=1):
     @intrinsic
     def q4_chunk(typingctx, acc, qs, qoff, xq, xoff, d, dx, e, c, row, tok):
         """acc + the n blocks of a Q4 row at qs.flat[qoff:] . xq.flat[xoff:]; the blocks' scales
         are at d.flat[row:] (weights) and dx.flat[tok:] (x). tokens=2: acc, xoff and tok are
         pairs, two tokens against the same weights, which are loaded and split once (prefill:
-        1.29x for 32 tokens of a 576 x 1536 matrix)."""
+        1.29x for 32 tokens of a 576 x 1536 matrix). chunks > 1 (one token): that many chunks
+        of n blocks one after the other, their blocks' float terms widened and multiplied once
+        for all of them, not chunk by chunk."""
         def codegen(context, builder, sig, args):
             W = 16 * n                                             # weight bytes in the chunk
-            v = _load(context, builder, sig.args[1], args[1], args[2], I8, W)
-            lo = builder.and_(v, ir.Constant(_vec(I8, W), [15] * W))
-            hi = builder.lshr(v, ir.Constant(_vec(I8, W), [4] * W))
+            zero = ir.Constant(_vec(I32, 4 * n), [0] * (4 * n))
 
-            def token(acc, xoff, tok):
+            def split(k):                                          # chunk k's low, high nibbles
+                at = builder.add(args[2], ir.Constant(args[2].type, W * k))
+                v = _load(context, builder, sig.args[1], args[1], at, I8, W)
+                return (builder.and_(v, ir.Constant(_vec(I8, W), [15] * W)),
+                        builder.lshr(v, ir.Constant(_vec(I8, W), [4] * W)))
+
+            def dot(lo, hi, xoff):                                 # a chunk's integer sums
                 def one(part, start):                              # this part: lows, then highs
                     at = builder.add(xoff, ir.Constant(xoff.type, 2 * W * part))
                     xl = _load(context, builder, sig.args[3], args[3], at, I8, W)
                     xh = _load(context, builder, sig.args[3], args[3],
                                builder.add(at, ir.Constant(xoff.type, W)), I8, W)
                     return _vpdpbusd(builder, _vpdpbusd(builder, start, lo, xl), hi, xh)
-                zero = ir.Constant(_vec(I32, 4 * n), [0] * (4 * n))
-                one_token = list(args[:4]) + [xoff] + list(args[5:10]) + [tok]
-                return _finish(builder, acc, _parts(builder, one, limbs, zero),
-                               *_scales(context, builder, sig, one_token, n))
+                return _parts(builder, one, limbs, zero)
             if tokens == 1:
-                return token(args[0], args[4], args[10])
+                scale, offset = _scales(context, builder, sig, args, n * chunks)
+                acc = args[0]
+                for k in range(chunks):
+                    lo, hi = split(k)
+                    xoff = builder.add(args[4], ir.Constant(args[4].type, 2 * W * limbs * k))
+                    mine = ir.Constant(_vec(I32, n), list(range(n * k, n * k + n)))
+                    acc = _finish(builder, acc, dot(lo, hi, xoff), builder.shuffle_vector(scale, scale, mine),
+                                  builder.shuffle_vector(offset, offset, mine))
+                return acc
+            lo, hi = split(0)
             pick = (lambda a, i: builder.extract_value(a, i))
-            return context.make_tuple(builder, sig.return_type,
-                                      [token(pick(args[0], i), pick(args[4], i), pick(args[10], i))
-                                       for i in range(tokens)])
+            out = []
+            for i in range(tokens):
+                xoff, tok = pick(args[4], i), pick(args[10], i)
+                one_token = list(args[:4]) + [xoff] + list(args[5:10]) + [tok]
+                out.append(_finish(builder, pick(args[0], i), dot(lo, hi, xoff),
+                                   *_scales(context, builder, sig, one_token, n)))
+            return context.make_tuple(builder, sig.return_type, out)
         return acc(acc, qs, qoff, xq, xoff, d, dx, e, c, row, tok), codegen
     return q4_chunk
 
@@ -456,6 +472,7 @@ _q4_4, _q4_2, _q4_1 = _make_q4_chunk(4), _make_q4_chunk(2), _make_q4_chunk(1)
 _q8_2, _q8_1 = _make_q8_chunk(2), _make_q8_chunk(1)
 _q4_4x3, _q4_2x3, _q4_1x3 = _make_q4_chunk(4, 3), _make_q4_chunk(2, 3), _make_q4_chunk(1, 3)
 _q4_4x3_2t = _make_q4_chunk(4, 3, tokens=2)
+_q4_16, _q4_16x3 = _make_q4_chunk(4, chunks=4), _make_q4_chunk(4, 3, chunks=4)   # 16 blocks
 _q8_2x3, _q8_1x3 = _make_q8_chunk(2, 3), _make_q8_chunk(1, 3)
 _q8_16, _q8_16x3 = _make_q8_chunk(2, chunks=8), _make_q8_chunk(2, 3, chunks=8)   # 16 blocks
 _q8_tile2, _q8_tile1 = _make_q8_tile(2, 1), _make_q8_tile(1, 1)
@@ -522,7 +539,13 @@ def _rows(xi, qs, d, m, t, o0, o1, out, pf, limbs):
                     acc = _q8_1x3(acc, qs, o * n + b * QK, xq, x0 + b * QK * 3, d, dx, s0, row + b, tok + b)
                 else:
                     acc = _q8_1(acc, qs, o * n + b * QK, xq, x0 + b * QK, d, dx, s0, row + b, tok + b)
-        else:                                           # 4 blocks a chunk, then 2 and/or 1
+        else:                                           # 16 blocks a step, 4, then 2 and/or 1
+            while b + 16 <= nb:
+                if limbs == 3:
+                    acc = _q4_16x3(acc, qs, o * n + b * 16, xq, x0 + b * QK * 3, d, dx, m, c, row + b, tok + b)
+                else:
+                    acc = _q4_16(acc, qs, o * n + b * 16, xq, x0 + b * QK, d, dx, m, c, row + b, tok + b)
+                b += 16
             while b + 4 <= nb:
                 if limbs == 3:
                     acc = _q4_4x3(acc, qs, o * n + b * 16, xq, x0 + b * QK * 3, d, dx, m, c, row + b, tok + b)
