@@ -34,7 +34,8 @@ import numpy as np
 import minfer
 from minfer.batch import make_batch
 from minfer.classroom import show
-from minfer.stages.kvcache import BlockManager, KVCache, kv_write
+from minfer.engine.block_manager import BlockManager
+from minfer.stages.kvcache import KVCache, kv_write
 from minfer.weights.synthetic import tiny_checkpoint
 
 print(inspect.getsource(kv_write))

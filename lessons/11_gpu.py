@@ -46,7 +46,7 @@ from minfer.model import LayerWeights, Transformer, Weights
 from minfer.sampling import SamplingParams, sample
 from minfer.stages import attention, embedding, kvcache, linear, mlp, rmsnorm, rope
 from minfer.stages import linear_cuda
-from minfer.stages.kvcache import BlockManager
+from minfer.engine.block_manager import BlockManager
 from minfer.stages.linear_cuda import DeviceMatrix, linear_cuda as linear_gpu, qkv_cuda, swiglu_cuda
 from minfer.stages.quant import QuantMatrix, quant_linear
 

@@ -30,8 +30,11 @@ class Batch:
 
 
 def make_batch(seqs: list[tuple[list[int] | np.ndarray, int, list[int]]], block_size: int,
-               all_logits: bool = False) -> Batch:
-    """seqs: for each sequence (new token ids, position of the first of them, block table)."""
+               all_logits: bool = False, logits_for: list[bool] | None = None) -> Batch:
+    """seqs: for each sequence (new token ids, position of the first of them, block table).
+    Logits rows: every row (all_logits), else the last row of each sequence — of those marked in
+    `logits_for` if given (a chunk in the middle of a prompt samples nothing). At least one row
+    is always asked for, so that every forward has the same shape of output."""
     # Plain Python lists first, one array each at the end: a decode step builds this for one
     # token a sequence, and every NumPy call costs microseconds (tens on the caches a step's
     # weights have just flushed: the ~25 calls this took before, ~0.15 ms a step).
@@ -55,5 +58,12 @@ def make_batch(seqs: list[tuple[list[int] | np.ndarray, int, list[int]]], block_
         context_lens=np.array(lens, dtype=np.int64),
         block_tables=np.array([list(t) + [-1] * (width - len(t)) for _, _, t in seqs], dtype=np.int32),
         slot_mapping=np.array(slots, dtype=np.int64),
-        logits_rows=np.arange(T) if all_logits else np.array(starts[1:], dtype=np.int64) - 1,
+        logits_rows=np.arange(T) if all_logits else _last_rows(starts, logits_for),
     )
+
+
+def _last_rows(starts: list[int], logits_for: list[bool] | None) -> np.ndarray:
+    last = [s - 1 for s in starts[1:]]
+    if logits_for is not None:
+        last = [r for r, want in zip(last, logits_for) if want] or last[-1:]
+    return np.array(last, dtype=np.int64)

@@ -37,6 +37,19 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
                    help="CPU threads for the numba backend (default: $NUMBA_NUM_THREADS or all cores)")
     p.add_argument("--max-context", type=int, default=None, metavar="N",
                    help="cap the context length in tokens (default: the model's)")
+    _engine_flags(p)
+
+
+def _engine_flags(p: argparse.ArgumentParser) -> None:
+    from .engine.engine import DEFAULT_KV_CACHE_MB, DEFAULT_MAX_BATCH_TOKENS, DEFAULT_MAX_SEQS
+    g = p.add_argument_group("engine")
+    g.add_argument("--kv-cache-mb", type=float, default=DEFAULT_KV_CACHE_MB, metavar="MB",
+                   help="memory for the KV-cache pool, allocated once (default: %(default)s)")
+    g.add_argument("--max-seqs", type=int, default=DEFAULT_MAX_SEQS, metavar="N",
+                   help="most sequences computed in one step (default: %(default)s)")
+    g.add_argument("--max-batch-tokens", type=int, default=DEFAULT_MAX_BATCH_TOKENS, metavar="N",
+                   help="most tokens computed in one step; longer prompts go in chunks "
+                        "(default: %(default)s)")
 
 
 def _sampling_flags(p: argparse.ArgumentParser, temperature: float) -> None:
@@ -134,7 +147,8 @@ def _llm(a):
     if mine and a.activations != "f32":
         raise InvalidArgumentError("--use-mine runs on float32 weights: leave out --activations")
     llm = LLM(model=a.model, backend=a.backend, quant="f32" if mine else a.quant,
-              max_context=a.max_context, threads=a.threads, activations=a.activations)
+              max_context=a.max_context, threads=a.threads, activations=a.activations,
+              kv_cache_mb=a.kv_cache_mb, max_seqs=a.max_seqs, max_batch_tokens=a.max_batch_tokens)
     if mine:
         llm.model.ops = ops
     return llm
@@ -178,9 +192,12 @@ def cmd_chat(a) -> int:
     while True:
         try:
             line = input("\n> ")
-        except (EOFError, KeyboardInterrupt):
+        except EOFError:                       # Ctrl-D quits
             print(file=sys.stderr)
             return 0
+        except KeyboardInterrupt:              # Ctrl-C at the prompt clears the line
+            print("^C", file=sys.stderr)
+            continue
         text = line.strip()
         if not text:
             continue
@@ -188,7 +205,6 @@ def cmd_chat(a) -> int:
             return 0
         if text == "/reset":
             history.clear()
-            llm.engine.drop_kept()
             print("(conversation cleared)", file=sys.stderr)
             continue
         if text.startswith("/"):
@@ -205,7 +221,7 @@ def cmd_chat(a) -> int:
             print("(oldest turn dropped to fit the context)", file=sys.stderr)
         answer = []
         try:
-            for piece in llm.stream(prompt, params, reuse_prefix=True):   # prefill the new turn only
+            for piece in llm.stream(prompt, params):   # earlier turns: found in the prefix cache
                 answer.append(piece)
                 sys.stdout.write(piece)
                 sys.stdout.flush()

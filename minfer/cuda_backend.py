@@ -258,10 +258,10 @@ class CudaModel:
 
     # --- CUDA graphs for decode steps ---------------------------------------------------------
     def _graph(self, batch: Batch, cache, sample: bool):
-        """A recorded decode step for this batch size (and this cache allocation), or None when
+        """A recorded decode step for this batch size (and this cache pool), or None when
         recording is not possible here (then the kernels are launched one by one)."""
         B = len(batch.token_ids)
-        key = (B, sample, cache.generation, id(cache))
+        key = (B, sample, id(cache))
         if key in self._graphs:
             return self._graphs[key]
         if batch.block_tables.shape[1] > self._table_width():
@@ -292,7 +292,7 @@ class CudaModel:
                   f"decoding without graphs", file=sys.stderr)
             self.use_graphs = False
             return None
-        # keep only graphs of the live cache allocation
-        self._graphs = {k: v for k, v in self._graphs.items() if k[-2:] == key[-2:]}
+        # keep only graphs of the live cache pool
+        self._graphs = {k: v for k, v in self._graphs.items() if k[-1] == key[-1]}
         self._graphs[key] = (w, graph)
         return self._graphs[key]

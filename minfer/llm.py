@@ -8,13 +8,16 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+import threading
+from collections import deque
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import numpy as np
 
 from .backends import DEFAULT_BACKEND, get_ops
-from .engine.generate import Engine, Sequence
+from .engine import Engine, Metrics, Sequence
+from .engine.engine import DEFAULT_KV_CACHE_MB, DEFAULT_MAX_BATCH_TOKENS, DEFAULT_MAX_SEQS
 from .errors import InvalidArgumentError
 from .model import Transformer
 from .sampling import SamplingParams
@@ -29,18 +32,64 @@ class Completion:
     token_ids: list[int]
     prompt_token_ids: list[int]
     finish_reason: str | None      # "stop" or "length"
+    metrics: Metrics | None = None  # time to first token, inter-token latencies, cached tokens
+
+    @property
+    def cached_tokens(self) -> int:
+        """Prompt tokens whose keys and values came from the prefix cache."""
+        return self.metrics.cached_prompt_tokens if self.metrics else 0
+
+
+@dataclass
+class Stats:
+    """Figures of the last generate / stream call (all its requests together)."""
+    prompt_tokens: int = 0             # prefilled (those found in the prefix cache not counted)
+    reused_tokens: int = 0             # found in the prefix cache
+    generated_tokens: int = 0
+    prefill_s: float = 0.0             # first scheduled -> first token
+    decode_s: float = 0.0              # first token -> last token
+    requests: int = 0
+
+    @classmethod
+    def of(cls, seqs: list[Sequence]) -> "Stats":
+        ms = [s.metrics for s in seqs if s.metrics.first_token is not None]
+        if not ms:
+            return cls()
+        start = min(m.first_scheduled for m in ms)
+        first = max(m.first_token for m in ms)
+        return cls(prompt_tokens=sum(len(s.prompt_ids) - s.metrics.cached_prompt_tokens for s in seqs),
+                   reused_tokens=sum(s.metrics.cached_prompt_tokens for s in seqs),
+                   generated_tokens=sum(len(m.token_times) for m in ms),
+                   prefill_s=first - start,
+                   decode_s=max(m.token_times[-1] for m in ms) - first,
+                   requests=len(ms))
+
+    @property
+    def decode_tok_s(self) -> float:
+        # each request's first token comes from its prefill; decode speed counts those after it
+        n = self.generated_tokens - self.requests
+        return n / self.decode_s if self.decode_s > 0 and n > 0 else 0.0
+
+    @property
+    def prefill_tok_s(self) -> float:
+        return self.prompt_tokens / self.prefill_s if self.prefill_s > 0 else 0.0
 
 
 class LLM:
     def __init__(self, model: str | os.PathLike | None = None, backend: str = DEFAULT_BACKEND,
                  quant: str = "auto", max_context: int | None = None, block_size: int = 16,
-                 threads: int | None = None, quiet: bool = False, activations: str = "f32"):
+                 threads: int | None = None, quiet: bool = False, activations: str = "f32",
+                 kv_cache_mb: float = DEFAULT_KV_CACHE_MB, max_seqs: int = DEFAULT_MAX_SEQS,
+                 max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, prefix_caching: bool = True):
         """backend: "numba" (default), "numpy" (the reference) or "cuda".
         quant: "auto" computes on the file's own quantized blocks (float32 on the numpy backend,
         whose reference path dequantizes); "f32", "q8_0", "q4_0", "q4_1" convert at load.
         activations: "f32" (default: the exact function of the weights) or "int8" (numba only:
         the matmuls on quantized weights round x to int8 per 32-block, llama.cpp's scheme —
-        faster, ~1% error; needs AVX-512 VNNI)."""
+        faster, ~1% error; needs AVX-512 VNNI).
+        kv_cache_mb: the KV-cache pool, allocated once; max_seqs: sequences in one step at most;
+        max_batch_tokens: tokens in one step at most (long prompts are computed in chunks);
+        prefix_caching: requests that begin with the same tokens share their cached blocks."""
         ops = get_ops(backend, threads, activations)  # validate before the (slow) load
         path = model if model is not None else fetch.ensure_default_model(quiet=quiet)
         self.path = path
@@ -57,12 +106,18 @@ class LLM:
         make_model = getattr(ops, "make_model", None)  # the cuda backend runs whole steps itself
         self.model = (make_model(self.config, self.weights) if make_model
                       else Transformer(self.config, self.weights, ops))
-        self.engine = Engine(self.model, self.tokenizer.stop_ids, max_context, block_size)
+        self.engine = Engine(self.model, self.tokenizer.stop_ids, max_context, block_size,
+                             kv_cache_mb, max_seqs, max_batch_tokens, prefix_caching)
+        self.stats = Stats()
+        self._outbox: dict[int, deque] = {}      # seq id -> (sequence, new ids) not yet taken
 
     # --- prompts -------------------------------------------------------------------------------
     def _ids(self, prompt) -> list[int]:
         if isinstance(prompt, str):
             return self.tokenizer.encode(prompt, add_special_tokens=True)
+        if isinstance(prompt, (bytes, bytearray)):
+            raise InvalidArgumentError("a prompt is a string or a list of token ids, not bytes "
+                                       "(decode it first, e.g. prompt.decode('utf-8'))")
         try:
             return [int(i) for i in prompt]
         except (TypeError, ValueError):
@@ -79,45 +134,106 @@ class LLM:
         return check
 
     def _finish(self, seq: Sequence) -> Completion:
-        text = self.tokenizer.decode(seq.output_ids)
-        if seq.params.stop:
-            cut = [text.find(s) for s in seq.params.stop if s in text]
-            if cut:
-                text = text[:min(cut)]
-        return Completion(text, list(seq.output_ids), list(seq.prompt_ids), seq.finish_reason)
+        text = self._cut_stop(self.tokenizer.decode(seq.output_ids), seq.params)
+        return Completion(text, list(seq.output_ids), list(seq.prompt_ids), seq.finish_reason,
+                          seq.metrics)
+
+    # --- driving the engine ------------------------------------------------------------------------
+    def _submit(self, prompts: list, params: list[SamplingParams]) -> list[Sequence]:
+        ids = [self._ids(p) for p in prompts]          # every prompt checked before any is queued
+        for i in ids:
+            self.engine.check_prompt(i)
+        seqs = []
+        try:
+            for i, p in zip(ids, params):
+                with self.engine.lock:         # its outbox must exist before any step serves it
+                    seq = self.engine.add_request(i, p, self._stop_check(p))
+                    self._outbox[seq.seq_id] = deque()
+                seqs.append(seq)
+        except BaseException:
+            self._drop(seqs)
+            raise
+        return seqs
+
+    def _drop(self, seqs: list[Sequence]) -> None:
+        """Abort what is unfinished of seqs; forget their outboxes."""
+        with self.engine.lock:
+            for s in seqs:
+                if s.seq_id in self.engine.seqs:
+                    self.engine.abort(s.seq_id)
+                self._outbox.pop(s.seq_id, None)
+
+    def _run(self, seqs: list[Sequence]) -> Iterator[tuple[Sequence, int]]:
+        """Step the engine until seqs are finished, yielding (sequence, new token id) as they come.
+        Several threads may do this at once on one LLM: whoever holds the engine's lock steps
+        for all, and each new token goes to its own request's outbox. Stopping early (Ctrl-C, an
+        exception, the caller leaving the loop) aborts the unfinished ones and frees their blocks."""
+        boxes = {s.seq_id: self._outbox[s.seq_id] for s in seqs}
+        pending = set(boxes)
+        try:
+            while pending:
+                for sid in list(pending):
+                    box = boxes[sid]
+                    while box:
+                        seq, new = box.popleft()
+                        for tok in new:
+                            yield seq, tok
+                        if seq.finished:
+                            pending.discard(sid)
+                if not pending:
+                    break
+                with self.engine.lock:
+                    if any(boxes[sid] for sid in pending):
+                        continue                     # another thread's step brought news
+                    outs = self.engine.step()
+                    if not outs and not self.engine.scheduler.running:
+                        raise RuntimeError("the engine has requests it cannot schedule")
+                    for seq, new in outs:
+                        box = self._outbox.get(seq.seq_id)
+                        if box is not None:
+                            box.append((seq, new))
+        finally:
+            self._drop(seqs)
+            self.stats = Stats.of(seqs)
 
     # --- generation ----------------------------------------------------------------------------
-    def generate(self, prompts, params: SamplingParams | None = None,
-                 reuse_prefix: bool = False) -> list[Completion]:
+    def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None
+                 ) -> list[Completion]:
         """One completion per prompt. A prompt is a string (used as is, no chat template) or a list
-        of token ids. Several prompts run together as one batch. reuse_prefix (one prompt): see
-        stream()."""
-        params = params or SamplingParams()
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], (int, np.integer))):
+        of token ids; params is one SamplingParams for all or a list, one per prompt. The prompts
+        run together through the engine (continuous batching: a short answer leaves the batch as
+        soon as it is done)."""
+        if isinstance(prompts, (str, bytes)) or (
+                isinstance(prompts, (list, tuple)) and prompts and isinstance(prompts[0], (int, np.integer))):
             prompts = [prompts]
-        ids = [self._ids(p) for p in prompts]
-        for _ in self.engine.run(ids, [params] * len(ids), self._stop_check(params), reuse_prefix):
+        prompts = list(prompts)
+        if not prompts:
+            return []
+        if isinstance(params, (list, tuple)):
+            if len(params) != len(prompts):
+                raise InvalidArgumentError(f"{len(params)} sampling params for {len(prompts)} prompts")
+            plist = list(params)
+        else:
+            plist = [params or SamplingParams()] * len(prompts)
+        seqs = self._submit(prompts, plist)
+        for _ in self._run(seqs):
             pass
-        return [self._finish(s) for s in self.engine.last_seqs]
+        return [self._finish(s) for s in seqs]
 
-    def chat(self, messages: list[dict], params: SamplingParams | None = None,
-             reuse_prefix: bool = False) -> Completion:
+    def chat(self, messages: list[dict], params: SamplingParams | None = None) -> Completion:
         """OpenAI-style messages [{"role": "user", "content": "..."}] -> the assistant's answer.
-        reuse_prefix: a conversation's next turn prefills only its new message (see stream())."""
+        A conversation's next turn finds its earlier turns in the prefix cache and prefills only
+        the new message."""
         prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        return self.generate([prompt], params, reuse_prefix)[0]
+        return self.generate([prompt], params)[0]
 
-    def stream(self, prompt, params: SamplingParams | None = None,
-               reuse_prefix: bool = False) -> Iterator[str]:
-        """Yield the completion's text piece by piece (never half a UTF-8 character).
-        reuse_prefix: keep this prompt's and answer's K/V when done, and start from the kept ones
-        of the call before (as many tokens as this prompt begins with): a chat's next turn
-        prefills only its new message."""
+    def stream(self, prompt, params: SamplingParams | None = None) -> Iterator[str]:
+        """Yield the completion's text piece by piece (never half a UTF-8 character)."""
         params = params or SamplingParams()
         dec = StreamDecoder(self.tokenizer)
         hold = max((len(s) for s in params.stop), default=1) - 1  # a stop string may be forming
         sent = 0
-        run = self.engine.run([self._ids(prompt)], [params], self._stop_check(params), reuse_prefix)
+        run = self._run(self._submit([prompt], [params]))
         try:
             for _, tok in run:
                 dec.push(tok)
@@ -137,16 +253,11 @@ class LLM:
         cut = [text.find(s) for s in params.stop if s in text]
         return text[:min(cut)] if cut else text
 
-    def stream_chat(self, messages: list[dict], params: SamplingParams | None = None,
-                    reuse_prefix: bool = False) -> Iterator[str]:
+    def stream_chat(self, messages: list[dict], params: SamplingParams | None = None) -> Iterator[str]:
         prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        return self.stream(prompt, params, reuse_prefix)
+        return self.stream(prompt, params)
 
     # --- raw model -----------------------------------------------------------------------------
     def logits(self, token_ids) -> np.ndarray:
         """float32 [len(token_ids), vocab]: the next-token logits at every position."""
         return self.engine.logits(self._ids(token_ids))
-
-    @property
-    def stats(self):
-        return self.engine.stats

@@ -12,12 +12,13 @@ from minfer.backends import numba_ops, numpy_ops
 from minfer.batch import make_batch
 from minfer.config import ModelConfig
 from minfer.cuda_backend import CudaModel, Launch
-from minfer.engine.generate import Engine
+from minfer.engine import Engine
 from minfer.model import LayerWeights, Transformer, Weights
 from minfer.sampling import SamplingParams, sample
 from minfer.sampling_cuda import params_array, sample_cuda
 from minfer.stages import attention, embedding, kvcache, linear, mlp, rmsnorm, rope
-from minfer.stages.kvcache import BlockManager, DeviceKVCache, KVCache
+from minfer.engine.block_manager import BlockManager, NoFreeBlocks
+from minfer.stages.kvcache import DeviceKVCache, KVCache
 from minfer.stages.linear_cuda import DeviceMatrix, linear_cuda, qkv_cuda, swiglu_cuda
 from minfer.stages.quant import QuantMatrix
 
@@ -152,15 +153,14 @@ def test_kv_write():
     np.testing.assert_array_equal(dv.copy_to_host(), vc)
 
 
-def test_device_cache_grows_and_keeps_blocks():
+def test_device_cache_is_a_fixed_pool():
     c = DeviceKVCache(2, 1, 4, block_size=2, n_blocks=2)
-    k = randn(2, 2, 2, 1, 4)
-    c.k.copy_to_device(k)
     bm = BlockManager(c)
-    bm.ensure(0, 4)
-    bm.ensure(1, 3)                               # needs 2 more blocks: the pool doubles
-    assert c.n_blocks == 4 and c.generation == 1
-    np.testing.assert_array_equal(c.k.copy_to_host()[:, :2], k)
+    bm.ensure(0, 4)                               # both blocks
+    assert c.n_blocks == 2 and c.k.shape == (2, 2, 2, 1, 4) and bm.n_free == 0
+    assert not bm.can_hold(1, 1)
+    with pytest.raises(NoFreeBlocks):             # the pool never grows: the scheduler waits
+        bm.ensure(1, 1)
 
 
 def test_silu_mul():

@@ -24,7 +24,7 @@ import numpy as np
 from minfer.batch import make_batch
 from minfer.cuda_backend import CudaModel
 from minfer.sampling import SamplingParams
-from minfer.stages.kvcache import BlockManager
+from minfer.engine.block_manager import BlockManager
 
 from cuda_cases import tiny_model
 

@@ -128,14 +128,14 @@ def test_chat_uses_template_and_stops_at_end_of_turn(tiny_llm):
 
 
 @pytest.mark.parametrize("backend", ["numpy", "numba"])
-def test_reused_prefix_equals_fresh_prefill(tiny_gguf, backend):
-    """A chat's next turn (reuse_prefix) prefills only what the kept tokens do not cover, at the
-    right positions: its logits and tokens equal a fresh run's; other runs free the kept blocks."""
-    llm = minfer.LLM(tiny_gguf, backend=backend)
+def test_prefix_cache_hit_equals_miss(tiny_gguf, backend):
+    """A chat's next turn finds its earlier turns' full blocks in the prefix cache and computes
+    only the rest, at the right positions: its logits and tokens equal a fresh run's."""
+    llm = minfer.LLM(tiny_gguf, backend=backend, block_size=4)
     eng, bm = llm.engine, llm.engine.blocks
     turn1 = [5, 80, 81, 40, 100, 7, 9, 33, 12, 60, 61, 62, 63, 70, 71, 72, 73, 74]
-    out1 = [t for _, t in eng.run([turn1], [GREEDY], reuse_prefix=True)]
-    assert eng.kept is not None and eng.kept[1] == (turn1 + out1)[:-1]  # the last token never went in
+    out1 = llm.generate([turn1], GREEDY)[0].token_ids
+    assert bm.tables == {} and bm.n_free == bm.n_blocks        # freed, but still findable
     turn2 = turn1 + out1 + [90, 91, 92]
     seen = []
     orig = eng.model.forward
@@ -146,25 +146,24 @@ def test_reused_prefix_equals_fresh_prefill(tiny_gguf, backend):
         return out
     eng.model.forward = spy
     try:
-        out2 = [t for _, t in eng.run([turn2], [GREEDY], reuse_prefix=True)]
+        out2 = llm.generate([turn2], GREEDY)[0]
     finally:
         eng.model.forward = orig
-    n = len(turn1) + len(out1) - 1
-    assert eng.stats.reused_tokens == n and eng.stats.prompt_tokens == len(turn2) - n
+    n = (len(turn1) + len(out1) - 1) // 4 * 4                  # full blocks that were computed
+    assert out2.cached_tokens == n and llm.stats.prompt_tokens == len(turn2) - n
     assert list(seen[0][0]) == list(range(n, len(turn2)))      # only the new tokens, at their places
     np.testing.assert_allclose(seen[0][1][0], llm.logits(turn2)[-1], rtol=1e-4, atol=1e-4)
-    assert out2 == llm.generate([turn2], GREEDY)[0].token_ids  # a plain run, which frees the kept
-    assert eng.kept is None and bm.tables == {}
-    # nothing in common: the kept blocks go back, the whole prompt is prefilled
-    list(eng.run([[3, 4, 5]], [GREEDY], reuse_prefix=True))
-    list(eng.run([[6, 7, 8, 9]], [GREEDY], reuse_prefix=True))
-    assert eng.stats.reused_tokens == 0 and list(bm.tables) == [eng.kept[0]]
-    eng.drop_kept()
+    fresh = minfer.LLM(tiny_gguf, backend=backend, block_size=4, prefix_caching=False)
+    miss = fresh.generate([turn2], GREEDY)[0]
+    assert miss.cached_tokens == 0 and out2.token_ids == miss.token_ids
+    # nothing in common: nothing found, the whole prompt computed
+    assert llm.generate([[3, 4, 5, 6, 7, 8]], GREEDY)[0].cached_tokens == 0
     assert bm.tables == {}
+    bm.check()
     # through the API: a conversation's second turn, as llm.chat gives it
     p = minfer.SamplingParams(temperature=0, max_tokens=6)
     msgs = [{"role": "user", "content": "hi"}]
-    msgs += [{"role": "assistant", "content": llm.chat(msgs, p, reuse_prefix=True).text},
+    msgs += [{"role": "assistant", "content": llm.chat(msgs, p).text},
              {"role": "user", "content": "and then?"}]
-    again = llm.chat(msgs, p, reuse_prefix=True)
-    assert eng.stats.reused_tokens > 0 and again.token_ids == llm.chat(msgs, p).token_ids
+    again = llm.chat(msgs, p)
+    assert again.cached_tokens > 0 and again.token_ids == fresh.chat(msgs, p).token_ids

@@ -4,7 +4,8 @@ import pytest
 
 from minfer.batch import make_batch
 from minfer.stages import attention, embedding, kvcache, mlp, rmsnorm, rope
-from minfer.stages.kvcache import BlockManager, KVCache
+from minfer.engine.block_manager import BlockManager
+from minfer.stages.kvcache import KVCache
 
 rng = np.random.default_rng(0)
 

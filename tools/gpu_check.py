@@ -43,12 +43,13 @@ from minfer.backends import numba_ops  # noqa: E402
 from minfer.batch import make_batch  # noqa: E402
 from minfer.config import ModelConfig  # noqa: E402
 from minfer.cuda_backend import CudaModel, Launch, check_available  # noqa: E402
-from minfer.engine.generate import Engine  # noqa: E402
+from minfer.engine import Engine  # noqa: E402
 from minfer.model import LayerWeights, Transformer, Weights  # noqa: E402
 from minfer.sampling import SamplingParams, sample  # noqa: E402
 from minfer.sampling_cuda import params_array, sample_cuda  # noqa: E402
 from minfer.stages import attention, embedding, kvcache, linear, mlp, rmsnorm, rope  # noqa: E402
-from minfer.stages.kvcache import BlockManager, KVCache  # noqa: E402
+from minfer.engine.block_manager import BlockManager  # noqa: E402
+from minfer.stages.kvcache import KVCache  # noqa: E402
 from minfer.stages.linear_cuda import DeviceMatrix, linear_cuda, qkv_cuda, swiglu_cuda  # noqa: E402
 from minfer.stages.quant import QuantMatrix  # noqa: E402
 

@@ -1,0 +1,123 @@
+"""The scheduler: which sequences run this step, and with how many tokens each.
+
+Pure Python, no model. One rule for everything: each scheduled sequence brings tokens it has not
+computed yet (`seq.n_pending`): a whole prompt, a chunk of one, or the one token it sampled last
+step. A step carries at most `max_tokens` tokens (the token budget) of at most `max_seqs`
+sequences:
+
+  1. running sequences that need one token (decodes) go first, oldest first: a long prompt
+     arriving must not stall everyone's next token;
+  2. then running sequences still in their prompt, a chunk each (chunked prefill);
+  3. then waiting sequences, first come first served, while the budget, `max_seqs` and free
+     blocks allow. A newly admitted sequence first takes whatever the prefix cache holds of its
+     tokens, then computes the rest in chunks.
+
+When a running sequence needs a block and none is free, the newest running sequence is
+*preempted*: its blocks are freed (those that are full stay in the prefix cache) and it goes back
+to the front of the queue; when admitted again it recomputes its tokens, mostly from the cache.
+A sequence never waits on itself: the engine refuses any request that could not fit the whole
+pool alone.
+"""
+from __future__ import annotations
+
+import time
+from collections import deque
+
+from .block_manager import BlockManager
+from .sequence import Sequence, Status
+
+
+class Scheduler:
+    def __init__(self, blocks: BlockManager, max_seqs: int = 32, max_tokens: int = 256):
+        if max_seqs < 1 or max_tokens < max_seqs:
+            raise ValueError("need max_seqs >= 1 and max_tokens >= max_seqs")
+        self.blocks, self.max_seqs, self.max_tokens = blocks, max_seqs, max_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []           # in order of admission
+        self.n_preemptions = 0
+        self.prompt_tokens = 0          # prompt tokens of admitted requests, and of those
+        self.cached_tokens = 0          # how many the prefix cache held
+
+    def add(self, seq: Sequence) -> None:
+        seq.status = Status.WAITING
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ---------------------------------------------------------------------------------------------
+    def schedule(self) -> list[tuple[Sequence, int]]:
+        """-> [(sequence, number of its pending tokens to compute this step)]. The blocks for
+        them are allocated; the caller computes them and then calls `computed`."""
+        budget, out = self.max_tokens, []
+        # 1 + 2: running sequences, decodes first, then prompt chunks
+        order = ([s for s in self.running if s.n_pending == 1] +
+                 [s for s in self.running if s.n_pending > 1])
+        for seq in order:
+            if seq.status is not Status.RUNNING or budget == 0:
+                continue                               # preempted in this loop, or no budget left
+            n = min(seq.n_pending, budget)
+            if not self._make_room(seq, seq.n_computed + n, [s for s, _ in out]):
+                continue                               # it was preempted itself
+            out.append((seq, n))
+            budget -= n
+        # 3: admit waiting sequences
+        while self.waiting and budget > 0 and len(self.running) < self.max_seqs:
+            seq = self.waiting[0]
+            tokens = seq.tokens
+            if seq.n_computed == 0 and not self.blocks.tables.get(seq.seq_id):
+                seq.n_computed = self.blocks.share_prefix(seq.seq_id, tokens)
+            n = min(seq.n_pending, budget)
+            if not self.blocks.can_hold(seq.seq_id, seq.n_computed + n):
+                # not now: give the shared blocks back so they can be evicted if need be
+                self.blocks.release(seq.seq_id)
+                seq.n_computed = 0
+                break
+            self.blocks.ensure(seq.seq_id, seq.n_computed + n)
+            self.waiting.popleft()
+            seq.status = Status.RUNNING
+            if seq.metrics.first_scheduled is None:       # first admission: count cache hits
+                seq.metrics.first_scheduled = time.perf_counter()
+                seq.metrics.cached_prompt_tokens = seq.n_computed
+                self.prompt_tokens += len(tokens)
+                self.cached_tokens += seq.n_computed
+            self.running.append(seq)
+            out.append((seq, n))
+            budget -= n
+        return out
+
+    def _make_room(self, seq: Sequence, n_tokens: int, scheduled: list[Sequence]) -> bool:
+        """Allocate seq's blocks for n_tokens, preempting the newest running sequences (not those
+        already scheduled this step) while the pool is short. False if seq itself had to go."""
+        while not self.blocks.can_hold(seq.seq_id, n_tokens):
+            victim = next(s for s in reversed(self.running) if s is seq or s not in scheduled)
+            self.preempt(victim)
+            if victim is seq:
+                return False
+        self.blocks.ensure(seq.seq_id, n_tokens)
+        return True
+
+    def preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.blocks.release(seq.seq_id)
+        seq.n_computed = 0
+        seq.status = Status.PREEMPTED
+        seq.metrics.preemptions += 1
+        self.n_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    # ---------------------------------------------------------------------------------------------
+    def computed(self, seq: Sequence, n: int) -> None:
+        """n more of seq's tokens now have their K/V in the cache."""
+        seq.n_computed += n
+        self.blocks.cache_blocks(seq.seq_id, seq.tokens, seq.n_computed)
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Take seq out (finished or aborted) and free its blocks."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.blocks.release(seq.seq_id)
+        seq.status, seq.finish_reason = Status.FINISHED, reason
+        seq.metrics.finished = time.perf_counter()
