@@ -1,0 +1,163 @@
+"""Continuous batching end to end: every request in a busy engine gets exactly what it would get
+alone — with chunked prefill, preemption forced by a tiny pool, prefix-cache hits, requests arriving
+while others decode, aborts, several threads — on every backend."""
+import threading
+
+import numpy as np
+import pytest
+
+import minfer
+from minfer.errors import InvalidArgumentError, PromptTooLongError
+from minfer.weights import synthetic
+
+GREEDY = minfer.SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+
+
+def block_mb(n_blocks, block_size=4, layers=2, kv_heads=2, head_dim=16):
+    """The --kv-cache-mb that buys n_blocks blocks of the tiny model."""
+    return n_blocks * 2 * layers * block_size * kv_heads * head_dim * 4 / 2**20
+
+
+def workload(seed=0, n=9):
+    """Prompts of mixed lengths, several sharing a 12-token "system prompt"."""
+    rng = np.random.default_rng(seed)
+    system = rng.integers(3, 250, 12).tolist()
+    prompts = []
+    for i in range(n):
+        body = rng.integers(3, 250, int(rng.integers(1, 30))).tolist()
+        prompts.append(system + body if i % 2 else body)
+    params = [minfer.SamplingParams(temperature=0, max_tokens=int(rng.integers(1, 14)), ignore_eos=True)
+              for _ in range(n)]
+    return prompts, params
+
+
+def solo(llm, prompts, params):
+    return [llm.generate([p], sp)[0].token_ids for p, sp in zip(prompts, params)]
+
+
+@pytest.fixture(scope="module")
+def tiny_q4(tmp_path_factory):
+    """Q4_1 matmuls, so that the numba backend runs its compiled one-region step."""
+    return synthetic.tiny_checkpoint(tmp_path_factory.mktemp("q4"), fmt="gguf", seed=3, dtype="Q4_1")
+
+
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+def test_busy_engine_equals_each_request_alone(tiny_q4, backend):
+    prompts, params = workload()
+    alone = solo(minfer.LLM(tiny_q4, backend=backend, block_size=4, prefix_caching=False),
+                 prompts, params)
+    # 14 blocks of 4 tokens, 5 tokens a step: chunked prompts, preemptions, prefix hits
+    llm = minfer.LLM(tiny_q4, backend=backend, block_size=4, kv_cache_mb=block_mb(14),
+                     max_seqs=4, max_batch_tokens=5)
+    outs = llm.generate(prompts, params)
+    assert [o.token_ids for o in outs] == alone
+    stats = llm.engine.stats()
+    assert stats["preemptions"] > 0 and stats["cached_prompt_tokens"] > 0
+    assert stats["running"] == stats["waiting"] == 0 and stats["blocks_used"] == 0
+    llm.engine.blocks.check()
+
+
+def test_requests_arriving_while_others_decode(tiny_q4):
+    """Requests added between steps join the running batch at once and still get their own
+    answers; an abort in the middle disturbs nobody."""
+    prompts, params = workload(seed=1, n=6)
+    llm = minfer.LLM(tiny_q4, backend="numpy", block_size=4, max_seqs=3, max_batch_tokens=8)
+    alone = solo(llm, prompts, params)
+    eng = llm.engine
+    seqs, victim, got = [], None, {}
+    for step in range(400):
+        if step % 3 == 0 and len(seqs) < len(prompts):
+            seqs.append(eng.add_request(prompts[len(seqs)], params[len(seqs)]))
+            if len(seqs) == 2:
+                victim = eng.add_request(prompts[0], minfer.SamplingParams(temperature=0, max_tokens=50))
+        if step == 5:
+            eng.abort(victim.seq_id)
+        for seq, new in eng.step():
+            got.setdefault(seq.seq_id, []).extend(new)
+        if len(seqs) == len(prompts) and not eng.has_unfinished():
+            break
+    assert [got[s.seq_id] for s in seqs] == alone
+    assert victim.finish_reason == "abort" and eng.blocks.n_used == 0
+    with pytest.raises(InvalidArgumentError, match="no unfinished request"):
+        eng.abort(victim.seq_id)
+
+
+def test_many_threads_share_one_llm(tiny_q4):
+    """Any number of threads may call generate / stream on one LLM: each gets its own answer."""
+    prompts, params = workload(seed=2, n=12)
+    llm = minfer.LLM(tiny_q4, backend="numpy", block_size=4, max_seqs=4, max_batch_tokens=16)
+    alone = solo(llm, prompts, params)
+    got = [None] * len(prompts)
+
+    def ask(i):
+        if i % 3:
+            got[i] = llm.generate([prompts[i]], params[i])[0].token_ids
+        else:
+            text = "".join(llm.stream(prompts[i], params[i]))
+            got[i] = text == llm.tokenizer.decode(alone[i]) and alone[i]
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads)
+    assert got == alone
+    assert llm.engine.blocks.n_used == 0
+
+
+def test_generate_takes_one_sampling_params_per_prompt(tiny_llm):
+    outs = tiny_llm.generate([[5, 6], [7, 8, 9]], [minfer.SamplingParams(temperature=0, max_tokens=2, ignore_eos=True),
+                                                   minfer.SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)])
+    assert [len(o.token_ids) for o in outs] == [2, 5]
+    with pytest.raises(InvalidArgumentError, match="sampling params"):
+        tiny_llm.generate([[5, 6], [7]], [GREEDY])
+    assert tiny_llm.generate([], GREEDY) == []
+    with pytest.raises(InvalidArgumentError, match="bytes"):
+        tiny_llm.generate(b"hello", GREEDY)
+
+
+def test_metrics_of_each_request(tiny_llm):
+    out = tiny_llm.generate([[5, 6, 7, 8]], minfer.SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))[0]
+    m = out.metrics
+    assert m.ttft > 0 and len(m.inter_token_latencies) == 5 and all(x >= 0 for x in m.inter_token_latencies)
+    assert m.e2e >= m.ttft and m.preemptions == 0
+
+
+def test_pool_bounds_the_context_and_bad_settings_are_refused(tiny_q4):
+    llm = minfer.LLM(tiny_q4, backend="numpy", block_size=4, kv_cache_mb=block_mb(5))
+    assert llm.engine.max_context == 20                      # a request must fit the pool alone
+    with pytest.raises(PromptTooLongError):
+        llm.generate([[5] * 20], GREEDY)
+    out = llm.generate([[5] * 15], minfer.SamplingParams(temperature=0, max_tokens=50, ignore_eos=True))[0]
+    assert out.finish_reason == "length" and len(out.token_ids) == 5
+    for bad in (dict(kv_cache_mb=0), dict(kv_cache_mb=block_mb(1)), dict(block_size=0),
+                dict(max_seqs=0), dict(max_seqs=8, max_batch_tokens=4), dict(max_context=0)):
+        with pytest.raises(InvalidArgumentError):
+            minfer.LLM(tiny_q4, backend="numpy", **bad)
+
+
+def test_two_hundred_prompts_in_a_small_pool(tiny_q4):
+    """Far more requests than the pool holds at once: they queue, and all finish."""
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(3, 250, int(rng.integers(1, 40))).tolist() for _ in range(200)]
+    llm = minfer.LLM(tiny_q4, backend="numba", block_size=4, kv_cache_mb=block_mb(40),
+                     max_seqs=16, max_batch_tokens=64)
+    outs = llm.generate(prompts, minfer.SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
+    assert all(len(o.token_ids) == 3 for o in outs)
+    assert llm.engine.blocks.n_used == 0 and llm.engine.cache.n_blocks == 40
+
+
+@pytest.mark.model
+def test_real_model_batch_equals_alone(default_model):
+    """The default model on the numba backend: a continuous batch with chunked prompts and a
+    shared system prompt gives every request the tokens it gets alone."""
+    llm = minfer.LLM(default_model, max_seqs=4, max_batch_tokens=48)
+    system = [{"role": "system", "content": "You are a concise assistant who answers in one sentence."}]
+    questions = ["What is the capital of France?", "Name a primary colour.", "What is 2 + 2?",
+                 "Why is the sky blue?", "Say hello in Spanish."]
+    prompts = [llm.tokenizer.apply_chat_template(system + [{"role": "user", "content": q}]) for q in questions]
+    p = minfer.SamplingParams(temperature=0, max_tokens=12)
+    together = llm.generate(prompts, p)
+    assert sum(o.cached_tokens for o in together) > 0           # the system prompt was shared
+    for prompt, t in zip(prompts, together):
+        assert t.token_ids == llm.generate([prompt], p)[0].token_ids
