@@ -44,7 +44,8 @@ print(inspect.getsource(kv_write))
 # ## Three sequences share a pool
 #
 # A pool of 12 blocks of 4 slots; three prompts of 5, 9 and 3 tokens. `BlockManager.ensure`
-# hands out blocks (growing the pool if it runs out), `make_batch` flattens the three prompts into
+# hands out blocks (the pool never grows: when it runs out, the scheduler makes a request wait —
+# lesson 12), `make_batch` flattens the three prompts into
 # one batch and computes every token's slot.
 
 # %%
@@ -135,12 +136,12 @@ show(fig, "06_kv_block_map")
 # tokens followed by one-token decode steps that read the earlier tokens from the cache.
 
 # %%
-llm = minfer.LLM(tiny_checkpoint(tempfile.mkdtemp(), fmt="gguf"), backend="numpy")
+llm = minfer.LLM(tiny_checkpoint(tempfile.mkdtemp(), fmt="gguf"), backend="numpy", block_size=4)
 model = llm.model
 ids = llm.tokenizer.encode("the cat sat on the mat and the dog sat on the cat")
 full = llm.logits(ids)                                       # [T, V], no reuse between positions
 
-kv = model.new_cache(n_blocks=4, block_size=4)
+kv = model.new_cache(n_blocks=8, block_size=4)
 table = BlockManager(kv).ensure(0, len(ids))                 # one sequence, blocks for all tokens
 n0 = 6
 steps = [model.forward(make_batch([(ids[:n0], 0, table)], 4), kv)]           # prefill 6 tokens
@@ -150,25 +151,27 @@ cached = np.concatenate(steps)                               # logits of positio
 print("positions compared:", len(cached), "| max |difference|:", np.abs(cached - full[n0 - 1:]).max())
 
 # %% [markdown]
-# ## A chat's next turn
+# ## A chat's next turn: the prefix cache
 #
 # The same fact pays off across requests. A chat sends the whole conversation every turn, and
 # all of it but the newest message was the previous turn's prompt and answer, whose keys and
-# values are already in the cache. With `reuse_prefix=True` the engine keeps that sequence's
-# blocks (and the token ids they hold) when the answer ends; the next turn takes them over for the
-# tokens its prompt shares with them and prefills only the rest, starting at that position —
-# `make_batch([(new_ids, n_shared, table)])`, like a decode step with more than one token.
+# values were in the cache. So the engine does not forget a finished request's blocks at once:
+# each *full* block is named by a hash of its tokens chained with the hash of the block before it
+# (`minfer/engine/prefix_cache.py`), and a new request whose prompt begins with the same tokens
+# takes those blocks and computes only the rest, starting at that position —
+# `make_batch([(new_ids, n_shared, table)])`, like a decode step with more than one token. Many
+# requests with one system prompt share it the same way. Lesson 12 shows the whole engine.
 
 # %%
 greedy = minfer.SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
 turn1 = ids[:8]
-answer = [tok for _, tok in llm.engine.run([turn1], [greedy], reuse_prefix=True)]
+answer = llm.generate([turn1], greedy)[0].token_ids
 turn2 = turn1 + answer + ids[8:]                             # the conversation so far, and more
-again = [tok for _, tok in llm.engine.run([turn2], [greedy], reuse_prefix=True)]
-st = llm.engine.stats
-print(f"turn 2: {len(turn2)} prompt tokens, {st.reused_tokens} already in the cache, "
-      f"{st.prompt_tokens} prefilled")
-print("same tokens as a fresh prefill:", again == llm.generate([turn2], greedy)[0].token_ids)
+again = llm.generate([turn2], greedy)[0]
+print(f"turn 2: {len(turn2)} prompt tokens, {again.cached_tokens} found in the prefix cache, "
+      f"{llm.stats.prompt_tokens} computed")
+fresh = minfer.LLM(llm.path, backend="numpy", block_size=4, prefix_caching=False)
+print("same tokens as a fresh prefill:", again.token_ids == fresh.generate([turn2], greedy)[0].token_ids)
 
 # %% [markdown]
 # ## Your turn

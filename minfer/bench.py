@@ -244,6 +244,9 @@ def run_quality(a) -> int:
 def run_bench(a) -> int:
     if a.quality:
         return run_quality(a)
+    if a.workload != "speed":                   # many requests through one engine: bench_serve.py
+        from . import bench_serve
+        return {"serve": bench_serve.run_serve, "prefix": bench_serve.run_prefix}[a.workload](a)
     from .weights.fetch import ensure_default_model
     backends = [b.strip() for b in a.backend.split(",") if b.strip()]
     quants = [q.strip() for q in a.quant.split(",") if q.strip()]
@@ -397,6 +400,8 @@ def add_parser(sub) -> None:
                    help="also run llama.cpp's llama-bench (this path) in every round, side by side")
     p.add_argument("--llama-models", metavar="FILES", default=None,
                    help="comma-separated GGUF files for --llama-bench (default: the model measured)")
+    from .bench_serve import add_arguments
+    add_arguments(p)
     q = p.add_argument_group("quality (instead of speed)")
     q.add_argument("--quality", action="store_true",
                    help="perplexity, KL divergence and top-1 agreement vs float32 for each --quant "

@@ -107,6 +107,10 @@ class BlockManager:
             hashes.append(h)
         return len(table) * bs
 
+    def has_new_full_block(self, seq_id: int, n_computed: int) -> bool:
+        """Has the sequence filled a block since it last named its blocks?"""
+        return self.prefix is not None and n_computed // self.block_size > len(self.hashes.get(seq_id, ()))
+
     def cache_blocks(self, seq_id: int, tokens: list[int], n_computed: int) -> None:
         """Name the sequence's blocks that are now full and computed, so later requests find them."""
         if self.prefix is None:
@@ -118,6 +122,13 @@ class BlockManager:
             h = block_hash(hashes[-1] if hashes else None, key)
             self.prefix.insert(h, key, table[i])
             hashes.append(h)
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached block (for measurements that must start cold). Only when idle."""
+        assert not self.tables, "reset the prefix cache only when no sequence holds blocks"
+        if self.prefix is not None:
+            self.prefix = PrefixCache()
+        self.hashes.clear()
 
     # --- for tests: the bookkeeping adds up ----------------------------------------------------------
     def check(self) -> None:

@@ -9,9 +9,13 @@ the engine's state is whole again (a step either happened or it did not).
 """
 from __future__ import annotations
 
+import _signal   # signal.signal's C core: the public wrapper converts to enums on each call,
+                 # which would cost more than the rest of a decode step's bookkeeping
 import signal
 import threading
 from contextlib import contextmanager
+
+_SIGINT = int(signal.SIGINT)
 
 
 @contextmanager
@@ -19,14 +23,14 @@ def deferred_sigint():
     """Delay SIGINT to the end of the block (main thread with Python's own handler; elsewhere a
     no-op: other threads never receive KeyboardInterrupt, and a custom handler is respected)."""
     if (threading.current_thread() is not threading.main_thread()
-            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+            or _signal.getsignal(_SIGINT) is not signal.default_int_handler):
         yield
         return
     caught = []
-    signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    _signal.signal(_SIGINT, lambda signum, frame: caught.append(signum))
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        _signal.signal(_SIGINT, signal.default_int_handler)
         if caught:
             raise KeyboardInterrupt

@@ -110,7 +110,8 @@ class Scheduler:
     def computed(self, seq: Sequence, n: int) -> None:
         """n more of seq's tokens now have their K/V in the cache."""
         seq.n_computed += n
-        self.blocks.cache_blocks(seq.seq_id, seq.tokens, seq.n_computed)
+        if self.blocks.has_new_full_block(seq.seq_id, seq.n_computed):
+            self.blocks.cache_blocks(seq.seq_id, seq.tokens, seq.n_computed)
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """Take seq out (finished or aborted) and free its blocks."""
