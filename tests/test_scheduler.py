@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from minfer.engine.block_manager import BlockManager, NoFreeBlocks
-from minfer.engine.prefix_cache import chain
+from minfer.engine.prefix_cache import block_hashes
 from minfer.engine.scheduler import Scheduler
 from minfer.engine.sequence import Sequence, Status
 from minfer.sampling import SamplingParams
@@ -146,10 +146,12 @@ def test_freed_cached_blocks_are_evicted_last_and_forgotten_when_reused():
 
 
 def test_hash_chain_depends_on_everything_before():
-    a = chain([1, 2, 3, 4, 5, 6], 2, 3)
-    b = chain([9, 2, 3, 4, 5, 6], 2, 3)
-    assert all(x != y for x, y in zip(a, b))        # one token differs: every later block differs
-    assert chain([1, 2, 3, 4], 2, 2) == a[:2]
+    a = block_hashes([1, 2, 3, 4, 5, 6, 7], 2)
+    b = block_hashes([9, 2, 3, 4, 5, 6, 7], 2)
+    assert len(a) == 3 and all(x != y for x, y in zip(a, b))   # every later block differs too
+    assert block_hashes([1, 2, 3, 4], 2) == a[:2]
+    c = block_hashes([1, 2, 1, 2], 2)
+    assert c[0] != c[1]                             # the same tokens at another place: another name
 
 
 def test_block_manager_never_grows():

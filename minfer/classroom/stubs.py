@@ -243,4 +243,16 @@ def rmsnorm_kernel(x, w, eps, out):
     """
     raise NotImplementedError("lesson 11: rmsnorm_kernel")
 ''',
+    12: '''
+
+def block_hashes(tokens, block_size):
+    """tokens: a list of ints, block_size: int -> a list of ints, one per FULL block.
+
+    A block's name must depend on its own tokens AND on every token before it (its keys and
+    values do): two prompts get the same name for block i exactly when their first
+    (i + 1) * block_size tokens are equal. A last, partial block gets no name (its tokens are
+    still coming). Python's hash() of a tuple is deterministic for ints and tuples of ints.
+    """
+    raise NotImplementedError("lesson 12: block_hashes")
+''',
 }

@@ -742,6 +742,52 @@ def _check_rmsnorm_kernel(f):
             raise CheckFailed(f"{what}: your kernel changed x or w; write into out only")
 
 
+# --- lesson 12: the prefix cache's block names ---------------------------------------------------------
+def _check_block_hashes(f):
+    rng = _rng(12)
+    what = "block_hashes"
+    for bs in (4, 5, 16):
+        tokens = rng.integers(0, 50, 5 * bs + 3).tolist()
+        try:
+            got = f(list(tokens), bs)
+        except NotImplementedError:
+            raise
+        except Exception as e:  # noqa: BLE001 — the student's code: report, don't crash
+            raise CheckFailed(f"{what}: raised {type(e).__name__}: {e}") from None
+        if got is None:
+            raise CheckFailed(f"{what}: your function returned None (forgot `return`?)")
+        got = list(got)
+        if len(got) != len(tokens) // bs:
+            raise CheckFailed(f"{what}: {len(tokens)} tokens in blocks of {bs} have "
+                              f"{len(tokens) // bs} full blocks, you returned {len(got)} names "
+                              f"(the last, partial block gets none)")
+        if not all(isinstance(h, (int, np.integer)) for h in got):
+            raise CheckFailed(f"{what}: return a list of ints")
+        if list(f(list(tokens), bs)) != got:
+            raise CheckFailed(f"{what}: two calls on the same tokens gave different names")
+        if list(f(tokens[:3 * bs], bs)) != got[:3]:
+            raise CheckFailed(f"{what}: a prompt's first 3 blocks must get the same names as the "
+                              f"first 3 blocks of a longer prompt that begins with them")
+        changed = list(tokens)
+        changed[bs + 1] += 1                                    # one token of block 1
+        other = list(f(changed, bs))
+        if other[0] != got[0]:
+            raise CheckFailed(f"{what}: changing a token of block 1 changed block 0's name; "
+                              f"a block depends only on itself and the blocks before it")
+        if other[1] == got[1]:
+            raise CheckFailed(f"{what}: changing a token of block 1 did not change its name")
+        if any(x == y for x, y in zip(other[2:], got[2:])):
+            raise CheckFailed(f"{what}: changing a token of block 1 must change the names of all "
+                              f"later blocks too (their keys and values change): chain each "
+                              f"block's name with the name of the block before it")
+        twice = tokens[:bs] * 3                                 # the same tokens at three places
+        names = list(f(twice, bs))
+        if len(set(names)) != 3:
+            raise CheckFailed(f"{what}: the same {bs} tokens at positions 0, {bs} and {2 * bs} got "
+                              f"equal names, but their keys and values differ (other positions, "
+                              f"other tokens before): chain in the name of the block before")
+
+
 # --- the stub files the students fill in ----------------------------------------------------------
 def _lessons() -> dict[int, Lesson]:
     from .. import sampling
@@ -827,6 +873,12 @@ def _lessons() -> dict[int, Lesson]:
              "r = 1 / sqrt(part[0] / D + eps); each thread writes its own columns"),
     ], dict(rmsnorm_kernel=rmsnorm.rmsnorm_kernel))
     L[11].needs_cuda = True
+    from ..engine import prefix_cache
+    add(12, "batching", "continuous batching and the prefix cache", "engine/prefix_cache.py",
+        "12_batching.py", 20, [
+            Task("block_hashes", _check_block_hashes, "h = None; for each full block i: h = "
+                 "hash((h, tuple(tokens[i * block_size:(i + 1) * block_size]))); append h"),
+        ], dict(block_hashes=prefix_cache.block_hashes))
     return L
 
 

@@ -24,10 +24,11 @@ def block_hash(parent: int | None, tokens: tuple[int, ...]) -> int:
     return hash((parent, tokens))
 
 
-def chain(tokens: list[int], block_size: int, n_blocks: int) -> list[int]:
-    """Hashes of the first n_blocks full blocks of `tokens`."""
+def block_hashes(tokens: list[int], block_size: int) -> list[int]:
+    """The chained hash of each full block of `tokens` (a last, partial block has none yet: its
+    tokens are still coming)."""
     hashes, h = [], None
-    for i in range(n_blocks):
+    for i in range(len(tokens) // block_size):
         h = block_hash(h, tuple(tokens[i * block_size:(i + 1) * block_size]))
         hashes.append(h)
     return hashes
