@@ -1,14 +1,17 @@
 """minfer: a small LLM inference engine in NumPy and Numba that you can read and really use."""
-import numpy as _np
-
-# numba-cuda 0.30 registers an overload of np.row_stack when numba.cuda is imported; numpy 2.5
-# removed that alias (it was np.vstack). minfer pins numpy<2.5, but GPU images may ship a newer one.
-if not hasattr(_np, "row_stack"):
-    _np.row_stack = _np.vstack
-
 from .errors import MinferError
-from .sampling import SamplingParams
-from .llm import LLM, Completion
 
 __all__ = ["LLM", "SamplingParams", "Completion", "MinferError"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # imported on first use: `python -m minfer --help` starts fast, and a Ctrl-C while numpy,
+    # numba and the kernels load is caught by the command line's own handler
+    if name in ("LLM", "Completion"):
+        from . import llm
+        return getattr(llm, name)
+    if name == "SamplingParams":
+        from .sampling import SamplingParams
+        return SamplingParams
+    raise AttributeError(f"module 'minfer' has no attribute {name!r}")

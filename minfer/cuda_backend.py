@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import numpy_compat  # noqa: F401  (before numba.cuda)
 from .batch import Batch
 from .config import ModelConfig
 from .errors import BackendUnavailableError

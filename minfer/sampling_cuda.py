@@ -29,6 +29,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
+
+from . import numpy_compat  # noqa: F401  (before numba.cuda)
 from numba import cuda, float32, int32, int64
 
 from .stages.attention import block_reduce   # the tree sum over a thread block

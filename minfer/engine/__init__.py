@@ -5,7 +5,6 @@
     prefix_cache.py   full blocks named by a hash chain, shared between requests
     scheduler.py      who runs this step and with how many tokens (pure Python, no model)
     engine.py         add_request / abort / step: schedule -> batch -> forward -> sample
-    interrupt.py      Ctrl-C during a step waits for the step to end
 """
 from .engine import Engine
 from .sequence import Metrics, Sequence, Status

@@ -25,9 +25,9 @@ import numpy as np
 
 from ..batch import make_batch
 from ..errors import InvalidArgumentError, PromptTooLongError
+from ..interrupt import deferred_sigint
 from ..sampling import SamplingParams, sample
 from .block_manager import BlockManager
-from .interrupt import deferred_sigint
 from .scheduler import Scheduler
 from .sequence import Sequence, Status
 

@@ -1,0 +1,61 @@
+"""Ctrl-C while the model computes: hold it until the step is done.
+
+Python runs a signal handler between bytecodes of the main thread. A forward step on the numba
+backend is one long compiled call (the first one also compiles the kernels), and a
+KeyboardInterrupt raised at the wrong moment inside it — while numba's threads run, or while
+LLVM compiles — ends in a SystemError or a crash instead of a clean stop. So during a step the
+handler only notes that Ctrl-C came; the KeyboardInterrupt is raised once the step returns, where
+the engine's state is whole again (a step either happened or it did not).
+
+The command line installs `on_sigint` first thing (python -m minfer): it behaves as Python's own
+handler, and remembers that Ctrl-C came — an import that a Ctrl-C broke half-way can surface as
+an ImportError, which is then known to be an interrupt, not a broken installation.
+"""
+from __future__ import annotations
+
+import _signal   # signal.signal's C core: the public wrapper converts to enums on each call,
+                 # which would cost more than the rest of a decode step's bookkeeping
+import signal
+import sys
+import threading
+from contextlib import contextmanager
+
+_SIGINT = int(signal.SIGINT)
+received = False                 # a Ctrl-C came while on_sigint was the handler
+
+
+def on_sigint(signum, frame):
+    """Python's default behaviour (KeyboardInterrupt), remembered in `received`."""
+    global received
+    received = True
+    raise KeyboardInterrupt
+
+
+def install() -> None:
+    signal.signal(signal.SIGINT, on_sigint)
+
+
+@contextmanager
+def deferred_sigint():
+    """Delay SIGINT to the end of the block (main thread with Python's own handler or
+    on_sigint; elsewhere a no-op: other threads never receive KeyboardInterrupt, and a custom
+    handler is respected)."""
+    before = _signal.getsignal(_SIGINT)
+    if (threading.current_thread() is not threading.main_thread()
+            or before not in (signal.default_int_handler, on_sigint)):
+        yield
+        return
+    caught = []
+
+    def hold(signum, frame):
+        caught.append(signum)
+        if len(caught) == 2:             # pressed again: the step is a long one (compiling?)
+            print("minfer: stopping as soon as this step is done (the kernels may be compiling)",
+                  file=sys.stderr, flush=True)
+    _signal.signal(_SIGINT, hold)
+    try:
+        yield
+    finally:
+        _signal.signal(_SIGINT, before)
+        if caught:
+            before(_SIGINT, None)        # raises KeyboardInterrupt
