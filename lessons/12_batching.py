@@ -165,6 +165,21 @@ print(f"first: {first.cached_tokens} of {len(a)} prompt tokens from the cache; "
       f"second: {second.cached_tokens} of {len(b)}")
 
 # %% [markdown]
+# ## Watch a real server's scheduler
+#
+# `python -m minfer serve` (the [Serving](../serving.md) page) puts this engine behind an
+# OpenAI-compatible HTTP API. Start it, point a few clients at it, and watch the scheduler:
+#
+# ```bash
+# pip install -e ".[serve]" && python -m minfer serve          # terminal 1
+# watch -n 0.5 'curl -s localhost:8000/metrics | grep -E "^minfer_(requests|kv_blocks|prefix)"'
+# python tools/serve_bench.py --serve-url http://127.0.0.1:8000 --concurrency 16   # terminal 3
+# ```
+#
+# `minfer_requests_running` climbs to the batch size and `minfer_requests_waiting` holds the rest;
+# `minfer_kv_blocks_used` rises and falls as answers finish; the prefix cache's hit rate grows
+# with requests that share a system prompt.
+#
 # ## Your turn
 #
 # ```bash
