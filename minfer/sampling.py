@@ -67,7 +67,7 @@ def filter_logits(logits: np.ndarray, p: SamplingParams) -> np.ndarray:
         probs = _softmax(logits)
         # Only the most likely tokens can survive, so sort just enough of them: candidates are the
         # k largest for k = 64, 256, ... until they hold top_p of the mass (sorting all 49,152
-        # logits for every token cost ~3 ms, a third of a decode step).
+        # logits for every token would cost more than the rest of a decode step).
         k, V = 64, len(probs)
         while True:
             if 4 * k > V:                                           # a flat distribution: sort all
