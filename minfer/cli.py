@@ -71,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--use-mine", nargs="?", const="minfer-exercises", default=None, metavar="DIR",
                    help="run on your own exercise functions from DIR (default: ./minfer-exercises); "
                         "see `python -m minfer lesson list`")
+    p.add_argument("--anyway", action="store_true",
+                   help="with --use-mine: chat even if a function of yours differs from the reference")
     _sampling_flags(p, temperature=None)
 
     p = sub.add_parser("generate", help="one completion for one prompt",
@@ -135,7 +137,8 @@ def _llm(a):
     if mine:  # the exercises take float32 weights: no quantized blocks under the student's code
         from .backends import get_ops
         from .classroom import student_ops
-        ops = student_ops(get_ops(a.backend, a.threads), mine)   # before the slow load: fail fast
+        ops = student_ops(get_ops(a.backend, a.threads), mine,   # before the slow load: fail fast
+                          anyway=getattr(a, "anyway", False))
     if mine and a.activations != "f32":
         raise InvalidArgumentError("--use-mine runs on float32 weights: leave out --activations")
     llm = LLM(model=a.model, backend=a.backend, quant="f32" if mine else a.quant,

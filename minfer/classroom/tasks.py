@@ -131,8 +131,10 @@ def _check_rmsnorm(f):
     for T, D, scale, eps in [(1, 8, 1.0, 1e-5), (5, 33, 30.0, 1e-6), (3, 576, 1e-3, 1e-5)]:
         x, w = _randn(rng, T, D, scale=scale), _randn(rng, D) + 1
         xc = x.copy()
-        expect_close(f(x, w, eps), rmsnorm(x, w, eps), f"x [{T}, {D}] (scale {scale}), eps={eps}",
+        got = f(x, w, eps)
+        expect_close(got, rmsnorm(x, w, eps), f"x [{T}, {D}] (scale {scale}), eps={eps}",
                      atol=1e-5, rtol=1e-4, variants=_rmsnorm_variants(x, w, eps))
+        _expect_float32(got, f"x [{T}, {D}]")
         if not np.array_equal(x, xc):
             raise CheckFailed("your rmsnorm changed its input x in place; return a new array")
 
@@ -142,7 +144,7 @@ def _check_rmsnorm(f):
 def _check_rope_angles(f):
     from ..stages.rope import rope_angles
     for pos, hd, base in [([0, 1, 2, 3], 8, 10000.0), ([7, 100, 3000], 64, 100000.0),
-                          ([5, 0, 17, 2, 9], 6, 500.0)]:
+                          ([5, 0, 17, 2, 9], 6, 500.0), ([0, 1, 4095, 8191], 64, 100000.0)]:
         pos = np.asarray(pos)
         got = f(pos, hd, base)
         if not (isinstance(got, tuple) and len(got) == 2):
@@ -151,15 +153,20 @@ def _check_rope_angles(f):
         inv = base ** (-np.arange(0, hd, 2) / hd)
         ang = pos[:, None] * inv[None]
         bad_freq = pos[:, None] * (base ** (-np.arange(hd // 2) / hd))[None]
+        ang32 = pos.astype(np.float32)[:, None] * inv.astype(np.float32)[None]    # all float32
         for k, name in enumerate(("cos", "sin")):
             fn = np.cos if k == 0 else np.sin
-            expect_close(got[k], want[k], f"{name} for positions {pos.tolist()}, head_dim={hd}, base={base}",
-                         atol=5e-4, rtol=1e-3, variants=[
-                             ("theta_i = base^(-2i/head_dim) for i = 0 .. head_dim/2 - 1: the exponent "
-                              "steps by 2/head_dim, not 1/head_dim", fn(bad_freq)),
-                             (f"{name} and {'sin' if k == 0 else 'cos'} are swapped",
-                              (np.sin if k == 0 else np.cos)(ang)),
-                         ])
+            what = f"{name} for positions {pos.tolist()}, head_dim={hd}, base={base}"
+            expect_close(got[k], want[k], what, atol=2e-6, rtol=1e-5, variants=[
+                ("theta_i = base^(-2i/head_dim) for i = 0 .. head_dim/2 - 1: the exponent "
+                 "steps by 2/head_dim, not 1/head_dim", fn(bad_freq)),
+                (f"{name} and {'sin' if k == 0 else 'cos'} are swapped",
+                 (np.sin if k == 0 else np.cos)(ang)),
+                ("the angles were computed in float32: an angle of ~8191 radians keeps only "
+                 "~5e-4 of precision there. Multiply positions by frequencies in float64 "
+                 "(positions.astype(np.float64)), then cast cos and sin to float32", fn(ang32)),
+            ])
+            _expect_float32(got[k], what)
 
 
 def _rotate_half_rope(x, cos, sin):
@@ -187,6 +194,7 @@ def _check_rope(f):
                           "minfer pairs neighbours (x_2i, x_2i+1)", _rotate_half_rope(x, cos, sin)),
                          ("you rotated by -angle: (a, b) -> (a cos - b sin, a sin + b cos)", wrong_sign),
                      ])
+        _expect_float32(f(x, cos, sin), f"x [{T}, {H}, {hd}]")
         if not np.array_equal(x, xc):
             raise CheckFailed("your rope changed its input x in place; write into a new array")
 
@@ -215,8 +223,10 @@ def _check_softmax(f):
                      ])
 
 
-def _attention_variant(q, k_cache, v_cache, batch, causal=True, scale=True, group_of=None):
-    """The reference with one mistake switched on (for diagnosing a student's output)."""
+def _attention_variant(q, k_cache, v_cache, batch, causal=True, scale=True, group_of=None,
+                       offset=0, contiguous=False):
+    """The reference with one mistake switched on (for diagnosing a student's output): no mask, no
+    scale, the wrong kv head, a mask off by `offset`, the cache read as if contiguous."""
     T, Hq, hd = q.shape
     bs, Hkv = k_cache.shape[1], k_cache.shape[2]
     group = Hq // Hkv
@@ -224,16 +234,17 @@ def _attention_variant(q, k_cache, v_cache, batch, causal=True, scale=True, grou
     out = np.zeros_like(q)
     for b in range(batch.n_seqs):
         S = int(batch.context_lens[b])
-        blocks = batch.block_tables[b, : -(-S // bs)]
+        blocks = np.arange(-(-S // bs)) if contiguous else batch.block_tables[b, : -(-S // bs)]
         K = k_cache[blocks].reshape(-1, Hkv, hd)[:S]
         V = v_cache[blocks].reshape(-1, Hkv, hd)[:S]
         for t in range(batch.seq_starts[b], batch.seq_starts[b + 1]):
             for h in range(Hq):
                 s = K[:, kv_head(h)] @ q[t, h] / (np.sqrt(hd) if scale else 1.0)
                 if causal:
-                    s = np.where(np.arange(S) <= batch.positions[t], s, -np.inf)
-                p = np.exp(s - s.max())
-                out[t, h] = (p / p.sum()) @ V[:, kv_head(h)]
+                    s = np.where(np.arange(S) <= batch.positions[t] + offset, s, -np.inf)
+                with np.errstate(invalid="ignore"):
+                    p = np.exp(s - s.max())
+                    out[t, h] = (p / p.sum()) @ V[:, kv_head(h)]
     return out
 
 
@@ -275,6 +286,14 @@ def _check_paged_attention(f):
              _attention_variant(q, kc, vc, batch, causal=False)),
             ("the scores are not scaled: divide q.k by sqrt(head_dim)",
              _attention_variant(q, kc, vc, batch, scale=False)),
+            ("the mask is off by one: a query at position p sees keys 0..p (j <= p), not p + 1",
+             _attention_variant(q, kc, vc, batch, offset=1)),
+            ("the mask hides the token itself: a query at position p sees keys 0..p, its own "
+             "included (j <= p, not j < p); at position 0 it would see nothing, and softmax of "
+             "nothing is NaN", _attention_variant(q, kc, vc, batch, offset=-1)),
+            ("the block table is ignored: sequence b's keys are in blocks "
+             "batch.block_tables[b], in that order, not in blocks 0, 1, 2, ...",
+             _attention_variant(q, kc, vc, batch, contiguous=True)),
         ]
         if Hkv > 1 and group > 1:
             variants.append(("query head h reads kv head h // (Hq // Hkv) (consecutive query heads "
@@ -282,6 +301,7 @@ def _check_paged_attention(f):
                              _attention_variant(q, kc, vc, batch, group_of=lambda h: h % Hkv)))
         expect_close(got, paged_attention(q, kc, vc, batch), what, atol=1e-4, rtol=1e-3,
                      variants=variants)
+        _expect_float32(got, what)
         if not (np.array_equal(kc, kc0) and np.array_equal(vc, vc0)):
             raise CheckFailed(f"{what}: your attention wrote into the KV cache; it only reads it")
 
@@ -337,6 +357,7 @@ def _check_silu(f):
                          ("that is the sigmoid alone; silu(z) = z * sigmoid(z)", 1 / (1 + np.exp(-z.astype(np.float64)))),
                          ("that is ReLU; silu is smooth: z * sigmoid(z)", np.maximum(z, 0)),
                      ])
+        _expect_float32(got, f"z {list(z.shape)}")
 
 
 def _check_swiglu(f):
@@ -345,7 +366,9 @@ def _check_swiglu(f):
     for T, D, F in [(1, 8, 12), (5, 24, 40), (3, 64, 96)]:
         x = _randn(rng, T, D)
         wg, wu, wd = _randn(rng, F, D, scale=0.3), _randn(rng, F, D, scale=0.3), _randn(rng, D, F, scale=0.3)
-        expect_close(f(x, wg, wu, wd), swiglu(x, wg, wu, wd), f"x [{T}, {D}], ffn {F}",
+        got = f(x, wg, wu, wd)
+        _expect_float32(got, f"x [{T}, {D}], ffn {F}")
+        expect_close(got, swiglu(x, wg, wu, wd), f"x [{T}, {D}], ffn {F}",
                      atol=1e-4, rtol=1e-3, variants=[
                          ("silu goes on the gate branch: silu(x W_gate^T) * (x W_up^T)",
                           (silu(x @ wu.T) * (x @ wg.T)) @ wd.T),
