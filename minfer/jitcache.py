@@ -192,6 +192,10 @@ def compiling(what: str = "the CPU kernels", key: str | None = None, stream=None
     try:
         with event.install_listener("numba:compile", Listener()):
             yield progress
+    except BaseException:
+        if progress.t0 is not None and progress.tty:
+            progress.stream.write("\n")                  # end the progress line; say nothing more
+        raise
     finally:
         _quiet.remove(progress)
     progress.finish()

@@ -37,6 +37,43 @@ def _on_gpu_or_simulator(request) -> bool:
 # Correct solutions written independently of minfer's reference (loops, other formulas): the checks
 # must accept any correct answer, not only the reference's own arithmetic.
 SOLUTIONS = {
+    0: '''
+def count_parameters(config):
+    c = config
+    attention = c.dim * c.head_dim * (2 * c.n_heads + 2 * c.n_kv_heads)
+    mlp = 3 * c.dim * c.ffn_dim
+    per_layer = attention + mlp + 2 * c.dim
+    heads = 1 if c.tie_embeddings else 2
+    return heads * c.vocab_size * c.dim + c.n_layers * per_layer + c.dim
+''',
+    1: '''
+def bpe_ids(piece, merges, vocab):
+    rank = {}
+    for r, m in enumerate(merges):
+        rank.setdefault(tuple(m.split(" ")), r)
+    parts = list(piece)
+    while True:
+        best = None
+        for i in range(len(parts) - 1):
+            r = rank.get((parts[i], parts[i + 1]))
+            if r is not None and (best is None or r < best[0]):
+                best = (r, i)
+        if best is None:
+            break
+        i = best[1]
+        parts = parts[:i] + [parts[i] + parts[i + 1]] + parts[i + 2:]
+    return [vocab.index(p) for p in parts]
+''',
+    2: '''
+import numpy as np
+
+def align_up(pos, alignment):
+    return -(-pos // alignment) * alignment
+
+def read_f32_tensor(path, data_start, offset, dims):
+    shape = tuple(dims[::-1])
+    return np.fromfile(path, dtype="<f4", count=int(np.prod(dims)), offset=data_start + offset).reshape(shape)
+''',
     3: '''
 import numpy as np
 
@@ -222,6 +259,37 @@ def dequantize_q4_1(raw, shape):
         q = np.array([b & 15 for b in qs] + [b >> 4 for b in qs], dtype=np.float32)
         parts.append(d * q + m)
     return np.concatenate(parts).reshape(shape)
+''',
+    12: '''
+import numpy as np
+from minfer.batch import make_batch
+
+def run_layers(x, cos, sin, batch, cache, weights, config, ops):
+    c, T = config, x.shape[0]
+    for l, L in enumerate(weights.layers):
+        h = ops.rmsnorm(x, L.attn_norm, c.rms_eps)
+        q = ops.rope(ops.linear(h, L.wq).reshape(T, c.n_heads, c.head_dim), cos, sin)
+        k = ops.rope(ops.linear(h, L.wk).reshape(T, c.n_kv_heads, c.head_dim), cos, sin)
+        v = ops.linear(h, L.wv).reshape(T, c.n_kv_heads, c.head_dim)
+        ops.kv_write(cache.k[l], cache.v[l], k, v, batch.slot_mapping)
+        a = ops.attention(q, cache.k[l], cache.v[l], batch)
+        x = x + ops.linear(a.reshape(T, c.n_heads * c.head_dim), L.wo)
+        x = x + ops.swiglu(ops.rmsnorm(x, L.ffn_norm, c.rms_eps), L.w_gate, L.w_up, L.w_down)
+    return x
+
+def greedy_generate(model, prompt_ids, n_new):
+    bs = 8
+    n_blocks = (len(prompt_ids) + n_new + bs - 1) // bs + 1
+    table = list(range(n_blocks))[::-1]
+    cache = model.new_cache(n_blocks=n_blocks, block_size=bs)
+    tokens = []
+    logits = model.forward(make_batch([(prompt_ids, 0, table)], bs), cache)
+    for step in range(n_new):
+        tokens.append(int(np.argmax(logits[-1])))
+        if len(tokens) < n_new:
+            pos = len(prompt_ids) + step
+            logits = model.forward(make_batch([([tokens[-1]], pos, table)], bs), cache)
+    return tokens
 ''',
 }
 
@@ -444,7 +512,7 @@ def test_check_reports_a_wrong_function_with_a_hint(tmp_path, capsys):
 
 def test_bad_input_is_a_clean_error(tmp_path):
     with pytest.raises(ExerciseError, match="no exercises"):
-        _cli("start", "1", "--dir", str(tmp_path))
+        _cli("start", "13", "--dir", str(tmp_path))
     with pytest.raises(ExerciseError, match="lesson start 6"):
         _cli("check", "6", "--dir", str(tmp_path))
     _write(tmp_path, 7, "def silu(z):\n    return z *\n")
