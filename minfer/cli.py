@@ -125,7 +125,9 @@ def _first_run_notice(llm, a) -> None:
     from .sampling import SamplingParams
     key = f"{llm.quant}/{llm.activations}" + ("/mine" if getattr(a, "use_mine", None) else "")
     with compiling("the CPU kernels for this model", key=key):
-        llm.generate("Hello! How are you today?", SamplingParams(temperature=0, max_tokens=2))
+        n = max(1, min(8, llm.engine.max_context - 2))       # a short prompt, within the context
+        ids = llm.tokenizer.encode("Hello! How are you today? Fine.")[:n] or [0]
+        llm.generate(ids, SamplingParams(temperature=0, max_tokens=2))
     report_later_compiles()          # e.g. a long prompt's kernels, compiled when first needed
 
 
