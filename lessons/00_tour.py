@@ -123,7 +123,7 @@ print("ops:", ", ".join(k for k in vars(llm.model.ops) if k != "name"))
 
 # %%
 W = llm.weights
-per_layer = sum(a.size for a in vars(W.layers[0]).values())
+per_layer = sum(a.size for a in W.layers[0].storage())   # its distinct arrays
 total = W.tok_embd.size + per_layer * c.n_layers + W.norm.size
 print(f"{per_layer:,} parameters per layer x {c.n_layers} layers + embedding "
       f"{W.tok_embd.size:,} = {total:,} parameters")
@@ -134,5 +134,20 @@ print(f"the GGUF file stores them in {llm.path.stat().st_size / 1e6:.0f} MB (4-b
 # Decoding is therefore limited by memory bandwidth rather than arithmetic: this is why the
 # faster paths keep the weights quantized (lesson 10) and why a batch of sequences shares one
 # read of the weights (lesson 06).
+#
+# ## Your turn
+#
+# Every lesson ends with a small exercise that `python -m minfer lesson` writes out and checks:
+#
+# ```bash
+# python -m minfer lesson start 0      # writes minfer-exercises/lesson00_tour.py
+# python -m minfer lesson check 0
+# ```
+#
+# Task: `count_parameters(config)` — the number of weights of a model, from its configuration
+# alone (`llm.config` above: `vocab_size`, `dim`, `n_layers`, `n_heads`, `n_kv_heads`,
+# `head_dim`, `ffn_dim`, `tie_embeddings`), without looking at the arrays. The count above is
+# your target for SmolLM2; the check also tries a model whose LM head is not tied to its
+# embedding and one without grouped-query attention, and names what you left out.
 #
 # **Next:** [01 · Tokens](01_tokens.md) — how text becomes ids.

@@ -159,4 +159,17 @@ for i in ids:
 print("flush:", repr(dec.flush()), "| total:", repr(dec.text))
 
 # %% [markdown]
+# ## Your turn
+#
+# ```bash
+# python -m minfer lesson start 1
+# python -m minfer lesson check 1
+# ```
+#
+# Task: `bpe_ids(piece, merges, vocab)` — the whole encoding of one piece, by hand: from the
+# GGUF's list of merges (`"left right"` strings, best first, as `meta["tokenizer.ggml.merges"]`
+# holds them) and its vocabulary (`meta["tokenizer.ggml.tokens"]`: a token's id is its index) to
+# the ids. The check tries a toy merge list where the order of the merges matters, and the
+# merges of a small real tokenizer.
+#
 # **Next:** [02 · Weights](02_weights.md) — what else is in that file.

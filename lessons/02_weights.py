@@ -182,4 +182,16 @@ print("loaded weights equal: ", all(np.allclose(getattr(w_h.layers[0], k), getat
                                    for k in ["wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"]))
 
 # %% [markdown]
+# ## Your turn
+#
+# ```bash
+# python -m minfer lesson start 2
+# python -m minfer lesson check 2
+# ```
+#
+# Tasks: `align_up(pos, alignment)` — where the data section begins after a header that ends at
+# byte `pos` — and `read_f32_tensor(path, data_start, offset, dims)`: one float32 tensor out of a
+# GGUF file with `open`, `seek` and `read`, given its offset and its dimensions as the header
+# lists them. Mind the order of the dimensions: the header gives the fastest-moving one first.
+#
 # **Next:** [03 · Embeddings and RMSNorm](03_embedding_rmsnorm.md) — the first stage of the forward pass.

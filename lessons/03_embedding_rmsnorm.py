@@ -18,7 +18,6 @@
 # | result `x` | `[T, D]` | float32 |
 
 # %%
-import inspect
 from types import SimpleNamespace
 
 import numpy as np
@@ -28,7 +27,6 @@ from minfer.classroom import show
 from minfer.stages.embedding import embedding
 from minfer.stages.rmsnorm import rmsnorm
 
-print(inspect.getsource(embedding))
 llm = minfer.LLM(backend="numpy")
 tok, W = llm.tokenizer, llm.weights
 ids = tok.encode("The cat sat on the mat.")
@@ -68,7 +66,6 @@ for word in [" cat", " Paris", " seven"]:
 # not two. Shape contract: `x [T, D]`, `w [D]`, `eps` → `[T, D]`.
 
 # %%
-print(inspect.getsource(rmsnorm))
 y = rmsnorm(x, np.ones(x.shape[1], np.float32), llm.config.rms_eps)
 print("RMS of each token before:", np.sqrt((x ** 2).mean(-1)).round(4))
 print("RMS of each token after: ", np.sqrt((y ** 2).mean(-1)).round(4))
@@ -135,7 +132,13 @@ show(fig, "03_residual_stream")
 # python -m minfer lesson check 3
 # ```
 #
-# Tasks: `embedding(token_ids, table)` and `rmsnorm(x, w, eps)`, with the signatures above. When
+# Tasks: `embedding(token_ids, table)` and `rmsnorm(x, w, eps)`, with the shapes in the tables above. When
 # both pass, `python -m minfer chat --use-mine` runs the model with your two functions in it.
+#
+# ??? note "Solution — minfer's reference (open it once yours passes, or once you are stuck)"
+#     <!-- source minfer.stages.embedding:embedding -->
+#     <!-- source minfer.stages.rmsnorm:rmsnorm -->
+#
+#     Outside this site: `minfer/stages/embedding.py`, `minfer/stages/rmsnorm.py`.
 #
 # **Next:** [04 · RoPE](04_rope.md) — how the model knows where each token is.

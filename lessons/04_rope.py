@@ -22,15 +22,11 @@
 # `rope(x [T, H, d], cos, sin) -> [T, H, d]`, the same angles for every head.
 
 # %%
-import inspect
-
 import numpy as np
 
 from minfer.classroom import show
 from minfer.stages.rope import hf_to_interleaved, rope, rope_angles
 
-print(inspect.getsource(rope_angles))
-print(inspect.getsource(rope))
 hd, base = 64, 100000.0
 wavelength = 2 * np.pi * base ** (np.arange(0, hd, 2) / hd)
 print("positions per turn, pairs 0, 1, 8, 16, 24, 31:", [f"{w:,.1f}" for w in wavelength[[0, 1, 8, 16, 24, 31]]])
@@ -158,5 +154,10 @@ show(fig, "04_qk_permutation")
 #
 # Tasks: `rope_angles(positions, head_dim, base)` and `rope(x, cos, sin)`. The check knows the
 # classic mistakes (pairing halves instead of neighbours, turning the wrong way) and names them.
+#
+# ??? note "Solution — minfer's reference (open it once yours passes, or once you are stuck)"
+#     <!-- source minfer.stages.rope:rope_angles,rope -->
+#
+#     Outside this site: `minfer/stages/rope.py`.
 #
 # **Next:** [05 · Attention](05_attention.md) — where the rotated queries and keys meet.

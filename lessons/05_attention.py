@@ -38,7 +38,6 @@
 # decode (one row) are the same code.
 
 # %%
-import inspect
 from types import SimpleNamespace
 
 import numpy as np
@@ -49,7 +48,6 @@ from minfer.classroom import show
 from minfer.stages.attention import paged_attention, softmax
 from minfer.stages.kvcache import kv_write
 
-print(inspect.getsource(paged_attention))
 
 # %% [markdown]
 # ## The textbook version, and minfer's, agree
@@ -182,5 +180,10 @@ print(f"a full context of {cfg.max_seq_len} tokens: {per_token * cfg.max_seq_len
 # textbook loop above and make it read keys through the block table; the check tries several
 # sequences of different lengths at once, with GQA and with blocks scattered across the pool,
 # and tells you if your output looks like a missing mask, a missing scale, or the wrong kv head.
+#
+# ??? note "Solution — minfer's reference (open it once yours passes, or once you are stuck)"
+#     <!-- source minfer.stages.attention:softmax,paged_attention -->
+#
+#     Outside this site: `minfer/stages/attention.py`.
 #
 # **Next:** [06 · The KV cache](06_kvcache.md) — where those keys and values live.

@@ -26,7 +26,6 @@
 # cache is the special case of one block as long as the context.
 
 # %%
-import inspect
 import tempfile
 
 import numpy as np
@@ -38,7 +37,6 @@ from minfer.engine.block_manager import BlockManager
 from minfer.stages.kvcache import KVCache, kv_write
 from minfer.weights.synthetic import tiny_checkpoint
 
-print(inspect.getsource(kv_write))
 
 # %% [markdown]
 # ## Three sequences share a pool
@@ -183,5 +181,10 @@ print("same tokens as a fresh prefill:", again.token_ids == fresh.generate([turn
 #
 # Tasks: `slot_mapping(block_table, start, stop, block_size)` (the slots of positions
 # `start..stop-1`, as `make_batch` computes them) and `kv_write(k_cache, v_cache, k, v, slot_mapping)`.
+#
+# ??? note "Solution — minfer's reference (open it once yours passes, or once you are stuck)"
+#     <!-- source minfer.stages.kvcache:kv_write -->
+#
+#     Outside this site: `minfer/stages/kvcache.py`.
 #
 # **Next:** [07 · The MLP](07_mlp.md) — the other half of every layer.

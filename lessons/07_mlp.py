@@ -25,7 +25,6 @@
 # dot product with one contiguous row of `W`.
 
 # %%
-import inspect
 from types import SimpleNamespace
 
 import numpy as np
@@ -35,8 +34,6 @@ from minfer.classroom import show
 from minfer.stages.linear import linear
 from minfer.stages.mlp import silu, swiglu
 
-print(inspect.getsource(silu))
-print(inspect.getsource(swiglu))
 
 # %% [markdown]
 # minfer writes silu with `tanh`, using $\sigma(z) = \tfrac12(1 + \tanh(z/2))$: the same function,
@@ -126,5 +123,10 @@ show(fig, "07_silu_gates")
 #
 # Tasks: `silu(z)` (without overflow warnings for very negative `z`) and
 # `swiglu(x, w_gate, w_up, w_down)`.
+#
+# ??? note "Solution — minfer's reference (open it once yours passes, or once you are stuck)"
+#     <!-- source minfer.stages.mlp:silu,swiglu -->
+#
+#     Outside this site: `minfer/stages/mlp.py`.
 #
 # **Next:** [08 · Sampling](08_sampling.md) — from logits to the next token.

@@ -25,16 +25,12 @@
 # Shape contract: `sample(logits [V], params, rng, seen=None) -> int`, one sequence at a time.
 
 # %%
-import inspect
-
 import numpy as np
 
 import minfer
 from minfer.classroom import show
 from minfer.sampling import SamplingParams, apply_repetition_penalty, filter_logits, sample
 
-print(inspect.getsource(sample))
-print(inspect.getsource(filter_logits))
 
 # %% [markdown]
 # ## A real distribution
@@ -130,7 +126,7 @@ print("same seed, same draws:",
 # one: ~350 us a token, 7 % of a decode step. `draw` sums blocks of 256 first and only then the
 # 256 entries of the block that holds $u$ (~20 us); likewise `largest` finds top-k's and top-p's
 # candidates without partitioning the whole vocabulary. Whatever sampling costs is paid once per
-# token, on top of the forward pass, so in a chat (temperature 0.7) it showed: 1.15x decode.
+# token, on top of the forward pass, so in a chat (which samples) it showed: 1.15x decode.
 
 # %%
 from minfer.sampling import draw
@@ -150,6 +146,11 @@ print("draw:", draw(probs, u), " rng.choice:", np.random.default_rng(7).choice(l
 # Tasks: `apply_repetition_penalty(logits, seen, penalty)`, `filter_logits(logits, p)` and
 # `sample(logits, p, rng, seen=None)`. The check runs each filter alone and then together, and
 # draws 4 000 samples from your sampler to compare the frequencies with the probabilities.
+#
+# ??? note "Solution — minfer's reference (open it once yours passes, or once you are stuck)"
+#     <!-- source minfer.sampling:apply_repetition_penalty,filter_logits,sample -->
+#
+#     Outside this site: `minfer/sampling.py`.
 #
 # This is the last lesson of the reference path. Next come the fast paths: Numba kernels, quantized
 # matmul and GPU kernels. **Next:** [09 · Numba](09_numba.md)

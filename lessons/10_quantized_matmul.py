@@ -220,8 +220,8 @@ print(inspect.getsource(quant_linear))
 # the case $m_b = -8 d_b$, so the same kernel serves it.) In NumPy, for one row:
 
 # %%
-# a QuantMatrix: qs, d, m as the float kernels want them (float32 scales; on a CPU with VNNI the
-# engine keeps the file's float16 ones, which its int8-part kernels widen in registers)
+# a QuantMatrix: qs, d, m as the float kernels want them (float32 scales; the faster kernels of
+# the "Advanced" section keep the file's float16 ones)
 Q = llm.weights.layers[0].w_up.float_scales()
 print(type(Q).__name__, Q.fmt, Q.shape, "qs", Q.qs.shape, Q.qs.dtype, "d", Q.d.shape, Q.d.dtype)
 xq = rng.standard_normal((1, Q.shape[1])).astype(np.float32)
@@ -276,7 +276,7 @@ E32 = E.dequantize()                                # the same weights as float3
 mats = {"f32": E32, "Q8_0": E, "Q4_1": QuantMatrix.from_float(E32, "Q4_1")}   # (Q4_0: same kernel)
 x1 = rng.standard_normal((1, E.shape[1])).astype(np.float32)
 speed = {}
-quant.SPLIT_X = False               # the float kernels, as on a CPU without VNNI (int8 parts: below)
+quant.SPLIT_X = False               # the float kernels, as on a CPU without VNNI (see "Advanced")
 for fmt, M in mats.items():
     t, _ = clock(linear_numba, x1, M, budget=0.15, most=50)
     speed[fmt] = (t, M.nbytes)
@@ -336,6 +336,85 @@ show(fig, "10_lm_head_speed")
 # (every weight and the KV cache read once at the machine's best read rate) and says what share
 # of it minfer reaches — on the 2-core machine in docs/benchmarks.md, 47-83%, depending on how
 # busy the neighbours keep the memory.
+
+# %% [markdown]
+# ## 5 · What it costs: quality, and memory
+#
+# `minfer.quality.evaluate` runs the model over a held-out English text (Alice in Wonderland,
+# chapter I, shipped in `minfer/data/`) in each weight format and compares its next-token
+# predictions with the float32 model's: **perplexity** (lower is better), the **KL divergence**
+# of the next-token distributions from float32's (0 is identical), and **top-1 agreement** (how
+# often both pick the same most likely token). Its `weights_mb` column is
+# `LLM(model, quant=...).weights.nbytes()`: the bytes each format keeps in memory. Here on the
+# first 128 tokens only, to keep this page quick; `python -m minfer bench --quality` runs the
+# whole chapter.
+
+# %%
+rows = quality.evaluate(llm.path, quants=("f32", "q8_0", "q4_1", "q4_0"), max_tokens=128)
+quality.print_table(rows)
+
+# %%
+fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 3.4), layout="constrained")
+names = [r["quant"] for r in rows]
+colors = ["#999", "#3f6ec6", "#e07b39", "#c94f4f"]
+a1.bar(names, [r["weights_mb"] for r in rows], color=colors)
+for i, r in enumerate(rows):
+    a1.text(i, r["weights_mb"] + 8, f"{r['weights_mb']:.0f} MB", ha="center", fontsize=9)
+a1.set_ylabel("weights in memory (MB)")
+a1.set_ylim(0, max(r["weights_mb"] for r in rows) * 1.15)
+a1.set_title("resident weights per format")
+a2.bar(names, [r["kl_vs_f32"] for r in rows], color=colors)
+for i, r in enumerate(rows):
+    a2.text(i, r["kl_vs_f32"], f"perplexity {r['perplexity']:.1f}\ntop-1 {r['top1_vs_f32']:.0%}",
+            ha="center", va="bottom", fontsize=8.5)
+a2.set_ylabel("KL divergence from f32 (nats/token)")
+a2.set_ylim(0, max(r["kl_vs_f32"] for r in rows) * 1.3 + 1e-3)
+a2.set_title("how far the predictions move")
+show(fig, "10_quality")
+
+# %% [markdown]
+# Three things to see:
+#
+# * **Q4_1 is identical to float32 here.** This model's "float32" weights *are* the file's Q4_1
+#   blocks, dequantized: the file was quantized before we got it, and `--quant q4_1` keeps its
+#   blocks as they are. To measure what a format costs in general, start from the original
+#   float weights (a Hugging Face checkpoint: `LLM("path/to/folder", quant="q4_1")`).
+# * **Q8_0 costs almost nothing**: 255 levels per block can represent a 16-level grid nearly
+#   exactly.
+# * **Q4_0 costs the most**: its grid is centred on zero and does not line up with the Q4_1 grid
+#   the weights already sit on, so every weight is rounded a second time — *double
+#   quantization*. Converting between 4-bit formats is a bad idea; quantize once, from floats.
+#
+# The memory column also shows that the 4-bit formats keep the embedding table (the LM head) in
+# Q8_0, as the shipped file does: 4 bits there cost more quality than anywhere else in the model.
+# And Q4_0 takes as much memory as Q4_1, for the reason of section 4 (its blocks get an $m$ too).
+#
+# ## Your turn
+#
+# ```bash
+# python -m minfer lesson start 10
+# python -m minfer lesson check 10
+# ```
+#
+# Tasks, each checked **bit for bit** against minfer's reference (which matches llama.cpp's):
+#
+# * `quantize_q8_0(w)` — float32 `[..., K]` → the raw GGUF bytes, `uint8 [..., K/32 * 34]`;
+# * `dequantize_q8_0(raw, shape)` — bytes → float32 array of `shape`;
+# * `dequantize_q4_1(raw, shape)` — the same for Q4_1.
+#
+# Mind the nibble order (low nibbles are weights 0–15 of the block, high nibbles 16–31), round
+# halves away from zero, and compute the scale's inverse in float32 from the *unrounded* scale
+# ($1/d$ with $d = \max|w| / 127$); only the stored $d$ is rounded to float16.
+#
+
+# %% [markdown]
+# ## Advanced: byte arithmetic, prefetching, and many tokens at once
+#
+# Everything above is what a quantized matmul *is*. This section is about how minfer's kernels
+# get close to the machine on a recent x86 CPU — AVX-512's byte dot-product instruction (VNNI),
+# splitting float32 activations into int8 parts, prefetching — and when a prompt's many tokens are
+# better served by dequantizing tiles for BLAS. None of it changes the function computed; skip it
+# on a first reading.
 #
 # ### Rounding the activations too (opt-in)
 #
@@ -429,72 +508,4 @@ print(f"minfer hands {W.fmt} matmuls to the tiles from {quant.gemm_min_rows(W.fm
 # ~48 with the float kernels, which are slower per token).
 
 # %% [markdown]
-# ## 5 · What it costs: quality, and memory
-#
-# `minfer.quality.evaluate` runs the model over a held-out English text (Alice in Wonderland,
-# chapter I, shipped in `minfer/data/`) in each weight format and compares its next-token
-# predictions with the float32 model's: **perplexity** (lower is better), the **KL divergence**
-# of the next-token distributions from float32's (0 is identical), and **top-1 agreement** (how
-# often both pick the same most likely token). Its `weights_mb` column is
-# `LLM(model, quant=...).weights.nbytes()`: the bytes each format keeps in memory. Here on the
-# first 128 tokens only, to keep this page quick; `python -m minfer bench --quality` runs the
-# whole chapter.
-
-# %%
-rows = quality.evaluate(llm.path, quants=("f32", "q8_0", "q4_1", "q4_0"), max_tokens=128)
-quality.print_table(rows)
-
-# %%
-fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 3.4), layout="constrained")
-names = [r["quant"] for r in rows]
-colors = ["#999", "#3f6ec6", "#e07b39", "#c94f4f"]
-a1.bar(names, [r["weights_mb"] for r in rows], color=colors)
-for i, r in enumerate(rows):
-    a1.text(i, r["weights_mb"] + 8, f"{r['weights_mb']:.0f} MB", ha="center", fontsize=9)
-a1.set_ylabel("weights in memory (MB)")
-a1.set_ylim(0, max(r["weights_mb"] for r in rows) * 1.15)
-a1.set_title("resident weights per format")
-a2.bar(names, [r["kl_vs_f32"] for r in rows], color=colors)
-for i, r in enumerate(rows):
-    a2.text(i, r["kl_vs_f32"], f"perplexity {r['perplexity']:.1f}\ntop-1 {r['top1_vs_f32']:.0%}",
-            ha="center", va="bottom", fontsize=8.5)
-a2.set_ylabel("KL divergence from f32 (nats/token)")
-a2.set_ylim(0, max(r["kl_vs_f32"] for r in rows) * 1.3 + 1e-3)
-a2.set_title("how far the predictions move")
-show(fig, "10_quality")
-
-# %% [markdown]
-# Three things to see:
-#
-# * **Q4_1 is identical to float32 here.** This model's "float32" weights *are* the file's Q4_1
-#   blocks, dequantized: the file was quantized before we got it, and `--quant q4_1` keeps its
-#   blocks as they are. To measure what a format costs in general, start from the original
-#   float weights (a Hugging Face checkpoint: `LLM("path/to/folder", quant="q4_1")`).
-# * **Q8_0 costs almost nothing**: 255 levels per block can represent a 16-level grid nearly
-#   exactly.
-# * **Q4_0 costs the most**: its grid is centred on zero and does not line up with the Q4_1 grid
-#   the weights already sit on, so every weight is rounded a second time — *double
-#   quantization*. Converting between 4-bit formats is a bad idea; quantize once, from floats.
-#
-# The memory column also shows that the 4-bit formats keep the embedding table (the LM head) in
-# Q8_0, as the shipped file does: 4 bits there cost more quality than anywhere else in the model.
-# And Q4_0 takes as much memory as Q4_1, for the reason of section 4 (its blocks get an $m$ too).
-#
-# ## Your turn
-#
-# ```bash
-# python -m minfer lesson start 10
-# python -m minfer lesson check 10
-# ```
-#
-# Tasks, each checked **bit for bit** against minfer's reference (which matches llama.cpp's):
-#
-# * `quantize_q8_0(w)` — float32 `[..., K]` → the raw GGUF bytes, `uint8 [..., K/32 * 34]`;
-# * `dequantize_q8_0(raw, shape)` — bytes → float32 array of `shape`;
-# * `dequantize_q4_1(raw, shape)` — the same for Q4_1.
-#
-# Mind the nibble order (low nibbles are weights 0–15 of the block, high nibbles 16–31), round
-# halves away from zero, and compute the scale's inverse in float32 from the *unrounded* scale
-# ($1/d$ with $d = \max|w| / 127$); only the stored $d$ is rounded to float16.
-#
 # **Next:** [11 · GPU kernels](11_gpu.md) — the same stages on an NVIDIA GPU.

@@ -80,12 +80,29 @@ def randn(*shape, scale=1.0):
 # minfer's kernels mostly follow one pattern: **one block per output row** (a token for RMSNorm
 # and the embedding, a (token, head) pair for attention, a sequence for sampling), and the block's
 # threads **stride over the row**: thread `tid` takes columns `tid, tid + n, tid + 2n, ...`. Here
-# is the standalone RMSNorm kernel, with the comment block above it that says who does what:
+# is the pattern on a small job — each row's **sum of squares**, the first half of RMSNorm:
+#
+#     grid (T,)   block (n,)   one block per row; n a power of two, at most 1024
+#     x [T, D] -> out [T]      out[t] = sum over i of x[t, i]²
 
 # %%
-src = inspect.getsource(rmsnorm)
-print(src[src.index("# numba.cuda GPU path"):].split("\nimport math")[0])
-print(inspect.getsource(rmsnorm.rmsnorm_kernel.py_func))
+@cuda.jit
+def sum_of_squares_kernel(x, out):
+    part = cuda.shared.array(1024, np.float32)       # one partial sum per thread of the block
+    t, tid, n = cuda.blockIdx.x, cuda.threadIdx.x, cuda.blockDim.x
+    ss = np.float32(0.0)
+    for i in range(tid, x.shape[1], n):              # this thread's columns of row t
+        ss += x[t, i] * x[t, i]
+    part[tid] = ss
+    cuda.syncthreads()                               # every partial sum is written
+    s = n // 2
+    while s > 0:                                     # tree: threads 0..s-1 add s..2s-1
+        if tid < s:
+            part[tid] += part[tid + s]
+        cuda.syncthreads()
+        s //= 2
+    if tid == 0:
+        out[t] = part[0]
 
 # %% [markdown]
 # Three things that a NumPy programmer has to unlearn:
@@ -100,20 +117,20 @@ print(inspect.getsource(rmsnorm.rmsnorm_kernel.py_func))
 # * **Barriers belong to the block.** The `cuda.syncthreads()` inside the loop is reached by all
 #   threads (it is *outside* the `if tid < s`): a barrier that some threads skip hangs the block.
 #
-# Launch it on three token rows of 40 columns, with 8 threads per block, and compare with the
-# reference. Device arrays first: `cuda.to_device` copies to the GPU (on the simulator: to
-# another NumPy array), `copy_to_host` copies back.
+# Launch it on three token rows of 40 columns, with 8 threads per block, and compare with NumPy.
+# Device arrays first: `cuda.to_device` copies to the GPU (on the simulator: to another NumPy
+# array), `copy_to_host` copies back.
 
 # %%
 x, w = randn(3, 40), randn(40) + 1
-dx, dw = cuda.to_device(x), cuda.to_device(w)
-dout = cuda.device_array((3, 40), np.float32)
+dx = cuda.to_device(x)
+dout = cuda.device_array(3, np.float32)
 t0 = time.perf_counter()
-rmsnorm.rmsnorm_kernel[3, 8](dx, dw, np.float32(1e-5), dout)    # grid (3,), block (8,)
+sum_of_squares_kernel[3, 8](dx, dout)                            # grid (3,), block (8,)
 cuda.synchronize()
 t_launch = time.perf_counter() - t0
-diff = np.abs(dout.copy_to_host() - rmsnorm.rmsnorm(x, w, 1e-5)).max()
-print(f"kernel vs rmsnorm reference: max |difference| {diff:.1e}")
+diff = np.abs(dout.copy_to_host() - (x.astype(np.float64) ** 2).sum(axis=1)).max()
+print(f"kernel vs NumPy: max |difference| {diff:.1e}")
 print(f"one launch, 3 blocks x 8 threads: {t_launch * 1e3:.0f} ms"
       + (" on the simulator (a GPU: a few microseconds)" if SIM else ""))
 
@@ -154,9 +171,12 @@ a2.set_title("shared-memory tree: log2(8) = 3 steps")
 show(fig, "11_rmsnorm_threads")
 
 # %% [markdown]
-# In the cuda backend this kernel is never launched: RMSNorm is folded into the matmul that
-# follows it (section 3 says why). It stays in `rmsnorm.py` as the plain version of the same
-# arithmetic, tested like the others — and it is this lesson's exercise.
+# RMSNorm is this kernel and one step more: once `part[0]` holds the row's sum of squares, every
+# thread (not only thread 0) can compute $1/\sqrt{\text{mean} + \varepsilon}$ from it and scale
+# its own columns, times the gain $w$. `minfer/stages/rmsnorm.py` has that kernel — writing it is
+# this lesson's exercise (the end of the page). In the cuda backend it is never launched: RMSNorm
+# is folded into the matmul that follows it (section 3 says why); it stays as the plain version of
+# the same arithmetic, tested like the others.
 #
 # ## 2 · The fused quantized matvec: who reads which bytes
 #
@@ -449,7 +469,7 @@ print(f"token sampled on the device: {ids[0]}, arg-max of the NumPy model's logi
 from minfer.weights.synthetic import SMOLLM2_135M, hf_config   # noqa: E402
 
 big = ModelConfig.from_hf(hf_config(**SMOLLM2_135M))
-US = 40e-6                                          # seconds per launch from Python (the GPU issue's figure)
+US = 40e-6                                          # seconds per launch from Python (measured on an H200)
 rows = {"unfused\n(one op, one kernel)": big.n_layers * per_layer_unfused + 3,
         "fused\n(minfer's kernels)": big.n_layers * per_layer_fused + 3,
         "fused + CUDA graph\n(decode)": 1}
@@ -648,13 +668,18 @@ for kw, a_, b_ in zip(settings, device_ids, host_ids):
 # python -m minfer lesson check 11
 # ```
 #
-# One task: **`rmsnorm_kernel(x, w, eps, out)`**, the kernel of section 1, written by you — one
+# One task: **`rmsnorm_kernel(x, w, eps, out)`**, section 1's sum of squares grown into RMSNorm — one
 # block per row, the threads striding over the columns, their partial sums added by a tree in
 # shared memory (no warp shuffles). The check launches it with 4 to 16 threads per block on rows
 # shorter than, as long as and longer than the block, and compares with the NumPy reference.
 # Without a GPU, `check 11` runs itself under the simulator. It names the classic mistakes: a
 # mean over the threads instead of the columns, columns no thread writes, a tree that loses
 # partial sums.
+#
+# ??? note "Solution — minfer's kernel (open it once yours passes, or once you are stuck)"
+#     <!-- source minfer.stages.rmsnorm:rmsnorm_kernel -->
+#
+#     Outside this site: the end of `minfer/stages/rmsnorm.py`.
 #
 # **Next:** batching and speculative decoding get their own lessons. Until then,
 # `python -m minfer bench` and [Benchmarks](../benchmarks.md) show where the time goes.

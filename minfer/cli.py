@@ -52,12 +52,16 @@ def _engine_flags(p: argparse.ArgumentParser) -> None:
                         "(default: %(default)s)")
 
 
-def _sampling_flags(p: argparse.ArgumentParser, temperature: float) -> None:
+def _sampling_flags(p: argparse.ArgumentParser, temperature: float | None) -> None:
     g = p.add_argument_group("sampling")
+    model = temperature is None   # chat: the model's recommended sampling where it is known
     g.add_argument("--temperature", "-t", type=float, default=temperature,
-                   help="0 is greedy (default: %(default)s)")
+                   help="0 is greedy (default: " + ("the model's recommendation where known — "
+                        "SmolLM2: 0.2 — else 0.7)" if model else "%(default)s)"))
     g.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: off)")
-    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: off)")
+    g.add_argument("--top-p", type=float, default=None if model else 1.0,
+                   help="nucleus sampling mass, 1: off (default: " + ("the model's recommendation "
+                        "where known — SmolLM2: 0.9 — else 1)" if model else "%(default)s)"))
     g.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p x the top one")
     g.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats")
     g.add_argument("--max-tokens", "-n", type=int, default=256, help="most new tokens per answer")
@@ -80,7 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--use-mine", nargs="?", const="minfer-exercises", default=None, metavar="DIR",
                    help="run on your own exercise functions from DIR (default: ./minfer-exercises); "
                         "see `python -m minfer lesson list`")
-    _sampling_flags(p, temperature=0.7)
+    p.add_argument("--anyway", action="store_true",
+                   help="with --use-mine: chat even if a function of yours differs from the reference")
+    _sampling_flags(p, temperature=None)
 
     p = sub.add_parser("generate", help="one completion for one prompt",
                        description="Print the completion alone on stdout; stats go to stderr.")
@@ -110,40 +116,44 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ---------------------------------------------------------------------------------------------
 
-def _params(a):
+def _params(a, config=None):
+    """The flags' sampling; a flag left unset (chat) takes the model's recommendation."""
+    from .config import recommended_sampling
     from .sampling import SamplingParams
-    return SamplingParams(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, min_p=a.min_p,
+    rec = recommended_sampling(config)
+    return SamplingParams(temperature=rec["temperature"] if a.temperature is None else a.temperature,
+                          top_k=a.top_k, top_p=rec["top_p"] if a.top_p is None else a.top_p,
+                          min_p=a.min_p,
                           repetition_penalty=a.repetition_penalty, max_tokens=a.max_tokens,
                           stop=a.stop, seed=a.seed)
 
 
-def _first_run_notice(backend: str) -> None:
-    """Numba compiles the kernels the first time they run (~10 s), then caches them on disk."""
-    if backend != "numba":
+def _first_run_notice(llm, a) -> None:
+    """Numba compiles a kernel the first time it runs (then caches it on disk): one short greedy
+    generation now, under a progress report, so that any compiling happens here, said so, and
+    not in the middle of the first answer. With every kernel cached it takes milliseconds."""
+    if llm.backend != "numba":
         return
-    import os
-    from . import stages
-    cache = os.environ.get("NUMBA_CACHE_DIR") or os.path.join(os.path.dirname(stages.__file__), "__pycache__")
-    try:
-        cached = any(name.startswith(("attention.", "quant.", "quant_i8.")) and name.endswith(".nbi")
-                     for name in os.listdir(cache))      # attention runs with every model
-    except OSError:
-        cached = False
-    if not cached:
-        print("minfer: first run: compiling the kernels (about 20 s, cached afterwards)",
-              file=sys.stderr, flush=True)
+    from .jitcache import compiling, report_later_compiles
+    from .sampling import SamplingParams
+    key = f"{llm.quant}/{llm.activations}" + ("/mine" if getattr(a, "use_mine", None) else "")
+    with compiling("the CPU kernels for this model", key=key):
+        n = max(1, min(8, llm.engine.max_context - 2))       # a short prompt, within the context
+        ids = llm.tokenizer.encode("Hello! How are you today? Fine.")[:n] or [0]
+        llm.generate(ids, SamplingParams(temperature=0, max_tokens=2))
+    report_later_compiles()          # e.g. a long prompt's kernels, compiled when first needed
 
 
 def _llm(a):
     from .llm import LLM
-    _first_run_notice(a.backend)
     if a.max_context is not None and a.max_context < 2:
         raise InvalidArgumentError(f"--max-context must be at least 2, got {a.max_context}")
     mine = getattr(a, "use_mine", None)
     if mine:  # the exercises take float32 weights: no quantized blocks under the student's code
         from .backends import get_ops
         from .classroom import student_ops
-        ops = student_ops(get_ops(a.backend, a.threads), mine)   # before the slow load: fail fast
+        ops = student_ops(get_ops(a.backend, a.threads), mine,   # before the slow load: fail fast
+                          anyway=getattr(a, "anyway", False))
     if mine and a.activations != "f32":
         raise InvalidArgumentError("--use-mine runs on float32 weights: leave out --activations")
     llm = LLM(model=a.model, backend=a.backend, quant="f32" if mine else a.quant,
@@ -151,6 +161,7 @@ def _llm(a):
               kv_cache_mb=a.kv_cache_mb, max_seqs=a.max_seqs, max_batch_tokens=a.max_batch_tokens)
     if mine:
         llm.model.ops = ops
+    _first_run_notice(llm, a)
     return llm
 
 
@@ -179,15 +190,17 @@ def cmd_generate(a) -> int:
 
 def cmd_chat(a) -> int:
     from .errors import PromptTooLongError
-    params = _params(a)
+    params = _params(a)                    # the flags checked before the (slow) load
     llm = _llm(a)
+    params = _params(a, llm.config)        # unset ones: the model's recommended sampling
     try:
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
         pass
     act = ", int8 activations" if llm.activations == "int8" else ""
-    print(f"minfer chat — {llm.config.name} on {llm.backend}{act}. /reset forgets, /exit quits, "
-          f"Ctrl-C stops an answer.", file=sys.stderr)
+    print(f"minfer chat — {llm.config.name} on {llm.backend}{act}, temperature {params.temperature:g}"
+          f", top-p {params.top_p:g}. /reset forgets, /exit quits, Ctrl-C stops an answer.",
+          file=sys.stderr)
     history: list[dict] = []
     while True:
         try:

@@ -112,3 +112,34 @@ class ModelConfig:
 
 def _int_or_none(v):
     return None if v is None else int(v)
+
+
+# Sampling the model's authors recommend (its model card), by a name its files carry; `chat` uses
+# it for any of these flags the user leaves unset. Others get FALLBACK_SAMPLING.
+RECOMMENDED_SAMPLING = {"smollm2": {"temperature": 0.2, "top_p": 0.9}}
+FALLBACK_SAMPLING = {"temperature": 0.7, "top_p": 1.0}
+
+
+def recommended_sampling(config: "ModelConfig | None") -> dict:
+    name = (config.name if config is not None else "").lower()
+    for key, rec in RECOMMENDED_SAMPLING.items():
+        if key in name:
+            return dict(rec)
+    return dict(FALLBACK_SAMPLING)
+
+
+def readable_name(meta: dict, path) -> str:
+    """A name for people: the file's own name where it names the model (SmolLM2-135M-Instruct),
+    else the GGUF's basename, size label and finetune ("smollm2 135M instruct"), else
+    general.name, else the file name."""
+    import re
+    from pathlib import Path
+    stem = re.sub(r"\.gguf$", "", Path(path).name, flags=re.I)
+    stem = re.sub(r"[.-](b?f16|f32|i?q\d\w*)$", "", stem, flags=re.I)    # the quant tag
+    base = str(meta.get("general.basename") or "").strip()
+    if base and base.lower().replace("-", "") in stem.lower().replace("-", ""):
+        return stem
+    if base:
+        parts = [base, meta.get("general.size_label"), meta.get("general.finetune")]
+        return " ".join(str(p) for p in parts if p)
+    return str(meta.get("general.name") or stem)

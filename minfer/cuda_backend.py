@@ -19,10 +19,10 @@ tested against that stage's NumPy reference, see tests/cuda_cases.py):
     linear_kernel    logits = W_head rmsnorm(x[last rows])                       (linear_cuda.py)
     sample_kernel    next ids (greedy, temperature, top-k, top-p, min-p)         (sampling_cuda.py)
 
-That is 5 launches per layer, 153 for SmolLM2-135M. Launching from Python costs ~40 us each, so
-decode steps (every sequence brings one token: the same shapes step after step) are recorded
-once as a CUDA graph and replayed with a single launch; the batch goes in through fixed device
-buffers. Prefill and mixed batches run the kernels one by one.
+That is 5 launches per layer, 153 for SmolLM2-135M. Launching from Python costs tens of
+microseconds each (docs/gpu.md), so decode steps (every sequence brings one token: the same shapes
+step after step) are recorded once as a CUDA graph and replayed with a single launch; the batch
+goes in through fixed device buffers. Prefill and mixed batches run the kernels one by one.
 """
 from __future__ import annotations
 

@@ -5,15 +5,23 @@ includes the @njit helpers it calls from other files: fused.py's and region.py's
 every stage, attention.py calls fastexp.py. After an edit to such a helper, the cache would go on
 serving the old code, silently. So every kernel in minfer.stages, .fused and .region is stamped
 with the contents of all those files together: any edit there recompiles them all on the next
-run (~20-40 s, once).
+run (once; docs/benchmarks.md has how long).
 stages/__init__.py installs this before any kernel is defined.
+
+`compiling(...)` shows what numba compiles while it compiles: a notice when the first kernel
+starts (whenever that is: a first run, an edit, a new weight format), the kernel at work, a counter
+(and a bar, with the total and an estimate from the last time the same configuration compiled).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import glob
 import hashlib
+import json
 import os
+import sys
+import time
 
 from numba.core import caching
 
@@ -69,3 +77,170 @@ def install() -> None:
     if not any(c.__name__.startswith("Minfer") for c in classes):
         # numba's own order: NUMBA_CACHE_DIR first, else the __pycache__ beside the file
         classes[:0] = [_watching(user), _watching(in_tree)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Progress while numba compiles
+# ---------------------------------------------------------------------------------------------
+
+FIRST_ESTIMATE = "about a minute on a 2-core CPU, less on more cores"
+
+
+def _times_file() -> str:
+    from .weights.fetch import home
+    return os.path.join(str(home()), "compile-times.json")
+
+
+def _kernel_name(dispatcher) -> str:
+    f = getattr(dispatcher, "py_func", None)
+    if f is None:
+        return str(dispatcher)
+    module = f.__module__.removeprefix("minfer.").replace(".", "/")
+    return f"{module}.py:{f.__qualname__}"
+
+
+class _Progress:
+    """A numba "numba:compile" listener: counts what numba compiles and reports it on `stream`,
+    with a bar and the time left when the same configuration has compiled before."""
+
+    def __init__(self, what: str, key: str | None, stream):
+        self.what, self.key, self.stream = what, key, stream
+        self.tty = getattr(stream, "isatty", lambda: False)()
+        self.stack, self.done, self.t0, self.current = [], [], None, None
+        self.expected = self._load().get(key) if key else None   # {"names": [...], "seconds": s}
+
+    def _load(self) -> dict:
+        try:
+            with open(_times_file()) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return {}
+
+    def _write(self, text: str, end: bool = False) -> None:
+        if self.tty:
+            self.stream.write("\r" + text + "\x1b[K" + ("\n" if end else ""))
+        else:
+            self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def _line(self) -> str:
+        k, el = len(self.done), time.perf_counter() - self.t0
+        if self.expected:
+            n = max(len(self.expected["names"]), k + 1)
+            f = min(0.99, el / max(self.expected["seconds"], 1e-9))  # by time: the last one is long
+            bar = "#" * round(20 * f) + "-" * (20 - round(20 * f))
+            count = f"[{bar}] {k}/{n}"
+            left = f", ~{max(0.0, self.expected['seconds'] - el):.0f} s left"
+        else:
+            count, left = f"{k} compiled", ""
+        return f"  {count}  {self.current} ({el:.0f} s{left})"
+
+    # numba's Listener interface. Every function numba compiles counts, a kernel's callees
+    # included (a layer loop compiles the stage kernels it calls inside its own compile).
+    def on_start(self, event):
+        self.stack.append(_kernel_name(event.data["dispatcher"]))
+        self.current = self.stack[-1]
+        if self.t0 is None:
+            self.t0 = self.shown = time.perf_counter()
+            est = (f"about {self.expected['seconds']:.0f} s, as last time" if self.expected
+                   else FIRST_ESTIMATE)
+            self.stream.write(f"minfer: compiling {self.what} (once: numba caches them on disk; "
+                              f"{est})\n")
+        self._show()
+
+    def on_end(self, event):
+        self.done.append(self.stack.pop())
+        self.current = self.stack[-1] if self.stack else self.done[-1]
+        self._show()
+
+    def _show(self) -> None:
+        # on a terminal, one line redrawn at each event; in a log, a line every 10 s at most
+        if self.tty or time.perf_counter() - self.shown >= 10:
+            self.shown = time.perf_counter()
+            self._write(self._line())
+
+    def finish(self) -> None:
+        if self.t0 is None:
+            return                                          # everything came from the cache
+        el = time.perf_counter() - self.t0
+        n = len(self.done)
+        self._write(f"  compiled {n} function{'s' * (n != 1)} in {el:.0f} s", end=True)
+        if self.key:
+            times = self._load()
+            times[self.key] = {"names": self.done, "seconds": round(el, 1)}
+            with contextlib.suppress(OSError):
+                os.makedirs(os.path.dirname(_times_file()), exist_ok=True)
+                with open(_times_file(), "w") as f:
+                    json.dump(times, f, indent=1)
+
+
+@contextlib.contextmanager
+def compiling(what: str = "the CPU kernels", key: str | None = None, stream=None):
+    """Report numba's compiles inside the block on `stream` (stderr): nothing if every kernel
+    comes from the cache. `key` names the configuration, for the estimate of the next time."""
+    from numba.core import event
+
+    class Listener(event.Listener):
+        def on_start(self, ev):
+            progress.on_start(ev)
+
+        def on_end(self, ev):
+            progress.on_end(ev)
+
+    progress = _Progress(what, key, stream or sys.stderr)
+    _quiet.append(progress)                          # report_later_compiles's lines: not now
+    try:
+        with event.install_listener("numba:compile", Listener()):
+            yield progress
+    except BaseException:
+        if progress.t0 is not None and progress.tty:
+            progress.stream.write("\n")                  # end the progress line; say nothing more
+        raise
+    finally:
+        _quiet.remove(progress)
+    progress.finish()
+
+
+_quiet = []
+
+
+class _Later:
+    """After the first compiles: a line when a kernel starts compiling, one when it is done."""
+
+    def __init__(self, stream):
+        self.stream, self.depth, self.t0 = stream, 0, 0.0
+
+    def on_start(self, event):
+        self.depth += 1
+        if self.depth == 1 and not _quiet:
+            self.t0 = time.perf_counter()
+            self.stream.write(f"\n(minfer: compiling {_kernel_name(event.data['dispatcher'])}, "
+                              f"needed for the first time; once, then cached ...")
+            self.stream.flush()
+
+    def on_end(self, event):
+        self.depth -= 1
+        if self.depth == 0 and not _quiet:
+            self.stream.write(f" {time.perf_counter() - self.t0:.0f} s)\n")
+            self.stream.flush()
+
+
+_later = []
+
+
+def report_later_compiles(stream=None) -> None:
+    """From now on, for the rest of the process, say so whenever numba compiles a kernel."""
+    if _later:
+        return
+    from numba.core import event
+
+    class Listener(event.Listener):
+        def on_start(self, ev):
+            later.on_start(ev)
+
+        def on_end(self, ev):
+            later.on_end(ev)
+
+    later = _Later(stream or sys.stderr)
+    _later.append(Listener())
+    event.register("numba:compile", _later[0])

@@ -67,7 +67,7 @@ def filter_logits(logits: np.ndarray, p: SamplingParams) -> np.ndarray:
         probs = _softmax(logits)
         # Only the most likely tokens can survive, so sort just enough of them: candidates are the
         # k largest for k = 64, 256, ... until they hold top_p of the mass (sorting all 49,152
-        # logits for every token cost ~3 ms, a third of a decode step).
+        # logits for every token would cost more than the rest of a decode step).
         k, V = 64, len(probs)
         while True:
             if 4 * k > V:                                           # a flat distribution: sort all
@@ -91,7 +91,7 @@ def filter_logits(logits: np.ndarray, p: SamplingParams) -> np.ndarray:
 
 def largest(v: np.ndarray, k: int) -> np.ndarray:
     """Indices of the k largest values of v, in no order (which of several equal to the k-th:
-    any) — np.argpartition(-v, k)[:k], which takes ~380 us on 49,152 logits. The k-th largest of
+    any) — np.argpartition(-v, k)[:k], which partitions all 49,152 logits. The k-th largest of
     every 16th value is a lower bound for v's own (those k values are in v too), so only the
     values above it, ~16 k of them, need partitioning."""
     if 16 * k >= len(v):
@@ -104,8 +104,8 @@ def largest(v: np.ndarray, k: int) -> np.ndarray:
 def draw(probs: np.ndarray, u: float, block: int = 256) -> int:
     """The token where the running sum of probs first exceeds u * sum(probs), u in [0, 1): the
     draw rng.choice(len(probs), p=probs) makes from u = rng.random() (inverse transform
-    sampling), without its checks and its running sum over the whole vocabulary (~350 us for
-    49,152 tokens). In two steps, ~20 us: which block of `block` tokens (a running sum over the
+    sampling), without its checks and its running sum over the whole vocabulary. In two steps
+    (docs/benchmarks.md has the times): which block of `block` tokens (a running sum over the
     blocks' sums), then which token in that block."""
     starts = np.arange(0, len(probs), block)
     cum = np.cumsum(np.add.reduceat(probs, starts))                  # mass up to each block's end

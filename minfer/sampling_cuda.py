@@ -65,11 +65,10 @@ def _radix_select(logits, bits, b, goal, by_mass, top, temp, tau_min, hist, pick
     the weights of tokens with key >= tau_min. Four passes over the vocabulary, one per byte of
     the 32-bit key from the top: each makes a histogram of that byte among the tokens whose
     higher bytes are the ones found so far, and one thread walks it down to the byte where the
-    goal is reached. (A binary search over the keys took 32 passes: 0.66 ms a draw on an H200.)
+    goal is reached. (A binary search over the keys would take 32 passes.)
 
     Most logits share their first byte (sign and exponent), so adding straight into one
-    histogram sends ~49k atomics at one or two bins, one after another: 0.43 ms a draw on an
-    H200. Each thread therefore sums runs of the same bin in a register and adds a run when the
+    histogram sends ~49k atomics at one or two bins, one after another. Each thread therefore sums runs of the same bin in a register and adds a run when the
     bin changes, into one of HIST_COPIES histograms (by warp); the copies are summed before
     the walk."""
     tid, n = cuda.threadIdx.x, cuda.blockDim.x

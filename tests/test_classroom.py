@@ -37,6 +37,43 @@ def _on_gpu_or_simulator(request) -> bool:
 # Correct solutions written independently of minfer's reference (loops, other formulas): the checks
 # must accept any correct answer, not only the reference's own arithmetic.
 SOLUTIONS = {
+    0: '''
+def count_parameters(config):
+    c = config
+    attention = c.dim * c.head_dim * (2 * c.n_heads + 2 * c.n_kv_heads)
+    mlp = 3 * c.dim * c.ffn_dim
+    per_layer = attention + mlp + 2 * c.dim
+    heads = 1 if c.tie_embeddings else 2
+    return heads * c.vocab_size * c.dim + c.n_layers * per_layer + c.dim
+''',
+    1: '''
+def bpe_ids(piece, merges, vocab):
+    rank = {}
+    for r, m in enumerate(merges):
+        rank.setdefault(tuple(m.split(" ")), r)
+    parts = list(piece)
+    while True:
+        best = None
+        for i in range(len(parts) - 1):
+            r = rank.get((parts[i], parts[i + 1]))
+            if r is not None and (best is None or r < best[0]):
+                best = (r, i)
+        if best is None:
+            break
+        i = best[1]
+        parts = parts[:i] + [parts[i] + parts[i + 1]] + parts[i + 2:]
+    return [vocab.index(p) for p in parts]
+''',
+    2: '''
+import numpy as np
+
+def align_up(pos, alignment):
+    return -(-pos // alignment) * alignment
+
+def read_f32_tensor(path, data_start, offset, dims):
+    shape = tuple(dims[::-1])
+    return np.fromfile(path, dtype="<f4", count=int(np.prod(dims)), offset=data_start + offset).reshape(shape)
+''',
     3: '''
 import numpy as np
 
@@ -222,6 +259,45 @@ def dequantize_q4_1(raw, shape):
         q = np.array([b & 15 for b in qs] + [b >> 4 for b in qs], dtype=np.float32)
         parts.append(d * q + m)
     return np.concatenate(parts).reshape(shape)
+''',
+    12: '''
+def block_hashes(tokens, block_size):
+    names, parent = [], 0
+    for start in range(0, len(tokens) - block_size + 1, block_size):
+        parent = hash((parent,) + tuple(tokens[start:start + block_size]))   # another chaining
+        names.append(parent)
+    return names
+''',
+    14: '''
+import numpy as np
+from minfer.batch import make_batch
+
+def run_layers(x, cos, sin, batch, cache, weights, config, ops):
+    c, T = config, x.shape[0]
+    for l, L in enumerate(weights.layers):
+        h = ops.rmsnorm(x, L.attn_norm, c.rms_eps)
+        q = ops.rope(ops.linear(h, L.wq).reshape(T, c.n_heads, c.head_dim), cos, sin)
+        k = ops.rope(ops.linear(h, L.wk).reshape(T, c.n_kv_heads, c.head_dim), cos, sin)
+        v = ops.linear(h, L.wv).reshape(T, c.n_kv_heads, c.head_dim)
+        ops.kv_write(cache.k[l], cache.v[l], k, v, batch.slot_mapping)
+        a = ops.attention(q, cache.k[l], cache.v[l], batch)
+        x = x + ops.linear(a.reshape(T, c.n_heads * c.head_dim), L.wo)
+        x = x + ops.swiglu(ops.rmsnorm(x, L.ffn_norm, c.rms_eps), L.w_gate, L.w_up, L.w_down)
+    return x
+
+def greedy_generate(model, prompt_ids, n_new):
+    bs = 8
+    n_blocks = (len(prompt_ids) + n_new + bs - 1) // bs + 1
+    table = list(range(n_blocks))[::-1]
+    cache = model.new_cache(n_blocks=n_blocks, block_size=bs)
+    tokens = []
+    logits = model.forward(make_batch([(prompt_ids, 0, table)], bs), cache)
+    for step in range(n_new):
+        tokens.append(int(np.argmax(logits[-1])))
+        if len(tokens) < n_new:
+            pos = len(prompt_ids) + step
+            logits = model.forward(make_batch([([tokens[-1]], pos, table)], bs), cache)
+    return tokens
 ''',
 }
 
@@ -444,7 +520,7 @@ def test_check_reports_a_wrong_function_with_a_hint(tmp_path, capsys):
 
 def test_bad_input_is_a_clean_error(tmp_path):
     with pytest.raises(ExerciseError, match="no exercises"):
-        _cli("start", "1", "--dir", str(tmp_path))
+        _cli("start", "13", "--dir", str(tmp_path))
     with pytest.raises(ExerciseError, match="lesson start 6"):
         _cli("check", "6", "--dir", str(tmp_path))
     _write(tmp_path, 7, "def silu(z):\n    return z *\n")
@@ -468,8 +544,8 @@ def test_student_ops_swaps_only_finished_functions(tmp_path, tiny_gguf):
     messages = []
     ops = student_ops(base, tmp_path, log=messages.append)
     assert ops.mine == ["rmsnorm", "attention"]
-    assert ops.embedding is base.embedding and ops.rope is base.rope
-    assert ops.rmsnorm is not base.rmsnorm and ops.attention is not base.attention
+    assert ops.embedding.__wrapped__ is base.embedding and ops.rope.__wrapped__ is base.rope   # NaN-checked
+    assert ops.rmsnorm.__wrapped__ is not base.rmsnorm and ops.attention.__wrapped__ is not base.attention
     assert "rmsnorm, attention" in messages[0]
     llm.model.ops = ops
     np.testing.assert_allclose(llm.logits(ids), want, atol=1e-4, rtol=1e-4)
@@ -501,3 +577,106 @@ def test_student_ops_errors(tmp_path):
     empty.mkdir()
     ops = student_ops(minfer.backends.numpy_ops(), empty, log=lambda m: None)
     assert ops.mine == []
+
+
+def test_subtle_mistakes_are_named():
+    """Bugs that used to pass, or got only a number: float32 angles, a float64 result, a mask of
+    j <= p + 1 or j < p, the block table ignored."""
+    from minfer.stages.rope import rope_angles
+
+    def angles_in_float32(positions, head_dim, base):
+        inv = (base ** (-np.arange(0, head_dim, 2) / head_dim)).astype(np.float32)
+        ang = positions.astype(np.float32)[:, None] * inv[None]
+        return np.cos(ang), np.sin(ang)
+    assert "in float32" in _message(4, rope_angles=angles_in_float32)
+
+    def angles_in_float64(positions, head_dim, base):
+        cos, sin = rope_angles(positions, head_dim, base)
+        return cos.astype(np.float64), sin.astype(np.float64)
+    assert "float64, expected float32" in _message(4, rope_angles=angles_in_float64)
+
+    def rmsnorm64(x, w, eps):
+        return (x / np.sqrt(np.mean(x.astype(np.float64) ** 2, -1, keepdims=True) + eps) * w)
+    assert "expected float32" in _message(3, rmsnorm=rmsnorm64)
+
+    def sees_next(q, k, v, b):
+        return tasks._attention_variant(q, k, v, b, offset=1)
+
+    def hides_itself(q, k, v, b):
+        return tasks._attention_variant(q, k, v, b, offset=-1)
+
+    def contiguous(q, k, v, b):
+        return tasks._attention_variant(q, k, v, b, contiguous=True)
+    assert "off by one" in _message(5, paged_attention=sees_next)
+    assert "hides the token itself" in _message(5, paged_attention=hides_itself)
+    assert "block table is ignored" in _message(5, paged_attention=contiguous)
+
+
+ROPE_PAIRING_BUG = '''
+import numpy as np
+
+def rope_angles(positions, head_dim, base):
+    inv = base ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    ang = positions.astype(np.float64)[:, None] * inv[None]
+    return np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+
+def rope(x, cos, sin):                       # halves paired, not neighbours
+    h = x.shape[-1] // 2
+    a, b = x[..., :h], x[..., h:]
+    c, s = cos[:, None, :], sin[:, None, :]
+    return np.concatenate([a * c - b * s, a * s + b * c], axis=-1)
+'''
+
+
+def test_use_mine_says_which_function_is_wrong(tmp_path, tiny_gguf):
+    """A function that runs but differs from the reference stops --use-mine before the chat, named,
+    with what differs; --anyway runs it all the same."""
+    _write(tmp_path, 4, ROPE_PAIRING_BUG)
+    messages = []
+    with pytest.raises(ExerciseError, match=r"your rope does not match.*lesson check 4.*--anyway"):
+        student_ops(minfer.backends.numpy_ops(), tmp_path, log=messages.append)
+    assert any("your rope" in m and "rotate_half" in m for m in messages), messages
+    ops = student_ops(minfer.backends.numpy_ops(), tmp_path, log=messages.append, anyway=True)
+    assert ops.mine == ["rope_angles", "rope"] and "--anyway" in messages[-2]
+    llm = minfer.LLM(tiny_gguf, backend="numpy")
+    llm.model.ops = ops
+    assert llm.generate("the cat", minfer.SamplingParams(temperature=0, max_tokens=3))[0].token_ids
+
+
+MASK_HIDES_ITSELF = '''
+import numpy as np
+
+def softmax(s, axis=-1):
+    e = np.exp(s - np.max(s, axis=axis, keepdims=True))
+    return e / e.sum(axis=axis, keepdims=True)
+
+def paged_attention(q, k_cache, v_cache, batch):
+    T, Hq, hd = q.shape
+    bs, Hkv = k_cache.shape[1], k_cache.shape[2]
+    out = np.zeros_like(q)
+    for b in range(batch.n_seqs):
+        S = int(batch.context_lens[b])
+        blocks = batch.block_tables[b, : -(-S // bs)]
+        K = k_cache[blocks].reshape(-1, Hkv, hd)[:S]
+        V = v_cache[blocks].reshape(-1, Hkv, hd)[:S]
+        for t in range(batch.seq_starts[b], batch.seq_starts[b + 1]):
+            for h in range(Hq):
+                g = h // (Hq // Hkv)
+                s = K[:, g] @ q[t, h] / np.sqrt(hd)
+                s = np.where(np.arange(S) < batch.positions[t], s, -np.inf)   # hides itself
+                out[t, h] = softmax(s) @ V[:, g]
+    return out
+'''
+
+
+def test_nan_from_a_stage_is_named_at_that_stage(tmp_path, tiny_gguf):
+    """A mask that hides the token itself makes attention NaN at position 0: the error names the
+    student's attention, where the NaN was made, not a crash in sampling."""
+    _write(tmp_path, 5, MASK_HIDES_ITSELF)
+    with pytest.raises(ExerciseError, match="paged_attention"):
+        student_ops(minfer.backends.numpy_ops(), tmp_path, log=lambda m: None)
+    ops = student_ops(minfer.backends.numpy_ops(), tmp_path, log=lambda m: None, anyway=True)
+    llm = minfer.LLM(tiny_gguf, backend="numpy")
+    llm.model.ops = ops
+    with pytest.raises(ExerciseError, match=r"your paged_attention \(attention in the model\) returned NaN"):
+        llm.generate("the cat sat", minfer.SamplingParams(temperature=0.7, max_tokens=3))

@@ -3,10 +3,9 @@
     python tools/decode_floor.py                  # default model: --quant auto,q8_0,q4_0
     python tools/decode_floor.py --quant q8_0 --runs 9
 
-A decode step must read every weight it multiplies once from memory (the model is 3-5x larger
-than the EPYC's L3 cache, and the next step needs them all again; an Intel Xeon VM that reports
-480 MB of L3, shared with its neighbours, read 150 MB no faster than 400 MB: 32 GB/s), and the
-KV cache of every layer.
+A decode step must read every weight it multiplies once from memory (the model is larger than
+a typical CPU's L3 cache, or than its share of a shared one, and the next step needs them all
+again), and the KV cache of every layer.
 So no step can be shorter than
 
     (weight bytes + KV cache bytes) / the machine's read bandwidth
@@ -16,8 +15,7 @@ one, the LM head in the other), or with fused.ONE_REGION off one for each matmul
 attention. This script measures each of those here:
 
   bandwidth    the best rate at which the numba threads read a 256 MB buffer: 64-byte vector
-               loads, software prefetch 4 or 16 KB ahead (without it, 10-13 GB/s on a Zen 4 VM;
-               with it, 33-68 GB/s, as busy as the machine's neighbours are)
+               loads, software prefetch 4 or 16 KB ahead (docs/benchmarks.md has figures)
   regions      the cost of an empty numba parallel region, times the regions of a step
                (2; or 5 a layer: QKV, attention, wo, gate/up, down, and 1 for the LM head; the
                barriers inside region.py's one region, 6 a layer, are not counted)

@@ -9,14 +9,15 @@
 2. end-to-end random-weights model of the SmolLM2-135M shape: greedy tokens of the cuda backend
               (CUDA-graph decode, eager decode, sampling on the device) == the numba backend's
 3. benchmark  prefill of one 128-token prompt; decode of 128 new tokens (first one excluded) at
-              batch 1 (graphs and eager) and batch 32; targets from issue 5 (H200 transformers x10/x5)
+              batch 1 (graphs and eager) and batch 32, against targets of 10x / 5x Hugging Face
+              transformers on an H200 (docs/gpu.md)
 4. profile    GPU time of each kernel (layer 0) at T = 1, 32 and 128 tokens, measured as 30
               launches recorded in one CUDA graph (no Python in the timing), and the Python cost
               of one eager launch: where a step's time goes
 
 Needs numba-cuda (the GPU image has it) and minfer's runtime dependencies, no model file
 (`python -m minfer bench --random-weights` also needs the gguf package: it writes a GGUF).
-Run time on an H200: 40-50 s (numba CPU JIT ~10 s, kernels' compile, the rest ~30 s).
+Run time: under a minute on a recent data-centre GPU (docs/gpu.md).
 Measured results, and what each fix gave: docs/gpu.md.
 Ends with one summary block; exit status 0 only if every check passed.
 """

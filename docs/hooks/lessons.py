@@ -136,7 +136,8 @@ def render(stem: str, cells: list[dict]) -> str:
         if text:
             out.append('<div class="lesson-output" markdown>\n\n' + _fence(text, "text") + "\n\n</div>")
         for f in c.get("figures", []):
-            out.append(f'<figure class="lesson-figure" markdown>\n![{f}](figures/{stem}/{f})\n</figure>')
+            src = f"figures/{stem}/{f}"                     # a link to itself: tap for full size
+            out.append(f'<figure class="lesson-figure" markdown>\n[![{f}]({src})]({src})\n</figure>')
     return "\n\n".join(out) + "\n"
 
 

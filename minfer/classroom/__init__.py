@@ -1,8 +1,10 @@
 """The classroom: exercises for the lessons, checked against minfer's own reference.
 
-Each lesson from 03 to 11 comes with tasks: functions whose bodies are left for the student, with
-the same names and signatures as the stage's NumPy reference (lesson 09: as its Numba kernel;
-lesson 10: one block format at a time; lesson 11: as its numba.cuda kernel). The command line
+Each lesson from 00 to 12 comes with tasks: functions whose bodies are left for the student, with
+the same names and signatures as minfer's reference (lessons 00-02: small ones, the model's size,
+BPE by hand, a tensor out of a GGUF; lesson 09: a Numba kernel; lesson 10: one block format at a
+time; lesson 11: a numba.cuda kernel; lesson 14, the capstone: the layer loop and the
+prefill/decode loop, on the student's own stages). The command line
 drives it:
 
     python -m minfer lesson list                    # lessons and their tasks
@@ -188,10 +190,54 @@ def _probe_args(name: str):
     raise KeyError(name)
 
 
-def student_ops(base_ops: SimpleNamespace, folder=None, log=None) -> SimpleNamespace:
+STAGES = ("embedding", "rmsnorm", "rope_angles", "rope", "attention", "linear", "swiglu")
+
+
+def _finite_or_say(op: str, f, whose: str, state: dict):
+    """`f` with its outputs checked: NaN or Inf stops the model at the stage that made it, with a
+    sentence that names it (instead of a crash somewhere later, in sampling or in softmax)."""
+    def stage(*args):
+        with np.errstate(all="ignore"):              # said below, in a sentence, if it matters
+            out = f(*args)
+        for a in (out if isinstance(out, tuple) else (out,)):
+            if isinstance(a, np.ndarray) and a.dtype.kind == "f" and not np.isfinite(a).all():
+                bad = "NaN" if np.isnan(a).any() else "Inf"
+                n = int((~np.isfinite(a)).sum())
+                if whose == "minfer's":
+                    by = state.get("last")
+                    raise ExerciseError(
+                        f"minfer's {op} gave {bad} ({n} of {a.size} values) in the live model, from "
+                        f"what your functions gave it ({by or 'none of yours had run yet'} ran last)"
+                        f"; run `python -m minfer lesson check` on that lesson")
+                inputs_ok = all(np.isfinite(x).all() for x in args
+                                if isinstance(x, np.ndarray) and x.dtype.kind == "f")
+                raise ExerciseError(
+                    f"{whose} ({op} in the model) returned {bad} in the live model ({n} of "
+                    f"{a.size} values of a {list(a.shape)} output, "
+                    f"{'from finite inputs' if inputs_ok else 'its inputs held NaN/Inf already'}); "
+                    f"`python -m minfer lesson check` shows what differs")
+        if whose != "minfer's":
+            state["last"] = whose.removeprefix("your ")
+        return out
+    stage.__wrapped__ = f
+    return stage
+
+
+def _first_failure(task: Task, f) -> Result | None:
+    """The lesson's own check of one function (what `lesson check` runs): None if it passes."""
+    import dataclasses
+    lesson = next(L for L in lessons().values() if task in L.tasks)
+    r = check_functions(dataclasses.replace(lesson, tasks=[task]), {task.name: f})[0]
+    return None if r.passed else r
+
+
+def student_ops(base_ops: SimpleNamespace, folder=None, log=None, anyway: bool = False) -> SimpleNamespace:
     """A copy of the op table `base_ops` (backends.get_ops) with the student's functions from
     `folder` (default ./minfer-exercises) swapped in — those that no longer raise
-    NotImplementedError on a small probe. The result's `.mine` lists the swapped ops.
+    NotImplementedError on a small probe. Each is first checked as `lesson check` checks it: one
+    that differs from the reference stops here with what differs (ExerciseError), unless
+    `anyway`. With any of the student's functions in, every stage's output is checked for NaN
+    and Inf as the model runs. The result's `.mine` lists the swapped ops.
     Messages go to `log` (default: stderr)."""
     log = log or (lambda msg: print(msg, file=sys.stderr))
     folder = Path(folder or DEFAULT_DIR)
@@ -199,7 +245,7 @@ def student_ops(base_ops: SimpleNamespace, folder=None, log=None) -> SimpleNames
         raise ExerciseError(f"no exercise folder at {folder}; start one with "
                             f"`python -m minfer lesson start 3` (or pass the folder you used)")
     ops = SimpleNamespace(**vars(base_ops))
-    mine = []
+    mine, mine_names, wrong, layer_loop = [], {}, [], None
     for lesson in lessons().values():
         path = exercise_path(lesson, folder)
         if not path.exists():
@@ -209,24 +255,57 @@ def student_ops(base_ops: SimpleNamespace, folder=None, log=None) -> SimpleNames
             f = getattr(module, task.name, None)
             if task.op is None or not callable(f):
                 continue
-            try:
-                with np.errstate(all="ignore"):
-                    got = f(*_probe_args(task.op))
-            except NotImplementedError:
+            if task.op != "run_layers":              # (the capstone's loop: its check alone)
+                try:
+                    with np.errstate(all="ignore"):
+                        got = f(*_probe_args(task.op))
+                except NotImplementedError:
+                    continue
+                except Exception as e:
+                    raise ExerciseError(f"your {task.name} ({path}) raised {type(e).__name__}: {e} "
+                                        f"on a small input; run `python -m minfer lesson check "
+                                        f"{lesson.number}`")
+                want = getattr(base_ops, task.op)(*_probe_args(task.op))
+                if np.shape(got) != np.shape(want):
+                    raise ExerciseError(f"your {task.name} ({path}) returned shape {np.shape(got)} "
+                                        f"where {np.shape(want)} was expected; run `python -m minfer "
+                                        f"lesson check {lesson.number}`")
+            failed = _first_failure(task, f)
+            if failed is not None and failed.status == "todo":
                 continue
-            except Exception as e:
-                raise ExerciseError(f"your {task.name} ({path}) raised {type(e).__name__}: {e} on a "
-                                    f"small input; run `python -m minfer lesson check {lesson.number}`")
-            want = getattr(base_ops, task.op)(*_probe_args(task.op))
-            if np.shape(got) != np.shape(want):
-                raise ExerciseError(f"your {task.name} ({path}) returned shape {np.shape(got)} where "
-                                    f"{np.shape(want)} was expected; run `python -m minfer lesson "
-                                    f"check {lesson.number}`")
-            setattr(ops, task.op, f)
+            if failed is not None:
+                wrong.append((lesson, task, failed))
+                log(f"minfer: your {task.name} ({path}) differs from the reference: {failed.message}")
+                if failed.hint:
+                    log(textwrap.fill(failed.hint, 96, initial_indent="        hint: ",
+                                      subsequent_indent="              "))
+            if task.op == "run_layers":
+                layer_loop = f
+            else:
+                setattr(ops, task.op, f)
             mine.append(task.op)
+            mine_names[task.op] = task.name
+    if wrong and not anyway:
+        names = ", ".join(t.name for _, t, _ in wrong)
+        checks = " and ".join(sorted({f"`python -m minfer lesson check {L.number}`" for L, _, _ in wrong}))
+        raise ExerciseError(f"your {names} {'does' if len(wrong) == 1 else 'do'} not match the "
+                            f"reference (above): fix {'it' if len(wrong) == 1 else 'them'} with "
+                            f"{checks}, or add --anyway to see what the model does with "
+                            f"{'it' if len(wrong) == 1 else 'them'}")
+    if wrong:
+        log(f"minfer: --anyway: running on {', '.join(t.name for _, t, _ in wrong)} as it is")
     ops.mine = mine
     if mine:
         ops.layers = None         # the fused layer loop would bypass the student's functions
+        state = {}
+        for op in STAGES:
+            f = getattr(ops, op, None)
+            if callable(f):
+                whose = f"your {mine_names[op]}" if op in mine_names else "minfer's"
+                setattr(ops, op, _finite_or_say(op, f, whose, state))
+        if layer_loop is not None:    # the capstone: the model's layers run in the student's loop
+            ops.layers = lambda x, cos, sin, W, cache, batch, c: (
+                layer_loop(x, cos, sin, batch, cache, W, c, ops), None)
     ops.name = f"{getattr(base_ops, 'name', 'ops')}+mine" if mine else getattr(base_ops, "name", "ops")
     if mine:
         log(f"minfer: running on your own {', '.join(mine)} (from {folder}/); "
@@ -244,7 +323,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register `lesson` on the CLI's subparsers."""
     p = subparsers.add_parser(
         "lesson", help="exercises: list | start N | check N",
-        description="Exercises for lessons 03-11: `start N` copies the lesson's stub functions into "
+        description="Exercises for lessons 00-12: `start N` copies the lesson's stub functions into "
                     "your folder, `check N` tests your functions against minfer's reference.")
     sub = p.add_subparsers(dest="lesson_command", metavar="ACTION")
     sub.add_parser("list", help="the lessons with exercises and their tasks")

@@ -9,12 +9,54 @@ Fill in the function bodies (each now raises NotImplementedError), then check yo
 
 Each function has the signature of minfer's own reference (minfer/{where}). Read the lesson
 (lessons/{lesson_file}) first; peek at the reference only when you are stuck.
-Once a function passes, `python -m minfer chat --use-mine` runs the real model with it.
+Once a function the model uses passes (lessons 03-09 and 12), `python -m minfer chat --use-mine`
+runs the real model with it.
 """
 import numpy as np
 '''
 
 STUBS = {
+    0: '''
+
+def count_parameters(config):
+    """config: a minfer ModelConfig (vocab_size, dim, n_layers, n_heads, n_kv_heads, head_dim,
+    ffn_dim, tie_embeddings) -> the number of weights in the model, an int.
+
+    Count every matrix and every norm gain of lesson 00's forward pass. SmolLM2-135M has
+    134,515,008 — which is where the "135M" in its name comes from.
+    """
+    raise NotImplementedError("lesson 00: count_parameters")
+''',
+    1: '''
+
+def bpe_ids(piece, merges, vocab):
+    """piece: one pre-tokenized piece, already in byte-level characters (a space is "Ġ");
+    merges: the GGUF's list of "left right" strings, best (earliest) first;
+    vocab: the list of token strings (a token's id is its index) -> the piece's token ids.
+
+    Start from the piece's characters; merge the adjacent pair whose merge comes earliest in
+    `merges`, again and again, until no adjacent pair is in `merges`; then look the pieces up.
+    """
+    raise NotImplementedError("lesson 01: bpe_ids")
+''',
+    2: '''
+
+def align_up(pos, alignment):
+    """The first multiple of `alignment` at or after byte `pos` (where a GGUF's data begins,
+    after its header: alignment is general.alignment, 32 by default)."""
+    raise NotImplementedError("lesson 02: align_up")
+
+
+def read_f32_tensor(path, data_start, offset, dims):
+    """One F32 tensor out of a GGUF file, read by hand -> a float32 array.
+
+    data_start: where the data section begins (align_up of the header's end);
+    offset: the tensor's offset, as its header entry gives it (from data_start);
+    dims: its dimensions as the header lists them — fastest first (dims[0] is a row's length).
+    The values are little-endian float32, row after row.
+    """
+    raise NotImplementedError("lesson 02: read_f32_tensor")
+''',
     3: '''
 
 def embedding(token_ids, table):
@@ -254,5 +296,30 @@ def block_hashes(tokens, block_size):
     still coming). Python's hash() of a tuple is deterministic for ints and tuples of ints.
     """
     raise NotImplementedError("lesson 12: block_hashes")
+''',
+    14: '''
+from minfer.batch import make_batch
+
+
+def run_layers(x, cos, sin, batch, cache, weights, config, ops):
+    """The transformer layers, wired from the stage functions in `ops` (yours, with --use-mine):
+    x [T, D] -> [T, D]; every layer writes its keys and values into the cache.
+
+    weights.layers[l] has attn_norm, wq, wk, wv, wo, ffn_norm, w_gate, w_up, w_down;
+    config has n_heads, n_kv_heads, head_dim, rms_eps; cache.k[l], cache.v[l] are layer l's pool;
+    ops has embedding, rmsnorm, rope, kv_write, attention, linear, swiglu (lessons 03-07).
+    Leave x itself unchanged: x = x + ..., not x += ...
+    """
+    raise NotImplementedError("lesson 14: run_layers")
+
+
+def greedy_generate(model, prompt_ids, n_new):
+    """n_new tokens after prompt_ids, greedily -> a list of ints.
+
+    model.new_cache(n_blocks, block_size) makes a KV cache; model.forward(batch, cache) runs a
+    batch (make_batch([(token_ids, first_position, block_table)], block_size)) and returns the
+    logits of its last row. Prefill the prompt in one call, then decode one token per call.
+    """
+    raise NotImplementedError("lesson 14: greedy_generate")
 ''',
 }

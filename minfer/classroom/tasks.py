@@ -4,6 +4,7 @@ what differs (naming the classic mistakes when the output matches one of them)."
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -131,8 +132,10 @@ def _check_rmsnorm(f):
     for T, D, scale, eps in [(1, 8, 1.0, 1e-5), (5, 33, 30.0, 1e-6), (3, 576, 1e-3, 1e-5)]:
         x, w = _randn(rng, T, D, scale=scale), _randn(rng, D) + 1
         xc = x.copy()
-        expect_close(f(x, w, eps), rmsnorm(x, w, eps), f"x [{T}, {D}] (scale {scale}), eps={eps}",
+        got = f(x, w, eps)
+        expect_close(got, rmsnorm(x, w, eps), f"x [{T}, {D}] (scale {scale}), eps={eps}",
                      atol=1e-5, rtol=1e-4, variants=_rmsnorm_variants(x, w, eps))
+        _expect_float32(got, f"x [{T}, {D}]")
         if not np.array_equal(x, xc):
             raise CheckFailed("your rmsnorm changed its input x in place; return a new array")
 
@@ -142,7 +145,7 @@ def _check_rmsnorm(f):
 def _check_rope_angles(f):
     from ..stages.rope import rope_angles
     for pos, hd, base in [([0, 1, 2, 3], 8, 10000.0), ([7, 100, 3000], 64, 100000.0),
-                          ([5, 0, 17, 2, 9], 6, 500.0)]:
+                          ([5, 0, 17, 2, 9], 6, 500.0), ([0, 1, 4095, 8191], 64, 100000.0)]:
         pos = np.asarray(pos)
         got = f(pos, hd, base)
         if not (isinstance(got, tuple) and len(got) == 2):
@@ -151,15 +154,20 @@ def _check_rope_angles(f):
         inv = base ** (-np.arange(0, hd, 2) / hd)
         ang = pos[:, None] * inv[None]
         bad_freq = pos[:, None] * (base ** (-np.arange(hd // 2) / hd))[None]
+        ang32 = pos.astype(np.float32)[:, None] * inv.astype(np.float32)[None]    # all float32
         for k, name in enumerate(("cos", "sin")):
             fn = np.cos if k == 0 else np.sin
-            expect_close(got[k], want[k], f"{name} for positions {pos.tolist()}, head_dim={hd}, base={base}",
-                         atol=5e-4, rtol=1e-3, variants=[
-                             ("theta_i = base^(-2i/head_dim) for i = 0 .. head_dim/2 - 1: the exponent "
-                              "steps by 2/head_dim, not 1/head_dim", fn(bad_freq)),
-                             (f"{name} and {'sin' if k == 0 else 'cos'} are swapped",
-                              (np.sin if k == 0 else np.cos)(ang)),
-                         ])
+            what = f"{name} for positions {pos.tolist()}, head_dim={hd}, base={base}"
+            expect_close(got[k], want[k], what, atol=2e-6, rtol=1e-5, variants=[
+                ("theta_i = base^(-2i/head_dim) for i = 0 .. head_dim/2 - 1: the exponent "
+                 "steps by 2/head_dim, not 1/head_dim", fn(bad_freq)),
+                (f"{name} and {'sin' if k == 0 else 'cos'} are swapped",
+                 (np.sin if k == 0 else np.cos)(ang)),
+                ("the angles were computed in float32: an angle of ~8191 radians keeps only "
+                 "~5e-4 of precision there. Multiply positions by frequencies in float64 "
+                 "(positions.astype(np.float64)), then cast cos and sin to float32", fn(ang32)),
+            ])
+            _expect_float32(got[k], what)
 
 
 def _rotate_half_rope(x, cos, sin):
@@ -187,6 +195,7 @@ def _check_rope(f):
                           "minfer pairs neighbours (x_2i, x_2i+1)", _rotate_half_rope(x, cos, sin)),
                          ("you rotated by -angle: (a, b) -> (a cos - b sin, a sin + b cos)", wrong_sign),
                      ])
+        _expect_float32(f(x, cos, sin), f"x [{T}, {H}, {hd}]")
         if not np.array_equal(x, xc):
             raise CheckFailed("your rope changed its input x in place; write into a new array")
 
@@ -215,8 +224,10 @@ def _check_softmax(f):
                      ])
 
 
-def _attention_variant(q, k_cache, v_cache, batch, causal=True, scale=True, group_of=None):
-    """The reference with one mistake switched on (for diagnosing a student's output)."""
+def _attention_variant(q, k_cache, v_cache, batch, causal=True, scale=True, group_of=None,
+                       offset=0, contiguous=False):
+    """The reference with one mistake switched on (for diagnosing a student's output): no mask, no
+    scale, the wrong kv head, a mask off by `offset`, the cache read as if contiguous."""
     T, Hq, hd = q.shape
     bs, Hkv = k_cache.shape[1], k_cache.shape[2]
     group = Hq // Hkv
@@ -224,16 +235,17 @@ def _attention_variant(q, k_cache, v_cache, batch, causal=True, scale=True, grou
     out = np.zeros_like(q)
     for b in range(batch.n_seqs):
         S = int(batch.context_lens[b])
-        blocks = batch.block_tables[b, : -(-S // bs)]
+        blocks = np.arange(-(-S // bs)) if contiguous else batch.block_tables[b, : -(-S // bs)]
         K = k_cache[blocks].reshape(-1, Hkv, hd)[:S]
         V = v_cache[blocks].reshape(-1, Hkv, hd)[:S]
         for t in range(batch.seq_starts[b], batch.seq_starts[b + 1]):
             for h in range(Hq):
                 s = K[:, kv_head(h)] @ q[t, h] / (np.sqrt(hd) if scale else 1.0)
                 if causal:
-                    s = np.where(np.arange(S) <= batch.positions[t], s, -np.inf)
-                p = np.exp(s - s.max())
-                out[t, h] = (p / p.sum()) @ V[:, kv_head(h)]
+                    s = np.where(np.arange(S) <= batch.positions[t] + offset, s, -np.inf)
+                with np.errstate(invalid="ignore"):
+                    p = np.exp(s - s.max())
+                    out[t, h] = (p / p.sum()) @ V[:, kv_head(h)]
     return out
 
 
@@ -275,6 +287,14 @@ def _check_paged_attention(f):
              _attention_variant(q, kc, vc, batch, causal=False)),
             ("the scores are not scaled: divide q.k by sqrt(head_dim)",
              _attention_variant(q, kc, vc, batch, scale=False)),
+            ("the mask is off by one: a query at position p sees keys 0..p (j <= p), not p + 1",
+             _attention_variant(q, kc, vc, batch, offset=1)),
+            ("the mask hides the token itself: a query at position p sees keys 0..p, its own "
+             "included (j <= p, not j < p); at position 0 it would see nothing, and softmax of "
+             "nothing is NaN", _attention_variant(q, kc, vc, batch, offset=-1)),
+            ("the block table is ignored: sequence b's keys are in blocks "
+             "batch.block_tables[b], in that order, not in blocks 0, 1, 2, ...",
+             _attention_variant(q, kc, vc, batch, contiguous=True)),
         ]
         if Hkv > 1 and group > 1:
             variants.append(("query head h reads kv head h // (Hq // Hkv) (consecutive query heads "
@@ -282,6 +302,7 @@ def _check_paged_attention(f):
                              _attention_variant(q, kc, vc, batch, group_of=lambda h: h % Hkv)))
         expect_close(got, paged_attention(q, kc, vc, batch), what, atol=1e-4, rtol=1e-3,
                      variants=variants)
+        _expect_float32(got, what)
         if not (np.array_equal(kc, kc0) and np.array_equal(vc, vc0)):
             raise CheckFailed(f"{what}: your attention wrote into the KV cache; it only reads it")
 
@@ -337,6 +358,7 @@ def _check_silu(f):
                          ("that is the sigmoid alone; silu(z) = z * sigmoid(z)", 1 / (1 + np.exp(-z.astype(np.float64)))),
                          ("that is ReLU; silu is smooth: z * sigmoid(z)", np.maximum(z, 0)),
                      ])
+        _expect_float32(got, f"z {list(z.shape)}")
 
 
 def _check_swiglu(f):
@@ -345,7 +367,9 @@ def _check_swiglu(f):
     for T, D, F in [(1, 8, 12), (5, 24, 40), (3, 64, 96)]:
         x = _randn(rng, T, D)
         wg, wu, wd = _randn(rng, F, D, scale=0.3), _randn(rng, F, D, scale=0.3), _randn(rng, D, F, scale=0.3)
-        expect_close(f(x, wg, wu, wd), swiglu(x, wg, wu, wd), f"x [{T}, {D}], ffn {F}",
+        got = f(x, wg, wu, wd)
+        _expect_float32(got, f"x [{T}, {D}], ffn {F}")
+        expect_close(got, swiglu(x, wg, wu, wd), f"x [{T}, {D}], ffn {F}",
                      atol=1e-4, rtol=1e-3, variants=[
                          ("silu goes on the gate branch: silu(x W_gate^T) * (x W_up^T)",
                           (silu(x @ wu.T) * (x @ wg.T)) @ wd.T),
@@ -786,6 +810,317 @@ def _check_block_hashes(f):
             raise CheckFailed(f"{what}: the same {bs} tokens at positions 0, {bs} and {2 * bs} got "
                               f"equal names, but their keys and values differ (other positions, "
                               f"other tokens before): chain in the name of the block before")
+# --- lesson 00: the model's size ----------------------------------------------------------------
+
+def _ref_count_parameters(config) -> int:
+    """Every weight of a llama-architecture model of this configuration."""
+    D, V, F = config.dim, config.vocab_size, config.ffn_dim
+    q, kv = config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim
+    layer = D + D * q + 2 * D * kv + q * D + D + 3 * D * F           # 2 norms, Q K V O, gate up down
+    return V * D * (1 if config.tie_embeddings else 2) + config.n_layers * layer + D
+
+
+def _check_count_parameters(f):
+    from ..config import ModelConfig
+    from ..weights import synthetic
+    cases = [("SmolLM2-135M", dict(vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3,
+                                   head_dim=64, ffn_dim=1536, tie_embeddings=True)),
+             ("a small untied model, 4 query / 2 kv heads", None),
+             ("a model without GQA (as many kv heads as query heads)",
+              dict(vocab_size=300, dim=48, n_layers=3, n_heads=4, n_kv_heads=4, head_dim=12,
+                   ffn_dim=80, tie_embeddings=True))]
+    for what, kw in cases:
+        if kw is None:                          # counted from the arrays of a real checkpoint
+            hf = synthetic.hf_config(tie_word_embeddings=False)
+            truth = sum(int(np.prod(s)) for s in synthetic.weight_shapes(hf).values())
+            kw = dict(vocab_size=hf["vocab_size"], dim=hf["hidden_size"],
+                      n_layers=hf["num_hidden_layers"], n_heads=hf["num_attention_heads"],
+                      n_kv_heads=hf["num_key_value_heads"],
+                      head_dim=hf["head_dim"],
+                      ffn_dim=hf["intermediate_size"], tie_embeddings=False)
+        config = ModelConfig(**kw)
+        want = _ref_count_parameters(config)
+        if kw.get("tie_embeddings") is False:
+            assert want == truth, (want, truth)
+        got = f(config)
+        if got is None:
+            raise CheckFailed(f"{what}: your function returned None (forgot `return`?)")
+        if int(got) == want:
+            continue
+        D, V = config.dim, config.vocab_size
+        hq, hkv = config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim
+        named = {
+            want + V * D: "the LM head is tied to the embedding (config.tie_embeddings): one "
+                          "[V, D] matrix serves both, count it once",
+            want - V * D: "an untied model has its own LM head [V, D] besides the embedding",
+            want + 2 * config.n_layers * D * (hq - hkv): "K and V have n_kv_heads heads (GQA), "
+                                                         "not n_heads: [n_kv_heads * head_dim, D] each",
+            want - (2 * config.n_layers + 1) * D: "the RMSNorm gains count too: 2 per layer [D] and "
+                                                   "the final one",
+            want - config.n_layers * D * config.ffn_dim: "the MLP has three matrices: gate, up and down",
+        }
+        hint = named.get(int(got))
+        raise CheckFailed(f"{what}: you count {int(got):,} parameters, expected {want:,}"
+                          + (f"; {hint}" if hint else ""))
+
+
+# --- lesson 01: byte-pair encoding by hand ------------------------------------------------------
+
+def _ref_bpe_ids(piece: str, merges: list[str], vocab: list[str]) -> list[int]:
+    ranks = {tuple(m.split(" ")): r for r, m in enumerate(merges)}
+    index = {t: i for i, t in enumerate(vocab)}
+    symbols = list(piece)
+    while len(symbols) > 1:
+        rank, i = min((ranks.get(pair, np.inf), i) for i, pair in enumerate(zip(symbols, symbols[1:])))
+        if rank == np.inf:
+            break
+        symbols[i:i + 2] = [symbols[i] + symbols[i + 1]]
+    return [index[s] for s in symbols]
+
+
+def _left_to_right_bpe(piece, merges, vocab):
+    """The classic mistake: merge the first learned pair from the left, whatever its rank."""
+    ranks = {tuple(m.split(" ")) for m in merges}
+    index = {t: i for i, t in enumerate(vocab)}
+    symbols = list(piece)
+    merged = True
+    while merged:
+        merged = False
+        for i in range(len(symbols) - 1):
+            if (symbols[i], symbols[i + 1]) in ranks:
+                symbols[i:i + 2] = [symbols[i] + symbols[i + 1]]
+                merged = True
+                break
+    return [index[s] for s in symbols]
+
+
+def _check_bpe_ids(f):
+    from ..weights import synthetic
+    toy_merges = ["b c", "a b", "a bc", "c c", "d d", "dd dd"]
+    toy_vocab = ["a", "b", "c", "d", "bc", "ab", "abc", "cc", "dd", "dddd"]
+    real_merges, real_vocab = synthetic.tiny_merges(), synthetic.tiny_vocab()
+    cases = [("abc", toy_merges, toy_vocab), ("abcabc", toy_merges, toy_vocab),
+             ("ddddd", toy_merges, toy_vocab), ("cab", toy_merges, toy_vocab), ("a", toy_merges, toy_vocab)]
+    byte = synthetic.bytes_to_unicode()
+    for word in ["the", " the cat", "hello", " sat"]:
+        piece = "".join(byte[b] for b in word.encode())
+        cases.append((piece, real_merges, real_vocab))
+    for piece, merges, vocab in cases:
+        want = _ref_bpe_ids(piece, merges, vocab)
+        got = f(piece, list(merges), list(vocab))
+        what = f"piece {piece!r}" + (" with the merges " + ", ".join(repr(m) for m in merges)
+                                      if merges is toy_merges else " with the tiny model's merges")
+        if got is None:
+            raise CheckFailed(f"{what}: your function returned None (forgot `return`?)")
+        got = [int(i) for i in got]
+        if got == want:
+            continue
+        if got == _left_to_right_bpe(piece, merges, vocab):
+            raise CheckFailed(f"{what}: you get {got}, expected {want}; you merged the first "
+                              f"learned pair from the left — BPE merges the pair of lowest rank "
+                              f"(earliest in the list) first, wherever it is, then looks again")
+        raise CheckFailed(f"{what}: you get ids {got}, expected {want} "
+                          f"(the pieces {[vocab[i] for i in want]})")
+
+
+# --- lesson 02: a tensor out of a GGUF file -----------------------------------------------------
+
+def _ref_align_up(pos, alignment):
+    return (pos + alignment - 1) // alignment * alignment
+
+
+def _ref_read_f32_tensor(path, data_start, offset, dims):
+    n = int(np.prod(dims))
+    with open(path, "rb") as fh:
+        fh.seek(data_start + offset)
+        data = np.frombuffer(fh.read(4 * n), dtype="<f4")
+    return data.reshape(tuple(reversed([int(d) for d in dims]))).astype(np.float32)
+
+
+def _check_align_up(f):
+    for pos, a in [(0, 32), (1, 32), (31, 32), (32, 32), (33, 32), (1000, 64), (4097, 4096)]:
+        got = f(pos, a)
+        want = _ref_align_up(pos, a)
+        if got is None or int(got) != want:
+            hint = ""
+            if got is not None and int(got) == pos + a - pos % a:
+                hint = "; a position already on a multiple stays where it is"
+            elif got is not None and int(got) == pos // a * a:
+                hint = "; round up, not down: the data starts after the header"
+            raise CheckFailed(f"align_up({pos}, {a}): you give {got}, expected {want}{hint}")
+
+
+def _check_read_f32_tensor(f):
+    import tempfile
+    rng = _rng(21)
+    header = b"GGUF" + bytes(rng.integers(0, 256, 71, dtype=np.uint8))   # 75 bytes of "header"
+    data_start = _ref_align_up(len(header), 32)
+    tensors = [("a", [5, 3]), ("b", [7]), ("c", [4, 2, 3])]               # GGUF dims: fastest first
+    blob, offsets, arrays = b"", [], []
+    for _, dims in tensors:
+        offsets.append(len(blob))
+        a = rng.standard_normal(tuple(reversed(dims))).astype("<f4")
+        arrays.append(a)
+        blob += a.tobytes() + bytes(_ref_align_up(a.nbytes, 32) - a.nbytes)
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "toy.gguf"
+        path.write_bytes(header + bytes(data_start - len(header)) + blob)
+        for (name, dims), offset, want in zip(tensors, offsets, arrays):
+            what = f"tensor {name!r}, GGUF dims {dims}, offset {offset}, data_start {data_start}"
+            got = f(str(path), data_start, offset, list(dims))
+            if got is None:
+                raise CheckFailed(f"{what}: your function returned None (forgot `return`?)")
+            got = np.asarray(got)
+            if got.shape == tuple(dims) and len(dims) > 1:
+                raise CheckFailed(f"{what}: shape {got.shape}, expected {want.shape}: GGUF lists a "
+                                  f"tensor's dimensions fastest first (ne0 = the length of a row); "
+                                  f"NumPy wants them the other way round — reverse them")
+            n = int(np.prod(dims))
+            raw = path.read_bytes()
+            from_zero = np.frombuffer(raw[offset:offset + 4 * n], "<f4").reshape(want.shape)
+            expect_close(got, want, what, atol=0, rtol=0, variants=[
+                ("the offset counts from the start of the data section, not of the file: read at "
+                 "data_start + offset", from_zero)])
+            _expect_float32(got, what)
+
+
+# --- lesson 14: the whole model, your own -------------------------------------------------------
+
+_TINY: dict = {}
+
+
+def _tiny_llm():
+    """The tiny random model of the tests (a GGUF written once per process, in a temp folder)."""
+    if "llm" not in _TINY:
+        import tempfile
+        from ..llm import LLM
+        from ..weights import synthetic
+        d = tempfile.mkdtemp(prefix="minfer-classroom-")
+        _TINY["llm"] = LLM(synthetic.tiny_checkpoint(d, fmt="gguf", seed=3), backend="numpy", quiet=True)
+    return _TINY["llm"]
+
+
+def _layers_variant(model, x, cos, sin, batch, cache, mistake):
+    """model.run_layers with one classic mistake: "residual" (x replaced, not added to), "rope_late"
+    (K written to the cache before RoPE), "one_norm" (attn_norm before the MLP too)."""
+    c, W, op = model.config, model.weights, model.ops
+    T = len(x)
+    for l, L in enumerate(W.layers):
+        h = op.rmsnorm(x, L.attn_norm, c.rms_eps)
+        q = op.linear(h, L.wq).reshape(T, c.n_heads, c.head_dim)
+        k = op.linear(h, L.wk).reshape(T, c.n_kv_heads, c.head_dim)
+        v = op.linear(h, L.wv).reshape(T, c.n_kv_heads, c.head_dim)
+        q = op.rope(q, cos, sin)
+        if mistake == "rope_late":
+            op.kv_write(cache.k[l], cache.v[l], k, v, batch.slot_mapping)
+            k = op.rope(k, cos, sin)
+        else:
+            k = op.rope(k, cos, sin)
+            op.kv_write(cache.k[l], cache.v[l], k, v, batch.slot_mapping)
+        a = op.attention(q, cache.k[l], cache.v[l], batch)
+        o = op.linear(a.reshape(T, -1), L.wo)
+        x = o if mistake == "residual" else x + o
+        h = op.rmsnorm(x, L.attn_norm if mistake == "one_norm" else L.ffn_norm, c.rms_eps)
+        m = op.swiglu(h, L.w_gate, L.w_up, L.w_down)
+        x = m if mistake == "residual" else x + m
+    return x
+
+
+def _ref_run_layers(x, cos, sin, batch, cache, weights, config, ops):
+    from ..model import Transformer
+    return Transformer(config, weights, ops).run_layers(x, cos, sin, batch, cache)
+
+
+def _check_run_layers(f):
+    from ..batch import make_batch
+    llm = _tiny_llm()
+    model, c, W, op = llm.model, llm.config, llm.weights, llm.model.ops
+    rng = _rng(22)
+    bs = 4
+    table = [int(b) for b in rng.permutation(8)]
+    prompt = [int(i) for i in rng.integers(3, c.vocab_size, 6)]
+    steps = [("a 6-token prompt (prefill)", make_batch([(prompt, 0, table)], bs)),
+             ("then one token at position 6 (decode, reading the prompt's keys from the cache)",
+              make_batch([([int(rng.integers(3, c.vocab_size))], 6, table)], bs))]
+    caches = {k: model.new_cache(n_blocks=8, block_size=bs) for k in
+              ("want", "got", "residual", "rope_late", "one_norm")}
+    for what, batch in steps:
+        x = op.embedding(batch.token_ids, W.tok_embd)
+        cos, sin = op.rope_angles(batch.positions, c.head_dim, c.rope_theta)
+        want = model.run_layers(x.copy(), cos, sin, batch, caches["want"])
+        variants = [(msg, _layers_variant(model, x.copy(), cos, sin, batch, caches[key], key))
+                    for key, msg in [
+                        ("residual", "each block's output is *added* to x (the residual stream): "
+                                     "x = x + attention(...), x = x + mlp(...)"),
+                        ("rope_late", "rotate K before you write it to the cache: the cache holds "
+                                      "rotated keys, so later tokens never rotate them again"),
+                        ("one_norm", "the MLP block has its own norm: ffn_norm, not attn_norm")]]
+        x_in = x.copy()
+        got = f(x, cos, sin, batch, caches["got"], W, c, op)
+        expect_close(got, want, what, atol=1e-4, rtol=1e-3, variants=variants)
+        if not np.array_equal(x, x_in):
+            raise CheckFailed(f"{what}: your run_layers changed its input x in place (x += ...); "
+                              f"write x = x + ... so the caller's array stays as it was")
+        for l in range(c.n_layers):
+            if not np.allclose(caches["got"].k[l], caches["want"].k[l], atol=1e-5, rtol=1e-4):
+                raise CheckFailed(f"{what}: layer {l}'s keys in the cache differ from the reference's: "
+                                  f"write k (after RoPE) and v with ops.kv_write(cache.k[l], "
+                                  f"cache.v[l], k, v, batch.slot_mapping) in every layer")
+
+
+class _CountingModel:
+    """A Transformer that records how many tokens each forward call got."""
+
+    def __init__(self, model):
+        self.model, self.config, self.calls = model, model.config, []
+
+    def new_cache(self, *args, **kwargs):
+        return self.model.new_cache(*args, **kwargs)
+
+    def forward(self, batch, cache):
+        self.calls.append(len(batch.token_ids))
+        return self.model.forward(batch, cache)
+
+
+def _ref_greedy_generate(model, prompt_ids, n_new):
+    from ..batch import make_batch
+    bs = 16
+    n_blocks = -(-(len(prompt_ids) + n_new) // bs)
+    cache, table = model.new_cache(n_blocks=n_blocks, block_size=bs), list(range(n_blocks))
+    logits = model.forward(make_batch([(list(prompt_ids), 0, table)], bs), cache)   # prefill
+    out = [int(np.argmax(logits[-1]))]
+    while len(out) < n_new:                                                         # decode
+        pos = len(prompt_ids) + len(out) - 1
+        logits = model.forward(make_batch([([out[-1]], pos, table)], bs), cache)
+        out.append(int(np.argmax(logits[-1])))
+    return out
+
+
+def _check_greedy_generate(f):
+    llm = _tiny_llm()
+    rng = _rng(23)
+    for n_prompt, n_new in [(5, 6), (1, 3), (17, 4)]:
+        prompt = [int(i) for i in rng.integers(3, llm.config.vocab_size, n_prompt)]
+        want = _ref_greedy_generate(llm.model, prompt, n_new)
+        counting = _CountingModel(llm.model)
+        what = f"a {n_prompt}-token prompt, {n_new} new tokens"
+        got = f(counting, list(prompt), n_new)
+        if got is None:
+            raise CheckFailed(f"{what}: your function returned None (forgot `return`?)")
+        got = [int(t) for t in got]
+        if len(got) != n_new:
+            raise CheckFailed(f"{what}: you returned {len(got)} tokens, expected {n_new} (the "
+                              f"prefill's logits give the first new token)")
+        if got != want:
+            raise CheckFailed(f"{what}: your tokens {got}, expected {want} (greedy: the arg-max of "
+                              f"the last row of logits; each decode step feeds the token just chosen "
+                              f"at the next position)")
+        calls = counting.calls
+        if calls[0] != n_prompt or any(n != 1 for n in calls[1:]) or len(calls) != n_new:
+            raise CheckFailed(f"{what}: the right tokens, but your forward calls got {calls} tokens: "
+                              f"prefill the prompt once ({n_prompt}), then one token a step — the KV "
+                              f"cache holds the rest, so a step never re-runs the whole sequence")
+
 
 
 # --- the stub files the students fill in ----------------------------------------------------------
@@ -798,6 +1133,22 @@ def _lessons() -> dict[int, Lesson]:
         stub = _HEADER.format(n=n, title=title, where=where, lesson_file=lesson_file) + STUBS[n]
         L[n] = Lesson(n, slug, title, tasks, stub, minutes, refs)
 
+    add(0, "tour", "the model's size", "config.py", "00_tour.py", 10, [
+        Task("count_parameters", _check_count_parameters, "per layer: two norm gains [D], W_q "
+             "[Hq*hd, D], W_k and W_v [Hkv*hd, D] each, W_o [D, Hq*hd], gate and up [F, D], down "
+             "[D, F]; plus the embedding [V, D], the final norm [D], and an LM head only if untied"),
+    ], dict(count_parameters=_ref_count_parameters))
+    add(1, "tokens", "byte-pair encoding by hand", "tokenizer.py", "01_tokens.py", 20, [
+        Task("bpe_ids", _check_bpe_ids, "ranks = {tuple(m.split(' ')): r for r, m in "
+             "enumerate(merges)}; start from list(piece); repeatedly merge the adjacent pair with "
+             "the smallest rank until none is in ranks; then vocab.index of each symbol"),
+    ], dict(bpe_ids=_ref_bpe_ids))
+    add(2, "weights", "a tensor out of a GGUF file", "weights/gguf.py", "02_weights.py", 20, [
+        Task("align_up", _check_align_up, "(pos + alignment - 1) // alignment * alignment"),
+        Task("read_f32_tensor", _check_read_f32_tensor, "open(path, 'rb'), seek(data_start + "
+             "offset), read 4 * prod(dims) bytes, np.frombuffer(..., dtype='<f4'), reshape to the "
+             "dims reversed"),
+    ], dict(align_up=_ref_align_up, read_f32_tensor=_ref_read_f32_tensor))
     add(3, "embedding_rmsnorm", "embeddings and RMSNorm", "stages/embedding.py, stages/rmsnorm.py",
         "03_embedding_rmsnorm.py", 30, [
             Task("embedding", _check_embedding, "fancy indexing reads one row per id; widen the result to float32",
@@ -879,6 +1230,18 @@ def _lessons() -> dict[int, Lesson]:
             Task("block_hashes", _check_block_hashes, "h = None; for each full block i: h = "
                  "hash((h, tuple(tokens[i * block_size:(i + 1) * block_size]))); append h"),
         ], dict(block_hashes=prefix_cache.block_hashes))
+    add(14, "capstone", "the whole model, your own", "model.py", "14_capstone.py", 60, [
+        Task("run_layers", _check_run_layers, "for each layer l, L = weights.layers[l]: h = "
+             "ops.rmsnorm(x, L.attn_norm, eps); q, k, v = ops.linear(h, L.wq / L.wk / L.wv) reshaped "
+             "to heads; rope on q and k; ops.kv_write(cache.k[l], cache.v[l], k, v, "
+             "batch.slot_mapping); a = ops.attention(q, cache.k[l], cache.v[l], batch); x = x + "
+             "ops.linear(a.reshape(T, -1), L.wo); then x = x + ops.swiglu(ops.rmsnorm(x, L.ffn_norm, "
+             "eps), L.w_gate, L.w_up, L.w_down)", op="run_layers"),
+        Task("greedy_generate", _check_greedy_generate, "cache = model.new_cache(n_blocks, 16) with "
+             "enough blocks for prompt + new tokens, table = list(range(n_blocks)); logits = "
+             "model.forward(make_batch([(prompt, 0, table)], 16), cache); then each step "
+             "make_batch([([last], position, table)], 16); the arg-max of logits[-1] each time"),
+    ], dict(run_layers=_ref_run_layers, greedy_generate=_ref_greedy_generate))
     return L
 
 

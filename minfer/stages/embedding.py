@@ -27,8 +27,8 @@ _NO_M = np.zeros((1, 0), dtype=np.float32)       # Q8_0: no mins
 
 def embedding_numba(token_ids, table):
     if isinstance(table, QuantMatrix):
-        # (the reference's gather took eight NumPy calls, ~25-55 us in a decode step: tens of us
-        # each on the caches the step's weights have just flushed)
+        # one compiled call: the reference's gather is eight NumPy calls, each slow on the caches
+        # the step's weights have just flushed
         d, m = bits(table.d), _NO_M if table.m is None else bits(table.m)
         if table.fmt == "Q8_0":
             return _gather_q8_0(token_ids, table.qs, d)

@@ -62,8 +62,8 @@ def rope_numba(x, cos, sin):
 
 def rope_angles_numba(positions: np.ndarray, head_dim: int, base: float):
     """rope_angles as rows of a table of rope_angles(arange(n)) itself (as the GPU path keeps
-    one), gathered in one compiled call: a decode step's eight NumPy calls took ~30-50 us on the
-    caches that the step's weights have just flushed. The table grows to a power of two when a
+    one), gathered in one compiled call: the reference's eight NumPy calls are slow on the caches
+    that a decode step's weights have just flushed. The table grows to a power of two when a
     position passes its end: a few times at most, up to a model's context."""
     key = (head_dim, base)
     table = _TABLES.get(key)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import ModelConfig
+from ..config import ModelConfig, readable_name
 from ..errors import ModelFormatError, ModelNotFoundError
 from ..model import LayerWeights, Weights
 from ..stages.quant import BLOCK_DTYPES, QuantMatrix
@@ -154,6 +154,7 @@ def load_gguf(path: Path, quant: str = "f32") -> tuple[ModelConfig, Weights, Tok
     tokens = meta.get("tokenizer.ggml.tokens")
     config = ModelConfig.from_gguf(meta, n_vocab=len(tokens) if tokens else None)
     config.tie_embeddings = "output.weight" not in tensors
+    config.name = readable_name(meta, path)
     c = config
 
     def f32(name, shape):
