@@ -13,11 +13,16 @@ Templates come from model files, so they are rendered in jinja2's sandbox.
 """
 from __future__ import annotations
 
+import functools
 import json
+import re
+import time
 from pathlib import Path
 
+from jinja2 import nodes
 from jinja2.exceptions import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+from jinja2.visitor import NodeTransformer
 from tokenizers import AddedToken, Regex
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers
@@ -54,7 +59,7 @@ class Tokenizer:
         self.chat_template = chat_template or CHATML
         self.stop_ids = stop_ids
         self.bos_id, self.eos_id, self.add_bos = bos_id, eos_id, add_bos
-        self._template = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        self._template = BoundedEnvironment(trim_blocks=True, lstrip_blocks=True)
         self._template.globals["raise_exception"] = _raise
         self._compiled = None
 
@@ -79,17 +84,27 @@ class Tokenizer:
 
     # --- chat ------------------------------------------------------------------------------------
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        for m in messages:
-            if not isinstance(m, dict) or "role" not in m or "content" not in m:
-                raise InvalidArgumentError("each chat message must be a dict with 'role' and 'content'")
+        messages = _check_messages(messages)
+        size = sum(len(m["content"]) + len(m["role"]) for m in messages)
+        env = self._template
         try:
             if self._compiled is None:
-                self._compiled = self._template.from_string(self.chat_template)
-            return self._compiled.render(
-                messages=messages, add_generation_prompt=add_generation_prompt,
-                bos_token=self._tok(self.bos_id), eos_token=self._tok(self.eos_id))
-        except TemplateError as e:
-            raise ModelFormatError(f"the model's chat template failed: {e}") from None
+                self._compiled = env.from_string(self.chat_template)
+            with env.budget(size):
+                return env.render_bounded(self._compiled, dict(
+                    messages=messages, add_generation_prompt=add_generation_prompt,
+                    bos_token=self._tok(self.bos_id), eos_token=self._tok(self.eos_id)))
+        except _Refused as e:          # the template's own raise_exception(): about the input
+            raise InvalidArgumentError(f"the chat template refused the conversation: {e}") from None
+        except TemplateLimitError as e:
+            raise ModelFormatError(f"the model's chat template {e}; refusing to render it") from None
+        except RecursionError:
+            raise ModelFormatError("the model's chat template recursed too deeply") from None
+        except MemoryError:
+            raise ModelFormatError("the model's chat template asked for more memory than there "
+                                   "is") from None
+        except Exception as e:  # noqa: BLE001 (whatever a template trips is the template's fault)
+            raise ModelFormatError(f"the model's chat template failed: {type(e).__name__}: {e}") from None
 
     def _tok(self, i):
         return "" if i is None else (self.id_to_token(i) or "")
@@ -100,23 +115,56 @@ class Tokenizer:
         kind = meta.get("tokenizer.ggml.model")
         if kind != "gpt2":
             raise UnsupportedModelError(
-                f"tokenizer type {kind!r} is not supported yet (minfer reads byte-level BPE, 'gpt2')")
-        tokens = meta["tokenizer.ggml.tokens"]
-        merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
+                f"tokenizer type {_short(kind)} is not supported yet (minfer reads byte-level BPE, 'gpt2')")
+        tokens = _str_list(meta.get("tokenizer.ggml.tokens"), "tokenizer.ggml.tokens")
+        if not tokens:
+            raise ModelFormatError("GGUF metadata 'tokenizer.ggml.tokens' is missing or empty")
+        merges = [tuple(m.split(" ", 1))
+                  for m in _str_list(meta.get("tokenizer.ggml.merges", []), "tokenizer.ggml.merges")]
+        if merges and min(map(len, merges)) != 2:
+            i = next(i for i, m in enumerate(merges) if len(m) != 2)
+            raise ModelFormatError(f"GGUF metadata 'tokenizer.ggml.merges'[{i}] is {_short(merges[i][0])}; "
+                                   f"a merge is two tokens and a space")
         vocab = {t: i for i, t in enumerate(tokens)}
-        hf = HFTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
-        hf.pre_tokenizer = _pre_tokenizer(meta.get("tokenizer.ggml.pre", "gpt2"))
-        hf.decoder = decoders.ByteLevel()
+        if len(vocab) != len(tokens):
+            seen = {}
+            for i, t in enumerate(tokens):
+                if t in seen:
+                    raise ModelFormatError(f"GGUF metadata 'tokenizer.ggml.tokens': token {_short(t)} "
+                                           f"appears twice (ids {seen[t]} and {i}); the file is corrupt")
+                seen[t] = i
         types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
-        # control (3) and user-defined (4) tokens are matched whole in the text, never split
-        hf.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                               for t, ty in zip(tokens, types) if ty in (3, 4)])
-        bos = meta.get("tokenizer.ggml.bos_token_id")
-        eos = meta.get("tokenizer.ggml.eos_token_id")
-        stop = {i for i in (eos, meta.get("tokenizer.ggml.eot_token_id")) if i is not None}
+        if (not isinstance(types, list) or len(types) != len(tokens)
+                or not set(map(type, types)) <= {int}):
+            raise ModelFormatError("GGUF metadata 'tokenizer.ggml.token_type' is not one whole number "
+                                   "per token")
+        pre = meta.get("tokenizer.ggml.pre", "gpt2")
+        if not isinstance(pre, str):
+            raise ModelFormatError(f"GGUF metadata 'tokenizer.ggml.pre' is {_short(pre)}; expected a name")
+        ids = {k: _token_id(meta.get(f"tokenizer.ggml.{k}_token_id"), len(tokens), f"tokenizer.ggml.{k}_token_id")
+               for k in ("bos", "eos", "eot")}
+        template = meta.get("tokenizer.chat_template")
+        if template is not None and not isinstance(template, str):
+            raise ModelFormatError(f"GGUF metadata 'tokenizer.chat_template' is {_short(template)}, "
+                                   f"not a template (text)")
+        add_bos = meta.get("tokenizer.ggml.add_bos_token", False)
+        if type(add_bos) is not bool:
+            raise ModelFormatError(f"GGUF metadata 'tokenizer.ggml.add_bos_token' is {_short(add_bos)}; "
+                                   f"expected true or false")
+        try:
+            hf = HFTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
+            hf.pre_tokenizer = _pre_tokenizer(pre)
+            hf.decoder = decoders.ByteLevel()
+            # control (3) and user-defined (4) tokens are matched whole in the text, never split
+            hf.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                                   for t, ty in zip(tokens, types) if ty in (3, 4)])
+        except Exception as e:  # the tokenizers library raises plain Exceptions
+            raise ModelFormatError(f"the GGUF's vocabulary and merges do not make a tokenizer ({e}); "
+                                   f"the file is corrupt") from None
+        bos, eos = ids["bos"], ids["eos"]
+        stop = {i for i in (eos, ids["eot"]) if i is not None}
         stop |= {vocab[t] for t in END_OF_TURN[:-1] if t in vocab}
-        return cls(hf, meta.get("tokenizer.chat_template"), stop, bos, eos,
-                   add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", False)))
+        return cls(hf, template, stop, bos, eos, add_bos=add_bos)
 
     @classmethod
     def from_hf_folder(cls, folder: Path, config=None) -> "Tokenizer":
@@ -131,7 +179,12 @@ class Tokenizer:
         gc = _json(folder / "generation_config.json")
         template = tc.get("chat_template")
         if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
-            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+            template = next((t.get("template") for t in template
+                             if isinstance(t, dict) and t.get("name") == "default"), None)
+        if template is not None and not isinstance(template, str):
+            raise ModelFormatError(f"{folder / 'tokenizer_config.json'}: chat_template is "
+                                   f"{_short(template)}, not a template (text)")
+        n = hf.get_vocab_size(with_added_tokens=True)
 
         def tok_id(entry):
             if isinstance(entry, dict):
@@ -142,21 +195,225 @@ class Tokenizer:
         bos = tok_id(tc.get("bos_token"))
         stop = set()
         for src in (eos, gc.get("eos_token_id"), getattr(config, "eos_id", None)):
-            stop |= set(src) if isinstance(src, list) else ({src} if src is not None else set())
+            for i in (src if isinstance(src, list) else [src]):
+                if i is not None:
+                    stop.add(_token_id(i, n, "eos_token_id (generation_config.json or config.json)"))
         stop |= {hf.token_to_id(t) for t in END_OF_TURN[:-1] if hf.token_to_id(t) is not None}
         eos = eos if eos is not None else getattr(config, "eos_id", None)
-        return cls(hf, template, stop, bos, eos, add_bos=bool(tc.get("add_bos_token", False)))
+        add_bos = tc.get("add_bos_token", False)
+        return cls(hf, template, stop, bos, eos, add_bos=add_bos is True)
+
+
+def _short(v) -> str:
+    r = repr(v)
+    return r if len(r) <= 40 else r[:37] + "..."
+
+
+def _str_list(v, where: str) -> list:
+    if v is None:
+        return []
+    if not isinstance(v, list) or (v and set(map(type, v)) != {str}):
+        raise ModelFormatError(f"GGUF metadata '{where}' is not a list of strings")
+    return v
+
+
+def _token_id(v, n: int, where: str):
+    if v is None:
+        return None
+    if type(v) is not int or not 0 <= v < n:
+        raise ModelFormatError(f"{where} is {_short(v)}; it must be a token id (0 to {n - 1})")
+    return v
 
 
 def _json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text()) if path.exists() else {}
-    except ValueError as e:
+        v = json.loads(path.read_bytes()) if path.exists() else {}
+    except (ValueError, RecursionError) as e:
         raise ModelFormatError(f"{path} is not valid JSON ({e})") from None
+    except OSError as e:
+        raise ModelFormatError(f"{path} could not be read ({e.strerror or e})") from None
+    if not isinstance(v, dict):
+        raise ModelFormatError(f"{path} holds a JSON {type(v).__name__}, not an object")
+    return v
 
 
 def _raise(msg):
-    raise TemplateError(msg)
+    raise _Refused(str(msg)[:500])
+
+
+class _Refused(TemplateError):
+    """raise_exception() called by the template itself."""
+
+
+def _check_messages(messages) -> list[dict]:
+    """A conversation as templates expect it: a list of dicts whose role and content are text.
+    OpenAI-style content parts ([{"type": "text", "text": ...}]) are joined into one text."""
+    if not isinstance(messages, (list, tuple)):
+        raise InvalidArgumentError("messages must be a list of {'role': ..., 'content': ...} dicts")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise InvalidArgumentError("each chat message must be a dict with 'role' and 'content'")
+        role, content = m["role"], m["content"]
+        if not isinstance(role, str):
+            raise InvalidArgumentError(f"message {i}: 'role' must be a string, got {type(role).__name__}")
+        if isinstance(content, list) and all(
+                isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                for p in content):
+            content = "".join(p["text"] for p in content)
+        if not isinstance(content, str):
+            raise InvalidArgumentError(
+                f"message {i}: 'content' must be a string (or a list of text parts), got "
+                f"{type(content).__name__}")
+        out.append(dict(m, role=role, content=content))
+    return out
+
+
+# --- rendering untrusted templates within bounds ---------------------------------------------------
+#
+# jinja2's sandbox stops a template from reaching Python's internals, but not from running for
+# ever or asking for gigabytes: two nested `range(100000)` loops, `'x' * 10**10`, a string doubled
+# in a loop. A chat template renders a few messages, so generous bounds cost nothing: every loop
+# iteration and every call counts against a step budget (and a clock), and every string or list
+# the template builds (by *, +, ~, % or a call) and the output are held to a size that grows
+# with the conversation.
+
+MAX_STEPS = 200_000          # loop iterations + calls in one render
+MAX_SECONDS = 2.0
+MIN_SIZE = 1 << 20           # characters (or items) a render may build, at least ...
+SIZE_PER_INPUT = 8           # ... or this many times the conversation's own length
+
+
+class TemplateLimitError(TemplateError):
+    pass
+
+
+class _Bound(NodeTransformer):
+    """Routes every for-loop's iterable and every `~` concatenation through the environment's
+    counting helpers (the sandbox already routes calls and the arithmetic operators)."""
+
+    def visit_For(self, node):
+        self.generic_visit(node)
+        node.iter = nodes.Call(nodes.EnvironmentAttribute("bounded_iter"), [node.iter], [], None, None)
+        return node
+
+    def visit_Concat(self, node):
+        self.generic_visit(node)
+        return nodes.Call(nodes.EnvironmentAttribute("bounded_concat"), list(node.nodes), [], None, None)
+
+
+class BoundedEnvironment(ImmutableSandboxedEnvironment):
+    intercepted_binops = frozenset(["*", "**", "+", "%", "//"])
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.steps, self.deadline, self.max_size = 0, float("inf"), MIN_SIZE
+        self.filters = {k: _bounded_filter(self, f) for k, f in self.filters.items()}
+
+    def budget(self, input_size: int):
+        env = self
+
+        class _Budget:
+            def __enter__(self):
+                env.steps, env.deadline = 0, time.monotonic() + MAX_SECONDS
+                env.max_size = max(MIN_SIZE, SIZE_PER_INPUT * input_size)
+
+            def __exit__(self, *exc):
+                env.deadline = float("inf")
+        return _Budget()
+
+    def _parse(self, source, name, filename):
+        return _Bound().visit(super()._parse(source, name, filename))
+
+    # -- the counters
+    def step(self, n: int = 1) -> None:
+        self.steps += n
+        if self.steps > MAX_STEPS:
+            raise TemplateLimitError(f"took more than {MAX_STEPS:,} steps")
+        if self.steps & 1023 == 0 and time.monotonic() > self.deadline:
+            raise TemplateLimitError(f"ran longer than {MAX_SECONDS:g} s")
+
+    def room(self, n: int) -> None:
+        if n > self.max_size:
+            raise TemplateLimitError(f"built a value of {n:,} items (at most "
+                                     f"{self.max_size:,} are allowed)")
+
+    def sized(self, v):
+        if isinstance(v, (str, list, tuple, dict, bytes)):
+            self.room(len(v))
+        return v
+
+    def bounded_iter(self, iterable):
+        for x in iterable:
+            self.step()
+            yield x
+
+    def bounded_concat(self, *parts):
+        parts = [p if isinstance(p, str) else str(p) for p in parts]
+        self.room(sum(len(p) for p in parts))
+        return "".join(parts)
+
+    # -- the sandbox's hooks
+    def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 (jinja2's signature)
+        __self.step()
+        _small_ints(__self, args, kwargs)
+        return __self.sized(super().call(__context, __obj, *args, **kwargs))
+
+    def call_binop(self, context, op, left, right):
+        self.step()
+        if op == "*":
+            seq, n = (left, right) if isinstance(right, int) else (right, left)
+            if isinstance(seq, (str, list, tuple)) and isinstance(n, int):
+                self.room(len(seq) * max(n, 0))
+        elif op == "**":
+            if isinstance(left, int) and isinstance(right, int) and abs(left) > 1:
+                if right * abs(left).bit_length() > 64 * 1024:
+                    raise TemplateLimitError("computed a number of more than 65,536 bits")
+        elif op == "+":
+            if isinstance(left, (str, list, tuple)) and isinstance(right, (str, list, tuple)):
+                self.room(len(left) + len(right))
+        elif op == "%" and isinstance(left, str):
+            if "*" in left or any(int(w) > self.max_size for w in _FORMAT_WIDTH.findall(left)):
+                raise TemplateLimitError("formatted a field wider than the size limit")
+        return self.sized(self.binop_table[op](left, right))
+
+    def wrap_str_format(self, value):
+        fmt = getattr(value, "__self__", None)
+        if isinstance(fmt, str) and _FORMAT_WIDTH.search(fmt):
+            if any(int(w) > self.max_size for w in _FORMAT_WIDTH.findall(fmt)):
+                raise TemplateLimitError("formatted a field wider than the size limit")
+        return super().wrap_str_format(value)
+
+    def render_bounded(self, template, variables: dict) -> str:
+        out, n = [], 0
+        for piece in template.generate(**variables):
+            n += len(piece)
+            if n > self.max_size:
+                raise TemplateLimitError(f"wrote more than {self.max_size:,} characters")
+            out.append(piece)
+        return "".join(out)
+
+
+_FORMAT_WIDTH = re.compile(r"\d{7,}")      # a width or precision in a %-format big enough to matter
+
+
+def _small_ints(env, args, kwargs) -> None:
+    """Width- and count-like arguments (center(10**9), indent(...), wordwrap(...)) are refused
+    above the size limit before the call allocates anything."""
+    for a in (*args, *kwargs.values()):
+        if isinstance(a, int) and not isinstance(a, bool) and abs(a) > env.max_size:
+            raise TemplateLimitError(f"passed {a:,} where at most {env.max_size:,} is allowed")
+
+
+def _bounded_filter(env, f):
+    skip = 2 if getattr(f, "jinja_pass_arg", None) else 1     # (context,) value: not a width
+
+    @functools.wraps(f)
+    def bounded(*args, **kwargs):
+        env.step()
+        _small_ints(env, args[skip:], kwargs)
+        return env.sized(f(*args, **kwargs))
+    return bounded
 
 
 class StreamDecoder:

@@ -128,12 +128,23 @@ def test_decode_floor_tool(tiny_gguf):
 
 def test_first_run_notice_only_without_cached_kernels(tmp_path, monkeypatch, capsys):
     """The "compiling the kernels" notice shows while numba's cache holds none of the stage
-    kernels, and stops once any model has run (attention is compiled for every model)."""
+    kernels, and stops once any model has run (attention is compiled for every model). With
+    NUMBA_CACHE_DIR set, numba keeps a source folder's kernels in a subfolder named after the
+    folder and the sha1 of its path."""
+    import hashlib
+    import os
+    from minfer import stages
     from minfer.cli import _first_run_notice
     monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path))
     _first_run_notice("numba")
     assert "first run" in capsys.readouterr().err
-    (tmp_path / "attention._attention_rows-75.py311.nbi").write_bytes(b"")
+    (tmp_path / "attention._attention_rows-75.py311.nbi").write_bytes(b"")   # not where numba looks
+    _first_run_notice("numba")
+    assert "first run" in capsys.readouterr().err
+    src = os.path.dirname(os.path.abspath(stages.__file__))
+    sub = tmp_path / f"stages_{hashlib.sha1(src.encode()).hexdigest()}"
+    sub.mkdir()
+    (sub / "attention._attention_rows-75.py311.nbi").write_bytes(b"")
     _first_run_notice("numba")
     _first_run_notice("numpy")
     assert capsys.readouterr().err == ""

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from ..config import ModelConfig
-from ..errors import ModelFormatError, ModelNotFoundError
+from ..errors import MinferError, ModelFormatError, ModelNotFoundError, UnsupportedModelError
 from ..model import LayerWeights, Weights
 from ..stages.quant import BLOCK_DTYPES, QuantMatrix
 from ..stages.linear import stack_rows
@@ -35,16 +35,35 @@ def _embedding_quant(quant: str) -> str:
     return "q8_0" if quant in ("q4_0", "q4_1") else quant
 
 
+def _finite(arr, name: str, what: str = "values"):
+    """arr unchanged, or ModelFormatError naming the tensor if it holds a NaN or an infinity:
+    one bad scale or norm weight otherwise surfaces as NaN logits (or a division by zero in a
+    kernel) far from its cause."""
+    if arr.size and not np.isfinite(arr).all():
+        bad = int(np.count_nonzero(~np.isfinite(arr)))
+        raise ModelFormatError(f"tensor {name!r} has {bad:,} NaN or infinite {what}; "
+                               f"the file is corrupt")
+    return arr
+
+
+def _from_blocks(raw, fmt: str, name: str) -> QuantMatrix:
+    q = QuantMatrix(raw.data, fmt, raw.shape)
+    _finite(q.d, name, "scales")
+    if raw.type == "Q4_1":
+        _finite(q.m, name, "minimums")
+    return q
+
+
 def _hold(w_f32, quant: str, name: str, raw=None):
     """One matmul weight as `quant` asks: a float32 array or a QuantMatrix.
     raw: the file's tensor (GGUFTensor) when there is one, so its blocks are used as they are."""
     if raw is not None and quant == "auto" and raw.type in BLOCK_DTYPES:
-        return QuantMatrix(raw.data, raw.type, raw.shape)
+        return _from_blocks(raw, raw.type, name)
     if quant in ("auto", "f32"):
         return w_f32()
     fmt = quant.upper()
     if raw is not None and raw.type == fmt:
-        return QuantMatrix(raw.data, fmt, raw.shape)
+        return _from_blocks(raw, fmt, name)
     w = w_f32()
     if w.shape[-1] % 32:
         raise ModelFormatError(f"{name} rows have {w.shape[-1]} weights; {fmt} needs a multiple of 32")
@@ -56,17 +75,34 @@ def load(path: str | os.PathLike, quant: str = "f32") -> tuple[ModelConfig, Weig
         from ..errors import InvalidArgumentError
         raise InvalidArgumentError(f"unknown quant {quant!r}; choose one of: {', '.join(QUANTS)}")
     path = Path(path).expanduser()
-    if not path.exists():
-        raise ModelNotFoundError(f"no model at {path}; pass a .gguf file or a Hugging Face folder "
-                                 f"(or leave --model out for the default model)")
-    if path.is_dir():
-        ggufs = sorted(path.glob("*.gguf"))
-        if (path / "config.json").exists():
-            return load_hf(path, quant)
-        if len(ggufs) == 1:
-            return load_gguf(ggufs[0], quant)
-        raise ModelNotFoundError(f"{path} holds neither config.json nor exactly one .gguf file")
-    return load_gguf(path, quant)
+    try:
+        if not path.exists():
+            raise ModelNotFoundError(f"no model at {path}; pass a .gguf file or a Hugging Face "
+                                     f"folder (or leave --model out for the default model)")
+        if path.is_dir():
+            ggufs = sorted(path.glob("*.gguf"))
+            if (path / "config.json").exists():
+                return load_hf(path, quant)
+            if len(ggufs) == 1:
+                return load_gguf(ggufs[0], quant)
+            raise ModelNotFoundError(f"{path} holds neither config.json nor exactly one .gguf file")
+        return load_gguf(path, quant)
+    except (ModelFormatError, UnsupportedModelError) as e:
+        msg = str(e)      # say which file, when the message does not already
+        if path.name in msg:
+            raise
+        raise type(e)(f"{path}: {msg}") from None
+    except MinferError:
+        raise
+    except MemoryError:
+        raise ModelFormatError(f"{path}: loading needs more memory than there is (a corrupt "
+                               f"size in the file, or a model too large for this machine)") from None
+    except PermissionError as e:
+        raise ModelNotFoundError(f"{path} cannot be read ({e.strerror})") from None
+    except IsADirectoryError as e:
+        raise ModelNotFoundError(f"{e.filename} is a folder, not a file") from None
+    except Exception as e:  # whatever else a malformed model trips is still a malformed model
+        raise ModelFormatError(f"{path} could not be loaded ({type(e).__name__}: {e})") from None
 
 
 STACKED = ("attn_norm", "wqkv", "wo", "ffn_norm", "w_gate", "w_up", "w_down")
@@ -159,7 +195,8 @@ def load_gguf(path: Path, quant: str = "f32") -> tuple[ModelConfig, Weights, Tok
     def f32(name, shape):
         if name not in tensors:
             raise ModelFormatError(f"{path.name} lacks tensor {name!r}; the file is incomplete")
-        return _check(name, tensors[name].to_float32(), shape)
+        _check(name, tensors[name], shape)
+        return _finite(tensors[name].to_float32(), name)
 
     def mat(name, shape, q=quant):
         if name not in tensors:
@@ -198,7 +235,7 @@ def load_hf(folder: Path, quant: str = "f32") -> tuple[ModelConfig, Weights, Tok
     def f32(name, shape):
         if name not in t:
             raise ModelFormatError(f"{folder.name}: the checkpoint lacks tensor {name!r}")
-        return np.ascontiguousarray(_check(name, t[name], shape), dtype=np.float32)
+        return _finite(np.ascontiguousarray(_check(name, t[name], shape), dtype=np.float32), name)
 
     def mat(name, shape, permute_heads=None, q=quant):
         def w():
