@@ -309,6 +309,7 @@ class BoundedEnvironment(ImmutableSandboxedEnvironment):
         super().__init__(*args, **kwargs)
         self.steps, self.deadline, self.max_size = 0, float("inf"), MIN_SIZE
         self.filters = {k: _bounded_filter(self, f) for k, f in self.filters.items()}
+        self.globals.pop("lipsum", None)         # lorem ipsum: no use in a chat, slow at will
 
     def budget(self, input_size: int):
         env = self

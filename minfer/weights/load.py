@@ -47,7 +47,8 @@ def _finite(arr, name: str, what: str = "values"):
 
 
 def _from_blocks(raw, fmt: str, name: str) -> QuantMatrix:
-    q = QuantMatrix(raw.data, fmt, raw.shape)
+    with np.errstate(invalid="ignore", over="ignore"):   # a bad scale is reported just below
+        q = QuantMatrix(raw.data, fmt, raw.shape)
     _finite(q.d, name, "scales")
     if raw.type == "Q4_1":
         _finite(q.m, name, "minimums")
