@@ -56,6 +56,8 @@ class ModelConfig:
             if v is not None and (type(v) is not int or not 0 <= v < self.vocab_size):
                 raise ModelFormatError(f"model config: {f} is {v!r}; it must be a token id "
                                        f"(0 to {self.vocab_size - 1})")
+        if self.rms_eps >= 1:       # ~1e-6..1e-5 in practice; >= 1 would swamp every norm
+            raise ModelFormatError(f"model config: rms_eps is {self.rms_eps!r}; it must be < 1")
         if self.n_heads % self.n_kv_heads:
             raise UnsupportedModelError(
                 f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")

@@ -189,7 +189,7 @@ def _check(name: str, arr, shape: tuple) -> np.ndarray:
 def load_gguf(path: Path, quant: str = "f32") -> tuple[ModelConfig, Weights, Tokenizer]:
     meta, tensors = read_gguf(path)
     tokens = meta.get("tokenizer.ggml.tokens")
-    config = ModelConfig.from_gguf(meta, n_vocab=len(tokens) if tokens else None)
+    config = ModelConfig.from_gguf(meta, n_vocab=len(tokens) if isinstance(tokens, list) else None)
     config.tie_embeddings = "output.weight" not in tensors
     c = config
 
