@@ -51,11 +51,9 @@ def check_finite(array, stage: str) -> None:
     import numpy as np
 
     a = np.asarray(array)
-    # sum() is one vectorised pass, and NaN or +-inf anywhere makes it non-finite
-    if a.size and not np.isfinite(a.sum(dtype=np.float64)):
-        bad = int(np.count_nonzero(~np.isfinite(a)))
-        if bad == 0:          # float64 values so large that their sum overflowed: all finite
-            return
+    ok = np.isfinite(a)
+    if not ok.all():
+        bad = int(a.size - np.count_nonzero(ok))
         raise NonFiniteError(
             f"the {stage} produced {bad} non-finite value{'s' if bad != 1 else ''} (NaN or inf) "
             f"out of {a.size}; the model's weights are probably corrupt (check the file, or try "
