@@ -462,3 +462,17 @@ def test_repl_non_utf8_line(tiny_gguf):
                        input=b"caf\xe9\nhello\n/exit\n", env={"PYTHONIOENCODING": "utf-8"})
     assert rc == 0 and "Traceback" not in err, err
     assert "not valid UTF-8" in err
+
+
+# --- tensors the Llama block does not use -----------------------------------------------------------
+
+def test_unused_tensors_are_refused(tmp_path):
+    """A bias or a layer beyond the config's count describes another function: refused, not skipped."""
+    config = synthetic.hf_config(num_hidden_layers=1)
+    state = synthetic.random_state(config, 0)
+    state["model.layers.0.self_attn.q_proj.bias"] = np.zeros(64, np.float32)
+    synthetic.write_hf_folder(tmp_path / "hf", config, state)
+    refused(tmp_path / "hf", "q_proj.bias", error=UnsupportedModelError)
+    two = synthetic.random_state(synthetic.hf_config(num_hidden_layers=2), 0)
+    path = synthetic.write_gguf(tmp_path / "extra.gguf", config, two)
+    refused(path, "blk.1.", error=UnsupportedModelError)

@@ -186,8 +186,23 @@ def _check(name: str, arr, shape: tuple) -> np.ndarray:
     return arr
 
 
+def _unused(names, used: set, where: str) -> None:
+    """A tensor the Llama block does not read (a bias, RoPE frequency factors, a layer beyond
+    block_count, ...) means the file describes another function: running without it would give
+    wrong numbers silently, so refuse."""
+    extra = sorted(set(names) - used)
+    if extra:
+        more = f" and {len(extra) - 3} more" if len(extra) > 3 else ""
+        raise UnsupportedModelError(
+            f"{where} holds tensor{'s' if len(extra) > 1 else ''} "
+            f"{', '.join(repr(n) for n in extra[:3])}{more} that minfer's Llama block does not "
+            f"use (biases, RoPE frequency factors, extra layers are not implemented); refusing "
+            f"to run the model without them")
+
+
 def load_gguf(path: Path, quant: str = "f32") -> tuple[ModelConfig, Weights, Tokenizer]:
     meta, tensors = read_gguf(path)
+    used = set()
     tokens = meta.get("tokenizer.ggml.tokens")
     config = ModelConfig.from_gguf(meta, n_vocab=len(tokens) if isinstance(tokens, list) else None)
     config.tie_embeddings = "output.weight" not in tensors
@@ -196,12 +211,14 @@ def load_gguf(path: Path, quant: str = "f32") -> tuple[ModelConfig, Weights, Tok
     def f32(name, shape):
         if name not in tensors:
             raise ModelFormatError(f"{path.name} lacks tensor {name!r}; the file is incomplete")
+        used.add(name)
         _check(name, tensors[name], shape)
         return _finite(tensors[name].to_float32(), name)
 
     def mat(name, shape, q=quant):
         if name not in tensors:
             raise ModelFormatError(f"{path.name} lacks tensor {name!r}; the file is incomplete")
+        used.add(name)
         _check(name, tensors[name], shape)
         return _hold(lambda: f32(name, shape), q, name, tensors[name])
 
@@ -222,9 +239,10 @@ def load_gguf(path: Path, quant: str = "f32") -> tuple[ModelConfig, Weights, Tok
         ))
     tok_embd = mat("token_embd.weight", (c.vocab_size, D), _embedding_quant(quant))
     lm_head = tok_embd if c.tie_embeddings else mat("output.weight", (c.vocab_size, D), _embedding_quant(quant))
+    out_norm = f32("output_norm.weight", (D,))
+    _unused(tensors, used, path.name)
     stacks = _fuse(layers)
-    weights = Weights(tok_embd, layers, f32("output_norm.weight", (D,)), lm_head, raw=tensors,
-                      stacks=stacks)
+    weights = Weights(tok_embd, layers, out_norm, lm_head, raw=tensors, stacks=stacks)
     tokenizer = Tokenizer.from_gguf_metadata(meta)
     return config, weights, tokenizer
 
@@ -232,10 +250,13 @@ def load_gguf(path: Path, quant: str = "f32") -> tuple[ModelConfig, Weights, Tok
 def load_hf(folder: Path, quant: str = "f32") -> tuple[ModelConfig, Weights, Tokenizer]:
     cfg, t = read_hf_folder(folder)
     c = ModelConfig.from_hf(cfg)
+    # rotary inverse frequencies that older exports saved are recomputed, not read
+    used = {n for n in t if n.endswith("rotary_emb.inv_freq")}
 
     def f32(name, shape):
         if name not in t:
             raise ModelFormatError(f"{folder.name}: the checkpoint lacks tensor {name!r}")
+        used.add(name)
         return _finite(np.ascontiguousarray(_check(name, t[name], shape), dtype=np.float32), name)
 
     def mat(name, shape, permute_heads=None, q=quant):
@@ -264,6 +285,9 @@ def load_hf(folder: Path, quant: str = "f32") -> tuple[ModelConfig, Weights, Tok
         lm_head = mat("lm_head.weight", (c.vocab_size, D), q=_embedding_quant(quant))
     else:
         c.tie_embeddings, lm_head = True, tok_embd
+        used.add("lm_head.weight")          # tied: the file's copy equals the embedding
+    out_norm = f32("model.norm.weight", (D,))
+    _unused(t, used, folder.name)
     stacks = _fuse(layers)
-    weights = Weights(tok_embd, layers, f32("model.norm.weight", (D,)), lm_head, stacks=stacks)
+    weights = Weights(tok_embd, layers, out_norm, lm_head, stacks=stacks)
     return c, weights, Tokenizer.from_hf_folder(folder, c)
