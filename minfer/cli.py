@@ -109,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="a model's configuration and tensors",
                        description="Show the configuration and a summary of the tensors of a model.")
     p.add_argument("model", nargs="?", default=None, help="a .gguf file or HF folder (default model)")
+    p.add_argument("--model", dest="model_flag", metavar="PATH", default=None,
+                   help="the same, as the other commands take it")
     p.add_argument("--quant", default="auto", choices=["auto", "f32", "q8_0", "q4_0", "q4_1"],
                    help="report resident memory for this weight format (default: %(default)s)")
     return parser
@@ -116,10 +118,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ---------------------------------------------------------------------------------------------
 
+def _text(value: str, what: str) -> str:
+    """A command-line string that the tokenizer can take: bytes that are not UTF-8 arrive as
+    lone surrogates (Python's surrogateescape) and would fail deep inside the tokenizer."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        bad = value[e.start].encode("utf-8", "surrogateescape")
+        raise InvalidArgumentError(
+            f"{what} is not valid UTF-8 text (byte 0x{bad.hex()} at character {e.start}); "
+            f"check the terminal's or the file's encoding") from None
+    return value
+
+
 def _params(a, config=None):
     """The flags' sampling; a flag left unset (chat) takes the model's recommendation."""
     from .config import recommended_sampling
     from .sampling import SamplingParams
+    for t in a.stop:
+        _text(t, "--stop")
+    if getattr(a, "system", None) is not None:
+        _text(a.system, "--system")
+    if getattr(a, "prompt", None) is not None:
+        _text(a.prompt, "the prompt")
     rec = recommended_sampling(config)
     return SamplingParams(temperature=rec["temperature"] if a.temperature is None else a.temperature,
                           top_k=a.top_k, top_p=rec["top_p"] if a.top_p is None else a.top_p,
@@ -211,6 +232,15 @@ def cmd_chat(a) -> int:
         except KeyboardInterrupt:              # Ctrl-C at the prompt clears the line
             print("^C", file=sys.stderr)
             continue
+        except UnicodeDecodeError as e:
+            print(f"minfer: that message is not valid UTF-8 text ({e.reason}); not sent",
+                  file=sys.stderr)
+            continue
+        try:
+            _text(line, "that message")
+        except InvalidArgumentError as e:
+            print(f"minfer: {e}; not sent", file=sys.stderr)
+            continue
         text = line.strip()
         if not text:
             continue
@@ -223,8 +253,16 @@ def cmd_chat(a) -> int:
         if text.startswith("/"):
             print("commands: /reset, /exit", file=sys.stderr)
             continue
-        history.append({"role": "user", "content": line})
-        # drop the oldest turns while the conversation does not fit the context
+        # a message that cannot fit even on its own is refused, and the conversation kept as it is
+        turn = [{"role": "user", "content": line}]
+        alone = len(llm.tokenizer.encode(llm.tokenizer.apply_chat_template(_messages(a.system, turn))))
+        if alone >= llm.engine.max_context - 1:
+            print(f"minfer: that message takes {alone} tokens with the template, but the context "
+                  f"holds {llm.engine.max_context}; not sent (the conversation is kept)",
+                  file=sys.stderr)
+            continue
+        history.append(turn[0])
+        # drop the oldest turns (saying so) while the conversation does not fit the context
         while True:
             prompt = llm.tokenizer.apply_chat_template(_messages(a.system, history))
             n = len(llm.tokenizer.encode(prompt))
@@ -258,7 +296,10 @@ def cmd_info(a) -> int:
     from .weights.fetch import ensure_default_model
     from .weights.load import load, scales_for_kernels
     import numpy as np
-    path = Path(a.model) if a.model else ensure_default_model()
+    if a.model and a.model_flag and a.model != a.model_flag:
+        raise InvalidArgumentError("give the model once: as PATH or as --model PATH")
+    model = a.model or a.model_flag
+    path = Path(model) if model else ensure_default_model()
     config, weights, tok = load(path, a.quant)
     scales_for_kernels(weights, "numba", "f32")          # as the default engine holds them
     print(f"{'model':<16}{path}")

@@ -36,3 +36,25 @@ class InvalidArgumentError(MinferError, ValueError):
 
 class BackendUnavailableError(MinferError):
     """The requested compute backend cannot run on this machine."""
+
+
+class NonFiniteError(MinferError):
+    """A forward pass produced NaN or infinity: the weights (or the kernels) are broken."""
+
+
+def check_finite(array, stage: str) -> None:
+    """Raise NonFiniteError naming `stage` when `array` holds a NaN or an infinity.
+
+    Meant to run once per step on what leaves the model (e.g. the logits rows that will be
+    sampled), outside any compiled region: a NaN anywhere upstream reaches the logits, so one
+    check there catches it for the cost of one pass over [rows, vocab]."""
+    import numpy as np
+
+    a = np.asarray(array)
+    ok = np.isfinite(a)
+    if not ok.all():
+        bad = int(a.size - np.count_nonzero(ok))
+        raise NonFiniteError(
+            f"the {stage} produced {bad} non-finite value{'s' if bad != 1 else ''} (NaN or inf) "
+            f"out of {a.size}; the model's weights are probably corrupt (check the file, or try "
+            f"--backend numpy to tell a kernel bug from bad weights)")

@@ -2,16 +2,22 @@
 
     logits --repetition penalty--> --/temperature--> --top-k--> --top-p--> --min-p--> softmax -> draw
 
-Temperature 0 means greedy: take the arg-max (after the repetition penalty). Each filter removes
+Temperature 0 means greedy: take the arg-max (after the repetition penalty); so does a
+temperature below MIN_TEMPERATURE, where dividing the logits by it would overflow float32. Each filter removes
 unlikely tokens by setting their logit to -inf; the order is the one Hugging Face uses.
 """
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from .errors import InvalidArgumentError
+
+MIN_TEMPERATURE = 1e-4   # a smaller temperature > 0 is greedy (temperature 0)
+MIN_PENALTY = 0.01       # repetition_penalty in [MIN_PENALTY, 1 / MIN_PENALTY]
 
 
 @dataclass
@@ -29,17 +35,34 @@ class SamplingParams:
     def __post_init__(self):
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        num = lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)  # noqa: E731
+        whole = lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool)  # noqa: E731
         checks = [
-            (self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
-            (self.top_k >= 0, f"top_k must be >= 0, got {self.top_k}"),
-            (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
-            (0 <= self.min_p < 1, f"min_p must be in [0, 1), got {self.min_p}"),
-            (self.repetition_penalty > 0, f"repetition_penalty must be > 0, got {self.repetition_penalty}"),
-            (self.max_tokens >= 1, f"max_tokens must be >= 1, got {self.max_tokens}"),
+            (num(self.temperature) and self.temperature >= 0,
+             f"temperature must be a finite number >= 0, got {self.temperature!r}"),
+            (whole(self.top_k) and self.top_k >= 0, f"top_k must be a whole number >= 0, got {self.top_k!r}"),
+            (num(self.top_p) and 0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p!r}"),
+            (num(self.min_p) and 0 <= self.min_p < 1, f"min_p must be in [0, 1), got {self.min_p!r}"),
+            (num(self.repetition_penalty)
+             and MIN_PENALTY <= self.repetition_penalty <= 1 / MIN_PENALTY,
+             f"repetition_penalty must be in [{MIN_PENALTY}, {1 / MIN_PENALTY:g}] (1: off), got "
+             f"{self.repetition_penalty!r}"),
+            (whole(self.max_tokens) and self.max_tokens >= 1,
+             f"max_tokens must be a whole number >= 1, got {self.max_tokens!r}"),
+            (isinstance(self.stop, (list, tuple)) and all(isinstance(t, str) for t in self.stop),
+             f"stop must be a string or a list of strings, got {self.stop!r}"),
+            (all(t != "" for t in self.stop) if isinstance(self.stop, (list, tuple)) else True,
+             "a stop string must not be empty (it would end every answer before its first token)"),
+            (self.seed is None or (whole(self.seed) and self.seed >= 0),
+             f"seed must be a whole number >= 0 (or None for a random one), got {self.seed!r}"),
         ]
         for ok, msg in checks:
             if not ok:
                 raise InvalidArgumentError(msg)
+        self.stop = list(self.stop)
+        if self.temperature < MIN_TEMPERATURE:
+            # below this, logits / temperature overflows float32, and the draw is the arg-max anyway
+            self.temperature = 0.0
 
     @property
     def greedy(self) -> bool:

@@ -9,19 +9,18 @@ Chat models expect a conversation rendered by the model's own Jinja template (Ch
 
     <|im_start|>system\nYou are ...<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n
 
-Templates come from model files, so they are rendered in jinja2's sandbox.
+Templates come from model files, so they are rendered in jinja2's sandbox, within bounds on time
+and size (chat_template.py).
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
-
-from jinja2.exceptions import TemplateError
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Regex
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers
 
+from .chat_template import BoundedEnvironment, Refused, TemplateLimitError, check_messages
 from .errors import ModelFormatError, UnsupportedModelError, InvalidArgumentError
 
 # The GPT-2 pre-tokenizer split, and the variants llama.cpp names in `tokenizer.ggml.pre`.
@@ -54,8 +53,7 @@ class Tokenizer:
         self.chat_template = chat_template or CHATML
         self.stop_ids = stop_ids
         self.bos_id, self.eos_id, self.add_bos = bos_id, eos_id, add_bos
-        self._template = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        self._template.globals["raise_exception"] = _raise
+        self._template = BoundedEnvironment(trim_blocks=True, lstrip_blocks=True)
         self._compiled = None
 
     @property
@@ -79,17 +77,27 @@ class Tokenizer:
 
     # --- chat ------------------------------------------------------------------------------------
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        for m in messages:
-            if not isinstance(m, dict) or "role" not in m or "content" not in m:
-                raise InvalidArgumentError("each chat message must be a dict with 'role' and 'content'")
+        messages = check_messages(messages)
+        size = sum(len(m["content"]) + len(m["role"]) for m in messages)
+        env = self._template
         try:
             if self._compiled is None:
-                self._compiled = self._template.from_string(self.chat_template)
-            return self._compiled.render(
-                messages=messages, add_generation_prompt=add_generation_prompt,
-                bos_token=self._tok(self.bos_id), eos_token=self._tok(self.eos_id))
-        except TemplateError as e:
-            raise ModelFormatError(f"the model's chat template failed: {e}") from None
+                self._compiled = env.from_string(self.chat_template)
+            with env.budget(size):
+                return env.render_bounded(self._compiled, dict(
+                    messages=messages, add_generation_prompt=add_generation_prompt,
+                    bos_token=self._tok(self.bos_id), eos_token=self._tok(self.eos_id)))
+        except Refused as e:          # the template's own raise_exception(): about the input
+            raise InvalidArgumentError(f"the chat template refused the conversation: {e}") from None
+        except TemplateLimitError as e:
+            raise ModelFormatError(f"the model's chat template {e}; refusing to render it") from None
+        except RecursionError:
+            raise ModelFormatError("the model's chat template recursed too deeply") from None
+        except MemoryError:
+            raise ModelFormatError("the model's chat template asked for more memory than there "
+                                   "is") from None
+        except Exception as e:  # noqa: BLE001 (whatever a template trips is the template's fault)
+            raise ModelFormatError(f"the model's chat template failed: {type(e).__name__}: {e}") from None
 
     def _tok(self, i):
         return "" if i is None else (self.id_to_token(i) or "")
@@ -100,23 +108,56 @@ class Tokenizer:
         kind = meta.get("tokenizer.ggml.model")
         if kind != "gpt2":
             raise UnsupportedModelError(
-                f"tokenizer type {kind!r} is not supported yet (minfer reads byte-level BPE, 'gpt2')")
-        tokens = meta["tokenizer.ggml.tokens"]
-        merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
+                f"tokenizer type {_short(kind)} is not supported yet (minfer reads byte-level BPE, 'gpt2')")
+        tokens = _str_list(meta.get("tokenizer.ggml.tokens"), "tokenizer.ggml.tokens")
+        if not tokens:
+            raise ModelFormatError("GGUF metadata 'tokenizer.ggml.tokens' is missing or empty")
+        merges = [tuple(m.split(" ", 1))
+                  for m in _str_list(meta.get("tokenizer.ggml.merges", []), "tokenizer.ggml.merges")]
+        if merges and min(map(len, merges)) != 2:
+            i = next(i for i, m in enumerate(merges) if len(m) != 2)
+            raise ModelFormatError(f"GGUF metadata 'tokenizer.ggml.merges'[{i}] is {_short(merges[i][0])}; "
+                                   f"a merge is two tokens and a space")
         vocab = {t: i for i, t in enumerate(tokens)}
-        hf = HFTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
-        hf.pre_tokenizer = _pre_tokenizer(meta.get("tokenizer.ggml.pre", "gpt2"))
-        hf.decoder = decoders.ByteLevel()
+        if len(vocab) != len(tokens):
+            seen = {}
+            for i, t in enumerate(tokens):
+                if t in seen:
+                    raise ModelFormatError(f"GGUF metadata 'tokenizer.ggml.tokens': token {_short(t)} "
+                                           f"appears twice (ids {seen[t]} and {i}); the file is corrupt")
+                seen[t] = i
         types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
-        # control (3) and user-defined (4) tokens are matched whole in the text, never split
-        hf.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                               for t, ty in zip(tokens, types) if ty in (3, 4)])
-        bos = meta.get("tokenizer.ggml.bos_token_id")
-        eos = meta.get("tokenizer.ggml.eos_token_id")
-        stop = {i for i in (eos, meta.get("tokenizer.ggml.eot_token_id")) if i is not None}
+        if (not isinstance(types, list) or len(types) != len(tokens)
+                or not set(map(type, types)) <= {int}):
+            raise ModelFormatError("GGUF metadata 'tokenizer.ggml.token_type' is not one whole number "
+                                   "per token")
+        pre = meta.get("tokenizer.ggml.pre", "gpt2")
+        if not isinstance(pre, str):
+            raise ModelFormatError(f"GGUF metadata 'tokenizer.ggml.pre' is {_short(pre)}; expected a name")
+        ids = {k: _token_id(meta.get(f"tokenizer.ggml.{k}_token_id"), len(tokens), f"tokenizer.ggml.{k}_token_id")
+               for k in ("bos", "eos", "eot")}
+        template = meta.get("tokenizer.chat_template")
+        if template is not None and not isinstance(template, str):
+            raise ModelFormatError(f"GGUF metadata 'tokenizer.chat_template' is {_short(template)}, "
+                                   f"not a template (text)")
+        add_bos = meta.get("tokenizer.ggml.add_bos_token", False)
+        if type(add_bos) is not bool:
+            raise ModelFormatError(f"GGUF metadata 'tokenizer.ggml.add_bos_token' is {_short(add_bos)}; "
+                                   f"expected true or false")
+        try:
+            hf = HFTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
+            hf.pre_tokenizer = _pre_tokenizer(pre)
+            hf.decoder = decoders.ByteLevel()
+            # control (3) and user-defined (4) tokens are matched whole in the text, never split
+            hf.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                                   for t, ty in zip(tokens, types) if ty in (3, 4)])
+        except Exception as e:  # the tokenizers library raises plain Exceptions
+            raise ModelFormatError(f"the GGUF's vocabulary and merges do not make a tokenizer ({e}); "
+                                   f"the file is corrupt") from None
+        bos, eos = ids["bos"], ids["eos"]
+        stop = {i for i in (eos, ids["eot"]) if i is not None}
         stop |= {vocab[t] for t in END_OF_TURN[:-1] if t in vocab}
-        return cls(hf, meta.get("tokenizer.chat_template"), stop, bos, eos,
-                   add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", False)))
+        return cls(hf, template, stop, bos, eos, add_bos=add_bos)
 
     @classmethod
     def from_hf_folder(cls, folder: Path, config=None) -> "Tokenizer":
@@ -131,7 +172,12 @@ class Tokenizer:
         gc = _json(folder / "generation_config.json")
         template = tc.get("chat_template")
         if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
-            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+            template = next((t.get("template") for t in template
+                             if isinstance(t, dict) and t.get("name") == "default"), None)
+        if template is not None and not isinstance(template, str):
+            raise ModelFormatError(f"{folder / 'tokenizer_config.json'}: chat_template is "
+                                   f"{_short(template)}, not a template (text)")
+        n = hf.get_vocab_size(with_added_tokens=True)
 
         def tok_id(entry):
             if isinstance(entry, dict):
@@ -142,21 +188,46 @@ class Tokenizer:
         bos = tok_id(tc.get("bos_token"))
         stop = set()
         for src in (eos, gc.get("eos_token_id"), getattr(config, "eos_id", None)):
-            stop |= set(src) if isinstance(src, list) else ({src} if src is not None else set())
+            for i in (src if isinstance(src, list) else [src]):
+                if i is not None:
+                    stop.add(_token_id(i, n, "eos_token_id (generation_config.json or config.json)"))
         stop |= {hf.token_to_id(t) for t in END_OF_TURN[:-1] if hf.token_to_id(t) is not None}
         eos = eos if eos is not None else getattr(config, "eos_id", None)
-        return cls(hf, template, stop, bos, eos, add_bos=bool(tc.get("add_bos_token", False)))
+        add_bos = tc.get("add_bos_token", False)
+        return cls(hf, template, stop, bos, eos, add_bos=add_bos is True)
+
+
+def _short(v) -> str:
+    r = repr(v)
+    return r if len(r) <= 40 else r[:37] + "..."
+
+
+def _str_list(v, where: str) -> list:
+    if v is None:
+        return []
+    if not isinstance(v, list) or (v and set(map(type, v)) != {str}):
+        raise ModelFormatError(f"GGUF metadata '{where}' is not a list of strings")
+    return v
+
+
+def _token_id(v, n: int, where: str):
+    if v is None:
+        return None
+    if type(v) is not int or not 0 <= v < n:
+        raise ModelFormatError(f"{where} is {_short(v)}; it must be a token id (0 to {n - 1})")
+    return v
 
 
 def _json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text()) if path.exists() else {}
-    except ValueError as e:
+        v = json.loads(path.read_bytes()) if path.exists() else {}
+    except (ValueError, RecursionError) as e:
         raise ModelFormatError(f"{path} is not valid JSON ({e})") from None
-
-
-def _raise(msg):
-    raise TemplateError(msg)
+    except OSError as e:
+        raise ModelFormatError(f"{path} could not be read ({e.strerror or e})") from None
+    if not isinstance(v, dict):
+        raise ModelFormatError(f"{path} holds a JSON {type(v).__name__}, not an object")
+    return v
 
 
 class StreamDecoder:

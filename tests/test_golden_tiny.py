@@ -43,3 +43,40 @@ def test_greedy_continuation_matches_transformers(tiny_golden, tmp_path, variant
     params = minfer.SamplingParams(temperature=0, max_tokens=len(want), ignore_eos=True)
     out = llm.generate([z[f"{variant}/gen_prompt"].tolist()], params)[0]
     assert out.token_ids == want
+
+
+def _hf5_folder(tmp_path, config):
+    """The tiny checkpoint that tools/make_golden.py tiny-hf5 saved with transformers 5: the same
+    weights (rebuilt from the seed) under a config.json in the given layout."""
+    import json
+    from pathlib import Path
+    z = np.load(Path(__file__).parent / "golden" / "tiny_hf5.npz")
+    meta = json.loads(str(z["meta_json"]))
+    state = synthetic.random_state(synthetic.hf_config(**meta["overrides"]), meta["seed"])
+    return synthetic.write_hf_folder(tmp_path / "hf5", config, state), z
+
+
+def test_transformers5_folder_matches_transformers(tmp_path):
+    """config.json as transformers 5 writes it keeps rope_theta (100,000 here) inside
+    rope_parameters; read at the top level only, it would fall back to 10,000."""
+    import json
+    from pathlib import Path
+    config = json.loads((Path(__file__).parent / "golden" / "tiny_hf5_config.json").read_text())
+    assert "rope_theta" not in config and config["rope_parameters"]["rope_theta"] == 100000.0
+    folder, z = _hf5_folder(tmp_path, config)
+    llm = minfer.LLM(folder, backend="numpy")
+    assert llm.config.rope_theta == 100000.0
+    for n in (7, 48):
+        err = np.abs(llm.logits(z[f"ids_{n}"]) - z[f"logits_{n}"]).max()
+        assert err <= 1e-4, f"T={n}: max abs error {err}"
+    want = z["gen_ids"].tolist()
+    params = minfer.SamplingParams(temperature=0, max_tokens=len(want), ignore_eos=True)
+    assert llm.generate([z["ids_7"].tolist()], params)[0].token_ids == want
+
+    # the transformers 4 layout of the same model gives the same logits; theta 10,000 does not
+    # (so this test would catch a reader that misses rope_parameters)
+    old = {k: v for k, v in config.items() if k != "rope_parameters"}
+    for theta, same in ((100000.0, True), (10000.0, False)):
+        folder, _ = _hf5_folder(tmp_path / str(theta), dict(old, rope_theta=theta))
+        err = np.abs(minfer.LLM(folder, backend="numpy").logits(z["ids_48"]) - z["logits_48"]).max()
+        assert (err <= 1e-4) == same, (theta, err)

@@ -9,6 +9,7 @@ Run it in its own virtual environment (CI and minfer itself never need torch):
     python -m venv /tmp/venv-golden
     /tmp/venv-golden/bin/pip install torch==2.13.0 transformers accelerate gguf safetensors tokenizers numpy
     /tmp/venv-golden/bin/python tools/make_golden.py tiny
+    /tmp/venv-golden/bin/python tools/make_golden.py tiny-hf5
     /tmp/venv-golden/bin/python tools/make_golden.py real --gguf PATH/TO/SmolLM2-135M-Instruct.Q4_1.gguf
 
 (torch is installed from the CPU wheel index if you like: --index-url https://download.pytorch.org/whl/cpu.)
@@ -23,6 +24,16 @@ tiny
     Q4_1 GGUF versions (transformers dequantizes them). It also loads the F32 GGUF with
     transformers and checks its logits equal the HF folder's: transformers un-permutes attn_q/attn_k
     on load, so this proves ``write_gguf`` permutes exactly as llama.cpp's converter does.
+
+tiny-hf5
+    A tiny random checkpoint saved by transformers itself (``save_pretrained``), so config.json has
+    the layout transformers 5 writes: ``rope_theta`` inside ``rope_parameters`` with its
+    ``rope_type``. The theta is 100,000 (as SmolLM2's), so a reader that misses it and falls back
+    to 10,000 gets different logits. Writes tests/golden/tiny_hf5_config.json (config.json exactly
+    as transformers wrote it) and tests/golden/tiny_hf5.npz (input ids, logits, a greedy
+    continuation). The weights are ``synthetic.random_state(config, seed)``; the script checks
+    that the safetensors transformers wrote hold exactly those, so the test rebuilds the folder
+    from the seed and the stored config.json (no weights are committed).
 
 real --gguf PATH
     Runs the real default model, SmolLM2-135M-Instruct (Q4_1 GGUF; transformers dequantizes it to
@@ -210,6 +221,65 @@ def tiny(args) -> None:
     arrays["meta_json"] = np.array(json.dumps(meta))
     out = GOLDEN / "tiny_llama.npz"
     save(out, arrays)
+
+
+# ==================================================================================================
+# tiny-hf5
+# ==================================================================================================
+
+HF5_SEED = 5
+HF5_OVERRIDES = {"rope_theta": 100000.0, "tie_word_embeddings": True, "num_hidden_layers": 2}
+HF5_LENGTHS = (7, 48)
+
+
+def tiny_hf5(args) -> None:
+    import transformers
+    from safetensors.numpy import load_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = synthetic.hf_config(**HF5_OVERRIDES)
+    state = synthetic.random_state(config, HF5_SEED)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "hf5"
+        cfg = LlamaConfig(**{k: v for k, v in config.items() if k not in ("architectures", "model_type")})
+        model = LlamaForCausalLM(cfg).eval()
+        missing, unexpected = model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()},
+                                                    strict=False)
+        assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
+        model.tie_weights()
+        model.save_pretrained(folder)
+        written = json.loads((folder / "config.json").read_text())
+        print(f"  transformers {transformers.__version__} wrote config.json keys: {sorted(written)}")
+        assert "rope_parameters" in written and "rope_theta" not in written, \
+            "expected transformers 5's layout: rope_theta inside rope_parameters"
+        saved = load_file(str(folder / "model.safetensors"))
+        for name, w in saved.items():
+            assert np.array_equal(w, state[name]), f"{name}: saved weights differ from random_state"
+        assert set(state) - set(saved) <= {"lm_head.weight"}
+        model = load_model(folder)                      # what a user of that folder gets
+        ids_all = tiny_input_ids(config["vocab_size"])
+        arrays = {}
+        for n in HF5_LENGTHS:
+            arrays[f"ids_{n}"] = ids_all[n] if n in ids_all else \
+                np.random.default_rng(n).integers(0, config["vocab_size"], size=n)
+            arrays[f"logits_{n}"] = logits_of(model, arrays[f"ids_{n}"])
+        new, margins = greedy(model, arrays["ids_7"], TINY_GEN_NEW)
+        arrays["gen_ids"], arrays["gen_margin"] = np.array(new, dtype=np.int64), margins
+        # the same weights under theta 10,000: how far a reader that misses rope_parameters is off
+        wrong = LlamaForCausalLM(LlamaConfig(**dict(
+            {k: v for k, v in config.items() if k not in ("architectures", "model_type")},
+            rope_theta=10000.0))).eval()
+        wrong.load_state_dict(model.state_dict())
+        off = float(np.abs(logits_of(wrong, arrays["ids_48"]) - arrays["logits_48"]).max())
+        print(f"  theta 10,000 instead of 100,000: logits off by up to {off:.3f}")
+    meta = {"what": "a tiny random llama saved by transformers' save_pretrained, run by transformers",
+            "transformers": transformers.__version__, "torch": torch.__version__,
+            "seed": HF5_SEED, "overrides": HF5_OVERRIDES, "theta_10000_max_abs_error": off}
+    arrays["meta_json"] = np.array(json.dumps(meta))
+    out = GOLDEN / "tiny_hf5_config.json"
+    out.write_text(json.dumps(written, indent=2) + "\n")
+    print(f"wrote {out.relative_to(REPO)}")
+    save(GOLDEN / "tiny_hf5.npz", arrays)
 
 
 # ==================================================================================================
@@ -434,10 +504,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("tiny", help="golden logits of tiny random checkpoints")
+    sub.add_parser("tiny-hf5", help="a tiny checkpoint saved by transformers 5 (rope_parameters)")
     p = sub.add_parser("real", help="golden logits/ids of the real SmolLM2-135M-Instruct GGUF")
     p.add_argument("--gguf", required=True, help="path to SmolLM2-135M-Instruct.Q4_1.gguf")
     args = parser.parse_args()
-    {"tiny": tiny, "real": real}[args.command](args)
+    {"tiny": tiny, "tiny-hf5": tiny_hf5, "real": real}[args.command](args)
 
 
 if __name__ == "__main__":

