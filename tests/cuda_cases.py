@@ -177,7 +177,7 @@ def test_paged_attention(block_size, Hq, Hkv, hd, threads):
     chunks of keys), one verifying 3 tokens at positions 6..8. 16 threads for head_dim 8: two
     groups share the p . V sum. head_dim 12: the scores' loop has a tail after its steps of 8."""
     lens = [(7, 0), (1, 20), (3, 6)]
-    cache = KVCache(1, Hkv, hd, block_size=block_size, n_blocks=2)
+    cache = KVCache(1, Hkv, hd, block_size=block_size, n_blocks=32)
     bm = BlockManager(cache)
     for s in (2, 0, 1):
         bm.ensure(s, sum(lens[s]))

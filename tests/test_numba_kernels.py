@@ -72,7 +72,7 @@ def test_kv_write_and_paged_attention(block_size, Hq, Hkv, hd):
     lens = [(11, 0), (1, 20), (3, 6)]           # (new tokens, tokens already cached)
     caches = []
     for write in (kvcache.kv_write, kvcache.kv_write_numba):
-        cache = KVCache(1, Hkv, hd, block_size=block_size, n_blocks=2)
+        cache = KVCache(1, Hkv, hd, block_size=block_size, n_blocks=64)
         caches.append((cache, BlockManager(cache), write))
     local = np.random.default_rng(7)
     past = [(local.standard_normal((p, Hkv, hd)).astype(np.float32),) * 2 for _, p in lens]

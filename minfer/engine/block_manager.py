@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
+import numpy as np
+
 from .prefix_cache import PrefixCache, block_hash
 
 
@@ -68,10 +70,11 @@ class BlockManager:
             table.append(self._take())
         return table
 
-    def slots(self, seq_id: int, start: int, stop: int) -> list[int]:
+    def slots(self, seq_id: int, start: int, stop: int) -> np.ndarray:
         """Cache slots of positions start..stop-1 of a sequence (block * block_size + row)."""
-        table, bs = self.tables[seq_id], self.block_size
-        return [table[p // bs] * bs + p % bs for p in range(start, stop)]
+        table, bs = np.asarray(self.tables[seq_id], dtype=np.int64), self.block_size
+        pos = np.arange(start, stop)
+        return table[pos // bs] * bs + pos % bs
 
     def release(self, seq_id: int) -> None:
         """Give back a sequence's blocks (its last ones first: they are the least likely to be
