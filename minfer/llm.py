@@ -104,6 +104,8 @@ class LLM:
                                                        and 1 <= num_speculative_tokens <= 32):
             raise InvalidArgumentError("num_speculative_tokens must be an integer from 1 to 32, "
                                        f"got {num_speculative_tokens!r}")
+        if draft_model is not None and speculative != "draft":
+            raise InvalidArgumentError("a draft model is for speculative='draft' (--speculative draft)")
         ops = get_ops(backend, threads, activations)  # validate before the (slow) load
         path = model if model is not None else fetch.ensure_default_model(quiet=quiet)
         self.path = path
