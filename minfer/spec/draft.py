@@ -54,6 +54,11 @@ class DraftProposer:
         self.computed.pop(seq_id, None)
         self.blocks.release(seq_id)
 
+    def step_time(self, repeats: int = 3) -> float | None:
+        """Seconds of one draft forward of one token (the cost of a guess)."""
+        from .speculator import timed_forward
+        return timed_forward(self.model, self.cache, self.blocks, 1, self.max_context, repeats)
+
     # --- proposing -----------------------------------------------------------------------------
     def propose(self, wants: list) -> dict:
         """wants: [(sequence, k >= 1)] -> {sequence: (proposed ids [k], q [k, V] or None)}."""

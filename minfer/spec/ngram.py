@@ -64,6 +64,9 @@ class NgramProposer:
                 out[seq] = ([int(t) for t in ids], None)
         return out
 
+    def step_time(self, repeats: int = 3) -> float:
+        return 0.0                                   # a lookup: next to nothing
+
     def rollback(self, seq, n_valid: int) -> None:
         """Nothing is kept per sequence."""
 

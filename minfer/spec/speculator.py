@@ -19,11 +19,18 @@ How many guesses: each sequence keeps a running estimate a of how often a guess 
 With k guesses a step emits (1 - a^(k+1)) / (1 - a) tokens on average and costs about
 1 + row_cost k (+ what drafting costs) of a plain step; k is the one that maximises tokens per
 cost, 0 when guessing does not pay (a plain decode row: no slowdown on text where nothing is
-accepted). A sequence at k = 0 tries one guess every `probe_every` steps, to notice when the text
-turns repetitive. `row_cost` is what one more row costs the target's forward, relative to a
-decode step: lower it when many-row forwards get cheaper, and k grows by itself.
+accepted). A sequence at k = 0 tries one guess now and then (every 8 steps, then 16, ... while
+the guesses keep failing), to notice when the text turns repetitive.
+
+The costs are measured, not assumed, at the first step (`calibrate`): a forward of 1 + K rows
+against one of 1 row gives what a guess costs the target (`row_cost`, in decode steps), and a
+draft forward against a target one what drafting a guess costs. A float32 target reads its
+weights once for all rows (guesses nearly free); a quantized one's forward grows with the rows
+today — when many-row forwards get cheaper, the measured cost drops and k grows by itself.
 """
 from __future__ import annotations
+
+import time
 
 import numpy as np
 
@@ -31,17 +38,19 @@ from ..sampling import sample
 from .verify import greedy_ids, probs_rows, verify_greedy_numba, verify_sample_numba
 
 DEFAULT_K = 5            # most guesses per step
-ROW_COST = 0.3           # one more row in the target's forward, in decode steps
-DRAFT_COST = 0.5         # one draft forward (the built-in Q4_0/int8 draft), in target decode steps
+ROW_COST = 0.3           # one more row in the target's forward, in decode steps (until measured)
+DRAFT_COST = 0.5         # one draft forward, in target decode steps (until measured)
 
 
 class _Adapt:
     """One sequence's acceptance estimate and its choice of k."""
 
     def __init__(self, k_max: int, probe_every: int = 8, decay: float = 0.7):
-        self.k_max, self.probe_every, self.decay = k_max, probe_every, decay
+        self.k_max, self.probe_first, self.decay = k_max, probe_every, decay
+        self.probe_every = probe_every
         self.hits, self.tries = 2.0, 2.5            # a prior: a = 0.8, forgotten in a few steps
         self.idle = 0
+        self.probing = False
 
     @property
     def rate(self) -> float:
@@ -57,25 +66,30 @@ class _Adapt:
         if best == 0:
             self.idle += 1
             if self.idle >= self.probe_every:
-                self.idle = 0
+                self.idle, self.probing = 0, True
                 return 1
         return best
 
     def update(self, k: int, m: int) -> None:
         """m of k guesses accepted (a rejection ends the run: one miss)."""
+        if self.probing:             # a failed probe waits twice as long for the next one
+            self.probe_every = self.probe_first if m else min(8 * self.probe_first, 2 * self.probe_every)
+            self.probing = False
         d = self.decay
         self.hits = d * self.hits + m
         self.tries = d * self.tries + m + (1 if m < k else 0)
 
 
 class Speculator:
-    def __init__(self, engine, proposer, k_max: int = DEFAULT_K, row_cost: float = ROW_COST,
+    def __init__(self, engine, proposer, k_max: int = DEFAULT_K, row_cost: float | None = None,
                  draft_cost: float | None = None, adaptive: bool = True):
-        """proposer: ngram.NgramProposer or draft.DraftProposer. adaptive False: always k_max
-        guesses (when the proposer has them)."""
+        """proposer: ngram.NgramProposer or draft.DraftProposer. row_cost, draft_cost: what a
+        guess costs, in target decode steps (None: measured at the first step). adaptive False:
+        always k_max guesses (when the proposer has them)."""
         self.engine, self.proposer, self.k_max = engine, proposer, k_max
-        self.cost = row_cost + (draft_cost if draft_cost is not None else
-                                DRAFT_COST if proposer.name == "draft" else 0.0)
+        self.row_cost, self.draft_cost = row_cost, draft_cost
+        if proposer.name != "draft":
+            self.draft_cost = 0.0
         self.adaptive = adaptive
         self.adapt: dict[int, _Adapt] = {}
         self.steps = self.proposed = self.accepted = self.emitted = 0   # totals, for figures
@@ -95,8 +109,10 @@ class Speculator:
         for seq, n in scheduled:
             if n != 1 or seq.n_pending != 1 or budget <= 0:
                 continue                                   # a prompt chunk, or no budget left
+            if self.adaptive and (self.row_cost is None or self.draft_cost is None):
+                self.calibrate()
             ad = self.adapt.setdefault(seq.seq_id, _Adapt(self.k_max))
-            k = ad.choose(self.cost) if self.adaptive else self.k_max
+            k = ad.choose(self.row_cost + self.draft_cost) if self.adaptive else self.k_max
             k = min(k, budget, seq.params.max_tokens - len(seq.output_ids) - 1,
                     eng.max_context - seq.n_tokens)
             if k > 0 and not eng.blocks.can_hold(seq.seq_id, seq.n_tokens + k):
@@ -159,6 +175,19 @@ class Speculator:
             m, nxt = verify_sample_numba(probs, qq, d, seq.rng.random(len(props) + 1))
         return int(m), int(nxt)
 
+    # --- what a guess costs -------------------------------------------------------------------------
+    def calibrate(self, repeats: int = 3) -> None:
+        """Measure row_cost and draft_cost (medians of a few forwards on free blocks of each
+        pool, after one untimed round); where a pool has no room, the defaults."""
+        eng = self.engine
+        t1 = timed_forward(eng.model, eng.cache, eng.blocks, 1, eng.max_context, repeats)
+        tk = timed_forward(eng.model, eng.cache, eng.blocks, 1 + self.k_max, eng.max_context, repeats)
+        if self.row_cost is None:
+            self.row_cost = (max(0.0, (tk - t1) / (self.k_max * t1)) if t1 and tk else ROW_COST)
+        if self.draft_cost is None:
+            td = self.proposer.step_time(repeats)
+            self.draft_cost = td / t1 if td and t1 else DRAFT_COST
+
     # --- figures -----------------------------------------------------------------------------------
     def stats(self) -> dict:
         return dict(verify_steps=self.steps, proposed=self.proposed, accepted=self.accepted,
@@ -169,3 +198,25 @@ class Speculator:
     def reset_stats(self) -> None:
         self.steps = self.proposed = self.accepted = self.emitted = 0
         self.history.clear()
+
+
+def timed_forward(model, cache, blocks, n: int, max_context: int, repeats: int = 3) -> float | None:
+    """Median seconds of a forward of n new tokens after (up to) 64 cached ones, on free blocks
+    of the pool (given back after), one untimed forward first; None if there is no room now."""
+    from ..batch import make_batch
+    sid, ctx = -(1 << 40), min(64, max_context - n - 1)      # an id no request has
+    ids = [i % model.config.vocab_size for i in range(ctx + n)]
+    if ctx < 1 or not blocks.can_hold(sid, ctx + n):
+        return None
+    try:
+        table = blocks.ensure(sid, ctx + n)
+        model.forward(make_batch([(ids[:ctx], 0, table)], cache.block_size), cache)
+        times = []
+        for _ in range(repeats + 1):
+            batch = make_batch([(ids[ctx:], ctx, table)], cache.block_size, logits_for=[n])
+            t = time.perf_counter()
+            model.forward(batch, cache)
+            times.append(time.perf_counter() - t)
+        return float(np.median(times[1:]))
+    finally:
+        blocks.release(sid)
