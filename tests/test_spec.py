@@ -298,3 +298,51 @@ def test_bad_speculative_arguments(tiny_gguf):
         minfer.LLM(tiny_gguf, backend="numpy", speculative="magic")
     with pytest.raises(InvalidArgumentError, match="num_speculative_tokens"):
         minfer.LLM(tiny_gguf, backend="numpy", speculative="ngram", num_speculative_tokens=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line
+# ---------------------------------------------------------------------------------------------
+def _cli(*args):
+    import subprocess
+    import sys
+    return subprocess.run([sys.executable, "-m", "minfer", *map(str, args)], capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_cli_generate_speculative_same_text(tiny_gguf):
+    args = ("generate", "--model", tiny_gguf, "--backend", "numpy", "--raw", "--max-tokens", "12",
+            "the cat sat on the mat and the cat sat on the")
+    plain, spec = _cli(*args), _cli(*args, "--speculative", "ngram", "--num-speculative-tokens", "3")
+    assert plain.returncode == 0 and spec.returncode == 0, spec.stderr
+    assert spec.stdout == plain.stdout and "accepted a step" in spec.stderr
+
+
+@pytest.mark.parametrize("args,says", [
+    (["generate", "--speculative", "ngram", "--draft-model", "x.gguf", "hi"], "draft"),
+    (["generate", "--speculative", "ngram", "--num-speculative-tokens", "0", "hi"], "num_speculative_tokens"),
+    (["bench", "--speculative", "ngram,magic"], "unknown speculative mode")])
+def test_cli_bad_speculative_flags_are_one_line_errors(tiny_gguf, args, says):
+    r = _cli(*args[:1], *(["--model", tiny_gguf] if args[0] == "generate" else []), *args[1:])
+    assert r.returncode == 1 and "Traceback" not in r.stderr and says in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# The real model
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.model
+def test_real_model_greedy_identical_on_numba(default_model):
+    """The default model on numba: prompt lookup and the built-in draft (the same file as Q4_0
+    with int8 activations, where the CPU has them) give plain greedy decoding's text, with
+    guesses accepted."""
+    from minfer.bench import SPEC_WORKLOADS
+    G = SamplingParams(temperature=0, max_tokens=48)
+    plain = minfer.LLM(default_model)
+    prompt = plain.tokenizer.apply_chat_template([{"role": "user", "content": SPEC_WORKLOADS["edit"]}])
+    want = plain.generate([prompt], G)[0].token_ids
+    for mode in ("ngram", "draft"):
+        llm = minfer.LLM(default_model, speculative=mode)
+        llm.engine.speculator.adaptive = False           # guess every step: exercise the rules
+        assert llm.generate([prompt], G)[0].token_ids == want, mode
+        assert llm.engine.speculator.accepted > 0, mode

@@ -1,6 +1,6 @@
 """The classroom: exercises for the lessons, checked against minfer's own reference.
 
-Each lesson from 03 to 11 comes with tasks: functions whose bodies are left for the student, with
+Lessons 03 to 11 and 13 come with tasks: functions whose bodies are left for the student, with
 the same names and signatures as the stage's NumPy reference (lesson 09: as its Numba kernel;
 lesson 10: one block format at a time; lesson 11: as its numba.cuda kernel). The command line
 drives it:
@@ -244,7 +244,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register `lesson` on the CLI's subparsers."""
     p = subparsers.add_parser(
         "lesson", help="exercises: list | start N | check N",
-        description="Exercises for lessons 03-11: `start N` copies the lesson's stub functions into "
+        description="Exercises for lessons 03-11 and 13: `start N` copies the lesson's stub functions into "
                     "your folder, `check N` tests your functions against minfer's reference.")
     sub = p.add_subparsers(dest="lesson_command", metavar="ACTION")
     sub.add_parser("list", help="the lessons with exercises and their tasks")
