@@ -465,7 +465,7 @@ def _add_spec_flags(p) -> None:
                         f"({', '.join(SPEC_WORKLOADS)}): tok/s, guesses accepted per step, speed-up "
                         "against off (plain decoding) of the same --quant")
     g.add_argument("--draft-model", metavar="PATH", default=None,
-                   help="draft model (default: the model as Q4_0 with int8 activations)")
+                   help="draft model (default: the model's file in 4-bit blocks, int8 activations)")
     g.add_argument("--num-speculative-tokens", type=int, default=None, metavar="K",
                    help="most guesses per step (default: the engine's)")
 

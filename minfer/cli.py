@@ -59,8 +59,8 @@ def _spec_flags(p: argparse.ArgumentParser) -> None:
                    help="guess tokens and verify them in one forward: ngram (from earlier text) or "
                         "draft (a draft model); same greedy text, same distribution (default: off)")
     g.add_argument("--draft-model", metavar="PATH", default=None,
-                   help="the draft model for --speculative draft (default: the model itself as "
-                        "Q4_0 with int8 activations)")
+                   help="the draft model for --speculative draft (default: the model's own file "
+                        "in its 4-bit blocks, or as Q4_0, with int8 activations)")
     g.add_argument("--num-speculative-tokens", type=int, default=None, metavar="K",
                    help="most guesses per step (default: 5; fewer when they are seldom accepted)")
 

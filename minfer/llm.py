@@ -93,7 +93,8 @@ class LLM:
         max_batch_tokens: tokens in one step at most (long prompts are computed in chunks);
         prefix_caching: requests that begin with the same tokens share their cached blocks.
         speculative: "off", "ngram" (guesses from earlier text) or "draft" (a draft model guesses:
-        draft_model, by default this model's file as Q4_0 with int8 activations); up to
+        draft_model, by default this model's file in its 4-bit blocks — or as Q4_0 — with int8
+        activations); up to
         num_speculative_tokens guesses a step (spec/): the same greedy text, the same
         distribution when sampling."""
         from .spec import MODES
@@ -139,7 +140,11 @@ class LLM:
             if draft_model is None:          # the built-in pairing: this file, cheaper
                 from .stages import quant_i8
                 int8 = self.backend == "numba" and quant_i8.has_vnni()
-                self.draft = LLM(self.path, backend=self.backend, quant="q4_0",
+                # the file's own 4-bit blocks where it has them (the exact weights: only the int8
+                # activations differ), else its weights as Q4_0
+                kinds = {getattr(t, "type", "") for t in self.weights.raw.values()}
+                own = "auto" if kinds & {"Q4_0", "Q4_1"} else "q4_0"
+                self.draft = LLM(self.path, backend=self.backend, quant=own,
                                  activations="int8" if int8 else "f32", threads=threads, quiet=True,
                                  kv_cache_mb=kv_cache_mb, max_seqs=max_seqs)
             else:

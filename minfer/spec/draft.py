@@ -1,8 +1,11 @@
 """The draft-model proposer: a second, cheaper model guesses k tokens, one forward each.
 
 Any model with the target's tokenizer can draft. The built-in pairing for a model is the model
-itself in a cheaper form: the same file with Q4_0 blocks and int8 activations drafts for the
-exact (float32 or Q8_0) model, so the exact model's text comes at close to the cheap model's speed.
+itself in a cheaper form: the same file in its own 4-bit blocks (Q4_0 where it has none) with
+int8 activations drafts for the exact (float32 or Q8_0) model, so the exact model's text comes
+at closer to the cheap model's speed. (The default model's file holds Q4_1 blocks: its float32
+weights are those blocks dequantized, and the draft differs only by the int8 rounding of its
+activations; re-quantized to Q4_0 it would agree on the top token a third less often.)
 
 The draft keeps its own KV cache (its own block pool, from its own engine) and, per sequence, how
 many of the sequence's tokens have their K/V there (`computed`). Each step:
