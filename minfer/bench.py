@@ -463,7 +463,8 @@ def _add_spec_flags(p) -> None:
     g.add_argument("--speculative", default=None, metavar="MODES",
                    help="comma-separated: ngram,draft,off — greedy chat answers on two workloads "
                         f"({', '.join(SPEC_WORKLOADS)}): tok/s, guesses accepted per step, speed-up "
-                        "against off (plain decoding) of the same --quant")
+                        "against off (plain decoding) of the same --quant; with --quant left at "
+                        "auto, draft runs on the float32 model (its built-in draft's pairing)")
     g.add_argument("--draft-model", metavar="PATH", default=None,
                    help="draft model (default: the model's file in 4-bit blocks, int8 activations)")
     g.add_argument("--num-speculative-tokens", type=int, default=None, metavar="K",
@@ -529,9 +530,13 @@ def run_spec_bench(a) -> int:
     print(f"minfer bench --speculative: {', '.join(SPEC_WORKLOADS)} workloads, up to {a.new_tokens} "
           f"new tokens, greedy, {a.runs} runs; {backend}; {machine['cpu']}, {machine['cores']} cores",
           file=sys.stderr)
+    pairs = [(q, m) for q in quants for m in modes]
+    if quants == ["auto"] and "draft" in modes and a.draft_model is None:
+        # the built-in draft is for the exact model: draft it for float32, against float32 plain
+        pairs = [p for p in pairs if p[1] != "draft"] + [("f32", "off"), ("f32", "draft")]
     specs = [{"model": model, "backend": backend, "quant": q, "mode": m, "threads": a.threads,
               "k": a.num_speculative_tokens, "draft_model": a.draft_model if m == "draft" else None,
-              "new_tokens": a.new_tokens} for q in quants for m in modes]
+              "new_tokens": a.new_tokens} for q, m in pairs]
     rows = [dict(sp, runs=[]) for sp in specs]
     workers = []
     try:
