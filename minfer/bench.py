@@ -247,6 +247,8 @@ def run_bench(a) -> int:
     if a.workload != "speed":                   # many requests through one engine: bench_serve.py
         from . import bench_serve
         return {"serve": bench_serve.run_serve, "prefix": bench_serve.run_prefix}[a.workload](a)
+    if a.speculative:
+        return run_spec_bench(a)
     from .weights.fetch import ensure_default_model
     backends = [b.strip() for b in a.backend.split(",") if b.strip()]
     quants = [q.strip() for q in a.quant.split(",") if q.strip()]
@@ -408,9 +410,181 @@ def add_parser(sub) -> None:
                         "(default: f32,q8_0,q4_1,q4_0,auto) on a held-out English text")
     q.add_argument("--window", type=int, default=512, help="tokens per evaluation window")
     q.add_argument("--max-eval-tokens", type=int, default=None, help="evaluate only this many tokens")
+    _add_spec_flags(p)
+
+
+# --------------------------------------------------------------------------------------------
+# Speculative decoding: two chat workloads, each mode against plain decoding in the same run
+# --------------------------------------------------------------------------------------------
+_EDIT_CODE = """def summarize_orders(orders, tax_rate, discounts):
+    \"\"\"Return totals per customer for a list of orders.\"\"\"
+    totals = {}
+    counts = {}
+    for order in orders:
+        customer = order["customer"]
+        amount = order["amount"]
+        if amount <= 0:
+            continue
+        code = order.get("code")
+        if code in discounts:
+            amount = amount * (1 - discounts[code])
+        amount = amount * (1 + tax_rate)
+        if customer not in totals:
+            totals[customer] = 0.0
+            counts[customer] = 0
+        totals[customer] += amount
+        counts[customer] += 1
+    result = []
+    for customer in sorted(totals):
+        average = totals[customer] / counts[customer]
+        result.append({
+            "customer": customer,
+            "total": round(totals[customer], 2),
+            "orders": counts[customer],
+            "average": round(average, 2),
+        })
+    best = None
+    for row in result:
+        if best is None or row["total"] > best["total"]:
+            best = row
+    if best is not None:
+        best["best"] = True
+    for row in result:
+        row.setdefault("best", False)
+    return result
+"""
+SPEC_WORKLOADS = {
+    # the answer repeats the prompt: what prompt lookup is for
+    "edit": "Rewrite this Python function with the variable `amount` renamed to `value`. Answer "
+            "with the whole function, nothing else.\n\n```python\n" + _EDIT_CODE + "```",
+    # an open answer: few guesses should be right (the adaptive k must not slow it down)
+    "free": "Write a short story about a lighthouse keeper who finds a message in a bottle.",
+}
+SPEC_MODES = ("off", "ngram", "draft")
+
+
+def _add_spec_flags(p) -> None:
+    g = p.add_argument_group("speculative decoding (instead of speed)")
+    g.add_argument("--speculative", default=None, metavar="MODES",
+                   help="comma-separated: ngram,draft,off — greedy chat answers on two workloads "
+                        f"({', '.join(SPEC_WORKLOADS)}): tok/s, guesses accepted per step, speed-up "
+                        "against off (plain decoding) of the same --quant; with --quant left at "
+                        "auto, draft runs on the float32 model (its built-in draft's pairing)")
+    g.add_argument("--draft-model", metavar="PATH", default=None,
+                   help="draft model (default: the model's file in 4-bit blocks, int8 activations)")
+    g.add_argument("--num-speculative-tokens", type=int, default=None, metavar="K",
+                   help="most guesses per step (default: the engine's)")
+
+
+def spec_worker(spec: dict) -> None:
+    """One (quant, mode): load, answer each workload once (warm-up, compile), then per "run" line
+    answer each workload again and say its figures."""
+    import minfer
+    llm = minfer.LLM(spec["model"], backend=spec["backend"], quant=spec["quant"],
+                     threads=spec.get("threads"), quiet=True,
+                     speculative=spec["mode"], num_speculative_tokens=spec.get("k"),
+                     draft_model=spec.get("draft_model"))
+    params = minfer.SamplingParams(temperature=0, max_tokens=spec["new_tokens"])
+    prompts = {w: llm.tokenizer.apply_chat_template([{"role": "user", "content": text}])
+               for w, text in SPEC_WORKLOADS.items()}
+
+    def once() -> dict:
+        out = {}
+        for w, prompt in prompts.items():
+            sp = llm.engine.speculator
+            if sp:
+                sp.reset_stats()
+            c = llm.generate([prompt], params)[0]
+            st = sp.stats() if sp else {}
+            out[w] = {"decode_tok_s": llm.stats.decode_tok_s, "tokens": len(c.token_ids),
+                      "text_hash": hash(tuple(c.token_ids)) & 0xFFFFFFFF,
+                      "mean_accepted": st.get("mean_accepted"), "acceptance": st.get("acceptance"),
+                      "verify_steps": st.get("verify_steps")}
+        return out
+    once()
+    _say({"ready": True})
+    for line in sys.stdin:
+        if line.strip() != "run":
+            break
+        _say(once())
+    _say({"threads": _threads(spec["backend"])})
+
+
+def run_spec_bench(a) -> int:
+    from .errors import InvalidArgumentError
+    from .weights.fetch import ensure_default_model
+    from .weights.load import QUANTS
+    modes = [m.strip() for m in a.speculative.split(",") if m.strip()]
+    for m in modes:
+        if m not in SPEC_MODES:
+            raise InvalidArgumentError(f"unknown speculative mode {m!r}; choose from {', '.join(SPEC_MODES)}")
+    if "off" not in modes:
+        modes.insert(0, "off")                  # the speed-up needs plain decoding alongside
+    quants = [q.strip() for q in a.quant.split(",") if q.strip()]
+    for q in quants:
+        if q not in QUANTS:
+            raise InvalidArgumentError(f"unknown quant {q!r}; choose from {', '.join(QUANTS)}")
+    from .backends import BACKENDS
+    backend = "numba" if a.backend == "numpy,numba" else a.backend.split(",")[0].strip()   # one
+    if backend not in BACKENDS:
+        raise InvalidArgumentError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
+    if a.runs < 1 or a.new_tokens < 2:
+        raise InvalidArgumentError("--runs must be at least 1 and --new-tokens at least 2")
+    model = str(a.model or ensure_default_model())
+    machine = _machine()
+    print(f"minfer bench --speculative: {', '.join(SPEC_WORKLOADS)} workloads, up to {a.new_tokens} "
+          f"new tokens, greedy, {a.runs} runs; {backend}; {machine['cpu']}, {machine['cores']} cores",
+          file=sys.stderr)
+    pairs = [(q, m) for q in quants for m in modes]
+    if quants == ["auto"] and "draft" in modes and a.draft_model is None:
+        # the built-in draft is for the exact model: draft it for float32, against float32 plain
+        pairs = [p for p in pairs if p[1] != "draft"] + [("f32", "off"), ("f32", "draft")]
+    specs = [{"model": model, "backend": backend, "quant": q, "mode": m, "threads": a.threads,
+              "k": a.num_speculative_tokens, "draft_model": a.draft_model if m == "draft" else None,
+              "new_tokens": a.new_tokens} for q, m in pairs]
+    rows = [dict(sp, runs=[]) for sp in specs]
+    workers = []
+    try:
+        for sp in specs:
+            print(f"  starting {sp['quant']}/{sp['mode']} ...", file=sys.stderr, flush=True)
+            workers.append(_Worker(dict(sp, spec_bench=True)))
+        for r in range(a.runs):
+            print(f"  round {r + 1}/{a.runs}", file=sys.stderr, flush=True)
+            for w, row in zip(workers, rows):
+                row["runs"].append(w.run())
+        for w, row in zip(workers, rows):
+            row.update(w.close())
+    finally:
+        for w in workers:
+            w.kill()
+    _print_spec_table(rows)
+    if a.json:
+        Path(a.json).write_text(json.dumps({"machine": machine, "settings": vars(a) | {"model": model},
+                                            "speculative": rows}, indent=1, default=str))
+        print(f"wrote {a.json}", file=sys.stderr)
+    return 0
+
+
+def _print_spec_table(rows) -> None:
+    head = (f"{'workload':<9} {'quant':<6} {'mode':<6} {'tokens':>6} {'decode tok/s':>22} "
+            f"{'accepted/step':>13} {'speed-up':>8} {'same text':>9}")
+    print(head)
+    print("-" * len(head))
+    for w in SPEC_WORKLOADS:
+        for row in rows:
+            base = next(r for r in rows if r["quant"] == row["quant"] and r["mode"] == "off")
+            d = _med([x[w]["decode_tok_s"] for x in row["runs"]])
+            b = statistics.median(x[w]["decode_tok_s"] for x in base["runs"])
+            acc = [x[w]["mean_accepted"] for x in row["runs"] if x[w]["mean_accepted"] is not None]
+            same = all(x[w]["text_hash"] == y[w]["text_hash"] for x, y in zip(row["runs"], base["runs"]))
+            print(f"{w:<9} {row['quant']:<6} {row['mode']:<6} {row['runs'][0][w]['tokens']:>6} "
+                  f"{d[0]:>8.1f} ({d[1]:.1f}..{d[2]:.1f}) "
+                  f"{(format(statistics.median(acc), '.2f') if acc else '-'):>13} "
+                  f"{d[0] / b if b else 0:>7.2f}x {'yes' if same else 'NO':>9}")
 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--worker", required=True)
-    worker(json.loads(ap.parse_args().worker))
+    _spec = json.loads(ap.parse_args().worker)
+    (spec_worker if _spec.get("spec_bench") else worker)(_spec)

@@ -38,6 +38,7 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-context", type=int, default=None, metavar="N",
                    help="cap the context length in tokens (default: the model's)")
     _engine_flags(p)
+    _spec_flags(p)
 
 
 def _engine_flags(p: argparse.ArgumentParser) -> None:
@@ -50,6 +51,18 @@ def _engine_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-batch-tokens", type=int, default=DEFAULT_MAX_BATCH_TOKENS, metavar="N",
                    help="most tokens computed in one step; longer prompts go in chunks "
                         "(default: %(default)s)")
+
+
+def _spec_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("speculative decoding")
+    g.add_argument("--speculative", default="off", choices=["off", "ngram", "draft"],
+                   help="guess tokens and verify them in one forward: ngram (from earlier text) or "
+                        "draft (a draft model); same greedy text, same distribution (default: off)")
+    g.add_argument("--draft-model", metavar="PATH", default=None,
+                   help="the draft model for --speculative draft (default: the model's own file "
+                        "in its 4-bit blocks, or as Q4_0, with int8 activations)")
+    g.add_argument("--num-speculative-tokens", type=int, default=None, metavar="K",
+                   help="most guesses per step (default: 5; fewer when they are seldom accepted)")
 
 
 def _sampling_flags(p: argparse.ArgumentParser, temperature: float | None) -> None:
@@ -179,7 +192,9 @@ def _llm(a):
         raise InvalidArgumentError("--use-mine runs on float32 weights: leave out --activations")
     llm = LLM(model=a.model, backend=a.backend, quant="f32" if mine else a.quant,
               max_context=a.max_context, threads=a.threads, activations=a.activations,
-              kv_cache_mb=a.kv_cache_mb, max_seqs=a.max_seqs, max_batch_tokens=a.max_batch_tokens)
+              kv_cache_mb=a.kv_cache_mb, max_seqs=a.max_seqs, max_batch_tokens=a.max_batch_tokens,
+              speculative=a.speculative, num_speculative_tokens=a.num_speculative_tokens,
+              draft_model=a.draft_model)
     if mine:
         llm.model.ops = ops
     _first_run_notice(llm, a)
@@ -203,9 +218,11 @@ def cmd_generate(a) -> int:
     sys.stdout.write("\n")
     sys.stdout.flush()
     s = llm.stats
+    sp = llm.engine.speculator
+    spec = f", {sp.stats()['mean_accepted']:.2f} guesses accepted a step" if sp and sp.steps else ""
     print(f"[{s.prompt_tokens} prompt tokens, {s.generated_tokens} generated in "
           f"{time.perf_counter() - t0:.2f} s; prefill {s.prefill_tok_s:.1f} tok/s, "
-          f"decode {s.decode_tok_s:.1f} tok/s, backend {llm.backend}{', int8 activations' if llm.activations == 'int8' else ''}]", file=sys.stderr)
+          f"decode {s.decode_tok_s:.1f} tok/s, backend {llm.backend}{', int8 activations' if llm.activations == 'int8' else ''}{spec}]", file=sys.stderr)
     return 0
 
 

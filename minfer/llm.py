@@ -80,7 +80,9 @@ class LLM:
                  quant: str = "auto", max_context: int | None = None, block_size: int = 16,
                  threads: int | None = None, quiet: bool = False, activations: str = "f32",
                  kv_cache_mb: float = DEFAULT_KV_CACHE_MB, max_seqs: int = DEFAULT_MAX_SEQS,
-                 max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, prefix_caching: bool = True):
+                 max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, prefix_caching: bool = True,
+                 speculative: str = "off", num_speculative_tokens: int | None = None,
+                 draft_model: str | os.PathLike | None = None):
         """backend: "numba" (default), "numpy" (the reference) or "cuda".
         quant: "auto" computes on the file's own quantized blocks (float32 on the numpy backend,
         whose reference path dequantizes); "f32", "q8_0", "q4_0", "q4_1" convert at load.
@@ -89,7 +91,22 @@ class LLM:
         faster, ~1% error; needs AVX-512 VNNI).
         kv_cache_mb: the KV-cache pool, allocated once; max_seqs: sequences in one step at most;
         max_batch_tokens: tokens in one step at most (long prompts are computed in chunks);
-        prefix_caching: requests that begin with the same tokens share their cached blocks."""
+        prefix_caching: requests that begin with the same tokens share their cached blocks.
+        speculative: "off", "ngram" (guesses from earlier text) or "draft" (a draft model guesses:
+        draft_model, by default this model's file in its 4-bit blocks — or as Q4_0 — with int8
+        activations); up to
+        num_speculative_tokens guesses a step (spec/): the same greedy text, the same
+        distribution when sampling."""
+        from .spec import MODES
+        if speculative not in MODES:
+            raise InvalidArgumentError(f"unknown speculative mode {speculative!r}; choose one of: "
+                                       f"{', '.join(MODES)}")
+        if num_speculative_tokens is not None and not (isinstance(num_speculative_tokens, int)
+                                                       and 1 <= num_speculative_tokens <= 32):
+            raise InvalidArgumentError("num_speculative_tokens must be an integer from 1 to 32, "
+                                       f"got {num_speculative_tokens!r}")
+        if draft_model is not None and speculative != "draft":
+            raise InvalidArgumentError("a draft model is for speculative='draft' (--speculative draft)")
         ops = get_ops(backend, threads, activations)  # validate before the (slow) load
         path = model if model is not None else fetch.ensure_default_model(quiet=quiet)
         self.path = path
@@ -108,8 +125,37 @@ class LLM:
                       else Transformer(self.config, self.weights, ops))
         self.engine = Engine(self.model, self.tokenizer.stop_ids, max_context, block_size,
                              kv_cache_mb, max_seqs, max_batch_tokens, prefix_caching)
+        self.draft = None
+        if speculative != "off":
+            self._speculate(speculative, num_speculative_tokens, draft_model, threads, kv_cache_mb,
+                            max_seqs)
         self.stats = Stats()
         self._outbox: dict[int, deque] = {}      # seq id -> (sequence, new ids) not yet taken
+
+    def _speculate(self, mode, k, draft_model, threads, kv_cache_mb, max_seqs) -> None:
+        from .spec import DEFAULT_K, DraftProposer, NgramProposer, Speculator
+        if mode == "ngram":
+            proposer = NgramProposer()
+        else:
+            if draft_model is None:          # the built-in pairing: this file, cheaper
+                from .stages import quant_i8
+                int8 = self.backend == "numba" and quant_i8.has_vnni()
+                # the file's own 4-bit blocks where it has them (the exact weights: only the int8
+                # activations differ), else its weights as Q4_0
+                kinds = {getattr(t, "type", "") for t in self.weights.raw.values()}
+                own = "auto" if kinds & {"Q4_0", "Q4_1"} else "q4_0"
+                self.draft = LLM(self.path, backend=self.backend, quant=own,
+                                 activations="int8" if int8 else "f32", threads=threads, quiet=True,
+                                 kv_cache_mb=kv_cache_mb, max_seqs=max_seqs)
+            else:
+                self.draft = LLM(draft_model, backend=self.backend, threads=threads, quiet=True,
+                                 kv_cache_mb=kv_cache_mb, max_seqs=max_seqs)
+            if self.draft.config.vocab_size != self.config.vocab_size:
+                raise InvalidArgumentError(
+                    f"the draft model has {self.draft.config.vocab_size} tokens, the model "
+                    f"{self.config.vocab_size}: a draft must share the tokenizer")
+            proposer = DraftProposer(self.draft.engine)
+        self.engine.speculator = Speculator(self.engine, proposer, k or DEFAULT_K)
 
     # --- prompts -------------------------------------------------------------------------------
     def _ids(self, prompt) -> list[int]:

@@ -354,3 +354,49 @@ def test_continuous_batching_on_the_device_equals_each_request_alone():
     assert got == want
     s = eng.stats()
     assert s["preemptions"] > 0 and s["cached_prompt_tokens"] > 0 and s["blocks_used"] == 0, s
+
+
+# --- speculative decoding: the verify rules on the device ----------------------------------
+def test_spec_verify_kernels_match_numba():
+    """Both rules, one thread per sequence, against spec/verify.py's @njit rules: 4 sequences of
+    0-3 guesses over 7 tokens (q given, and point masses)."""
+    from minfer.spec import verify
+    r = np.random.default_rng(11)
+    V, ks = 7, [2, 0, 3, 1]
+    starts = np.concatenate([[0], np.cumsum([k + 1 for k in ks])])
+    R = int(starts[-1])
+    logits = r.standard_normal((R, V)).astype(np.float32)
+    p = r.random((R, V)) ** 2
+    p /= p.sum(axis=1, keepdims=True)
+    q = r.random((R, V))
+    q /= q.sum(axis=1, keepdims=True)
+    props = np.zeros((len(ks), 3), np.int64)
+    for b, k in enumerate(ks):
+        top = logits[starts[b]:starts[b] + k].argmax(axis=1)
+        props[b, :k] = np.where(r.random(k) < 0.6, top, r.integers(V, size=k))
+    u = r.random((len(ks), 4))
+    n_prop = np.array(ks)
+    got = verify.verify_greedy_cuda(logits, starts, props, n_prop)
+    got_s = verify.verify_sample_cuda(p, q, starts, props, n_prop, u)
+    got_pm = verify.verify_sample_cuda(p, np.zeros((0, V)), starts, props, n_prop, u)
+    for b, k in enumerate(ks):
+        rows = slice(starts[b], starts[b + 1])
+        assert tuple(got[b]) == verify.verify_greedy_numba(logits[rows].argmax(axis=1), props[b, :k])
+        assert tuple(got_s[b]) == verify.verify_sample_numba(p[rows], q[rows][:k], props[b, :k], u[b, :k + 1])
+        assert tuple(got_pm[b]) == verify.verify_sample_numba(p[rows], np.zeros((0, V)), props[b, :k],
+                                                              u[b, :k + 1])
+
+
+def test_spec_engine_on_cuda_model_greedy_identical():
+    """An Engine on the cuda model with n-gram guesses gives plain greedy decoding's tokens (the
+    numba backend's, as above)."""
+    from minfer.spec import NgramProposer, Speculator
+    c, W = tiny_model("Q4_0", "Q8_0", seed=1)
+    p = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    prompt = [5, 6, 7, 5, 6]
+    plain = Engine(Transformer(c, W, numba_ops()), stop_ids=set(), block_size=4, kv_cache_mb=1)
+    spec = Engine(CudaModel(c, W), stop_ids=set(), block_size=4, kv_cache_mb=1)
+    spec.speculator = Speculator(spec, NgramProposer(), k_max=2, adaptive=False)
+    outs = [[tok for _, tok in eng.run([prompt], [p])] for eng in (plain, spec)]
+    assert outs[0] == outs[1]
+    assert spec.speculator.steps > 0

@@ -268,6 +268,25 @@ def block_hashes(tokens, block_size):
         names.append(parent)
     return names
 ''',
+    13: '''
+import numpy as np
+
+
+def verify_sample(p, q, proposals, u):
+    k = len(proposals)
+    for i in range(k):
+        x = proposals[i]
+        ratio = p[i, x] if q is None else (p[i, x] / q[i, x] if q[i, x] > 0 else 0.0)
+        if u[i] < ratio:
+            continue
+        w = p[i].copy() if q is None else np.clip(p[i] - q[i], 0, None)
+        if q is None:
+            w[x] = 0
+        c = np.cumsum(w)
+        return i, int(min(np.searchsorted(c, u[k] * c[-1], side="right"), len(c) - 1))
+    c = np.cumsum(p[k])
+    return k, int(min(np.searchsorted(c, u[k] * c[-1], side="right"), len(c) - 1))
+''',
     14: '''
 import numpy as np
 from minfer.batch import make_batch
@@ -680,3 +699,17 @@ def test_nan_from_a_stage_is_named_at_that_stage(tmp_path, tiny_gguf):
     llm.model.ops = ops
     with pytest.raises(ExerciseError, match=r"your paged_attention \(attention in the model\) returned NaN"):
         llm.generate("the cat sat", minfer.SamplingParams(temperature=0.7, max_tokens=3))
+
+
+def test_speculative_check_fails_on_wrong_rules():
+    """Lesson 13's check tells a correct rule from always-accept and from a wrong residual."""
+    from minfer.spec import verify
+
+    def wrong_residual(p, q, d, u):
+        for i, x in enumerate(d):
+            if u[i] * (1.0 if q is None else q[i, x]) >= p[i, x]:
+                return i, verify.draw(p[i], u[len(d)])
+        return len(d), verify.draw(p[len(d)], u[len(d)])
+    for bad in (verify.always_accept, wrong_residual):
+        (r,) = check_functions(13, {"verify_sample": bad})
+        assert r.status == "fail", bad

@@ -1,9 +1,9 @@
 """The classroom: exercises for the lessons, checked against minfer's own reference.
 
-Each lesson from 00 to 12 comes with tasks: functions whose bodies are left for the student, with
+Each lesson from 00 to 14 comes with tasks: functions whose bodies are left for the student, with
 the same names and signatures as minfer's reference (lessons 00-02: small ones, the model's size,
 BPE by hand, a tensor out of a GGUF; lesson 09: a Numba kernel; lesson 10: one block format at a
-time; lesson 11: a numba.cuda kernel; lesson 14, the capstone: the layer loop and the
+time; lesson 11: a numba.cuda kernel; lesson 12: the prefix cache's block names; lesson 13: the speculative sampling rule; lesson 14, the capstone: the layer loop and the
 prefill/decode loop, on the student's own stages). The command line
 drives it:
 
@@ -323,7 +323,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register `lesson` on the CLI's subparsers."""
     p = subparsers.add_parser(
         "lesson", help="exercises: list | start N | check N",
-        description="Exercises for lessons 00-12: `start N` copies the lesson's stub functions into "
+        description="Exercises for lessons 00-14: `start N` copies the lesson's stub functions into "
                     "your folder, `check N` tests your functions against minfer's reference.")
     sub = p.add_subparsers(dest="lesson_command", metavar="ACTION")
     sub.add_parser("list", help="the lessons with exercises and their tasks")

@@ -297,6 +297,26 @@ def block_hashes(tokens, block_size):
     """
     raise NotImplementedError("lesson 12: block_hashes")
 ''',
+    13: '''
+
+def verify_sample(p, q, proposals, u):
+    """The rejection rule of speculative sampling -> (m, token): how many guesses are accepted,
+    and the token that comes after them.
+
+    p [k+1, V]  the target's distributions: p[i] is the next token's after the first i guesses
+    q [k, V]    the distributions the guesses were drawn from (None: each guess is a point mass,
+                q[i] = 1 at proposals[i], as a guess from text lookup is)
+    proposals [k] the guesses; u [k+1] uniform numbers in [0, 1), your only randomness
+
+    For i = 0, 1, ...: accept guess x = proposals[i] with probability min(1, p[i, x] / q[i, x])
+    (u[i] < p / q; careful, q[i, x] can be larger than p[i, x] or p[i, x] can be 0). At the first
+    rejection, draw the token from max(0, p[i] - q[i]), normalised, and return (i, that token).
+    If all k are accepted, draw one more from p[k] and return (k, it). Use u[k] for the one draw
+    (it is not used otherwise): the first token whose running sum exceeds u[k] * total.
+    Then every emitted token is distributed exactly as p — the check draws 20,000 times to see.
+    """
+    raise NotImplementedError("lesson 13: verify_sample")
+''',
     14: '''
 from minfer.batch import make_batch
 

@@ -1121,6 +1121,83 @@ def _check_greedy_generate(f):
                               f"prefill the prompt once ({n_prompt}), then one token a step — the KV "
                               f"cache holds the rest, so a step never re-runs the whole sequence")
 
+# --- lesson 13: speculative decoding ----------------------------------------------------------
+
+def _first_tokens(f, p, q, guesses, rng):
+    """f on each row of guesses [n, k] -> (the first emitted token of each call, the second
+    where the first guess was accepted)."""
+    first, second = [], []
+    us = rng.random((len(guesses), guesses.shape[1] + 1))
+    for d, u in zip(guesses, us):
+        got = f(p, q, d, u)
+        try:
+            m, tok = int(got[0]), int(got[1])
+        except (TypeError, ValueError, IndexError):
+            raise CheckFailed(f"return a pair (accepted m, next token) of ints, not {got!r}") from None
+        if not 0 <= m <= len(d) or not 0 <= tok < p.shape[1]:
+            raise CheckFailed(f"({m}, {tok}): m must be 0..{len(d)} and the token 0..{p.shape[1] - 1}")
+        first.append(d[0] if m else tok)
+        if m >= 1:
+            second.append(d[1] if m >= 2 else tok)
+    return np.array(first), np.array(second)
+
+
+def _chi2_fails(draws, probs, z=4.75) -> str | None:
+    """A message if the draws are not distributed as probs (chi-square at ~1e-6), else None."""
+    n = len(draws)
+    counts = np.bincount(draws, minlength=len(probs))
+    if counts[probs == 0].any():
+        return f"token {int(np.flatnonzero((probs == 0) & (counts > 0))[0])} has probability 0 but came out"
+    e = probs * n
+    stat = float((((counts - e) ** 2)[probs > 0] / e[probs > 0]).sum())
+    df = int((probs > 0).sum()) - 1
+    crit = df * (1 - 2 / (9 * df) + z * np.sqrt(2 / (9 * df))) ** 3
+    if stat < crit:
+        return None
+    freq = counts / n
+    worst = int(np.argmax(np.abs(freq - probs)))
+    return (f"over {n} draws token {worst} came {freq[worst]:.3f} of the time, the target gives it "
+            f"{probs[worst]:.3f}")
+
+
+def _check_verify_sample(f):
+    rng = _rng(13)
+    V = 6
+    p = np.array([[.30, .05, .25, .0, .30, .10], [.10, .40, .0, .20, .20, .10],
+                  [.25, .25, .25, .25, 0, 0]])                                  # [k+1, V]
+    q = np.array([[.05, .50, .05, .20, .10, .10], [.50, .05, .05, .10, .10, .20]])  # [k, V]: bad
+    # all guesses agree with p == q: nothing may be rejected
+    d = np.array([0, 1])
+    got = f(p, p[:2].copy(), d, np.full(3, 0.999))
+    if int(got[0]) != 2:
+        raise CheckFailed(f"with q equal to p every guess must be accepted (p/q = 1 > u), you "
+                          f"accepted {int(got[0])} of 2")
+    # a guess the target gives probability 0 is always rejected
+    got = f(p, q, np.array([3, 1]), np.full(3, 0.0))
+    if int(got[0]) != 0:
+        raise CheckFailed("token 3 has target probability 0 at the first row: its guess must be "
+                          f"rejected even with u = 0, you accepted {int(got[0])}")
+    n = 20_000
+    guesses = np.stack([np.minimum(np.searchsorted(np.cumsum(q[i]), rng.random(n), side="right"), V - 1)
+                        for i in range(2)], axis=1)                             # [n, 2] drawn from q
+    first, second = _first_tokens(f, p, q, guesses, rng)
+    bad = _chi2_fails(first, p[0])
+    if bad:
+        freq = np.bincount(first, minlength=V) / len(first)
+        hint = (" — closer to the draft's q: accept each guess only with probability min(1, p/q)"
+                if np.abs(freq - q[0]).sum() < np.abs(freq - p[0]).sum() else
+                " — on a rejection draw from max(0, p - q), normalised, not from p")
+        raise CheckFailed(f"guesses drawn from q: the first token is not distributed as p: {bad}{hint}")
+    bad = _chi2_fails(second, p[1])
+    if bad:
+        raise CheckFailed(f"the token after an accepted guess is not distributed as p[1]: {bad}; "
+                          "check each guess with its own row p[i], q[i]")
+    # point masses: a fixed guess, q None
+    first, _ = _first_tokens(f, p, None, np.tile([4, 3], (n // 2, 1)), rng)
+    bad = _chi2_fails(first, p[0])
+    if bad:
+        raise CheckFailed(f"q None (a point mass at each guess): the first token is not distributed "
+                          f"as p: {bad}; accept with probability p(x), else draw from p without x")
 
 
 # --- the stub files the students fill in ----------------------------------------------------------
@@ -1230,6 +1307,14 @@ def _lessons() -> dict[int, Lesson]:
             Task("block_hashes", _check_block_hashes, "h = None; for each full block i: h = "
                  "hash((h, tuple(tokens[i * block_size:(i + 1) * block_size]))); append h"),
         ], dict(block_hashes=prefix_cache.block_hashes))
+    from ..spec import verify
+    add(13, "speculative", "speculative decoding", "spec/verify.py", "13_speculative.py", 30, [
+        Task("verify_sample", _check_verify_sample, "for i in range(k): x = proposals[i]; qx = 1 if q "
+             "is None else q[i, x]; accept while u[i] * qx < p[i, x]; at the first rejection build "
+             "w = max(p[i] - q[i], 0) (q None: p[i] with w[x] = 0) and draw from it with u[k]: "
+             "np.searchsorted(np.cumsum(w), u[k] * w.sum(), side='right'); return (i, token). All "
+             "accepted: (k, a draw from p[k] with u[k])"),
+    ], dict(verify_sample=verify.verify_sample))
     add(14, "capstone", "the whole model, your own", "model.py", "14_capstone.py", 60, [
         Task("run_layers", _check_run_layers, "for each layer l, L = weights.layers[l]: h = "
              "ops.rmsnorm(x, L.attn_norm, eps); q, k, v = ops.linear(h, L.wq / L.wk / L.wv) reshaped "

@@ -87,6 +87,19 @@ class BlockManager:
                 if self.prefix is None or b not in self.prefix:
                     self.free.move_to_end(b, last=False)   # nothing to keep: reuse it first
 
+    def trim(self, seq_id: int, n_tokens: int) -> None:
+        """Give back the sequence's blocks past the first n_tokens tokens (speculative tokens
+        that were rejected: those blocks were never named in the prefix cache)."""
+        table = self.tables.get(seq_id)
+        keep = self.blocks_for(n_tokens)
+        while table is not None and len(table) > keep:
+            b = table.pop()
+            self.ref[b] -= 1
+            if self.ref[b] == 0:
+                self.free[b] = None
+                if self.prefix is None or b not in self.prefix:
+                    self.free.move_to_end(b, last=False)
+
     # --- the prefix cache ----------------------------------------------------------------------
     def share_prefix(self, seq_id: int, tokens: list[int]) -> int:
         """For a sequence with no blocks yet: take the cached blocks its tokens begin with, and

@@ -70,6 +70,7 @@ class Engine:
         self.generated_tokens = 0                    # totals since start, for metrics
         self.computed_tokens = 0
         self.steps = 0
+        self.speculator = None                       # spec.Speculator: guesses verified each step
 
     # --- requests ----------------------------------------------------------------------------------
     def check_prompt(self, ids: list[int]) -> None:
@@ -114,21 +115,31 @@ class Engine:
             scheduled = self.scheduler.schedule()
             if not scheduled:
                 return []
+            # speculative decoding: some decoding sequences bring guesses too (spec/)
+            drafts = self.speculator.propose(scheduled) if self.speculator else {}
             entries, sampling = [], []
             for seq, n in scheduled:
+                guesses = drafts[seq][0] if seq in drafts else []
                 if seq.n_pending == 1:          # a decode: the token it sampled last step
-                    new = [seq.output_ids[-1] if seq.output_ids else seq.prompt_ids[-1]]
+                    new = [seq.output_ids[-1] if seq.output_ids else seq.prompt_ids[-1]] + guesses
                 else:
                     new = seq.tokens[seq.n_computed:seq.n_computed + n]
                 entries.append((new, seq.n_computed, self.blocks.tables[seq.seq_id]))
-                sampling.append(seq.n_computed + n == seq.n_tokens)   # caught up: sample next
+                # caught up: sample next (from the last row, or from each row when guessing)
+                sampling.append((seq.n_computed + n == seq.n_tokens) * (1 + len(guesses)))
             batch = make_batch(entries, self.cache.block_size, logits_for=sampling)
             live = [seq for (seq, _), s in zip(scheduled, sampling) if s]
-            toks = self._next_tokens(live, batch)
+            if drafts:
+                with deferred_sigint():
+                    logits = self.model.forward(batch, self.cache)                  # [R, V]
+            else:
+                toks = self._next_tokens(live, batch)
             for seq, n in scheduled:
                 self.scheduler.computed(seq, n)
                 self.computed_tokens += n
             self.steps += 1
+            if drafts:          # the accepted guesses and one more token each; the rest rolled back
+                return [self._extend(seq, ids) for seq, ids in self.speculator.verify(live, logits, drafts)]
             return [self._append(seq, tok) for seq, tok in zip(live, toks)]
 
     def _next_tokens(self, live: list[Sequence], batch) -> list[int]:
@@ -166,6 +177,15 @@ class Engine:
             self.scheduler.finish(seq, reason)
             self.seqs.pop(seq.seq_id, None)
         return seq, ([] if eos else [tok])
+
+    def _extend(self, seq: Sequence, ids: list[int]) -> tuple[Sequence, list[int]]:
+        """_append several tokens; none after one that ends the sequence."""
+        out = []
+        for tok in ids:
+            out += self._append(seq, tok)[1]
+            if seq.finished:
+                break
+        return seq, out
 
     def run(self, prompts: list[list[int]], params: list[SamplingParams]):
         """Add the prompts, then step until all are done: yields (prompt index, new token id) as

@@ -1,0 +1,223 @@
+"""Speculative decoding inside the engine: propose before the batch, verify after the forward.
+
+The engine calls two methods per step (engine.py):
+
+    drafts = speculator.propose(scheduled)   for each sequence that decodes this step, k guesses;
+                                             its batch rows become its last token + the guesses,
+                                             and all of them ask for logits (batch.py)
+    (forward: the target scores every guess in the same forward as everyone else's tokens)
+    speculator.verify(live, logits, drafts)  -> [(sequence, ids to emit)]: the accepted guesses
+                                             and one token more; the K/V of rejected guesses
+                                             rolled back
+
+Rollback costs nothing: the rejected rows' keys and values sit past the sequence's new end,
+where attention never looks (it reads positions < the sequence's length) and the next tokens
+overwrite them; n_computed goes back to the accepted end, the blocks past it return to the pool,
+and only blocks whose every token is accepted are named in the prefix cache.
+
+How many guesses: each sequence keeps a running estimate a of how often a guess is accepted.
+With k guesses a step emits (1 - a^(k+1)) / (1 - a) tokens on average and costs about
+1 + row_cost k (+ what drafting costs) of a plain step; k is the one that maximises tokens per
+cost, 0 when guessing does not pay (a plain decode row: no slowdown on text where nothing is
+accepted). A sequence at k = 0 tries one guess now and then (every 8 steps, then 16, ... while
+the guesses keep failing), to notice when the text turns repetitive.
+
+The costs are measured, not assumed, at the first step (`calibrate`): a forward of 1 + K rows
+against one of 1 row gives what a guess costs the target (`row_cost`, in decode steps), and a
+draft forward against a target one what drafting a guess costs. A float32 target reads its
+weights once for all rows (guesses nearly free); a quantized one's forward grows with the rows
+today — when many-row forwards get cheaper, the measured cost drops and k grows by itself.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from ..sampling import sample
+from .verify import greedy_ids, probs_rows, verify_greedy_numba, verify_sample_numba
+
+DEFAULT_K = 5            # most guesses per step
+ROW_COST = 0.3           # one more row in the target's forward, in decode steps (until measured)
+DRAFT_COST = 0.5         # one draft forward, in target decode steps (until measured)
+
+
+class _Adapt:
+    """One sequence's acceptance estimate and its choice of k."""
+
+    def __init__(self, k_max: int, probe_every: int = 8, decay: float = 0.7):
+        self.k_max, self.probe_first, self.decay = k_max, probe_every, decay
+        self.probe_every = probe_every
+        self.hits, self.tries = 2.0, 2.5            # a prior: a = 0.8, forgotten in a few steps
+        self.idle = 0
+        self.probing = False
+
+    @property
+    def rate(self) -> float:
+        return self.hits / self.tries
+
+    def choose(self, cost_per_guess: float) -> int:
+        a = min(self.rate, 0.999)
+        best, best_gain = 0, 1.0
+        for k in range(1, self.k_max + 1):
+            gain = (1 - a ** (k + 1)) / (1 - a) / (1 + cost_per_guess * k)
+            if gain > best_gain * 1.02:              # a clear gain only
+                best, best_gain = k, gain
+        if best == 0:
+            self.idle += 1
+            if self.idle >= self.probe_every:
+                self.idle, self.probing = 0, True
+                return 1
+        return best
+
+    def update(self, k: int, m: int) -> None:
+        """m of k guesses accepted (a rejection ends the run: one miss)."""
+        if self.probing:             # a failed probe waits twice as long for the next one
+            self.probe_every = self.probe_first if m else min(8 * self.probe_first, 2 * self.probe_every)
+            self.probing = False
+        d = self.decay
+        self.hits = d * self.hits + m
+        self.tries = d * self.tries + m + (1 if m < k else 0)
+
+
+class Speculator:
+    def __init__(self, engine, proposer, k_max: int = DEFAULT_K, row_cost: float | None = None,
+                 draft_cost: float | None = None, adaptive: bool = True):
+        """proposer: ngram.NgramProposer or draft.DraftProposer. row_cost, draft_cost: what a
+        guess costs, in target decode steps (None: measured at the first step). adaptive False:
+        always k_max guesses (when the proposer has them)."""
+        self.engine, self.proposer, self.k_max = engine, proposer, k_max
+        self.row_cost, self.draft_cost = row_cost, draft_cost
+        if proposer.name != "draft":
+            self.draft_cost = 0.0
+        self.adaptive = adaptive
+        self.adapt: dict[int, _Adapt] = {}
+        self.steps = self.proposed = self.accepted = self.emitted = 0   # totals, for figures
+        self.history: list[tuple[int, int]] = []       # (guesses, accepted) of each verification
+
+    # --- before the batch ----------------------------------------------------------------------
+    def propose(self, scheduled) -> dict:
+        """scheduled: [(sequence, n tokens)] from the scheduler -> {sequence: (guesses, q or
+        None)} for the decoding sequences that guess this step; their blocks are allocated."""
+        eng = self.engine
+        for sid in [s for s in self.adapt if s not in eng.seqs]:        # finished, aborted
+            del self.adapt[sid]
+            self.proposer.drop(sid)
+        budget = eng.scheduler.max_tokens - sum(n for _, n in scheduled)
+        bs = eng.blocks.block_size
+        wants = []
+        for seq, n in scheduled:
+            if n != 1 or seq.n_pending != 1 or budget <= 0:
+                continue                                   # a prompt chunk, or no budget left
+            if self.adaptive and (self.row_cost is None or self.draft_cost is None):
+                self.calibrate()
+            ad = self.adapt.setdefault(seq.seq_id, _Adapt(self.k_max))
+            k = ad.choose(self.row_cost + self.draft_cost) if self.adaptive else self.k_max
+            k = min(k, budget, seq.params.max_tokens - len(seq.output_ids) - 1,
+                    eng.max_context - seq.n_tokens)
+            if k > 0 and not eng.blocks.can_hold(seq.seq_id, seq.n_tokens + k):
+                k = len(eng.blocks.tables[seq.seq_id]) * bs - seq.n_tokens   # what its blocks hold
+            if k > 0:
+                wants.append((seq, k))
+                budget -= k
+        drafts = self.proposer.propose(wants) if wants else {}
+        for seq, (ids, _) in drafts.items():
+            eng.blocks.ensure(seq.seq_id, seq.n_tokens + len(ids))
+        return drafts
+
+    # --- after the forward -------------------------------------------------------------------------
+    def verify(self, live, logits: np.ndarray, drafts: dict) -> list:
+        """live: the sequences that sample this step, in batch order; logits [R, V]: 1 row each,
+        1 + its guesses for those in drafts -> [(sequence, token ids to emit)]. The engine has
+        counted the last token as computed; the accepted guesses are counted here."""
+        out, r = [], 0
+        blocks = self.engine.blocks
+        for seq in live:
+            if seq not in drafts:
+                p = seq.params
+                seen = np.asarray(seq.tokens) if p.repetition_penalty != 1 else None
+                out.append((seq, [sample(logits[r], p, seq.rng, seen)]))
+                r += 1
+                continue
+            props, q = drafts[seq]
+            k = len(props)
+            rows = logits[r:r + k + 1]                                   # [k+1, V]
+            r += k + 1
+            m, nxt = self.accept(seq, rows, props, q)
+            # the accepted guesses' K/V stay; the rest is past the new end
+            old_n = seq.n_tokens
+            seq.n_computed += m
+            blocks.cache_blocks(seq.seq_id, seq.tokens + props[:m], seq.n_computed)
+            blocks.trim(seq.seq_id, seq.n_computed + 1)
+            self.proposer.rollback(seq, old_n + m)
+            if seq.seq_id in self.adapt:
+                self.adapt[seq.seq_id].update(k, m)
+            self.steps += 1
+            self.proposed += k
+            self.accepted += m
+            self.emitted += m + 1
+            self.history.append((k, m))
+            out.append((seq, props[:m] + [nxt]))
+        return out
+
+    @staticmethod
+    def accept(seq, rows: np.ndarray, props: list[int], q) -> tuple[int, int]:
+        """rows [k+1, V] the target's logits -> (accepted m, the next token): verify.py's rules,
+        with the sequence's sampling filters on every row."""
+        p = seq.params
+        context = np.asarray(seq.tokens, dtype=np.int64) if p.repetition_penalty != 1 else None
+        d = np.asarray(props, dtype=np.int64)
+        if p.greedy:
+            m, nxt = verify_greedy_numba(greedy_ids(rows, p, context, props), d)
+        else:
+            probs = probs_rows(rows, p, context, props)                # [k+1, V]
+            qq = np.zeros((0, probs.shape[1])) if q is None else np.asarray(q, dtype=np.float64)
+            m, nxt = verify_sample_numba(probs, qq, d, seq.rng.random(len(props) + 1))
+        return int(m), int(nxt)
+
+    # --- what a guess costs -------------------------------------------------------------------------
+    def calibrate(self, repeats: int = 5) -> None:
+        """Measure row_cost and draft_cost (the fastest of a few forwards on free blocks of each
+        pool, after one untimed one); where a pool has no room, the defaults."""
+        eng = self.engine
+        t1 = timed_forward(eng.model, eng.cache, eng.blocks, 1, eng.max_context, repeats)
+        tk = timed_forward(eng.model, eng.cache, eng.blocks, 1 + self.k_max, eng.max_context, repeats)
+        if self.row_cost is None:
+            self.row_cost = (max(0.0, (tk - t1) / (self.k_max * t1)) if t1 and tk else ROW_COST)
+        if self.draft_cost is None:
+            td = self.proposer.step_time(repeats)
+            self.draft_cost = td / t1 if td and t1 else DRAFT_COST
+
+    # --- figures -----------------------------------------------------------------------------------
+    def stats(self) -> dict:
+        return dict(verify_steps=self.steps, proposed=self.proposed, accepted=self.accepted,
+                    emitted=self.emitted,
+                    mean_accepted=self.accepted / self.steps if self.steps else 0.0,
+                    acceptance=self.accepted / self.proposed if self.proposed else 0.0)
+
+    def reset_stats(self) -> None:
+        self.steps = self.proposed = self.accepted = self.emitted = 0
+        self.history.clear()
+
+
+def timed_forward(model, cache, blocks, n: int, max_context: int, repeats: int = 3) -> float | None:
+    """Seconds of a forward of n new tokens after (up to) 64 cached ones, on free blocks of the
+    pool (given back after), one untimed forward first; None if there is no room now. The
+    fastest of the repeats: on a shared machine the others were slowed by someone else."""
+    from ..batch import make_batch
+    sid, ctx = -(1 << 40), min(64, max_context - n - 1)      # an id no request has
+    ids = [i % model.config.vocab_size for i in range(ctx + n)]
+    if ctx < 1 or not blocks.can_hold(sid, ctx + n):
+        return None
+    try:
+        table = blocks.ensure(sid, ctx + n)
+        model.forward(make_batch([(ids[:ctx], 0, table)], cache.block_size), cache)
+        times = []
+        for _ in range(repeats + 1):
+            batch = make_batch([(ids[ctx:], ctx, table)], cache.block_size, logits_for=[n])
+            t = time.perf_counter()
+            model.forward(batch, cache)
+            times.append(time.perf_counter() - t)
+        return min(times[1:])
+    finally:
+        blocks.release(sid)

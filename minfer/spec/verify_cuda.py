@@ -1,0 +1,114 @@
+"""The verify rules of verify.py as numba.cuda kernels: one thread per sequence, reading the
+target's logits (greedy) or filtered distributions (sampling) where they already are, on the
+device; only the accepted counts and the next ids come back. Simple on purpose: a sequence's
+k + 1 rows are a few hundred thousand reads, far below a forward's cost.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import cuda
+
+
+@cuda.jit(device=True)
+def _draw_cuda(w, b, total, u):
+    target = u * total
+    s = 0.0
+    last = 0
+    for j in range(w.shape[1]):
+        if w[b, j] > 0:
+            s += w[b, j]
+            last = j
+            if s > target:
+                return j
+    return last
+
+
+@cuda.jit
+def greedy_kernel(logits, starts, proposals, n_prop, out):
+    """logits [R, V]: sequence b's rows starts[b]..starts[b+1]-1 (its last token, then its
+    proposals proposals[b, :n_prop[b]]) -> out[b] = (accepted m, next token)."""
+    b = cuda.grid(1)
+    if b >= out.shape[0]:
+        return
+    V = logits.shape[1]
+    m = 0
+    for i in range(starts[b + 1] - starts[b]):
+        r = starts[b] + i
+        best, arg = logits[r, 0], 0
+        for j in range(1, V):                       # argmax, first index on ties
+            if logits[r, j] > best:
+                best, arg = logits[r, j], j
+        if i < n_prop[b] and proposals[b, i] == arg:
+            m += 1
+            continue
+        out[b, 0], out[b, 1] = m, arg
+        return
+
+
+@cuda.jit
+def sample_kernel(p, q, starts, proposals, n_prop, u, scratch, out):
+    """p [R, V] filtered distributions (rows as in greedy_kernel), q [R, V] the proposer's
+    on the same rows (a sequence's last row unused) or q [0, V] for point masses, u [B, K+1]
+    uniforms, scratch [B, V] -> out[b] = (accepted m, next token)."""
+    b = cuda.grid(1)
+    if b >= out.shape[0]:
+        return
+    V = p.shape[1]
+    point = q.shape[0] == 0
+    k = n_prop[b]
+    s0 = starts[b]
+    for i in range(k):
+        x = proposals[b, i]
+        qx = 1.0 if point else q[s0 + i, x]
+        if qx > 0 and u[b, i] * qx < p[s0 + i, x]:
+            continue
+        lo = p[s0 + i, x] / qx if qx > 0 else 0.0
+        v = (u[b, i] - lo) / (1.0 - lo) if lo < 1.0 else 0.0
+        v = min(max(v, 0.0), 0.999999999)
+        total = 0.0
+        for j in range(V):
+            w = p[s0 + i, j] if point else max(p[s0 + i, j] - q[s0 + i, j], 0.0)
+            if point and j == x:
+                w = 0.0
+            scratch[b, j] = w
+            total += w
+        if not total > 0:
+            total = 0.0
+            for j in range(V):
+                scratch[b, j] = p[s0 + i, j]
+                total += p[s0 + i, j]
+        out[b, 0], out[b, 1] = i, _draw_cuda(scratch, b, total, v)
+        return
+    total = 0.0
+    for j in range(V):
+        scratch[b, j] = p[s0 + k, j]
+        total += p[s0 + k, j]
+    out[b, 0], out[b, 1] = k, _draw_cuda(scratch, b, total, u[b, k])
+
+
+def verify_greedy_cuda(logits, starts: np.ndarray, proposals: np.ndarray, n_prop: np.ndarray):
+    """logits [R, V] (a device array, or host: copied) -> [B, 2] (accepted m, next) on the host:
+    only the accepted counts and ids leave the device."""
+    B = len(n_prop)
+    out = cuda.device_array((B, 2), dtype=np.int64)
+    threads = 32
+    greedy_kernel[(B + threads - 1) // threads, threads](
+        cuda.to_device(logits) if isinstance(logits, np.ndarray) else logits,
+        cuda.to_device(starts.astype(np.int64)), cuda.to_device(proposals.astype(np.int64)),
+        cuda.to_device(n_prop.astype(np.int64)), out)
+    return out.copy_to_host()
+
+
+def verify_sample_cuda(p, q, starts: np.ndarray, proposals: np.ndarray, n_prop: np.ndarray,
+                       u: np.ndarray):
+    """The sampling rule on the device: p, q [R, V] (q [0, V]: point masses) -> [B, 2]."""
+    B = len(n_prop)
+    dev = (lambda a: cuda.to_device(a) if isinstance(a, np.ndarray) else a)
+    out = cuda.device_array((B, 2), dtype=np.int64)
+    scratch = cuda.device_array((B, p.shape[1]), dtype=np.float64)
+    threads = 32
+    sample_kernel[(B + threads - 1) // threads, threads](
+        dev(p), dev(q), cuda.to_device(starts.astype(np.int64)),
+        cuda.to_device(proposals.astype(np.int64)), cuda.to_device(n_prop.astype(np.int64)),
+        cuda.to_device(u.astype(np.float64)), scratch, out)
+    return out.copy_to_host()

@@ -1,0 +1,348 @@
+"""Speculative decoding: the rules against their reference, the output distribution preserved,
+greedy text identical with and without guesses, and no stale K/V after a rollback."""
+import math
+
+import numpy as np
+import pytest
+
+import minfer
+from minfer.sampling import SamplingParams
+from minfer.spec import verify
+from minfer.spec.ngram import propose_ngram, propose_ngram_numba
+from minfer.weights import synthetic
+
+rng = np.random.default_rng(7)
+
+
+# ---------------------------------------------------------------------------------------------
+# The n-gram proposer
+# ---------------------------------------------------------------------------------------------
+def test_ngram_finds_latest_longest_match():
+    t = np.array([1, 2, 3, 9, 1, 2, 3, 4, 5, 7, 2, 3], dtype=np.int64)
+    # last 2 tokens "2 3": latest earlier occurrence at 5..6, followed by 4 5 7
+    assert propose_ngram(t, 3).tolist() == [4, 5, 7]
+    assert propose_ngram(np.array([5, 6, 7], dtype=np.int64), 3).tolist() == []   # nothing seen
+    assert propose_ngram(np.array([4, 4, 4, 4], dtype=np.int64), 3).tolist() == [4]
+
+
+@pytest.mark.parametrize("T", [1, 2, 5, 40, 200])
+def test_ngram_numba_equals_reference(T):
+    for _ in range(20):
+        t = rng.integers(0, 4, T).astype(np.int64)
+        for k, n in ((1, 1), (4, 3), (8, 5)):
+            assert propose_ngram_numba(t, k, n, 1).tolist() == propose_ngram(t, k, n, 1).tolist()
+
+
+# ---------------------------------------------------------------------------------------------
+# The rules: @njit against the reference
+# ---------------------------------------------------------------------------------------------
+def _dist(n, V, zeros=0):
+    p = rng.random((n, V)) ** 3
+    for row in p:
+        row[rng.choice(V, zeros, replace=False)] = 0
+    return p / p.sum(axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize("k,V", [(1, 2), (3, 5), (6, 33)])
+def test_verify_numba_equals_reference(k, V):
+    for trial in range(200):
+        p, q = _dist(k + 1, V, zeros=V // 3), _dist(k, V)
+        d = np.array([rng.choice(V, p=row) if trial % 3 else rng.integers(V) for row in q])
+        u = rng.random(k + 1)
+        assert verify.verify_sample_numba(p, q, d, u) == verify.verify_sample(p, q, d, u)
+        assert (verify.verify_sample_numba(p, np.zeros((0, V)), d, u)
+                == verify.verify_sample(p, None, d, u))
+        t = p.argmax(axis=1)
+        d2 = np.where(rng.random(k) < 0.7, t[:k], d)
+        assert verify.verify_greedy_numba(t, d2) == verify.verify_greedy(t, d2)
+
+
+# ---------------------------------------------------------------------------------------------
+# The distribution is preserved: a tiny "model" over 4 tokens, 20,000 draws of the next three
+# tokens with a deliberately bad draft, against the exact joint distribution (chi-square)
+# ---------------------------------------------------------------------------------------------
+V, N_DRAWS, N_NEXT = 4, 20_000, 3
+
+
+def _logits_fn(seed):
+    table = np.random.default_rng(seed).normal(0, 1.5, (V + 1, V, V))
+    return lambda ctx: table[len(ctx) % (V + 1), ctx[-1]]        # depends on length and last token
+
+
+TARGET, BAD_DRAFT = _logits_fn(1), _logits_fn(2)
+
+
+def _probs(fn, params, ctx, memo):
+    if ctx not in memo:
+        memo[ctx] = verify.row_probs(fn(ctx), params, np.array(ctx))   # the sampler's filters
+    return memo[ctx]
+
+
+def _exact_joint(params):
+    memo, out = {}, np.zeros(V ** N_NEXT)
+    for cell in range(V ** N_NEXT):
+        toks = [(cell // V ** j) % V for j in reversed(range(N_NEXT))]
+        pr, ctx = 1.0, (0,)
+        for t in toks:
+            pr *= _probs(TARGET, params, ctx, memo)[t]
+            ctx += (t,)
+        out[cell] = pr
+    return out
+
+
+def _speculative_draws(rule, params, k, point_mass, seed=0):
+    """N_DRAWS runs of: guess k tokens (drafted from the bad draft's q, or a point mass), verify,
+    repeat until N_NEXT tokens are out. -> counts over the V**N_NEXT cells."""
+    g = np.random.default_rng(seed)
+    pm, qm, cum, rows = {}, {}, {}, {}
+    counts = np.zeros(V ** N_NEXT, dtype=np.int64)
+    for _ in range(N_DRAWS):
+        ctx = (0,)
+        while len(ctx) < 1 + N_NEXT:
+            guesses, c = (), ctx
+            for _ in range(k):
+                if c not in cum:
+                    q = _probs(BAD_DRAFT, params, c, qm)
+                    cum[c] = (int(np.argmax(q)), np.cumsum(q))
+                top, cq = cum[c]
+                x = top if point_mass else min(int(np.searchsorted(cq, g.random() * cq[-1], side="right")), V - 1)
+                guesses += (x,)
+                c += (x,)
+            if (ctx, guesses) not in rows:
+                p = np.stack([_probs(TARGET, params, ctx + guesses[:i], pm) for i in range(k + 1)])
+                q = (np.zeros((0, V)) if point_mass else
+                     np.stack([_probs(BAD_DRAFT, params, ctx + guesses[:i], qm) for i in range(k)]))
+                rows[ctx, guesses] = (p, q, np.array(guesses))
+            p, q, d = rows[ctx, guesses]
+            m, nxt = rule(p, q, d, g.random(k + 1))
+            ctx += guesses[:m] + (int(nxt),)
+        cell = 0
+        for t in ctx[1:1 + N_NEXT]:
+            cell = cell * V + t
+        counts[cell] += 1
+    return counts
+
+
+def _chi2_ok(counts, probs, z=4.75):
+    """Pearson's chi-square over the cells expected >= 5 times (the rest pooled) against its
+    critical value at ~1e-6 (Wilson-Hilferty); any draw in a cell of probability 0 fails."""
+    n = counts.sum()
+    if counts[probs == 0].sum() > 0:
+        return False
+    e = probs * n
+    big = e >= 5
+    obs = np.append(counts[big], counts[~big].sum())
+    exp = np.append(e[big], e[~big].sum())
+    keep = exp > 0
+    stat = float((((obs - exp) ** 2)[keep] / exp[keep]).sum())
+    df = keep.sum() - 1
+    crit = df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
+    return stat < crit
+
+
+def _wrong_residual(p, q, d, u):
+    """A subtler broken rule: the right acceptance test, but resampling from p, not p - q."""
+    for i in range(len(d)):
+        x = d[i]
+        qx = 1.0 if q.shape[0] == 0 else q[i, x]
+        if u[i] * qx >= p[i, x]:
+            return i, verify.draw(p[i], 0.5 * u[i])
+    return len(d), verify.draw(p[len(d)], u[len(d)])
+
+
+@pytest.mark.parametrize("params,point_mass", [
+    (SamplingParams(temperature=1.0), False),
+    (SamplingParams(temperature=0.8, top_k=3, repetition_penalty=1.3, min_p=0.05), False),
+    (SamplingParams(temperature=1.2, top_p=0.9), True),                   # n-gram-like guesses
+])
+def test_rejection_rule_preserves_the_distribution(params, point_mass):
+    exact = _exact_joint(params)
+    good = _speculative_draws(verify.verify_sample_numba, params, k=3, point_mass=point_mass)
+    assert _chi2_ok(good, exact)
+    # the test can tell: a rule that accepts every guess, or resamples wrongly, fails it
+    bad = _speculative_draws(verify.always_accept, params, k=3, point_mass=point_mass)
+    assert not _chi2_ok(bad, exact)
+    if not point_mass:
+        assert not _chi2_ok(_speculative_draws(_wrong_residual, params, k=3, point_mass=False), exact)
+
+
+def test_reference_rule_preserves_the_distribution_too():
+    params = SamplingParams(temperature=1.0, top_k=3)
+    exact = _exact_joint(params)
+    ref = lambda p, q, d, u: verify.verify_sample(p, q if len(q) else None, d, u)  # noqa: E731
+    assert _chi2_ok(_speculative_draws(ref, params, k=2, point_mass=False, seed=1), exact)
+
+
+# ---------------------------------------------------------------------------------------------
+# In the engine: greedy text identical, stops inside an accepted run, no stale K/V
+# ---------------------------------------------------------------------------------------------
+PROMPTS = ["the cat sat on the mat and the cat sat on the mat and the",
+           "hello hello hello", "abc", "system user assistant system user"]
+
+
+@pytest.fixture(scope="module")
+def other_gguf(tmp_path_factory):
+    """A different random model with the same tokenizer: a draft that is mostly wrong."""
+    return synthetic.tiny_checkpoint(tmp_path_factory.mktemp("draft"), fmt="gguf", seed=5)
+
+
+@pytest.fixture(scope="module")
+def plain(tiny_gguf):
+    return {b: minfer.LLM(tiny_gguf, backend=b) for b in ("numpy", "numba")}
+
+
+def _spec_llm(path, backend, mode, draft=None, k=4, **kw):
+    return minfer.LLM(path, backend=backend, speculative=mode, num_speculative_tokens=k,
+                      draft_model=draft, **kw)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+def test_greedy_identical_with_and_without_speculation(tiny_gguf, other_gguf, plain, backend):
+    G = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    ref = [c.token_ids for c in plain[backend].generate(PROMPTS, G)]
+    rep = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, repetition_penalty=1.3)
+    ref_rep = plain[backend].generate(PROMPTS[:1], rep)[0].token_ids
+    for mode, draft in (("ngram", None), ("draft", other_gguf), ("draft", None)):
+        llm = _spec_llm(tiny_gguf, backend, mode, draft)
+        got = [c.token_ids for c in llm.generate(PROMPTS, G)]         # batched, mixed
+        assert got == ref, (mode, draft)
+        assert llm.generate(PROMPTS[:1], rep)[0].token_ids == ref_rep
+        s = llm.engine.speculator.stats()
+        assert s["verify_steps"] > 0 and s["proposed"] > s["accepted"], (mode, draft, s)
+        assert s["accepted"] > 0 or draft is not None             # the other model: rarely right
+        llm.engine.blocks.check()
+
+
+def test_stops_inside_an_accepted_run(tiny_gguf, plain):
+    """With the model drafting for itself every guess is accepted: EOS, a stop string and
+    max_tokens all fall inside accepted runs, and nothing past them comes out."""
+    base = plain["numpy"]
+    G = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    full = base.generate([PROMPTS[2]], G)[0]
+    llm = _spec_llm(tiny_gguf, "numpy", "draft", draft=tiny_gguf, k=5)
+    llm.engine.speculator.adaptive = False
+    # max_tokens
+    for n in (1, 2, 7, 11):
+        out = llm.generate([PROMPTS[2]], SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))[0]
+        assert out.token_ids == full.token_ids[:n] and out.finish_reason == "length"
+    # a stop string
+    stop = full.text[9:12]
+    want = base.generate([PROMPTS[2]], SamplingParams(temperature=0, max_tokens=30, stop=[stop]))[0]
+    got = llm.generate([PROMPTS[2]], SamplingParams(temperature=0, max_tokens=30, stop=[stop]))[0]
+    assert (got.text, got.token_ids, got.finish_reason) == (want.text, want.token_ids, "stop")
+    # EOS: make a greedy token that first comes late an end-of-text token for both engines
+    j = next(i for i in range(3, 30) if full.token_ids[i] not in full.token_ids[:i])
+    eos = full.token_ids[j]
+    for e in (base.engine, llm.engine):
+        e.stop_ids.add(eos)
+    try:
+        want = base.generate([PROMPTS[2]], SamplingParams(temperature=0, max_tokens=30))[0]
+        got = llm.generate([PROMPTS[2]], SamplingParams(temperature=0, max_tokens=30))[0]
+    finally:
+        for e in (base.engine, llm.engine):
+            e.stop_ids.discard(eos)
+    assert got.token_ids == want.token_ids == full.token_ids[:j] and got.finish_reason == "stop"
+    s = llm.engine.speculator.stats()
+    assert s["accepted"] == s["proposed"] > 0
+
+
+def test_rollback_leaves_no_stale_kv(tiny_gguf, other_gguf, plain):
+    """Every row of every verification forward (after earlier rejections rolled back) has the
+    logits of a fresh forward of its text; the prefix cache holds only accepted tokens."""
+    llm = _spec_llm(tiny_gguf, "numpy", "draft", draft=other_gguf, k=3, block_size=4)
+    llm.engine.speculator.adaptive = False
+    eng, seen = llm.engine, []
+    orig = eng.model.forward
+
+    def spy(batch, cache):
+        out = orig(batch, cache)
+        seen.append((batch.token_ids.copy(), batch.positions.copy(), batch.logits_rows.copy(), out))
+        return out
+    eng.model.forward = spy
+    try:
+        out = llm.generate([PROMPTS[0]], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))[0]
+    finally:
+        eng.model.forward = orig
+    final = out.prompt_token_ids + out.token_ids
+    s = eng.speculator.stats()
+    assert s["proposed"] > s["accepted"]                       # there were rejections
+    fresh = plain["numpy"]
+    checked = 0
+    for toks, pos, rows, logits in seen[1:]:                   # after the prefill
+        start = int(pos[0])
+        if len(toks) < 2:
+            continue
+        text = final[:start] + toks.tolist()                   # accepted so far + this step's rows
+        want = fresh.logits(text)[start:]
+        np.testing.assert_allclose(logits, want[rows], rtol=1e-4, atol=1e-4)
+        checked += 1
+    assert checked > 3
+    eng.blocks.check()
+    bs = eng.cache.block_size
+    for b, (_, key) in eng.blocks.prefix.key_of.items():      # every cached block: accepted text
+        assert any(tuple(final[i:i + bs]) == key for i in range(0, len(final) - bs + 1, bs)), key
+
+
+def test_sampling_with_speculation_runs_and_is_seeded(tiny_gguf):
+    llm = _spec_llm(tiny_gguf, "numpy", "ngram")
+    p = SamplingParams(temperature=0.8, top_k=20, max_tokens=25, seed=3, ignore_eos=True)
+    a = llm.generate(PROMPTS[:2], p)
+    b = llm.generate(PROMPTS[:2], p)
+    assert [c.token_ids for c in a] == [c.token_ids for c in b]
+    assert all(len(c.token_ids) == 25 for c in a)
+
+
+def test_bad_speculative_arguments(tiny_gguf):
+    from minfer.errors import InvalidArgumentError
+    with pytest.raises(InvalidArgumentError, match="speculative"):
+        minfer.LLM(tiny_gguf, backend="numpy", speculative="magic")
+    with pytest.raises(InvalidArgumentError, match="num_speculative_tokens"):
+        minfer.LLM(tiny_gguf, backend="numpy", speculative="ngram", num_speculative_tokens=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line
+# ---------------------------------------------------------------------------------------------
+def _cli(*args):
+    import subprocess
+    import sys
+    return subprocess.run([sys.executable, "-m", "minfer", *map(str, args)], capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_cli_generate_speculative_same_text(tiny_gguf):
+    args = ("generate", "--model", tiny_gguf, "--backend", "numpy", "--raw", "--max-tokens", "12",
+            "the cat sat on the mat and the cat sat on the")
+    plain, spec = _cli(*args), _cli(*args, "--speculative", "ngram", "--num-speculative-tokens", "3")
+    assert plain.returncode == 0 and spec.returncode == 0, spec.stderr
+    assert spec.stdout == plain.stdout and "accepted a step" in spec.stderr
+
+
+@pytest.mark.parametrize("args,says", [
+    (["generate", "--speculative", "ngram", "--draft-model", "x.gguf", "hi"], "draft"),
+    (["generate", "--speculative", "ngram", "--num-speculative-tokens", "0", "hi"], "num_speculative_tokens"),
+    (["bench", "--speculative", "ngram,magic"], "unknown speculative mode")])
+def test_cli_bad_speculative_flags_are_one_line_errors(tiny_gguf, args, says):
+    r = _cli(*args[:1], *(["--model", tiny_gguf] if args[0] == "generate" else []), *args[1:])
+    assert r.returncode == 1 and "Traceback" not in r.stderr and says in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# The real model
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.model
+def test_real_model_greedy_identical_on_numba(default_model):
+    """The default model on numba: prompt lookup and the built-in draft (the same file as Q4_0
+    with int8 activations, where the CPU has them) give plain greedy decoding's text, with
+    guesses accepted."""
+    from minfer.bench import SPEC_WORKLOADS
+    G = SamplingParams(temperature=0, max_tokens=48)
+    plain = minfer.LLM(default_model)
+    prompt = plain.tokenizer.apply_chat_template([{"role": "user", "content": SPEC_WORKLOADS["edit"]}])
+    want = plain.generate([prompt], G)[0].token_ids
+    for mode in ("ngram", "draft"):
+        llm = minfer.LLM(default_model, speculative=mode)
+        llm.engine.speculator.adaptive = False           # guess every step: exercise the rules
+        assert llm.generate([prompt], G)[0].token_ids == want, mode
+        assert llm.engine.speculator.accepted > 0, mode
