@@ -539,7 +539,7 @@ def test_check_reports_a_wrong_function_with_a_hint(tmp_path, capsys):
 
 def test_bad_input_is_a_clean_error(tmp_path):
     with pytest.raises(ExerciseError, match="no exercises"):
-        _cli("start", "13", "--dir", str(tmp_path))
+        _cli("start", "15", "--dir", str(tmp_path))
     with pytest.raises(ExerciseError, match="lesson start 6"):
         _cli("check", "6", "--dir", str(tmp_path))
     _write(tmp_path, 7, "def silu(z):\n    return z *\n")
