@@ -180,7 +180,8 @@ def layers_numba(x, cos, sin, stacks, cache, batch, config, kind, workers=None, 
             head, rows = (stacks["ffn_norm"][1][0], W[2]), batch.logits_rows[:0]
         else:
             rows = batch.logits_rows
-        x, logits = region.ENTRY[kind](*args, head, rows, workers or numba.get_num_threads())
+        x, logits = region.ENTRY[kind](*args, head, rows, workers or numba.get_num_threads(),
+                                       quant.MANY_ROWS[kind])
         return x, (logits if len(logits) else None)
     return _ENTRY[kind](*args), None
 

@@ -46,7 +46,8 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .fused import Q8
-from .stages import attention, quant, quant_i8
+from .stages import attention, quant, quant_gemm, quant_i8
+from .stages.fastexp import exp32
 from .stages.kvcache import kv_write_numba
 from .stages.rmsnorm import rmsnorm_numba
 from .stages.rope import rope_numba
@@ -264,9 +265,61 @@ def _gate_up_q4(x, g, u, l, out, C):
     _finish(ctr, s, nw, n, k)
 
 
+# Many rows (a batch of sequences, tokens to verify, a chunk of a prompt): quant_gemm's tiles,
+# each weight row dequantized once for all the rows of x. An item is a tile of weight rows, as
+# above; the thread decodes it STRIP rows at a time into its own scratch.
+@njit(cache=True)
+def _matmul_rows(x, w, l, out, res, C):
+    ctr, s, wi, nw = C
+    qs, d, m = w[0][l].view(np.uint8), w[1][l], w[2][l]
+    T, O = x.shape[0], qs.shape[0]
+    n, k = quant_i8._tiles(O), 0
+    if _left(ctr, s, nw, n):
+        buf = np.empty((quant_gemm.STRIP, x.shape[1]), dtype=np.float32)
+        y = np.empty((T, (O + n - 1) // n + 1), dtype=np.float32)       # one tile's columns
+        i0, i1 = _next(ctr, s, wi, nw, n)
+        while i0 >= 0:
+            for i in range(i0, i1):
+                o0, o1 = i * O // n, (i + 1) * O // n
+                quant_gemm.tile(x, qs, d, m, o0, o1, buf, y, 0)
+                for t in range(T):
+                    for o in range(o0, o1):
+                        out[t, o] = res[t, o] + y[t, o - o0]
+            k += i1 - i0
+            i0, i1 = _next(ctr, s, wi, nw, n)
+    _finish(ctr, s, nw, n, k)
+
+
+@njit(cache=True)
+def _gate_up_rows(x, g, u, l, out, C):
+    ctr, s, wi, nw = C
+    T, F = x.shape[0], g[0].shape[1]
+    n, k = quant_i8._tiles(F), 0
+    if _left(ctr, s, nw, n):
+        buf = np.empty((quant_gemm.STRIP, x.shape[1]), dtype=np.float32)
+        cols = (F + n - 1) // n + 1
+        yg = np.empty((T, cols), dtype=np.float32)
+        yu = np.empty((T, cols), dtype=np.float32)
+        i0, i1 = _next(ctr, s, wi, nw, n)
+        while i0 >= 0:
+            for i in range(i0, i1):
+                o0, o1 = i * F // n, (i + 1) * F // n
+                quant_gemm.tile(x, g[0][l].view(np.uint8), g[1][l], g[2][l], o0, o1, buf, yg, 0)
+                quant_gemm.tile(x, u[0][l].view(np.uint8), u[1][l], u[2][l], o0, o1, buf, yu, 0)
+                for t in range(T):
+                    for o in range(o0, o1):
+                        v = yg[t, o - o0]
+                        out[t, o] = v / (np.float32(1.0) + exp32(-v)) * yu[t, o - o0]
+            k += i1 - i0
+            i0, i1 = _next(ctr, s, wi, nw, n)
+    _finish(ctr, s, nw, n, k)
+
+
 @njit(inline="always")
-def _matmul(x, w, l, kind, limbs, out, res, C):
-    if limbs:                                 # kind and limbs are constants: one branch compiles
+def _matmul(x, w, l, kind, limbs, out, res, C, many):
+    if x.shape[0] >= many:                    # many rows: the weights decoded once for all
+        _matmul_rows(x, w, l, out, res, C)
+    elif limbs:                               # kind and limbs are constants: one branch compiles
         _matmul_i8(x, w, l, limbs, out, res, C)
     elif kind == Q8:
         _matmul_q8(x, w, l, out, res, C)
@@ -275,8 +328,10 @@ def _matmul(x, w, l, kind, limbs, out, res, C):
 
 
 @njit(inline="always")
-def _gate_up(x, g, u, l, kind, limbs, out, C):
-    if limbs:
+def _gate_up(x, g, u, l, kind, limbs, out, C, many):
+    if x.shape[0] >= many:
+        _gate_up_rows(x, g, u, l, out, C)
+    elif limbs:
         _gate_up_i8(x, g, u, l, limbs, out, C)
     elif kind == Q8:
         _gate_up_q8(x, g, u, l, out, C)
@@ -324,7 +379,7 @@ def _attention(q, k_cache, v_cache, row_seq, positions, block_tables, parts, C):
 # Six stages a layer, s = 6 l + 0..5, then the LM head.
 # ---------------------------------------------------------------------------------------------
 @njit(inline="always")
-def _walk(x, cos, sin, f, n_heads, n_kv_heads, eps, kind, limbs, wi, nw):
+def _walk(x, cos, sin, f, n_heads, n_kv_heads, eps, kind, limbs, wi, nw, many):
     W, kv, B, shared, head = _nest(f)
     attn_norm, wqkv, wo, ffn_norm, w_gate, w_up, w_down = W
     k_cache, v_cache = kv
@@ -335,45 +390,46 @@ def _walk(x, cos, sin, f, n_heads, n_kv_heads, eps, kind, limbs, wi, nw):
         s = 6 * l
         # --- attention block ---------------------------------------------------------------
         h = rmsnorm_numba(x, attn_norm[l], eps)                                   # [T, D]
-        _matmul(h, wqkv, l, kind, limbs, y, zeros, (ctr, s, wi, nw))             # [T, qd + 2 kvd]
+        _matmul(h, wqkv, l, kind, limbs, y, zeros, (ctr, s, wi, nw), many)       # [T, qd + 2 kvd]
         _rope_cache(y, q, cos, sin, k_cache[l], v_cache[l], slot_mapping, (ctr, s + 1, wi, nw))
         _attention(q, k_cache[l], v_cache[l], row_seq, positions, block_tables, parts,
                    (ctr, s + 2, wi, nw))
         a = q.reshape(T, qd)                   # (a placeholder for a thread with nothing left)
         if _left(ctr, s + 3, nw, quant_i8._tiles(wo[0].shape[1])):
             a = attention._merge_slices(q, parts).reshape(T, qd)                 # [T, qd]
-        _matmul(a, wo, l, kind, limbs, x, x, (ctr, s + 3, wi, nw))                # x += [T, D]
+        _matmul(a, wo, l, kind, limbs, x, x, (ctr, s + 3, wi, nw), many)          # x += [T, D]
         # --- MLP block ---------------------------------------------------------------------
         h = rmsnorm_numba(x, ffn_norm[l], eps)                                    # [T, D]
-        _gate_up(h, w_gate, w_up, l, kind, limbs, g, (ctr, s + 4, wi, nw))        # [T, F]
-        _matmul(g, w_down, l, kind, limbs, x, x, (ctr, s + 5, wi, nw))            # x += [T, D]
+        _gate_up(h, w_gate, w_up, l, kind, limbs, g, (ctr, s + 4, wi, nw), many)  # [T, F]
+        _matmul(g, w_down, l, kind, limbs, x, x, (ctr, s + 5, wi, nw), many)      # x += [T, D]
     # --- final norm and LM head, for the logits rows (none: model.forward does them) ---------
     norm, lm, rows, logits = head
     if rows.shape[0] > 0:
         h = rmsnorm_numba(x[rows], norm, eps)                                    # [R, D]
-        _matmul(h, lm, 0, kind, limbs, logits, logits, (ctr, 6 * attn_norm.shape[0], wi, nw))  # [R, V]
+        _matmul(h, lm, 0, kind, limbs, logits, logits, (ctr, 6 * attn_norm.shape[0], wi, nw),
+                many)                                                    # [R, V]
 
 
 # One compiled walk per kind of kernel, as in fused.py: `kind` and `limbs` are constants in each,
 # and only the kernels of that kind compile.
 @njit(cache=True)
-def _walk_q4(x, cos, sin, f, n_heads, n_kv_heads, eps, wi, nw):
-    _walk(x, cos, sin, f, n_heads, n_kv_heads, eps, 0, 0, wi, nw)
+def _walk_q4(x, cos, sin, f, n_heads, n_kv_heads, eps, wi, nw, many):
+    _walk(x, cos, sin, f, n_heads, n_kv_heads, eps, 0, 0, wi, nw, many)
 
 
 @njit(cache=True)
-def _walk_q8(x, cos, sin, f, n_heads, n_kv_heads, eps, wi, nw):
-    _walk(x, cos, sin, f, n_heads, n_kv_heads, eps, 1, 0, wi, nw)
+def _walk_q8(x, cos, sin, f, n_heads, n_kv_heads, eps, wi, nw, many):
+    _walk(x, cos, sin, f, n_heads, n_kv_heads, eps, 1, 0, wi, nw, many)
 
 
 @njit(cache=True)
-def _walk_i8(x, cos, sin, f, n_heads, n_kv_heads, eps, wi, nw):
-    _walk(x, cos, sin, f, n_heads, n_kv_heads, eps, 2, 1, wi, nw)
+def _walk_i8(x, cos, sin, f, n_heads, n_kv_heads, eps, wi, nw, many):
+    _walk(x, cos, sin, f, n_heads, n_kv_heads, eps, 2, 1, wi, nw, many)
 
 
 @njit(cache=True)
-def _walk_split(x, cos, sin, f, n_heads, n_kv_heads, eps, wi, nw):
-    _walk(x, cos, sin, f, n_heads, n_kv_heads, eps, 3, 3, wi, nw)
+def _walk_split(x, cos, sin, f, n_heads, n_kv_heads, eps, wi, nw, many):
+    _walk(x, cos, sin, f, n_heads, n_kv_heads, eps, 3, 3, wi, nw, many)
 
 
 # The region: the shared arrays, then one prange iteration a thread, each walking the whole step.
@@ -410,38 +466,38 @@ def _nest(f):
 
 
 @njit(parallel=True, cache=True)
-def _region_q4(x, cos, sin, W, kv, B, n_heads, n_kv_heads, eps, head, rows, nw):
+def _region_q4(x, cos, sin, W, kv, B, n_heads, n_kv_heads, eps, head, rows, nw, many):
     x = x.copy()                                               # [T, D]  the residual stream
     f = _flat(x, W, kv, B, head, rows, n_heads, n_kv_heads, nw)
     for wi in prange(nw):
-        _walk_q4(x, cos, sin, f, n_heads, n_kv_heads, eps, np.int64(wi), nw)   # (wi: uint64)
+        _walk_q4(x, cos, sin, f, n_heads, n_kv_heads, eps, np.int64(wi), nw, many)   # (wi: uint64)
     return x, f[36]                                            # [T, D], logits [R, V]
 
 
 @njit(parallel=True, cache=True)
-def _region_q8(x, cos, sin, W, kv, B, n_heads, n_kv_heads, eps, head, rows, nw):
+def _region_q8(x, cos, sin, W, kv, B, n_heads, n_kv_heads, eps, head, rows, nw, many):
     x = x.copy()                                               # [T, D]  the residual stream
     f = _flat(x, W, kv, B, head, rows, n_heads, n_kv_heads, nw)
     for wi in prange(nw):
-        _walk_q8(x, cos, sin, f, n_heads, n_kv_heads, eps, np.int64(wi), nw)   # (wi: uint64)
+        _walk_q8(x, cos, sin, f, n_heads, n_kv_heads, eps, np.int64(wi), nw, many)   # (wi: uint64)
     return x, f[36]                                            # [T, D], logits [R, V]
 
 
 @njit(parallel=True, cache=True)
-def _region_i8(x, cos, sin, W, kv, B, n_heads, n_kv_heads, eps, head, rows, nw):
+def _region_i8(x, cos, sin, W, kv, B, n_heads, n_kv_heads, eps, head, rows, nw, many):
     x = x.copy()                                               # [T, D]  the residual stream
     f = _flat(x, W, kv, B, head, rows, n_heads, n_kv_heads, nw)
     for wi in prange(nw):
-        _walk_i8(x, cos, sin, f, n_heads, n_kv_heads, eps, np.int64(wi), nw)   # (wi: uint64)
+        _walk_i8(x, cos, sin, f, n_heads, n_kv_heads, eps, np.int64(wi), nw, many)   # (wi: uint64)
     return x, f[36]                                            # [T, D], logits [R, V]
 
 
 @njit(parallel=True, cache=True)
-def _region_split(x, cos, sin, W, kv, B, n_heads, n_kv_heads, eps, head, rows, nw):
+def _region_split(x, cos, sin, W, kv, B, n_heads, n_kv_heads, eps, head, rows, nw, many):
     x = x.copy()                                               # [T, D]  the residual stream
     f = _flat(x, W, kv, B, head, rows, n_heads, n_kv_heads, nw)
     for wi in prange(nw):
-        _walk_split(x, cos, sin, f, n_heads, n_kv_heads, eps, np.int64(wi), nw)   # (wi: uint64)
+        _walk_split(x, cos, sin, f, n_heads, n_kv_heads, eps, np.int64(wi), nw, many)   # (wi: uint64)
     return x, f[36]                                            # [T, D], logits [R, V]
 
 
