@@ -463,7 +463,9 @@ Q8_SPLIT_GEMM_MIN_ROWS = 112
 # From how many rows of x on the one-region step (region.py) decodes each weight row once for all
 # of them (quant_gemm.py) rather than running the matvec kernels, by kernel kind: fused.py's
 # Q4, Q8 (float kernels), INT8 (int8 activations), SPLIT (float32 x in three int8 parts).
-MANY_ROWS = (4, 4, 4, 4)
+# INT8 never: the tiles multiply exact floats, and int8 activations are a rounding of their own
+# that the step keeps at any batch size.
+MANY_ROWS = (4, 4, 1 << 30, 4)
 
 
 def gemm_min_rows(fmt: str) -> int:
