@@ -11,8 +11,9 @@ The next step, region.py, keeps the threads in one parallel region for the whole
 
 It takes each kind of layer weight as one stack [L, ...] (weights/load.py keeps them that way)
 in a block format with a kernel — Q4_0/Q4_1 or Q8_0 — and batches of fewer than
-quant.gemm_min_rows tokens (a long prefill runs sgemm tiles on Python threads, in
-model.run_layers), or any batch with int8 activations. Everything else goes the ordinary way.
+quant.REGION_MAX_ROWS tokens (quant.gemm_min_rows for this loop; a long prefill runs sgemm tiles
+on Python threads, in model.run_layers), or any batch with int8 activations. Everything else goes
+the ordinary way.
 """
 from __future__ import annotations
 
@@ -198,7 +199,9 @@ class FusedLayers:
         kind = kernels_for(weights.stacks, self.int8_act)
         if kind is None:
             return None
-        if kind != INT8 and len(x) >= quant.gemm_min_rows(weights.stacks["w_up"][0]):
+        longest = (quant.REGION_MAX_ROWS if ONE_REGION
+                   else quant.gemm_min_rows(weights.stacks["w_up"][0]))
+        if kind != INT8 and len(x) >= longest:
             return None                          # long prefill: sgemm tiles, in model.forward
         # (rebuilt each step, the argument tuples had cost ~85 us of Python; remade when the
         # weights' arrays are others, e.g. after load.half_scales)

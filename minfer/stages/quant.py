@@ -466,6 +466,9 @@ Q8_SPLIT_GEMM_MIN_ROWS = 112
 # INT8 never: the tiles multiply exact floats, and int8 activations are a rounding of their own
 # that the step keeps at any batch size.
 MANY_ROWS = (4, 4, 1 << 30, 4)
+# And from how many rows on a step leaves the one-region step for model.run_layers, whose
+# matmuls go to the sgemm tiles above (BLAS's kernels pull ahead on long prompts).
+REGION_MAX_ROWS = 384
 
 
 def gemm_min_rows(fmt: str) -> int:

@@ -165,53 +165,48 @@ def _zeros(typingctx, n):
 @njit(fastmath=True, cache=True)
 def _gemm_rows(x, buf, n, out, c0):
     """out[t, c0 + j] = x[t] . buf[j] for j < n and every row t of x. x [T, K], buf [>= n, K],
-    out C-contiguous."""
+    out C-contiguous. Four rows of x at a time (in L1) against the whole strip of buf."""
     T, K = x.shape
     N = out.shape[1]
-    j = 0
-    while j + 4 <= n:
-        w0, w1, w2, w3 = j * K, (j + 1) * K, (j + 2) * K, (j + 3) * K
-        t = 0
-        while t + 4 <= T:
+    n4 = n - n % 4
+    t = 0
+    while t + 4 <= T:
+        x0, x1, x2, x3 = t * K, (t + 1) * K, (t + 2) * K, (t + 3) * K
+        for j in range(0, n4, 4):
+            w0, w1, w2, w3 = j * K, (j + 1) * K, (j + 2) * K, (j + 3) * K
             acc = _zeros(16)
-            x0, x1, x2, x3 = t * K, (t + 1) * K, (t + 2) * K, (t + 3) * K
             for k in range(0, K, 16):
                 acc = _fma44(acc, x, (x0 + k, x1 + k, x2 + k, x3 + k), buf,
                              (w0 + k, w1 + k, w2 + k, w3 + k))
             c = c0 + j
             _store_sums(acc, out, (t * N + c, (t + 1) * N + c, (t + 2) * N + c, (t + 3) * N + c))
-            t += 4
-        while t < T:
+        for j in range(n4, n):                          # the strip's last rows, one at a time
+            w0 = j * K
             acc4 = _zeros(4)
-            x0 = t * K
-            for k in range(0, K, 16):
-                acc4 = _fma14(acc4, x, (x0 + k,), buf, (w0 + k, w1 + k, w2 + k, w3 + k))
-            for r in range(4):
-                out[t, c0 + j + r] = _sum16(acc4[r])
-            t += 1
-        j += 4
-    while j < n:
-        w0 = j * K
-        t = 0
-        while t + 4 <= T:
-            acc4 = _zeros(4)
-            x0, x1, x2, x3 = t * K, (t + 1) * K, (t + 2) * K, (t + 3) * K
             for k in range(0, K, 16):
                 acc4 = _fma41(acc4, x, (x0 + k, x1 + k, x2 + k, x3 + k), buf, (w0 + k,))
             for a in range(4):
                 out[t + a, c0 + j] = _sum16(acc4[a])
-            t += 4
-        while t < T:
+        t += 4
+    while t < T:                                        # the last rows of x, one at a time
+        x0 = t * K
+        for j in range(0, n4, 4):
+            w0, w1, w2, w3 = j * K, (j + 1) * K, (j + 2) * K, (j + 3) * K
+            acc4 = _zeros(4)
+            for k in range(0, K, 16):
+                acc4 = _fma14(acc4, x, (x0 + k,), buf, (w0 + k, w1 + k, w2 + k, w3 + k))
+            for r in range(4):
+                out[t, c0 + j + r] = _sum16(acc4[r])
+        for j in range(n4, n):
             acc1 = _zeros(1)
             for k in range(0, K, 16):
-                acc1 = _fma11(acc1, x, (t * K + k,), buf, (w0 + k,))
+                acc1 = _fma11(acc1, x, (x0 + k,), buf, (j * K + k,))
             out[t, c0 + j] = _sum16(acc1[0])
-            t += 1
-        j += 1
+        t += 1
 
 
-# Weight rows a tile decodes at a time: 16 rows of K = 1536 are 96 KB of floats, in L2 with
-# room to spare, and the rows of x pass over each 4 of them from L1.
+# Weight rows a tile decodes at a time: 16 rows of K = 576 (37 KB of floats) stay in L1 with 4
+# rows of x beside them; of K = 1536, in L2.
 STRIP = 16
 
 
