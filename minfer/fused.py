@@ -2,8 +2,8 @@
 
 model.forward is the spec: for each layer it calls ~15 stage functions from Python. In a decode
 step of SmolLM2-135M each of those calls does a few microseconds of arithmetic, and the calls
-themselves (the interpreter, argument unboxing, NumPy temporaries) cost 1.5-2.1 ms of a ~9 ms step:
-measured on a model of the same 30 layers but width 64, whose arithmetic is next to nothing.
+themselves (the interpreter, argument unboxing, NumPy temporaries) cost a good share of the step,
+as a model of the same 30 layers but width 64, whose arithmetic is next to nothing, shows.
 `_loop` is the same loop body as model.run_layers, written inside one @njit function, so Python
 runs once per step instead of ~450 times. The stage kernels are the very same functions
 (their parallel loops still share the rows out to the threads); only the loop over layers moved.
@@ -119,8 +119,7 @@ _ENTRY = {Q4: _layers_q4, Q8: _layers_q8, INT8: _layers_i8, SPLIT: _layers_split
 
 # The loop above opens a parallel region for every matmul and attention (~150 a decode step);
 # region.py walks the same loop with the threads kept in one region, claiming the work of each
-# stage and meeting at barriers: the default (decode 6-15 % faster, short prompts up to ~13 %;
-# docs/benchmarks.md). False: this loop, the readable one, which the tests hold region.py to.
+# stage and meeting at barriers: the default (faster; docs/benchmarks.md). False: this loop, the readable one, which the tests hold region.py to.
 ONE_REGION = True
 
 
@@ -203,7 +202,7 @@ class FusedLayers:
                    else quant.gemm_min_rows(weights.stacks["w_up"][0]))
         if kind != INT8 and len(x) >= longest:
             return None                          # long prefill: sgemm tiles, in model.forward
-        # (rebuilt each step, the argument tuples had cost ~85 us of Python; remade when the
+        # (rebuilt each step, the argument tuples cost Python time; remade when the
         # weights' arrays are others, e.g. after load.half_scales)
         entries = (*weights.stacks.values(), weights.lm_head, weights.norm)
         made = self._made

@@ -3,10 +3,9 @@
 fused._loop runs each matmul and each attention as a parallel loop of its own, and a decode step
 of SmolLM2-135M opens ~150 of them; each start, ramp-up and join costs the threads a few
 microseconds. llama.cpp keeps its threads for the whole graph and meets them at barriers; so
-does this module (decode, end to end: the default model 1.13x, Q8_0 1.06x, with int8
-activations 1.15x; docs/benchmarks.md). The final norm and the LM head are its last stage, so a
-decode step is three compiled calls — the embedding, the RoPE angles, then this region through to
-the logits — and little Python (0.95x the step's time again, eleventh session):
+does this module (faster decode end to end; docs/benchmarks.md). The final norm and the LM head
+are its last stage, so a decode step is three compiled calls — the embedding, the RoPE angles,
+then this region through to the logits — and little Python:
 
     for each thread, in one prange:                  work of a stage = items (tiles of rows,
         for each layer:                              attention jobs), which the threads claim
@@ -33,7 +32,10 @@ writes shared arrays only inside an item it claimed: if a slow thread's own copy
 while a later stage was already overwriting its inputs, then every item of its stage had been
 claimed before, and the copy goes unused.
 
-The same kernels as fused._loop, the same sums in the same order (tests/test_fused.py).
+The same kernels as fused._loop, the same sums in the same order (tests/test_fused.py) — up to
+quant.MANY_ROWS rows of x. From there on (a batch of sequences, tokens to verify, a prompt), a
+matmul stage's items are tiles of weight rows that quant_gemm.py decodes once for all the rows:
+the same products of the same float32 weights, summed in another order (tests/test_quant_gemm.py).
 """
 from __future__ import annotations
 
@@ -98,7 +100,7 @@ def _pause(typingctx):
 # Claiming. Stage s has n items; thread w of nw owns the share w n / nw .. (w + 1) n / nw - 1 and
 # takes its items in order, so each thread streams through its own contiguous rows of a matrix
 # (and the kernels' prefetch, a few rows ahead, fetches rows it will use). Interleaved items
-# broke those streams: 0.85x. A thread whose share is done takes from the others' — a thread
+# broke those streams (slower). A thread whose share is done takes from the others' — a thread
 # that lags, or one that never came. Counters per stage: nw + 1 (claimed of each share, done),
 # each on a cache line of its own.
 # ---------------------------------------------------------------------------------------------
@@ -110,7 +112,7 @@ def _counter(s, v, nw):
 @njit(inline="always")
 def _next(ctr, s, w, nw, n):
     """The next items of stage s for thread w: (i0, i1), or (-1, -1) when all n are taken. Half
-    of what is left of a share at a time: fewer, longer kernel calls (a call costs ~0.1 us), and
+    of what is left of a share at a time: fewer, longer kernel calls (each call has a fixed cost), and
     still single items at the end, where the threads meet."""
     for k in range(nw):
         v = (w + k) % nw
@@ -151,7 +153,7 @@ def _finish(ctr, s, nw, n, k):
 # computed by the kernels fused.py's loop calls: the int8-part ones (quant_i8.py, limbs 1 or 3)
 # or the float ones (quant.py), a stage function for each. C = (ctr, s, wi, nw): the counters,
 # this stage, this thread, the threads. (Each stage is a function of its own, not inlined: numba
-# copies a function's IR at every inlined call, and the step inlined whole took ~60 s to compile.)
+# copies a function's IR at every inlined call, and the step inlined whole took far longer to compile.)
 # ---------------------------------------------------------------------------------------------
 @njit(inline="always")
 def _add(out, res, y, o0, o1):
@@ -434,15 +436,15 @@ def _walk_split(x, cos, sin, f, n_heads, n_kv_heads, eps, wi, nw, many):
 
 # The region: the shared arrays, then one prange iteration a thread, each walking the whole step.
 # (The walk is a function of its own: a parallel function's body goes through numba's parfor
-# passes, which took 45-50 s on the walk inlined there. And a parallel loop cannot take nested
+# passes, which were slow on the walk inlined there. And a parallel loop cannot take nested
 # tuples of arrays in: all the arrays go in as one flat tuple, nested again inside the walk.)
 @njit(inline="always")
 def _flat(x, W, kv, B, head, rows, n_heads, n_kv_heads, nw):
     attn_norm, (aq, ad, am), (oq, od, om), ffn_norm, (gq, gd, gm), (uq, ud, um), (dq, dd, dm) = W
     norm, (lq, ld, lm) = head
     T, hd, F = x.shape[0], kv[0].shape[-1], uq.shape[1]
-    # attention's key slices per row: one a thread (fewer jobs than attention.SLICES, their fixed
-    # costs with them: the 30 layers of a decode step on 2 threads 0.96-0.98x the time with 8)
+    # attention's key slices per row: one a thread (fewer jobs than attention.SLICES, and their
+    # fixed costs with them)
     S = max(1, nw // T)
     m_part, l_part, o_part = attention._slices(T, S, n_heads, hd)
     shared = (np.empty((T, (n_heads + 2 * n_kv_heads) * hd), dtype=np.float32),  # QKV
