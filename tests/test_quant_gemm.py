@@ -43,7 +43,8 @@ def _mixed(model, all_logits=True):
     cache = model.new_cache(n_blocks=40, block_size=bs)
     tables = [list(range(i * 10, i * 10 + 10)) for i in range(4)]
     prompts = [list(range(10, 23)), list(range(40, 47)), list(range(60, 81))]
-    first = model.forward(make_batch([(p, 0, t) for p, t in zip(prompts, tables)], bs, all_logits=True), cache)
+    prefill = make_batch([(p, 0, t) for p, t in zip(prompts, tables)], bs, all_logits=True)
+    first = model.forward(prefill, cache)
     step = [([5], len(prompts[0]), tables[0]), ([6, 7, 8, 9, 10], len(prompts[1]), tables[1]),
             ([11, 12, 13], len(prompts[2]), tables[2]), (list(range(90, 97)), 0, tables[3])]
     second = model.forward(make_batch(step, bs, all_logits=all_logits), cache)

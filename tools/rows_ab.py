@@ -3,11 +3,12 @@ kernels, on the same model, the same batches, turn by turn.
 
     python tools/rows_ab.py --batch 1,4,16,32 --verify-tokens 1,2,4,8,16 --prefill 128
 
-"tiles" is the default route (quant.MANY_ROWS, or tiles from --from-rows rows on); "matvec" sends
-every step to the matvec kernels (MANY_ROWS never), as before the tiles; with --against sgemm,
-"sgemm" sends every step to model.run_layers (quant.REGION_MAX_ROWS = 1: the sgemm tiles from
-quant.gemm_min_rows rows on). --float-kernels: as on a CPU without VNNI. Every measurement alternates the two (in swapped order
-each round), so that a noisy minute on a shared machine lands on both; medians and their ratio.
+"tiles" is the default route (quant.MANY_ROWS, or tiles from --from-rows rows on); "matvec"
+sends every step to the matvec kernels (MANY_ROWS never), as before the tiles; with --against
+sgemm, "sgemm" sends every step to model.run_layers (quant.REGION_MAX_ROWS = 1: the sgemm tiles
+from quant.gemm_min_rows rows on). --float-kernels: as on a CPU without VNNI. Every measurement
+alternates the two (in swapped order each round), so that a noisy minute on a shared machine
+lands on both; medians and their ratio.
 --cpu-time times with the process's CPU clock (use it with NUMBA_NUM_THREADS=1: other people's
 jobs on the machine then cost no time of ours, which a wall clock and two threads meeting at
 barriers do not give).
