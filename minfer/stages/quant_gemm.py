@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import numpy as np
 from llvmlite import ir
-from numba import float32, njit, prange
+from numba import njit, prange
 from numba.core import cgutils, types
 from numba.extending import intrinsic
 
 from .quant import QK, QuantMatrix
-from .quant_i8 import F32, F32x16, I8, I32, _load, _load_scales, _sum16, _vec, _zeros16, bits
+from .quant_i8 import F32, F32x16, I8, I32, _load, _load_scales, _sum16, _vec, bits
 
 
 # ---------------------------------------------------------------------------------------------
@@ -142,7 +142,8 @@ def _store_sums(typingctx, accs, out, offs):
             half = h
         total = vs[0]
         for a in range(4):
-            four = builder.shuffle_vector(total, total, ir.Constant(_vec(I32, 4), list(range(4 * a, 4 * a + 4))))
+            lanes = ir.Constant(_vec(I32, 4), list(range(4 * a, 4 * a + 4)))     # token a's 4
+            four = builder.shuffle_vector(total, total, lanes)
             _store(context, builder, sig.args[1], args[1], builder.extract_value(args[2], a), four)
         return context.get_dummy_value()
     if out.layout == "C":
