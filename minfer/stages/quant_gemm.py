@@ -12,8 +12,8 @@ much, so from a few rows on the step is bound by the float multiply-add rate, no
     y[t, o] = sum_k x[t, k] w[o, k]          w[o] = dequantize(row o)   (quant.QuantMatrix)
 
 The spec is quant.quant_linear (x @ w.dequantize().T): float32 products of the exact weights,
-summed in float32 — as exact as the float kernels. With int8 activations the same kernel runs
-(x is not rounded at all: only more exact than the documented error).
+summed in float32 — as exact as the float kernels. (With int8 activations a step keeps the int8
+kernels: x rounded to int8 is a function of its own, which a batch must not change.)
 
 Where the crossover from the matvec kernels lies is measured per kernel kind (quant.MANY_ROWS).
 """
