@@ -91,6 +91,9 @@ def worker(spec: dict) -> None:
     _say({"ready": True, "start_to_first_token_s": startup,
           "start_to_second_token_s": startup + s.decode_s if s.generated_tokens > 1 else None})
     for line in sys.stdin:
+        if line.strip() == "rows":
+            _say(rows_run(llm, spec))
+            continue
         if line.strip() != "run":
             break
         llm.generate([prompt], params)
@@ -128,6 +131,9 @@ class _Worker:
 
     def run(self) -> dict:
         return self._ask("run")
+
+    def rows(self) -> dict:
+        return self._ask("rows")
 
     def close(self) -> dict:
         summary = self._ask("done")
@@ -256,6 +262,7 @@ def run_bench(a) -> int:
     from .backends import ACTIVATIONS, BACKENDS
     from .weights.load import QUANTS
     from .errors import InvalidArgumentError
+    batch_sizes, verify_tokens = rows_options(a)
     for b in backends:
         if b not in BACKENDS:
             raise InvalidArgumentError(f"unknown backend {b!r}; choose from {', '.join(BACKENDS)}")
@@ -296,6 +303,7 @@ def run_bench(a) -> int:
     specs = [{"model": model, "random": a.random_weights, "cache": str(cache), "backend": backend,
               "quant": quant, "activations": act, "threads": a.threads,
               "prompt_tokens": a.prompt_tokens, "new_tokens": a.new_tokens,
+              "batch": batch_sizes, "verify_tokens": verify_tokens,
               "runs": a.runs if not (backend == "numpy" and a.numpy_runs) else a.numpy_runs}
              for backend, quant, act in configs]
     results = [{"backend": sp["backend"], "quant": sp["quant"], "activations": sp["activations"],
@@ -316,6 +324,8 @@ def run_bench(a) -> int:
             for sp, w, row in zip(specs, workers, results):
                 if r < sp["runs"]:
                     row["runs"].append(w.run())
+                    if batch_sizes or verify_tokens:
+                        row.setdefault("rows_runs", []).append(w.rows())
             for m, row in zip(llama_models, llama_rows):
                 if r < a.runs:
                     run = _llama_run(a.llama_bench, m, a)
@@ -333,6 +343,9 @@ def run_bench(a) -> int:
                 print(f"  start-up of {_label(sp)}, cold and cached ...", file=sys.stderr, flush=True)
                 row["cold_start_s"], row["cached_start_s"] = _start_up(sp)
     _print_table(results)
+    if batch_sizes or verify_tokens:
+        rows_summary(results)
+        print_rows_table(results)
     if a.json:
         Path(a.json).write_text(json.dumps({"machine": machine, "settings": vars(a) | {"model": model},
                                             "results": results}, indent=1, default=str))
@@ -404,6 +417,7 @@ def add_parser(sub) -> None:
                    help="comma-separated GGUF files for --llama-bench (default: the model measured)")
     from .bench_serve import add_arguments
     add_arguments(p)
+    add_rows_options(p)
     q = p.add_argument_group("quality (instead of speed)")
     q.add_argument("--quality", action="store_true",
                    help="perplexity, KL divergence and top-1 agreement vs float32 for each --quant "
@@ -581,6 +595,113 @@ def _print_spec_table(rows) -> None:
                   f"{d[0]:>8.1f} ({d[1]:.1f}..{d[2]:.1f}) "
                   f"{(format(statistics.median(acc), '.2f') if acc else '-'):>13} "
                   f"{d[0] / b if b else 0:>7.2f}x {'yes' if same else 'NO':>9}")
+
+
+# --------------------------------------------------------------------------------------------
+# Many rows a step: B sequences decoding together (one new token each), and k new tokens of one
+# sequence after a cached prefix (what speculative verification runs), each a model.forward on a
+# batch made directly (batch.make_batch), in the same worker as the rows above.
+# --------------------------------------------------------------------------------------------
+ROWS_PREFIX = 80        # tokens already in each sequence's cache
+ROWS_STEPS = 8          # decode steps timed per batch size and run (their median counts)
+ROWS_REPEATS = 5        # forwards timed per k and run
+
+
+def add_rows_options(p) -> None:
+    g = p.add_argument_group("many rows a step")
+    g.add_argument("--batch", metavar="B,...", default=None,
+                   help="also time decode steps of B sequences at once, one new token each "
+                        f"(after a {ROWS_PREFIX}-token prefix): step time and total tok/s")
+    g.add_argument("--verify-tokens", metavar="K,...", default=None,
+                   help=f"also time the forward of k new tokens of one sequence after a cached "
+                        f"{ROWS_PREFIX}-token prefix, logits for all k (speculative verification)")
+
+
+def rows_options(a) -> tuple[list[int], list[int]]:
+    from .errors import InvalidArgumentError
+
+    def ints(text, flag):
+        if not text:
+            return []
+        try:
+            vals = [int(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            vals = []
+        if not vals or min(vals) < 1:
+            raise InvalidArgumentError(f"{flag} takes positive whole numbers separated by commas, "
+                                       f"e.g. {flag} 1,4,16")
+        return vals
+    return ints(a.batch, "--batch"), ints(a.verify_tokens, "--verify-tokens")
+
+
+def rows_run(llm, spec: dict) -> dict:
+    """One run: {"batch": {B: step seconds}, "verify": {k: seconds}}, medians of this run."""
+    import numpy as np
+
+    from .batch import make_batch
+    model, bs = llm.model, 16
+    batches, verify = spec.get("batch") or [], spec.get("verify_tokens") or []
+    longest = max([ROWS_STEPS] + verify)
+    per_seq = -(-(ROWS_PREFIX + longest) // bs)                     # blocks a sequence needs
+    n_seqs = max(batches + [1])
+    cache = model.new_cache(n_blocks=per_seq * n_seqs, block_size=bs)
+    tables = [list(range(i * per_seq, (i + 1) * per_seq)) for i in range(n_seqs)]
+    rng = np.random.default_rng(0)
+    V = llm.config.vocab_size
+    model.forward(make_batch([(rng.integers(3, V, ROWS_PREFIX).tolist(), 0, tables[0])], bs), cache)
+    for t in tables[1:]:                      # the same prefix in every sequence's blocks
+        cache.k[:, t], cache.v[:, t] = cache.k[:, tables[0]], cache.v[:, tables[0]]
+
+    def timed(batch):
+        t0 = time.perf_counter()
+        model.forward(batch, cache)
+        return time.perf_counter() - t0
+    out = {"batch": {}, "verify": {}}
+    for B in batches:
+        toks = rng.integers(3, V, (ROWS_STEPS, B))
+        steps = [make_batch([([int(toks[s, i])], ROWS_PREFIX + s, tables[i]) for i in range(B)], bs)
+                 for s in range(ROWS_STEPS)]
+        timed(steps[0])                                           # first touch of these shapes
+        out["batch"][B] = statistics.median(timed(b) for b in steps)
+    for k in verify:
+        b = make_batch([(rng.integers(3, V, k).tolist(), ROWS_PREFIX, tables[0])], bs, all_logits=True)
+        timed(b)
+        out["verify"][k] = statistics.median(timed(b) for _ in range(ROWS_REPEATS))
+    return out
+
+
+def rows_summary(results) -> None:
+    """Each row's medians over its runs: batch_decode {B: {step_ms, tok_s}}, verify_ms {k: ms}."""
+    for r in results:
+        runs = r.get("rows_runs")
+        if not runs:
+            continue
+        r["batch_decode"] = {}
+        for B in runs[0]["batch"]:
+            step = statistics.median(x["batch"][B] for x in runs)
+            r["batch_decode"][int(B)] = {"step_ms": step * 1e3, "tok_s": int(B) / step}
+        r["verify_ms"] = {int(k): statistics.median(x["verify"][k] for x in runs) * 1e3
+                          for k in runs[0]["verify"]}
+
+
+def print_rows_table(results) -> None:
+    rows = [r for r in results if r.get("rows_runs")]
+    if not rows:
+        return
+    r0 = rows[0]
+    bs, ks = list(r0["batch_decode"]), list(r0["verify_ms"])
+    cols = [f"B={B} tok/s (ms)" for B in bs] + [f"k={k} ms" for k in ks]
+    head = f"{'backend':<9} {'quant':<6} {'act':<4} " + " ".join(f"{c:>17}" for c in cols)
+    print()
+    print(f"many rows a step: decode of B sequences at once (total tok/s, step ms); forward of k new "
+          f"tokens after a {ROWS_PREFIX}-token prefix (ms)")
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        cells = [f"{r['batch_decode'][B]['tok_s']:.0f} ({r['batch_decode'][B]['step_ms']:.1f})"
+                 for B in bs] + [f"{r['verify_ms'][k]:.1f}" for k in ks]
+        print(f"{r['backend']:<9} {r['quant']:<6} {r.get('activations', 'f32'):<4} "
+              + " ".join(f"{c:>17}" for c in cells))
 
 
 if __name__ == "__main__":

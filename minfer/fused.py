@@ -2,8 +2,8 @@
 
 model.forward is the spec: for each layer it calls ~15 stage functions from Python. In a decode
 step of SmolLM2-135M each of those calls does a few microseconds of arithmetic, and the calls
-themselves (the interpreter, argument unboxing, NumPy temporaries) cost 1.5-2.1 ms of a ~9 ms step:
-measured on a model of the same 30 layers but width 64, whose arithmetic is next to nothing.
+themselves (the interpreter, argument unboxing, NumPy temporaries) cost a good share of the step,
+as a model of the same 30 layers but width 64, whose arithmetic is next to nothing, shows.
 `_loop` is the same loop body as model.run_layers, written inside one @njit function, so Python
 runs once per step instead of ~450 times. The stage kernels are the very same functions
 (their parallel loops still share the rows out to the threads); only the loop over layers moved.
@@ -11,8 +11,9 @@ The next step, region.py, keeps the threads in one parallel region for the whole
 
 It takes each kind of layer weight as one stack [L, ...] (weights/load.py keeps them that way)
 in a block format with a kernel — Q4_0/Q4_1 or Q8_0 — and batches of fewer than
-quant.gemm_min_rows tokens (a long prefill runs sgemm tiles on Python threads, in
-model.run_layers), or any batch with int8 activations. Everything else goes the ordinary way.
+quant.REGION_MAX_ROWS tokens (quant.gemm_min_rows for this loop; a long prefill runs sgemm tiles
+on Python threads, in model.run_layers), or any batch with int8 activations. Everything else goes
+the ordinary way.
 """
 from __future__ import annotations
 
@@ -118,8 +119,7 @@ _ENTRY = {Q4: _layers_q4, Q8: _layers_q8, INT8: _layers_i8, SPLIT: _layers_split
 
 # The loop above opens a parallel region for every matmul and attention (~150 a decode step);
 # region.py walks the same loop with the threads kept in one region, claiming the work of each
-# stage and meeting at barriers: the default (decode 6-15 % faster, short prompts up to ~13 %;
-# docs/benchmarks.md). False: this loop, the readable one, which the tests hold region.py to.
+# stage and meeting at barriers: the default (faster; docs/benchmarks.md). False: this loop, the readable one, which the tests hold region.py to.
 ONE_REGION = True
 
 
@@ -180,7 +180,8 @@ def layers_numba(x, cos, sin, stacks, cache, batch, config, kind, workers=None, 
             head, rows = (stacks["ffn_norm"][1][0], W[2]), batch.logits_rows[:0]
         else:
             rows = batch.logits_rows
-        x, logits = region.ENTRY[kind](*args, head, rows, workers or numba.get_num_threads())
+        x, logits = region.ENTRY[kind](*args, head, rows, workers or numba.get_num_threads(),
+                                       quant.MANY_ROWS[kind])
         return x, (logits if len(logits) else None)
     return _ENTRY[kind](*args), None
 
@@ -197,9 +198,11 @@ class FusedLayers:
         kind = kernels_for(weights.stacks, self.int8_act)
         if kind is None:
             return None
-        if kind != INT8 and len(x) >= quant.gemm_min_rows(weights.stacks["w_up"][0]):
+        longest = (quant.REGION_MAX_ROWS if ONE_REGION
+                   else quant.gemm_min_rows(weights.stacks["w_up"][0]))
+        if kind != INT8 and len(x) >= longest:
             return None                          # long prefill: sgemm tiles, in model.forward
-        # (rebuilt each step, the argument tuples had cost ~85 us of Python; remade when the
+        # (rebuilt each step, the argument tuples cost Python time; remade when the
         # weights' arrays are others, e.g. after load.half_scales)
         entries = (*weights.stacks.values(), weights.lm_head, weights.norm)
         made = self._made

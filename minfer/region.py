@@ -3,10 +3,9 @@
 fused._loop runs each matmul and each attention as a parallel loop of its own, and a decode step
 of SmolLM2-135M opens ~150 of them; each start, ramp-up and join costs the threads a few
 microseconds. llama.cpp keeps its threads for the whole graph and meets them at barriers; so
-does this module (decode, end to end: the default model 1.13x, Q8_0 1.06x, with int8
-activations 1.15x; docs/benchmarks.md). The final norm and the LM head are its last stage, so a
-decode step is three compiled calls — the embedding, the RoPE angles, then this region through to
-the logits — and little Python (0.95x the step's time again, eleventh session):
+does this module (faster decode end to end; docs/benchmarks.md). The final norm and the LM head
+are its last stage, so a decode step is three compiled calls — the embedding, the RoPE angles,
+then this region through to the logits — and little Python:
 
     for each thread, in one prange:                  work of a stage = items (tiles of rows,
         for each layer:                              attention jobs), which the threads claim
@@ -33,7 +32,10 @@ writes shared arrays only inside an item it claimed: if a slow thread's own copy
 while a later stage was already overwriting its inputs, then every item of its stage had been
 claimed before, and the copy goes unused.
 
-The same kernels as fused._loop, the same sums in the same order (tests/test_fused.py).
+The same kernels as fused._loop, the same sums in the same order (tests/test_fused.py) — up to
+quant.MANY_ROWS rows of x. From there on (a batch of sequences, tokens to verify, a prompt), a
+matmul stage's items are tiles of weight rows that quant_gemm.py decodes once for all the rows:
+the same products of the same float32 weights, summed in another order (tests/test_quant_gemm.py).
 """
 from __future__ import annotations
 
@@ -46,7 +48,8 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .fused import Q8
-from .stages import attention, quant, quant_i8
+from .stages import attention, quant, quant_gemm, quant_i8
+from .stages.fastexp import exp32
 from .stages.kvcache import kv_write_numba
 from .stages.rmsnorm import rmsnorm_numba
 from .stages.rope import rope_numba
@@ -97,7 +100,7 @@ def _pause(typingctx):
 # Claiming. Stage s has n items; thread w of nw owns the share w n / nw .. (w + 1) n / nw - 1 and
 # takes its items in order, so each thread streams through its own contiguous rows of a matrix
 # (and the kernels' prefetch, a few rows ahead, fetches rows it will use). Interleaved items
-# broke those streams: 0.85x. A thread whose share is done takes from the others' — a thread
+# broke those streams (slower). A thread whose share is done takes from the others' — a thread
 # that lags, or one that never came. Counters per stage: nw + 1 (claimed of each share, done),
 # each on a cache line of its own.
 # ---------------------------------------------------------------------------------------------
@@ -109,7 +112,7 @@ def _counter(s, v, nw):
 @njit(inline="always")
 def _next(ctr, s, w, nw, n):
     """The next items of stage s for thread w: (i0, i1), or (-1, -1) when all n are taken. Half
-    of what is left of a share at a time: fewer, longer kernel calls (a call costs ~0.1 us), and
+    of what is left of a share at a time: fewer, longer kernel calls (each call has a fixed cost), and
     still single items at the end, where the threads meet."""
     for k in range(nw):
         v = (w + k) % nw
@@ -150,7 +153,7 @@ def _finish(ctr, s, nw, n, k):
 # computed by the kernels fused.py's loop calls: the int8-part ones (quant_i8.py, limbs 1 or 3)
 # or the float ones (quant.py), a stage function for each. C = (ctr, s, wi, nw): the counters,
 # this stage, this thread, the threads. (Each stage is a function of its own, not inlined: numba
-# copies a function's IR at every inlined call, and the step inlined whole took ~60 s to compile.)
+# copies a function's IR at every inlined call, and the step inlined whole took far longer to compile.)
 # ---------------------------------------------------------------------------------------------
 @njit(inline="always")
 def _add(out, res, y, o0, o1):
@@ -264,9 +267,61 @@ def _gate_up_q4(x, g, u, l, out, C):
     _finish(ctr, s, nw, n, k)
 
 
+# Many rows (a batch of sequences, tokens to verify, a chunk of a prompt): quant_gemm's tiles,
+# each weight row dequantized once for all the rows of x. An item is a tile of weight rows, as
+# above; the thread decodes it STRIP rows at a time into its own scratch.
+@njit(cache=True)
+def _matmul_rows(x, w, l, out, res, C):
+    ctr, s, wi, nw = C
+    qs, d, m = w[0][l].view(np.uint8), w[1][l], w[2][l]
+    T, O = x.shape[0], qs.shape[0]
+    n, k = quant_i8._tiles(O), 0
+    if _left(ctr, s, nw, n):
+        buf = np.empty((quant_gemm.STRIP, x.shape[1]), dtype=np.float32)
+        y = np.empty((T, (O + n - 1) // n + 1), dtype=np.float32)       # one tile's columns
+        i0, i1 = _next(ctr, s, wi, nw, n)
+        while i0 >= 0:
+            for i in range(i0, i1):
+                o0, o1 = i * O // n, (i + 1) * O // n
+                quant_gemm.tile(x, qs, d, m, o0, o1, buf, y, 0)
+                for t in range(T):
+                    for o in range(o0, o1):
+                        out[t, o] = res[t, o] + y[t, o - o0]
+            k += i1 - i0
+            i0, i1 = _next(ctr, s, wi, nw, n)
+    _finish(ctr, s, nw, n, k)
+
+
+@njit(cache=True)
+def _gate_up_rows(x, g, u, l, out, C):
+    ctr, s, wi, nw = C
+    T, F = x.shape[0], g[0].shape[1]
+    n, k = quant_i8._tiles(F), 0
+    if _left(ctr, s, nw, n):
+        buf = np.empty((quant_gemm.STRIP, x.shape[1]), dtype=np.float32)
+        cols = (F + n - 1) // n + 1
+        yg = np.empty((T, cols), dtype=np.float32)
+        yu = np.empty((T, cols), dtype=np.float32)
+        i0, i1 = _next(ctr, s, wi, nw, n)
+        while i0 >= 0:
+            for i in range(i0, i1):
+                o0, o1 = i * F // n, (i + 1) * F // n
+                quant_gemm.tile(x, g[0][l].view(np.uint8), g[1][l], g[2][l], o0, o1, buf, yg, 0)
+                quant_gemm.tile(x, u[0][l].view(np.uint8), u[1][l], u[2][l], o0, o1, buf, yu, 0)
+                for t in range(T):
+                    for o in range(o0, o1):
+                        v = yg[t, o - o0]
+                        out[t, o] = v / (np.float32(1.0) + exp32(-v)) * yu[t, o - o0]
+            k += i1 - i0
+            i0, i1 = _next(ctr, s, wi, nw, n)
+    _finish(ctr, s, nw, n, k)
+
+
 @njit(inline="always")
-def _matmul(x, w, l, kind, limbs, out, res, C):
-    if limbs:                                 # kind and limbs are constants: one branch compiles
+def _matmul(x, w, l, kind, limbs, out, res, C, many):
+    if x.shape[0] >= many:                    # many rows: the weights decoded once for all
+        _matmul_rows(x, w, l, out, res, C)
+    elif limbs:                               # kind and limbs are constants: one branch compiles
         _matmul_i8(x, w, l, limbs, out, res, C)
     elif kind == Q8:
         _matmul_q8(x, w, l, out, res, C)
@@ -275,8 +330,10 @@ def _matmul(x, w, l, kind, limbs, out, res, C):
 
 
 @njit(inline="always")
-def _gate_up(x, g, u, l, kind, limbs, out, C):
-    if limbs:
+def _gate_up(x, g, u, l, kind, limbs, out, C, many):
+    if x.shape[0] >= many:
+        _gate_up_rows(x, g, u, l, out, C)
+    elif limbs:
         _gate_up_i8(x, g, u, l, limbs, out, C)
     elif kind == Q8:
         _gate_up_q8(x, g, u, l, out, C)
@@ -324,7 +381,7 @@ def _attention(q, k_cache, v_cache, row_seq, positions, block_tables, parts, C):
 # Six stages a layer, s = 6 l + 0..5, then the LM head.
 # ---------------------------------------------------------------------------------------------
 @njit(inline="always")
-def _walk(x, cos, sin, f, n_heads, n_kv_heads, eps, kind, limbs, wi, nw):
+def _walk(x, cos, sin, f, n_heads, n_kv_heads, eps, kind, limbs, wi, nw, many):
     W, kv, B, shared, head = _nest(f)
     attn_norm, wqkv, wo, ffn_norm, w_gate, w_up, w_down = W
     k_cache, v_cache = kv
@@ -335,58 +392,59 @@ def _walk(x, cos, sin, f, n_heads, n_kv_heads, eps, kind, limbs, wi, nw):
         s = 6 * l
         # --- attention block ---------------------------------------------------------------
         h = rmsnorm_numba(x, attn_norm[l], eps)                                   # [T, D]
-        _matmul(h, wqkv, l, kind, limbs, y, zeros, (ctr, s, wi, nw))             # [T, qd + 2 kvd]
+        _matmul(h, wqkv, l, kind, limbs, y, zeros, (ctr, s, wi, nw), many)       # [T, qd + 2 kvd]
         _rope_cache(y, q, cos, sin, k_cache[l], v_cache[l], slot_mapping, (ctr, s + 1, wi, nw))
         _attention(q, k_cache[l], v_cache[l], row_seq, positions, block_tables, parts,
                    (ctr, s + 2, wi, nw))
         a = q.reshape(T, qd)                   # (a placeholder for a thread with nothing left)
         if _left(ctr, s + 3, nw, quant_i8._tiles(wo[0].shape[1])):
             a = attention._merge_slices(q, parts).reshape(T, qd)                 # [T, qd]
-        _matmul(a, wo, l, kind, limbs, x, x, (ctr, s + 3, wi, nw))                # x += [T, D]
+        _matmul(a, wo, l, kind, limbs, x, x, (ctr, s + 3, wi, nw), many)          # x += [T, D]
         # --- MLP block ---------------------------------------------------------------------
         h = rmsnorm_numba(x, ffn_norm[l], eps)                                    # [T, D]
-        _gate_up(h, w_gate, w_up, l, kind, limbs, g, (ctr, s + 4, wi, nw))        # [T, F]
-        _matmul(g, w_down, l, kind, limbs, x, x, (ctr, s + 5, wi, nw))            # x += [T, D]
+        _gate_up(h, w_gate, w_up, l, kind, limbs, g, (ctr, s + 4, wi, nw), many)  # [T, F]
+        _matmul(g, w_down, l, kind, limbs, x, x, (ctr, s + 5, wi, nw), many)      # x += [T, D]
     # --- final norm and LM head, for the logits rows (none: model.forward does them) ---------
     norm, lm, rows, logits = head
     if rows.shape[0] > 0:
         h = rmsnorm_numba(x[rows], norm, eps)                                    # [R, D]
-        _matmul(h, lm, 0, kind, limbs, logits, logits, (ctr, 6 * attn_norm.shape[0], wi, nw))  # [R, V]
+        _matmul(h, lm, 0, kind, limbs, logits, logits, (ctr, 6 * attn_norm.shape[0], wi, nw),
+                many)                                                    # [R, V]
 
 
 # One compiled walk per kind of kernel, as in fused.py: `kind` and `limbs` are constants in each,
 # and only the kernels of that kind compile.
 @njit(cache=True)
-def _walk_q4(x, cos, sin, f, n_heads, n_kv_heads, eps, wi, nw):
-    _walk(x, cos, sin, f, n_heads, n_kv_heads, eps, 0, 0, wi, nw)
+def _walk_q4(x, cos, sin, f, n_heads, n_kv_heads, eps, wi, nw, many):
+    _walk(x, cos, sin, f, n_heads, n_kv_heads, eps, 0, 0, wi, nw, many)
 
 
 @njit(cache=True)
-def _walk_q8(x, cos, sin, f, n_heads, n_kv_heads, eps, wi, nw):
-    _walk(x, cos, sin, f, n_heads, n_kv_heads, eps, 1, 0, wi, nw)
+def _walk_q8(x, cos, sin, f, n_heads, n_kv_heads, eps, wi, nw, many):
+    _walk(x, cos, sin, f, n_heads, n_kv_heads, eps, 1, 0, wi, nw, many)
 
 
 @njit(cache=True)
-def _walk_i8(x, cos, sin, f, n_heads, n_kv_heads, eps, wi, nw):
-    _walk(x, cos, sin, f, n_heads, n_kv_heads, eps, 2, 1, wi, nw)
+def _walk_i8(x, cos, sin, f, n_heads, n_kv_heads, eps, wi, nw, many):
+    _walk(x, cos, sin, f, n_heads, n_kv_heads, eps, 2, 1, wi, nw, many)
 
 
 @njit(cache=True)
-def _walk_split(x, cos, sin, f, n_heads, n_kv_heads, eps, wi, nw):
-    _walk(x, cos, sin, f, n_heads, n_kv_heads, eps, 3, 3, wi, nw)
+def _walk_split(x, cos, sin, f, n_heads, n_kv_heads, eps, wi, nw, many):
+    _walk(x, cos, sin, f, n_heads, n_kv_heads, eps, 3, 3, wi, nw, many)
 
 
 # The region: the shared arrays, then one prange iteration a thread, each walking the whole step.
 # (The walk is a function of its own: a parallel function's body goes through numba's parfor
-# passes, which took 45-50 s on the walk inlined there. And a parallel loop cannot take nested
+# passes, which were slow on the walk inlined there. And a parallel loop cannot take nested
 # tuples of arrays in: all the arrays go in as one flat tuple, nested again inside the walk.)
 @njit(inline="always")
 def _flat(x, W, kv, B, head, rows, n_heads, n_kv_heads, nw):
     attn_norm, (aq, ad, am), (oq, od, om), ffn_norm, (gq, gd, gm), (uq, ud, um), (dq, dd, dm) = W
     norm, (lq, ld, lm) = head
     T, hd, F = x.shape[0], kv[0].shape[-1], uq.shape[1]
-    # attention's key slices per row: one a thread (fewer jobs than attention.SLICES, their fixed
-    # costs with them: the 30 layers of a decode step on 2 threads 0.96-0.98x the time with 8)
+    # attention's key slices per row: one a thread (fewer jobs than attention.SLICES, and their
+    # fixed costs with them)
     S = max(1, nw // T)
     m_part, l_part, o_part = attention._slices(T, S, n_heads, hd)
     shared = (np.empty((T, (n_heads + 2 * n_kv_heads) * hd), dtype=np.float32),  # QKV
@@ -410,38 +468,38 @@ def _nest(f):
 
 
 @njit(parallel=True, cache=True)
-def _region_q4(x, cos, sin, W, kv, B, n_heads, n_kv_heads, eps, head, rows, nw):
+def _region_q4(x, cos, sin, W, kv, B, n_heads, n_kv_heads, eps, head, rows, nw, many):
     x = x.copy()                                               # [T, D]  the residual stream
     f = _flat(x, W, kv, B, head, rows, n_heads, n_kv_heads, nw)
     for wi in prange(nw):
-        _walk_q4(x, cos, sin, f, n_heads, n_kv_heads, eps, np.int64(wi), nw)   # (wi: uint64)
+        _walk_q4(x, cos, sin, f, n_heads, n_kv_heads, eps, np.int64(wi), nw, many)   # (wi: uint64)
     return x, f[36]                                            # [T, D], logits [R, V]
 
 
 @njit(parallel=True, cache=True)
-def _region_q8(x, cos, sin, W, kv, B, n_heads, n_kv_heads, eps, head, rows, nw):
+def _region_q8(x, cos, sin, W, kv, B, n_heads, n_kv_heads, eps, head, rows, nw, many):
     x = x.copy()                                               # [T, D]  the residual stream
     f = _flat(x, W, kv, B, head, rows, n_heads, n_kv_heads, nw)
     for wi in prange(nw):
-        _walk_q8(x, cos, sin, f, n_heads, n_kv_heads, eps, np.int64(wi), nw)   # (wi: uint64)
+        _walk_q8(x, cos, sin, f, n_heads, n_kv_heads, eps, np.int64(wi), nw, many)   # (wi: uint64)
     return x, f[36]                                            # [T, D], logits [R, V]
 
 
 @njit(parallel=True, cache=True)
-def _region_i8(x, cos, sin, W, kv, B, n_heads, n_kv_heads, eps, head, rows, nw):
+def _region_i8(x, cos, sin, W, kv, B, n_heads, n_kv_heads, eps, head, rows, nw, many):
     x = x.copy()                                               # [T, D]  the residual stream
     f = _flat(x, W, kv, B, head, rows, n_heads, n_kv_heads, nw)
     for wi in prange(nw):
-        _walk_i8(x, cos, sin, f, n_heads, n_kv_heads, eps, np.int64(wi), nw)   # (wi: uint64)
+        _walk_i8(x, cos, sin, f, n_heads, n_kv_heads, eps, np.int64(wi), nw, many)   # (wi: uint64)
     return x, f[36]                                            # [T, D], logits [R, V]
 
 
 @njit(parallel=True, cache=True)
-def _region_split(x, cos, sin, W, kv, B, n_heads, n_kv_heads, eps, head, rows, nw):
+def _region_split(x, cos, sin, W, kv, B, n_heads, n_kv_heads, eps, head, rows, nw, many):
     x = x.copy()                                               # [T, D]  the residual stream
     f = _flat(x, W, kv, B, head, rows, n_heads, n_kv_heads, nw)
     for wi in prange(nw):
-        _walk_split(x, cos, sin, f, n_heads, n_kv_heads, eps, np.int64(wi), nw)   # (wi: uint64)
+        _walk_split(x, cos, sin, f, n_heads, n_kv_heads, eps, np.int64(wi), nw, many)   # (wi: uint64)
     return x, f[36]                                            # [T, D], logits [R, V]
 
 

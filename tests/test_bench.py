@@ -10,7 +10,8 @@ def test_bench_random_weights_json(tmp_path):
     out = tmp_path / "bench.json"
     r = subprocess.run([sys.executable, "-m", "minfer", "bench", "--random-weights", "tiny",
                         "--backend", "numpy,numba", "--quant", "auto", "--runs", "2",
-                        "--prompt-tokens", "16", "--new-tokens", "5", "--json", str(out)],
+                        "--prompt-tokens", "16", "--new-tokens", "5", "--batch", "1,3",
+                        "--verify-tokens", "2", "--json", str(out)],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     assert "decode tok/s" in r.stdout and "numba" in r.stdout
@@ -23,11 +24,19 @@ def test_bench_random_weights_json(tmp_path):
         for run in row["runs"]:
             assert run["decode_tok_s"] > 0 and run["prefill_tok_s"] > 0
     assert rows[("numba", "auto")]["cold_start_s"] >= rows[("numba", "auto")]["cached_start_s"] > 0
+    # many rows a step: each configuration's decode of 1 and 3 sequences at once, a 2-token forward
+    assert "many rows a step" in r.stdout
+    for row in rows.values():
+        assert set(row["batch_decode"]) == {"1", "3"} and set(row["verify_ms"]) == {"2"}
+        assert all(v["tok_s"] > 0 and v["step_ms"] > 0 for v in row["batch_decode"].values())
+        assert row["verify_ms"]["2"] > 0 and len(row["rows_runs"]) == len(row["runs"])
 
 
 @pytest.mark.parametrize("flags,says", [(["--backend", "tpu"], "unknown backend"),
                                         (["--new-tokens", "1"], "--new-tokens at least 2"),
-                                        (["--prompt-tokens", "0"], "--prompt-tokens must be")])
+                                        (["--prompt-tokens", "0"], "--prompt-tokens must be"),
+                                        (["--batch", "0,4"], "--batch takes positive"),
+                                        (["--verify-tokens", "x"], "--verify-tokens takes positive")])
 def test_bench_bad_flags_are_one_line_errors(flags, says):
     r = subprocess.run([sys.executable, "-m", "minfer", "bench", *flags],
                        capture_output=True, text=True, timeout=120)

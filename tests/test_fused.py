@@ -53,6 +53,7 @@ def test_fused_layers_equal_the_python_loop(tiny_gguf, quant, act, one_region, m
         fused.layers_numba = real
     want, cache_want = steps(plain, tables)
     # the fused loop ran for every step: the 20-token prefill is short of quant.gemm_min_rows
+    # (and of quant.REGION_MAX_ROWS)
     assert calls == [20, 2, 6]
     # the region ran the final norm and the (Q8_0) LM head too where its kernels read that
     # format: the int8-part ones read all three; the float Q4 kernels not Q8_0
@@ -84,7 +85,7 @@ def test_fused_loop_is_skipped_where_it_does_not_apply(tiny_gguf, monkeypatch):
     # a prompt of gemm_min_rows tokens or more goes to the sgemm tiles, outside the loop
     ids = list(range(10, 30))
     short = q.logits(ids)
-    for name in ("GEMM_MIN_ROWS", "SPLIT_GEMM_MIN_ROWS"):
+    for name in ("GEMM_MIN_ROWS", "SPLIT_GEMM_MIN_ROWS", "REGION_MAX_ROWS"):
         monkeypatch.setattr(qmod, name, 20)
     calls, real = [], fused.layers_numba
     monkeypatch.setattr(fused, "layers_numba", lambda *a, **k: calls.append(len(a[0])) or real(*a, **k))

@@ -265,6 +265,7 @@ def test_default_model_keeps_float16_scales_for_its_4bit_layers(tiny_gguf, monke
     assert llm.weights.nbytes() < floats.weights.nbytes()
     monkeypatch.setattr(quant, "GEMM_MIN_ROWS", 8)
     monkeypatch.setattr(quant, "SPLIT_GEMM_MIN_ROWS", 8)
+    monkeypatch.setattr(quant, "REGION_MAX_ROWS", 8)            # (not the one-region step)
     ids = list(range(10, 30))                                   # 20 tokens: the prefill tiles
     np.testing.assert_array_equal(llm.logits(ids), floats.logits(ids))
     w = mat(300, 96, "Q4_1")                                    # and a float kernel, if asked

@@ -70,7 +70,7 @@ def dequantize(raw: np.ndarray, fmt: str, shape: tuple[int, ...]) -> np.ndarray:
 def _round_half_away(v: np.ndarray) -> np.ndarray:
     """C's roundf: halves go away from zero. np.rint rounds to the nearest with halves to even,
     so only exact halves (v - rint(v) = +-0.5, exact in float32 for |v| < 2^22; here |v| <= 127)
-    need moving. (floor-based formulas took ~10x longer: ~1 s of loading --quant q8_0.)"""
+    need moving. (floor-based formulas were much slower, at every load of --quant q8_0.)"""
     r = np.rint(v)
     half = np.abs(v - r) == np.float32(0.5)
     r[half] = v[half] + np.copysign(np.float32(0.5), v[half])
@@ -259,7 +259,7 @@ def _q4_dot(xl, xh2, xsum, qs, d, m, o, t):
 
     A byte b holds lo = b mod 16 and hi = b // 16, so lo*xl + hi*xh = b*xl + hi*(xh - 16 xl) = b*xl + hi*xh2.
     Unpacking with float arithmetic (floor(b / 16)) keeps every lane 32 bits wide: integer nibble
-    masks make LLVM widen to 64-bit lanes, half as many per vector (measured: 1.7x slower)."""
+    masks make LLVM widen to 64-bit lanes, half as many per vector (measured: slower)."""
     acc = float32(0.0)
     for i in range(qs.shape[1]):
         b = float32(qs[o, i])
@@ -282,7 +282,7 @@ def _q8_0_matmul(x, qs, d):
 
 @njit(parallel=True, fastmath=True, cache=True)
 def _q4_matmul(x, qs, d, m):
-    xl, xh2, xsum = _split_q4(x)              # in here, not in NumPy: that cost ~10 us per call
+    xl, xh2, xsum = _split_q4(x)              # in here, not in NumPy: fewer temporaries a call
     T, O = xl.shape[0], qs.shape[0]
     out = np.empty((T, O), dtype=np.float32)
     for o in prange(O):
@@ -358,20 +358,17 @@ def _q4_gate_up_rows(xl, xh2, xsum, qg, dg, mg, qu, du, mu, o0, o1, out):
 
 
 # Prefill and big batches: many tokens share every weight, so the work is compute-bound, not
-# memory-bound. There it pays to dequantize a tile of rows once into float32 (cheap: ~1 ns per
-# weight) and hand the tile to BLAS's sgemm, whose register-blocked kernels are ~3x faster than
-# anything a straightforward @njit loop reaches. The tiles are shared out to Python threads
-# (sgemm and the nogil dequantizer release the GIL), each with a single-threaded BLAS: two thread
-# pools spinning on the same cores (numba's and OpenBLAS's) were measured 2-3x slower.
+# memory-bound. There it pays to dequantize a tile of rows once into float32 and hand the tile to
+# BLAS's sgemm, whose register-blocked kernels beat a straightforward @njit loop by far. The tiles
+# are shared out to Python threads (sgemm and the nogil dequantizer release the GIL), each with a
+# single-threaded BLAS: two thread pools spinning on the same cores (numba's and OpenBLAS's) were
+# measured much slower.
 #
 # But dequantizing every weight costs the same for 16 tokens as for 256, while the matvec kernels
-# cost the same per token at any T (the tokens share each row while it is in cache). Prefill of
-# the default model, 2 threads (Zen 4): the tiles 113 tok/s at T = 16, 316 at 64, 421 at 128, 503
-# at 256; the float kernels ~230 (Q4) and ~290 (Q8_0) tok/s at any T, the int8-part kernels
-# (quant_i8.py) ~490. So the tiles take over from GEMM_MIN_ROWS tokens on, later for the latter:
-# since those take a prompt's tokens in pairs, they win up to ~224 tokens (one-process A/B of
-# whole prefills, sixth session: kernels 540 / 530 / 496 tok/s at 160 / 192 / 224 tokens against
-# the tiles' 464 / 485 / 458; even at 224-240, behind from 256 on, 407 against 463).
+# cost the same per token at any T (the tokens share each row while it is in cache). So the tiles
+# take over from GEMM_MIN_ROWS tokens on, later for the int8-part kernels (quant_i8.py), which
+# take a prompt's tokens in pairs (one-process A/B of whole prefills; docs/benchmarks.md). These
+# are the per-matmul routes of model.run_layers; the one-region step has its own (below).
 GEMM_MIN_ROWS = 48
 SPLIT_GEMM_MIN_ROWS = 224
 TILE_ROWS = 256
@@ -436,15 +433,11 @@ def _tiled_gemm(x: np.ndarray, w: QuantMatrix) -> np.ndarray:
 # block (quant_i8.py, "Three parts") — as exact as float32 (~1e-6 relative error against float64,
 # like the float kernels above), on the byte dot-product instruction, reading the file's float16
 # scales (weights.load keeps them). The Q4 float kernels spend ~7 vector instructions per 32
-# weights turning nibbles into floats; a 1536 x 512 Q4_1 matvec took 21-22 us on the split
-# against 32-33 (weights from memory). For Q8_0 the float kernel held its own at decode until
-# the split kernels sent the rows they prefetch to L2 rather than L1 (quant_i8._prefetch_l2):
-# a `q8_0` decode step then took 0.87x the float kernel's time (ninth session, one process), and
-# its weights are 4.5% smaller with float16 scales. Q8_0 prompts gained from the split earlier
-# (4 rows x 2 tokens a step, quant_i8._rows_pair_q8; seventh session, one process: 1.34x at 16
-# and 32 tokens, 1.16x at 64, 1.09x at 96, 1.05x at 112, 0.85x at 128: the sgemm tiles from
-# Q8_SPLIT_GEMM_MIN_ROWS on), and the LM head too (one 49,152-row matrix, 0.86 ms against the
-# float kernel's 1.05, from memory).
+# weights turning nibbles into floats, and the split is faster. For Q8_0 the float kernel held
+# its own at decode until the split kernels sent the rows they prefetch to L2 rather than L1
+# (quant_i8._prefetch_l2), and its weights are smaller with float16 scales. Q8_0 prompts gained
+# from the split too (4 rows x 2 tokens a step, quant_i8._rows_pair_q8; the sgemm tiles from
+# Q8_SPLIT_GEMM_MIN_ROWS on), and the LM head (one 49,152-row matrix).
 # SPLIT_X: None = where the CPU has VNNI; False forces the float kernels everywhere.
 SPLIT_X = None
 
@@ -459,6 +452,18 @@ def split_x() -> bool:
 
 
 Q8_SPLIT_GEMM_MIN_ROWS = 112
+
+# From how many rows of x on the one-region step (region.py) decodes each weight row once for all
+# of them (quant_gemm.py) rather than running the matvec kernels, by kernel kind: fused.py's
+# Q4, Q8 (float kernels), INT8 (int8 activations), SPLIT (float32 x in three int8 parts); the
+# tiles pay for their decoding sooner against the float kernels than against the split ones,
+# which take tokens in pairs (one-process A/B of k-token forwards; docs/benchmarks.md). INT8
+# never: the tiles multiply exact floats, and int8 activations are a rounding of their own that
+# the step keeps at any batch size.
+MANY_ROWS = (2, 2, 1 << 30, 6)
+# And from how many rows on a step leaves the one-region step for model.run_layers, whose
+# matmuls go to the sgemm tiles above (BLAS's kernels pull ahead on long prompts).
+REGION_MAX_ROWS = 384
 
 
 def gemm_min_rows(fmt: str) -> int:

@@ -1,0 +1,96 @@
+"""One-process A/B of steps with many rows: the many-row tiles (quant_gemm.py) against the matvec
+kernels, on the same model, the same batches, turn by turn.
+
+    python tools/rows_ab.py --batch 1,4,16,32 --verify-tokens 1,2,4,8,16 --prefill 128
+
+"tiles" is the default route (quant.MANY_ROWS, or tiles from --from-rows rows on); "matvec"
+sends every step to the matvec kernels (MANY_ROWS never), as before the tiles; with --against
+sgemm, "sgemm" sends every step to model.run_layers (quant.REGION_MAX_ROWS = 1: the sgemm tiles
+from quant.gemm_min_rows rows on). --float-kernels: as on a CPU without VNNI. Every measurement
+alternates the two (in swapped order each round), so that a noisy minute on a shared machine
+lands on both; medians and their ratio.
+--cpu-time times with the process's CPU clock (use it with NUMBA_NUM_THREADS=1: other people's
+jobs on the machine then cost no time of ours, which a wall clock and two threads meeting at
+barriers do not give).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+
+import minfer
+from minfer.batch import make_batch
+from minfer.stages import quant
+
+PREFIX = 80
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--batch", default="1,4,16,32", help="decode steps of B sequences")
+    ap.add_argument("--verify-tokens", default="1,2,4,8,16", help="k new tokens after a prefix")
+    ap.add_argument("--prefill", default="128", help="prompt lengths (0: none)")
+    ap.add_argument("--quant", default="auto")
+    ap.add_argument("--activations", default="f32")
+    ap.add_argument("--rounds", type=int, default=8)
+    ap.add_argument("--cpu-time", action="store_true")
+    ap.add_argument("--from-rows", type=int, default=None, help="tiles from this many rows on")
+    ap.add_argument("--against", choices=("matvec", "sgemm"), default="matvec")
+    ap.add_argument("--float-kernels", action="store_true")
+    ap.add_argument("--region-max", type=int, default=None,
+                    help="tiles: the one-region step up to this many rows (quant.REGION_MAX_ROWS)")
+    a = ap.parse_args()
+    if a.float_kernels:
+        quant.SPLIT_X = False
+    clock = time.process_time if a.cpu_time else time.perf_counter
+    ints = (lambda s: [int(v) for v in s.split(",") if v.strip() and int(v) > 0])  # 0: none
+    batches, ks, prompts = ints(a.batch), ints(a.verify_tokens), ints(a.prefill)
+    llm = minfer.LLM(backend="numba", quant=a.quant, activations=a.activations, quiet=True)
+    model, bs, V = llm.model, 16, llm.config.vocab_size
+    n = max(batches + [1])
+    per = -(-(PREFIX + max(ks + [1]) + 1) // bs)
+    cache = model.new_cache(n_blocks=per * n, block_size=bs)
+    tables = [list(range(i * per, (i + 1) * per)) for i in range(n)]
+    rng = np.random.default_rng(0)
+    model.forward(make_batch([(rng.integers(3, V, PREFIX).tolist(), 0, tables[0])], bs), cache)
+    for t in tables[1:]:
+        cache.k[:, t], cache.v[:, t] = cache.k[:, tables[0]], cache.v[:, tables[0]]
+    pcache = model.new_cache(n_blocks=-(-max(prompts + [1]) // bs), block_size=bs)
+
+    def cases():
+        for B in batches:
+            yield f"decode B={B}", B, make_batch(
+                [([int(rng.integers(3, V))], PREFIX, tables[i]) for i in range(B)], bs), cache
+        for k in ks:
+            yield f"verify k={k}", None, make_batch(
+                [(rng.integers(3, V, k).tolist(), PREFIX, tables[0])], bs, all_logits=True), cache
+        for P in prompts:
+            yield f"prefill {P}", P, make_batch(
+                [(rng.integers(3, V, P).tolist(), 0, list(range(-(-P // bs))))], bs), pcache
+    tiles = quant.MANY_ROWS if a.from_rows is None else (a.from_rows,) * 4
+    longest = quant.REGION_MAX_ROWS if a.region_max is None else a.region_max
+    modes = {"tiles": (tiles, longest), a.against: ((1 << 30,) * 4, longest) if a.against == "matvec"
+             else (tiles, 1)}
+    res: dict = {}
+    for r in range(a.rounds + 1):                         # round 0: warm-up, not counted
+        for name, per_s, b, c in cases():
+            for mode in (list(modes) if r % 2 else list(modes)[::-1]):
+                quant.MANY_ROWS, quant.REGION_MAX_ROWS = modes[mode]
+                t0 = clock()
+                model.forward(b, c)
+                if r:
+                    res.setdefault((name, per_s), {}).setdefault(mode, []).append(clock() - t0)
+    quant.MANY_ROWS, quant.REGION_MAX_ROWS = modes["tiles"]
+    other = a.against
+    for (name, per_s), m in res.items():
+        t, v = statistics.median(m["tiles"]), statistics.median(m[other])
+        rate = (lambda s: f" {per_s / s:7.0f} tok/s") if per_s else (lambda s: "")
+        print(f"{name:<14} tiles {t * 1e3:8.1f} ms{rate(t)} | {other} {v * 1e3:8.1f} ms{rate(v)}"
+              f" | tiles/{other} {t / v:.2f}")
+
+
+if __name__ == "__main__":
+    main()
