@@ -38,7 +38,7 @@ def make_batch(seqs: list[tuple[list[int] | np.ndarray, int, list[int]]], block_
     row is always asked for, so that every forward has the same shape of output."""
     # Plain Python lists first, one array each at the end: a decode step builds this for one
     # token a sequence, and every NumPy call costs microseconds (tens on the caches a step's
-    # weights have just flushed: the ~25 calls this took before, ~0.15 ms a step).
+    # weights have just flushed; docs/benchmarks.md).
     tokens, positions, slots, starts, row_seq, lens = [], [], [], [0], [], []
     for b, (ids, start, table) in enumerate(seqs):
         n = len(ids)
