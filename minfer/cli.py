@@ -77,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "/exit (or Ctrl-D) quits; Ctrl-C stops the current answer.")
     _model_flags(p)
     p.add_argument("--system", default=DEFAULT_SYSTEM, metavar="TEXT", help="system prompt")
+    p.add_argument("--server", default=None, metavar="URL",
+                   help="talk to a running OpenAI-compatible server (e.g. http://127.0.0.1:8000) "
+                        "instead of loading a model here")
+    p.add_argument("--api-key", default=None, metavar="KEY", help="the server's API key")
     p.add_argument("--use-mine", nargs="?", const="minfer-exercises", default=None, metavar="DIR",
                    help="run on your own exercise functions from DIR (default: ./minfer-exercises); "
                         "see `python -m minfer lesson list`")
@@ -198,14 +202,23 @@ def cmd_generate(a) -> int:
 def cmd_chat(a) -> int:
     from .errors import PromptTooLongError
     params = _params(a)
-    llm = _llm(a)
+    remote = llm = None
+    if a.server:
+        if a.use_mine:
+            raise InvalidArgumentError("--use-mine runs the model here: leave out --server")
+        from .server.client import RemoteChat
+        remote = RemoteChat(a.server, a.api_key)
+        where = f"{remote.model} at {remote.url}"
+    else:
+        llm = _llm(a)
+        act = ", int8 activations" if llm.activations == "int8" else ""
+        where = f"{llm.config.name} on {llm.backend}{act}"
     try:
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
         pass
-    act = ", int8 activations" if llm.activations == "int8" else ""
-    print(f"minfer chat — {llm.config.name} on {llm.backend}{act}. /reset forgets, /exit quits, "
-          f"Ctrl-C stops an answer.", file=sys.stderr)
+    print(f"minfer chat — {where}. /reset forgets, /exit quits, Ctrl-C stops an answer.",
+          file=sys.stderr)
     history: list[dict] = []
     while True:
         try:
@@ -230,7 +243,7 @@ def cmd_chat(a) -> int:
             continue
         history.append({"role": "user", "content": line})
         # drop the oldest turns while the conversation does not fit the context
-        while True:
+        while llm is not None:
             prompt = llm.tokenizer.apply_chat_template(_messages(a.system, history))
             n = len(llm.tokenizer.encode(prompt))
             if n < llm.engine.max_context - 1 or len(history) <= 1:
@@ -239,7 +252,9 @@ def cmd_chat(a) -> int:
             print("(oldest turn dropped to fit the context)", file=sys.stderr)
         answer = []
         try:
-            for piece in llm.stream(prompt, params):   # earlier turns: found in the prefix cache
+            pieces = (remote.stream(_messages(a.system, history), params) if remote
+                      else llm.stream(prompt, params))  # earlier turns: found in the prefix cache
+            for piece in pieces:
                 answer.append(piece)
                 sys.stdout.write(piece)
                 sys.stdout.flush()
