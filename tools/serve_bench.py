@@ -14,6 +14,7 @@ take the requests in order, each sending its next as soon as its last ended. Rep
   TTFT        time to first token (request sent -> first text chunk), p50/p90/p99
   ITL         inter-token latency (between consecutive tokens of one stream), p50/p90/p99
   errors      requests that failed (HTTP error, broken stream, wrong token count)
+  preempted   sequences the server preempted for lack of KV blocks (minfer's /metrics)
 
 A server started here (minfer's, or llama-server with `--llama-server`) gets the same GGUF file
 and threads; llama-server runs with `-np 16 -cb` (16 slots, continuous batching).
@@ -25,6 +26,7 @@ import asyncio
 import json
 import os
 import random
+import re
 import socket
 import statistics
 import subprocess
@@ -178,15 +180,28 @@ def bench(url: str, label: str, jobs, levels, headers) -> list[dict]:
         # a tag first in every prompt: a level must not find the earlier levels' prompts in a
         # prefix cache (the servers keep them), or its prefills would be nearly free
         tagged = [(f"[run {c}, request {i}] {prompt}", n) for i, (prompt, n) in enumerate(jobs)]
+        before = _preemptions(url)
         row = asyncio.run(run_level(url, model, tagged, c, headers))
         row["server"] = label
+        after = _preemptions(url)
+        row["preemptions"] = after - before if None not in (before, after) else None
         rows.append(row)
         print(_fmt(row), flush=True)
     return rows
 
 
+def _preemptions(url: str) -> int | None:
+    """minfer's count of preempted sequences (None from a server without it)."""
+    try:
+        text = httpx.get(url + "/metrics", timeout=10).text
+    except httpx.HTTPError:
+        return None
+    m = re.search(r"^minfer_preemptions_total (\S+)$", text, re.M)
+    return int(float(m.group(1))) if m else None
+
+
 HEADER = (f"{'server':<14}{'conc':>5}{'out tok/s':>11}{'req/s':>7}{'TTFT p50':>10}{'p90':>8}{'p99':>8}"
-          f"{'ITL p50':>9}{'p90':>8}{'p99':>8}{'errors':>8}")
+          f"{'ITL p50':>9}{'p90':>8}{'p99':>8}{'errors':>8}{'preempted':>11}")
 
 
 def _fmt(r: dict) -> str:
@@ -198,7 +213,7 @@ def _fmt(r: dict) -> str:
     return (f"{r['server']:<14}{r['concurrency']:>5}{r['out_tok_s']:>11.1f}{r['req_s']:>7.2f}"
             f"{s(r['ttft']['p50']):>9}s{s(r['ttft']['p90']):>7}s{s(r['ttft']['p99']):>7}s"
             f"{ms(r['itl']['p50']):>7}ms{ms(r['itl']['p90']):>6}ms{ms(r['itl']['p99']):>6}ms"
-            f"{r['errors']:>8}")
+            f"{r['errors']:>8}{r['preemptions'] if r['preemptions'] is not None else '-':>11}")
 
 
 def main(argv=None) -> int:
