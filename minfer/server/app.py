@@ -1,0 +1,283 @@
+"""The HTTP app: OpenAI's routes on FastAPI, served by uvicorn.
+
+    GET  /v1/models              the one model this server holds
+    POST /v1/completions         prompt -> text        (stream: server-sent events, then [DONE])
+    POST /v1/chat/completions    messages -> message   (the model's chat template renders them)
+    GET  /health                 200 while the engine thread lives
+    GET  /metrics                Prometheus text: queue, KV blocks, prefix cache, tokens, latencies
+
+Every error is OpenAI's error JSON with its status: 400 for bad input (malformed JSON, wrong
+types, bad sampling values, a prompt longer than the context), 401 for a missing or wrong API key,
+404 for an unknown model or route, 503 (with Retry-After) when too many requests wait already.
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import weakref
+from contextlib import asynccontextmanager
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from fastapi.sse import EventSourceResponse, format_sse_event
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..errors import MinferError, PromptTooLongError
+from ..llm import LLM
+from ..tokenizer import StreamDecoder
+from . import schema
+from .bridge import Bridge, ServerBusy
+from .metrics import Metrics
+
+DISCONNECT_POLL_S = 0.5      # how often a non-streamed request checks that its client is there
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
+                 code: str | None = None, param: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.code, self.param = status, message, type_, code, param
+        self.headers = headers
+
+
+def _error(status: int, message: str, type_: str = "invalid_request_error", code=None, param=None,
+           headers=None) -> JSONResponse:
+    return JSONResponse(schema.error_body(message, type_, param, code), status_code=status,
+                        headers=headers)
+
+
+class _Text:
+    """One choice's text as it streams: never half a UTF-8 character, never the start of a stop
+    string that may still complete (the same rule as LLM.stream)."""
+
+    def __init__(self, tokenizer, params):
+        self.dec, self.params, self.sent = StreamDecoder(tokenizer), params, 0
+        self.hold = max((len(s) for s in params.stop), default=1) - 1
+
+    def push(self, ids: list[int]) -> str:
+        for t in ids:
+            self.dec.push(t)
+        text = LLM._cut_stop(self.dec.text, self.params)
+        upto = len(text) if len(text) < len(self.dec.text) else max(self.sent, len(text) - self.hold)
+        return self._take(text, upto)
+
+    def finish(self) -> str:
+        text = LLM._cut_stop(self.dec.text + self.dec.flush(), self.params)
+        return self._take(text, len(text))
+
+    def _take(self, text: str, upto: int) -> str:
+        if upto <= self.sent:
+            return ""
+        piece, self.sent = text[self.sent:upto], upto
+        return piece
+
+
+def create_app(llm: LLM, model_name: str, api_key: str | None = None,
+               max_waiting: int = 256) -> FastAPI:
+    metrics = Metrics(lambda: bridge.stats)
+    bridge = Bridge(llm, max_waiting=max_waiting, metrics=metrics)
+    tok, engine = llm.tokenizer, llm.engine
+
+    @asynccontextmanager
+    async def lifespan(app):
+        bridge.start()
+        try:
+            yield
+        finally:
+            bridge.close()
+
+    app = FastAPI(title="minfer", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.bridge, app.state.metrics, app.state.llm = bridge, metrics, llm
+
+    # --- errors: always OpenAI's shape ----------------------------------------------------------
+    @app.exception_handler(APIError)
+    async def _api_error(request, e: APIError):
+        metrics.http_errors.labels(str(e.status)).inc()
+        return _error(e.status, e.message, e.type, e.code, e.param, e.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request, e: RequestValidationError):
+        metrics.http_errors.labels("400").inc()
+        errs = e.errors()
+        first = errs[0] if errs else {}
+        if first.get("type") == "json_invalid":
+            return _error(400, "the request body is not valid JSON")
+        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        where = ".".join(loc)
+        msg = first.get("msg", "invalid request")
+        return _error(400, f"{where}: {msg}" if where else msg, param=where or None)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request, e: StarletteHTTPException):
+        metrics.http_errors.labels(str(e.status_code)).inc()
+        return _error(e.status_code, str(e.detail), "not_found_error" if e.status_code == 404
+                      else "invalid_request_error")
+
+    @app.exception_handler(Exception)
+    async def _internal(request, e: Exception):
+        metrics.http_errors.labels("500").inc()
+        return _error(500, f"internal error: {type(e).__name__}: {e}", "server_error")
+
+    def check_key(request: Request) -> None:
+        if api_key is None:
+            return
+        auth = request.headers.get("authorization", "")
+        given = auth[7:] if auth.lower().startswith("bearer ") else ""
+        if not hmac.compare_digest(given.encode(), api_key.encode()):
+            raise APIError(401, "a valid API key is needed (Authorization: Bearer KEY)",
+                           code="invalid_api_key")
+
+    def check_model(name: str) -> None:
+        if name != model_name:
+            raise APIError(404, f"the model {name!r} does not exist; this server has "
+                                f"{model_name!r}", code="model_not_found", param="model")
+
+    def bad(e: MinferError) -> APIError:
+        code = "context_length_exceeded" if isinstance(e, PromptTooLongError) else None
+        return APIError(400, str(e), code=code)
+
+    # --- routes ---------------------------------------------------------------------------------
+    @app.get("/health")
+    async def health():
+        if not bridge._thread.is_alive():
+            return _error(503, "the engine thread has stopped", "server_error")
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/v1/models", dependencies=[Depends(check_key)])
+    async def models():
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0,
+                                            "owned_by": "minfer",
+                                            "max_model_len": engine.max_context}]}
+
+    @app.post("/v1/completions", dependencies=[Depends(check_key)])
+    async def completions(body: schema.CompletionRequest, request: Request):
+        check_model(body.model)
+        try:
+            body.refuse_unsupported()
+            prompts = [llm._ids(p) for p in body.prompts()]
+            for ids in prompts:
+                engine.check_prompt(ids)
+        except MinferError as e:
+            raise bad(e) from None
+        return await _serve(request, body, prompts, body.max_tokens or 16, chat=False)
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(check_key)])
+    async def chat_completions(body: schema.ChatRequest, request: Request):
+        check_model(body.model)
+        try:
+            body.refuse_unsupported()
+            text = tok.apply_chat_template(body.rendered_messages(), add_generation_prompt=True)
+            ids = llm._ids(text)
+            engine.check_prompt(ids)
+        except MinferError as e:
+            raise bad(e) from None
+        limit = body.max_completion_tokens or body.max_tokens or (engine.max_context - len(ids))
+        return await _serve(request, body, [ids], limit, chat=True)
+
+    async def _serve(request: Request, body, prompts: list[list[int]], max_tokens: int, chat: bool):
+        items = []
+        try:
+            for ids in prompts:
+                for j in range(body.n):
+                    p = body.sampling(max_tokens, j)
+                    items.append((ids, p, llm._stop_check(p)))
+        except MinferError as e:
+            raise bad(e) from None
+        try:
+            req = bridge.submit(items)
+        except ServerBusy as e:
+            raise APIError(503, str(e), "server_busy", headers={"Retry-After": "1"}) from None
+        rid = schema.new_id("chatcmpl" if chat else "cmpl")
+        if body.stream:
+            gen = _stream(req, body, prompts, rid, chat)
+            weakref.finalize(gen, bridge.cancel, req)      # even if the stream never starts
+            return EventSourceResponse(gen)
+        return await _complete(request, req, body, prompts, rid, chat)
+
+    def _usage(req, prompts, n) -> dict:
+        prompt = sum(len(p) for p in prompts)
+        completion = sum(len(s.output_ids) for s in req.seqs)
+        cached = sum(s.metrics.cached_prompt_tokens for s in req.seqs[::n])   # once per prompt
+        return schema.usage(prompt, completion, cached).model_dump()
+
+    async def _complete(request, req, body, prompts, rid, chat):
+        n_items = len(req.items)
+        done: dict[int, object] = {}
+        try:
+            while len(done) < n_items:
+                try:
+                    i, new, finished, seq = await asyncio.wait_for(req.queue.get(), DISCONNECT_POLL_S)
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():
+                        return Response(status_code=499)
+                    continue
+                if new is None:
+                    raise APIError(500, finished, "server_error")
+                if finished:
+                    done[i] = seq
+        finally:
+            bridge.cancel(req)
+        choices = []
+        for i in range(n_items):
+            seq = done[i]
+            text = LLM._cut_stop(tok.decode(seq.output_ids), seq.params)
+            reason = seq.finish_reason
+            if chat:
+                choices.append({"index": i, "message": {"role": "assistant", "content": text},
+                                "logprobs": None, "finish_reason": reason})
+            else:
+                choices.append({"index": i, "text": text, "logprobs": None, "finish_reason": reason})
+        return {"id": rid, "object": "chat.completion" if chat else "text_completion",
+                "created": schema.now(), "model": model_name, "choices": choices,
+                "usage": _usage(req, prompts, body.n)}
+
+    async def _stream(req, body, prompts, rid, chat):
+        kind = "chat.completion.chunk" if chat else "text_completion"
+        created, usage_field = schema.now(), body.include_usage
+        texts = [_Text(tok, p) for _, p, _ in req.items]
+
+        def event(choices, usage=None) -> bytes:
+            chunk = {"id": rid, "object": kind, "created": created, "model": model_name,
+                     "choices": choices}
+            if usage_field:
+                chunk["usage"] = usage
+            return format_sse_event(data_str=json.dumps(chunk, ensure_ascii=False))
+
+        def choice(i, piece, reason=None, first=False) -> dict:
+            if chat:
+                delta = {"role": "assistant", "content": piece} if first else (
+                    {"content": piece} if piece else {})
+                return {"index": i, "delta": delta, "logprobs": None, "finish_reason": reason}
+            return {"index": i, "text": piece, "logprobs": None, "finish_reason": reason}
+
+        try:
+            if chat:
+                yield event([choice(i, "", first=True) for i in range(len(req.items))])
+            left = len(req.items)
+            while left:
+                i, new, finished, seq = await req.queue.get()
+                if new is None:
+                    err = schema.error_body(finished, "server_error")
+                    yield format_sse_event(data_str=json.dumps(err))
+                    break
+                piece = texts[i].push(new)
+                if finished:
+                    piece += texts[i].finish()
+                    left -= 1
+                    yield event([choice(i, piece, seq.finish_reason)])
+                elif piece:
+                    yield event([choice(i, piece)])
+            else:
+                if usage_field:
+                    yield event([], _usage(req, prompts, body.n))
+            yield format_sse_event(data_str="[DONE]")
+        finally:
+            bridge.cancel(req)
+
+    return app

@@ -1,0 +1,396 @@
+"""The OpenAI-compatible server, end to end: a real uvicorn server on 127.0.0.1 and a free port,
+talked to with the official openai client (and httpx for raw HTTP). The answers are checked
+against LLM.generate on a separate LLM of the same model."""
+import concurrent.futures as cf
+import contextlib
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+import uvicorn
+
+import minfer
+from minfer.server import create_app
+
+KEY = "test-key"
+MODEL = "tiny"
+TIMEOUT = 30.0          # seconds any one request may take
+
+
+@contextlib.contextmanager
+def serving(llm, name=MODEL, api_key=KEY, **kwargs):
+    """Run the app on a socket bound to a free loopback port; yield (base url, app)."""
+    app = create_app(llm, name, api_key=api_key, **kwargs)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}", app
+    finally:
+        server.should_exit = True
+        thread.join(15)
+        sock.close()
+        assert not thread.is_alive(), "the server did not stop"
+
+
+@pytest.fixture(scope="module")
+def server(tiny_gguf):
+    llm = minfer.LLM(tiny_gguf, backend="numpy")        # its own: the reference LLM is another one
+    with serving(llm) as (url, app):
+        yield url, app
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=server[0] + "/v1", api_key=KEY, max_retries=0, timeout=TIMEOUT)
+
+
+def metrics(url) -> dict:
+    text = httpx.get(url + "/metrics", timeout=TIMEOUT).text
+    out = {}
+    for line in text.splitlines():
+        m = re.match(r"^([a-zA-Z_:]+(?:\{[^}]*\})?) (\S+)$", line)
+        if m:
+            out[m.group(1)] = float(m.group(2))
+    return out
+
+
+def wait_idle(url, timeout=10.0) -> dict:
+    """/metrics until nothing runs, waits or holds a block (cached free blocks don't count)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        m = metrics(url)
+        if m["minfer_requests_running"] == m["minfer_requests_waiting"] == m["minfer_kv_blocks_used"] == 0:
+            return m
+        assert time.monotonic() < deadline, f"the server stayed busy: {m}"
+        time.sleep(0.05)
+
+
+def greedy(max_tokens=12, **kw):
+    return minfer.SamplingParams(temperature=0, max_tokens=max_tokens, **kw)
+
+
+# --- the happy paths ------------------------------------------------------------------------------
+def test_models_health_metrics(server, client):
+    url, _ = server
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    assert httpx.get(url + "/health", timeout=TIMEOUT).json() == {"status": "ok"}
+    m = metrics(url)
+    for name in ("minfer_requests_running", "minfer_requests_waiting", "minfer_kv_blocks_used",
+                 "minfer_kv_blocks_free", "minfer_prefix_cache_hit_rate", "minfer_prompt_tokens_total",
+                 "minfer_generation_tokens_total", "minfer_time_to_first_token_seconds_count",
+                 "minfer_inter_token_latency_seconds_count"):
+        assert name in m, name
+
+
+def test_completion_equals_generate(client, tiny_llm):
+    prompt = "the cat sat on the"
+    want = tiny_llm.generate(prompt, greedy(12, ignore_eos=True))[0]
+    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0,
+                                  extra_body={"ignore_eos": True})
+    assert r.object == "text_completion" and len(r.choices) == 1
+    assert r.choices[0].text == want.text
+    assert r.choices[0].finish_reason == "length"
+    assert r.usage.prompt_tokens == len(want.prompt_token_ids)
+    assert r.usage.completion_tokens == len(want.token_ids) == 12
+    assert r.usage.total_tokens == r.usage.prompt_tokens + 12
+    # token ids as the prompt give the same
+    r2 = client.completions.create(model=MODEL, prompt=want.prompt_token_ids, max_tokens=12,
+                                   temperature=0, extra_body={"ignore_eos": True})
+    assert r2.choices[0].text == want.text
+
+
+def test_streams_equal_non_streams_with_usage(client, tiny_llm):
+    prompt = "a dog and a cat"
+    want = tiny_llm.generate(prompt, greedy(20))[0]
+    chunks = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=20, temperature=0,
+                                            stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == want.text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == want.finish_reason
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == len(want.token_ids)
+    assert all(c.usage is None for c in chunks[:-1])
+
+    msgs = [{"role": "user", "content": "hello there"}]
+    want = tiny_llm.chat(msgs, greedy(16))
+    r = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=16, temperature=0)
+    assert r.object == "chat.completion"
+    assert r.choices[0].message.role == "assistant"
+    assert r.choices[0].message.content == want.text
+    assert r.choices[0].finish_reason == want.finish_reason
+    assert r.usage.prompt_tokens == len(want.prompt_token_ids)
+    chunks = list(client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=16,
+                                                 temperature=0, stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == want.text
+    assert chunks[-1].choices[0].finish_reason == want.finish_reason
+    # max_completion_tokens and content parts
+    r = client.chat.completions.create(model=MODEL, max_completion_tokens=3, temperature=0,
+                                       messages=[{"role": "user", "content": [
+                                           {"type": "text", "text": "hello there"}]}])
+    assert r.usage.completion_tokens <= 3
+    assert r.choices[0].message.content == tiny_llm.chat(msgs, greedy(3)).text
+
+
+def test_stop_strings(client, tiny_llm):
+    prompt = "the cat sat on the"
+    free = tiny_llm.generate(prompt, greedy(24, ignore_eos=True))[0].text
+    words = [w for w in re.findall(r"[a-z]{2,}", free)]
+    assert words, f"no word in {free!r} to stop at"
+    for stop in (words[0], [words[-1], "\u2603"]):
+        want = tiny_llm.generate(prompt, greedy(24, ignore_eos=True, stop=stop))[0]
+        assert want.finish_reason == "stop" and want.text == free[:free.find(want_stop(free, stop))]
+        kw = dict(model=MODEL, prompt=prompt, max_tokens=24, temperature=0, stop=stop,
+                  extra_body={"ignore_eos": True})
+        r = client.completions.create(**kw)
+        assert (r.choices[0].text, r.choices[0].finish_reason) == (want.text, "stop")
+        chunks = list(client.completions.create(stream=True, **kw))
+        assert "".join(c.choices[0].text for c in chunks) == want.text
+        assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def want_stop(text, stop):
+    stops = [stop] if isinstance(stop, str) else stop
+    return min((s for s in stops if s in text), key=text.find)
+
+
+def test_seed_n_and_sampling_extras(client):
+    kw = dict(model=MODEL, prompt="one two three", max_tokens=16, temperature=1.0,
+              extra_body={"ignore_eos": True})
+    a = client.completions.create(seed=7, **kw)
+    b = client.completions.create(seed=7, **kw)
+    assert a.choices[0].text == b.choices[0].text
+    c = client.completions.create(seed=7, n=3, **kw)
+    assert [ch.index for ch in c.choices] == [0, 1, 2]
+    assert c.choices[0].text == a.choices[0].text            # choice i draws from seed + i
+    assert len({ch.text for ch in c.choices}) > 1
+    assert c.usage.completion_tokens == 3 * 16
+    assert c.usage.prompt_tokens == a.usage.prompt_tokens     # the prompt counts once
+    d = client.completions.create(seed=7, n=3, stream=True, **kw)
+    texts = ["", "", ""]
+    for chunk in d:
+        for ch in chunk.choices:
+            texts[ch.index] += ch.text
+    assert texts == [ch.text for ch in c.choices]
+    # minfer's own knobs are honoured: top_k=1 is greedy whatever the temperature
+    g = client.completions.create(model=MODEL, prompt="one two three", max_tokens=16, temperature=0,
+                                  extra_body={"ignore_eos": True})
+    k1 = client.completions.create(seed=3, **{**kw, "extra_body": {"ignore_eos": True, "top_k": 1,
+                                                                  "min_p": 0.1,
+                                                                  "repetition_penalty": 1.0}})
+    assert k1.choices[0].text == g.choices[0].text
+
+
+def test_cached_prompt_tokens_reported(client):
+    prompt = " ".join(f"w{i}" for i in range(40))            # several 16-token blocks
+    first = client.completions.create(model=MODEL, prompt=prompt, max_tokens=2, temperature=0)
+    again = client.completions.create(model=MODEL, prompt=prompt, max_tokens=2, temperature=0)
+    n = first.usage.prompt_tokens
+    assert n > 32
+    assert again.usage.prompt_tokens_details.cached_tokens == (n - 1) // 16 * 16
+    assert again.choices[0].text == first.choices[0].text
+
+
+# --- many clients at once ---------------------------------------------------------------------------
+def test_32_concurrent_clients_each_get_their_own_answer(server, tiny_llm):
+    url, _ = server
+    prompts = [f"{i} the {'cat' if i % 2 else 'dog'} {'sat ' * (i % 5)}on {i * 7}" for i in range(32)]
+    lengths = [4 + (i * 5) % 17 for i in range(32)]
+    want = [tiny_llm.generate(p, greedy(n))[0] for p, n in zip(prompts, lengths)]   # each alone
+    start = threading.Barrier(32, timeout=TIMEOUT)
+
+    def ask(i):
+        c = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=TIMEOUT)
+        start.wait()
+        kw = dict(model=MODEL, prompt=prompts[i], max_tokens=lengths[i], temperature=0)
+        if i % 2:
+            chunks = list(c.completions.create(stream=True, **kw))
+            return "".join(ch.choices[0].text for ch in chunks), chunks[-1].choices[0].finish_reason
+        r = c.completions.create(**kw)
+        return r.choices[0].text, r.choices[0].finish_reason
+
+    with cf.ThreadPoolExecutor(32) as pool:
+        got = list(pool.map(ask, range(32), timeout=2 * TIMEOUT))
+    assert got == [(w.text, w.finish_reason) for w in want]
+    m = wait_idle(url)
+    assert m["minfer_kv_blocks_free"] == m["minfer_kv_blocks_total"]
+
+
+def test_disconnect_mid_stream_frees_blocks(server):
+    url, app = server
+    engine = app.state.llm.engine
+    step = engine.step
+
+    def slow_step():              # a slower engine, so that the client surely leaves mid-answer
+        time.sleep(0.01)
+        return step()
+    engine.step = slow_step
+    try:
+        before = metrics(url).get('minfer_requests_total{finish_reason="abort"}', 0)
+        body = {"model": MODEL, "prompt": "the cat", "max_tokens": 200, "temperature": 0,
+                "stream": True, "ignore_eos": True}
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=TIMEOUT,
+                          headers={"Authorization": f"Bearer {KEY}"}) as r:
+            assert r.status_code == 200
+            lines = r.iter_lines()
+            got = [next(lines) for _ in range(6)]
+            assert any(line.startswith("data: {") for line in got)
+            assert metrics(url)["minfer_kv_blocks_used"] > 0
+        m = wait_idle(url)
+        assert m.get('minfer_requests_total{finish_reason="abort"}', 0) == before + 1
+    finally:
+        del engine.step
+
+
+# --- bad requests: the right status and OpenAI's error shape, then the server still serves -----
+def error_of(r: httpx.Response, status: int) -> dict:
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    return err
+
+
+def test_bad_requests_get_their_status_then_service_goes_on(server, client):
+    url, app = server
+    auth = {"Authorization": f"Bearer {KEY}"}
+    post = lambda path, **kw: httpx.post(url + path, timeout=TIMEOUT, **{"headers": auth, **kw})  # noqa: E731
+    good = dict(model=MODEL, prompt="the cat", max_tokens=3, temperature=0)
+
+    def still_serves():
+        assert client.completions.create(**good).usage.completion_tokens >= 1
+
+    error_of(post("/v1/completions", content=b'{"model": "tiny", "prompt": '), 400)   # malformed
+    still_serves()
+    err = error_of(post("/v1/completions", json={**good, "max_tokens": "many"}), 400)     # wrong type
+    assert err["param"] == "max_tokens"
+    still_serves()
+    error_of(post("/v1/chat/completions", json={"model": MODEL, "messages": "hi"}), 400)
+    still_serves()
+    for bad in ({"temperature": -1}, {"top_p": 0}, {"n": 0}, {"max_tokens": 0},
+                {"top_k": -1}, {"min_p": 1.5}, {"repetition_penalty": 0}):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(**{**good, **{k: v for k, v in bad.items() if k in good}},
+                                      extra_body={k: v for k, v in bad.items() if k not in good})
+        assert e.value.status_code == 400 and list(bad)[0] in e.value.body["message"]
+        still_serves()
+    for unsupported in ("presence_penalty", "frequency_penalty"):
+        with pytest.raises(openai.BadRequestError, match=unsupported):
+            client.completions.create(**good, **{unsupported: 0.5})
+        still_serves()
+    with pytest.raises(openai.NotFoundError) as e:                                       # model
+        client.completions.create(**{**good, "model": "gpt-4"})
+    assert e.value.body["code"] == "model_not_found"
+    still_serves()
+    with pytest.raises(openai.BadRequestError) as e:                                     # too long
+        client.completions.create(**{**good, "prompt": "the cat " * 400})
+    assert e.value.body["code"] == "context_length_exceeded"
+    still_serves()
+    error_of(httpx.post(url + "/v1/completions", json=good, timeout=TIMEOUT), 401)       # no key
+    with pytest.raises(openai.AuthenticationError):                                      # wrong key
+        openai.OpenAI(base_url=url + "/v1", api_key="nope", max_retries=0).completions.create(**good)
+    still_serves()
+    error_of(httpx.get(url + "/v1/nothing", headers=auth, timeout=TIMEOUT), 404)         # route
+    bridge = app.state.bridge
+    bridge.max_waiting, limit = 0, bridge.max_waiting                                    # busy
+    try:
+        r = post("/v1/completions", json=good)
+        assert error_of(r, 503) and r.headers["retry-after"] == "1"
+    finally:
+        bridge.max_waiting = limit
+    still_serves()
+    wait_idle(url)
+
+
+# --- the command ---------------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serve_command_stops_cleanly_on_sigint_and_sigterm(tiny_gguf):
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(minfer.__file__))}
+    procs = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        port = _free_port()
+        p = subprocess.Popen([sys.executable, "-m", "minfer", "serve", "--model", str(tiny_gguf),
+                              "--backend", "numpy", "--port", str(port), "--log-level", "warning"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+        procs.append((p, port, sig))
+    try:
+        for p, port, sig in procs:
+            deadline = time.monotonic() + 30
+            while True:
+                assert p.poll() is None, p.communicate()[1]
+                try:
+                    if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                assert time.monotonic() < deadline, "the server did not come up"
+                time.sleep(0.1)
+            r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=TIMEOUT,
+                           json={"model": "tiny-llama-F32", "prompt": "the cat", "max_tokens": 2})
+            assert r.status_code == 200, r.text
+            p.send_signal(sig)
+        for p, port, sig in procs:
+            _, err = p.communicate(timeout=20)
+            assert p.returncode == (130 if sig == signal.SIGINT else 0), err
+            assert "Traceback" not in err
+    finally:
+        for p, _, _ in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(5)
+
+
+def test_chat_command_talks_to_the_server(server, tiny_llm):
+    url, _ = server
+    want = tiny_llm.chat([{"role": "user", "content": "hello there"}], greedy(6)).text
+    r = subprocess.run([sys.executable, "-m", "minfer", "chat", "--server", url, "--api-key", KEY,
+                        "-t", "0", "--max-tokens", "6"], input="hello there\n/exit\n",
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert want.strip() and want in r.stdout
+    r = subprocess.run([sys.executable, "-m", "minfer", "chat", "--server", url, "--api-key", "nope"],
+                       input="", capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "Traceback" not in r.stderr and "401" in r.stderr
+
+
+def test_serve_command_bad_flags_are_one_line(tiny_gguf):
+    r = subprocess.run([sys.executable, "-m", "minfer", "serve", "--model", str(tiny_gguf),
+                        "--backend", "numpy", "--max-waiting", "0"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "Traceback" not in r.stderr and "--max-waiting" in r.stderr
+
+
+# --- the real model -------------------------------------------------------------------------------------
+@pytest.mark.model
+def test_default_model_answers(smollm):
+    msgs = [{"role": "user", "content": "What is the capital of France?"}]
+    want = smollm.chat(msgs, greedy(12))
+    with serving(smollm, name="smollm2", api_key=None) as (url, _):
+        c = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        r = c.chat.completions.create(model="smollm2", messages=msgs, max_tokens=12, temperature=0)
+        assert r.choices[0].message.content == want.text and "Paris" in want.text
+        chunks = list(c.chat.completions.create(model="smollm2", messages=msgs, max_tokens=12,
+                                                temperature=0, stream=True,
+                                                stream_options={"include_usage": True}))
+        assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == want.text
+        # the second time the whole conversation but its last token comes from the prefix cache
+        assert chunks[-1].usage.prompt_tokens_details.cached_tokens >= 16
+        wait_idle(url)
