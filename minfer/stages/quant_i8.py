@@ -460,10 +460,9 @@ def _make_prefetch(locality):
 
 
 # Into L1 (x86 prefetcht0), or into L2 only (prefetcht1). The kernels stream Q8_0 rows (34 bytes
-# a block) faster with the rows ahead sent to L2 — L1 is where they keep x and do their loads:
-# a q8_0 decode step 0.89-0.94x the time with int8 activations, 0.87x in three parts (one process,
-# ninth session). So do 4-bit rows against int8 x (auto, int8: 0.96x); the three-part kernels on
-# 4-bit rows, bound by their arithmetic, did not gain (1.01-1.03x) and keep L1.
+# a block) faster with the rows ahead sent to L2 — L1 is where they keep x and do their loads;
+# so do 4-bit rows against int8 x. The three-part kernels on 4-bit rows, bound by their
+# arithmetic, did not gain and keep L1 (docs/benchmarks.md).
 _prefetch, _prefetch_l2 = _make_prefetch(3), _make_prefetch(2)
 PREFETCH_ROWS = 8           # rows ahead: the hardware prefetcher alone left ~10% on the table
 
