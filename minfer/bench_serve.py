@@ -81,7 +81,7 @@ def run_way(llm, requests, way: str, arrivals: list[float], max_seqs: int) -> di
 def _llm(a, prefix_caching=True):
     import minfer
     from .weights.fetch import ensure_default_model
-    backend = a.backend.split(",")[0]
+    backend = a.backend.split(",")[-1]            # bench's default "numpy,numba": numba
     quant = a.quant.split(",")[0]
     act = a.activations.split(",")[0]
     return minfer.LLM(a.model or ensure_default_model(quiet=True), backend=backend, quant=quant,
