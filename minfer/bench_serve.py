@@ -102,7 +102,7 @@ def run_serve(a) -> int:
     llm = _llm(a)
     _warm_up(llm)
     reqs = make_requests(a.requests, llm.config.vocab_size, seed=a.seed,
-                         max_prompt=min(1024, llm.engine.max_context - 257))
+                         max_prompt=max(16, min(1024, llm.engine.max_context - 257)))
     rng = np.random.default_rng(a.seed + 1)
     cases = [("all at once", [0.0] * len(reqs))]
     if a.rate:

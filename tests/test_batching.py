@@ -147,6 +147,30 @@ def test_two_hundred_prompts_in_a_small_pool(tiny_q4):
     assert llm.engine.blocks.n_used == 0 and llm.engine.cache.n_blocks == 40
 
 
+def test_serve_workload_ways_give_the_same_tokens(tiny_q4):
+    """bench --workload serve's three ways run every request to its end, each request getting the
+    same greedy tokens whichever way the engine was fed; continuous never waits longer for its
+    first token at the median than one-at-a-time does."""
+    from minfer.bench_serve import make_requests, run_way
+    llm = minfer.LLM(tiny_q4, backend="numpy", block_size=4, max_seqs=4, max_batch_tokens=32)
+    reqs = [(p[:40], min(n, 12)) for p, n in make_requests(10, llm.config.vocab_size, seed=3, max_prompt=40)]
+    seen = {}
+    orig = llm.engine.add_request
+
+    def spy(ids, params, stop_check=None):
+        seq = orig(ids, params, stop_check)
+        seen.setdefault(way, []).append(seq)
+        return seq
+    llm.engine.add_request = spy
+    rows = {}
+    for way in ("one-at-a-time", "static", "continuous"):
+        rows[way] = run_way(llm, reqs, way, [0.0] * len(reqs), max_seqs=4)
+        assert rows[way]["requests"] == len(reqs) and rows[way]["output_tokens"] == sum(n for _, n in reqs)
+    tokens = {w: sorted((tuple(s.prompt_ids), tuple(s.output_ids)) for s in seqs) for w, seqs in seen.items()}
+    assert tokens["one-at-a-time"] == tokens["static"] == tokens["continuous"]
+    assert rows["continuous"]["ttft_p50"] <= rows["one-at-a-time"]["ttft_p50"]
+
+
 @pytest.mark.model
 def test_real_model_batch_equals_alone(default_model):
     """The default model on the numba backend: a continuous batch with chunked prompts and a
