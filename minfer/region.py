@@ -269,7 +269,7 @@ def _gate_up_q4(x, g, u, l, out, C):
 
 # Many rows (a batch of sequences, tokens to verify, a chunk of a prompt): quant_gemm's tiles,
 # each weight row dequantized once for all the rows of x. An item is a tile of weight rows, as
-# above; the thread decodes it STRIP rows at a time into its own scratch.
+# above; the thread decodes it STRIP rows at a time into its own buffer.
 @njit(cache=True)
 def _matmul_rows(x, w, l, out, res, C):
     ctr, s, wi, nw = C

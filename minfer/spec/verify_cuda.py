@@ -46,10 +46,10 @@ def greedy_kernel(logits, starts, proposals, n_prop, out):
 
 
 @cuda.jit
-def sample_kernel(p, q, starts, proposals, n_prop, u, scratch, out):
+def sample_kernel(p, q, starts, proposals, n_prop, u, work, out):
     """p [R, V] filtered distributions (rows as in greedy_kernel), q [R, V] the proposer's
     on the same rows (a sequence's last row unused) or q [0, V] for point masses, u [B, K+1]
-    uniforms, scratch [B, V] -> out[b] = (accepted m, next token)."""
+    uniforms, work [B, V] -> out[b] = (accepted m, next token)."""
     b = cuda.grid(1)
     if b >= out.shape[0]:
         return
@@ -70,20 +70,20 @@ def sample_kernel(p, q, starts, proposals, n_prop, u, scratch, out):
             w = p[s0 + i, j] if point else max(p[s0 + i, j] - q[s0 + i, j], 0.0)
             if point and j == x:
                 w = 0.0
-            scratch[b, j] = w
+            work[b, j] = w
             total += w
         if not total > 0:
             total = 0.0
             for j in range(V):
-                scratch[b, j] = p[s0 + i, j]
+                work[b, j] = p[s0 + i, j]
                 total += p[s0 + i, j]
-        out[b, 0], out[b, 1] = i, _draw_cuda(scratch, b, total, v)
+        out[b, 0], out[b, 1] = i, _draw_cuda(work, b, total, v)
         return
     total = 0.0
     for j in range(V):
-        scratch[b, j] = p[s0 + k, j]
+        work[b, j] = p[s0 + k, j]
         total += p[s0 + k, j]
-    out[b, 0], out[b, 1] = k, _draw_cuda(scratch, b, total, u[b, k])
+    out[b, 0], out[b, 1] = k, _draw_cuda(work, b, total, u[b, k])
 
 
 def verify_greedy_cuda(logits, starts: np.ndarray, proposals: np.ndarray, n_prop: np.ndarray):
@@ -105,10 +105,10 @@ def verify_sample_cuda(p, q, starts: np.ndarray, proposals: np.ndarray, n_prop: 
     B = len(n_prop)
     dev = (lambda a: cuda.to_device(a) if isinstance(a, np.ndarray) else a)
     out = cuda.device_array((B, 2), dtype=np.int64)
-    scratch = cuda.device_array((B, p.shape[1]), dtype=np.float64)
+    work = cuda.device_array((B, p.shape[1]), dtype=np.float64)
     threads = 32
     sample_kernel[(B + threads - 1) // threads, threads](
         dev(p), dev(q), cuda.to_device(starts.astype(np.int64)),
         cuda.to_device(proposals.astype(np.int64)), cuda.to_device(n_prop.astype(np.int64)),
-        cuda.to_device(u.astype(np.float64)), scratch, out)
+        cuda.to_device(u.astype(np.float64)), work, out)
     return out.copy_to_host()

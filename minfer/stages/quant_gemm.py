@@ -213,7 +213,7 @@ STRIP = 16
 
 @njit(fastmath=True, cache=True)
 def tile(x, qs, d, m, o0, o1, buf, out, c0):
-    """out[:, c0 + o - o0] = x . row o, for o in o0..o1-1; buf: scratch [>= STRIP, K]."""
+    """out[:, c0 + o - o0] = x . row o, for o in o0..o1-1; buf: a buffer [>= STRIP, K]."""
     o = o0
     while o < o1:
         e = min(o + STRIP, o1)
