@@ -21,7 +21,7 @@ import numba
 import numpy as np
 from numba import njit
 
-from .stages import quant, quant_i8
+from .stages import quant, quant_i8, quant_panel
 from .stages.quant_i8 import bits
 from .stages.attention import _attention_rows
 from .stages.kvcache import kv_write_numba
@@ -142,12 +142,16 @@ def kernels_for(stacks: dict, int8_act: bool):
     return SPLIT if half or quant.split_x() else family
 
 
-def layer_args(stacks: dict, n_layers: int) -> tuple:
+def layer_args(stacks: dict, n_layers: int, panels: bool = False) -> tuple:
     """The stacks as the compiled loop takes them: (attn_norm, wqkv, wo, ffn_norm, w_gate, w_up,
-    w_down), each matrix as (quants, scales, mins) [L, ...], float16 scales as uint16 bits."""
+    w_down), each matrix as (quants, scales, mins) [L, ...], float16 scales as uint16 bits.
+    panels: the matrices repacked for region.py's int8 kernels (stages/quant_panel.py)."""
     no_m = np.zeros((n_layers, 0), dtype=np.float32)            # Q8_0 has no mins (1-D a layer)
-    w = {k: (v[1], bits(v[2]), bits(v[3]) if v[3] is not None else no_m)
-         for k, v in stacks.items() if v[0] != "F32"}
+    if panels:
+        w = {k: quant_panel.stacked(*v) for k, v in stacks.items() if v[0] != "F32"}
+    else:
+        w = {k: (v[1], bits(v[2]), bits(v[3]) if v[3] is not None else no_m)
+             for k, v in stacks.items() if v[0] != "F32"}
     return (stacks["attn_norm"][1], w["wqkv"], w["wo"], stacks["ffn_norm"][1], w["w_gate"],
             w["w_up"], w["w_down"])
 
@@ -159,6 +163,10 @@ def head_args(weights, kind: int):
     lm = weights.lm_head
     if not isinstance(lm, quant.QuantMatrix):
         return None
+    if kind == INT8 and ONE_REGION:
+        p = quant_panel.PanelMatrix(lm)
+        return weights.norm, (p.qp[None], p.d[None], p.m[None] if lm.m is not None else
+                              np.zeros((1, 0), dtype=np.float32))
     if kind in (Q4, Q8) and ((lm.fmt == "Q8_0") != (kind == Q8) or lm.d.dtype != np.float32):
         return None
     m = np.zeros((1, 0), dtype=np.float32) if lm.m is None else bits(lm.m)[None]
@@ -208,7 +216,11 @@ class FusedLayers:
         made = self._made
         if (made is None or made[0] != kind or len(made[1]) != len(entries)
                 or any(a is not b for a, b in zip(made[1], entries))):
-            made = self._made = (kind, entries, layer_args(weights.stacks, config.n_layers),
+            made = self._made = (kind, entries, layer_args(weights.stacks, config.n_layers,
+                                                           panels=kind == INT8 and ONE_REGION),
                                  head_args(weights, kind))
         _, _, W, head = made
-        return layers_numba(x, cos, sin, weights.stacks, cache, batch, config, kind, W=W, head=head)
+        x, logits = layers_numba(x, cos, sin, weights.stacks, cache, batch, config, kind, W=W,
+                                 head=head)
+        V = weights.lm_head.shape[0]
+        return x, (logits[:, :V] if logits is not None and logits.shape[1] > V else logits)
