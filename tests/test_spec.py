@@ -8,7 +8,7 @@ import pytest
 import minfer
 from minfer.sampling import SamplingParams
 from minfer.spec import verify
-from minfer.spec.ngram import propose_ngram, propose_ngram_numba
+from minfer.spec.ngram import NgramIndex, NgramProposer, propose_ngram
 from minfer.weights import synthetic
 
 rng = np.random.default_rng(7)
@@ -25,12 +25,39 @@ def test_ngram_finds_latest_longest_match():
     assert propose_ngram(np.array([4, 4, 4, 4], dtype=np.int64), 3).tolist() == [4]
 
 
-@pytest.mark.parametrize("T", [1, 2, 5, 40, 200])
-def test_ngram_numba_equals_reference(T):
-    for _ in range(20):
-        t = rng.integers(0, 4, T).astype(np.int64)
-        for k, n in ((1, 1), (4, 3), (8, 5)):
-            assert propose_ngram_numba(t, k, n, 1).tolist() == propose_ngram(t, k, n, 1).tolist()
+@pytest.mark.parametrize("vocab", [2, 4, 50])
+def test_ngram_index_equals_reference(vocab):
+    """The incremental index proposes what the rescan proposes, after every growth of random
+    token streams (chunks of 1..6 tokens, as accepted runs come), for several n ranges and k."""
+    for max_n, min_n in ((4, 1), (3, 2), (1, 1), (5, 3)):
+        for _ in range(5):
+            idx, toks = NgramIndex(max_n, min_n), []
+            assert idx.propose(3) == []
+            while len(toks) < 150:
+                new = rng.integers(0, vocab, int(rng.integers(1, 7))).tolist()
+                idx.extend(new)
+                toks += new
+                t = np.array(toks, dtype=np.int64)
+                for k in (1, 4):
+                    assert idx.propose(k) == propose_ngram(t, k, max_n, min_n).tolist(), (toks, k)
+
+
+def test_ngram_proposer_follows_each_sequence():
+    """The proposer indexes each sequence's prompt, then only what it gained since; a finished
+    sequence's index is dropped."""
+    from minfer.engine.sequence import Sequence
+    prop = NgramProposer()
+    seqs = [Sequence(i, rng.integers(0, 6, 20).tolist(), SamplingParams(), None) for i in range(3)]
+    for step in range(40):
+        for s in seqs:
+            s.output_ids += rng.integers(0, 6, int(rng.integers(1, 4))).tolist()
+        got = prop.propose([(s, 1 + step % 5) for s in seqs])
+        for s in seqs:
+            want = propose_ngram(np.array(s.prompt_ids + s.output_ids), 1 + step % 5).tolist()
+            assert (got[s][0] if s in got else []) == want
+    assert all(prop.index[s.seq_id].tokens == s.prompt_ids + s.output_ids for s in seqs)
+    prop.drop(1)
+    assert sorted(prop.index) == [0, 2]
 
 
 # ---------------------------------------------------------------------------------------------

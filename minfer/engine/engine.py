@@ -132,6 +132,7 @@ class Engine:
             if drafts:
                 with deferred_sigint():
                     logits = self.model.forward(batch, self.cache)                  # [R, V]
+                check_finite(logits, "forward pass (the logits)")
             else:
                 toks = self._next_tokens(live, batch)
             for seq, n in scheduled:
