@@ -310,6 +310,66 @@ def test_rollback_leaves_no_stale_kv(tiny_gguf, other_gguf, plain):
         assert any(tuple(final[i:i + bs]) == key for i in range(0, len(final) - bs + 1, bs)), key
 
 
+class _Oracle:
+    """A stub proposer that knows the greedy text: every guess right, or every guess wrong."""
+    name = "stub"
+
+    def __init__(self, text: list[int], right: bool, vocab: int):
+        self.text, self.right, self.vocab, self.calls = text, right, vocab, 0
+
+    def propose(self, wants: list) -> dict:
+        self.calls += 1
+        out = {}
+        for seq, k in wants:
+            ids = self.text[seq.n_tokens:seq.n_tokens + k]
+            out[seq] = (ids if self.right else [(t + 1) % self.vocab for t in ids], None)
+        return out
+
+    def step_time(self, repeats=3):
+        return 0.0
+
+    def rollback(self, seq, n_valid):
+        pass
+
+    def drop(self, seq_id):
+        pass
+
+
+def test_guessing_stops_after_rejections(tiny_gguf, plain):
+    """Where no guess is right, a sequence soon stops guessing: its steps become plain one-row
+    decodes that do not even ask the proposer, but for a one-guess probe at growing intervals.
+    Where every guess is right, it guesses k_max every step. A guess's cost is fixed (no timing),
+    so each forward's rows are known exactly."""
+    from minfer.spec import Speculator
+    G = SamplingParams(temperature=0, max_tokens=150, ignore_eos=True)
+    ref = plain["numpy"].generate([PROMPTS[0]], G)[0]
+    text = ref.prompt_token_ids + ref.token_ids
+    for right in (False, True):
+        llm = minfer.LLM(tiny_gguf, backend="numpy")
+        eng = llm.engine
+        stub = _Oracle(text, right, llm.config.vocab_size)
+        eng.speculator = Speculator(eng, stub, k_max=4, row_cost=0.3)
+        rows, forward = [], eng.model.forward
+        eng.model.forward = lambda batch, cache: rows.append(len(batch.token_ids)) or forward(batch, cache)
+        assert llm.generate([PROMPTS[0]], G)[0].token_ids == ref.token_ids
+        decode = rows[1:]                                   # after the prompt's forward
+        guessed = [i for i, r in enumerate(decode) if r > 1]
+        assert stub.calls == len(guessed)                   # no guess, no search
+        if right:            # soon k_max a step (fewer at first, from the prior, and at the end)
+            assert all(r == 5 for r in decode[1:-2]) and len(decode) <= 149 // 5 + 3, decode
+            continue
+        assert len(decode) == 149                           # one token a step
+        first = [i for i in guessed if i < 5]               # guessing from the start ...
+        assert first == list(range(len(first))) and 1 <= len(first) <= 4, guessed
+        probes = guessed[len(first):]                       # ... soon stopped: one guess now and then
+        assert probes[0] - first[-1] >= 8, guessed
+        assert all(decode[i] == 2 for i in probes), decode
+        gaps = [b - a for a, b in zip(probes, probes[1:])]
+        assert len(probes) <= 5 and gaps == sorted(gaps) and gaps[0] >= 8 and gaps[-1] > gaps[0], probes
+        assert sum(decode) <= 1.06 * len(decode)            # the steady state: plain decoding
+        eng.blocks.check()
+
+
 def test_sampling_with_speculation_runs_and_is_seeded(tiny_gguf):
     llm = _spec_llm(tiny_gguf, "numpy", "ngram")
     p = SamplingParams(temperature=0.8, top_k=20, max_tokens=25, seed=3, ignore_eos=True)
