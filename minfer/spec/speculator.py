@@ -127,6 +127,8 @@ class Speculator:
             if ad is None:
                 ad = self.adapt[seq.seq_id] = _Adapt(self.k_max)
             k = ad.choose(self.row_cost + self.draft_cost) if self.adaptive else self.k_max
+            if k == 0:
+                continue                                   # a plain decode row this step
             k = min(k, budget, seq.params.max_tokens - len(seq.output_ids) - 1,
                     eng.max_context - seq.n_tokens)
             if k > 0 and not eng.blocks.can_hold(seq.seq_id, seq.n_tokens + k):
