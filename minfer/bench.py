@@ -203,7 +203,7 @@ LLAMA_BATCHED_TOKENS = 32       # decode steps llama-batched-bench times per B (
 def _llama_batched_run(binary: str, model: str, batch_sizes: list[int], a) -> dict:
     """One run of llama.cpp's llama-batched-bench: B sequences of a ROWS_PREFIX-token prompt each
     (not shared), then LLAMA_BATCHED_TOKENS decode steps of one token per sequence, for every B of
-    --batch -> {"batch": {B: seconds per step}, "verify": {}, "format": file type}, the shape of
+    --batch -> {"batch": {B: seconds per step}, "verify": {}, "format": ...}, the shape of
     rows_run()'s answer."""
     threads = a.threads or os.cpu_count()
     per_seq = 128                                  # KV cells a sequence gets: >= prefix + steps
@@ -223,8 +223,19 @@ def _llama_batched_run(binary: str, model: str, batch_sizes: list[int], a) -> di
         from .errors import MinferError
         raise MinferError(f"llama-batched-bench gave no figures for B={','.join(map(str, missing))} "
                           f"on {model}")
-    fmt = re.search(r"file type\s*=\s*(?:\(guessed\)\s*)?(\S+)", proc.stderr)
-    return {"batch": steps, "verify": {}, "format": fmt.group(1) if fmt else None}
+    return {"batch": steps, "verify": {}, "format": _gguf_format(model)}
+
+
+def _gguf_format(model: str) -> str | None:
+    """The format of a GGUF file's layer matmul weights (minfer's weight_format), None if unread.
+    (llama-batched-bench does not print it.)"""
+    from .errors import MinferError
+    from .weights.gguf import read_gguf
+    try:
+        up = read_gguf(model)[1].get("blk.0.ffn_up.weight")
+    except MinferError:
+        return None
+    return up.type if up else None
 
 
 def _llama_failed(name: str, proc, model: str):

@@ -93,11 +93,12 @@ def test_bench_says_how_llama_bench_died(tmp_path):
     assert "GGML_NATIVE=OFF" in last
 
 
-# llama-batched-bench's --output-format jsonl: one line per B on stdout (here B=4)
+# llama-batched-bench's --output-format jsonl: one line per B on stdout (this one from a real run:
+# SmolLM2-135M Q4_1, B=4, one thread)
 BATCHED_LINE = ('{"n_kv_max": 4096, "n_batch": 2048, "n_ubatch": 512, "flash_attn": -1, "is_pp_shared": 0, '
-                '"n_gpu_layers": -1, "n_threads": 2, "n_threads_batch": 2, "pp": 80, "tg": 32, "pl": 4, '
-                '"n_kv": 448, "t_pp": 0.341000, "speed_pp": 938.416382, "t_tg": 0.512000, '
-                '"speed_tg": 250.000000, "t": 0.853000, "speed": 525.205139}')
+                '"n_gpu_layers": -1, "n_threads": 1, "n_threads_batch": 1, "pp": 80, "tg": 32, "pl": 4, '
+                '"n_kv": 448, "t_pp": 3.826285, "speed_pp": 83.632034, "t_tg": 2.519711, '
+                '"speed_tg": 50.799477, "t": 6.345996, "speed": 70.595695}')
 
 
 def _fake_batched_bench(tmp_path, lost_b=None):
@@ -109,7 +110,6 @@ def _fake_batched_bench(tmp_path, lost_b=None):
         "a = sys.argv\n"
         "assert a[a.index('-t') + 1] == '2' and a[a.index('-npp') + 1] == '80'\n"
         "open(__file__ + '.calls', 'a').write('x')\n"
-        "print('print_info: file type   = Q4_1', file=sys.stderr)\n"
         f"line = json.loads({BATCHED_LINE!r})\n"
         "for B in map(int, a[a.index('-npl') + 1].split(',')):\n"
         f"    if B != {lost_b!r}:\n"
@@ -120,10 +120,12 @@ def _fake_batched_bench(tmp_path, lost_b=None):
 
 
 def _bench_with_batched(tmp_path, fake, *more):
+    from minfer.bench import _random_model
+    gguf = _random_model("tiny", "auto", tmp_path)          # Q4_1 layers: paired with numba/auto
     return subprocess.run([sys.executable, "-m", "minfer", "bench", "--random-weights", "tiny",
                            "--backend", "numba", "--quant", "auto", "--runs", "2", "--skip-startup",
                            "--prompt-tokens", "8", "--new-tokens", "4", "--threads", "2", "--batch", "1,3",
-                           "--llama-batched-bench", str(fake), "--llama-models", str(fake), *more],
+                           "--llama-batched-bench", str(fake), "--llama-models", str(gguf), *more],
                           capture_output=True, text=True, timeout=600)
 
 
