@@ -409,7 +409,7 @@ def run_bench(a) -> int:
 
 
 def _print_table(results):
-    results = [r for r in results if r["runs"]]        # (llama-batched-bench only: the rows table)
+    results = [r for r in results if r["runs"]]    # a llama-batched-bench-only row: rows table only
     head = (f"{'backend':<9} {'quant':<6} {'act':<4} {'prefill tok/s':>22} {'decode tok/s':>22} {'TTFT ms':>8} "
             f"{'weights MB':>10} {'RSS MB':>7} {'threads':>7} {'cold s':>7} {'cached s':>8}")
     print(head)
