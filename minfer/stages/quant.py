@@ -460,7 +460,7 @@ Q8_SPLIT_GEMM_MIN_ROWS = 112
 # beat the float tiles up to about a dozen rows (docs/benchmarks.md). INT8 never: the tiles
 # multiply exact floats, and int8 activations are a rounding of their own that the step keeps
 # at any batch size.
-MANY_ROWS = (2, 2, 1 << 30, 12)
+MANY_ROWS = (2, 2, 1 << 30, 14)
 # And from how many rows on a step leaves the one-region step for model.run_layers, whose
 # matmuls go to the sgemm tiles above (BLAS's kernels pull ahead on long prompts).
 REGION_MAX_ROWS = 384
