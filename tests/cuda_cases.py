@@ -3,7 +3,7 @@ which runs them on the GPU when there is one, else under NUMBA_ENABLE_CUDASIM=1)
 
 The simulator runs each GPU thread as a Python thread: shapes and blocks are tiny (blocks of
 8-16 threads, a few blocks), but odd sizes, several token tiles, GQA and block boundaries are all
-in. Launch shapes come from cuda_backend.Launch.for_here() (small under the simulator)."""
+in. Launch shapes come from gpu.model.Launch.for_here() (small under the simulator)."""
 import numpy as np
 import pytest
 from numba import cuda
@@ -11,15 +11,16 @@ from numba import cuda
 from minfer.backends import numba_ops, numpy_ops
 from minfer.batch import make_batch
 from minfer.config import ModelConfig
-from minfer.cuda_backend import CudaModel, Launch
+from minfer.gpu.model import CudaModel, Launch
 from minfer.engine import Engine
 from minfer.model import LayerWeights, Transformer, Weights
 from minfer.sampling import SamplingParams, sample
-from minfer.sampling_cuda import params_array, sample_cuda
+from minfer.gpu.sampling import params_array, sample_cuda
 from minfer.stages import attention, embedding, kvcache, linear, mlp, rmsnorm, rope
 from minfer.engine.block_manager import BlockManager, NoFreeBlocks
 from minfer.stages.kvcache import DeviceKVCache, KVCache
-from minfer.stages.linear_cuda import DeviceMatrix, linear_cuda, qkv_cuda, swiglu_cuda
+from minfer.gpu.linear import linear_cuda, qkv_cuda, swiglu_cuda
+from minfer.stages.device import DeviceMatrix
 from minfer.stages.quant import QuantMatrix
 
 rng = np.random.default_rng(3)

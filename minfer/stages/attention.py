@@ -397,7 +397,9 @@ def paged_attention_numba(q, k_cache, v_cache, batch: Batch):
 # ---------------------------------------------------------------------------------------------
 import math  # noqa: E402
 
-from numba import cuda, int64  # noqa: E402
+from numba import int64  # noqa: E402
+
+from .lazy_cuda import cuda  # noqa: E402  (numba.cuda, imported when a kernel is first used)
 
 MAX_THREADS, MAX_HEAD_DIM = 512, 256
 
@@ -406,7 +408,7 @@ MAX_THREADS, MAX_HEAD_DIM = 512, 256
 def block_reduce(red, v, is_max):
     """max (or sum) of v over the thread block (a power of two), in every thread: a tree in
     shared memory, log2(threads) steps (each thread reading all n values was slower on an H200:
-    attention 18 -> 13 us a layer). sampling_cuda uses it too."""
+    attention 18 -> 13 us a layer). gpu/sampling.py uses it too."""
     tid = cuda.threadIdx.x
     red[tid] = v
     cuda.syncthreads()
