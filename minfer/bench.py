@@ -252,7 +252,9 @@ def run_bench(a) -> int:
         return run_quality(a)
     if a.workload != "speed":                   # many requests through one engine: bench_serve.py
         from . import bench_serve
-        return {"serve": bench_serve.run_serve, "prefix": bench_serve.run_prefix}[a.workload](a)
+        if a.workload == "serve":
+            return bench_serve.run_serve(a, _machine())
+        return bench_serve.run_prefix(a)
     if a.speculative:
         return run_spec_bench(a)
     from .weights.fetch import ensure_default_model

@@ -32,7 +32,7 @@ def _numba_cuda():
     return cuda
 
 
-class _Kernel:
+class LazyCUDAKernel:
     """A function given to cuda.jit, not made yet: its first use makes its module's kernels."""
 
     def __init__(self, fn, options: dict):
@@ -63,8 +63,8 @@ class _LazyCuda:
 
     def jit(self, fn=None, **options):
         if fn is None:                           # @cuda.jit(device=True, ...)
-            return lambda f: _Kernel(f, options)
-        return _Kernel(fn, options)              # @cuda.jit
+            return lambda f: LazyCUDAKernel(f, options)
+        return LazyCUDAKernel(fn, options)              # @cuda.jit
 
     def __getattr__(self, name):
         if name.startswith("__"):
