@@ -48,7 +48,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .cpu.formats import Q8
-from .stages import attention, quant, quant_gemm, quant_i8
+from .stages import attention, quant, quant_gemm, quant_i8, quant_panel
 from .stages.fastexp import exp32
 from .stages.kvcache import kv_write_numba
 from .stages.rmsnorm import rmsnorm_numba
@@ -277,13 +277,15 @@ def _matmul_rows(x, w, l, out, res, C):
     T, O = x.shape[0], qs.shape[0]
     n, k = quant_i8._tiles(O), 0
     if _left(ctr, s, nw, n):
-        buf = np.empty((quant_gemm.STRIP, x.shape[1]), dtype=np.float32)
+        xa = quant_gemm.aligned(T, x.shape[1])                 # x on cache lines (quant_gemm)
+        xa[:] = x
+        buf = quant_gemm.aligned(quant_gemm.STRIP, x.shape[1])
         y = np.empty((T, (O + n - 1) // n + 1), dtype=np.float32)       # one tile's columns
         i0, i1 = _next(ctr, s, wi, nw, n)
         while i0 >= 0:
             for i in range(i0, i1):
                 o0, o1 = i * O // n, (i + 1) * O // n
-                quant_gemm.tile(x, qs, d, m, o0, o1, buf, y, 0)
+                quant_gemm.tile(xa, qs, d, m, o0, o1, buf, y, 0)
                 for t in range(T):
                     for o in range(o0, o1):
                         out[t, o] = res[t, o] + y[t, o - o0]
@@ -298,7 +300,9 @@ def _gate_up_rows(x, g, u, l, out, C):
     T, F = x.shape[0], g[0].shape[1]
     n, k = quant_i8._tiles(F), 0
     if _left(ctr, s, nw, n):
-        buf = np.empty((quant_gemm.STRIP, x.shape[1]), dtype=np.float32)
+        xa = quant_gemm.aligned(T, x.shape[1])
+        xa[:] = x
+        buf = quant_gemm.aligned(quant_gemm.STRIP, x.shape[1])
         cols = (F + n - 1) // n + 1
         yg = np.empty((T, cols), dtype=np.float32)
         yu = np.empty((T, cols), dtype=np.float32)
@@ -306,8 +310,59 @@ def _gate_up_rows(x, g, u, l, out, C):
         while i0 >= 0:
             for i in range(i0, i1):
                 o0, o1 = i * F // n, (i + 1) * F // n
-                quant_gemm.tile(x, g[0][l].view(np.uint8), g[1][l], g[2][l], o0, o1, buf, yg, 0)
-                quant_gemm.tile(x, u[0][l].view(np.uint8), u[1][l], u[2][l], o0, o1, buf, yu, 0)
+                quant_gemm.tile(xa, g[0][l].view(np.uint8), g[1][l], g[2][l], o0, o1, buf, yg, 0)
+                quant_gemm.tile(xa, u[0][l].view(np.uint8), u[1][l], u[2][l], o0, o1, buf, yu, 0)
+                for t in range(T):
+                    for o in range(o0, o1):
+                        v = yg[t, o - o0]
+                        out[t, o] = v / (np.float32(1.0) + exp32(-v)) * yu[t, o - o0]
+            k += i1 - i0
+            i0, i1 = _next(ctr, s, wi, nw, n)
+    _finish(ctr, s, nw, n, k)
+
+
+# int8 activations: the weights in panels of 16 rows (quant_panel.py), at any number of rows.
+# An item is a tile of panels.
+@njit(cache=True)
+def _matmul_panels(x, w, l, out, res, C):
+    ctr, s, wi, nw = C
+    qp, d, m = w[0][l], w[1][l], w[2][l]
+    T, P = x.shape[0], qp.shape[0]
+    n, k = quant_i8._tiles(P), 0
+    if _left(ctr, s, nw, n):
+        xi = quant_panel.prepare_x(x, m.ndim == 1)
+        y = np.empty((T, quant_panel.ROWS * ((P + n - 1) // n + 1)), dtype=np.float32)
+        i0, i1 = _next(ctr, s, wi, nw, n)
+        while i0 >= 0:
+            for i in range(i0, i1):
+                p0, p1 = i * P // n, (i + 1) * P // n
+                quant_panel.tile(xi, qp, d, m, p0, p1, y, 0)
+                o0, o1 = quant_panel.ROWS * p0, min(quant_panel.ROWS * p1, out.shape[1])
+                for t in range(T):
+                    for o in range(o0, o1):
+                        out[t, o] = res[t, o] + y[t, o - o0]
+            k += i1 - i0
+            i0, i1 = _next(ctr, s, wi, nw, n)
+    _finish(ctr, s, nw, n, k)
+
+
+@njit(cache=True)
+def _gate_up_panels(x, g, u, l, out, C):
+    ctr, s, wi, nw = C
+    T, P = x.shape[0], g[0].shape[1]
+    n, k = quant_i8._tiles(P), 0
+    if _left(ctr, s, nw, n):
+        xi = quant_panel.prepare_x(x, g[2][l].ndim == 1)
+        cols = quant_panel.ROWS * ((P + n - 1) // n + 1)
+        yg = np.empty((T, cols), dtype=np.float32)
+        yu = np.empty((T, cols), dtype=np.float32)
+        i0, i1 = _next(ctr, s, wi, nw, n)
+        while i0 >= 0:
+            for i in range(i0, i1):
+                p0, p1 = i * P // n, (i + 1) * P // n
+                quant_panel.tile(xi, g[0][l], g[1][l], g[2][l], p0, p1, yg, 0)
+                quant_panel.tile(xi, u[0][l], u[1][l], u[2][l], p0, p1, yu, 0)
+                o0, o1 = quant_panel.ROWS * p0, min(quant_panel.ROWS * p1, out.shape[1])
                 for t in range(T):
                     for o in range(o0, o1):
                         v = yg[t, o - o0]
@@ -319,9 +374,11 @@ def _gate_up_rows(x, g, u, l, out, C):
 
 @njit(inline="always")
 def _matmul(x, w, l, kind, limbs, out, res, C, many):
-    if x.shape[0] >= many:                    # many rows: the weights decoded once for all
+    if limbs == 1:                            # kind and limbs are constants: one branch compiles
+        _matmul_panels(x, w, l, out, res, C)
+    elif x.shape[0] >= many:                  # many rows: the weights decoded once for all
         _matmul_rows(x, w, l, out, res, C)
-    elif limbs:                               # kind and limbs are constants: one branch compiles
+    elif limbs:
         _matmul_i8(x, w, l, limbs, out, res, C)
     elif kind == Q8:
         _matmul_q8(x, w, l, out, res, C)
@@ -331,7 +388,9 @@ def _matmul(x, w, l, kind, limbs, out, res, C, many):
 
 @njit(inline="always")
 def _gate_up(x, g, u, l, kind, limbs, out, C, many):
-    if x.shape[0] >= many:
+    if limbs == 1:
+        _gate_up_panels(x, g, u, l, out, C)
+    elif x.shape[0] >= many:
         _gate_up_rows(x, g, u, l, out, C)
     elif limbs:
         _gate_up_i8(x, g, u, l, limbs, out, C)
@@ -442,7 +501,8 @@ def _walk_split(x, cos, sin, f, n_heads, n_kv_heads, eps, wi, nw, many):
 def _flat(x, W, kv, B, head, rows, n_heads, n_kv_heads, nw):
     attn_norm, (aq, ad, am), (oq, od, om), ffn_norm, (gq, gd, gm), (uq, ud, um), (dq, dd, dm) = W
     norm, (lq, ld, lm) = head
-    T, hd, F = x.shape[0], kv[0].shape[-1], uq.shape[1]
+    T, hd = x.shape[0], kv[0].shape[-1]
+    F = dd.shape[2] * quant_panel.QK if uq.ndim == 5 else uq.shape[1]     # (panels: [L, P, nb, ...])
     # attention's key slices per row: one a thread (fewer jobs than attention.SLICES, and their
     # fixed costs with them)
     S = max(1, nw // T)
@@ -453,7 +513,8 @@ def _flat(x, W, kv, B, head, rows, n_heads, n_kv_heads, nw):
               np.empty((T, F), dtype=np.float32),              # [T, F]  silu(gate) * up
               np.zeros(_counter(6 * aq.shape[0] + 1, 0, nw), dtype=np.int64),   # the counters
               np.zeros((T, (n_heads + 2 * n_kv_heads) * hd), dtype=np.float32))   # QKV's "residual"
-    logits = np.zeros((rows.shape[0], lq.shape[1]), dtype=np.float32)   # [R, V] (0 + v is v)
+    V = lq.shape[1] * quant_panel.ROWS if lq.ndim == 5 else lq.shape[1]    # (panels: padded)
+    logits = np.zeros((rows.shape[0], V), dtype=np.float32)            # [R, V] (0 + v is v)
     return ((attn_norm, aq, ad, am, oq, od, om, ffn_norm, gq, gd, gm, uq, ud, um, dq, dd, dm)
             + kv + B + shared + (norm, lq, ld, lm, rows, logits))   # 17 + 2 + 4 + 8 + 6 arrays
 

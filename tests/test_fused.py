@@ -57,8 +57,11 @@ def test_fused_layers_equal_the_python_loop(tiny_gguf, quant, act, monkeypatch):
     # copies of a kernel (the loop's own and the standalone one; numba's cached and fresh code
     # were seen to differ so) can flip a rounding (1/127 of a block's largest value) and grow
     # through the layers: an int8-level bound. Seen: up to 2.6e-2 (region, q4_1, after a change
-    # that moved no arithmetic, only the code around it); a wrong kernel is off by ~1.
-    tol = 4e-2 if act == "int8" else 1e-5
+    # that moved no arithmetic, only the code around it); a wrong kernel is off by ~1. The
+    # region's int8 matmuls (quant_panel.py: the same function, its float sums in another order)
+    # and the loop's each come within ~5e-2 of the float32 model on this tiny random one, so
+    # their difference is bounded by the sum of the two.
+    tol = 1e-1 if act == "int8" else 1e-5
     for g, w in zip(got, want):
         assert g.shape == w.shape
         assert np.abs(g - w).max() <= tol * np.abs(w).max()

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..stages import quant
+from ..stages import quant, quant_panel
 from ..stages.quant_i8 import bits
 
 Q4, Q8, INT8, SPLIT = 0, 1, 2, 3
@@ -43,13 +43,17 @@ def kernels_for(stacks: dict, int8_act: bool):
     return SPLIT if half or quant.split_x() else family
 
 
-def layer_args(stacks: dict, n_layers: int) -> tuple:
+def layer_args(stacks: dict, n_layers: int, panels: bool = False) -> tuple:
     """The stacks as the compiled step takes them: (attn_norm, wqkv, wo, ffn_norm, w_gate, w_up,
     w_down), each matrix as (quants, scales, mins) [L, ...], float16 scales as uint16 bits.
-    m, the Q4 mins, is an empty array for Q8_0."""
+    m, the Q4 mins, is an empty array for Q8_0.
+    panels: the matrices repacked for region.py's int8 kernels (stages/quant_panel.py)."""
     no_m = np.zeros((n_layers, 0), dtype=np.float32)            # Q8_0 has no mins (1-D a layer)
-    w = {k: (v[1], bits(v[2]), bits(v[3]) if v[3] is not None else no_m)
-         for k, v in stacks.items() if v[0] != "F32"}
+    if panels:
+        w = {k: quant_panel.stacked(*v) for k, v in stacks.items() if v[0] != "F32"}
+    else:
+        w = {k: (v[1], bits(v[2]), bits(v[3]) if v[3] is not None else no_m)
+             for k, v in stacks.items() if v[0] != "F32"}
     return (stacks["attn_norm"][1], w["wqkv"], w["wo"], stacks["ffn_norm"][1], w["w_gate"],
             w["w_up"], w["w_down"])
 
@@ -61,6 +65,10 @@ def head_args(weights, kind: int):
     lm = weights.lm_head
     if not isinstance(lm, quant.QuantMatrix):
         return None
+    if kind == INT8:                             # region.py's int8 kernels read panels
+        p = quant_panel.PanelMatrix(lm)
+        return weights.norm, (p.qp[None], p.d[None], p.m[None] if lm.m is not None else
+                              np.zeros((1, 0), dtype=np.float32))
     if kind in (Q4, Q8) and ((lm.fmt == "Q8_0") != (kind == Q8) or lm.d.dtype != np.float32):
         return None
     m = np.zeros((1, 0), dtype=np.float32) if lm.m is None else bits(lm.m)[None]

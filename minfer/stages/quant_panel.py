@@ -1,0 +1,244 @@
+"""Quantized matmul with int8 activations on weights repacked in panels of 16 rows.
+
+quant_i8.py multiplies one weight row at a time: the integer sums of a row's blocks land in the
+lanes of one vector register, and every row ends with a sum across those lanes. Here the weights
+are repacked once, at load, so that one 64-byte vector holds 4 consecutive weights of each of 16
+rows; the CPU's byte dot-product instruction (AVX-512 VNNI `vpdpbusd`) then multiplies it by 4
+values of x broadcast to every lane, and lane r of the result is row r's partial sum:
+
+    panel p = rows 16p .. 16p+15;   for each block b of 32 weights and each token t:
+        s[r]    = sum_k q[16p + r, 32b + k] xq[t, 32b + k]            (8 vpdpbusd, 16 rows at once)
+        y[t, r] += s[r] * (d[16p + r, b] dx[t, b])  (+ m[16p + r, b] sum(x[t, block b]), Q4)
+
+No sum across lanes, one float multiply-add per block for 16 rows, and each loaded vector of
+weights serves every token of the tile (4 at a time): prefill, a batch of sequences and tokens to
+verify read the weights once for all rows. The result is the same function as quant_i8.py's
+(quant_i8.quant_linear_i8_reference): the same integer sums, scaled and added in another order.
+
+Layouts (panels()): a Q4 block row is 16 bytes, element k in the low nibble of byte k and element
+16 + k in the high one; a panel's block is 4 vectors, vector c holding bytes 4c..4c+3 of the 16
+rows, so its low nibbles meet x[4c .. 4c+3] and its high ones x[16+4c .. 16+4c+3]. A Q8_0 block
+is 8 vectors of 4 signed bytes a row, stored plus 128 (vpdpbusd wants one unsigned operand); each
+token's sum then starts from -128 sum(xq over the block), which takes the 128 off in integers.
+"""
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba import float32, int32, njit, prange
+from numba.core import types
+from numba.extending import intrinsic
+
+from .quant import QK, QuantMatrix
+from .quant_i8 import F32, F32x16, I8, I32, _load, _load_scales, _quantize_x, _vec, _vpdpbusd, bits
+
+ROWS = 16                                           # rows in a panel: one int32 lane each
+
+
+# ---------------------------------------------------------------------------------------------
+# Repacking, at load (NumPy)
+# ---------------------------------------------------------------------------------------------
+class PanelMatrix:
+    """A QuantMatrix's weights in panels: qp [P, nb, vectors, 64] bytes, d and m [P, nb, 16]
+    (the scales as the kernels take them: float32, or float16 bits)."""
+    def __init__(self, w: QuantMatrix):
+        O, K = w.shape
+        P, nb = -(-O // ROWS), K // QK                # the last panel padded with zero rows
+        self.fmt, self.shape = w.fmt, w.shape
+        if w.fmt == "Q8_0":
+            q = _pad(w.qs.view(np.uint8) ^ np.uint8(128), P).reshape(P, ROWS, nb, 8, 4)  # q + 128
+            self.qp = np.ascontiguousarray(q.transpose(0, 2, 3, 1, 4)).reshape(P, nb, 8, 64)
+        else:
+            q = _pad(w.qs, P).reshape(P, ROWS, nb, 4, 4)             # [P, r, b, c, j]
+            self.qp = np.ascontiguousarray(q.transpose(0, 2, 3, 1, 4)).reshape(P, nb, 4, 64)
+        self.d = _panel_scales(w.d, P, nb)                           # (zero scales: zero rows)
+        self.m = np.zeros(0, np.float32) if w.m is None else _panel_scales(w.m, P, nb)
+
+
+def _pad(a, P):
+    return np.concatenate([a, np.zeros((P * ROWS - len(a),) + a.shape[1:], a.dtype)])
+
+
+def _panel_scales(a, P, nb):
+    return bits(np.ascontiguousarray(_pad(a, P).reshape(P, ROWS, nb).transpose(0, 2, 1)))  # [P, nb, 16]
+
+
+def stacked(fmt: str, qs: np.ndarray, d: np.ndarray, m) -> tuple:
+    """Layers' matrices stacked [L, O, ...] (as weights.stacks holds them) -> (qp, d, m) stacked
+    [L, P, ...]; Q8_0's m: an empty [L, 0] (1-D a layer, as the kernels tell the formats apart)."""
+    L, O = qs.shape[:2]
+    K = d.shape[2] * QK
+    mats = [PanelMatrix(QuantMatrix._from_parts(fmt, qs[l], d[l], None if m is None else m[l], K))
+            for l in range(L)]
+    no_m = np.zeros((L, 0), dtype=np.float32)
+    return (np.stack([a.qp for a in mats]), np.stack([a.d for a in mats]),
+            no_m if m is None else np.stack([a.m for a in mats]))
+
+
+# ---------------------------------------------------------------------------------------------
+# One block of one panel against C tokens, in LLVM IR
+# ---------------------------------------------------------------------------------------------
+def _splat(builder, v, n):
+    one = builder.insert_element(ir.Constant(ir.VectorType(v.type, 1), None), v, ir.Constant(I32, 0))
+    return builder.shuffle_vector(one, one, ir.Constant(_vec(I32, n), [0] * n))
+
+
+def _scalar(context, builder, arrty, arr, offset, elt):
+    data = context.make_array(arrty)(context, builder, arr).data
+    ptr = builder.bitcast(builder.gep(data, [offset]), elt.as_pointer())
+    return builder.load(ptr, align=1)
+
+
+def _x4(context, builder, arrty, arr, offset):
+    """4 bytes of x at arr.flat[offset:], in every 32-bit lane of a 64-byte vector."""
+    four = _scalar(context, builder, arrty, arr, offset, I32)
+    return builder.bitcast(_splat(builder, four, 16), _vec(I8, 64))
+
+
+def _make_panel(q8, C):
+    vectors = 8 if q8 else 4
+
+    @intrinsic
+    def panel(typingctx, accs, qp, qoff, xq, xoffs, d, m, soff, dx, aux, toks):
+        """accs[t] + block b of a panel (qp.flat[qoff:], scales at d.flat[soff:]) against token t
+        of x (xq.flat[xoffs[t]:], its scale and aux at dx.flat[toks[t]], aux.flat[toks[t]]): Q4,
+        aux = sum(x) over the block (the m term); Q8_0, aux = -128 sum(xq) (the start)."""
+        def codegen(context, builder, sig, args):
+            pick = (lambda a, i: builder.extract_value(a, i))
+            at = (lambda base, k: builder.add(base, ir.Constant(base.type, k)))
+            v = [_load(context, builder, sig.args[1], args[1], at(args[2], 64 * c), I8, 64)
+                 for c in range(vectors)]
+            if not q8:                                             # low nibbles, high nibbles
+                v = ([builder.and_(a, ir.Constant(_vec(I8, 64), [15] * 64)) for a in v]
+                     + [builder.lshr(a, ir.Constant(_vec(I8, 64), [4] * 64)) for a in v])
+            d = _load_scales(context, builder, sig.args[5], args[5], args[7], 16)
+            mv = None if q8 else _load_scales(context, builder, sig.args[6], args[6], args[7], 16)
+            zero = ir.Constant(_vec(I32, 16), [0] * 16)
+            out = []
+            for t in range(C):
+                xo, tok = pick(args[4], t), pick(args[10], t)
+                a = _scalar(context, builder, sig.args[9], args[9], tok, I32 if q8 else F32)
+                s = [_splat(builder, a, 16) if q8 else zero, zero]   # two chains: half the wait
+                for c in range(8):
+                    xoff = 4 * c if q8 else (4 * (c % 4) + (16 if c >= 4 else 0))
+                    s[c % 2] = _vpdpbusd(builder, s[c % 2], v[c], _x4(context, builder, sig.args[3],
+                                                                      args[3], at(xo, xoff)))
+                isum = builder.sitofp(builder.add(s[0], s[1]), _vec(F32, 16))
+                dxt = _splat(builder, _scalar(context, builder, sig.args[8], args[8], tok, F32), 16)
+                acc = builder.fadd(pick(args[0], t), builder.fmul(
+                    isum, builder.fmul(d, dxt, flags=["fast"]), flags=["fast"]), flags=["fast"])
+                if not q8:
+                    acc = builder.fadd(acc, builder.fmul(mv, _splat(builder, a, 16), flags=["fast"]),
+                                       flags=["fast"])
+                out.append(acc)
+            return context.make_tuple(builder, sig.return_type, out)
+        return accs(accs, qp, qoff, xq, xoffs, d, m, soff, dx, aux, toks), codegen
+    return panel
+
+
+_q4x4, _q4x1 = _make_panel(False, 4), _make_panel(False, 1)
+_q8x4, _q8x1 = _make_panel(True, 4), _make_panel(True, 1)
+
+
+@intrinsic
+def _zeros(typingctx, n):
+    """n zero accumulators (n: a literal)."""
+    if not isinstance(n, types.IntegerLiteral):
+        return None
+    count = n.literal_value
+
+    def codegen(context, builder, sig, args):
+        return context.make_tuple(builder, sig.return_type,
+                                  [ir.Constant(_vec(F32, 16), [0.0] * 16)] * count)
+    return types.UniTuple(F32x16, count)(n), codegen
+
+
+@intrinsic
+def _put(typingctx, out, offset, acc):
+    """out.flat[offset:offset + 16] = acc."""
+    def codegen(context, builder, sig, args):
+        data = context.make_array(sig.args[0])(context, builder, args[0]).data
+        ptr = builder.bitcast(builder.gep(data, [args[1]]), _vec(F32, 16).as_pointer())
+        builder.store(args[2], ptr, align=4)
+        return context.get_dummy_value()
+    if out.layout == "C":
+        return types.none(out, offset, acc), codegen
+
+
+# ---------------------------------------------------------------------------------------------
+# x, and a range of panels against every token
+# ---------------------------------------------------------------------------------------------
+@njit(fastmath=True, cache=True)
+def prepare_x(x, q8):
+    """x [T, K] -> (xq [T, K] int8, dx [T, nb], xsum [T, nb], start): per block of 32,
+    x ~ dx xq (as in quant_i8.quantize_x), xsum = sum(x) over the block (Q4's m term) and, for
+    Q8_0, start = -128 sum(xq) over it ([T, nb] int32; else [0, 0])."""
+    xq, dx, xsum, x4 = _quantize_x(x, False, 1)
+    T, nb = dx.shape
+    start = np.zeros((T if q8 else 0, nb if q8 else 0), dtype=np.int32)
+    for t in range(start.shape[0]):
+        for b in range(nb):
+            s = int32(0)
+            for i in range(8 * b, 8 * b + 8):
+                s += x4[t, i]
+            start[t, b] = int32(-128) * s
+    return xq, dx, xsum, start
+
+
+@njit(fastmath=True, cache=True)
+def tile(xi, qp, d, m, p0, p1, out, c0):
+    """out[t, c0 + 16 (p - p0) + r] = row 16 p + r . token t of x, for the panels p0..p1-1 and
+    every token; xi = prepare_x(x, Q8_0?). out: C-contiguous [T, >= c0 + 16 (p1 - p0)]."""
+    xq, dx, xsum, start = xi
+    q8 = m.ndim == 1                                   # Q8_0 (a constant when numba compiles)
+    T, K = xq.shape
+    nb, N = dx.shape[1], out.shape[1]
+    vb = qp.shape[2] * 64                              # bytes of a panel's block
+    for p in range(p0, p1):
+        col = c0 + ROWS * (p - p0)
+        t = 0
+        while t + 4 <= T:                              # 4 tokens a step
+            acc = _zeros(4)
+            for b in range(nb):
+                blk = p * nb + b
+                xo = (t * K + b * QK, (t + 1) * K + b * QK, (t + 2) * K + b * QK, (t + 3) * K + b * QK)
+                tk = (t * nb + b, (t + 1) * nb + b, (t + 2) * nb + b, (t + 3) * nb + b)
+                if q8:
+                    acc = _q8x4(acc, qp, blk * vb, xq, xo, d, m, blk * ROWS, dx, start, tk)
+                else:
+                    acc = _q4x4(acc, qp, blk * vb, xq, xo, d, m, blk * ROWS, dx, xsum, tk)
+            for i in range(4):
+                _put(out, (t + i) * N + col, acc[i])
+            t += 4
+        while t < T:                                   # then one at a time
+            acc1 = _zeros(1)
+            for b in range(nb):
+                blk = p * nb + b
+                if q8:
+                    acc1 = _q8x1(acc1, qp, blk * vb, xq, (t * K + b * QK,), d, m, blk * ROWS, dx,
+                                 start, (t * nb + b,))
+                else:
+                    acc1 = _q4x1(acc1, qp, blk * vb, xq, (t * K + b * QK,), d, m, blk * ROWS, dx,
+                                 xsum, (t * nb + b,))
+            _put(out, t * N + col, acc1[0])
+            t += 1
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def _matmul(x, qp, d, m):
+    xi = prepare_x(x, m.ndim == 1)
+    T, P = x.shape[0], qp.shape[0]
+    out = np.empty((T, P * ROWS), dtype=np.float32)
+    n = (P + 3) // 4                                   # tiles of 4 panels
+    for i in prange(n):
+        p0, p1 = i * P // n, (i + 1) * P // n
+        y = np.empty((T, ROWS * (p1 - p0)), dtype=np.float32)
+        tile(xi, qp, d, m, p0, p1, y, 0)
+        out[:, ROWS * p0:ROWS * p1] = y
+    return out
+
+
+def quant_linear_panels(x: np.ndarray, w: PanelMatrix) -> np.ndarray:
+    """x [T, K] -> [T, O] with x rounded to int8 per block: quant_i8.quant_linear_i8's function."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    return _matmul(x, w.qp, w.d, w.m)[:, :w.shape[0]]

@@ -1,0 +1,38 @@
+"""quant_panel.py: int8 activations against weights in panels of 16 rows — the kernels against
+quant_i8's NumPy reference (the same integer sums, so float32 rounding is the only difference)."""
+import numpy as np
+import pytest
+
+from minfer.stages import quant_i8, quant_panel
+from minfer.stages.quant import QuantMatrix
+
+pytestmark = pytest.mark.skipif(not quant_i8.has_vnni(), reason="this CPU has no AVX-512 VNNI")
+
+
+@pytest.mark.parametrize("fmt", ["Q4_0", "Q4_1", "Q8_0"])
+@pytest.mark.parametrize("half", [False, True], ids=["f32-scales", "f16-scales"])
+@pytest.mark.parametrize("T", [1, 2, 3, 4, 7, 33])
+def test_panels_equal_the_int8_reference(fmt, half, T):
+    rng = np.random.default_rng(T)
+    O, K = 40, 96                        # 40 rows: the last of 3 panels is half padding
+    w = QuantMatrix.from_float(rng.standard_normal((O, K)).astype(np.float32), fmt)
+    w = w.half_scales() if half else w
+    x = rng.standard_normal((T, K)).astype(np.float32)
+    x[0, :32] = 0                         # an all-zero block: scale 0
+    want = quant_i8.quant_linear_i8_reference(x, w.float_scales())
+    got = quant_panel.quant_linear_panels(x, quant_panel.PanelMatrix(w))
+    assert got.shape == (T, O)
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+
+
+def test_panel_layout_holds_each_row_once():
+    """Every weight byte of the matrix is in the panels once, in the rows and lanes the kernels
+    read it from: row 16 p + r, block b, bytes 4 c .. 4 c + 3 -> qp[p, b, c, 4 r .. 4 r + 3]."""
+    rng = np.random.default_rng(0)
+    w = QuantMatrix.from_float(rng.standard_normal((32, 64)).astype(np.float32), "Q4_1")
+    p = quant_panel.PanelMatrix(w)
+    assert p.qp.shape == (2, 2, 4, 64)
+    for o, b, c in [(0, 0, 0), (17, 1, 3), (31, 0, 2)]:
+        got = p.qp[o // 16, b, c, 4 * (o % 16):4 * (o % 16) + 4]
+        np.testing.assert_array_equal(got, w.qs[o, 16 * b + 4 * c:16 * b + 4 * c + 4])
+        assert p.d[o // 16, b, o % 16] == w.d[o, b]
