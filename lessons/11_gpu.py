@@ -619,9 +619,9 @@ small = randn(len(settings), 48, scale=2.0)
 seeds = [100 + i for i in range(len(settings))]
 out_ids = cuda.device_array(len(settings), np.int32)
 gpu_sampling.sample_cuda(cuda.to_device(small),
-                          cuda.to_device(gpu_sampling.params_array(
-                              params, [np.random.default_rng(s) for s in seeds])),
-                          out_ids, threads=L.sample)
+                         cuda.to_device(gpu_sampling.params_array(
+                             params, [np.random.default_rng(s) for s in seeds])),
+                         out_ids, threads=L.sample)
 device_ids = out_ids.copy_to_host().tolist()
 host_ids = [sample(small[i], p, np.random.default_rng(s)) for i, (p, s) in enumerate(zip(params, seeds))]
 for kw, a_, b_ in zip(settings, device_ids, host_ids):

@@ -64,7 +64,7 @@ class _LazyCuda:
     def jit(self, fn=None, **options):
         if fn is None:                           # @cuda.jit(device=True, ...)
             return lambda f: LazyCUDAKernel(f, options)
-        return LazyCUDAKernel(fn, options)              # @cuda.jit
+        return LazyCUDAKernel(fn, options)       # @cuda.jit
 
     def __getattr__(self, name):
         if name.startswith("__"):
