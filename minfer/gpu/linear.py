@@ -155,12 +155,11 @@ def _norm_scale(red, ty, tt, K, has_norm, eps):
 
 
 def pick_lanes(n_pairs: int, T: int) -> int:
-    """Threads per row pair, from the work a launch has: row pairs x tiles of TB tokens. Measured
-    on an H200 (tools/gpu_check.py, profile): with little work a whole warp per pair keeps enough
-    threads busy (W_gate/up at T=1: 8.6 us with 32 lanes, 13.3 with 8; W_down at T=32: 28 vs
-    67); with much (the 49,152-row LM head; gate/up at T=32) 8 lanes win (LM head at T=1: 53 us
-    vs 90; gate/up at T=32: 32 vs 53): each lane has more units to add up, and the sum of the
-    lanes' partials (one lane per token) is 4x shorter."""
+    """Threads per row pair, from the work a launch has: row pairs x tiles of TB tokens. With
+    little work a whole warp per pair keeps enough threads busy; with much (the 49,152-row LM
+    head; gate/up at many tokens) 8 lanes win: each lane has more units to add up, and the sum
+    of the lanes' partials (one lane per token) is 4x shorter (docs/benchmarks.md, "GPU kernel
+    shapes")."""
     return 32 if n_pairs * -(-T // TB) < 4096 else 8
 
 
