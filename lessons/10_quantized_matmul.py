@@ -471,6 +471,30 @@ if quant_i8.has_vnni():
     print(f"one int8 part vs float64:    {np.abs(rounded - exact64).max() / scale:.1e}")
 
 # %% [markdown]
+# ### Sixteen rows in one instruction: panels
+#
+# The kernels above give one output at a time: a row's integer sums land in the 16 lanes of a
+# register (4 blocks, 4 lanes each), and every row ends with a sum across those lanes. Repack
+# the weights once, at load, so that one 64-byte vector holds 4 consecutive weights of each of
+# **16 rows** (a *panel*), and `vpdpbusd` against 4 values of x copied into every lane gives
+# lane $r$ row $r$'s partial sum: 16 outputs accumulate side by side, no sum across lanes, one
+# float multiply-add per block for all 16 — and each loaded vector of weights serves several
+# tokens (`minfer/stages/quant_panel.py`). The same integer sums, so the same function as the
+# kernels above; with many rows — a batch of sequences, tokens to verify, a prompt — the
+# weights are read once for all of them. The one-region step runs the panels with int8
+# activations at any batch size, and with three parts up to about a dozen rows.
+
+# %%
+from minfer.stages import quant_panel
+
+if quant_i8.has_vnni():
+    P = quant_panel.PanelMatrix(Q)                            # repacked once: 16 rows a vector
+    for limbs in (1, 3):
+        panels = quant_panel.quant_linear_panels(xq, P, limbs)
+        spec = quant_i8.quant_linear_i8_reference(xq, Q, limbs)
+        print(f"panels, {limbs} part(s), vs the spec: {np.abs(panels - spec).max() / np.abs(spec).max():.1e}")
+
+# %% [markdown]
 # ### Many tokens at once: the kernels, or dequantize + sgemm?
 #
 # A prompt's tokens all meet the same weights. The matvec kernels take them one after another

@@ -192,17 +192,63 @@ def _llama_run(binary: str, model: str, a) -> dict:
         pp = next(t for t in tests if t["n_prompt"] and not t["n_gen"])
         tg = next(t for t in tests if t["n_gen"] and not t["n_prompt"])
     except (ValueError, StopIteration, KeyError, TypeError):
-        from .errors import MinferError
-        if proc.returncode < 0:                    # killed by a signal: say which
-            sig = signal.Signals(-proc.returncode).name
-            hint = (" (an instruction this CPU does not have: a build for another machine? "
-                    "GGML_NATIVE=ON can pick up features a VM does not allow; rebuild with "
-                    "GGML_NATIVE=OFF)" if sig == "SIGILL" else "")
-            raise MinferError(f"llama-bench was killed by {sig} on {model}{hint}")
-        lines = [ln for ln in proc.stderr.splitlines() if ln.strip()] or ["no output"]
-        raise MinferError(f"llama-bench failed on {model}: {lines[-1].strip()}")
+        _llama_failed("llama-bench", proc, model)
     return {"prefill_tok_s": pp["avg_ts"], "decode_tok_s": tg["avg_ts"], "ttft_ms": None,
             "format": tg.get("model_type", "").split()[-1], "threads": threads}
+
+
+LLAMA_BATCHED_TOKENS = 32       # decode steps llama-batched-bench times per B (after ROWS_PREFIX)
+
+
+def _llama_batched_run(binary: str, model: str, batch_sizes: list[int], a) -> dict:
+    """One run of llama.cpp's llama-batched-bench: B sequences of a ROWS_PREFIX-token prompt each
+    (not shared), then LLAMA_BATCHED_TOKENS decode steps of one token per sequence, for every B of
+    --batch -> {"batch": {B: seconds per step}, "verify": {}, "format": ...}, the shape of
+    rows_run()'s answer."""
+    threads = a.threads or os.cpu_count()
+    per_seq = 128                                  # KV cells a sequence gets: >= prefix + steps
+    cmd = [binary, "-m", model, "-t", str(threads), "-c", str(max(4096, per_seq * max(batch_sizes))),
+           "-b", "2048", "-ub", "512", "-npp", str(ROWS_PREFIX), "-ntg", str(LLAMA_BATCHED_TOKENS),
+           "-npl", ",".join(map(str, batch_sizes)), "--output-format", "jsonl"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    steps = {}
+    for line in proc.stdout.splitlines():
+        if line.startswith("{") and '"speed_tg"' in line:
+            row = json.loads(line)
+            steps[row["pl"]] = row["t_tg"] / row["tg"]             # all B sequences, one token each
+    if proc.returncode != 0 or not steps:
+        _llama_failed("llama-batched-bench", proc, model)
+    missing = [B for B in batch_sizes if B not in steps]
+    if missing:
+        from .errors import MinferError
+        raise MinferError(f"llama-batched-bench gave no figures for B={','.join(map(str, missing))} "
+                          f"on {model}")
+    return {"batch": steps, "verify": {}, "format": _gguf_format(model)}
+
+
+def _gguf_format(model: str) -> str | None:
+    """The format of a GGUF file's layer matmul weights (minfer's weight_format), None if unread.
+    (llama-batched-bench does not print it.)"""
+    from .errors import MinferError
+    from .weights.gguf import read_gguf
+    try:
+        up = read_gguf(model)[1].get("blk.0.ffn_up.weight")
+    except MinferError:
+        return None
+    return up.type if up else None
+
+
+def _llama_failed(name: str, proc, model: str):
+    """Raise a one-line error for a llama.cpp tool that failed or gave no figures."""
+    from .errors import MinferError
+    if proc.returncode < 0:                        # killed by a signal: say which
+        sig = signal.Signals(-proc.returncode).name
+        hint = (" (an instruction this CPU does not have: a build for another machine? "
+                "GGML_NATIVE=ON can pick up features a VM does not allow; rebuild with "
+                "GGML_NATIVE=OFF)" if sig == "SIGILL" else "")
+        raise MinferError(f"{name} was killed by {sig} on {model}{hint}")
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()] or ["no output"]
+    raise MinferError(f"{name} failed on {model}: {lines[-1].strip()}")
 
 
 def _label(r: dict) -> str:
@@ -283,14 +329,18 @@ def run_bench(a) -> int:
                                    "(decode speed leaves out the first new token)")
     model = None if a.random_weights else str(a.model or ensure_default_model())
     llama_models = []
-    if a.llama_bench:
-        if not (os.path.isfile(a.llama_bench) and os.access(a.llama_bench, os.X_OK)):
-            raise InvalidArgumentError(f"--llama-bench {a.llama_bench}: not an executable file "
-                                       "(llama.cpp's llama-bench)")
+    for flag, binary in (("--llama-bench", a.llama_bench), ("--llama-batched-bench", a.llama_batched_bench)):
+        if binary and not (os.path.isfile(binary) and os.access(binary, os.X_OK)):
+            raise InvalidArgumentError(f"{flag} {binary}: not an executable file "
+                                       f"(llama.cpp's {flag[2:]})")
+    if a.llama_batched_bench and not batch_sizes:
+        raise InvalidArgumentError("--llama-batched-bench runs the B values of --batch: give --batch")
+    if a.llama_bench or a.llama_batched_bench:
+        flag = "--llama-bench" if a.llama_bench else "--llama-batched-bench"
         llama_models = [m.strip() for m in (a.llama_models or "").split(",") if m.strip()]
         if not llama_models:
             if model is None or not model.endswith(".gguf"):
-                raise InvalidArgumentError("--llama-bench needs a GGUF file: give --llama-models")
+                raise InvalidArgumentError(f"{flag} needs a GGUF file: give --llama-models")
             llama_models = [model]
         for m in llama_models:
             if not os.path.isfile(m):
@@ -329,10 +379,15 @@ def run_bench(a) -> int:
                     if batch_sizes or verify_tokens:
                         row.setdefault("rows_runs", []).append(w.rows())
             for m, row in zip(llama_models, llama_rows):
-                if r < a.runs:
+                if r < a.runs and a.llama_bench:
                     run = _llama_run(a.llama_bench, m, a)
                     row["quant"], row["threads"] = run.pop("format") or "gguf", run.pop("threads")
                     row["runs"].append(run)
+                if r < a.runs and a.llama_batched_bench:
+                    run = _llama_batched_run(a.llama_batched_bench, m, batch_sizes, a)
+                    fmt = run.pop("format")
+                    row["quant"] = row["quant"] or fmt or "gguf"
+                    row.setdefault("rows_runs", []).append(run)
         for w, row in zip(workers, results):
             row.update(w.close())
     finally:
@@ -356,6 +411,7 @@ def run_bench(a) -> int:
 
 
 def _print_table(results):
+    results = [r for r in results if r["runs"]]    # a llama-batched-bench-only row: rows table only
     head = (f"{'backend':<9} {'quant':<6} {'act':<4} {'prefill tok/s':>22} {'decode tok/s':>22} {'TTFT ms':>8} "
             f"{'weights MB':>10} {'RSS MB':>7} {'threads':>7} {'cold s':>7} {'cached s':>8}")
     print(head)
@@ -415,8 +471,13 @@ def add_parser(sub) -> None:
     p.add_argument("--json", metavar="FILE", default=None, help="also write the results as JSON")
     p.add_argument("--llama-bench", metavar="BIN", default=None,
                    help="also run llama.cpp's llama-bench (this path) in every round, side by side")
+    p.add_argument("--llama-batched-bench", metavar="BIN", default=None,
+                   help="with --batch: also run llama.cpp's llama-batched-bench (this path) in every "
+                        f"round, B sequences of a {ROWS_PREFIX}-token prompt, then "
+                        f"{LLAMA_BATCHED_TOKENS} decode steps")
     p.add_argument("--llama-models", metavar="FILES", default=None,
-                   help="comma-separated GGUF files for --llama-bench (default: the model measured)")
+                   help="comma-separated GGUF files for --llama-bench and --llama-batched-bench "
+                        "(default: the model measured)")
     from .bench_serve import add_arguments
     add_arguments(p)
     add_rows_options(p)
@@ -701,9 +762,17 @@ def print_rows_table(results) -> None:
     print("-" * len(head))
     for r in rows:
         cells = [f"{r['batch_decode'][B]['tok_s']:.0f} ({r['batch_decode'][B]['step_ms']:.1f})"
-                 for B in bs] + [f"{r['verify_ms'][k]:.1f}" for k in ks]
+                 for B in bs] + [f"{r['verify_ms'][k]:.1f}" if k in r["verify_ms"] else "-" for k in ks]
         print(f"{r['backend']:<9} {r['quant']:<6} {r.get('activations', 'f32'):<4} "
               + " ".join(f"{c:>17}" for c in cells))
+    llama = {r["quant"]: r for r in rows if r["backend"] == "llama.cpp"}
+    pairs = [(r, llama[r["weight_format"]]) for r in rows
+             if r["backend"] != "llama.cpp" and r.get("weight_format") in llama]
+    if pairs:
+        print("decode tok/s against llama-batched-bench on the same weight format: " + ", ".join(
+            f"{_row_name(r)} ({r['weight_format']}) " + " ".join(
+                f"B={B} {r['batch_decode'][B]['tok_s'] / b['batch_decode'][B]['tok_s']:.2f}x" for B in bs)
+            for r, b in pairs))
 
 
 if __name__ == "__main__":

@@ -356,7 +356,8 @@ def cmd_serve(a) -> int:
     config = uvicorn.Config(app, host=a.host, port=a.port, log_level=a.log_level,
                             timeout_graceful_shutdown=3, access_log=a.log_level == "debug")
     server = uvicorn.Server(config)
-    print(f"minfer serve — {name} on {llm.backend}, http://{a.host}:{a.port}/v1 "
+    spec = f", speculative {a.speculative}" if llm.engine.speculator else ""
+    print(f"minfer serve — {name} on {llm.backend}{spec}, http://{a.host}:{a.port}/v1 "
           f"(Ctrl-C stops)", file=sys.stderr, flush=True)
 
     # uvicorn shuts down gracefully on SIGINT/SIGTERM, then raises the signal again with the

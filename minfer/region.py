@@ -162,25 +162,6 @@ def _add(out, res, y, o0, o1):
             out[t, o] = res[t, o] + y[t, o]
 
 
-@njit(cache=True)
-def _matmul_i8(x, w, l, limbs, out, res, C):
-    ctr, s, wi, nw = C
-    qs, d, m = w[0][l].view(np.uint8), w[1][l], w[2][l]
-    T, O = x.shape[0], qs.shape[0]
-    n, k = quant_i8._tiles(O), 0
-    if _left(ctr, s, nw, n):                  # (else nothing is left for this thread: no set-up)
-        xi = quant_i8._prepare_x(x, m.ndim == 1, limbs)
-        y = np.empty((T, O), dtype=np.float32)
-        i0, i1 = _next(ctr, s, wi, nw, n)
-        while i0 >= 0:
-            o0, o1 = i0 * O // n, i1 * O // n
-            quant_i8._tile(xi, qs, d, m, o0, o1, y, quant_i8.PREFETCH_ROWS, limbs)
-            _add(out, res, y, o0, o1)
-            k += i1 - i0
-            i0, i1 = _next(ctr, s, wi, nw, n)
-    _finish(ctr, s, nw, n, k)
-
-
 @njit(fastmath=True, cache=True)
 def _matmul_q8(x, w, l, out, res, C):
     ctr, s, wi, nw = C
@@ -218,24 +199,6 @@ def _matmul_q4(x, w, l, out, res, C):
 
 
 # silu(x Wg^T) * (x Wu^T) -> out [T, F]; an item is a tile of rows of both.
-@njit(cache=True)
-def _gate_up_i8(x, g, u, l, limbs, out, C):
-    ctr, s, wi, nw = C
-    T, F = x.shape[0], g[0].shape[1]
-    n, k = quant_i8._tiles(F), 0
-    if _left(ctr, s, nw, n):
-        xi = quant_i8._prepare_x(x, g[2][l].ndim == 1, limbs)
-        up = np.empty((T, F), dtype=np.float32)
-        i0, i1 = _next(ctr, s, wi, nw, n)
-        while i0 >= 0:
-            quant_i8._gate_up_tile(xi, g[0][l].view(np.uint8), g[1][l], g[2][l], u[0][l].view(np.uint8),
-                                   u[1][l], u[2][l], i0 * F // n, i1 * F // n, out, up,
-                                   quant_i8.PREFETCH_ROWS, limbs)
-            k += i1 - i0
-            i0, i1 = _next(ctr, s, wi, nw, n)
-    _finish(ctr, s, nw, n, k)
-
-
 @njit(fastmath=True, cache=True)
 def _gate_up_q8(x, g, u, l, out, C):
     ctr, s, wi, nw = C
@@ -324,13 +287,13 @@ def _gate_up_rows(x, g, u, l, out, C):
 # int8 activations: the weights in panels of 16 rows (quant_panel.py), at any number of rows.
 # An item is a tile of panels.
 @njit(cache=True)
-def _matmul_panels(x, w, l, out, res, C):
+def _matmul_panels(x, w, l, limbs, out, res, C):
     ctr, s, wi, nw = C
-    qp, d, m = w[0][l], w[1][l], w[2][l]
+    qp, d, m = w[3][l], w[4][l], w[5][l]
     T, P = x.shape[0], qp.shape[0]
     n, k = quant_i8._tiles(P), 0
     if _left(ctr, s, nw, n):
-        xi = quant_panel.prepare_x(x, m.ndim == 1)
+        xi = quant_panel.prepare_x(x, m.ndim == 1, limbs)
         y = np.empty((T, quant_panel.ROWS * ((P + n - 1) // n + 1)), dtype=np.float32)
         i0, i1 = _next(ctr, s, wi, nw, n)
         while i0 >= 0:
@@ -347,12 +310,12 @@ def _matmul_panels(x, w, l, out, res, C):
 
 
 @njit(cache=True)
-def _gate_up_panels(x, g, u, l, out, C):
+def _gate_up_panels(x, g, u, l, limbs, out, C):
     ctr, s, wi, nw = C
-    T, P = x.shape[0], g[0].shape[1]
+    T, P = x.shape[0], g[3].shape[1]
     n, k = quant_i8._tiles(P), 0
     if _left(ctr, s, nw, n):
-        xi = quant_panel.prepare_x(x, g[2][l].ndim == 1)
+        xi = quant_panel.prepare_x(x, g[5][l].ndim == 1, limbs)
         cols = quant_panel.ROWS * ((P + n - 1) // n + 1)
         yg = np.empty((T, cols), dtype=np.float32)
         yu = np.empty((T, cols), dtype=np.float32)
@@ -360,8 +323,8 @@ def _gate_up_panels(x, g, u, l, out, C):
         while i0 >= 0:
             for i in range(i0, i1):
                 p0, p1 = i * P // n, (i + 1) * P // n
-                quant_panel.tile(xi, g[0][l], g[1][l], g[2][l], p0, p1, yg, 0)
-                quant_panel.tile(xi, u[0][l], u[1][l], u[2][l], p0, p1, yu, 0)
+                quant_panel.tile(xi, g[3][l], g[4][l], g[5][l], p0, p1, yg, 0)
+                quant_panel.tile(xi, u[3][l], u[4][l], u[5][l], p0, p1, yu, 0)
                 o0, o1 = quant_panel.ROWS * p0, min(quant_panel.ROWS * p1, out.shape[1])
                 for t in range(T):
                     for o in range(o0, o1):
@@ -373,13 +336,27 @@ def _gate_up_panels(x, g, u, l, out, C):
 
 
 @njit(inline="always")
+def _panels(T, limbs, many):
+    """Does a matmul of T rows read the panels? With int8 x, always; with x in three int8
+    parts, below the crossover to the float tiles."""
+    return limbs == 1 or (limbs == 3 and T < many)
+
+
+@njit(inline="always")
+def _items(w, T, limbs, many):
+    """How many items a matmul stage of w has (tiles of panels, or of rows)."""
+    return quant_i8._tiles(w[3].shape[1] if _panels(T, limbs, many) else w[0].shape[1])
+
+
+@njit(inline="always")
 def _matmul(x, w, l, kind, limbs, out, res, C, many):
-    if limbs == 1:                            # kind and limbs are constants: one branch compiles
-        _matmul_panels(x, w, l, out, res, C)
-    elif x.shape[0] >= many:                  # many rows: the weights decoded once for all
+    if limbs:                                 # kind and limbs are constants: few branches compile
+        if _panels(x.shape[0], limbs, many):
+            _matmul_panels(x, w, l, limbs, out, res, C)
+        else:                                 # many rows: the weights decoded once for all
+            _matmul_rows(x, w, l, out, res, C)
+    elif x.shape[0] >= many:
         _matmul_rows(x, w, l, out, res, C)
-    elif limbs:
-        _matmul_i8(x, w, l, limbs, out, res, C)
     elif kind == Q8:
         _matmul_q8(x, w, l, out, res, C)
     else:
@@ -388,12 +365,13 @@ def _matmul(x, w, l, kind, limbs, out, res, C, many):
 
 @njit(inline="always")
 def _gate_up(x, g, u, l, kind, limbs, out, C, many):
-    if limbs == 1:
-        _gate_up_panels(x, g, u, l, out, C)
+    if limbs:
+        if _panels(x.shape[0], limbs, many):
+            _gate_up_panels(x, g, u, l, limbs, out, C)
+        else:
+            _gate_up_rows(x, g, u, l, out, C)
     elif x.shape[0] >= many:
         _gate_up_rows(x, g, u, l, out, C)
-    elif limbs:
-        _gate_up_i8(x, g, u, l, limbs, out, C)
     elif kind == Q8:
         _gate_up_q8(x, g, u, l, out, C)
     else:
@@ -456,7 +434,7 @@ def _walk(x, cos, sin, f, n_heads, n_kv_heads, eps, kind, limbs, wi, nw, many):
         _attention(q, k_cache[l], v_cache[l], row_seq, positions, block_tables, parts,
                    (ctr, s + 2, wi, nw))
         a = q.reshape(T, qd)                   # (a placeholder for a thread with nothing left)
-        if _left(ctr, s + 3, nw, quant_i8._tiles(wo[0].shape[1])):
+        if _left(ctr, s + 3, nw, _items(wo, T, limbs, many)):
             a = attention._merge_slices(q, parts).reshape(T, qd)                 # [T, qd]
         _matmul(a, wo, l, kind, limbs, x, x, (ctr, s + 3, wi, nw), many)          # x += [T, D]
         # --- MLP block ---------------------------------------------------------------------
@@ -499,10 +477,9 @@ def _walk_split(x, cos, sin, f, n_heads, n_kv_heads, eps, wi, nw, many):
 # tuples of arrays in: all the arrays go in as one flat tuple, nested again inside the walk.)
 @njit(inline="always")
 def _flat(x, W, kv, B, head, rows, n_heads, n_kv_heads, nw):
-    attn_norm, (aq, ad, am), (oq, od, om), ffn_norm, (gq, gd, gm), (uq, ud, um), (dq, dd, dm) = W
-    norm, (lq, ld, lm) = head
-    T, hd = x.shape[0], kv[0].shape[-1]
-    F = dd.shape[2] * quant_panel.QK if uq.ndim == 5 else uq.shape[1]     # (panels: [L, P, nb, ...])
+    attn_norm, wqkv, wo, ffn_norm, w_gate, w_up, w_down = W
+    norm, lm = head
+    T, hd, F = x.shape[0], kv[0].shape[-1], w_up[0].shape[1]
     # attention's key slices per row: one a thread (fewer jobs than attention.SLICES, and their
     # fixed costs with them)
     S = max(1, nw // T)
@@ -511,21 +488,20 @@ def _flat(x, W, kv, B, head, rows, n_heads, n_kv_heads, nw):
               np.empty((T, n_heads, hd), dtype=np.float32),    # [T, Hq, hd]  q after RoPE
               m_part, l_part, o_part,                          # each attention job's result
               np.empty((T, F), dtype=np.float32),              # [T, F]  silu(gate) * up
-              np.zeros(_counter(6 * aq.shape[0] + 1, 0, nw), dtype=np.int64),   # the counters
+              np.zeros(_counter(6 * attn_norm.shape[0] + 1, 0, nw), dtype=np.int64),  # counters
               np.zeros((T, (n_heads + 2 * n_kv_heads) * hd), dtype=np.float32))   # QKV's "residual"
-    V = lq.shape[1] * quant_panel.ROWS if lq.ndim == 5 else lq.shape[1]    # (panels: padded)
-    logits = np.zeros((rows.shape[0], V), dtype=np.float32)            # [R, V] (0 + v is v)
-    return ((attn_norm, aq, ad, am, oq, od, om, ffn_norm, gq, gd, gm, uq, ud, um, dq, dd, dm)
-            + kv + B + shared + (norm, lq, ld, lm, rows, logits))   # 17 + 2 + 4 + 8 + 6 arrays
+    logits = np.zeros((rows.shape[0], lm[0].shape[1]), dtype=np.float32)   # [R, V] (0 + v is v)
+    # 3 norms, 6 matrices of 6 arrays, the cache's 2, the batch's 4, 8 shared ones, rows, logits
+    return ((attn_norm, ffn_norm, norm) + wqkv + wo + w_gate + w_up + w_down + lm + kv + B
+            + shared + (rows, logits))
 
 
 @njit(inline="always")
 def _nest(f):
-    W = (f[0], (f[1], f[2], f[3]), (f[4], f[5], f[6]), f[7], (f[8], f[9], f[10]),
-         (f[11], f[12], f[13]), (f[14], f[15], f[16]))
-    shared = (f[23], f[24], (f[25], f[26], f[27]), f[28], f[29], f[30])
-    head = (f[31], (f[32], f[33], f[34]), f[35], f[36])
-    return W, (f[17], f[18]), (f[19], f[20], f[21], f[22]), shared, head
+    W = (f[0], f[3:9], f[9:15], f[1], f[15:21], f[21:27], f[27:33])
+    shared = (f[45], f[46], f[47:50], f[50], f[51], f[52])
+    head = (f[2], f[33:39], f[53], f[54])
+    return W, f[39:41], f[41:45], shared, head
 
 
 @njit(parallel=True, cache=True)
@@ -534,7 +510,7 @@ def _region_q4(x, cos, sin, W, kv, B, n_heads, n_kv_heads, eps, head, rows, nw, 
     f = _flat(x, W, kv, B, head, rows, n_heads, n_kv_heads, nw)
     for wi in prange(nw):
         _walk_q4(x, cos, sin, f, n_heads, n_kv_heads, eps, np.int64(wi), nw, many)   # (wi: uint64)
-    return x, f[36]                                            # [T, D], logits [R, V]
+    return x, f[54]                                            # [T, D], logits [R, V]
 
 
 @njit(parallel=True, cache=True)
@@ -543,7 +519,7 @@ def _region_q8(x, cos, sin, W, kv, B, n_heads, n_kv_heads, eps, head, rows, nw, 
     f = _flat(x, W, kv, B, head, rows, n_heads, n_kv_heads, nw)
     for wi in prange(nw):
         _walk_q8(x, cos, sin, f, n_heads, n_kv_heads, eps, np.int64(wi), nw, many)   # (wi: uint64)
-    return x, f[36]                                            # [T, D], logits [R, V]
+    return x, f[54]                                            # [T, D], logits [R, V]
 
 
 @njit(parallel=True, cache=True)
@@ -552,7 +528,7 @@ def _region_i8(x, cos, sin, W, kv, B, n_heads, n_kv_heads, eps, head, rows, nw, 
     f = _flat(x, W, kv, B, head, rows, n_heads, n_kv_heads, nw)
     for wi in prange(nw):
         _walk_i8(x, cos, sin, f, n_heads, n_kv_heads, eps, np.int64(wi), nw, many)   # (wi: uint64)
-    return x, f[36]                                            # [T, D], logits [R, V]
+    return x, f[54]                                            # [T, D], logits [R, V]
 
 
 @njit(parallel=True, cache=True)
@@ -561,7 +537,7 @@ def _region_split(x, cos, sin, W, kv, B, n_heads, n_kv_heads, eps, head, rows, n
     f = _flat(x, W, kv, B, head, rows, n_heads, n_kv_heads, nw)
     for wi in prange(nw):
         _walk_split(x, cos, sin, f, n_heads, n_kv_heads, eps, np.int64(wi), nw, many)   # (wi: uint64)
-    return x, f[36]                                            # [T, D], logits [R, V]
+    return x, f[54]                                            # [T, D], logits [R, V]
 
 
 ENTRY = (_region_q4, _region_q8, _region_i8, _region_split)     # by fused's Q4, Q8, INT8, SPLIT

@@ -36,7 +36,10 @@ def test_bench_random_weights_json(tmp_path):
                                         (["--new-tokens", "1"], "--new-tokens at least 2"),
                                         (["--prompt-tokens", "0"], "--prompt-tokens must be"),
                                         (["--batch", "0,4"], "--batch takes positive"),
-                                        (["--verify-tokens", "x"], "--verify-tokens takes positive")])
+                                        (["--verify-tokens", "x"], "--verify-tokens takes positive"),
+                                        (["--llama-batched-bench", sys.executable], "give --batch"),
+                                        (["--llama-batched-bench", "/nonexistent", "--batch", "1"],
+                                         "not an executable file")])
 def test_bench_bad_flags_are_one_line_errors(flags, says):
     r = subprocess.run([sys.executable, "-m", "minfer", "bench", *flags],
                        capture_output=True, text=True, timeout=120)
@@ -88,3 +91,63 @@ def test_bench_says_how_llama_bench_died(tmp_path):
     last = r.stderr.strip().splitlines()[-1]              # (the lines before: bench's progress)
     assert last.startswith("minfer: error: llama-bench was killed by SIGILL")
     assert "GGML_NATIVE=OFF" in last
+
+
+# llama-batched-bench's --output-format jsonl: one line per B on stdout (this one from a real run:
+# SmolLM2-135M Q4_1, B=4, one thread)
+BATCHED_LINE = ('{"n_kv_max": 4096, "n_batch": 2048, "n_ubatch": 512, "flash_attn": -1, "is_pp_shared": 0, '
+                '"n_gpu_layers": -1, "n_threads": 1, "n_threads_batch": 1, "pp": 80, "tg": 32, "pl": 4, '
+                '"n_kv": 448, "t_pp": 3.826285, "speed_pp": 83.632034, "t_tg": 2.519711, '
+                '"speed_tg": 50.799477, "t": 6.345996, "speed": 70.595695}')
+
+
+def _fake_batched_bench(tmp_path, lost_b=None):
+    """A stand-in for llama-batched-bench: BATCHED_LINE for every B of -npl, 10 ms a step each."""
+    fake = tmp_path / "llama-batched-bench"
+    fake.write_text(
+        f"#!{sys.executable}\n"
+        "import json, sys\n"
+        "a = sys.argv\n"
+        "assert a[a.index('-t') + 1] == '2' and a[a.index('-npp') + 1] == '80'\n"
+        "open(__file__ + '.calls', 'a').write('x')\n"
+        f"line = json.loads({BATCHED_LINE!r})\n"
+        "for B in map(int, a[a.index('-npl') + 1].split(',')):\n"
+        f"    if B != {lost_b!r}:\n"
+        "        line.update(pl=B, t_tg=0.01 * line['tg'], speed_tg=100.0 * B)\n"
+        "        print(json.dumps(line))\n")
+    fake.chmod(0o755)
+    return fake
+
+
+def _bench_with_batched(tmp_path, fake, *more):
+    from minfer.bench import _random_model
+    gguf = _random_model("tiny", "auto", tmp_path)          # Q4_1 layers: paired with numba/auto
+    return subprocess.run([sys.executable, "-m", "minfer", "bench", "--random-weights", "tiny",
+                           "--backend", "numba", "--quant", "auto", "--runs", "2", "--skip-startup",
+                           "--prompt-tokens", "8", "--new-tokens", "4", "--threads", "2", "--batch", "1,3",
+                           "--llama-batched-bench", str(fake), "--llama-models", str(gguf), *more],
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_bench_runs_llama_batched_bench_side_by_side(tmp_path):
+    """--llama-batched-bench: once a round, its decode tok/s per B of --batch in the rows table
+    beside minfer's, paired by weight format, and in the JSON."""
+    fake = _fake_batched_bench(tmp_path)
+    out = tmp_path / "bench.json"
+    r = _bench_with_batched(tmp_path, fake, "--json", str(out))
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(out.read_text())["results"]
+    llama = [x for x in rows if x["backend"] == "llama.cpp"]
+    assert len(llama) == 1 and llama[0]["quant"] == "Q4_1" and len(llama[0]["rows_runs"]) == 2
+    assert {B: v["tok_s"] for B, v in llama[0]["batch_decode"].items()} == {"1": 100.0, "3": 300.0}
+    assert (tmp_path / "llama-batched-bench.calls").read_text() == "xx"   # once per round
+    table = r.stdout[r.stdout.index("many rows a step"):]
+    assert "llama.cpp Q4_1" in table and "300 (10.0)" in table
+    assert "against llama-batched-bench on the same weight format: numba/auto (Q4_1) B=1" in table
+
+
+def test_bench_says_when_llama_batched_bench_lacks_a_b(tmp_path):
+    r = _bench_with_batched(tmp_path, _fake_batched_bench(tmp_path, lost_b=3))
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("minfer: error: llama-batched-bench gave no "
+                                                        "figures for B=3")

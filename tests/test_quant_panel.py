@@ -12,17 +12,21 @@ pytestmark = pytest.mark.skipif(not quant_i8.has_vnni(), reason="this CPU has no
 @pytest.mark.parametrize("fmt", ["Q4_0", "Q4_1", "Q8_0"])
 @pytest.mark.parametrize("half", [False, True], ids=["f32-scales", "f16-scales"])
 @pytest.mark.parametrize("T", [1, 2, 3, 4, 7, 33])
-def test_panels_equal_the_int8_reference(fmt, half, T):
+@pytest.mark.parametrize("limbs", [1, 3])
+def test_panels_equal_the_int8_reference(fmt, half, T, limbs):
     rng = np.random.default_rng(T)
     O, K = 40, 96                        # 40 rows: the last of 3 panels is half padding
     w = QuantMatrix.from_float(rng.standard_normal((O, K)).astype(np.float32), fmt)
     w = w.half_scales() if half else w
     x = rng.standard_normal((T, K)).astype(np.float32)
     x[0, :32] = 0                         # an all-zero block: scale 0
-    want = quant_i8.quant_linear_i8_reference(x, w.float_scales())
-    got = quant_panel.quant_linear_panels(x, quant_panel.PanelMatrix(w))
+    want = quant_i8.quant_linear_i8_reference(x, w.float_scales(), limbs)
+    got = quant_panel.quant_linear_panels(x, quant_panel.PanelMatrix(w), limbs)
     assert got.shape == (T, O)
     assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+    if limbs == 3:                        # three parts: as exact as float32 arithmetic
+        exact = x.astype(np.float64) @ w.dequantize().astype(np.float64).T
+        assert np.abs(got - exact).max() <= 1e-5 * np.abs(exact).max()
 
 
 def test_panel_layout_holds_each_row_once():

@@ -322,27 +322,34 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_serve_command_stops_cleanly_on_sigint_and_sigterm(tiny_gguf):
+def _serve_command(model, *flags) -> tuple[subprocess.Popen, int]:
+    """`python -m minfer serve` on a free port, in the background -> (process, port)."""
     env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(minfer.__file__))}
-    procs = []
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        port = _free_port()
-        p = subprocess.Popen([sys.executable, "-m", "minfer", "serve", "--model", str(tiny_gguf),
-                              "--backend", "numpy", "--port", str(port), "--log-level", "warning"],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
-        procs.append((p, port, sig))
+    port = _free_port()
+    p = subprocess.Popen([sys.executable, "-m", "minfer", "serve", "--model", str(model),
+                          "--backend", "numpy", "--port", str(port), "--log-level", "warning",
+                          *flags], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+    return p, port
+
+
+def _wait_up(p: subprocess.Popen, port: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        assert p.poll() is None, p.communicate()[1]
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, "the server did not come up"
+        time.sleep(0.1)
+
+
+def test_serve_command_stops_cleanly_on_sigint_and_sigterm(tiny_gguf):
+    procs = [(*_serve_command(tiny_gguf), sig) for sig in (signal.SIGINT, signal.SIGTERM)]
     try:
         for p, port, sig in procs:
-            deadline = time.monotonic() + 30
-            while True:
-                assert p.poll() is None, p.communicate()[1]
-                try:
-                    if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                assert time.monotonic() < deadline, "the server did not come up"
-                time.sleep(0.1)
+            _wait_up(p, port)
             r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=TIMEOUT,
                            json={"model": "tiny-llama-F32", "prompt": "the cat", "max_tokens": 2})
             assert r.status_code == 200, r.text
@@ -356,6 +363,43 @@ def test_serve_command_stops_cleanly_on_sigint_and_sigterm(tiny_gguf):
             if p.poll() is None:
                 p.kill()
                 p.wait(5)
+
+
+def test_serve_command_speculative_same_text(tiny_gguf, tiny_llm):
+    """`serve --speculative ngram`: concurrent greedy requests get plain decoding's text (the
+    repeated prompts make prompt lookup guess, and some guesses are accepted); afterwards nothing
+    runs or holds a block."""
+    prompts = [" ".join(["the cat sat on the mat"] * 3 + [f"and {i}"]) if i % 2 else
+               " ".join([f"{i} dogs ran", "to the park"] * 4) for i in range(6)]
+    lengths = [24 + 3 * i for i in range(6)]
+    want = [tiny_llm.generate(p, greedy(n, ignore_eos=True))[0].text for p, n in zip(prompts, lengths)]
+    p, port = _serve_command(tiny_gguf, "--speculative", "ngram", "--num-speculative-tokens", "4")
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_up(p, port)
+        start = threading.Barrier(len(prompts), timeout=TIMEOUT)
+
+        def ask(i):
+            c = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=TIMEOUT)
+            start.wait()
+            kw = dict(model="tiny-llama-F32", prompt=prompts[i], max_tokens=lengths[i],
+                      temperature=0, extra_body={"ignore_eos": True})
+            if i % 3 == 0:
+                return "".join(ch.choices[0].text for ch in c.completions.create(stream=True, **kw))
+            return c.completions.create(**kw).choices[0].text
+
+        with cf.ThreadPoolExecutor(len(prompts)) as pool:
+            got = list(pool.map(ask, range(len(prompts)), timeout=2 * TIMEOUT))
+        assert got == want
+        m = wait_idle(url)
+        assert m["minfer_kv_blocks_free"] == m["minfer_kv_blocks_total"]
+        assert m["minfer_generation_tokens_total"] == sum(lengths)
+        assert m["minfer_spec_proposed_tokens_total"] > m["minfer_spec_accepted_tokens_total"] > 0
+    finally:
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=20)
+    assert p.returncode == 0 and "Traceback" not in err, err
+    assert "speculative ngram" in err
 
 
 def test_chat_command_talks_to_the_server(server, tiny_llm):

@@ -8,7 +8,7 @@ import pytest
 import minfer
 from minfer.sampling import SamplingParams
 from minfer.spec import verify
-from minfer.spec.ngram import propose_ngram, propose_ngram_numba
+from minfer.spec.ngram import NgramIndex, NgramProposer, propose_ngram
 from minfer.weights import synthetic
 
 rng = np.random.default_rng(7)
@@ -25,12 +25,39 @@ def test_ngram_finds_latest_longest_match():
     assert propose_ngram(np.array([4, 4, 4, 4], dtype=np.int64), 3).tolist() == [4]
 
 
-@pytest.mark.parametrize("T", [1, 2, 5, 40, 200])
-def test_ngram_numba_equals_reference(T):
-    for _ in range(20):
-        t = rng.integers(0, 4, T).astype(np.int64)
-        for k, n in ((1, 1), (4, 3), (8, 5)):
-            assert propose_ngram_numba(t, k, n, 1).tolist() == propose_ngram(t, k, n, 1).tolist()
+@pytest.mark.parametrize("vocab", [2, 4, 50])
+def test_ngram_index_equals_reference(vocab):
+    """The incremental index proposes what the rescan proposes, after every growth of random
+    token streams (chunks of 1..6 tokens, as accepted runs come), for several n ranges and k."""
+    for max_n, min_n in ((4, 1), (3, 2), (1, 1), (5, 3)):
+        for _ in range(5):
+            idx, toks = NgramIndex(max_n, min_n), []
+            assert idx.propose(3) == []
+            while len(toks) < 150:
+                new = rng.integers(0, vocab, int(rng.integers(1, 7))).tolist()
+                idx.extend(new)
+                toks += new
+                t = np.array(toks, dtype=np.int64)
+                for k in (1, 4):
+                    assert idx.propose(k) == propose_ngram(t, k, max_n, min_n).tolist(), (toks, k)
+
+
+def test_ngram_proposer_follows_each_sequence():
+    """The proposer indexes each sequence's prompt, then only what it gained since; a finished
+    sequence's index is dropped."""
+    from minfer.engine.sequence import Sequence
+    prop = NgramProposer()
+    seqs = [Sequence(i, rng.integers(0, 6, 20).tolist(), SamplingParams(), None) for i in range(3)]
+    for step in range(40):
+        for s in seqs:
+            s.output_ids += rng.integers(0, 6, int(rng.integers(1, 4))).tolist()
+        got = prop.propose([(s, 1 + step % 5) for s in seqs])
+        for s in seqs:
+            want = propose_ngram(np.array(s.prompt_ids + s.output_ids), 1 + step % 5).tolist()
+            assert (got[s][0] if s in got else []) == want
+    assert all(prop.index[s.seq_id].tokens == s.prompt_ids + s.output_ids for s in seqs)
+    prop.drop(1)
+    assert sorted(prop.index) == [0, 2]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -281,6 +308,66 @@ def test_rollback_leaves_no_stale_kv(tiny_gguf, other_gguf, plain):
     bs = eng.cache.block_size
     for b, (_, key) in eng.blocks.prefix.key_of.items():      # every cached block: accepted text
         assert any(tuple(final[i:i + bs]) == key for i in range(0, len(final) - bs + 1, bs)), key
+
+
+class _Oracle:
+    """A stub proposer that knows the greedy text: every guess right, or every guess wrong."""
+    name = "stub"
+
+    def __init__(self, text: list[int], right: bool, vocab: int):
+        self.text, self.right, self.vocab, self.calls = text, right, vocab, 0
+
+    def propose(self, wants: list) -> dict:
+        self.calls += 1
+        out = {}
+        for seq, k in wants:
+            ids = self.text[seq.n_tokens:seq.n_tokens + k]
+            out[seq] = (ids if self.right else [(t + 1) % self.vocab for t in ids], None)
+        return out
+
+    def step_time(self, repeats=3):
+        return 0.0
+
+    def rollback(self, seq, n_valid):
+        pass
+
+    def drop(self, seq_id):
+        pass
+
+
+def test_guessing_stops_after_rejections(tiny_gguf, plain):
+    """Where no guess is right, a sequence soon stops guessing: its steps become plain one-row
+    decodes that do not even ask the proposer, but for a one-guess probe at growing intervals.
+    Where every guess is right, it guesses k_max every step. A guess's cost is fixed (no timing),
+    so each forward's rows are known exactly."""
+    from minfer.spec import Speculator
+    G = SamplingParams(temperature=0, max_tokens=150, ignore_eos=True)
+    ref = plain["numpy"].generate([PROMPTS[0]], G)[0]
+    text = ref.prompt_token_ids + ref.token_ids
+    for right in (False, True):
+        llm = minfer.LLM(tiny_gguf, backend="numpy")
+        eng = llm.engine
+        stub = _Oracle(text, right, llm.config.vocab_size)
+        eng.speculator = Speculator(eng, stub, k_max=4, row_cost=0.3)
+        rows, forward = [], eng.model.forward
+        eng.model.forward = lambda batch, cache: rows.append(len(batch.token_ids)) or forward(batch, cache)
+        assert llm.generate([PROMPTS[0]], G)[0].token_ids == ref.token_ids
+        decode = rows[1:]                                   # after the prompt's forward
+        guessed = [i for i, r in enumerate(decode) if r > 1]
+        assert stub.calls == len(guessed)                   # no guess, no search
+        if right:            # soon k_max a step (fewer at first, from the prior, and at the end)
+            assert all(r == 5 for r in decode[1:-2]) and len(decode) <= 149 // 5 + 3, decode
+            continue
+        assert len(decode) == 149                           # one token a step
+        first = [i for i in guessed if i < 5]               # guessing from the start ...
+        assert first == list(range(len(first))) and 1 <= len(first) <= 4, guessed
+        probes = guessed[len(first):]                       # ... soon stopped: one guess now and then
+        assert probes[0] - first[-1] >= 8, guessed
+        assert all(decode[i] == 2 for i in probes), decode
+        gaps = [b - a for a, b in zip(probes, probes[1:])]
+        assert len(probes) <= 5 and gaps == sorted(gaps) and gaps[0] >= 8 and gaps[-1] > gaps[0], probes
+        assert sum(decode) <= 1.06 * len(decode)            # the steady state: plain decoding
+        eng.blocks.check()
 
 
 def test_sampling_with_speculation_runs_and_is_seeded(tiny_gguf):

@@ -167,6 +167,17 @@ def start_llama(a, model: str) -> tuple[str, subprocess.Popen]:
                                                         stderr=subprocess.DEVNULL)
 
 
+def _stop(proc: subprocess.Popen) -> None:
+    """Stop a server started here; killed if it has not exited 30 s after SIGTERM."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def model_name(url: str, headers: dict) -> str:
     return httpx.get(url + "/v1/models", headers=headers, timeout=30).json()["data"][0]["id"]
 
@@ -247,8 +258,7 @@ def main(argv=None) -> int:
             procs.append(proc)
             _wait_up(url, proc)
             rows += bench(url, "minfer", jobs, levels, headers)
-            proc.terminate()
-            proc.wait(30)
+            _stop(proc)                                # before the next server: one at a time
         if a.llama_server:
             from minfer.weights.fetch import ensure_default_model
             model = a.model or str(ensure_default_model(quiet=True))
@@ -258,9 +268,7 @@ def main(argv=None) -> int:
             rows += bench(url, "llama-server", jobs, levels, {})
     finally:
         for proc in procs:
-            if proc.poll() is None:
-                proc.terminate()
-                proc.wait(30)
+            _stop(proc)
     errs = [r["first_error"] for r in rows if r["first_error"]]
     if errs:
         print(f"first error: {errs[0]}", file=sys.stderr)

@@ -43,33 +43,42 @@ def kernels_for(stacks: dict, int8_act: bool):
     return SPLIT if half or quant.split_x() else family
 
 
-def layer_args(stacks: dict, n_layers: int, panels: bool = False) -> tuple:
+def layer_args(stacks: dict, n_layers: int, kind: int | None = None) -> tuple:
     """The stacks as the compiled step takes them: (attn_norm, wqkv, wo, ffn_norm, w_gate, w_up,
     w_down), each matrix as (quants, scales, mins) [L, ...], float16 scales as uint16 bits.
     m, the Q4 mins, is an empty array for Q8_0.
-    panels: the matrices repacked for region.py's int8 kernels (stages/quant_panel.py)."""
+    kind: for region.py's walk, which takes each matrix in panels too (stages/quant_panel.py:
+    its int8-part kernels) — (quants, scales, mins, panels, their scales, their mins); the
+    panels are empty arrays where the kernels of `kind` do not read them."""
     no_m = np.zeros((n_layers, 0), dtype=np.float32)            # Q8_0 has no mins (1-D a layer)
-    if panels:
-        w = {k: quant_panel.stacked(*v) for k, v in stacks.items() if v[0] != "F32"}
-    else:
-        w = {k: (v[1], bits(v[2]), bits(v[3]) if v[3] is not None else no_m)
-             for k, v in stacks.items() if v[0] != "F32"}
+    w = {k: (v[1], bits(v[2]), bits(v[3]) if v[3] is not None else no_m)
+         for k, v in stacks.items() if v[0] != "F32"}
+    if kind is not None:
+        w = {k: v + _panels(stacks[k], kind) for k, v in w.items()}
     return (stacks["attn_norm"][1], w["wqkv"], w["wo"], stacks["ffn_norm"][1], w["w_gate"],
             w["w_up"], w["w_down"])
 
 
+def _panels(stack: tuple, kind: int) -> tuple:
+    """A stacked matrix (fmt, quants, scales, mins) in panels, if the kernels of `kind` read them."""
+    fmt, qs, d, m = stack
+    if kind in (INT8, SPLIT):
+        return quant_panel.stacked(fmt, qs, d, m)
+    L, dt = qs.shape[0], bits(d).dtype
+    return (np.zeros((L, 0, 0, 0, 64), np.uint8), np.zeros((L, 0, 0, 16), dt),
+            np.zeros((L, 0), np.float32) if m is None else np.zeros((L, 0, 0, 16), bits(m).dtype))
+
+
 def head_args(weights, kind: int):
     """The final norm and the LM head as the compiled step takes them — (norm, (quants, scales,
-    mins) [1, ...]) — or None where its kernels cannot read this LM head: float32 weights, or a
-    format the float kernels of `kind` are not compiled for (the int8-part ones read all three)."""
+    mins, panels...) [1, ...]) — or None where its kernels cannot read this LM head: float32
+    weights, or a format the float kernels of `kind` are not compiled for (the int8-part ones
+    read all three)."""
     lm = weights.lm_head
     if not isinstance(lm, quant.QuantMatrix):
         return None
-    if kind == INT8:                             # region.py's int8 kernels read panels
-        p = quant_panel.PanelMatrix(lm)
-        return weights.norm, (p.qp[None], p.d[None], p.m[None] if lm.m is not None else
-                              np.zeros((1, 0), dtype=np.float32))
     if kind in (Q4, Q8) and ((lm.fmt == "Q8_0") != (kind == Q8) or lm.d.dtype != np.float32):
         return None
     m = np.zeros((1, 0), dtype=np.float32) if lm.m is None else bits(lm.m)[None]
-    return weights.norm, (lm.qs[None], bits(lm.d)[None], m)
+    stack = (lm.fmt, lm.qs[None], lm.d[None], None if lm.m is None else lm.m[None])
+    return weights.norm, (lm.qs[None], bits(lm.d)[None], m) + _panels(stack, kind)

@@ -73,8 +73,7 @@ class CpuModel(Transformer):
             rows = batch.logits_rows
         x, logits = region.ENTRY[kind](*args, head, rows, self.workers or numba.get_num_threads(),
                                        quant.MANY_ROWS[kind])
-        V = self.weights.lm_head.shape[0]                 # (panels pad the LM head's rows)
-        return x, (logits[:, :V] if len(logits) else None)
+        return x, (logits if len(logits) else None)
 
     def _weights_as_args(self, kind: int):
         """formats.layer_args and head_args, remade only when the weights' arrays are others
@@ -84,7 +83,6 @@ class CpuModel(Transformer):
         made = self._args
         if (made is None or made[0] != kind or len(made[1]) != len(arrays)
                 or any(a is not b for a, b in zip(made[1], arrays))):
-            made = self._args = (kind, arrays, formats.layer_args(W.stacks, self.config.n_layers,
-                                                                  panels=kind == formats.INT8),
+            made = self._args = (kind, arrays, formats.layer_args(W.stacks, self.config.n_layers, kind),
                                  formats.head_args(W, kind))
         return made[2], made[3]

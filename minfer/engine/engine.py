@@ -132,6 +132,7 @@ class Engine:
             if drafts:
                 with deferred_sigint():
                     logits = self.model.forward(batch, self.cache)                  # [R, V]
+                check_finite(logits, "forward pass (the logits)")
             else:
                 toks = self._next_tokens(live, batch)
             for seq, n in scheduled:
@@ -205,13 +206,17 @@ class Engine:
     # --- serving figures -------------------------------------------------------------------------
     def stats(self) -> dict:
         s = self.scheduler
-        return dict(running=len(s.running), waiting=len(s.waiting),
+        out = dict(running=len(s.running), waiting=len(s.waiting),
                     blocks_used=self.blocks.n_used, blocks_free=self.blocks.n_free,
                     blocks_total=self.blocks.n_blocks,
                     cached_blocks=len(self.blocks.prefix) if self.blocks.prefix is not None else 0,
                     prompt_tokens=s.prompt_tokens, cached_prompt_tokens=s.cached_tokens,
                     computed_tokens=self.computed_tokens, generated_tokens=self.generated_tokens,
                     preemptions=s.n_preemptions, steps=self.steps)
+        sp = self.speculator
+        if sp is not None:                 # totals of the guessing (spec/speculator.py)
+            out.update(spec_verify_steps=sp.steps, spec_proposed=sp.proposed, spec_accepted=sp.accepted)
+        return out
 
     # --- raw logits ------------------------------------------------------------------------------------
     def logits(self, ids: list[int]) -> np.ndarray:

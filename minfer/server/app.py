@@ -4,7 +4,8 @@
     POST /v1/completions         prompt -> text        (stream: server-sent events, then [DONE])
     POST /v1/chat/completions    messages -> message   (the model's chat template renders them)
     GET  /health                 200 while the engine thread lives
-    GET  /metrics                Prometheus text: queue, KV blocks, prefix cache, tokens, latencies
+    GET  /metrics                Prometheus text: queue, KV blocks, prefix cache, tokens, latencies,
+                                 guesses (with --speculative)
 
 Every error is OpenAI's error JSON with its status: 400 for bad input (malformed JSON, wrong
 types, bad sampling values, a prompt longer than the context), 401 for a missing or wrong API key,

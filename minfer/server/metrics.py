@@ -43,6 +43,14 @@ class _EngineCollector:
                 ("minfer_preemptions", "preemptions", "Sequences preempted for lack of KV blocks"),
                 ("minfer_engine_steps", "steps", "Engine steps (forward passes)")):
             yield CounterMetricFamily(name, doc, value=s[key])
+        if "spec_proposed" in s:          # a server started with --speculative
+            for name, key, doc in (
+                    ("minfer_spec_verify_steps", "spec_verify_steps",
+                     "Sequence steps that verified guessed tokens"),
+                    ("minfer_spec_proposed_tokens", "spec_proposed", "Tokens guessed"),
+                    ("minfer_spec_accepted_tokens", "spec_accepted",
+                     "Guessed tokens the model accepted")):
+                yield CounterMetricFamily(name, doc, value=s[key])
 
 
 class Metrics:

@@ -10,12 +10,14 @@ sampling exact.
     tokens  ... a b c d ... x a b c   (last 3: a b c, seen before followed by d ...)
     propose d ...
 
-The NumPy reference first; the @njit path is the same search as two loops.
+The NumPy reference first. The engine's path is not a faster scan but no scan at all: each
+sequence keeps an index (NgramIndex) from every n-gram it holds to where it last occurred, updated
+with the few tokens each step adds, so a lookup costs the same at token 10 and at token 2000 —
+where a scan, and above all turning the sequence into an array every step, grows with the text.
 """
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
 
 
 def propose_ngram(tokens: np.ndarray, k: int, max_n: int = 4, min_n: int = 1) -> np.ndarray:
@@ -32,20 +34,32 @@ def propose_ngram(tokens: np.ndarray, k: int, max_n: int = 4, min_n: int = 1) ->
     return tokens[:0].copy()
 
 
-@njit(cache=True)
-def propose_ngram_numba(tokens, k, max_n, min_n):
-    T = tokens.shape[0]
-    for n in range(min(max_n, T - 1), min_n - 1, -1):
-        for s in range(T - n - 1, -1, -1):                            # latest first
-            ok = True
-            for j in range(n):
-                if tokens[s + j] != tokens[T - n + j]:
-                    ok = False
-                    break
-            if ok:
-                start = s + n
-                return tokens[start:min(start + k, T)].copy()
-    return tokens[:0].copy()
+class NgramIndex:
+    """One sequence's n-grams (min_n..max_n tokens) -> the start of their latest occurrence that
+    some token follows; propose(k) gives what propose_ngram gives for the tokens seen so far."""
+
+    def __init__(self, max_n: int = 4, min_n: int = 1):
+        self.max_n, self.min_n = max_n, min_n
+        self.tokens: list[int] = []
+        self.last: dict[tuple, int] = {}              # n-gram (n = its length) -> start
+
+    def extend(self, new) -> None:
+        """Append tokens; each one makes the n-grams that end just before it followed."""
+        toks, last = self.tokens, self.last
+        for t in new:
+            i = len(toks)                              # t's position
+            for n in range(self.min_n, min(self.max_n, i) + 1):
+                last[tuple(toks[i - n:i])] = i - n     # later occurrences overwrite earlier ones
+            toks.append(int(t))
+
+    def propose(self, k: int) -> list[int]:
+        """Up to k tokens after the latest earlier occurrence of the longest tail that has one."""
+        toks, T = self.tokens, len(self.tokens)
+        for n in range(min(self.max_n, T - 1), self.min_n - 1, -1):
+            s = self.last.get(tuple(toks[T - n:]))
+            if s is not None:
+                return toks[s + n:s + n + k]
+        return []
 
 
 class NgramProposer:
@@ -54,21 +68,34 @@ class NgramProposer:
 
     def __init__(self, max_n: int = 4, min_n: int = 1):
         self.max_n, self.min_n = max_n, min_n
+        self.index: dict[int, NgramIndex] = {}         # seq id -> its n-grams so far
+
+    def _index(self, seq) -> NgramIndex:
+        """The sequence's index, given the tokens it gained since the last call."""
+        idx = self.index.get(seq.seq_id)
+        if idx is None or len(idx.tokens) > seq.n_tokens:   # first call (or tokens lost: anew)
+            idx = self.index[seq.seq_id] = NgramIndex(self.max_n, self.min_n)
+        n, P = len(idx.tokens), len(seq.prompt_ids)
+        if n < P:
+            idx.extend(seq.prompt_ids[n:])
+            n = P
+        idx.extend(seq.output_ids[n - P:])
+        return idx
 
     def propose(self, wants: list) -> dict:
         """wants: [(sequence, k)] -> {sequence: (proposed ids, None)} (sequences with a match)."""
         out = {}
         for seq, k in wants:
-            ids = propose_ngram_numba(np.asarray(seq.tokens, dtype=np.int64), k, self.max_n, self.min_n)
-            if len(ids):
-                out[seq] = ([int(t) for t in ids], None)
+            ids = self._index(seq).propose(k)
+            if ids:
+                out[seq] = (ids, None)
         return out
 
     def step_time(self, repeats: int = 3) -> float:
         return 0.0                                   # a lookup: next to nothing
 
     def rollback(self, seq, n_valid: int) -> None:
-        """Nothing is kept per sequence."""
+        """Nothing to undo: the index holds only the sequence's own (accepted) tokens."""
 
     def drop(self, seq_id: int) -> None:
-        pass
+        self.index.pop(seq_id, None)

@@ -31,6 +31,7 @@ today — when many-row forwards get cheaper, the measured cost drops and k grow
 from __future__ import annotations
 
 import time
+from collections import deque
 
 import numpy as np
 
@@ -40,6 +41,7 @@ from .verify import greedy_ids, probs_rows, verify_greedy_numba, verify_sample_n
 DEFAULT_K = 5            # most guesses per step
 ROW_COST = 0.3           # one more row in the target's forward, in decode steps (until measured)
 DRAFT_COST = 0.5         # one draft forward, in target decode steps (until measured)
+HISTORY = 4096           # verifications remembered for figures
 
 
 class _Adapt:
@@ -51,19 +53,27 @@ class _Adapt:
         self.hits, self.tries = 2.0, 2.5            # a prior: a = 0.8, forgotten in a few steps
         self.idle = 0
         self.probing = False
+        self._best = None                           # (cost, k): the choice until the next update
 
     @property
     def rate(self) -> float:
         return self.hits / self.tries
 
+    def best_k(self, cost_per_guess: float) -> int:
+        """The k that gives the most tokens per cost at the current rate (0: guessing does not pay)."""
+        if self._best is None or self._best[0] != cost_per_guess:
+            a = min(self.rate, 0.999)
+            best, best_gain = 0, 1.0
+            for k in range(1, self.k_max + 1):
+                gain = (1 - a ** (k + 1)) / (1 - a) / (1 + cost_per_guess * k)
+                if gain > best_gain * 1.02:              # a clear gain only
+                    best, best_gain = k, gain
+            self._best = (cost_per_guess, best)
+        return self._best[1]
+
     def choose(self, cost_per_guess: float) -> int:
-        a = min(self.rate, 0.999)
-        best, best_gain = 0, 1.0
-        for k in range(1, self.k_max + 1):
-            gain = (1 - a ** (k + 1)) / (1 - a) / (1 + cost_per_guess * k)
-            if gain > best_gain * 1.02:              # a clear gain only
-                best, best_gain = k, gain
-        if best == 0:
+        best = self.best_k(cost_per_guess)
+        if best == 0:               # a plain decode step, no search; now and then one guess
             self.idle += 1
             if self.idle >= self.probe_every:
                 self.idle, self.probing = 0, True
@@ -78,6 +88,7 @@ class _Adapt:
         d = self.decay
         self.hits = d * self.hits + m
         self.tries = d * self.tries + m + (1 if m < k else 0)
+        self._best = None
 
 
 class Speculator:
@@ -93,7 +104,8 @@ class Speculator:
         self.adaptive = adaptive
         self.adapt: dict[int, _Adapt] = {}
         self.steps = self.proposed = self.accepted = self.emitted = 0   # totals, for figures
-        self.history: list[tuple[int, int]] = []       # (guesses, accepted) of each verification
+        # (guesses, accepted) of the latest verifications (bounded: a server runs for days)
+        self.history: deque[tuple[int, int]] = deque(maxlen=HISTORY)
 
     # --- before the batch ----------------------------------------------------------------------
     def propose(self, scheduled) -> dict:
@@ -111,8 +123,12 @@ class Speculator:
                 continue                                   # a prompt chunk, or no budget left
             if self.adaptive and (self.row_cost is None or self.draft_cost is None):
                 self.calibrate()
-            ad = self.adapt.setdefault(seq.seq_id, _Adapt(self.k_max))
+            ad = self.adapt.get(seq.seq_id)
+            if ad is None:
+                ad = self.adapt[seq.seq_id] = _Adapt(self.k_max)
             k = ad.choose(self.row_cost + self.draft_cost) if self.adaptive else self.k_max
+            if k == 0:
+                continue                                   # a plain decode row this step
             k = min(k, budget, seq.params.max_tokens - len(seq.output_ids) - 1,
                     eng.max_context - seq.n_tokens)
             if k > 0 and not eng.blocks.can_hold(seq.seq_id, seq.n_tokens + k):
@@ -147,7 +163,8 @@ class Speculator:
             # the accepted guesses' K/V stay; the rest is past the new end
             old_n = seq.n_tokens
             seq.n_computed += m
-            blocks.cache_blocks(seq.seq_id, seq.tokens + props[:m], seq.n_computed)
+            if blocks.has_new_full_block(seq.seq_id, seq.n_computed):     # name the full ones
+                blocks.cache_blocks(seq.seq_id, seq.tokens + props[:m], seq.n_computed)
             blocks.trim(seq.seq_id, seq.n_computed + 1)
             self.proposer.rollback(seq, old_n + m)
             if seq.seq_id in self.adapt:

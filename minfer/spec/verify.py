@@ -56,6 +56,8 @@ def row_probs(logits: np.ndarray, params: SamplingParams, seen: np.ndarray | Non
 
 def greedy_ids(logits: np.ndarray, params: SamplingParams, context, proposals) -> np.ndarray:
     """logits [n, V] of rows 0..n-1 -> the target's greedy token at each row [n]."""
+    if context is None or params.repetition_penalty == 1:       # every row as it is: one argmax
+        return np.argmax(logits, axis=1).astype(np.int64)
     return np.array([int(np.argmax(row_logits(row, params, _seen(context, proposals, i))))
                      for i, row in enumerate(logits)], dtype=np.int64)
 

@@ -454,13 +454,13 @@ def split_x() -> bool:
 Q8_SPLIT_GEMM_MIN_ROWS = 112
 
 # From how many rows of x on the one-region step (region.py) decodes each weight row once for all
-# of them (quant_gemm.py) rather than running the matvec kernels, by kernel kind: fused.py's
-# Q4, Q8 (float kernels), INT8 (int8 activations), SPLIT (float32 x in three int8 parts); the
-# tiles pay for their decoding sooner against the float kernels than against the split ones,
-# which take tokens in pairs (one-process A/B of k-token forwards; docs/benchmarks.md). INT8
-# never: the tiles multiply exact floats, and int8 activations are a rounding of their own that
-# the step keeps at any batch size.
-MANY_ROWS = (2, 2, 1 << 30, 6)
+# of them into floats (quant_gemm.py), by kernel kind: fused.py's Q4, Q8 (float kernels), INT8
+# (int8 activations), SPLIT (float32 x in three int8 parts). Below it, the float kinds run their
+# matvec kernels and the int8-part kinds the panels (quant_panel.py), whose byte dot products
+# beat the float tiles up to about a dozen rows (docs/benchmarks.md). INT8 never: the tiles
+# multiply exact floats, and int8 activations are a rounding of their own that the step keeps
+# at any batch size.
+MANY_ROWS = (2, 2, 1 << 30, 14)
 # And from how many rows on a step leaves the one-region step for model.run_layers, whose
 # matmuls go to the sgemm tiles above (BLAS's kernels pull ahead on long prompts).
 REGION_MAX_ROWS = 384

@@ -30,9 +30,11 @@ from numba.core import types
 from numba.extending import intrinsic
 
 from .quant import QK, QuantMatrix
-from .quant_i8 import F32, F32x16, I8, I32, _load, _load_scales, _quantize_x, _vec, _vpdpbusd, bits
+from .quant_i8 import (F32, F32x16, I8, I32, _absmax_sum, _digits1, _digits3, _load, _load_scales,
+                       _prefetch_l2, _vec, _vpdpbusd, bits)
 
 ROWS = 16                                           # rows in a panel: one int32 lane each
+PREFETCH_BYTES = 4096       # how far ahead a step of few tokens asks for the weights (into L2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -95,14 +97,15 @@ def _x4(context, builder, arrty, arr, offset):
     return builder.bitcast(_splat(builder, four, 16), _vec(I8, 64))
 
 
-def _make_panel(q8, C):
+def _make_panel(q8, C, limbs=1):
     vectors = 8 if q8 else 4
 
     @intrinsic
-    def panel(typingctx, accs, qp, qoff, xq, xoffs, d, m, soff, dx, aux, toks):
+    def panel(typingctx, accs, qp, qoff, xq, xoffs, d, m, soff, dx, xsum, start, toks):
         """accs[t] + block b of a panel (qp.flat[qoff:], scales at d.flat[soff:]) against token t
-        of x (xq.flat[xoffs[t]:], its scale and aux at dx.flat[toks[t]], aux.flat[toks[t]]): Q4,
-        aux = sum(x) over the block (the m term); Q8_0, aux = -128 sum(xq) (the start)."""
+        of x (its parts at xq.flat[xoffs[t]:], 32 bytes each; its scale, the sum of x over the
+        block (Q4's m term) and Q8_0's start values at dx, xsum .flat[toks[t]], start.flat[toks[t]
+        limbs:])."""
         def codegen(context, builder, sig, args):
             pick = (lambda a, i: builder.extract_value(a, i))
             at = (lambda base, k: builder.add(base, ir.Constant(base.type, k)))
@@ -116,28 +119,43 @@ def _make_panel(q8, C):
             zero = ir.Constant(_vec(I32, 16), [0] * 16)
             out = []
             for t in range(C):
-                xo, tok = pick(args[4], t), pick(args[10], t)
-                a = _scalar(context, builder, sig.args[9], args[9], tok, I32 if q8 else F32)
-                s = [_splat(builder, a, 16) if q8 else zero, zero]   # two chains: half the wait
-                for c in range(8):
-                    xoff = 4 * c if q8 else (4 * (c % 4) + (16 if c >= 4 else 0))
-                    s[c % 2] = _vpdpbusd(builder, s[c % 2], v[c], _x4(context, builder, sig.args[3],
-                                                                      args[3], at(xo, xoff)))
-                isum = builder.sitofp(builder.add(s[0], s[1]), _vec(F32, 16))
+                xo, tok = pick(args[4], t), pick(args[11], t)
+
+                def dot(p, chains):        # part p of x against the block: int32 sums, per lane
+                    s = [zero] * chains
+                    if q8:                 # -128 sum(x): takes off the + 128 of the weights
+                        first = builder.add(builder.mul(tok, ir.Constant(tok.type, limbs)),
+                                            ir.Constant(tok.type, p))
+                        s[0] = _splat(builder, _scalar(context, builder, sig.args[10], args[10],
+                                                       first, I32), 16)
+                    for c in range(8):
+                        xoff = 32 * p + (4 * c if q8 else 4 * (c % 4) + (16 if c >= 4 else 0))
+                        s[c % chains] = _vpdpbusd(builder, s[c % chains], v[c], _x4(
+                            context, builder, sig.args[3], args[3], at(xo, xoff)))
+                    total = s[0] if chains == 1 else builder.add(s[0], s[1])
+                    return builder.sitofp(total, _vec(F32, 16))
+                if limbs == 1:
+                    isum = dot(0, 2)                               # two chains: half the wait
+                else:                                              # X = (q1 128 + q2) 128 + q3
+                    k128 = ir.Constant(_vec(F32, 16), [128.0] * 16)
+                    isum = dot(0, 1)
+                    for p in range(1, limbs):
+                        isum = builder.fadd(builder.fmul(isum, k128), dot(p, 1))
                 dxt = _splat(builder, _scalar(context, builder, sig.args[8], args[8], tok, F32), 16)
                 acc = builder.fadd(pick(args[0], t), builder.fmul(
                     isum, builder.fmul(d, dxt, flags=["fast"]), flags=["fast"]), flags=["fast"])
                 if not q8:
-                    acc = builder.fadd(acc, builder.fmul(mv, _splat(builder, a, 16), flags=["fast"]),
+                    xs = _scalar(context, builder, sig.args[9], args[9], tok, F32)
+                    acc = builder.fadd(acc, builder.fmul(mv, _splat(builder, xs, 16), flags=["fast"]),
                                        flags=["fast"])
                 out.append(acc)
             return context.make_tuple(builder, sig.return_type, out)
-        return accs(accs, qp, qoff, xq, xoffs, d, m, soff, dx, aux, toks), codegen
+        return accs(accs, qp, qoff, xq, xoffs, d, m, soff, dx, xsum, start, toks), codegen
     return panel
 
 
-_q4x4, _q4x1 = _make_panel(False, 4), _make_panel(False, 1)
-_q8x4, _q8x1 = _make_panel(True, 4), _make_panel(True, 1)
+_q4x4, _q4x1, _q8x4, _q8x1 = (_make_panel(q8, C) for q8 in (False, True) for C in (4, 1))
+_q4x4_3, _q4x1_3, _q8x4_3, _q8x1_3 = (_make_panel(q8, C, 3) for q8 in (False, True) for C in (4, 1))
 
 
 @intrinsic
@@ -169,44 +187,67 @@ def _put(typingctx, out, offset, acc):
 # x, and a range of panels against every token
 # ---------------------------------------------------------------------------------------------
 @njit(fastmath=True, cache=True)
-def prepare_x(x, q8):
-    """x [T, K] -> (xq [T, K] int8, dx [T, nb], xsum [T, nb], start): per block of 32,
-    x ~ dx xq (as in quant_i8.quantize_x), xsum = sum(x) over the block (Q4's m term) and, for
-    Q8_0, start = -128 sum(xq) over it ([T, nb] int32; else [0, 0])."""
-    xq, dx, xsum, x4 = _quantize_x(x, False, 1)
-    T, nb = dx.shape
-    start = np.zeros((T if q8 else 0, nb if q8 else 0), dtype=np.int32)
-    for t in range(start.shape[0]):
+def prepare_x(x, q8, limbs):
+    """x [T, K] -> (xq, dx [T, nb], xsum [T, nb], start): per block of 32, x ~ dx X with X an
+    integer rounded as in quant_i8.quantize_x, in `limbs` int8 parts (1, or 3: float32's
+    precision), stored xq[t, (b limbs + p) 32 + k]; xsum = sum(x) over the block (Q4's m term);
+    Q8_0: start[t, b limbs + p] = -128 sum(part p over the block) (else an empty array)."""
+    T, K = x.shape
+    nb = K // QK
+    xq = np.empty((T, nb * limbs * QK), dtype=np.int8)
+    dx = np.empty((T, nb), dtype=np.float32)
+    xsum = np.empty((T, nb), dtype=np.float32)
+    x4 = np.empty((T, K // 4), dtype=np.int32)                  # (written by _digits, not read)
+    start = np.zeros((T if q8 else 0, nb * limbs if q8 else 0), dtype=np.int32)
+    step = float32(1 << (7 * (limbs - 1)))                       # 128^(limbs - 1)
+    for t in range(T):
         for b in range(nb):
-            s = int32(0)
-            for i in range(8 * b, 8 * b + 8):
-                s += x4[t, i]
-            start[t, b] = int32(-128) * s
+            o = t * K + b * QK
+            amax, xsum[t, b] = _absmax_sum(x, o)
+            inv = float32(127.0) / amax if amax > float32(0.0) else float32(0.0)
+            dx[t, b] = amax / float32(127.0) / step             # the scale of X (exact: / 2^14)
+            at = (t * nb + b) * limbs * QK
+            if limbs == 3:
+                _digits3(x, o, inv * step, xq, at, 16, QK, x4, o // 4)
+            else:
+                _digits1(x, o, inv * step, xq, at, 16, QK, x4, o // 4)
+            if q8:
+                for p in range(limbs):
+                    s = int32(0)
+                    for k in range(at + p * QK, at + (p + 1) * QK):
+                        s += int32(xq[t, k - t * nb * limbs * QK])
+                    start[t, b * limbs + p] = int32(-128) * s
     return xq, dx, xsum, start
 
 
 @njit(fastmath=True, cache=True)
 def tile(xi, qp, d, m, p0, p1, out, c0):
     """out[t, c0 + 16 (p - p0) + r] = row 16 p + r . token t of x, for the panels p0..p1-1 and
-    every token; xi = prepare_x(x, Q8_0?). out: C-contiguous [T, >= c0 + 16 (p1 - p0)]."""
+    every token; xi = prepare_x(x, Q8_0?, limbs). out: C-contiguous [T, >= c0 + 16 (p1 - p0)]."""
     xq, dx, xsum, start = xi
     q8 = m.ndim == 1                                   # Q8_0 (a constant when numba compiles)
-    T, K = xq.shape
-    nb, N = dx.shape[1], out.shape[1]
+    T, nb = dx.shape
+    limbs = xq.shape[1] // (nb * QK)
+    X, N = xq.shape[1], out.shape[1]                   # x's bytes a token; out's row
     vb = qp.shape[2] * 64                              # bytes of a panel's block
+    last = qp.size - 1
     for p in range(p0, p1):
         col = c0 + ROWS * (p - p0)
         t = 0
         while t + 4 <= T:                              # 4 tokens a step
             acc = _zeros(4)
             for b in range(nb):
-                blk = p * nb + b
-                xo = (t * K + b * QK, (t + 1) * K + b * QK, (t + 2) * K + b * QK, (t + 3) * K + b * QK)
+                blk, xb = p * nb + b, b * limbs * QK
+                xo = (t * X + xb, (t + 1) * X + xb, (t + 2) * X + xb, (t + 3) * X + xb)
                 tk = (t * nb + b, (t + 1) * nb + b, (t + 2) * nb + b, (t + 3) * nb + b)
-                if q8:
-                    acc = _q8x4(acc, qp, blk * vb, xq, xo, d, m, blk * ROWS, dx, start, tk)
+                if q8 and limbs == 3:
+                    acc = _q8x4_3(acc, qp, blk * vb, xq, xo, d, m, blk * ROWS, dx, xsum, start, tk)
+                elif q8:
+                    acc = _q8x4(acc, qp, blk * vb, xq, xo, d, m, blk * ROWS, dx, xsum, start, tk)
+                elif limbs == 3:
+                    acc = _q4x4_3(acc, qp, blk * vb, xq, xo, d, m, blk * ROWS, dx, xsum, start, tk)
                 else:
-                    acc = _q4x4(acc, qp, blk * vb, xq, xo, d, m, blk * ROWS, dx, xsum, tk)
+                    acc = _q4x4(acc, qp, blk * vb, xq, xo, d, m, blk * ROWS, dx, xsum, start, tk)
             for i in range(4):
                 _put(out, (t + i) * N + col, acc[i])
             t += 4
@@ -214,19 +255,25 @@ def tile(xi, qp, d, m, p0, p1, out, c0):
             acc1 = _zeros(1)
             for b in range(nb):
                 blk = p * nb + b
-                if q8:
-                    acc1 = _q8x1(acc1, qp, blk * vb, xq, (t * K + b * QK,), d, m, blk * ROWS, dx,
-                                 start, (t * nb + b,))
+                if T < 4:                              # a decode step streams the weights
+                    for c in range(0, vb, 64):
+                        _prefetch_l2(qp, min(last, blk * vb + c + PREFETCH_BYTES))
+                xo1, tk1 = (t * X + b * limbs * QK,), (t * nb + b,)
+                if q8 and limbs == 3:
+                    acc1 = _q8x1_3(acc1, qp, blk * vb, xq, xo1, d, m, blk * ROWS, dx, xsum, start, tk1)
+                elif q8:
+                    acc1 = _q8x1(acc1, qp, blk * vb, xq, xo1, d, m, blk * ROWS, dx, xsum, start, tk1)
+                elif limbs == 3:
+                    acc1 = _q4x1_3(acc1, qp, blk * vb, xq, xo1, d, m, blk * ROWS, dx, xsum, start, tk1)
                 else:
-                    acc1 = _q4x1(acc1, qp, blk * vb, xq, (t * K + b * QK,), d, m, blk * ROWS, dx,
-                                 xsum, (t * nb + b,))
+                    acc1 = _q4x1(acc1, qp, blk * vb, xq, xo1, d, m, blk * ROWS, dx, xsum, start, tk1)
             _put(out, t * N + col, acc1[0])
             t += 1
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def _matmul(x, qp, d, m):
-    xi = prepare_x(x, m.ndim == 1)
+def _matmul(x, qp, d, m, limbs):
+    xi = prepare_x(x, m.ndim == 1, limbs)
     T, P = x.shape[0], qp.shape[0]
     out = np.empty((T, P * ROWS), dtype=np.float32)
     n = (P + 3) // 4                                   # tiles of 4 panels
@@ -238,7 +285,8 @@ def _matmul(x, qp, d, m):
     return out
 
 
-def quant_linear_panels(x: np.ndarray, w: PanelMatrix) -> np.ndarray:
-    """x [T, K] -> [T, O] with x rounded to int8 per block: quant_i8.quant_linear_i8's function."""
+def quant_linear_panels(x: np.ndarray, w: PanelMatrix, limbs: int = 1) -> np.ndarray:
+    """x [T, K] -> [T, O] with x rounded to int8 per block — or, limbs=3, split into three int8
+    parts, as exact as float32: quant_i8.quant_linear_i8's function."""
     x = np.ascontiguousarray(x, dtype=np.float32)
-    return _matmul(x, w.qp, w.d, w.m)[:, :w.shape[0]]
+    return _matmul(x, w.qp, w.d, w.m, limbs)[:, :w.shape[0]]
