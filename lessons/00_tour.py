@@ -98,7 +98,9 @@ show(fig, "00_next_token")
 # `Transformer.forward` wires the stages together. It takes a *batch* (lesson 06) and the KV cache,
 # and each stage function comes from an **op table**, `model.ops`: a namespace of functions. The
 # lessons read the NumPy reference of each op; later lessons swap in faster paths, and the
-# exercises swap in *your* functions.
+# exercises swap in *your* functions. This loop is the specification: the numba and cuda backends
+# run their steps in models of their own (`minfer/cpu/model.py`, `minfer/gpu/model.py`) with the
+# same stages in the same order, compiled or fused (lessons 09 and 11).
 
 # %%
 print(inspect.getsource(Transformer.forward))

@@ -607,7 +607,7 @@ show(fig, "09_whole_model")
 # The figures above are measured live, on whatever machine built this page, and a machine that
 # is busy with other work can blur them. For comparison, stored figures from `python -m minfer
 # bench` ([Benchmarks](../benchmarks.md), a 2-core AMD EPYC VM, 128-token prompt, 128 new
-# tokens, both cores, median of 3 runs; 2026-11-25/26, before the fused loop below):
+# tokens, both cores, median of 3 runs; 2026-11-25/26, before the compiled step below):
 #
 # | | decode tok/s |
 # |---|--:|
@@ -624,13 +624,14 @@ show(fig, "09_whole_model")
 # checking and unboxing its arguments, a NumPy temporary — takes a few microseconds. On a model
 # of the same 30 layers but width 64, where the arithmetic is next to nothing, that alone was
 # 1.5–2.1 ms a token: a fifth of a decode step of the real model once the kernels were fast. So
-# on the numba backend a decode step runs `minfer/fused.py`: the very same layer loop, written
-# inside one `@njit` function that calls the very same kernels — Python runs once per token.
-# The last step, `minfer/region.py`, keeps the threads in one `prange` for the whole token: each
-# stage's work is cut into items that the threads claim with an atomic counter, and before a
-# stage reads what the previous one wrote, a thread waits until its items are all done — about
-# 150 parallel-loop starts and joins a token become barriers (llama.cpp's thread pool works so).
-# Its last stage is the final norm and the LM head: one compiled call from the layers to the logits.
+# the numba backend runs its steps in its own model, `minfer/cpu/model.py`: `model.py`'s forward,
+# whose layers run in one compiled call, `minfer/region.py` — the very same layer loop, written
+# inside `@njit` code that calls the very same kernels, so Python runs once per token. It also
+# keeps the threads in one `prange` for the whole token: each stage's work is cut into items that
+# the threads claim with an atomic counter, and before a stage reads what the previous one wrote,
+# a thread waits until its items are all done — about 150 parallel-loop starts and joins a token
+# become barriers (llama.cpp's thread pool works so). Its last stage is the final norm and the
+# LM head: one compiled call from the layers to the logits.
 # (It is what `LLM(backend="numba")` does for the Q4_1 run above; the float32 runs here go
 # through the Python loop, which is what `op` tables are for.)
 #

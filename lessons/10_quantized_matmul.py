@@ -526,7 +526,7 @@ print(f"minfer hands {W.fmt} matmuls to the tiles from {quant.gemm_min_rows(W.fm
 # For one matrix the tiles catch up somewhere between 16 and 256 tokens. minfer's switch,
 # `quant.gemm_min_rows(fmt)`, was measured on the whole model instead (prefill tokens/s on two
 # threads, docs/benchmarks.md): there the kernels run inside the one compiled layer loop
-# (`fused.py`; `region.py` keeps its threads in one parallel region), while the tiles' path goes
+# (`cpu/model.py` calls `region.py`, which keeps its threads in one parallel region), while the tiles' path goes
 # through the layers in Python, a call per stage, and hands its tiles to Python threads — so
 # the kernels win for longer, up to ~224 tokens with the three int8 parts (~112 for Q8_0 there,
 # ~48 with the float kernels, which are slower per token).

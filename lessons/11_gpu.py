@@ -7,8 +7,8 @@
 # the work among their threads, why at this model size the number of *launches* matters more
 # than the arithmetic, what crosses the bus in a step, and how sampling runs on the device
 # without sorting. Modules: the end of `minfer/stages/rmsnorm.py` (and of each stage module),
-# `minfer/stages/linear_cuda.py` (the fused matmuls), `minfer/cuda_backend.py` (the whole step),
-# `minfer/sampling_cuda.py`.
+# `minfer/gpu/linear.py` (the fused matmuls), `minfer/gpu/model.py` (the whole step),
+# `minfer/gpu/sampling.py`.
 #
 # !!! warning "This page ran on numba's CUDA simulator"
 #     The machine that built this site has no GPU. So the first cell sets
@@ -36,18 +36,18 @@ from matplotlib.patches import FancyArrowPatch, Rectangle
 from numba import config, cuda
 
 import minfer
-from minfer import sampling_cuda
 from minfer.backends import numpy_ops
 from minfer.batch import make_batch
 from minfer.classroom import show
 from minfer.config import ModelConfig
-from minfer.cuda_backend import CudaModel, Launch
+from minfer.gpu import linear as gpu_linear, sampling as gpu_sampling
+from minfer.gpu.model import CudaModel, Launch
 from minfer.model import LayerWeights, Transformer, Weights
 from minfer.sampling import SamplingParams, sample
 from minfer.stages import attention, embedding, kvcache, linear, mlp, rmsnorm, rope
-from minfer.stages import linear_cuda
 from minfer.engine.block_manager import BlockManager
-from minfer.stages.linear_cuda import DeviceMatrix, linear_cuda as linear_gpu, qkv_cuda, swiglu_cuda
+from minfer.gpu.linear import linear_cuda as linear_gpu, qkv_cuda, swiglu_cuda
+from minfer.stages.device import DeviceMatrix
 from minfer.stages.quant import QuantMatrix, quant_linear
 
 SIM = bool(config.ENABLE_CUDASIM)
@@ -181,16 +181,16 @@ show(fig, "11_rmsnorm_threads")
 # ## 2 · The fused quantized matvec: who reads which bytes
 #
 # The matmuls are where the bytes are: the weights, in their file's blocks (lesson 10), read once
-# per step. `linear_cuda.py` has one inner loop for all of them, `_pair_dots`; its docstring and
+# per step. `gpu/linear.py` has one inner loop for all of them, `_pair_dots`; its docstring and
 # the comment blocks above the kernels say how the threads share the work:
 
 # %%
-head = inspect.getsource(linear_cuda).split('"""')[1]
+head = inspect.getsource(gpu_linear).split('"""')[1]
 print(head[head.index("All three kernels"):head.index("Weights stay")].strip())
 print()
 print(head[head.index("Weights stay"):].strip())
 print()
-block = inspect.getsource(linear_cuda)
+block = inspect.getsource(gpu_linear)
 print(block[block.index("# linear_kernel: out[t]"):block.index("@cuda.jit\ndef linear_kernel")].strip())
 
 # %% [markdown]
@@ -296,7 +296,7 @@ for T in (3, 9):
 # minfer's modules:
 
 # %%
-KERNEL_MODULES = [embedding, rmsnorm, rope, kvcache, attention, mlp, linear_cuda, sampling_cuda]
+KERNEL_MODULES = [embedding, rmsnorm, rope, kvcache, attention, mlp, gpu_linear, gpu_sampling]
 
 
 @contextlib.contextmanager
@@ -500,7 +500,7 @@ show(fig, "11_launches")
 # device in its file's own blocks (`DeviceMatrix.upload`), and the KV-cache pool is allocated
 # there (`DeviceKVCache`). Per step, only the batch's integers go in — token ids, positions,
 # cache slots, which sequence each row belongs to, which rows want logits, and the block tables,
-# packed into one buffer and copied in one go (`_Work.upload` in `cuda_backend.py`) — and the
+# packed into one buffer and copied in one go (`_Work.upload` in `gpu/model.py`) — and the
 # sampled ids come back. For the real model, one decode step of one sequence:
 
 # %%
@@ -508,7 +508,7 @@ llm = minfer.LLM(backend="numba", quiet=True)       # only to weigh the real mod
 cfg = llm.config
 width = -(-cfg.max_seq_len // 16)                   # block-table width: 16 tokens per block
 B = 1
-per_step_in = (5 * B + B * width) * 4 + B * sampling_cuda.N_PARAMS * 4
+per_step_in = (5 * B + B * width) * 4 + B * gpu_sampling.N_PARAMS * 4
 per_step_out = B * 4
 kv_per_token = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * 4
 weights_b = llm.weights.nbytes()
@@ -550,7 +550,7 @@ print(textwrap.dedent(inspect.getsource(CudaModel._step)))
 # ## 6 · Sampling without sorting
 #
 # Lesson 08's top-k and top-p sort the 49,152 logits. A sort inside one thread block is slow and
-# awkward; `sampling_cuda.py` avoids it with one observation: every filter keeps *all tokens
+# awkward; `gpu/sampling.py` avoids it with one observation: every filter keeps *all tokens
 # whose logit is at least some threshold*, and the threshold is one of the logits. So find the
 # threshold, not the order.
 #
@@ -571,7 +571,7 @@ print(textwrap.dedent(inspect.getsource(CudaModel._step)))
 # %%
 logits = randn(49152, scale=2.0)
 bits = logits.view(np.int32).astype(np.int64)
-keys = np.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)        # sampling_cuda._key, vectorised
+keys = np.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)        # gpu/sampling.py's _key, vectorised
 print("keys sort like the logits:", np.array_equal(np.argsort(keys, kind="stable"),
                                                    np.argsort(logits, kind="stable")))
 u = keys + 2 ** 31                                          # unsigned, 0 .. 2^32 - 1, same order
@@ -618,10 +618,10 @@ params = [SamplingParams(**kw) for kw in settings]
 small = randn(len(settings), 48, scale=2.0)
 seeds = [100 + i for i in range(len(settings))]
 out_ids = cuda.device_array(len(settings), np.int32)
-sampling_cuda.sample_cuda(cuda.to_device(small),
-                          cuda.to_device(sampling_cuda.params_array(
-                              params, [np.random.default_rng(s) for s in seeds])),
-                          out_ids, threads=L.sample)
+gpu_sampling.sample_cuda(cuda.to_device(small),
+                         cuda.to_device(gpu_sampling.params_array(
+                             params, [np.random.default_rng(s) for s in seeds])),
+                         out_ids, threads=L.sample)
 device_ids = out_ids.copy_to_host().tolist()
 host_ids = [sample(small[i], p, np.random.default_rng(s)) for i, (p, s) in enumerate(zip(params, seeds))]
 for kw, a_, b_ in zip(settings, device_ids, host_ids):

@@ -54,9 +54,8 @@ def recording(name, f):
 
 
 base = model.ops
-model.ops = SimpleNamespace(**{k: recording(k, v) if callable(v) and k != "layers" else v
+model.ops = SimpleNamespace(**{k: recording(k, v) if callable(v) else v
                                for k, v in vars(base).items()})
-model.ops.layers = None                      # the plain Python loop, one op call at a time
 ids = llm.tokenizer.encode("The capital of France is")
 cache = model.new_cache(n_blocks=4, block_size=16)
 logits = model.forward(make_batch([(ids, 0, [0, 1, 2, 3])], 16), cache)

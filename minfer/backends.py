@@ -1,8 +1,12 @@
 """Which implementation of each stage runs.
 
-A backend is an op table: the functions model.forward calls. "numpy" is the reference — the
-executable specification every fast path is tested against; "numba" runs the `@njit` kernels that
-sit right after the reference in each stage module.
+A backend is an op table (the stage functions model.forward calls) and the model that runs the
+steps on it (make_model):
+
+    numpy   model.Transformer (model.py, the specification) on the NumPy references
+    numba   cpu.model.CpuModel: model.py's forward, its layers in one compiled region (region.py),
+            on the `@njit` kernels that sit right after the reference in each stage module
+    cuda    gpu.model.CudaModel: the whole step on the device (gpu/)
 """
 from __future__ import annotations
 
@@ -36,7 +40,6 @@ def numba_ops(int8_act: bool = False) -> SimpleNamespace:
     """int8_act: the matmuls on quantized weights round x to int8 per block (stages/quant_i8.py)."""
     from functools import partial
 
-    from .fused import FusedLayers
     from .stages import attention, embedding, kvcache, linear, mlp, rmsnorm, rope
     if int8_act:
         from .stages import quant_i8
@@ -55,7 +58,6 @@ def numba_ops(int8_act: bool = False) -> SimpleNamespace:
         kv_write=kvcache.kv_write_numba,
         attention=attention.paged_attention_numba,
         **mm,
-        layers=FusedLayers(int8_act),    # decode: all layers in one compiled call (fused.py)
     )
 
 
@@ -109,6 +111,18 @@ def get_ops(name: str, threads: int | None = None, activations: str = "f32") -> 
         set_threads(threads)
         return numba_ops(activations == "int8")
     if name == "cuda":
-        from .cuda_backend import cuda_ops
+        from .gpu.model import cuda_ops
         return cuda_ops()  # BackendUnavailableError, one sentence, without numba-cuda or a GPU
     raise InvalidArgumentError(f"unknown backend {name!r}; choose one of: {', '.join(BACKENDS)}")
+
+
+def make_model(name: str, config, weights, ops, activations: str = "f32"):
+    """The model that runs backend `name`'s steps on its op table `ops` (get_ops)."""
+    if name == "numba":
+        from .cpu.model import CpuModel
+        return CpuModel(config, weights, ops, int8_act=activations == "int8")
+    if name == "cuda":
+        from .gpu.model import CudaModel
+        return CudaModel(config, weights)
+    from .model import Transformer
+    return Transformer(config, weights, ops)

@@ -83,7 +83,7 @@ def worker(spec: dict) -> None:
     params = minfer.SamplingParams(temperature=0, max_tokens=spec["new_tokens"], ignore_eos=True)
     # warm-up (and, cold, compile): process spawn -> first token: interpreter, imports, load,
     # (compile,) prefill. The second token is the first decode step's: on the numba backend its
-    # layer loop (fused.py) is compiled then, not at the prefill.
+    # compiled step (region.py) is compiled then, not at the prefill.
     t0_wall = time.time()
     llm.generate([prompt], params)
     s = llm.stats
@@ -298,7 +298,9 @@ def run_bench(a) -> int:
         return run_quality(a)
     if a.workload != "speed":                   # many requests through one engine: bench_serve.py
         from . import bench_serve
-        return {"serve": bench_serve.run_serve, "prefix": bench_serve.run_prefix}[a.workload](a)
+        if a.workload == "serve":
+            return bench_serve.run_serve(a, _machine())
+        return bench_serve.run_prefix(a)
     if a.speculative:
         return run_spec_bench(a)
     from .weights.fetch import ensure_default_model

@@ -97,8 +97,8 @@ def _warm_up(llm) -> None:
     llm.generate([[5] * 300, [6] * 20, [7] * 3], p)
 
 
-def run_serve(a) -> int:
-    from .bench import _machine
+def run_serve(a, machine: dict | None = None) -> int:
+    """machine: bench.py's description of this machine, for the JSON record."""
     llm = _llm(a)
     _warm_up(llm)
     reqs = make_requests(a.requests, llm.config.vocab_size, seed=a.seed,
@@ -120,7 +120,7 @@ def run_serve(a) -> int:
             rows.append(dict(case=case, **r))
     _print_rows(rows)
     if a.json:
-        Path(a.json).write_text(json.dumps({"machine": _machine(), "settings": vars(a), "results": rows},
+        Path(a.json).write_text(json.dumps({"machine": machine, "settings": vars(a), "results": rows},
                                            indent=1, default=str))
     return 0
 

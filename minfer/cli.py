@@ -205,20 +205,23 @@ def _llm(a):
     if a.max_context is not None and a.max_context < 2:
         raise InvalidArgumentError(f"--max-context must be at least 2, got {a.max_context}")
     mine = getattr(a, "use_mine", None)
+    make_model = None
     if mine:  # the exercises take float32 weights: no quantized blocks under the student's code
         from .backends import get_ops
-        from .classroom import student_ops
+        from .classroom import student_model, student_ops
+        if a.backend == "cuda":
+            raise InvalidArgumentError("--use-mine runs your functions on the CPU: use --backend "
+                                       "numba or numpy")
         ops = student_ops(get_ops(a.backend, a.threads), mine,   # before the slow load: fail fast
                           anyway=getattr(a, "anyway", False))
+        make_model = student_model(ops)           # model.py's loop, on your functions
     if mine and a.activations != "f32":
         raise InvalidArgumentError("--use-mine runs on float32 weights: leave out --activations")
     llm = LLM(model=a.model, backend=a.backend, quant="f32" if mine else a.quant,
               max_context=a.max_context, threads=a.threads, activations=a.activations,
               kv_cache_mb=a.kv_cache_mb, max_seqs=a.max_seqs, max_batch_tokens=a.max_batch_tokens,
               speculative=a.speculative, num_speculative_tokens=a.num_speculative_tokens,
-              draft_model=a.draft_model)
-    if mine:
-        llm.model.ops = ops
+              draft_model=a.draft_model, make_model=make_model)
     _first_run_notice(llm, a)
     return llm
 

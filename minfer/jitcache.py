@@ -1,9 +1,9 @@
 """numba's on-disk kernel cache, made to notice an edit in any of minfer's kernel files.
 
 numba keys a cached kernel on the contents of its own file only, yet the machine code of a kernel
-includes the @njit helpers it calls from other files: fused.py's and region.py's layer loops call
-every stage, attention.py calls fastexp.py. After an edit to such a helper, the cache would go on
-serving the old code, silently. So every kernel in minfer.stages, .fused and .region is stamped
+includes the @njit helpers it calls from other files: region.py's layer loop calls every stage,
+attention.py calls fastexp.py. After an edit to such a helper, the cache would go on serving the
+old code, silently. So every kernel in minfer.stages and minfer.region is stamped
 with the contents of all those files together: any edit there recompiles them all on the next
 run (once; docs/benchmarks.md has how long).
 stages/__init__.py installs this before any kernel is defined.
@@ -26,7 +26,7 @@ import time
 from numba.core import caching
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-_FILES = (os.path.join(_HERE, "fused.py"), os.path.join(_HERE, "region.py"))
+_FILES = (os.path.join(_HERE, "region.py"),)
 _STAGES = os.path.join(_HERE, "stages")
 
 

@@ -15,11 +15,11 @@ from typing import Iterator
 
 import numpy as np
 
+from . import backends
 from .backends import DEFAULT_BACKEND, get_ops
 from .engine import Engine, Metrics, Sequence
 from .engine.engine import DEFAULT_KV_CACHE_MB, DEFAULT_MAX_BATCH_TOKENS, DEFAULT_MAX_SEQS
 from .errors import InvalidArgumentError
-from .model import Transformer
 from .sampling import SamplingParams
 from .tokenizer import StreamDecoder
 from .weights import fetch
@@ -82,7 +82,7 @@ class LLM:
                  kv_cache_mb: float = DEFAULT_KV_CACHE_MB, max_seqs: int = DEFAULT_MAX_SEQS,
                  max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, prefix_caching: bool = True,
                  speculative: str = "off", num_speculative_tokens: int | None = None,
-                 draft_model: str | os.PathLike | None = None):
+                 draft_model: str | os.PathLike | None = None, make_model=None):
         """backend: "numba" (default), "numpy" (the reference) or "cuda".
         quant: "auto" computes on the file's own quantized blocks (float32 on the numpy backend,
         whose reference path dequantizes); "f32", "q8_0", "q4_0", "q4_1" convert at load.
@@ -96,7 +96,10 @@ class LLM:
         draft_model, by default this model's file in its 4-bit blocks — or as Q4_0 — with int8
         activations); up to
         num_speculative_tokens guesses a step (spec/): the same greedy text, the same
-        distribution when sampling."""
+        distribution when sampling.
+        make_model: a function (config, weights) -> model, run instead of the backend's own
+        (backends.make_model); the exercises pass classroom.student_model: model.py's loop on
+        the student's functions."""
         from .spec import MODES
         if speculative not in MODES:
             raise InvalidArgumentError(f"unknown speculative mode {speculative!r}; choose one of: "
@@ -120,9 +123,8 @@ class LLM:
                                        "GGUF with quantized blocks, or q8_0, q4_0, q4_1)")
         scales_for_kernels(self.weights, backend, activations)   # float16 where kernels widen them
         self.backend = backend
-        make_model = getattr(ops, "make_model", None)  # the cuda backend runs whole steps itself
-        self.model = (make_model(self.config, self.weights) if make_model
-                      else Transformer(self.config, self.weights, ops))
+        self.model = (make_model(self.config, self.weights) if make_model is not None
+                      else backends.make_model(backend, self.config, self.weights, ops, activations))
         self.engine = Engine(self.model, self.tokenizer.stop_ids, max_context, block_size,
                              kv_cache_mb, max_seqs, max_batch_tokens, prefix_caching)
         self.draft = None

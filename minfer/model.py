@@ -7,8 +7,13 @@
     logits = W_head · norm(x)
 
 `forward` takes a Batch (several sequences, flattened; see batch.py) and the KV-cache pool, and
-returns the logits of the rows the batch asks for. The stage functions come from a backend's op
-table (backends.py), so the same wiring runs the NumPy reference and the fast paths.
+returns the logits of the rows the batch asks for. The stage functions come from an op table
+(backends.py): the NumPy reference's, the numba kernels', or a student's own (the exercises).
+
+This loop is the specification. The numba backend runs its steps in cpu/model.py (the layers in
+one compiled parallel region, region.py) and the cuda backend in gpu/model.py (fused kernels on
+the device): the same stages in the same order, with the same stage comments
+(tests/test_structure.py holds them to it).
 """
 from __future__ import annotations
 
@@ -72,11 +77,8 @@ class Transformer:
         c, W, op = self.config, self.weights, self.ops
         x = op.embedding(batch.token_ids, W.tok_embd)                       # [T, D]
         cos, sin = op.rope_angles(batch.positions, c.head_dim, c.rope_theta)  # [T, hd/2] each
-        fused = getattr(op, "layers", None)     # numba: run_layers as one compiled call (fused.py)
-        y = fused(x, cos, sin, W, cache, batch, c) if fused is not None else None
-        if y is not None and y[1] is not None:
-            return y[1]                    # the compiled call ran the final norm and LM head too
-        x = y[0] if y is not None else self.run_layers(x, cos, sin, batch, cache)   # [T, D]
+        x = self.run_layers(x, cos, sin, batch, cache)                         # [T, D]
+        # --- final norm and LM head ------------------------------------------------------------
         x = op.rmsnorm(x[batch.logits_rows], W.norm, c.rms_eps)               # [R, D]
         return op.linear(x, W.lm_head)                                         # [R, V]
 

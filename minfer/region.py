@@ -47,7 +47,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .fused import Q8
+from .cpu.formats import Q8
 from .stages import attention, quant, quant_gemm, quant_i8, quant_panel
 from .stages.fastexp import exp32
 from .stages.kvcache import kv_write_numba

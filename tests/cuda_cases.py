@@ -3,7 +3,7 @@ which runs them on the GPU when there is one, else under NUMBA_ENABLE_CUDASIM=1)
 
 The simulator runs each GPU thread as a Python thread: shapes and blocks are tiny (blocks of
 8-16 threads, a few blocks), but odd sizes, several token tiles, GQA and block boundaries are all
-in. Launch shapes come from cuda_backend.Launch.for_here() (small under the simulator)."""
+in. Launch shapes come from gpu.model.Launch.for_here() (small under the simulator)."""
 import numpy as np
 import pytest
 from numba import cuda
@@ -11,15 +11,16 @@ from numba import cuda
 from minfer.backends import numba_ops, numpy_ops
 from minfer.batch import make_batch
 from minfer.config import ModelConfig
-from minfer.cuda_backend import CudaModel, Launch
+from minfer.gpu.model import CudaModel, Launch
 from minfer.engine import Engine
 from minfer.model import LayerWeights, Transformer, Weights
 from minfer.sampling import SamplingParams, sample
-from minfer.sampling_cuda import params_array, sample_cuda
+from minfer.gpu.sampling import params_array, sample_cuda
 from minfer.stages import attention, embedding, kvcache, linear, mlp, rmsnorm, rope
 from minfer.engine.block_manager import BlockManager, NoFreeBlocks
 from minfer.stages.kvcache import DeviceKVCache, KVCache
-from minfer.stages.linear_cuda import DeviceMatrix, linear_cuda, qkv_cuda, swiglu_cuda
+from minfer.gpu.linear import linear_cuda, qkv_cuda, swiglu_cuda
+from minfer.stages.device import DeviceMatrix
 from minfer.stages.quant import QuantMatrix
 
 rng = np.random.default_rng(3)
@@ -400,3 +401,39 @@ def test_spec_engine_on_cuda_model_greedy_identical():
     outs = [[tok for _, tok in eng.run([prompt], [p])] for eng in (plain, spec)]
     assert outs[0] == outs[1]
     assert spec.speculator.steps > 0
+
+
+# --- the GPU step's stage order ----------------------------------------------------------------
+def test_gpu_step_runs_the_stages_of_model_py_in_order(monkeypatch):
+    """gpu/model.py's step launches model.py's stages in model.py's order (stage_order.py): a
+    prefill and a decode step, each launcher recorded with the stages its kernel does."""
+    from minfer.gpu import linear as gpu_linear
+    from stage_order import expected, recording_ops, squeeze
+    c, W = tiny_model("Q4_1", "Q8_0", "F32")
+    c.n_layers, W.layers = 2, W.layers * 2                 # two layers: the loop, in order
+    gpu = CudaModel(c, W)
+    names = {id(gpu.norm): "norm", id(gpu.lm_head): "lm_head"}
+    for L in gpu.layers:
+        names.update({id(L.wo): "wo", id(L.w_down): "down"})
+    trace = []
+
+    def record(module, name, stages):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, **k: trace.extend(stages(*a, **k)) or real(*a, **k))
+    record(embedding, "embedding_cuda", lambda *a, **k: ["embedding"])
+    record(gpu_linear, "qkv_cuda", lambda *a, **k: ["attn_norm", "qkv", "rope", "kv_write"])
+    record(attention, "paged_attention_cuda", lambda *a, **k: ["attention"])
+    record(gpu_linear, "swiglu_cuda", lambda *a, **k: ["ffn_norm", "gate_up"])
+    record(gpu_linear, "linear_cuda", lambda x, w, *a, norm=None, **k:
+           (["norm"] if norm is not None else []) + [names[id(w)]])
+    ref_trace = []
+    ref = Transformer(c, W, numpy_ops())
+    ref.ops = recording_ops(numpy_ops(), W, ref_trace)
+    caches = [m.new_cache(n_blocks=4, block_size=4) for m in (ref, gpu)]
+    for batch in (make_batch([([5, 9, 33], 0, [0, 1])], 4), make_batch([([11], 3, [0, 1])], 4)):
+        trace.clear()
+        ref_trace.clear()
+        gpu.forward(batch, caches[1])
+        ref.forward(batch, caches[0])
+        assert squeeze(ref_trace) == expected(c.n_layers), ref_trace
+        assert trace == squeeze(ref_trace), f"the GPU step: {trace}\nmodel.py: {squeeze(ref_trace)}"

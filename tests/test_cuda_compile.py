@@ -22,7 +22,7 @@ import numba
 import numpy as np
 
 from minfer.batch import make_batch
-from minfer.cuda_backend import CudaModel
+from minfer.gpu.model import CudaModel
 from minfer.sampling import SamplingParams
 from minfer.engine.block_manager import BlockManager
 

@@ -46,7 +46,7 @@ else:
 
 def test_cuda_backend_without_gpu_says_so_in_one_line():
     """Outside the simulator and without a GPU, asking for the cuda backend is one clear error."""
-    code = ("from minfer.cuda_backend import cuda_ops\n"
+    code = ("from minfer.gpu.model import cuda_ops\n"
             "from minfer.errors import BackendUnavailableError\n"
             "from numba import cuda\n"
             "if cuda.is_available(): print('GPU'); raise SystemExit\n"

@@ -1,9 +1,10 @@
-"""fused.py: the numba backend's one-call layer loop computes what model.run_layers computes."""
+"""cpu/model.py: the numba backend's step, its layers in one compiled region (region.py), computes
+what model.py's loop computes on the same kernels."""
 import numpy as np
 import pytest
 
 import minfer
-from minfer import fused
+from minfer.cpu import formats
 from minfer.batch import make_batch
 from minfer.stages import quant as qmod, quant_i8
 from minfer.model import Transformer
@@ -21,45 +22,37 @@ def steps(model, tables):
 
 @pytest.mark.parametrize("quant", ["q4_1", "q4_0", "q8_0"])
 @pytest.mark.parametrize("act", ["f32", "f32-float-kernels", "int8"])
-@pytest.mark.parametrize("one_region", [True, False], ids=["region", "loop"])
-def test_fused_layers_equal_the_python_loop(tiny_gguf, quant, act, one_region, monkeypatch):
+def test_fused_layers_equal_the_python_loop(tiny_gguf, quant, act, monkeypatch):
     """f32: float32 x split into three int8 parts where the CPU has VNNI (the default);
-    f32-float-kernels: the float kernels, as on a CPU without it. region: region.py's walk in
-    one parallel region (the default); loop: fused._loop, a parallel region per kernel."""
-    monkeypatch.setattr(fused, "ONE_REGION", one_region)
+    f32-float-kernels: the float kernels, as on a CPU without it."""
     if act != "f32-float-kernels" and not quant_i8.has_vnni():
         pytest.skip("this CPU has no AVX-512 VNNI")
     monkeypatch.setattr(qmod, "SPLIT_X", act != "f32-float-kernels")
     act = act[:3] if act.startswith("f32") else act
     llm = minfer.LLM(tiny_gguf, quant=quant, activations=act)
-    family = fused.Q8 if quant == "q8_0" else fused.Q4
-    want_kind = {"int8": fused.INT8}.get(act, fused.SPLIT if qmod.SPLIT_X else family)
-    assert fused.kernels_for(llm.weights.stacks, act == "int8") == want_kind
-    plain_ops = type(llm.model.ops)(**{**vars(llm.model.ops), "layers": None})
-    plain = Transformer(llm.config, llm.weights, plain_ops)
+    family = formats.Q8 if quant == "q8_0" else formats.Q4
+    want_kind = {"int8": formats.INT8}.get(act, formats.SPLIT if qmod.SPLIT_X else family)
+    assert formats.kernels_for(llm.weights.stacks, act == "int8") == want_kind
+    plain = Transformer(llm.config, llm.weights, llm.model.ops)     # model.py's loop, same kernels
     calls, heads = [], []
-    real = fused.layers_numba
+    real = llm.model.run_region
 
-    def spy(*a, **k):
-        calls.append(len(a[0]))
-        x, logits = real(*a, **k)
+    def spy(kind, x, *a):
+        calls.append(len(x))
+        x, logits = real(kind, x, *a)
         heads.append(logits is not None)
         return x, logits
     tables = [[0, 1, 2, 3, 4, 5], [11, 10, 9, 8, 7, 6]]
-    try:
-        fused.layers_numba = spy
-        got, cache_got = steps(llm.model, tables)
-    finally:
-        fused.layers_numba = real
+    monkeypatch.setattr(llm.model, "run_region", spy)
+    got, cache_got = steps(llm.model, tables)
     want, cache_want = steps(plain, tables)
-    # the fused loop ran for every step: the 20-token prefill is short of quant.gemm_min_rows
-    # (and of quant.REGION_MAX_ROWS)
+    # the region ran for every step: the 20-token prefill is short of quant.REGION_MAX_ROWS
     assert calls == [20, 2, 6]
     # the region ran the final norm and the (Q8_0) LM head too where its kernels read that
     # format: the int8-part ones read all three; the float Q4 kernels not Q8_0
-    fused_head = fused.head_args(llm.weights, want_kind) is not None
-    assert fused_head == (want_kind != fused.Q4)
-    assert heads == [one_region and fused_head] * 3
+    fused_head = formats.head_args(llm.weights, want_kind) is not None
+    assert fused_head == (want_kind != formats.Q4)
+    assert heads == [fused_head] * 3
     # int8: x is rounded to int8 in every matmul, so a last-bit difference between two compiled
     # copies of a kernel (the loop's own and the standalone one; numba's cached and fresh code
     # were seen to differ so) can flip a rounding (1/127 of a block's largest value) and grow
@@ -78,20 +71,20 @@ def test_fused_layers_equal_the_python_loop(tiny_gguf, quant, act, one_region, m
 
 def test_fused_loop_is_skipped_where_it_does_not_apply(tiny_gguf, monkeypatch):
     f32 = minfer.LLM(tiny_gguf, quant="f32")
-    assert fused.kernels_for(f32.weights.stacks, False) is None      # float32 weights: no kernel
+    assert formats.kernels_for(f32.weights.stacks, False) is None    # float32 weights: no kernel
     q = minfer.LLM(tiny_gguf, quant="q4_1")
-    assert fused.kernels_for({k: v for k, v in q.weights.stacks.items() if k != "wo"}, False) is None
+    assert formats.kernels_for({k: v for k, v in q.weights.stacks.items() if k != "wo"}, False) is None
     # the layers hold views of the stacks: one copy of the weights in memory
     L = q.weights.layers[1]
     assert np.shares_memory(L.w_up.qs, q.weights.stacks["w_up"][1])
     assert np.shares_memory(L.wq.qs, q.weights.stacks["wqkv"][1])
-    # a prompt of gemm_min_rows tokens or more goes to the sgemm tiles, outside the loop
+    # a prompt of REGION_MAX_ROWS tokens or more goes to the sgemm tiles, in model.py's loop
     ids = list(range(10, 30))
     short = q.logits(ids)
     for name in ("GEMM_MIN_ROWS", "SPLIT_GEMM_MIN_ROWS", "REGION_MAX_ROWS"):
         monkeypatch.setattr(qmod, name, 20)
-    calls, real = [], fused.layers_numba
-    monkeypatch.setattr(fused, "layers_numba", lambda *a, **k: calls.append(len(a[0])) or real(*a, **k))
+    calls, real = [], q.model.run_region
+    monkeypatch.setattr(q.model, "run_region", lambda k, x, *a: calls.append(len(x)) or real(k, x, *a))
     assert np.abs(q.logits(ids) - short).max() <= 1e-4 * np.abs(short).max() and calls == []
     assert q.logits(ids[:19]).shape[0] == 19 and calls == [19]
 
@@ -104,9 +97,9 @@ def test_float16_scales_pick_the_kernels_that_read_them(tiny_gguf, monkeypatch):
     monkeypatch.setattr(qmod, "SPLIT_X", True)
     q = minfer.LLM(tiny_gguf, quant="q4_1")
     monkeypatch.setattr(qmod, "SPLIT_X", False)
-    assert fused.kernels_for(q.weights.stacks, False) == fused.SPLIT
+    assert formats.kernels_for(q.weights.stacks, False) == formats.SPLIT
     floats = minfer.LLM(tiny_gguf, quant="q4_1")
-    assert fused.kernels_for(floats.weights.stacks, False) == fused.Q4
+    assert formats.kernels_for(floats.weights.stacks, False) == formats.Q4
     ids = list(range(10, 15))
     np.testing.assert_allclose(q.logits(ids), floats.logits(ids), rtol=1e-4, atol=1e-4)
 
@@ -123,7 +116,7 @@ def test_the_layer_loop_is_loaded_from_the_disk_cache(tiny_gguf):
     r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "NUMBA_DEBUG_CACHE": "1"})
     log = (r.stdout + r.stderr).splitlines()
     assert any("region._region" in line and "loaded" in line for line in log)
-    assert not [line for line in log if ("fused." in line or "region." in line) and "saved" in line]
+    assert not [line for line in log if "region." in line and "saved" in line]
 
 
 def test_an_edit_to_a_helper_in_another_file_recompiles_the_cached_kernel(tmp_path):
@@ -167,12 +160,8 @@ def test_the_region_needs_no_thread_for_each_worker(tiny_gguf, workers):
     llm = minfer.LLM(tiny_gguf, quant="q4_1")
     tables = [[0, 1, 2, 3, 4, 5], [11, 10, 9, 8, 7, 6]]
     want, cache_want = steps(llm.model, tables)
-    real = fused.layers_numba
-    try:
-        fused.layers_numba = lambda *a, **k: real(*a, **k, workers=workers)
-        got, cache_got = steps(llm.model, tables)
-    finally:
-        fused.layers_numba = real
+    llm.model.workers = workers
+    got, cache_got = steps(llm.model, tables)
     # the same items; only attention's slices of the keys (one a worker) add up in another order
     for g, w in zip(got, want):
         assert np.abs(g - w).max() <= 1e-5 * np.abs(w).max()

@@ -71,7 +71,7 @@ def test_lessons_reference_real_modules():
     expect = {"03": "minfer.stages.rmsnorm", "04": "minfer.stages.rope", "05": "minfer.stages.attention",
               "06": "minfer.stages.kvcache", "07": "minfer.stages.mlp", "08": "minfer.sampling",
               "09": "minfer.stages.rmsnorm", "10": "minfer.stages.quant",
-              "11": "minfer.stages.linear_cuda", "12": "minfer.engine.prefix_cache"}
+              "11": "minfer.gpu.linear", "12": "minfer.engine.prefix_cache"}
     for lesson in LESSONS:
         if lesson.name[:2] in expect:
             assert f"from {expect[lesson.name[:2]]} import" in lesson.read_text(), lesson.name

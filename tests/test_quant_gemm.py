@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import minfer
-from minfer import fused
+from minfer.cpu import formats
 from minfer.batch import make_batch
 from minfer.stages import quant as qmod, quant_gemm
 from minfer.stages.quant import QuantMatrix, quant_linear
@@ -59,10 +59,10 @@ def test_region_mixed_batch_equals_numpy(tiny_gguf, quant, many, monkeypatch):
     monkeypatch.setattr(qmod, "MANY_ROWS", (many,) * 4)
     llm = minfer.LLM(tiny_gguf, quant=quant)
     ref = minfer.LLM(tiny_gguf, quant=quant, backend="numpy")
-    calls, real = [], fused.layers_numba
-    monkeypatch.setattr(fused, "layers_numba", lambda *a, **k: calls.append(len(a[0])) or real(*a, **k))
+    calls, real = [], llm.model.run_region
+    monkeypatch.setattr(llm.model, "run_region", lambda k, x, *a: calls.append(len(x)) or real(k, x, *a))
     got, want = _mixed(llm.model), _mixed(ref.model)
-    assert calls == [41, 16]                                   # both steps in the fused step
+    assert calls == [41, 16]                                   # both steps in the region
     for g, w in zip(got[:2], want[:2]):
         assert g.shape == w.shape
         assert np.abs(g - w).max() <= 1e-5 * np.abs(w).max()
@@ -93,5 +93,5 @@ def test_batched_greedy_equals_solo(tiny_gguf, quant):
     tokens each gives alone (one row a step: the matvec kernels)."""
     llm = minfer.LLM(tiny_gguf, quant=quant)
     prompts = [list(range(10 + 7 * i, 15 + 9 * i)) for i in range(6)]
-    assert len(prompts) >= max(qmod.MANY_ROWS[k] for k in (fused.Q4, fused.Q8, fused.SPLIT))
+    assert len(prompts) >= max(qmod.MANY_ROWS[k] for k in (formats.Q4, formats.Q8, formats.SPLIT))
     assert _greedy(llm.model, prompts, 8, True) == _greedy(llm.model, prompts, 8, False)

@@ -11,14 +11,12 @@ So no step can be shorter than
     (weight bytes + KV cache bytes) / the machine's read bandwidth
 
 and in minfer's numba backend a step also opens parallel regions: two (region.py: the layers in
-one, the LM head in the other), or with fused.ONE_REGION off one for each matmul and each layer's
-attention. This script measures each of those here:
+one, the LM head in the other). This script measures each of those here:
 
   bandwidth    the best rate at which the numba threads read a 256 MB buffer: 64-byte vector
                loads, software prefetch 4 or 16 KB ahead (docs/benchmarks.md has figures)
   regions      the cost of an empty numba parallel region, times the regions of a step
-               (2; or 5 a layer: QKV, attention, wo, gate/up, down, and 1 for the LM head; the
-               barriers inside region.py's one region, 6 a layer, are not counted)
+               (2; the barriers inside region.py's one region, 6 a layer, are not counted)
   attention    (shown, not counted) minfer's decode attention at 192 keys, its cache in L2
 
 and prints, for each weight format, the ideal: the decode speed of a step that read its weights
@@ -46,7 +44,6 @@ from numba import types  # noqa: E402
 from numba.extending import intrinsic  # noqa: E402
 
 import minfer  # noqa: E402
-from minfer import fused  # noqa: E402
 from minfer.stages.attention import _attention_rows  # noqa: E402
 from minfer.stages.quant_i8 import I32, _load, _prefetch  # noqa: E402
 from minfer.weights.load import QUANTS  # noqa: E402
@@ -121,7 +118,7 @@ def main() -> int:
     region = median_time(lambda: _empty_region(np.zeros(2)), 200 * a.runs)
 
     c = llm0.config
-    regions = 2 if fused.ONE_REGION else 5 * c.n_layers + 1
+    regions = 2
     kv_bytes = 2 * c.n_layers * context * c.n_kv_heads * c.head_dim * 4     # K and V, float32
     rng = np.random.default_rng(0)
     bs = 16

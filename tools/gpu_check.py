@@ -43,15 +43,16 @@ from numba import cuda  # noqa: E402
 from minfer.backends import numba_ops  # noqa: E402
 from minfer.batch import make_batch  # noqa: E402
 from minfer.config import ModelConfig  # noqa: E402
-from minfer.cuda_backend import CudaModel, Launch, check_available  # noqa: E402
+from minfer.gpu.model import CudaModel, Launch, check_available  # noqa: E402
 from minfer.engine import Engine  # noqa: E402
 from minfer.model import LayerWeights, Transformer, Weights  # noqa: E402
 from minfer.sampling import SamplingParams, sample  # noqa: E402
-from minfer.sampling_cuda import params_array, sample_cuda  # noqa: E402
+from minfer.gpu.sampling import params_array, sample_cuda  # noqa: E402
 from minfer.stages import attention, embedding, kvcache, linear, mlp, rmsnorm, rope  # noqa: E402
 from minfer.engine.block_manager import BlockManager  # noqa: E402
 from minfer.stages.kvcache import KVCache  # noqa: E402
-from minfer.stages.linear_cuda import DeviceMatrix, linear_cuda, qkv_cuda, swiglu_cuda  # noqa: E402
+from minfer.gpu.linear import linear_cuda, qkv_cuda, swiglu_cuda  # noqa: E402
+from minfer.stages.device import DeviceMatrix  # noqa: E402
 from minfer.stages.quant import QuantMatrix  # noqa: E402
 
 SMOLLM2 = dict(vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3, head_dim=64,
@@ -303,7 +304,7 @@ def graph_us(model, launch, n=30, reps=5):
     """GPU microseconds per launch: `launch(stream)` n times recorded as one CUDA graph, replayed
     reps times; None if this numba-cuda cannot record graphs."""
     try:
-        from minfer.cuda_backend import core_stream
+        from minfer.gpu.model import core_stream
         core = core_stream(model.stream)
         model.stream.synchronize()
         b = core.create_graph_builder().begin_building()

@@ -237,7 +237,8 @@ def student_ops(base_ops: SimpleNamespace, folder=None, log=None, anyway: bool =
     NotImplementedError on a small probe. Each is first checked as `lesson check` checks it: one
     that differs from the reference stops here with what differs (ExerciseError), unless
     `anyway`. With any of the student's functions in, every stage's output is checked for NaN
-    and Inf as the model runs. The result's `.mine` lists the swapped ops.
+    and Inf as the model runs. The result's `.mine` lists the swapped ops; with lesson 14 done,
+    `.run_layers` is the student's layer loop (student_model runs it).
     Messages go to `log` (default: stderr)."""
     log = log or (lambda msg: print(msg, file=sys.stderr))
     folder = Path(folder or DEFAULT_DIR)
@@ -296,7 +297,6 @@ def student_ops(base_ops: SimpleNamespace, folder=None, log=None, anyway: bool =
         log(f"minfer: --anyway: running on {', '.join(t.name for _, t, _ in wrong)} as it is")
     ops.mine = mine
     if mine:
-        ops.layers = None         # the fused layer loop would bypass the student's functions
         state = {}
         for op in STAGES:
             f = getattr(ops, op, None)
@@ -304,8 +304,7 @@ def student_ops(base_ops: SimpleNamespace, folder=None, log=None, anyway: bool =
                 whose = f"your {mine_names[op]}" if op in mine_names else "minfer's"
                 setattr(ops, op, _finite_or_say(op, f, whose, state))
         if layer_loop is not None:    # the capstone: the model's layers run in the student's loop
-            ops.layers = lambda x, cos, sin, W, cache, batch, c: (
-                layer_loop(x, cos, sin, batch, cache, W, c, ops), None)
+            ops.run_layers = layer_loop
     ops.name = f"{getattr(base_ops, 'name', 'ops')}+mine" if mine else getattr(base_ops, "name", "ops")
     if mine:
         log(f"minfer: running on your own {', '.join(mine)} (from {folder}/); "
@@ -313,6 +312,20 @@ def student_ops(base_ops: SimpleNamespace, folder=None, log=None, anyway: bool =
     else:
         log(f"minfer: no finished exercises in {folder}/ yet; running minfer's own code")
     return ops
+
+
+def student_model(ops: SimpleNamespace):
+    """For LLM(make_model=...): (config, weights) -> model.py's Transformer on `ops` (student_ops),
+    the specification's loop running the student's functions — in the student's own layer loop
+    when lesson 14 is done."""
+    from ..model import Transformer
+
+    class StudentLayers(Transformer):
+        def run_layers(self, x, cos, sin, batch, cache):
+            return ops.run_layers(x, cos, sin, batch, cache, self.weights, self.config, self.ops)
+
+    model_class = StudentLayers if callable(getattr(ops, "run_layers", None)) else Transformer
+    return lambda config, weights: model_class(config, weights, ops)
 
 
 # =============================================================================================

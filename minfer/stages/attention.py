@@ -390,14 +390,16 @@ def paged_attention_numba(q, k_cache, v_cache, batch: Batch):
 #   (g, i) adds up output element i over the keys j = g, g + G, ... — G chains of loads instead
 #   of one: with 256 threads and head_dim 64, a 256-key chunk is 64 steps, not 256. The G
 #   partial outputs are added at the end (m and l are the same in every thread, so partials add
-#   up plainly). Decode attention a layer on an H200: one chain, with the divisions in it, ~60
-#   us; groups, ~26; no division or 5-D indexing in the loops, ~18; trees for max and sum, ~13.
+#   up plainly). Each of these steps made decode attention faster (docs/benchmarks.md, "GPU
+#   kernel shapes").
 # q and out are [T, Hq*hd] (heads side by side); the cache is the whole [L, n_blocks, bs, Hkv, hd]
 # pool and `layer` picks the layer.
 # ---------------------------------------------------------------------------------------------
 import math  # noqa: E402
 
-from numba import cuda, int64  # noqa: E402
+from numba import int64  # noqa: E402
+
+from .lazy_cuda import cuda  # noqa: E402  (numba.cuda, imported when a kernel is first used)
 
 MAX_THREADS, MAX_HEAD_DIM = 512, 256
 
@@ -405,8 +407,8 @@ MAX_THREADS, MAX_HEAD_DIM = 512, 256
 @cuda.jit(device=True)
 def block_reduce(red, v, is_max):
     """max (or sum) of v over the thread block (a power of two), in every thread: a tree in
-    shared memory, log2(threads) steps (each thread reading all n values was slower on an H200:
-    attention 18 -> 13 us a layer). sampling_cuda uses it too."""
+    shared memory, log2(threads) steps (faster than each thread reading all n values). gpu/sampling.py
+    uses it too."""
     tid = cuda.threadIdx.x
     red[tid] = v
     cuda.syncthreads()

@@ -84,15 +84,16 @@ def _gather_q4(token_ids, qs, d, m):
 
 # ---------------------------------------------------------------------------------------------
 # numba.cuda GPU path: the table stays on the device in its own format (a DeviceMatrix, see
-# stages/linear_cuda.py: the tied LM head reads the very same arrays) and rows are dequantized
+# gpu/linear.py: the tied LM head reads the very same arrays) and rows are dequantized
 # as they are copied.
 #   grid (T,)  block (threads,) — block t copies the row of token t; thread j does columns
 #   j, j + threads, ...  Q8_0: column k is byte k % 4 of word k // 4. Q4: column k is byte
 #   i = 16 (k // 32) + k % 16 (low nibble for k % 32 < 16, else high) of the row's bytes.
 # ---------------------------------------------------------------------------------------------
-from numba import cuda, float32, int32, uint32  # noqa: E402
+from numba import float32, int32, uint32  # noqa: E402
 
-from .linear_cuda import F32, Q8_0, DeviceMatrix  # noqa: E402
+from .device import F32, Q8_0, DeviceMatrix  # noqa: E402
+from .lazy_cuda import cuda  # noqa: E402  (numba.cuda, imported when a kernel is first used)
 
 
 @cuda.jit

@@ -62,11 +62,11 @@ def kv_write_numba(k_cache, v_cache, k, v, slot_mapping):
 # ---------------------------------------------------------------------------------------------
 # numba.cuda GPU path. On the GPU the pool lives in device memory from load to exit; the block
 # manager (engine/block_manager.py) hands out its blocks exactly as for the host pool. The cuda backend writes k and
-# v into it straight from the QKV matmul (stages/linear_cuda.py); kv_write_kernel is the
+# v into it straight from the QKV matmul (gpu/linear.py); kv_write_kernel is the
 # standalone copy.  grid (T,)  block (threads,) — thread j of token t copies elements j,
 # j + threads, ... of the token's [Hkv, hd] keys and values into its slot.
 # ---------------------------------------------------------------------------------------------
-from numba import cuda  # noqa: E402
+from .lazy_cuda import cuda  # noqa: E402  (numba.cuda, imported when a kernel is first used)
 
 
 class DeviceKVCache:

@@ -107,7 +107,7 @@ def _dense_matmul(x, w):
 
 
 # ---------------------------------------------------------------------------------------------
-# numba.cuda GPU path: stages/linear_cuda.py. On the GPU the linear layers are where the fusion
+# numba.cuda GPU path: gpu/linear.py. On the GPU the linear layers are where the fusion
 # happens (norm + QKV + RoPE + cache write, residual epilogues, gate/up + SiLU), and those kernels
 # are long enough to deserve their own page.
 # ---------------------------------------------------------------------------------------------

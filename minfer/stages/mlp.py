@@ -73,12 +73,12 @@ def swiglu_numba(x, w_gate, w_up, w_down, int8_act: bool = False):
 
 # ---------------------------------------------------------------------------------------------
 # numba.cuda GPU path. In the cuda backend silu(gate) * up is the epilogue of the fused gate/up
-# matmul (stages/linear_cuda.py, swiglu_kernel); `silu_cuda` is that step, and silu_mul_kernel is
+# matmul (gpu/linear.py, swiglu_kernel); `silu_cuda` is that step, and silu_mul_kernel is
 # the standalone version.  grid (T,)  block (threads,) — thread j of row t does columns j, j+threads...
 # ---------------------------------------------------------------------------------------------
 import math  # noqa: E402
 
-from numba import cuda  # noqa: E402
+from .lazy_cuda import cuda  # noqa: E402  (numba.cuda, imported when a kernel is first used)
 
 
 @cuda.jit(device=True, inline=True)

@@ -35,14 +35,14 @@ def rmsnorm_numba(x, w, eps):
 
 # ---------------------------------------------------------------------------------------------
 # numba.cuda GPU path. In the cuda backend RMSNorm is folded into the matmul that follows it
-# (stages/linear_cuda.py); this standalone kernel is the plain version of the same arithmetic.
+# (gpu/linear.py); this standalone kernel is the plain version of the same arithmetic.
 #   grid (T,)   block (threads,) — one block per token row, threads <= 1024, a power of two.
 #   Each thread sums the squares of columns tid, tid + threads, ...; a tree in shared memory adds
 #   the partial sums; then each thread scales its own columns.
 # ---------------------------------------------------------------------------------------------
 import math  # noqa: E402
 
-from numba import cuda  # noqa: E402
+from .lazy_cuda import cuda  # noqa: E402  (numba.cuda, imported when a kernel is first used)
 
 
 @cuda.jit

@@ -97,12 +97,12 @@ def _gather_angles(positions, cos_t, sin_t):
 
 # ---------------------------------------------------------------------------------------------
 # numba.cuda GPU path. In the cuda backend the rotation happens inside the QKV matmul, right
-# after a pair of rows (2i, 2i+1) is computed (stages/linear_cuda.py); `rope_rotate_cuda` is that
+# after a pair of rows (2i, 2i+1) is computed (gpu/linear.py); `rope_rotate_cuda` is that
 # step. The cos/sin tables are rope_angles(arange(max_seq_len)), uploaded once.
 #   rope_kernel: grid (T,)  block (threads,) — thread j of token t rotates pairs j, j + threads, ...
 #   of all heads (H * hd/2 pairs per token), in place.
 # ---------------------------------------------------------------------------------------------
-from numba import cuda  # noqa: E402
+from .lazy_cuda import cuda  # noqa: E402  (numba.cuda, imported when a kernel is first used)
 
 
 @cuda.jit(device=True, inline=True)

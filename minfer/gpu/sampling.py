@@ -1,7 +1,6 @@
 """Sampling on the GPU: logits -> next token, with the logits never leaving the device.
 
-(The third section of sampling.py — the NumPy reference is `sampling.sample` — in its own file
-for now.) Same rules as the reference: temperature 0 is greedy (arg-max, first index on ties);
+The NumPy reference is sampling.py's `sample` (tests/cuda_cases.py holds this kernel to it). Same rules as the reference: temperature 0 is greedy (arg-max, first index on ties);
 otherwise logits / temperature, then top-k, top-p and min-p, then one draw.
 
 A GPU has no cheap sort of 49,152 logits in one thread block, so the filters are thresholds found
@@ -30,10 +29,13 @@ import math
 
 import numpy as np
 
-from . import numpy_compat  # noqa: F401  (before numba.cuda)
+from .. import numpy_compat  # noqa: F401  (before numba.cuda)
 from numba import cuda, float32, int32, int64
 
-from .stages.attention import block_reduce   # the tree sum over a thread block
+from ..stages import attention
+from ..stages.lazy_cuda import compiled
+
+block_reduce = compiled(attention).block_reduce   # the tree sum over a thread block
 
 MAX_THREADS = 1024
 THREADS = 1024              # per sequence on the GPU: 48 logits per thread for SmolLM2

@@ -1,7 +1,8 @@
-"""Stage — linear layers on the GPU (numba.cuda): y = x W^T for dense, Q8_0, Q4_0 and Q4_1 weights.
+"""The GPU step's matmuls (numba.cuda), each fused with its neighbours: y = x W^T for dense, Q8_0,
+Q4_0 and Q4_1 weights.
 
-(This page is the third section of linear.py / quant.py — the NumPy reference and the @njit paths
-live there — kept in its own file for now.)
+The NumPy references are stages/linear.py's and stages/quant.py's (with rmsnorm.py, rope.py and
+mlp.py for what is fused in); tests/cuda_cases.py holds each kernel to them.
 
 A decode step of SmolLM2-135M is ~150 small matmuls. On a GPU each one takes a few microseconds,
 but launching a kernel from Python costs ~40 us, so the launches, not the arithmetic, set the speed.
@@ -23,7 +24,7 @@ token of the tile. Each lane ends with partial sums; one thread adds them up fro
 Why two rows? RoPE rotates pairs of rows (2i, 2i+1) and SwiGLU multiplies row i of the gate with
 row i of up: computing both members of a pair in the same place lets the epilogue finish the job.
 
-Weights stay in their file's blocks on the device (DeviceMatrix). The quants are uploaded as
+Weights stay in their file's blocks on the device (stages/device.py: DeviceMatrix). The quants are uploaded as
 32-bit words (the same bytes, read four at a time); the scales d (and m) as float32 [O, K/32]:
     Q8_0  qs uint32 [O, K/4]   unit u (8 weights) = words 2u, 2u+1, one signed byte per weight
     Q4_*  qs uint32 [O, K/8]   unit u = word u: bytes i = 4u..4u+3 of the row; in block b = u // 4,
@@ -35,52 +36,22 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from .. import numpy_compat  # noqa: F401  (before numba.cuda)
 from numba import cuda, float32, int32, uint32
 
-from .mlp import silu_cuda
-from .quant import QK, QuantMatrix
-from .rope import rope_rotate_cuda
+from ..stages import mlp, rope
+from ..stages.device import F32, Q4, Q8_0, DeviceMatrix
+from ..stages.lazy_cuda import compiled
+from ..stages.quant import QK
 
-F32, Q8_0, Q4 = 0, 1, 2      # weight formats as the kernels know them (Q4 covers Q4_0 and Q4_1)
+silu_cuda = compiled(mlp).silu_cuda                   # device functions of the stage modules
+rope_rotate_cuda = compiled(rope).rope_rotate_cuda
+
 TB = 8                       # tokens per tile: each weight is loaded once for up to TB tokens
 MAX_LANES = 32               # threads that split one row (blockDim.x, a power of two <= 32)
 MAX_GROUPS = 4               # row pairs per block (blockDim.y)
 RED_W = MAX_LANES + 1        # shared partial sums per (group, value, token): the lanes, then the total
 GROUPS = 4                   # what the GPU launches use; the simulator tests use fewer
-
-
-class DeviceMatrix:
-    """A [O, K] weight on the device, in its own format. `w`, `qs`, `d`, `m` are always device
-    arrays (the unused ones are 1x1 dummies), so every format goes through the same kernel."""
-
-    def __init__(self, fmt: int, shape, w, qs, d, m):
-        self.fmt, self.shape, self.w, self.qs, self.d, self.m = fmt, tuple(shape), w, qs, d, m
-
-    @classmethod
-    def upload(cls, w, stream=0) -> "DeviceMatrix":
-        """w: a float32 ndarray [O, K] or a QuantMatrix (or a list of them: their rows stacked)."""
-        ws = w if isinstance(w, (list, tuple)) else [w]
-        fmts = {x.fmt if isinstance(x, QuantMatrix) else "F32" for x in ws}
-        if len(fmts) > 1:        # e.g. Q and V in different block formats: stack them as float32
-            ws = [x.dequantize() if isinstance(x, QuantMatrix) else x for x in ws]
-            fmts = {"F32"}
-        fmt = fmts.pop()
-        O, K = sum(x.shape[0] for x in ws), ws[0].shape[1]
-        one_f, one_u = np.zeros((1, 1), np.float32), np.zeros((1, 1), np.uint32)
-        dev = lambda a: cuda.to_device(np.ascontiguousarray(a), stream=stream)  # noqa: E731
-        if fmt == "F32":
-            w32 = np.concatenate([np.asarray(x, dtype=np.float32) for x in ws])
-            return cls(F32, (O, K), dev(w32), dev(one_u), dev(one_f), dev(one_f))
-        qs = np.concatenate([x.qs for x in ws]).view(np.uint32)           # the file's bytes as words
-        d = np.concatenate([x.d for x in ws])
-        if fmt == "Q8_0":
-            return cls(Q8_0, (O, K), dev(one_f), dev(qs), dev(d), dev(one_f))
-        m = np.concatenate([np.broadcast_to(x.m, x.d.shape) for x in ws]).astype(np.float32)
-        return cls(Q4, (O, K), dev(one_f), dev(qs), dev(d), dev(m))
-
-    @property
-    def arrays(self):
-        return self.fmt, self.w, self.qs, self.d, self.m
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,12 +155,11 @@ def _norm_scale(red, ty, tt, K, has_norm, eps):
 
 
 def pick_lanes(n_pairs: int, T: int) -> int:
-    """Threads per row pair, from the work a launch has: row pairs x tiles of TB tokens. Measured
-    on an H200 (tools/gpu_check.py, profile): with little work a whole warp per pair keeps enough
-    threads busy (W_gate/up at T=1: 8.6 us with 32 lanes, 13.3 with 8; W_down at T=32: 28 vs
-    67); with much (the 49,152-row LM head; gate/up at T=32) 8 lanes win (LM head at T=1: 53 us
-    vs 90; gate/up at T=32: 32 vs 53): each lane has more units to add up, and the sum of the
-    lanes' partials (one lane per token) is 4x shorter."""
+    """Threads per row pair, from the work a launch has: row pairs x tiles of TB tokens. With
+    little work a whole warp per pair keeps enough threads busy; with much (the 49,152-row LM
+    head; gate/up at many tokens) 8 lanes win: each lane has more units to add up, and the sum
+    of the lanes' partials (one lane per token) is 4x shorter (docs/benchmarks.md, "GPU kernel
+    shapes")."""
     return 32 if n_pairs * -(-T // TB) < 4096 else 8
 
 

@@ -1,23 +1,25 @@
-"""The cuda backend: the whole forward pass on an NVIDIA GPU, with numba.cuda.
+"""The cuda backend's model: model.py's forward, the whole step on an NVIDIA GPU (numba.cuda).
 
 Arrays stay where they compute. At load, every weight goes to the device once, in its file's own
-block format (stages/linear_cuda.py: DeviceMatrix), and the KV-cache pool is allocated there
+block format (stages/device.py: DeviceMatrix), and the KV-cache pool is allocated there
 (stages/kvcache.py: DeviceKVCache). Per step only the batch's integers go in (token ids,
 positions, slots, block tables: one copy) and the sampled ids come out — or the logits, when the
 caller asks for them.
 
-One step is the model of model.py, fused into few kernels (each lives with its stage and is
-tested against that stage's NumPy reference, see tests/cuda_cases.py):
+One step is model.py's forward, the same stages in the same order, fused into few kernels (each
+tested against its stages' NumPy references, see tests/cuda_cases.py):
 
-    embedding_kernel                          x = E[tokens]                      (embedding.py)
+    embedding_kernel                          x = E[tokens]               (stages/embedding.py)
     per layer:
-      qkv_kernel     rmsnorm + W_qkv + RoPE + k/v into the cache                 (linear_cuda.py)
-      attention_kernel   paged, causal, grouped-query, online softmax            (attention.py)
-      linear_kernel  x += W_o a                                                  (linear_cuda.py)
-      swiglu_kernel  rmsnorm + W_gate, W_up + silu(g) * u                        (linear_cuda.py)
-      linear_kernel  x += W_down h                                               (linear_cuda.py)
-    linear_kernel    logits = W_head rmsnorm(x[last rows])                       (linear_cuda.py)
-    sample_kernel    next ids (greedy, temperature, top-k, top-p, min-p)         (sampling_cuda.py)
+      qkv_kernel     rmsnorm + W_qkv + RoPE + k/v into the cache          (gpu/linear.py)
+      attention_kernel   paged, causal, grouped-query, online softmax     (stages/attention.py)
+      linear_kernel  x += W_o a                                           (gpu/linear.py)
+      swiglu_kernel  rmsnorm + W_gate, W_up + silu(g) * u                 (gpu/linear.py)
+      linear_kernel  x += W_down h                                        (gpu/linear.py)
+    linear_kernel    logits = W_head rmsnorm(x[last rows])                (gpu/linear.py)
+    sample_kernel    next ids (greedy, temperature, top-k, top-p, min-p)  (gpu/sampling.py)
+
+(The RoPE angles of every position are computed once, at load, into a device table.)
 
 That is 5 launches per layer, 153 for SmolLM2-135M. Launching from Python costs tens of
 microseconds each (docs/gpu.md), so decode steps (every sequence brings one token: the same shapes
@@ -32,10 +34,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import numpy_compat  # noqa: F401  (before numba.cuda)
-from .batch import Batch
-from .config import ModelConfig
-from .errors import BackendUnavailableError
+from .. import numpy_compat  # noqa: F401  (before numba.cuda)
+from ..batch import Batch
+from ..config import ModelConfig
+from ..errors import BackendUnavailableError
+
+# (numba.cuda and the kernels are imported inside the functions below: without numba-cuda this
+# module still loads, and check_available says what to install.)
 
 
 def check_available():
@@ -59,11 +64,11 @@ def simulated() -> bool:
 
 
 def cuda_ops():
-    """The op table for backends.get_ops("cuda"): the GPU runs whole steps, so the table carries
-    one thing, the model class (used instead of model.Transformer)."""
+    """The op table for backends.get_ops("cuda"): empty — the GPU runs whole steps, in CudaModel
+    (backends.make_model)."""
     check_available()
     from types import SimpleNamespace
-    return SimpleNamespace(name="cuda", make_model=CudaModel)
+    return SimpleNamespace(name="cuda")
 
 
 def core_stream(stream):
@@ -159,8 +164,8 @@ class CudaModel:
     def __init__(self, config: ModelConfig, weights, launch: Launch | None = None,
                  graphs: bool | None = None):
         cuda = check_available()
-        from .stages.linear_cuda import DeviceMatrix
-        from .stages.rope import rope_angles
+        from ..stages.device import DeviceMatrix
+        from ..stages.rope import rope_angles
         self.cuda, self.config, self.weights = cuda, config, weights
         self.launch = launch or Launch.for_here()
         self.stream = cuda.stream()
@@ -180,7 +185,7 @@ class CudaModel:
 
     # --- the pool --------------------------------------------------------------------------------
     def new_cache(self, n_blocks: int = 32, block_size: int = 16):
-        from .stages.kvcache import DeviceKVCache
+        from ..stages.kvcache import DeviceKVCache
         c = self.config
         self.block_size = block_size
         return DeviceKVCache(c.n_layers, c.n_kv_heads, c.head_dim, block_size, n_blocks)
@@ -201,25 +206,29 @@ class CudaModel:
     def _layers(self, w: _Work, T: int, R: int, cache, stream):
         """Launch the whole step on `stream` (a stream, or a graph being recorded): logits of the
         R rows w.rows[:R] into w.logits[:R]."""
-        from .stages.attention import paged_attention_cuda
-        from .stages.embedding import embedding_cuda
-        from .stages.linear_cuda import linear_cuda, qkv_cuda, swiglu_cuda
+        from ..stages import attention, embedding
+        from . import linear
         c, k = self.config, self.launch
         mm = dict(lanes=k.lanes, groups=k.groups, stream=stream)
-        x, q, a, h = w.x[:T], w.q[:T], w.a[:T], w.h[:T]
-        embedding_cuda(w.tok, self.tok_embd, x, threads=k.rows, stream=stream)
+        x, q, a, h = w.x[:T], w.q[:T], w.a[:T], w.h[:T]                   # [T, D], [T, qd] x2, [T, F]
+        embedding.embedding_cuda(w.tok, self.tok_embd, x, threads=k.rows, stream=stream)
         for l, L in enumerate(self.layers):
-            qkv_cuda(x, L.attn_norm, c.rms_eps, L.wqkv, w.pos, w.slot, self.cos, self.sin, q,
-                     cache.k, cache.v, l, **mm)
-            paged_attention_cuda(q, cache.k, cache.v, l, w.seq, w.pos, w.tables, a,
-                                 threads=k.attn, stream=stream)
-            linear_cuda(a, L.wo, x, w.arange, accumulate=True, **mm)          # x += W_o a
-            swiglu_cuda(x, L.ffn_norm, c.rms_eps, L.w_gate_up, h, **mm)
-            linear_cuda(h, L.w_down, x, w.arange, accumulate=True, **mm)      # x += W_down h
-        linear_cuda(x, self.lm_head, w.logits[:R], w.rows, norm=self.norm, eps=c.rms_eps, **mm)
+            # --- attention block -------------------------------------------------------------
+            # h = rmsnorm(x); q, k, v = W_qkv h; RoPE on q and k; k and v into the cache: one kernel
+            linear.qkv_cuda(x, L.attn_norm, c.rms_eps, L.wqkv, w.pos, w.slot, self.cos, self.sin, q,
+                            cache.k, cache.v, l, **mm)
+            attention.paged_attention_cuda(q, cache.k, cache.v, l, w.seq, w.pos, w.tables, a,
+                                           threads=k.attn, stream=stream)
+            linear.linear_cuda(a, L.wo, x, w.arange, accumulate=True, **mm)   # x += W_o a
+            # --- MLP block -------------------------------------------------------------------
+            linear.swiglu_cuda(x, L.ffn_norm, c.rms_eps, L.w_gate_up, h, **mm)  # h = silu(g) * u of rmsnorm(x)
+            linear.linear_cuda(h, L.w_down, x, w.arange, accumulate=True, **mm)  # x += W_down h
+        # --- final norm and LM head (the norm folded into the matmul) --------------------------
+        linear.linear_cuda(x, self.lm_head, w.logits[:R], w.rows, norm=self.norm, eps=c.rms_eps,
+                           **mm)
 
     def _sample(self, w: _Work, R: int, stream):
-        from .sampling_cuda import sample_cuda
+        from .sampling import sample_cuda
         sample_cuda(w.logits[:R], w.params[:R], w.ids[:R], threads=self.launch.sample, stream=stream)
 
     def _step(self, batch: Batch, cache, params: np.ndarray | None):
@@ -251,7 +260,7 @@ class CudaModel:
     def forward_sample(self, batch: Batch, cache, params, rngs) -> list[int]:
         """Sample the next token of each sequence on the device (params: SamplingParams per
         sequence; rngs: their generators, which draw the uniforms). Only the ids come back."""
-        from .sampling_cuda import params_array
+        from .sampling import params_array
         w = self._step(batch, cache, params_array(params, rngs))
         w.ids.copy_to_host(w.host_ids, stream=self.stream)
         self.stream.synchronize()

@@ -1,0 +1,88 @@
+"""The numba backend's model: model.py's forward, with the layers in one compiled call.
+
+model.Transformer.forward (the specification) calls ~15 stage functions per layer from Python.
+In a decode step of SmolLM2-135M each call does a few microseconds of arithmetic, and the calls
+themselves (the interpreter, argument unboxing, NumPy temporaries) cost a good share of the step.
+So here the layers, the final norm and the LM head run in one compiled call, region.py's step:
+the same stages in the same order, each on the same @njit kernels as the stage modules', with
+the threads kept in one parallel region for the whole step. A step is then three compiled
+calls — the embedding, the RoPE angles, the region — and little Python.
+
+The region takes block-quantized weights (cpu/formats.py: which kernels) and steps of fewer than
+quant.REGION_MAX_ROWS tokens. Anything else — float32 weights, a long prefill, whose matmuls go
+to sgemm tiles on Python threads — runs model.py's own loop on the numba stage kernels.
+"""
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+from .. import region
+from ..batch import Batch
+from ..model import Transformer
+from ..stages import quant
+from ..stages.kvcache import KVCache
+from . import formats
+
+
+class CpuModel(Transformer):
+    """model.Transformer on the numba op table (backends.numba_ops), its steps in region.py.
+    int8_act: the op table's matmuls round x to int8 (--activations int8), the region's too.
+    workers: the region's parallel iterations (default: numba's threads, one each)."""
+
+    def __init__(self, config, weights, ops, int8_act: bool = False, workers: int | None = None):
+        super().__init__(config, weights, ops)
+        self.int8_act, self.workers = int8_act, workers
+        self._args = None     # (kind, weights' arrays, layer args, head args): made once, not each step
+
+    def forward(self, batch: Batch, cache: KVCache) -> np.ndarray:
+        """-> logits [len(batch.logits_rows), V] float32."""
+        c, W, op = self.config, self.weights, self.ops
+        x = op.embedding(batch.token_ids, W.tok_embd)                       # [T, D]
+        cos, sin = op.rope_angles(batch.positions, c.head_dim, c.rope_theta)  # [T, hd/2] each
+        kind = self.region_kind(len(x))
+        if kind is None:               # float32 weights, or a long prefill: model.py's loop
+            x = self.run_layers(x, cos, sin, batch, cache)                   # [T, D]
+        else:                          # the layers (and the final norm and LM head): region.py
+            x, logits = self.run_region(kind, x, cos, sin, batch, cache)     # [T, D], [R, V]
+            if logits is not None:
+                return logits
+        # --- final norm and LM head (where the region's kernels cannot read the head) ----------
+        x = op.rmsnorm(x[batch.logits_rows], W.norm, c.rms_eps)               # [R, D]
+        return op.linear(x, W.lm_head)                                         # [R, V]
+
+    def region_kind(self, T: int):
+        """The kernel kind (cpu/formats.py) of the region for a step of T tokens, or None: float32
+        weights, or T rows enough for the sgemm tiles (int8 activations have no tiles)."""
+        kind = formats.kernels_for(self.weights.stacks, self.int8_act)
+        if kind is None or (kind != formats.INT8 and T >= quant.REGION_MAX_ROWS):
+            return None
+        return kind
+
+    def run_region(self, kind: int, x, cos, sin, batch: Batch, cache: KVCache):
+        """x [T, D] after the embedding -> (x [T, D] after the last layer, the logits of
+        batch.logits_rows [R, V] or None where the region's kernels cannot read the LM head),
+        the cache written on the way."""
+        W, head = self._weights_as_args(kind)
+        B = (batch.row_seq, batch.positions, batch.block_tables, batch.slot_mapping)
+        args = (np.ascontiguousarray(x, dtype=np.float32), cos, sin, W, (cache.k, cache.v), B,
+                self.config.n_heads, self.config.n_kv_heads, float(self.config.rms_eps))
+        if head is None:     # no logits rows: the region's tail does nothing (one compiled region)
+            head, rows = (self.weights.stacks["ffn_norm"][1][0], W[2]), batch.logits_rows[:0]
+        else:
+            rows = batch.logits_rows
+        x, logits = region.ENTRY[kind](*args, head, rows, self.workers or numba.get_num_threads(),
+                                       quant.MANY_ROWS[kind])
+        return x, (logits if len(logits) else None)
+
+    def _weights_as_args(self, kind: int):
+        """formats.layer_args and head_args, remade only when the weights' arrays are others
+        (e.g. after load.half_scales): rebuilt each step, the argument tuples cost Python time."""
+        W = self.weights
+        arrays = (*W.stacks.values(), W.lm_head, W.norm)
+        made = self._args
+        if (made is None or made[0] != kind or len(made[1]) != len(arrays)
+                or any(a is not b for a, b in zip(made[1], arrays))):
+            made = self._args = (kind, arrays, formats.layer_args(W.stacks, self.config.n_layers, kind),
+                                 formats.head_args(W, kind))
+        return made[2], made[3]
