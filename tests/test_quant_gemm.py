@@ -73,8 +73,8 @@ def test_region_mixed_batch_equals_numpy(tiny_gguf, quant, many, monkeypatch):
 def _greedy(model, prompts, n, batched):
     """n greedy tokens for each prompt: all sequences in one batch a step, or each alone."""
     bs = 4
-    cache = model.new_cache(n_blocks=8 * len(prompts), block_size=bs)
-    tables = [list(range(i * 8, i * 8 + 8)) for i in range(len(prompts))]     # 32 slots each
+    cache = model.new_cache(n_blocks=16 * len(prompts), block_size=bs)
+    tables = [list(range(i * 16, i * 16 + 16)) for i in range(len(prompts))]   # 64 slots each
     groups = [list(range(len(prompts)))] if batched else [[i] for i in range(len(prompts))]
     out = [[] for _ in prompts]
     for g in groups:
@@ -89,9 +89,9 @@ def _greedy(model, prompts, n, batched):
 
 @pytest.mark.parametrize("quant", ["q4_1", "q8_0"])
 def test_batched_greedy_equals_solo(tiny_gguf, quant):
-    """Six sequences decoded together (each step's matmuls on the many-row tiles) give the
-    tokens each gives alone (one row a step: the matvec kernels)."""
+    """Sixteen sequences decoded together (each step's matmuls on the many-row tiles) give the
+    tokens each gives alone (one row a step: the matvec kernels, or the panels)."""
     llm = minfer.LLM(tiny_gguf, quant=quant)
-    prompts = [list(range(10 + 7 * i, 15 + 9 * i)) for i in range(6)]
+    prompts = [list(range(10 + 7 * i, 15 + 9 * i)) for i in range(16)]
     assert len(prompts) >= max(qmod.MANY_ROWS[k] for k in (formats.Q4, formats.Q8, formats.SPLIT))
     assert _greedy(llm.model, prompts, 8, True) == _greedy(llm.model, prompts, 8, False)
