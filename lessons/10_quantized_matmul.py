@@ -30,8 +30,9 @@ from minfer import quality
 from minfer.classroom import clock, show   # clock: (median s, first call s)
 from minfer.stages import quant
 from minfer.stages.linear import linear_numba
-from minfer.stages.quant import (BLOCK_DTYPES, QK, QuantMatrix, dequantize, quant_linear,
-                                 quant_linear_numba, quantize, split_for_q4)
+from minfer.stages.quant import (BLOCK_DTYPES, QK, QuantMatrix, dequantize, quant_linear, quantize,
+                                 split_for_q4)
+from minfer.stages.quant_dispatch import quant_linear_numba
 
 numba.set_num_threads(1)
 llm = minfer.LLM(backend="numba")          # quant="auto": the file's own blocks, as they are

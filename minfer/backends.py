@@ -42,8 +42,8 @@ def numba_ops(int8_act: bool = False) -> SimpleNamespace:
 
     from .stages import attention, embedding, kvcache, linear, mlp, rmsnorm, rope
     if int8_act:
-        from .stages import quant_i8
-        quant_i8.check_available()
+        from .stages import simd
+        simd.check_available()
         mm = dict(linear=partial(linear.linear_numba, int8_act=True),
                   qkv=partial(linear.qkv_numba, int8_act=True),
                   swiglu=partial(mlp.swiglu_numba, int8_act=True))

@@ -140,8 +140,8 @@ class LLM:
             proposer = NgramProposer()
         else:
             if draft_model is None:          # the built-in pairing: this file, cheaper
-                from .stages import quant_i8
-                int8 = self.backend == "numba" and quant_i8.has_vnni()
+                from .stages import simd
+                int8 = self.backend == "numba" and simd.has_vnni()
                 # the file's own 4-bit blocks where it has them (the exact weights: only the int8
                 # activations differ), else its weights as Q4_0
                 kinds = {getattr(t, "type", "") for t in self.weights.raw.values()}

@@ -1,11 +1,12 @@
-"""The layers of a step in ONE parallel region: fused.py's loop, with the threads kept together.
+"""The layers of a step in ONE parallel region, the threads kept together: the numba backend's step.
 
-fused._loop runs each matmul and each attention as a parallel loop of its own, and a decode step
-of SmolLM2-135M opens ~150 of them; each start, ramp-up and join costs the threads a few
-microseconds. llama.cpp keeps its threads for the whole graph and meets them at barriers; so
-does this module (faster decode end to end; docs/benchmarks.md). The final norm and the LM head
-are its last stage, so a decode step is three compiled calls — the embedding, the RoPE angles,
-then this region through to the logits — and little Python:
+model.py's loop, run on the numba kernels stage by stage, would open a parallel loop for each
+matmul and each attention — ~150 a decode step of SmolLM2-135M — and each start, ramp-up and join
+costs the threads a few microseconds. llama.cpp keeps its threads for the whole graph and meets
+them at barriers; so does this module (faster decode end to end; docs/benchmarks.md). The final
+norm and the LM head are its last stage, so a decode step is three compiled calls — the
+embedding, the RoPE angles, then this region through to the logits — and little Python
+(cpu/model.py makes them, cpu/formats.py picks the kernels):
 
     for each thread, in one prange:                  work of a stage = items (tiles of rows,
         for each layer:                              attention jobs), which the threads claim
@@ -32,10 +33,11 @@ writes shared arrays only inside an item it claimed: if a slow thread's own copy
 while a later stage was already overwriting its inputs, then every item of its stage had been
 claimed before, and the copy goes unused.
 
-The same kernels as fused._loop, the same sums in the same order (tests/test_fused.py) — up to
-quant.MANY_ROWS rows of x. From there on (a batch of sequences, tokens to verify, a prompt), a
-matmul stage's items are tiles of weight rows that quant_gemm.py decodes once for all the rows:
-the same products of the same float32 weights, summed in another order (tests/test_quant_gemm.py).
+The matmuls, by kernel kind and rows: the float kernels of quant.py (a CPU without VNNI) for a
+few rows; the panels of quant_panel.py (int8 x, or x in three int8 parts) below
+quant.MANY_ROWS; from there on (a batch of sequences, tokens to verify, a prompt) tiles of weight
+rows that quant_gemm.py decodes once for all the rows. Each is the same function of the weights
+as model.py's loop (tests/test_fused.py, tests/test_quant_gemm.py, tests/test_quant_panel.py).
 """
 from __future__ import annotations
 
@@ -149,9 +151,8 @@ def _finish(ctr, s, nw, n, k):
 # ---------------------------------------------------------------------------------------------
 # The stages. A matmul: out = res + x @ W[l]^T, [T, K] -> [T, O], where res is x itself (the
 # residual add, in place) or all zeros (0 + v is v exactly: one code path, one compiled kernel
-# for both). An item is a tile of rows (quant_i8._tiles: as the separate kernels cut them),
-# computed by the kernels fused.py's loop calls: the int8-part ones (quant_i8.py, limbs 1 or 3)
-# or the float ones (quant.py), a stage function for each. C = (ctr, s, wi, nw): the counters,
+# for both). An item is a tile of rows (quant_i8._tiles), computed by the float kernels of
+# quant.py, or a tile of panels (below), a stage function for each. C = (ctr, s, wi, nw): the counters,
 # this stage, this thread, the threads. (Each stage is a function of its own, not inlined: numba
 # copies a function's IR at every inlined call, and the step inlined whole took far longer to compile.)
 # ---------------------------------------------------------------------------------------------
@@ -413,7 +414,7 @@ def _attention(q, k_cache, v_cache, row_seq, positions, block_tables, parts, C):
 
 
 # ---------------------------------------------------------------------------------------------
-# The step, as one thread walks it: fused._loop's arguments, and the shared arrays (QKV, q after
+# The step, as one thread walks it: cpu/formats.py's arguments, and the shared arrays (QKV, q after
 # RoPE, the attention jobs' parts, silu(gate) * up, the counters); wi: this thread, of nw.
 # Six stages a layer, s = 6 l + 0..5, then the LM head.
 # ---------------------------------------------------------------------------------------------
@@ -449,7 +450,7 @@ def _walk(x, cos, sin, f, n_heads, n_kv_heads, eps, kind, limbs, wi, nw, many):
                 many)                                                    # [R, V]
 
 
-# One compiled walk per kind of kernel, as in fused.py: `kind` and `limbs` are constants in each,
+# One compiled walk per kind of kernel (cpu/formats.py): `kind` and `limbs` are constants in each,
 # and only the kernels of that kind compile.
 @njit(cache=True)
 def _walk_q4(x, cos, sin, f, n_heads, n_kv_heads, eps, wi, nw, many):
@@ -540,4 +541,4 @@ def _region_split(x, cos, sin, W, kv, B, n_heads, n_kv_heads, eps, head, rows, n
     return x, f[54]                                            # [T, D], logits [R, V]
 
 
-ENTRY = (_region_q4, _region_q8, _region_i8, _region_split)     # by fused's Q4, Q8, INT8, SPLIT
+ENTRY = (_region_q4, _region_q8, _region_i8, _region_split)     # by formats' Q4, Q8, INT8, SPLIT

@@ -5,7 +5,7 @@ import pytest
 
 import minfer
 from minfer.errors import ModelFormatError
-from minfer.stages import quant, quant_i8
+from minfer.stages import quant, quant_dispatch, quant_i8
 
 FORMATS = ["Q8_0", "Q4_0", "Q4_1"]
 rng = np.random.default_rng(3)
@@ -67,7 +67,7 @@ def test_quant_linear_numba_matches_reference(fmt, T, tiles, split, monkeypatch)
     w = quant.QuantMatrix.from_float(weights(45, 160), fmt)
     x = rng.standard_normal((T, 160)).astype(np.float32)
     ref = quant.quant_linear(x, w)
-    got = quant.quant_linear_numba(x, w)
+    got = quant_dispatch.quant_linear_numba(x, w)
     assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max()
 
 
@@ -76,7 +76,7 @@ def test_tiles_cover_a_matrix_taller_than_one_tile(monkeypatch):
     tiles_from(monkeypatch, 8)
     w = quant.QuantMatrix.from_float(weights(50, 64), "Q4_1")
     x = rng.standard_normal((9, 64)).astype(np.float32)
-    np.testing.assert_allclose(quant.quant_linear_numba(x, w), quant.quant_linear(x, w), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(quant_dispatch.quant_linear_numba(x, w), quant.quant_linear(x, w), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -152,7 +152,7 @@ def test_swiglu_numba_on_blocks_matches_reference(fmt, T, split, monkeypatch):
     assert np.abs(mlp.swiglu_numba(x, g, u, d) - ref).max() <= 1e-4 * np.abs(ref).max()
     if T < 8:
         h = mlp.silu(quant.quant_linear(x, g)) * quant.quant_linear(x, u)
-        assert np.abs(quant.quant_gate_up_numba(x, g, u) - h).max() <= 1e-4 * np.abs(h).max()
+        assert np.abs(quant_dispatch.quant_gate_up_numba(x, g, u) - h).max() <= 1e-4 * np.abs(h).max()
 
 
 @pytest.mark.parametrize("T", [1, 3, 12])

@@ -8,7 +8,7 @@ import pytest
 
 import minfer
 from minfer.errors import InvalidArgumentError
-from minfer.stages import mlp, quant, quant_i8
+from minfer.stages import mlp, quant, quant_dispatch, quant_i8
 
 FORMATS = ["Q8_0", "Q4_0", "Q4_1"]
 rng = np.random.default_rng(11)
@@ -152,15 +152,15 @@ def test_default_decode_uses_the_split_and_can_be_turned_off(monkeypatch):
     w = mat(64, 96, "Q4_1")
     x = rng.standard_normal((2, 96)).astype(np.float32)
     monkeypatch.setattr(quant, "SPLIT_X", True)
-    split = quant.quant_linear_numba(x, w)
+    split = quant_dispatch.quant_linear_numba(x, w)
     assert np.array_equal(split, quant_i8.quant_linear_i8(x, w, limbs=3))
     w8 = mat(64, 96, "Q8_0").half_scales()      # Q8_0 too, one token or more (as loaded:
     for xt in (x[:1], x):                       # float16 scales, weights.scales_for_kernels)
-        assert np.array_equal(quant.quant_linear_numba(xt, w8), quant_i8.quant_linear_i8(xt, w8, limbs=3))
-        assert np.array_equal(quant.quant_gate_up_numba(xt, w8, w8),
+        assert np.array_equal(quant_dispatch.quant_linear_numba(xt, w8), quant_i8.quant_linear_i8(xt, w8, limbs=3))
+        assert np.array_equal(quant_dispatch.quant_gate_up_numba(xt, w8, w8),
                               quant_i8.quant_gate_up_i8(xt, w8, w8, limbs=3))
     monkeypatch.setattr(quant, "SPLIT_X", False)
-    floats = quant.quant_linear_numba(x, w)
+    floats = quant_dispatch.quant_linear_numba(x, w)
     assert np.array_equal(floats, quant._q4_matmul(x, w.qs, w.d, w.m))
     assert np.abs(split - floats).max() <= 1e-5 * np.abs(floats).max()
 
@@ -270,14 +270,14 @@ def test_default_model_keeps_float16_scales_for_its_4bit_layers(tiny_gguf, monke
     np.testing.assert_array_equal(llm.logits(ids), floats.logits(ids))
     w = mat(300, 96, "Q4_1")                                    # and a float kernel, if asked
     x = rng.standard_normal((2, 96)).astype(np.float32)
-    assert np.array_equal(quant.quant_linear_numba(x, w.half_scales()), quant.quant_linear_numba(x, w))
+    assert np.array_equal(quant_dispatch.quant_linear_numba(x, w.half_scales()), quant_dispatch.quant_linear_numba(x, w))
     x9 = rng.standard_normal((9, 96)).astype(np.float32)
-    assert np.array_equal(quant.quant_linear_numba(x9, w.half_scales()), quant.quant_linear_numba(x9, w))
+    assert np.array_equal(quant_dispatch.quant_linear_numba(x9, w.half_scales()), quant_dispatch.quant_linear_numba(x9, w))
 
 
 @vnni
 def test_q8_0_runs_on_the_split_kernel_unless_switched_off(monkeypatch):
-    """quant.quant_linear_numba on a VNNI CPU: a Q8_0 matrix goes to the three-part kernel with
+    """quant_dispatch.quant_linear_numba on a VNNI CPU: a Q8_0 matrix goes to the three-part kernel with
     float16 scales (as weights.load keeps them there) or float32 ones; with the split switched
     off, to the float kernel (float16 scales widened for it). All give the reference's numbers."""
     monkeypatch.setattr(quant, "SPLIT_X", True)
@@ -286,9 +286,9 @@ def test_q8_0_runs_on_the_split_kernel_unless_switched_off(monkeypatch):
     w = mat(300, 96, "Q8_0")
     x = rng.standard_normal((1, 96)).astype(np.float32)
     want = quant.quant_linear(x, w)
-    np.testing.assert_allclose(quant.quant_linear_numba(x, w.half_scales()), want, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(quant.quant_linear_numba(x, w), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(quant_dispatch.quant_linear_numba(x, w.half_scales()), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(quant_dispatch.quant_linear_numba(x, w), want, rtol=1e-5, atol=1e-5)
     assert calls == [dict(limbs=3)] * 2
     monkeypatch.setattr(quant, "SPLIT_X", False)
-    np.testing.assert_allclose(quant.quant_linear_numba(x, w.half_scales()), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(quant_dispatch.quant_linear_numba(x, w.half_scales()), want, rtol=1e-5, atol=1e-5)
     assert len(calls) == 2

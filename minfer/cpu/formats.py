@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..stages import quant, quant_panel
-from ..stages.quant_i8 import bits
+from ..stages.simd import bits
 
 Q4, Q8, INT8, SPLIT = 0, 1, 2, 3
 

@@ -175,7 +175,7 @@ from numba import types  # noqa: E402
 from numba.core import cgutils  # noqa: E402
 from numba.extending import intrinsic  # noqa: E402
 
-from .quant_i8 import F32, F32x16, I32, _load, _prefetch_l2, _vec  # noqa: E402
+from .simd import F32, F32x16, I32, _load, _prefetch_l2, _vec  # noqa: E402
 
 _I64 = ir.IntType(64)
 

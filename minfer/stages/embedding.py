@@ -20,7 +20,7 @@ from llvmlite import ir  # noqa: E402
 from numba import float32, int32, njit, types  # noqa: E402
 from numba.extending import intrinsic  # noqa: E402
 
-from .quant_i8 import bits  # noqa: E402  (float16 scales as uint16 bits: no float16 in numba)
+from .simd import bits  # noqa: E402  (float16 scales as uint16 bits: no float16 in numba)
 
 _NO_M = np.zeros((1, 0), dtype=np.float32)       # Q8_0: no mins
 

@@ -6,7 +6,8 @@ with one contiguous row. The reference simply calls BLAS. W may also be a quanti
 """
 import numpy as np
 
-from .quant import QuantMatrix, quant_linear, quant_linear_numba, run_tiles
+from .quant import QuantMatrix, quant_linear, run_tiles
+from .quant_dispatch import quant_linear_numba
 
 
 def linear(x: np.ndarray, w) -> np.ndarray:

@@ -29,7 +29,8 @@ from numba import njit, prange, float32  # noqa: E402
 
 from .fastexp import exp32  # noqa: E402  (e^x in plain arithmetic: the silu loops vectorize)
 from .linear import linear_numba  # noqa: E402
-from .quant import QuantMatrix, gemm_min_rows, quant_gate_up_numba  # noqa: E402
+from .quant import QuantMatrix, gemm_min_rows  # noqa: E402
+from .quant_dispatch import quant_gate_up_numba  # noqa: E402
 
 
 @njit(parallel=True, fastmath=True, cache=True)

@@ -446,7 +446,7 @@ def split_x() -> bool:
     """Do matmuls of float32 x on quantized weights run on the split (three-part) kernels here?"""
     global SPLIT_X
     if SPLIT_X is None:
-        from .quant_i8 import has_vnni
+        from .simd import has_vnni
         SPLIT_X = has_vnni()
     return SPLIT_X
 
@@ -454,7 +454,7 @@ def split_x() -> bool:
 Q8_SPLIT_GEMM_MIN_ROWS = 112
 
 # From how many rows of x on the one-region step (region.py) decodes each weight row once for all
-# of them into floats (quant_gemm.py), by kernel kind: fused.py's Q4, Q8 (float kernels), INT8
+# of them into floats (quant_gemm.py), by kernel kind: cpu/formats.py's Q4, Q8 (float kernels), INT8
 # (int8 activations), SPLIT (float32 x in three int8 parts). Below it, the float kinds run their
 # matvec kernels and the int8-part kinds the panels (quant_panel.py), whose byte dot products
 # beat the float tiles up to about a dozen rows (docs/benchmarks.md). INT8 never: the tiles
@@ -473,41 +473,7 @@ def gemm_min_rows(fmt: str) -> int:
     return Q8_SPLIT_GEMM_MIN_ROWS if fmt == "Q8_0" else SPLIT_GEMM_MIN_ROWS
 
 
-def quant_gate_up_numba(x: np.ndarray, wg: QuantMatrix, wu: QuantMatrix,
-                        int8_act: bool = False) -> np.ndarray:
-    """silu(x wg^T) * (x wu^T) for fewer than gemm_min_rows tokens, in one fused kernel.
-    [T, K] -> [T, F].
-    int8_act: x rounded to int8 per block (quant_i8.py, the opt-in variant), any T."""
-    if int8_act or split_x():
-        from .quant_i8 import quant_gate_up_i8
-        return quant_gate_up_i8(x, wg, wu, limbs=1 if int8_act else 3)
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    wg, wu = wg.float_scales(), wu.float_scales()
-    if wg.fmt == "Q8_0":
-        return _q8_0_gate_up(x, wg.qs, wg.d, wu.qs, wu.d)
-    return _q4_gate_up(x, wg.qs, wg.d, wg.m, wu.qs, wu.d, wu.m)
-
-
-def quant_linear_numba(x: np.ndarray, w: QuantMatrix, int8_act: bool = False) -> np.ndarray:
-    """x [T, K] -> [T, O]: the matvec kernels on the quants for decode and short prompts, tiles +
-    sgemm from gemm_min_rows(w.fmt) tokens on.
-    int8_act: x rounded to int8 per block (quant_i8.py, the opt-in variant), any T."""
-    if int8_act:
-        from .quant_i8 import quant_linear_i8
-        return quant_linear_i8(x, w)
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    if x.shape[0] >= gemm_min_rows(w.fmt):
-        return _tiled_gemm(x, w)
-    if split_x():
-        from .quant_i8 import quant_linear_i8
-        return quant_linear_i8(x, w, limbs=3)
-    w = w.float_scales()
-    if w.fmt == "Q8_0":
-        return _q8_0_matmul(x, w.qs, w.d)
-    return _q4_matmul(x, w.qs, w.d, w.m)
-
-
 # ---------------------------------------------------------------------------------------------
-# numba.cuda GPU path: stages/linear_cuda.py reads these same blocks (Q8_0/Q4_0/Q4_1 quants and
+# numba.cuda GPU path: gpu/linear.py reads these same blocks (Q8_0/Q4_0/Q4_1 quants and
 # float32 scales) and dequantizes them in registers inside its fused matmul kernels.
 # ---------------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from numba.core import cgutils, types
 from numba.extending import intrinsic
 
 from .quant import QK, QuantMatrix
-from .quant_i8 import F32, F32x16, I8, I32, _load, _load_scales, _sum16, _vec, bits
+from .simd import F32, F32x16, I8, I32, _load, _load_scales, _sum16, _vec, bits
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,119 @@
+"""The CPU's vector instructions, as numba sees them: a few LLVM operations of our own.
+
+numba compiles plain loops well, but some instructions it does not reach on its own: the byte
+dot product of AVX-512 VNNI (`vpdpbusd`; numba widens byte products to 64-bit integers), a
+16-float register kept as one value across calls, a prefetch hint. The kernels that need them
+(stages/quant_i8.py, quant_gemm.py, quant_panel.py, attention.py) take them from here; this module
+imports nothing else of minfer's but its errors, so every stage can stand on it.
+"""
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba.core import cgutils, types
+from numba.extending import intrinsic, models, register_model
+
+from ..errors import InvalidArgumentError
+
+I8, I32, F32 = ir.IntType(8), ir.IntType(32), ir.FloatType()
+
+
+def has_vnni() -> bool:
+    """Does the CPU numba compiles for have AVX-512 VNNI (and the byte ops it needs)?"""
+    from numba.core import config
+    if config.CPU_NAME or config.CPU_FEATURES:             # numba was told to target another CPU
+        return "+avx512vnni" in (config.CPU_FEATURES or "")
+    import llvmlite.binding as ll
+    f = ll.get_host_cpu_features()
+    return bool(f.get("avx512vnni") and f.get("avx512bw") and f.get("avx512vl"))
+
+
+def check_available() -> None:
+    if not has_vnni():
+        raise InvalidArgumentError(
+            "int8 activations need a CPU with AVX-512 VNNI (this one has none); "
+            "use the default float32 activations")
+
+
+def _vec(t, n):
+    return ir.VectorType(t, n)
+
+
+def _load(context, builder, arrty, arr, offset, elt, n):
+    """n elements of a C-contiguous array, from flat index `offset`, as one vector."""
+    data = context.make_array(arrty)(context, builder, arr).data
+    ptr = builder.bitcast(builder.gep(data, [offset]), _vec(elt, n).as_pointer())
+    return builder.load(ptr, align=1)
+
+
+def _vpdpbusd(builder, acc, u8, s8):
+    """acc[l] += sum of the 4 products u8[4l + j] * s8[4l + j] (unsigned x signed bytes)."""
+    lanes = acc.type.count
+    name = f"llvm.x86.avx512.vpdpbusd.{32 * lanes}"
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(
+        _vec(I32, lanes), [_vec(I32, lanes), _vec(I8, 4 * lanes), _vec(I8, 4 * lanes)]), name)
+    return builder.call(fn, [acc, u8, s8])
+
+
+def _load_scales(context, builder, t, a, i, n):
+    """n scales from a.flat[i:] as float32 lanes (float16 bits are widened in registers)."""
+    if t.dtype == types.uint16:
+        h = _load(context, builder, t, a, i, ir.IntType(16), n)
+        return builder.fpext(builder.bitcast(h, _vec(ir.HalfType(), n)), _vec(F32, n))
+    return _load(context, builder, t, a, i, F32, n)
+
+
+class _F32x16(types.Type):
+    """An LLVM <16 x float> as a numba value: the accumulator stays in one vector register."""
+    def __init__(self):
+        super().__init__(name="f32x16")
+
+
+F32x16 = _F32x16()
+
+
+@register_model(_F32x16)
+class _F32x16Model(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type):
+        super().__init__(dmm, fe_type, _vec(F32, 16))
+
+
+@intrinsic
+def _zeros16(typingctx):
+    return F32x16(), lambda context, builder, sig, args: ir.Constant(_vec(F32, 16), [0.0] * 16)
+
+
+@intrinsic
+def _sum16(typingctx, a):
+    def codegen(context, builder, sig, args):
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(
+            F32, [F32, _vec(F32, 16)]), "llvm.vector.reduce.fadd.v16f32")
+        return builder.call(fn, [ir.Constant(F32, -0.0), args[0]], fastmath=("fast",))
+    return types.float32(a), codegen
+
+
+def _make_prefetch(locality):
+    @intrinsic
+    def prefetch(typingctx, arr, offset):
+        """Ask for the cache line holding arr.flat[offset] now: it is needed a few rows later."""
+        def codegen(context, builder, sig, args):
+            data = context.make_array(sig.args[0])(context, builder, args[0]).data
+            ptr = builder.bitcast(builder.gep(data, [args[1]]), ir.IntType(8).as_pointer())
+            fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(
+                ir.VoidType(), [ptr.type, I32, I32, I32]), "llvm.prefetch.p0")
+            builder.call(fn, [ptr, ir.Constant(I32, 0), ir.Constant(I32, locality), ir.Constant(I32, 1)])
+            return context.get_dummy_value()
+        return types.none(arr, offset), codegen
+    return prefetch
+
+# Into L1 (x86 prefetcht0), or into L2 only (prefetcht1). The kernels stream Q8_0 rows (34 bytes
+# a block) faster with the rows ahead sent to L2 — L1 is where they keep x and do their loads;
+# so do 4-bit rows against int8 x. The three-part kernels on 4-bit rows, bound by their
+# arithmetic, did not gain and keep L1 (docs/benchmarks.md).
+_prefetch, _prefetch_l2 = _make_prefetch(3), _make_prefetch(2)
+
+
+def bits(a):
+    """Scales for the kernels: float16 ones as their uint16 bits (numba's CPU target has no
+    float16 type; the kernels widen them), float32 ones as they are."""
+    return a.view(np.uint16) if a.dtype == np.float16 else a
