@@ -8,7 +8,7 @@ import pytest
 
 import minfer
 from minfer.errors import InvalidArgumentError
-from minfer.stages import mlp, quant, quant_dispatch, quant_i8
+from minfer.stages import mlp, quant, quant_dispatch, quant_i8, simd
 
 FORMATS = ["Q8_0", "Q4_0", "Q4_1"]
 rng = np.random.default_rng(11)
@@ -199,7 +199,7 @@ def test_int8_activations_errors(tiny_gguf, monkeypatch):
         minfer.LLM(tiny_gguf, quant="f32", activations="int8")
     with pytest.raises(InvalidArgumentError, match="unknown activations"):
         minfer.LLM(tiny_gguf, activations="int4")
-    monkeypatch.setattr(quant_i8, "has_vnni", lambda: False)
+    monkeypatch.setattr(simd, "has_vnni", lambda: False)
     with pytest.raises(InvalidArgumentError, match="AVX-512 VNNI"):
         minfer.LLM(tiny_gguf, quant="q4_1", activations="int8")
 
