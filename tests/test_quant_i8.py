@@ -282,7 +282,7 @@ def test_q8_0_runs_on_the_split_kernel_unless_switched_off(monkeypatch):
     off, to the float kernel (float16 scales widened for it). All give the reference's numbers."""
     monkeypatch.setattr(quant, "SPLIT_X", True)
     calls, real = [], quant_i8.quant_linear_i8
-    monkeypatch.setattr(quant_i8, "quant_linear_i8", lambda *a, **k: calls.append(k) or real(*a, **k))
+    monkeypatch.setattr(quant_dispatch, "quant_linear_i8", lambda *a, **k: calls.append(k) or real(*a, **k))
     w = mat(300, 96, "Q8_0")
     x = rng.standard_normal((1, 96)).astype(np.float32)
     want = quant.quant_linear(x, w)
