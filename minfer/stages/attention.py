@@ -57,7 +57,7 @@ def paged_attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, bat
 # the softmax rescale once more: o = sum_s e^(m_s - M) o_s, l = sum_s e^(m_s - M) l_s. A job
 # reads each key and value row once for the G query heads that share it, and walks the cache's
 # memory in order, whole blocks [bs, Hkv, hd] at a time: inside a decode step, where the cache
-# comes from memory each layer, that was 1.3-2x faster than a job per (row, query head).
+# comes from memory each layer, that was faster than a job per (row, query head).
 # With T rows, S = SLICES // T (at least 1): a prefill of 8 rows or more is a job per row, the
 # rows taken in zigzag order (0, T-1, 1, T-2, ...), so that each thread's share of them holds
 # short and long causal contexts alike.
@@ -161,9 +161,8 @@ def _attention_job(q, k_cache, v_cache, row_seq, positions, block_tables, job, p
 # Vector code, for head_dim a multiple of 16 (SmolLM2: 64): the same job, written with 16-float
 # vectors. The job above is bound by its arithmetic (a score is a dot product summed across its
 # vector lanes, one at a time; p.V one chain of adds per head) and by waiting on memory (each
-# block's keys read when first needed): 31-32 us a layer for 192 keys on one thread with the
-# cache in memory, 23 with it in cache; this one 26-28 and 17, at 1000 keys 110 against 141-147
-# (docs/benchmarks.md, "Attention in vector code"). Here:
+# block's keys read when first needed); this one is faster with the cache in memory or in
+# cache, and more so on long contexts (docs/benchmarks.md, "Attention in vector code"). Here:
 #   scores: 16 keys of a head at once (_scores16): 16 vector dot products, then one tree of
 #           shuffles adds up each one's lanes: ~3 vector operations a sum;
 #   p.V:    o[h] += p[h, r] v_r four keys at a time, in four independent chains (_pv4);
@@ -477,7 +476,7 @@ def attention_kernel(q, kf, vf, shape, layer, row_seq, positions, block_tables, 
 
 
 def _flat(a):
-    """A 1-D view of a device array, made once per array (making a view costs ~20 us in Python)."""
+    """A 1-D view of a device array, made once per array (making a view costs Python time each step)."""
     f = getattr(a, "_minfer_flat", None)
     if f is None:
         f = a._minfer_flat = a.reshape(a.size)

@@ -177,8 +177,8 @@ def _make_q4_chunk(n, limbs=1, tokens=1, chunks=1):
     def q4_chunk(typingctx, acc, qs, qoff, xq, xoff, d, dx, e, c, row, tok):
         """acc + the n blocks of a Q4 row at qs.flat[qoff:] . xq.flat[xoff:]; the blocks' scales
         are at d.flat[row:] (weights) and dx.flat[tok:] (x). tokens=2: acc, xoff and tok are
-        pairs, two tokens against the same weights, which are loaded and split once (prefill:
-        1.29x for 32 tokens of a 576 x 1536 matrix). chunks > 1 (one token): that many chunks
+        pairs, two tokens against the same weights, which are loaded and split once (faster
+        prefill; docs/benchmarks.md). chunks > 1 (one token): that many chunks
         of n blocks one after the other, their blocks' float terms widened and multiplied once
         for all of them, not chunk by chunk."""
         def codegen(context, builder, sig, args):
@@ -229,7 +229,7 @@ def _make_q8_chunk(n, limbs=1, chunks=1):
         from start.flat[8 tok:] = -128 * (sum of the 4 values of x each lane meets), which takes
         the 128 off again (see the top). chunks > 1: that many chunks of n blocks one after the
         other, their blocks' scales (d * dx) widened and multiplied once for all of them, not
-        chunk by chunk (a decode step 0.97-0.98x, one matrix in cache 0.81-0.90x)."""
+        chunk by chunk (fewer instructions a block; docs/benchmarks.md)."""
         def codegen(context, builder, sig, args):
             W, nbk = 32 * n, n * chunks
             scale = builder.fmul(_load_scales(context, builder, sig.args[5], args[5], args[8], nbk),
@@ -506,8 +506,8 @@ def _rows_pair(xi, qs, d, m, t, o0, o1, out0, out1, pf):
 def _rows_pair_q8(xi, qs, d, m, t, o0, o1, out0, out1, pf, limbs):
     """_rows for tokens t and t + 1 of a Q8_0 matrix, 4 rows at a time (_make_q8_tile): each
     2-block chunk of 4 rows is loaded once for both tokens, and each token's x once for the 4
-    rows (prefill: 1.4-1.9x on the matrices of SmolLM2-135M at 128 tokens, with its weights in
-    cache). The last o1 - o0 mod 4 rows go a token at a time."""
+    rows (each load serves 8 dot products: faster prefill, docs/benchmarks.md). The last
+    o1 - o0 mod 4 rows go a token at a time."""
     xq, dx, _, s0 = xi
     n, nb = qs.shape[1], d.shape[1]
     K = nb * QK * limbs                                 # x's bytes per token
@@ -548,7 +548,7 @@ def _rows_pair_q8(xi, qs, d, m, t, o0, o1, out0, out1, pf, limbs):
 @njit(fastmath=True, cache=True)
 def _quantize_x(x, q4_order, limbs):
     """quantize_x, a block at a time in vector code (_absmax_sum, _digits: plain loops over the
-    values, with the parts and the layout's index arithmetic inside, took ~8 us for K = 1536)."""
+    values, with the parts and the layout's index arithmetic inside, were several times slower)."""
     T, K = x.shape
     nb = K // QK
     xq = np.empty((T, K * limbs), dtype=np.int8)
