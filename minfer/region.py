@@ -157,10 +157,20 @@ def _finish(ctr, s, nw, n, k):
 # copies a function's IR at every inlined call, and the step inlined whole took far longer to compile.)
 # ---------------------------------------------------------------------------------------------
 @njit(inline="always")
-def _add(out, res, y, o0, o1):
+def _add(out, res, y, o0, o1, c):
+    """out[:, o0:o1] = res + y's columns o0 - c .. o1 - c (c: where y's tile starts)."""
     for t in range(y.shape[0]):
         for o in range(o0, o1):
-            out[t, o] = res[t, o] + y[t, o]
+            out[t, o] = res[t, o] + y[t, o - c]
+
+
+@njit(inline="always")
+def _silu_mul(out, yg, yu, o0, o1, c):
+    """out[:, o0:o1] = silu(gate) * up, from yg's and yu's columns o0 - c .. o1 - c."""
+    for t in range(yg.shape[0]):
+        for o in range(o0, o1):
+            v = yg[t, o - c]
+            out[t, o] = v / (np.float32(1.0) + exp32(-v)) * yu[t, o - c]
 
 
 @njit(fastmath=True, cache=True)
@@ -174,7 +184,7 @@ def _matmul_q8(x, w, l, out, res, C):
     while i0 >= 0:
         o0, o1 = i0 * O // n, i1 * O // n
         quant._q8_0_rows(x, qs, d, o0, o1, y)
-        _add(out, res, y, o0, o1)
+        _add(out, res, y, o0, o1, 0)
         k += i1 - i0
         i0, i1 = _next(ctr, s, wi, nw, n)
     _finish(ctr, s, nw, n, k)
@@ -193,7 +203,7 @@ def _matmul_q4(x, w, l, out, res, C):
         while i0 >= 0:
             o0, o1 = i0 * O // n, i1 * O // n
             quant._q4_rows(xl, xh2, xsum, qs, d, m, o0, o1, y)
-            _add(out, res, y, o0, o1)
+            _add(out, res, y, o0, o1, 0)
             k += i1 - i0
             i0, i1 = _next(ctr, s, wi, nw, n)
     _finish(ctr, s, nw, n, k)
@@ -250,9 +260,7 @@ def _matmul_rows(x, w, l, out, res, C):
             for i in range(i0, i1):
                 o0, o1 = i * O // n, (i + 1) * O // n
                 quant_gemm.tile(xa, qs, d, m, o0, o1, buf, y, 0)
-                for t in range(T):
-                    for o in range(o0, o1):
-                        out[t, o] = res[t, o] + y[t, o - o0]
+                _add(out, res, y, o0, o1, o0)
             k += i1 - i0
             i0, i1 = _next(ctr, s, wi, nw, n)
     _finish(ctr, s, nw, n, k)
@@ -276,10 +284,7 @@ def _gate_up_rows(x, g, u, l, out, C):
                 o0, o1 = i * F // n, (i + 1) * F // n
                 quant_gemm.tile(xa, g[0][l].view(np.uint8), g[1][l], g[2][l], o0, o1, buf, yg, 0)
                 quant_gemm.tile(xa, u[0][l].view(np.uint8), u[1][l], u[2][l], o0, o1, buf, yu, 0)
-                for t in range(T):
-                    for o in range(o0, o1):
-                        v = yg[t, o - o0]
-                        out[t, o] = v / (np.float32(1.0) + exp32(-v)) * yu[t, o - o0]
+                _silu_mul(out, yg, yu, o0, o1, o0)
             k += i1 - i0
             i0, i1 = _next(ctr, s, wi, nw, n)
     _finish(ctr, s, nw, n, k)
@@ -302,9 +307,7 @@ def _matmul_panels(x, w, l, limbs, out, res, C):
                 p0, p1 = i * P // n, (i + 1) * P // n
                 quant_panel.tile(xi, qp, d, m, p0, p1, y, 0)
                 o0, o1 = quant_panel.ROWS * p0, min(quant_panel.ROWS * p1, out.shape[1])
-                for t in range(T):
-                    for o in range(o0, o1):
-                        out[t, o] = res[t, o] + y[t, o - o0]
+                _add(out, res, y, o0, o1, o0)
             k += i1 - i0
             i0, i1 = _next(ctr, s, wi, nw, n)
     _finish(ctr, s, nw, n, k)
@@ -327,10 +330,7 @@ def _gate_up_panels(x, g, u, l, limbs, out, C):
                 quant_panel.tile(xi, g[3][l], g[4][l], g[5][l], p0, p1, yg, 0)
                 quant_panel.tile(xi, u[3][l], u[4][l], u[5][l], p0, p1, yu, 0)
                 o0, o1 = quant_panel.ROWS * p0, min(quant_panel.ROWS * p1, out.shape[1])
-                for t in range(T):
-                    for o in range(o0, o1):
-                        v = yg[t, o - o0]
-                        out[t, o] = v / (np.float32(1.0) + exp32(-v)) * yu[t, o - o0]
+                _silu_mul(out, yg, yu, o0, o1, o0)
             k += i1 - i0
             i0, i1 = _next(ctr, s, wi, nw, n)
     _finish(ctr, s, nw, n, k)
