@@ -23,6 +23,7 @@ def test_bench_random_weights_json(tmp_path):
         assert row["weights_mb"] > 0 and row["peak_rss_mb"] > 0
         for run in row["runs"]:
             assert run["decode_tok_s"] > 0 and run["prefill_tok_s"] > 0
+            assert run["prefilled_tokens"] == 16         # the whole prompt, every run: no cache hits
     assert rows[("numba", "auto")]["cold_start_s"] >= rows[("numba", "auto")]["cached_start_s"] > 0
     # many rows a step: each configuration's decode of 1 and 3 sequences at once, a 2-token forward
     assert "many rows a step" in r.stdout
