@@ -625,7 +625,7 @@ show(fig, "09_whole_model")
 # of the same 30 layers but width 64, where the arithmetic is next to nothing, that alone was
 # 1.5–2.1 ms a token: a fifth of a decode step of the real model once the kernels were fast. So
 # the numba backend runs its steps in its own model, `minfer/cpu/model.py`: `model.py`'s forward,
-# whose layers run in one compiled call, `minfer/region.py` — the very same layer loop, written
+# whose layers run in one compiled call, `minfer/cpu/region.py` — the very same layer loop, written
 # inside `@njit` code that calls the very same kernels, so Python runs once per token. It also
 # keeps the threads in one `prange` for the whole token: each stage's work is cut into items that
 # the threads claim with an atomic counter, and before a stage reads what the previous one wrote,

@@ -480,13 +480,13 @@ if quant_i8.has_vnni():
 # **16 rows** (a *panel*), and `vpdpbusd` against 4 values of x copied into every lane gives
 # lane $r$ row $r$'s partial sum: 16 outputs accumulate side by side, no sum across lanes, one
 # float multiply-add per block for all 16 — and each loaded vector of weights serves several
-# tokens (`minfer/stages/quant_panel.py`). The same integer sums, so the same function as the
+# tokens (`minfer/cpu/quant_panel.py`). The same integer sums, so the same function as the
 # kernels above; with many rows — a batch of sequences, tokens to verify, a prompt — the
 # weights are read once for all of them. The one-region step runs the panels with int8
 # activations at any batch size, and with three parts up to about a dozen rows.
 
 # %%
-from minfer.stages import quant_panel
+from minfer.cpu import quant_panel
 
 if quant_i8.has_vnni():
     P = quant_panel.PanelMatrix(Q)                            # repacked once: 16 rows a vector
@@ -527,7 +527,7 @@ print(f"minfer hands {W.fmt} matmuls to the tiles from {quant.gemm_min_rows(W.fm
 # For one matrix the tiles catch up somewhere between 16 and 256 tokens. minfer's switch,
 # `quant.gemm_min_rows(fmt)`, was measured on the whole model instead (prefill tokens/s on two
 # threads, docs/benchmarks.md): there the kernels run inside the one compiled layer loop
-# (`cpu/model.py` calls `region.py`, which keeps its threads in one parallel region), while the tiles' path goes
+# (`cpu/model.py` calls `cpu/region.py`, which keeps its threads in one parallel region), while the tiles' path goes
 # through the layers in Python, a call per stage, and hands its tiles to Python threads — so
 # the kernels win for longer, up to ~224 tokens with the three int8 parts (~112 for Q8_0 there,
 # ~48 with the float kernels, which are slower per token).

@@ -4,7 +4,7 @@ A backend is an op table (the stage functions model.forward calls) and the model
 steps on it (make_model):
 
     numpy   model.Transformer (model.py, the specification) on the NumPy references
-    numba   cpu.model.CpuModel: model.py's forward, its layers in one compiled region (region.py),
+    numba   cpu.model.CpuModel: model.py's forward, its layers in one compiled region (cpu/region.py),
             on the `@njit` kernels that sit right after the reference in each stage module
     cuda    gpu.model.CudaModel: the whole step on the device (gpu/)
 """

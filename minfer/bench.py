@@ -85,7 +85,7 @@ def worker(spec: dict) -> None:
     params = minfer.SamplingParams(temperature=0, max_tokens=spec["new_tokens"], ignore_eos=True)
     # warm-up (and, cold, compile): process spawn -> first token: interpreter, imports, load,
     # (compile,) prefill. The second token is the first decode step's: on the numba backend its
-    # compiled step (region.py) is compiled then, not at the prefill.
+    # compiled step (cpu/region.py) is compiled then, not at the prefill.
     t0_wall = time.time()
     llm.generate([prompt], params)
     s = llm.stats

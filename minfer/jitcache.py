@@ -1,9 +1,9 @@
 """numba's on-disk kernel cache, made to notice an edit in any of minfer's kernel files.
 
 numba keys a cached kernel on the contents of its own file only, yet the machine code of a kernel
-includes the @njit helpers it calls from other files: region.py's layer loop calls every stage,
-attention.py calls fastexp.py. After an edit to such a helper, the cache would go on serving the
-old code, silently. So every kernel in minfer.stages and minfer.region is stamped
+includes the @njit helpers it calls from other files: cpu/region.py's layer loop calls every
+stage, attention.py calls fastexp.py. After an edit to such a helper, the cache would go on serving
+the old code, silently. So every kernel in minfer.stages and minfer.cpu is stamped
 with the contents of all those files together: any edit there recompiles them all on the next
 run (once; docs/benchmarks.md has how long).
 stages/__init__.py installs this before any kernel is defined.
@@ -26,8 +26,7 @@ import time
 from numba.core import caching
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-_FILES = (os.path.join(_HERE, "region.py"),)
-_STAGES = os.path.join(_HERE, "stages")
+_DIRS = (os.path.join(_HERE, "stages"), os.path.join(_HERE, "cpu"))
 
 
 @functools.lru_cache(maxsize=None)
@@ -38,7 +37,7 @@ def _digest(path: str, mtime: float, size: int) -> str:
 
 def sources_stamp() -> str:
     """One hash of the current contents of every watched kernel file."""
-    files = list(_FILES) + sorted(glob.glob(os.path.join(_STAGES, "*.py")))
+    files = [p for d in _DIRS for p in sorted(glob.glob(os.path.join(d, "*.py")))]
     h = hashlib.sha256()
     for p in files:
         st = os.stat(p)
@@ -55,7 +54,7 @@ def _watching(base):
         @classmethod
         def from_function(cls, py_func, py_file):
             p = os.path.abspath(py_file)
-            if p not in _FILES and os.path.dirname(p) != _STAGES:
+            if os.path.dirname(p) not in _DIRS:
                 return None                                  # not ours: numba's own locators
             return super().from_function(py_func, py_file)
     Locator.__name__ = Locator.__qualname__ = "Minfer" + base.__name__

@@ -11,7 +11,7 @@ returns the logits of the rows the batch asks for. The stage functions come from
 (backends.py): the NumPy reference's, the numba kernels', or a student's own (the exercises).
 
 This loop is the specification. The numba backend runs its steps in cpu/model.py (the layers in
-one compiled parallel region, region.py) and the cuda backend in gpu/model.py (fused kernels on
+one compiled parallel region, cpu/region.py) and the cuda backend in gpu/model.py (fused kernels on
 the device): the same stages in the same order, with the same stage comments
 (tests/test_structure.py holds them to it).
 """

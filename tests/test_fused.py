@@ -1,4 +1,4 @@
-"""cpu/model.py: the numba backend's step, its layers in one compiled region (region.py), computes
+"""cpu/model.py: the numba backend's step, its layers in one compiled region (cpu/region.py), computes
 what model.py's loop computes on the same kernels."""
 import numpy as np
 import pytest

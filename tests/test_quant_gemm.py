@@ -1,4 +1,4 @@
-"""quant_gemm.py: many rows of x against each weight row decoded once — the kernel against the
+"""cpu/quant_gemm.py: many rows of x against each weight row decoded once — the kernel against the
 NumPy reference, and the one-region step on mixed batches against the numpy backend."""
 import numpy as np
 import pytest
@@ -6,7 +6,8 @@ import pytest
 import minfer
 from minfer.cpu import formats
 from minfer.batch import make_batch
-from minfer.stages import quant as qmod, quant_gemm
+from minfer.cpu import quant_gemm
+from minfer.stages import quant as qmod
 from minfer.stages.quant import QuantMatrix, quant_linear
 
 rng = np.random.default_rng(7)

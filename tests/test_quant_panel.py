@@ -1,9 +1,10 @@
-"""quant_panel.py: int8 activations against weights in panels of 16 rows — the kernels against
+"""cpu/quant_panel.py: int8 activations against weights in panels of 16 rows — the kernels against
 quant_i8's NumPy reference (the same integer sums, so float32 rounding is the only difference)."""
 import numpy as np
 import pytest
 
-from minfer.stages import quant_i8, quant_panel
+from minfer.cpu import quant_panel
+from minfer.stages import quant_i8
 from minfer.stages.quant import QuantMatrix
 
 pytestmark = pytest.mark.skipif(not quant_i8.has_vnni(), reason="this CPU has no AVX-512 VNNI")

@@ -10,7 +10,7 @@ So no step can be shorter than
 
     (weight bytes + KV cache bytes) / the machine's read bandwidth
 
-and in minfer's numba backend a step also opens parallel regions: two (region.py: the layers in
+and in minfer's numba backend a step also opens parallel regions: two (cpu/region.py: the layers in
 one, the LM head in the other). This script measures each of those here:
 
   bandwidth    the best rate at which the numba threads read a 256 MB buffer: 64-byte vector

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..stages import quant, quant_panel
+from ..stages import quant
 from ..stages.simd import bits
+from . import quant_panel
 
 Q4, Q8, INT8, SPLIT = 0, 1, 2, 3
 
@@ -47,7 +48,7 @@ def layer_args(stacks: dict, n_layers: int, kind: int | None = None) -> tuple:
     """The stacks as the compiled step takes them: (attn_norm, wqkv, wo, ffn_norm, w_gate, w_up,
     w_down), each matrix as (quants, scales, mins) [L, ...], float16 scales as uint16 bits.
     m, the Q4 mins, is an empty array for Q8_0.
-    kind: for region.py's walk, which takes each matrix in panels too (stages/quant_panel.py:
+    kind: for region.py's walk, which takes each matrix in panels too (cpu/quant_panel.py:
     its int8-part kernels) — (quants, scales, mins, panels, their scales, their mins); the
     panels are empty arrays where the kernels of `kind` do not read them."""
     no_m = np.zeros((n_layers, 0), dtype=np.float32)            # Q8_0 has no mins (1-D a layer)

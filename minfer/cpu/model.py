@@ -17,12 +17,11 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from .. import region
 from ..batch import Batch
 from ..model import Transformer
 from ..stages import quant
 from ..stages.kvcache import KVCache
-from . import formats
+from . import formats, region
 
 
 class CpuModel(Transformer):

@@ -327,7 +327,7 @@ def _q4_gate_up_dot(xl, xh2, xsum, qg, dg, mg, qu, du, mu, o, t):
     return g / (float32(1.0) + exp32(-g)) * _q4_dot(xl, xh2, xsum, qu, du, mu, o, t)
 
 
-# The same rows a thread's share at a time, for region.py (a whole step in one parallel region):
+# The same rows a thread's share at a time, for cpu/region.py (a whole step in one parallel region):
 # out[:, o0:o1] = rows o0..o1-1 of W . every token of x.
 @njit(inline="always", fastmath=True)
 def _q8_0_rows(x, qs, d, o0, o1, out):
@@ -453,10 +453,10 @@ def split_x() -> bool:
 
 Q8_SPLIT_GEMM_MIN_ROWS = 112
 
-# From how many rows of x on the one-region step (region.py) decodes each weight row once for all
-# of them into floats (quant_gemm.py), by kernel kind: cpu/formats.py's Q4, Q8 (float kernels), INT8
+# From how many rows of x on the one-region step (cpu/region.py) decodes each weight row once for all
+# of them into floats (cpu/quant_gemm.py), by kernel kind: cpu/formats.py's Q4, Q8 (float kernels), INT8
 # (int8 activations), SPLIT (float32 x in three int8 parts). Below it, the float kinds run their
-# matvec kernels and the int8-part kinds the panels (quant_panel.py), whose byte dot products
+# matvec kernels and the int8-part kinds the panels (cpu/quant_panel.py), whose byte dot products
 # beat the float tiles up to about a dozen rows (docs/benchmarks.md). INT8 never: the tiles
 # multiply exact floats, and int8 activations are a rounding of their own that the step keeps
 # at any batch size.

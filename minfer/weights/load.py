@@ -112,7 +112,7 @@ STACKED = ("attn_norm", "wqkv", "wo", "ffn_norm", "w_gate", "w_up", "w_down")
 def _fuse(layers: list[LayerWeights]) -> dict:
     """Stack each layer's Q, K, V rows into one matrix (wq/wk/wv become views of it). Then hold
     each kind of layer weight for all layers in one array, [L, ...], each layer keeping a view:
-    the numba decode step (cpu/model.py, region.py) takes a whole stack in one argument, and one
+    the numba decode step (cpu/model.py, cpu/region.py) takes a whole stack in one argument, and one
     large allocation can sit on huge pages (streaming the weights measured ~5-10% faster).
     -> {kind: (format, array or quants [L, ...], scales or None, mins or None)}."""
     for L in layers:

@@ -25,8 +25,8 @@ from numba import njit, prange
 from numba.core import cgutils, types
 from numba.extending import intrinsic
 
-from .quant import QK, QuantMatrix
-from .simd import F32, F32x16, I8, I32, _load, _load_scales, _sum16, _vec, bits
+from ..stages.quant import QK, QuantMatrix
+from ..stages.simd import F32, F32x16, I8, I32, _load, _load_scales, _sum16, _vec, bits
 
 
 # ---------------------------------------------------------------------------------------------

@@ -29,9 +29,9 @@ from numba import float32, int32, njit, prange
 from numba.core import types
 from numba.extending import intrinsic
 
-from .quant import QK, QuantMatrix
-from .quant_i8 import _absmax_sum, _digits1, _digits3
-from .simd import F32, F32x16, I8, I32, _load, _load_scales, _prefetch_l2, _vec, _vpdpbusd, bits
+from ..stages.quant import QK, QuantMatrix
+from ..stages.quant_i8 import _absmax_sum, _digits1, _digits3
+from ..stages.simd import F32, F32x16, I8, I32, _load, _load_scales, _prefetch_l2, _vec, _vpdpbusd, bits
 
 ROWS = 16                                           # rows in a panel: one int32 lane each
 PREFETCH_BYTES = 4096       # how far ahead a step of few tokens asks for the weights (into L2)

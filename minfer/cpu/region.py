@@ -49,12 +49,13 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .cpu.formats import Q8
-from .stages import attention, quant, quant_gemm, quant_i8, quant_panel
-from .stages.fastexp import exp32
-from .stages.kvcache import kv_write_numba
-from .stages.rmsnorm import rmsnorm_numba
-from .stages.rope import rope_numba
+from ..stages import attention, quant, quant_i8
+from ..stages.fastexp import exp32
+from ..stages.kvcache import kv_write_numba
+from ..stages.rmsnorm import rmsnorm_numba
+from ..stages.rope import rope_numba
+from . import quant_gemm, quant_panel
+from .formats import Q8
 
 
 # ---------------------------------------------------------------------------------------------
