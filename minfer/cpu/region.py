@@ -167,7 +167,9 @@ def _add(out, res, y, o0, o1, c):
 
 @njit(inline="always")
 def _silu_mul(out, yg, yu, o0, o1, c):
-    """out[:, o0:o1] = silu(gate) * up, from yg's and yu's columns o0 - c .. o1 - c."""
+    """out[:, o0:o1] = silu(gate) * up, from yg's and yu's columns o0 - c .. o1 - c. (The stages
+    that call it compile with error_model="numpy": under Python's rules each float division
+    checks its divisor for zero, to raise, and that branch keeps the loop from vector code.)"""
     for t in range(yg.shape[0]):
         for o in range(o0, o1):
             v = yg[t, o - c]
@@ -245,7 +247,7 @@ def _gate_up_q4(x, g, u, l, out, C):
 # Many rows (a batch of sequences, tokens to verify, a chunk of a prompt): quant_gemm's tiles,
 # each weight row dequantized once for all the rows of x. An item is a tile of weight rows, as
 # above; the thread decodes it STRIP rows at a time into its own buffer.
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _matmul_rows(x, w, l, out, res, C):
     ctr, s, wi, nw = C
     qs, d, m = w[0][l].view(np.uint8), w[1][l], w[2][l]
@@ -267,7 +269,7 @@ def _matmul_rows(x, w, l, out, res, C):
     _finish(ctr, s, nw, n, k)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _gate_up_rows(x, g, u, l, out, C):
     ctr, s, wi, nw = C
     T, F = x.shape[0], g[0].shape[1]
@@ -293,7 +295,7 @@ def _gate_up_rows(x, g, u, l, out, C):
 
 # int8 activations: the weights in panels of 16 rows (quant_panel.py), at any number of rows.
 # An item is a tile of panels.
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _matmul_panels(x, w, l, limbs, out, res, C):
     ctr, s, wi, nw = C
     qp, d, m = w[3][l], w[4][l], w[5][l]
@@ -314,7 +316,7 @@ def _matmul_panels(x, w, l, limbs, out, res, C):
     _finish(ctr, s, nw, n, k)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _gate_up_panels(x, g, u, l, limbs, out, C):
     ctr, s, wi, nw = C
     T, P = x.shape[0], g[3].shape[1]
