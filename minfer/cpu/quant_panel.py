@@ -134,13 +134,15 @@ def _make_panel(q8, C, limbs=1):
                             context, builder, sig.args[3], args[3], at(xo, xoff)))
                     total = s[0] if chains == 1 else builder.add(s[0], s[1])
                     return builder.sitofp(total, _vec(F32, 16))
+                # two chains of vpdpbusd a part: each waits for its previous result, and
+                # with one chain a tile of 4 tokens keeps too few of them in flight
                 if limbs == 1:
-                    isum = dot(0, 2)                               # two chains: half the wait
+                    isum = dot(0, 2)
                 else:                                              # X = (q1 128 + q2) 128 + q3
                     k128 = ir.Constant(_vec(F32, 16), [128.0] * 16)
-                    isum = dot(0, 1)
+                    isum = dot(0, 2)
                     for p in range(1, limbs):
-                        isum = builder.fadd(builder.fmul(isum, k128), dot(p, 1))
+                        isum = builder.fadd(builder.fmul(isum, k128), dot(p, 2))
                 dxt = _splat(builder, _scalar(context, builder, sig.args[8], args[8], tok, F32), 16)
                 acc = builder.fadd(pick(args[0], t), builder.fmul(
                     isum, builder.fmul(d, dxt, flags=["fast"]), flags=["fast"]), flags=["fast"])
