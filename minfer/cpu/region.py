@@ -213,7 +213,7 @@ def _matmul_q4(x, w, l, out, res, C):
 
 
 # silu(x Wg^T) * (x Wu^T) -> out [T, F]; an item is a tile of rows of both.
-@njit(fastmath=True, cache=True)
+@njit(fastmath=True, cache=True, error_model="numpy")
 def _gate_up_q8(x, g, u, l, out, C):
     ctr, s, wi, nw = C
     F = g[0].shape[1]
@@ -227,7 +227,7 @@ def _gate_up_q8(x, g, u, l, out, C):
     _finish(ctr, s, nw, n, k)
 
 
-@njit(fastmath=True, cache=True)
+@njit(fastmath=True, cache=True, error_model="numpy")
 def _gate_up_q4(x, g, u, l, out, C):
     ctr, s, wi, nw = C
     F = g[0].shape[1]

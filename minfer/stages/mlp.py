@@ -33,7 +33,9 @@ from .quant import QuantMatrix, gemm_min_rows  # noqa: E402
 from .quant_dispatch import quant_gate_up_numba  # noqa: E402
 
 
-@njit(parallel=True, fastmath=True, cache=True)
+# error_model="numpy": under Python's rules each float division checks its divisor for zero, to
+# raise, and that branch keeps the loop from becoming vector code.
+@njit(parallel=True, fastmath=True, cache=True, error_model="numpy")
 def silu_mul_numba(g, u):
     """silu(g) * u, elementwise, in place in g. g/u [T, F]."""
     T, F = g.shape
