@@ -57,6 +57,33 @@ def test_busy_engine_equals_each_request_alone(tiny_q4, backend):
     llm.engine.blocks.check()
 
 
+@pytest.mark.parametrize("pool_blocks, batch_tokens", [(None, 256), (9, 8)])
+def test_requests_with_one_system_prompt_compute_it_once(tiny_q4, pool_blocks, batch_tokens):
+    """Requests that arrive together with a 24-token system prompt: the first computes it, the
+    others wait for its blocks and share them — and each gets what it gets alone (also with a
+    pool so small that sequences are preempted, and prompts chunked)."""
+    rng = np.random.default_rng(4)
+    system = rng.integers(3, 250, 24).tolist()                # 6 blocks of 4
+    prompts = [system + rng.integers(3, 250, int(rng.integers(1, 7))).tolist() for _ in range(5)]
+    params = [minfer.SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)] * 5
+    alone = solo(minfer.LLM(tiny_q4, backend="numpy", block_size=4, prefix_caching=False),
+                 prompts, params)
+    kw = {} if pool_blocks is None else dict(kv_cache_mb=block_mb(pool_blocks))
+    llm = minfer.LLM(tiny_q4, backend="numpy", block_size=4, max_seqs=4,
+                     max_batch_tokens=batch_tokens, **kw)
+    outs = llm.generate(prompts, params)
+    assert [o.token_ids for o in outs] == alone
+    stats = llm.engine.stats()
+    prompt_computed = stats["computed_tokens"] - (stats["generated_tokens"] - len(prompts))
+    if pool_blocks is None:                                   # the system prompt, once
+        assert prompt_computed == len(prompts[0]) + sum(len(p) - 24 for p in prompts[1:])
+        assert [o.cached_tokens for o in outs] == [0] + [24] * 4
+    else:
+        assert stats["preemptions"] > 0
+    assert stats["blocks_used"] == 0
+    llm.engine.blocks.check()
+
+
 def test_requests_arriving_while_others_decode(tiny_q4):
     """Requests added between steps join the running batch at once and still get their own
     answers; an abort in the middle disturbs nobody."""

@@ -197,3 +197,99 @@ def test_random_requests_aborts_and_steps_leave_no_leaks():
     bm.check()
     assert bm.tables == {} and all(r == 0 for r in bm.ref) and bm.n_free == 24
     assert s.n_preemptions > 0 and s.cached_tokens > 0     # the run did exercise both
+
+
+# --- requests that arrive together with one prefix compute it once --------------------------------
+def run_all(s: Scheduler, seqs, max_new=3, steps=500):
+    """Step until every sequence has max_new tokens; -> (plans, prompt tokens computed)."""
+    plans, prompt_computed = [], 0
+    for _ in range(steps):
+        if not s.has_unfinished():
+            break
+        plan = s.schedule()
+        for q, n in plan:
+            if not q.output_ids:                    # still in its prompt
+                prompt_computed += n
+            s.computed(q, n)
+            if q.n_pending == 0:
+                q.output_ids.append(7)
+                if len(q.output_ids) >= max_new:
+                    s.finish(q, "length")
+        s.blocks.check()
+        plans.append([(q.seq_id, n) for q, n in plan])
+    assert all(q.finished for q in seqs), "a request never finished"
+    return plans, prompt_computed
+
+
+def with_system(i, system, n_own=3):
+    return Sequence(i, system + [1000 + 10 * i + j for j in range(n_own)], P, np.random.default_rng(0))
+
+
+def test_requests_with_one_system_prompt_added_together_compute_it_once():
+    system = list(range(100, 120))                  # 20 tokens: 5 full blocks of 4
+    s = Scheduler(pool(64), max_seqs=8, max_tokens=64)
+    seqs = [with_system(i, system) for i in range(4)]
+    for q in seqs:
+        s.add(q)
+    plans, computed = run_all(s, seqs)
+    assert plans[0] == [(0, 23)]                    # the others wait for the system prompt...
+    assert plans[1] == [(0, 1), (1, 3), (2, 3), (3, 3)]     # ...then share its 5 blocks
+    assert computed == 23 + 3 * 3 and s.cached_tokens == 3 * 20
+    assert s.blocks.n_used == 0
+
+
+def test_waiting_for_a_prefix_that_is_still_being_chunked():
+    system = list(range(100, 140))                  # 40 tokens: 10 blocks, 3 chunks of 16
+    s = Scheduler(pool(64), max_seqs=8, max_tokens=16)
+    seqs = [with_system(i, system) for i in range(3)]
+    for q in seqs:
+        s.add(q)
+    plans, computed = run_all(s, seqs)
+    assert plans[:3] == [[(0, 16)], [(0, 16)], [(0, 11)]]   # not a token of the prefix twice
+    assert plans[3] == [(0, 1), (1, 3), (2, 3)]
+    assert computed == 43 + 2 * 3
+
+
+def test_a_request_sharing_nothing_is_not_held_back_by_one_that_waits():
+    system = list(range(100, 120))
+    s = Scheduler(pool(64), max_seqs=8, max_tokens=64)
+    a, b, c = with_system(0, system), with_system(1, system), seq(2, 5, first=500)
+    for q in (a, b, c):
+        s.add(q)
+    assert run_step(s) == [(0, 23), (2, 5)]         # b waits for a's blocks, c does not wait
+    assert list(s.waiting) == [b]
+    assert run_step(s) == [(0, 1), (2, 1), (1, 3)]
+
+
+def test_requests_with_nothing_in_common_are_scheduled_as_without_the_cache():
+    def plans(prefix):
+        rng = np.random.default_rng(5)
+        s = Scheduler(pool(40, prefix=prefix), max_seqs=4, max_tokens=12)
+        seqs = [seq(i, int(rng.integers(1, 30)), first=100 * i) for i in range(10)]
+        for q in seqs:
+            s.add(q)
+        return run_all(s, seqs)
+    assert plans(True) == plans(False)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_waiting_for_a_prefix_never_deadlocks_in_a_tiny_pool(seed):
+    """Sequences that wait on a prefix, the one computing it preempted, sequences coming back:
+    everyone finishes and the bookkeeping adds up every step."""
+    rng = np.random.default_rng(seed)
+    systems = [list(range(100, 112)), list(range(200, 220))]    # 3 and 5 blocks of 4
+    s = Scheduler(pool(10), max_seqs=4, max_tokens=6)
+    seqs = [with_system(i, systems[int(rng.integers(2))], n_own=int(rng.integers(1, 6)))
+            for i in range(10)]
+    for q in seqs:
+        s.add(q)
+    waits, schedule = [0], s.schedule
+
+    def counting():            # a waiting sequence's next block is being computed by a running one
+        computing = {h for r in s.running for h in s.blocks.unnamed_blocks(r.seq_id, r.tokens)}
+        waits[0] += any(s.blocks.first_missing_block(q.tokens) in computing for q in s.waiting)
+        return schedule()
+    s.schedule = counting
+    run_all(s, seqs, max_new=int(rng.integers(4, 10)))
+    assert waits[0] > 0 and s.n_preemptions > 0 and s.cached_tokens > 0
+    assert s.blocks.n_used == 0

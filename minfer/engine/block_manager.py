@@ -123,6 +123,32 @@ class BlockManager:
             hashes.append(h)
         return len(table) * bs
 
+    def first_missing_block(self, tokens: list[int]) -> int | None:
+        """The chained hash of the first block `share_prefix` would want but the cache lacks, or
+        None when the cache holds all it could share (or there is no cache). Allocates nothing:
+        the scheduler asks before it admits."""
+        if self.prefix is None:
+            return None
+        bs, h = self.block_size, None
+        for i in range((len(tokens) - 1) // bs):      # the blocks share_prefix may take
+            key = tuple(tokens[i * bs:(i + 1) * bs])
+            h = block_hash(h, key)
+            if self.prefix.lookup(h, key) is None:
+                return h
+        return None
+
+    def unnamed_blocks(self, seq_id: int, tokens: list[int]) -> list[int]:
+        """The chained hashes of the sequence's full blocks of `tokens` that it has not named in
+        the cache yet: the blocks it is still computing, that it will name when done."""
+        if self.prefix is None:
+            return []
+        bs, hashes = self.block_size, self.hashes.get(seq_id, [])
+        h, out = (hashes[-1] if hashes else None), []
+        for i in range(len(hashes), len(tokens) // bs):
+            h = block_hash(h, tuple(tokens[i * bs:(i + 1) * bs]))
+            out.append(h)
+        return out
+
     def has_new_full_block(self, seq_id: int, n_computed: int) -> bool:
         """Has the sequence filled a block since it last named its blocks?"""
         return self.prefix is not None and n_computed // self.block_size > len(self.hashes.get(seq_id, ()))

@@ -10,7 +10,13 @@ sequences:
   2. then running sequences still in their prompt, a chunk each (chunked prefill);
   3. then waiting sequences, first come first served, while the budget, `max_seqs` and free
      blocks allow. A newly admitted sequence first takes whatever the prefix cache holds of its
-     tokens, then computes the rest in chunks.
+     tokens, then computes the rest in chunks;
+  4. a waiting sequence whose next block (the first one its tokens could take from the prefix
+     cache but the cache lacks) is a block a running sequence is computing now is not admitted
+     yet: it waits until that block is computed and cached, then shares it. Many requests that
+     arrive together with one system prompt compute it once, not once each. The ones queued
+     behind it are still considered (see `schedule`). It never waits on itself or on a
+     preempted sequence (neither is running), and it is admitted anyway when nothing else runs.
 
 When a running sequence needs a block and none is free, the newest running sequence is
 *preempted*: its blocks are freed (those that are full stay in the prefix cache) and it goes back
@@ -61,10 +67,22 @@ class Scheduler:
                 continue                               # it was preempted itself
             out.append((seq, n))
             budget -= n
-        # 3: admit waiting sequences
-        while self.waiting and budget > 0 and len(self.running) < self.max_seqs:
-            seq = self.waiting[0]
+        # 3: admit waiting sequences, first come first served, except (rule 4) those about to
+        # compute a block that a running sequence is computing. Those are skipped, not waited on:
+        # they keep their place at the front and are admitted as soon as the block is cached (a
+        # step or a few chunks later), while a request behind them that shares nothing with the
+        # running ones should not sit idle for a block it does not need.
+        computing: set[int] | None = None              # hashes of blocks being computed now
+        for seq in list(self.waiting):
+            if budget == 0 or len(self.running) >= self.max_seqs:
+                break
             tokens = seq.tokens
+            if out and seq.n_computed == 0:            # (if nothing else runs, admit: no stall)
+                if computing is None:
+                    computing = {h for r in self.running
+                                 for h in self.blocks.unnamed_blocks(r.seq_id, r.tokens)}
+                if computing and self.blocks.first_missing_block(tokens) in computing:
+                    continue                           # it shares that block once it is cached
             if seq.n_computed == 0 and not self.blocks.tables.get(seq.seq_id):
                 seq.n_computed = self.blocks.share_prefix(seq.seq_id, tokens)
             n = min(seq.n_pending, budget)
@@ -74,7 +92,7 @@ class Scheduler:
                 seq.n_computed = 0
                 break
             self.blocks.ensure(seq.seq_id, seq.n_computed + n)
-            self.waiting.popleft()
+            self.waiting.remove(seq)
             seq.status = Status.RUNNING
             if seq.metrics.first_scheduled is None:       # first admission: count cache hits
                 seq.metrics.first_scheduled = time.perf_counter()
@@ -82,6 +100,8 @@ class Scheduler:
                 self.prompt_tokens += len(tokens)
                 self.cached_tokens += seq.n_computed
             self.running.append(seq)
+            if computing is not None:                  # its blocks are being computed now too
+                computing.update(self.blocks.unnamed_blocks(seq.seq_id, tokens))
             out.append((seq, n))
             budget -= n
         return out
