@@ -32,7 +32,7 @@ from minfer.stages import quant
 from minfer.stages.linear import linear_numba
 from minfer.stages.quant import (BLOCK_DTYPES, QK, QuantMatrix, dequantize, quant_linear, quantize,
                                  split_for_q4)
-from minfer.stages.quant_dispatch import quant_linear_numba
+from minfer.stages.quant_dispatch import KernelConfig, quant_linear_numba
 
 numba.set_num_threads(1)
 llm = minfer.LLM(backend="numba")          # quant="auto": the file's own blocks, as they are
@@ -251,7 +251,7 @@ print(inspect.getsource(quant._q4_dot))
 # %% [markdown]
 # Like every kernel, it is checked against the reference — every format, a row count that is not
 # a multiple of anything, the decode path (1 and 3 tokens, and a short prompt's 20) and the path
-# of long prompts (200 tokens: from `quant.gemm_min_rows(fmt)` tokens on minfer dequantizes tiles
+# of long prompts (200 tokens: from `llm.kernels.sgemm_min_rows(fmt)` tokens on minfer dequantizes tiles
 # of rows into float32 and calls BLAS's sgemm — many tokens make the work compute-bound, and the
 # dequantization is shared by all of them; below that the kernels, which cost the same per token
 # at any count, are faster):
@@ -277,11 +277,10 @@ E32 = E.dequantize()                                # the same weights as float3
 mats = {"f32": E32, "Q8_0": E, "Q4_1": QuantMatrix.from_float(E32, "Q4_1")}   # (Q4_0: same kernel)
 x1 = rng.standard_normal((1, E.shape[1])).astype(np.float32)
 speed = {}
-quant.SPLIT_X = False               # the float kernels, as on a CPU without VNNI (see "Advanced")
+floats = KernelConfig(split_x=False)   # the float kernels, as without VNNI (see "Advanced")
 for fmt, M in mats.items():
-    t, _ = clock(linear_numba, x1, M, budget=0.15, most=50)
+    t, _ = clock(linear_numba, x1, M, False, floats, budget=0.15, most=50)
     speed[fmt] = (t, M.nbytes)
-quant.SPLIT_X = None                # back to asking the CPU
 t0 = time.perf_counter()
 quant_linear(x1, mats["Q4_1"])                       # the reference: slow, so timed once
 t_ref = time.perf_counter() - t0
@@ -510,7 +509,7 @@ Wf = W.float_scales()
 
 
 def kernels(x):                                             # the kernel the engine would run
-    if quant.split_x():
+    if llm.kernels.split_x:
         return quant_i8.quant_linear_i8(x, W, limbs=3)      # three int8 parts (VNNI)
     return quant._q4_matmul(x, Wf.qs, Wf.d, Wf.m)           # float kernel
 
@@ -519,13 +518,13 @@ print(f"{'tokens':>6} {'kernels, us/token':>18} {'tiles + sgemm, us/token':>24}"
 for T in (1, 16, 64, 256):
     xt = rng.standard_normal((T, W.shape[1])).astype(np.float32)
     tk, _ = clock(kernels, xt, budget=0.1, most=20)
-    tt, _ = clock(quant._tiled_gemm, xt, W, budget=0.1, most=20)
+    tt, _ = clock(quant._tiled_gemm, xt, W, llm.kernels.tile_rows, budget=0.1, most=20)
     print(f"{T:6d} {tk / T * 1e6:18.1f} {tt / T * 1e6:24.1f}")
-print(f"minfer hands {W.fmt} matmuls to the tiles from {quant.gemm_min_rows(W.fmt)} tokens on")
+print(f"minfer hands {W.fmt} matmuls to the tiles from {llm.kernels.sgemm_min_rows(W.fmt)} tokens on")
 
 # %% [markdown]
 # For one matrix the tiles catch up somewhere between 16 and 256 tokens. minfer's switch,
-# `quant.gemm_min_rows(fmt)`, was measured on the whole model instead (prefill tokens/s on two
+# `KernelConfig.sgemm_min_rows(fmt)`, was measured on the whole model instead (prefill tokens/s on two
 # threads, docs/benchmarks.md): there the kernels run inside the one compiled layer loop
 # (`cpu/model.py` calls `cpu/region.py`, which keeps its threads in one parallel region), while the tiles' path goes
 # through the layers in Python, a call per stage, and hands its tiles to Python threads — so

@@ -36,19 +36,21 @@ def numpy_ops() -> SimpleNamespace:
     )
 
 
-def numba_ops(int8_act: bool = False) -> SimpleNamespace:
-    """int8_act: the matmuls on quantized weights round x to int8 per block (stages/quant_i8.py)."""
+def numba_ops(int8_act: bool = False, kernels=None) -> SimpleNamespace:
+    """int8_act: the matmuls on quantized weights round x to int8 per block (stages/quant_i8.py).
+    kernels: which kernels the matmuls run (stages.quant_dispatch.KernelConfig; default: this
+    CPU's), bound into the table's linear, qkv and swiglu."""
     from functools import partial
 
     from .stages import attention, embedding, kvcache, linear, mlp, rmsnorm, rope
+    from .stages.quant_dispatch import KernelConfig
     if int8_act:
         from .stages import simd
         simd.check_available()
-        mm = dict(linear=partial(linear.linear_numba, int8_act=True),
-                  qkv=partial(linear.qkv_numba, int8_act=True),
-                  swiglu=partial(mlp.swiglu_numba, int8_act=True))
-    else:
-        mm = dict(linear=linear.linear_numba, qkv=linear.qkv_numba, swiglu=mlp.swiglu_numba)
+    kernels = kernels or KernelConfig()
+    mm = {name: partial(f, int8_act=int8_act, kernels=kernels)
+          for name, f in (("linear", linear.linear_numba), ("qkv", linear.qkv_numba),
+                          ("swiglu", mlp.swiglu_numba))}
     return SimpleNamespace(
         name="numba+int8" if int8_act else "numba",
         embedding=embedding.embedding_numba,
@@ -98,7 +100,10 @@ def set_threads(n: int | None) -> int:
     return numba.get_num_threads()
 
 
-def get_ops(name: str, threads: int | None = None, activations: str = "f32") -> SimpleNamespace:
+def get_ops(name: str, threads: int | None = None, activations: str = "f32",
+            kernels=None) -> SimpleNamespace:
+    """The op table of backend `name`. kernels: the numba backend's choice of kernels
+    (stages.quant_dispatch.KernelConfig; default: this CPU's)."""
     if activations not in ACTIVATIONS:
         raise InvalidArgumentError(f"unknown activations {activations!r}; choose one of: "
                                    f"{', '.join(ACTIVATIONS)}")
@@ -109,18 +114,19 @@ def get_ops(name: str, threads: int | None = None, activations: str = "f32") -> 
         return numpy_ops()
     if name == "numba":
         set_threads(threads)
-        return numba_ops(activations == "int8")
+        return numba_ops(activations == "int8", kernels)
     if name == "cuda":
         from .gpu.model import cuda_ops
         return cuda_ops()  # BackendUnavailableError, one sentence, without numba-cuda or a GPU
     raise InvalidArgumentError(f"unknown backend {name!r}; choose one of: {', '.join(BACKENDS)}")
 
 
-def make_model(name: str, config, weights, ops, activations: str = "f32"):
-    """The model that runs backend `name`'s steps on its op table `ops` (get_ops)."""
+def make_model(name: str, config, weights, ops, activations: str = "f32", kernels=None):
+    """The model that runs backend `name`'s steps on its op table `ops` (get_ops; the numba
+    backend's with the same `kernels`)."""
     if name == "numba":
         from .cpu.model import CpuModel
-        return CpuModel(config, weights, ops, int8_act=activations == "int8")
+        return CpuModel(config, weights, ops, int8_act=activations == "int8", kernels=kernels)
     if name == "cuda":
         from .gpu.model import CudaModel
         return CudaModel(config, weights)

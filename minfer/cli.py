@@ -383,6 +383,7 @@ def cmd_fetch(a) -> int:
 
 def cmd_info(a) -> int:
     from .weights.fetch import ensure_default_model
+    from .stages.quant_dispatch import KernelConfig
     from .weights.load import load, scales_for_kernels
     import numpy as np
     if a.model and a.model_flag and a.model != a.model_flag:
@@ -390,7 +391,7 @@ def cmd_info(a) -> int:
     model = a.model or a.model_flag
     path = Path(model) if model else ensure_default_model()
     config, weights, tok = load(path, a.quant)
-    scales_for_kernels(weights, "numba", "f32")          # as the default engine holds them
+    weights = scales_for_kernels(weights, "numba", "f32", KernelConfig())   # as the default engine
     print(f"{'model':<16}{path}")
     for k, v in config.to_dict().items():
         print(f"{k:<16}{v}")

@@ -82,7 +82,7 @@ class LLM:
                  kv_cache_mb: float = DEFAULT_KV_CACHE_MB, max_seqs: int = DEFAULT_MAX_SEQS,
                  max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, prefix_caching: bool = True,
                  speculative: str = "off", num_speculative_tokens: int | None = None,
-                 draft_model: str | os.PathLike | None = None, make_model=None):
+                 draft_model: str | os.PathLike | None = None, make_model=None, kernels=None):
         """backend: "numba" (default), "numpy" (the reference) or "cuda".
         quant: "auto" computes on the file's own quantized blocks (float32 on the numpy backend,
         whose reference path dequantizes); "f32", "q8_0", "q4_0", "q4_1" convert at load.
@@ -99,8 +99,12 @@ class LLM:
         distribution when sampling.
         make_model: a function (config, weights) -> model, run instead of the backend's own
         (backends.make_model); the exercises pass classroom.student_model: model.py's loop on
-        the student's functions."""
+        the student's functions.
+        kernels: which numba kernels run where (stages.quant_dispatch.KernelConfig: the split
+        kernels on or off, from how many rows on tiles and sgemm take over); default: the
+        measured choices for this CPU, KernelConfig()."""
         from .spec import MODES
+        from .stages.quant_dispatch import KernelConfig
         if speculative not in MODES:
             raise InvalidArgumentError(f"unknown speculative mode {speculative!r}; choose one of: "
                                        f"{', '.join(MODES)}")
@@ -110,7 +114,8 @@ class LLM:
                                        f"got {num_speculative_tokens!r}")
         if draft_model is not None and speculative != "draft":
             raise InvalidArgumentError("a draft model is for speculative='draft' (--speculative draft)")
-        ops = get_ops(backend, threads, activations)  # validate before the (slow) load
+        self.kernels = kernels = kernels or KernelConfig()
+        ops = get_ops(backend, threads, activations, kernels)  # validate before the (slow) load
         path = model if model is not None else fetch.ensure_default_model(quiet=quiet)
         self.path = path
         if quant == "auto" and backend == "numpy":
@@ -121,10 +126,12 @@ class LLM:
         if activations == "int8" and not self.weights.has_quantized():
             raise InvalidArgumentError("int8 activations need quantized weights (--quant auto on a "
                                        "GGUF with quantized blocks, or q8_0, q4_0, q4_1)")
-        scales_for_kernels(self.weights, backend, activations)   # float16 where kernels widen them
+        # float16 scales where the kernels widen them in registers
+        self.weights = scales_for_kernels(self.weights, backend, activations, kernels)
         self.backend = backend
         self.model = (make_model(self.config, self.weights) if make_model is not None
-                      else backends.make_model(backend, self.config, self.weights, ops, activations))
+                      else backends.make_model(backend, self.config, self.weights, ops, activations,
+                                               kernels))
         self.engine = Engine(self.model, self.tokenizer.stop_ids, max_context, block_size,
                              kv_cache_mb, max_seqs, max_batch_tokens, prefix_caching)
         self.draft = None
@@ -148,10 +155,10 @@ class LLM:
                 own = "auto" if kinds & {"Q4_0", "Q4_1"} else "q4_0"
                 self.draft = LLM(self.path, backend=self.backend, quant=own,
                                  activations="int8" if int8 else "f32", threads=threads, quiet=True,
-                                 kv_cache_mb=kv_cache_mb, max_seqs=max_seqs)
+                                 kv_cache_mb=kv_cache_mb, max_seqs=max_seqs, kernels=self.kernels)
             else:
                 self.draft = LLM(draft_model, backend=self.backend, threads=threads, quiet=True,
-                                 kv_cache_mb=kv_cache_mb, max_seqs=max_seqs)
+                                 kv_cache_mb=kv_cache_mb, max_seqs=max_seqs, kernels=self.kernels)
             if self.draft.config.vocab_size != self.config.vocab_size:
                 raise InvalidArgumentError(
                     f"the draft model has {self.draft.config.vocab_size} tokens, the model "

@@ -6,7 +6,8 @@ import pytest
 import minfer
 from minfer.cpu import formats
 from minfer.batch import make_batch
-from minfer.stages import quant as qmod, quant_i8
+from minfer.stages import quant_i8
+from minfer.stages.quant_dispatch import KernelConfig
 from minfer.model import Transformer
 
 
@@ -27,12 +28,12 @@ def test_fused_layers_equal_the_python_loop(tiny_gguf, quant, act, monkeypatch):
     f32-float-kernels: the float kernels, as on a CPU without it."""
     if act != "f32-float-kernels" and not quant_i8.has_vnni():
         pytest.skip("this CPU has no AVX-512 VNNI")
-    monkeypatch.setattr(qmod, "SPLIT_X", act != "f32-float-kernels")
+    kernels = KernelConfig(split_x=act != "f32-float-kernels")
     act = act[:3] if act.startswith("f32") else act
-    llm = minfer.LLM(tiny_gguf, quant=quant, activations=act)
+    llm = minfer.LLM(tiny_gguf, quant=quant, activations=act, kernels=kernels)
     family = formats.Q8 if quant == "q8_0" else formats.Q4
-    want_kind = {"int8": formats.INT8}.get(act, formats.SPLIT if qmod.SPLIT_X else family)
-    assert formats.kernels_for(llm.weights.stacks, act == "int8") == want_kind
+    want_kind = {"int8": formats.INT8}.get(act, formats.SPLIT if kernels.split_x else family)
+    assert formats.kernels_for(llm.weights.stacks, act == "int8", kernels.split_x) == want_kind
     plain = Transformer(llm.config, llm.weights, llm.model.ops)     # model.py's loop, same kernels
     calls, heads = [], []
     real = llm.model.run_region
@@ -46,7 +47,7 @@ def test_fused_layers_equal_the_python_loop(tiny_gguf, quant, act, monkeypatch):
     monkeypatch.setattr(llm.model, "run_region", spy)
     got, cache_got = steps(llm.model, tables)
     want, cache_want = steps(plain, tables)
-    # the region ran for every step: the 20-token prefill is short of quant.REGION_MAX_ROWS
+    # the region ran for every step: the 20-token prefill is short of KernelConfig.region_max_rows
     assert calls == [20, 2, 6]
     # the region ran the final norm and the (Q8_0) LM head too where its kernels read that
     # format: the int8-part ones read all three; the float Q4 kernels not Q8_0
@@ -71,35 +72,35 @@ def test_fused_layers_equal_the_python_loop(tiny_gguf, quant, act, monkeypatch):
 
 def test_fused_loop_is_skipped_where_it_does_not_apply(tiny_gguf, monkeypatch):
     f32 = minfer.LLM(tiny_gguf, quant="f32")
-    assert formats.kernels_for(f32.weights.stacks, False) is None    # float32 weights: no kernel
+    split = KernelConfig().split_x
+    assert formats.kernels_for(f32.weights.stacks, False, split) is None  # float32 weights: no kernel
     q = minfer.LLM(tiny_gguf, quant="q4_1")
-    assert formats.kernels_for({k: v for k, v in q.weights.stacks.items() if k != "wo"}, False) is None
+    assert formats.kernels_for({k: v for k, v in q.weights.stacks.items() if k != "wo"}, False, split) is None
     # the layers hold views of the stacks: one copy of the weights in memory
     L = q.weights.layers[1]
     assert np.shares_memory(L.w_up.qs, q.weights.stacks["w_up"][1])
     assert np.shares_memory(L.wq.qs, q.weights.stacks["wqkv"][1])
-    # a prompt of REGION_MAX_ROWS tokens or more goes to the sgemm tiles, in model.py's loop
+    # a prompt of region_max_rows tokens or more goes to the sgemm tiles, in model.py's loop
     ids = list(range(10, 30))
     short = q.logits(ids)
-    for name in ("GEMM_MIN_ROWS", "SPLIT_GEMM_MIN_ROWS", "REGION_MAX_ROWS"):
-        monkeypatch.setattr(qmod, name, 20)
+    q = minfer.LLM(tiny_gguf, quant="q4_1",
+                   kernels=KernelConfig(gemm_min_rows=20, split_gemm_min_rows=20, region_max_rows=20))
     calls, real = [], q.model.run_region
     monkeypatch.setattr(q.model, "run_region", lambda k, x, *a: calls.append(len(x)) or real(k, x, *a))
     assert np.abs(q.logits(ids) - short).max() <= 1e-4 * np.abs(short).max() and calls == []
     assert q.logits(ids[:19]).shape[0] == 19 and calls == [19]
 
 
-def test_float16_scales_pick_the_kernels_that_read_them(tiny_gguf, monkeypatch):
-    """The stacks' scales decide: float16 ones go to the int8-part kernels even with the split
-    switched off after loading (the float kernels would read their bits as numbers)."""
+def test_float16_scales_pick_the_kernels_that_read_them(tiny_gguf):
+    """The stacks' scales decide: float16 ones go to the int8-part kernels even where the
+    kernels asked for are the float ones (which would read their bits as numbers)."""
     if not quant_i8.has_vnni():
         pytest.skip("this CPU has no AVX-512 VNNI")
-    monkeypatch.setattr(qmod, "SPLIT_X", True)
-    q = minfer.LLM(tiny_gguf, quant="q4_1")
-    monkeypatch.setattr(qmod, "SPLIT_X", False)
-    assert formats.kernels_for(q.weights.stacks, False) == formats.SPLIT
-    floats = minfer.LLM(tiny_gguf, quant="q4_1")
-    assert formats.kernels_for(floats.weights.stacks, False) == formats.Q4
+    q = minfer.LLM(tiny_gguf, quant="q4_1", kernels=KernelConfig(split_x=True))
+    assert formats.kernels_for(q.weights.stacks, False, split_x=False) == formats.SPLIT
+    floats = minfer.LLM(tiny_gguf, quant="q4_1", kernels=KernelConfig(split_x=False))
+    assert formats.kernels_for(floats.weights.stacks, False, split_x=False) == formats.Q4
+    assert floats.model.region_kind(1) == formats.Q4
     ids = list(range(10, 15))
     np.testing.assert_allclose(q.logits(ids), floats.logits(ids), rtol=1e-4, atol=1e-4)
 

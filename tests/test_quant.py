@@ -6,6 +6,7 @@ import pytest
 import minfer
 from minfer.errors import ModelFormatError
 from minfer.stages import quant, quant_dispatch, quant_i8
+from minfer.stages.quant_dispatch import KernelConfig
 
 FORMATS = ["Q8_0", "Q4_0", "Q4_1"]
 rng = np.random.default_rng(3)
@@ -50,33 +51,34 @@ def test_quantize_dequantize_bit_exact_with_gguf(fmt, shape):
 SPLIT = [False, True] if quant_i8.has_vnni() else [False]
 
 
-def tiles_from(monkeypatch, rows):
-    """Send matmuls of `rows` tokens or more to the tile + sgemm path (quant.gemm_min_rows)."""
-    for name in ("GEMM_MIN_ROWS", "SPLIT_GEMM_MIN_ROWS", "Q8_SPLIT_GEMM_MIN_ROWS"):
-        monkeypatch.setattr(quant, name, rows)
+def tiles_from(rows, **kw):
+    """Kernels that send matmuls of `rows` tokens or more to the tile + sgemm path
+    (KernelConfig.sgemm_min_rows); kw: the other choices."""
+    return KernelConfig(gemm_min_rows=rows, split_gemm_min_rows=rows, q8_split_gemm_min_rows=rows, **kw)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("T,tiles", [(1, False), (3, False), (20, False), (8, True), (17, True)])
 @pytest.mark.parametrize("split", SPLIT)
-def test_quant_linear_numba_matches_reference(fmt, T, tiles, split, monkeypatch):
-    monkeypatch.setattr(quant, "SPLIT_X", split)
-    if tiles:
-        tiles_from(monkeypatch, 8)
-    assert (T >= quant.gemm_min_rows(fmt)) == tiles
+def test_quant_linear_numba_matches_reference(fmt, T, tiles, split):
+    kernels = tiles_from(8, split_x=split) if tiles else KernelConfig(split_x=split)
+    assert (T >= kernels.sgemm_min_rows(fmt)) == tiles
     w = quant.QuantMatrix.from_float(weights(45, 160), fmt)
     x = rng.standard_normal((T, 160)).astype(np.float32)
     ref = quant.quant_linear(x, w)
-    got = quant_dispatch.quant_linear_numba(x, w)
+    got = quant_dispatch.quant_linear_numba(x, w, kernels=kernels)
     assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max()
 
 
 def test_tiles_cover_a_matrix_taller_than_one_tile(monkeypatch):
-    monkeypatch.setattr(quant, "TILE_ROWS", 16)
-    tiles_from(monkeypatch, 8)
+    kernels = tiles_from(8, tile_rows=16)
     w = quant.QuantMatrix.from_float(weights(50, 64), "Q4_1")
     x = rng.standard_normal((9, 64)).astype(np.float32)
-    np.testing.assert_allclose(quant_dispatch.quant_linear_numba(x, w), quant.quant_linear(x, w), rtol=1e-4, atol=1e-4)
+    tiles, real = [], quant._dequant_tile_q4
+    monkeypatch.setattr(quant, "_dequant_tile_q4", lambda qs, *a: tiles.append(len(qs)) or real(qs, *a))
+    got = quant_dispatch.quant_linear_numba(x, w, kernels=kernels)
+    np.testing.assert_allclose(got, quant.quant_linear(x, w), rtol=1e-4, atol=1e-4)
+    assert sorted(tiles) == [2, 16, 16, 16]
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -142,17 +144,17 @@ def test_unknown_quant_is_a_clear_error(tiny_gguf):
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("T", [1, 5, 9])               # 1 and 5: the fused gate/up kernel; 9: sgemm
 @pytest.mark.parametrize("split", SPLIT)
-def test_swiglu_numba_on_blocks_matches_reference(fmt, T, split, monkeypatch):
+def test_swiglu_numba_on_blocks_matches_reference(fmt, T, split):
     from minfer.stages import mlp
-    monkeypatch.setattr(quant, "SPLIT_X", split)
-    tiles_from(monkeypatch, 8)
+    kernels = tiles_from(8, split_x=split)
     g, u, d = (quant.QuantMatrix.from_float(weights(64, 64), fmt) for _ in range(3))
     x = rng.standard_normal((T, 64)).astype(np.float32)
     ref = mlp.swiglu(x, g, u, d)
-    assert np.abs(mlp.swiglu_numba(x, g, u, d) - ref).max() <= 1e-4 * np.abs(ref).max()
+    assert np.abs(mlp.swiglu_numba(x, g, u, d, kernels=kernels) - ref).max() <= 1e-4 * np.abs(ref).max()
     if T < 8:
         h = mlp.silu(quant.quant_linear(x, g)) * quant.quant_linear(x, u)
-        assert np.abs(quant_dispatch.quant_gate_up_numba(x, g, u) - h).max() <= 1e-4 * np.abs(h).max()
+        got = quant_dispatch.quant_gate_up_numba(x, g, u, kernels=kernels)
+        assert np.abs(got - h).max() <= 1e-4 * np.abs(h).max()
 
 
 @pytest.mark.parametrize("T", [1, 3, 12])

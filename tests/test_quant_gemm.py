@@ -7,8 +7,8 @@ import minfer
 from minfer.cpu import formats
 from minfer.batch import make_batch
 from minfer.cpu import quant_gemm
-from minfer.stages import quant as qmod
 from minfer.stages.quant import QuantMatrix, quant_linear
+from minfer.stages.quant_dispatch import KernelConfig
 
 rng = np.random.default_rng(7)
 FORMATS = ["Q4_0", "Q4_1", "Q8_0"]
@@ -57,8 +57,7 @@ def _mixed(model, all_logits=True):
 def test_region_mixed_batch_equals_numpy(tiny_gguf, quant, many, monkeypatch):
     """The one-region step on batches of several sequences with different numbers of new rows,
     its matmuls on the many-row tiles (or not), against the numpy backend."""
-    monkeypatch.setattr(qmod, "MANY_ROWS", (many,) * 4)
-    llm = minfer.LLM(tiny_gguf, quant=quant)
+    llm = minfer.LLM(tiny_gguf, quant=quant, kernels=KernelConfig(many_rows=(many,) * 4))
     ref = minfer.LLM(tiny_gguf, quant=quant, backend="numpy")
     calls, real = [], llm.model.run_region
     monkeypatch.setattr(llm.model, "run_region", lambda k, x, *a: calls.append(len(x)) or real(k, x, *a))
@@ -94,5 +93,5 @@ def test_batched_greedy_equals_solo(tiny_gguf, quant):
     tokens each gives alone (one row a step: the matvec kernels, or the panels)."""
     llm = minfer.LLM(tiny_gguf, quant=quant)
     prompts = [list(range(10 + 7 * i, 15 + 9 * i)) for i in range(16)]
-    assert len(prompts) >= max(qmod.MANY_ROWS[k] for k in (formats.Q4, formats.Q8, formats.SPLIT))
+    assert len(prompts) >= max(llm.kernels.many_rows[k] for k in (formats.Q4, formats.Q8, formats.SPLIT))
     assert _greedy(llm.model, prompts, 8, True) == _greedy(llm.model, prompts, 8, False)

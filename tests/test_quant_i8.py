@@ -8,7 +8,9 @@ import pytest
 
 import minfer
 from minfer.errors import InvalidArgumentError
+from minfer.cpu import formats
 from minfer.stages import mlp, quant, quant_dispatch, quant_i8, simd
+from minfer.stages.quant_dispatch import KernelConfig
 
 FORMATS = ["Q8_0", "Q4_0", "Q4_1"]
 rng = np.random.default_rng(11)
@@ -147,20 +149,28 @@ def test_q8_0_tiles_of_4_rows_by_2_tokens_equal_one_token_at_a_time(O, limbs):
         assert np.abs(got - one).max() <= 1e-6 * np.abs(one).max()
 
 
+def test_the_default_kernels_split_x_where_the_cpu_has_vnni(tiny_gguf):
+    """KernelConfig() asks the CPU: the three-part kernels where it has VNNI, else the float
+    ones; an LLM built without `kernels` runs on that default, its weights held to match."""
+    assert KernelConfig().split_x == simd.has_vnni()
+    llm = minfer.LLM(tiny_gguf, quant="q4_1")
+    assert llm.kernels == llm.model.kernels == KernelConfig()
+    assert llm.model.region_kind(1) == (formats.SPLIT if simd.has_vnni() else formats.Q4)
+    assert (llm.weights.stacks["w_up"][2].dtype == np.float16) == simd.has_vnni()
+
+
 @vnni
-def test_default_decode_uses_the_split_and_can_be_turned_off(monkeypatch):
+def test_default_decode_uses_the_split_and_can_be_turned_off():
     w = mat(64, 96, "Q4_1")
     x = rng.standard_normal((2, 96)).astype(np.float32)
-    monkeypatch.setattr(quant, "SPLIT_X", True)
-    split = quant_dispatch.quant_linear_numba(x, w)
+    split = quant_dispatch.quant_linear_numba(x, w)                 # the default: this CPU's
     assert np.array_equal(split, quant_i8.quant_linear_i8(x, w, limbs=3))
     w8 = mat(64, 96, "Q8_0").half_scales()      # Q8_0 too, one token or more (as loaded:
     for xt in (x[:1], x):                       # float16 scales, weights.scales_for_kernels)
         assert np.array_equal(quant_dispatch.quant_linear_numba(xt, w8), quant_i8.quant_linear_i8(xt, w8, limbs=3))
         assert np.array_equal(quant_dispatch.quant_gate_up_numba(xt, w8, w8),
                               quant_i8.quant_gate_up_i8(xt, w8, w8, limbs=3))
-    monkeypatch.setattr(quant, "SPLIT_X", False)
-    floats = quant_dispatch.quant_linear_numba(x, w)
+    floats = quant_dispatch.quant_linear_numba(x, w, kernels=KernelConfig(split_x=False))
     assert np.array_equal(floats, quant._q4_matmul(x, w.qs, w.d, w.m))
     assert np.abs(split - floats).max() <= 1e-5 * np.abs(floats).max()
 
@@ -235,11 +245,28 @@ def test_float16_scales_give_the_same_numbers(fmt):
                           quant_i8.quant_gate_up_i8(x, w, u))
 
 
+def test_scales_for_kernels_leaves_the_loaded_weights_as_they_were(tiny_gguf):
+    """float16 scales come as new weights (new stacks, the layers' views of them, the LM head),
+    the quants shared; the weights given are not changed."""
+    from minfer.weights.load import load, scales_for_kernels
+    W = load(tiny_gguf, "q4_1")[1]
+    scales, up, head = {k: v[2] for k, v in W.stacks.items()}, W.layers[0].w_up, W.lm_head
+    half = scales_for_kernels(W, "numba", "int8", KernelConfig(split_x=False))
+    assert half is not W and half.stacks["w_up"][2].dtype == np.float16
+    assert half.layers[0].w_up.d.dtype == half.lm_head.d.dtype == np.float16
+    assert np.shares_memory(half.layers[1].wq.d, half.stacks["wqkv"][2])            # views
+    assert np.shares_memory(half.stacks["w_up"][1], W.stacks["w_up"][1])           # the quants
+    assert all(W.stacks[k][2] is d for k, d in scales.items())
+    assert W.layers[0].w_up is up and up.d.dtype == np.float32 and W.lm_head is head
+    assert head.d.dtype == np.float32
+    assert scales_for_kernels(W, "numba", "f32", KernelConfig(split_x=True)).stacks["wo"][2].dtype == np.float16
+    assert scales_for_kernels(W, "numba", "f32", KernelConfig(split_x=False)) is W
+    assert scales_for_kernels(W, "numpy", "f32", KernelConfig(split_x=True)) is W
+
+
 @vnni
-def test_int8_model_holds_float16_scales(tiny_gguf, monkeypatch):
-    monkeypatch.setattr(quant, "SPLIT_X", False)                # float kernels: float32 scales
-    exact = minfer.LLM(tiny_gguf, quant="q4_1")
-    monkeypatch.undo()
+def test_int8_model_holds_float16_scales(tiny_gguf):
+    exact = minfer.LLM(tiny_gguf, quant="q4_1", kernels=KernelConfig(split_x=False))  # float32 scales
     llm = minfer.LLM(tiny_gguf, quant="q4_1", activations="int8")
     W = llm.weights
     assert W.layers[0].w_up.d.dtype == np.float16 and W.stacks["w_up"][2].dtype == np.float16
@@ -250,29 +277,30 @@ def test_int8_model_holds_float16_scales(tiny_gguf, monkeypatch):
 
 
 @vnni
-def test_default_model_keeps_float16_scales_for_its_4bit_layers(tiny_gguf, monkeypatch):
+def test_default_model_keeps_float16_scales_for_its_4bit_layers(tiny_gguf):
     """On a VNNI CPU the default (float32 activations) runs the 4-bit layers on the int8-part
     kernels, which read float16 scales, and the embedding / LM head too (whatever its format).
     Prefill tiles widen the scales and give the same logits as with float32 scales."""
-    monkeypatch.setattr(quant, "SPLIT_X", True)
-    llm = minfer.LLM(tiny_gguf, quant="q4_1")
+    # every matmul of 8 rows or more on the prefill tiles (not the one-region step)
+    tiles = dict(gemm_min_rows=8, split_gemm_min_rows=8, q8_split_gemm_min_rows=8, region_max_rows=8)
+    llm = minfer.LLM(tiny_gguf, quant="q4_1", kernels=KernelConfig(split_x=True, **tiles))
     assert llm.weights.stacks["w_up"][2].dtype == np.float16
     assert llm.weights.layers[0].wq.d.dtype == np.float16
     assert llm.weights.lm_head.d.dtype == np.float16
-    monkeypatch.setattr(quant, "SPLIT_X", False)
-    floats = minfer.LLM(tiny_gguf, quant="q4_1")
+    floats = minfer.LLM(tiny_gguf, quant="q4_1", kernels=KernelConfig(split_x=False, **tiles))
     assert floats.weights.stacks["w_up"][2].dtype == np.float32
     assert llm.weights.nbytes() < floats.weights.nbytes()
-    monkeypatch.setattr(quant, "GEMM_MIN_ROWS", 8)
-    monkeypatch.setattr(quant, "SPLIT_GEMM_MIN_ROWS", 8)
-    monkeypatch.setattr(quant, "REGION_MAX_ROWS", 8)            # (not the one-region step)
     ids = list(range(10, 30))                                   # 20 tokens: the prefill tiles
     np.testing.assert_array_equal(llm.logits(ids), floats.logits(ids))
     w = mat(300, 96, "Q4_1")                                    # and a float kernel, if asked
     x = rng.standard_normal((2, 96)).astype(np.float32)
-    assert np.array_equal(quant_dispatch.quant_linear_numba(x, w.half_scales()), quant_dispatch.quant_linear_numba(x, w))
+    k = floats.kernels
+
+    def mm(x, w):
+        return quant_dispatch.quant_linear_numba(x, w, kernels=k)
+    assert np.array_equal(mm(x, w.half_scales()), mm(x, w))
     x9 = rng.standard_normal((9, 96)).astype(np.float32)
-    assert np.array_equal(quant_dispatch.quant_linear_numba(x9, w.half_scales()), quant_dispatch.quant_linear_numba(x9, w))
+    assert np.array_equal(mm(x9, w.half_scales()), mm(x9, w))
 
 
 @vnni
@@ -280,15 +308,15 @@ def test_q8_0_runs_on_the_split_kernel_unless_switched_off(monkeypatch):
     """quant_dispatch.quant_linear_numba on a VNNI CPU: a Q8_0 matrix goes to the three-part kernel with
     float16 scales (as weights.load keeps them there) or float32 ones; with the split switched
     off, to the float kernel (float16 scales widened for it). All give the reference's numbers."""
-    monkeypatch.setattr(quant, "SPLIT_X", True)
     calls, real = [], quant_i8.quant_linear_i8
     monkeypatch.setattr(quant_dispatch, "quant_linear_i8", lambda *a, **k: calls.append(k) or real(*a, **k))
     w = mat(300, 96, "Q8_0")
     x = rng.standard_normal((1, 96)).astype(np.float32)
     want = quant.quant_linear(x, w)
-    np.testing.assert_allclose(quant_dispatch.quant_linear_numba(x, w.half_scales()), want, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(quant_dispatch.quant_linear_numba(x, w), want, rtol=1e-5, atol=1e-5)
+    split, floats = KernelConfig(split_x=True), KernelConfig(split_x=False)
+    for h in (w.half_scales(), w):
+        np.testing.assert_allclose(quant_dispatch.quant_linear_numba(x, h, kernels=split), want, rtol=1e-5, atol=1e-5)
     assert calls == [dict(limbs=3)] * 2
-    monkeypatch.setattr(quant, "SPLIT_X", False)
-    np.testing.assert_allclose(quant_dispatch.quant_linear_numba(x, w.half_scales()), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(quant_dispatch.quant_linear_numba(x, w.half_scales(), kernels=floats), want,
+                               rtol=1e-5, atol=1e-5)
     assert len(calls) == 2

@@ -14,7 +14,7 @@ from minfer.backends import numba_ops, numpy_ops
 from minfer.batch import make_batch
 from minfer.cpu.model import CpuModel
 from minfer.model import Transformer
-from minfer.stages import quant
+from minfer.stages.quant_dispatch import KernelConfig
 from stage_order import expected, recording_ops, squeeze
 
 PACKAGE = Path(minfer.__file__).parent
@@ -61,9 +61,10 @@ def test_cpu_step_runs_the_stages_of_model_py_in_order(tiny_gguf, quant_fmt, T, 
     cpu.forward(make_batch([(list(range(3, 3 + T)), 0, [0, 1, 2, 3])], 16, all_logits=True), cache)
     assert squeeze(trace) == spec
     assert (cpu.region_kind(T) is None) == (quant_fmt == "f32")
-    monkeypatch.setattr(quant, "REGION_MAX_ROWS", T)          # a "long" prefill: model.py's loop
+    kernels = KernelConfig(region_max_rows=T)                  # a "long" prefill: model.py's loop
+    cpu = CpuModel(c, W, numba_ops(kernels=kernels), kernels=kernels)
     assert cpu.region_kind(T) is None or cpu.int8_act
-    assert _trace(cpu, numba_ops(), W, T) == spec
+    assert _trace(cpu, numba_ops(kernels=kernels), W, T) == spec
 
 
 # --- imports -------------------------------------------------------------------------------------
@@ -133,7 +134,7 @@ def test_the_import_graph_sees_imports():
     assert "minfer.cpu.region" in g["minfer.cpu.model"]                 # from . import region
     assert "minfer.cpu.formats" in g["minfer.cpu.region"]               # from .formats import Q8
     assert "minfer.gpu.model" in g["minfer.backends"]                   # inside a function
-    assert "minfer.stages.simd" in g["minfer.stages.quant"]             # idem
+    assert "minfer.stages.simd" in g["minfer.stages.quant_dispatch"]    # idem
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [{"a", "b", "c"}]
 
 

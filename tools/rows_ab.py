@@ -3,10 +3,11 @@ kernels, on the same model, the same batches, turn by turn.
 
     python tools/rows_ab.py --batch 1,4,16,32 --verify-tokens 1,2,4,8,16 --prefill 128
 
-"tiles" is the default route (quant.MANY_ROWS, or tiles from --from-rows rows on); "matvec"
-sends every step to the matvec kernels (MANY_ROWS never), as before the tiles; with --against
-sgemm, "sgemm" sends every step to model.run_layers (quant.REGION_MAX_ROWS = 1: the sgemm tiles
-from quant.gemm_min_rows rows on). --float-kernels: as on a CPU without VNNI. Every measurement
+"tiles" is the default route (KernelConfig.many_rows, or tiles from --from-rows rows on); "matvec"
+sends every step to the matvec kernels (many_rows never), as before the tiles; with --against
+sgemm, "sgemm" sends every step to model.run_layers (region_max_rows = 1: the sgemm tiles from
+KernelConfig.sgemm_min_rows rows on). --float-kernels: as on a CPU without VNNI. Each route is a
+model of its own (stages/quant_dispatch.KernelConfig), on the same weights. Every measurement
 alternates the two (in swapped order each round), so that a noisy minute on a shared machine
 lands on both; medians and their ratio.
 --cpu-time times with the process's CPU clock (use it with NUMBA_NUM_THREADS=1: other people's
@@ -16,6 +17,7 @@ barriers do not give).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import time
 
@@ -23,7 +25,8 @@ import numpy as np
 
 import minfer
 from minfer.batch import make_batch
-from minfer.stages import quant
+from minfer.cpu.model import CpuModel
+from minfer.stages.quant_dispatch import KernelConfig
 
 PREFIX = 80
 
@@ -41,14 +44,14 @@ def main() -> None:
     ap.add_argument("--against", choices=("matvec", "sgemm"), default="matvec")
     ap.add_argument("--float-kernels", action="store_true")
     ap.add_argument("--region-max", type=int, default=None,
-                    help="tiles: the one-region step up to this many rows (quant.REGION_MAX_ROWS)")
+                    help="tiles: the one-region step up to this many rows (region_max_rows)")
     a = ap.parse_args()
-    if a.float_kernels:
-        quant.SPLIT_X = False
+    kernels = KernelConfig(split_x=False) if a.float_kernels else KernelConfig()
     clock = time.process_time if a.cpu_time else time.perf_counter
     ints = (lambda s: [int(v) for v in s.split(",") if v.strip() and int(v) > 0])  # 0: none
     batches, ks, prompts = ints(a.batch), ints(a.verify_tokens), ints(a.prefill)
-    llm = minfer.LLM(backend="numba", quant=a.quant, activations=a.activations, quiet=True)
+    llm = minfer.LLM(backend="numba", quant=a.quant, activations=a.activations, quiet=True,
+                     kernels=kernels)
     model, bs, V = llm.model, 16, llm.config.vocab_size
     n = max(batches + [1])
     per = -(-(PREFIX + max(ks + [1]) + 1) // bs)
@@ -70,20 +73,21 @@ def main() -> None:
         for P in prompts:
             yield f"prefill {P}", P, make_batch(
                 [(rng.integers(3, V, P).tolist(), 0, list(range(-(-P // bs))))], bs), pcache
-    tiles = quant.MANY_ROWS if a.from_rows is None else (a.from_rows,) * 4
-    longest = quant.REGION_MAX_ROWS if a.region_max is None else a.region_max
+    tiles = kernels.many_rows if a.from_rows is None else (a.from_rows,) * 4
+    longest = kernels.region_max_rows if a.region_max is None else a.region_max
     modes = {"tiles": (tiles, longest), a.against: ((1 << 30,) * 4, longest) if a.against == "matvec"
              else (tiles, 1)}
+    models = {mode: CpuModel(llm.config, llm.weights, model.ops, model.int8_act,
+                             kernels=dataclasses.replace(kernels, many_rows=t, region_max_rows=r))
+              for mode, (t, r) in modes.items()}
     res: dict = {}
     for r in range(a.rounds + 1):                         # round 0: warm-up, not counted
         for name, per_s, b, c in cases():
             for mode in (list(modes) if r % 2 else list(modes)[::-1]):
-                quant.MANY_ROWS, quant.REGION_MAX_ROWS = modes[mode]
                 t0 = clock()
-                model.forward(b, c)
+                models[mode].forward(b, c)
                 if r:
                     res.setdefault((name, per_s), {}).setdefault(mode, []).append(clock() - t0)
-    quant.MANY_ROWS, quant.REGION_MAX_ROWS = modes["tiles"]
     other = a.against
     for (name, per_s), m in res.items():
         t, v = statistics.median(m["tiles"]), statistics.median(m[other])

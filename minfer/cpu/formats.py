@@ -7,7 +7,7 @@ each, so numba compiles only the kernels a model uses:
     Q8     Q8_0 blocks, float32 x                                 (stages/quant.py)
     INT8   any of them, x rounded to int8 (--activations int8)    (stages/quant_i8.py)
     SPLIT  any of them, float32 x split into three int8 parts     (stages/quant_i8.py)
-           (the default on a CPU with VNNI, quant.split_x)
+           (the default on a CPU with VNNI: quant_dispatch.KernelConfig.split_x)
 
 The kinds are plain ints (numba's on-disk cache does not keep a function compiled for function
 arguments; a constant branch it does). The quants are viewed as the dtype each kernel is compiled
@@ -26,10 +26,11 @@ Q4, Q8, INT8, SPLIT = 0, 1, 2, 3
 LAYER_WEIGHTS = ("attn_norm", "wqkv", "wo", "ffn_norm", "w_gate", "w_up", "w_down")
 
 
-def kernels_for(stacks: dict, int8_act: bool):
+def kernels_for(stacks: dict, int8_act: bool, split_x: bool):
     """The kernel kind (Q4, Q8, INT8 or SPLIT) for these weight stacks (weights/load.py: each
     kind of layer weight as one [L, ...] stack), or None where the compiled step does not apply:
-    float32 weights, mixed formats, a format without a kernel."""
+    float32 weights, mixed formats, a format without a kernel.
+    split_x: float32 x in three int8 parts (quant_dispatch.KernelConfig.split_x)."""
     if not all(k in stacks for k in LAYER_WEIGHTS):
         return None
     if stacks["attn_norm"][0] != "F32" or stacks["ffn_norm"][0] != "F32":
@@ -41,7 +42,7 @@ def kernels_for(stacks: dict, int8_act: bool):
     if int8_act:
         return INT8
     half = stacks["w_up"][2].dtype == np.float16          # only the int8-part kernels read those
-    return SPLIT if half or quant.split_x() else family
+    return SPLIT if half or split_x else family
 
 
 def layer_args(stacks: dict, n_layers: int, kind: int | None = None) -> tuple:

@@ -9,8 +9,9 @@ the threads kept in one parallel region for the whole step. A step is then three
 calls — the embedding, the RoPE angles, the region — and little Python.
 
 The region takes block-quantized weights (cpu/formats.py: which kernels) and steps of fewer than
-quant.REGION_MAX_ROWS tokens. Anything else — float32 weights, a long prefill, whose matmuls go
-to sgemm tiles on Python threads — runs model.py's own loop on the numba stage kernels.
+kernels.region_max_rows tokens (stages/quant_dispatch.KernelConfig: the model's choice of kernels,
+the op table's too). Anything else — float32 weights, a long prefill, whose matmuls go to sgemm
+tiles on Python threads — runs model.py's own loop on the numba stage kernels.
 """
 from __future__ import annotations
 
@@ -19,19 +20,23 @@ import numpy as np
 
 from ..batch import Batch
 from ..model import Transformer
-from ..stages import quant
 from ..stages.kvcache import KVCache
+from ..stages.quant_dispatch import KernelConfig
 from . import formats, region
 
 
 class CpuModel(Transformer):
     """model.Transformer on the numba op table (backends.numba_ops), its steps in region.py.
     int8_act: the op table's matmuls round x to int8 (--activations int8), the region's too.
-    workers: the region's parallel iterations (default: numba's threads, one each)."""
+    workers: the region's parallel iterations (default: numba's threads, one each).
+    kernels: which kernels run where (quant_dispatch.KernelConfig; default: this CPU's) — the
+    op table's own, numba_ops(kernels=...)."""
 
-    def __init__(self, config, weights, ops, int8_act: bool = False, workers: int | None = None):
+    def __init__(self, config, weights, ops, int8_act: bool = False, workers: int | None = None,
+                 kernels: KernelConfig | None = None):
         super().__init__(config, weights, ops)
         self.int8_act, self.workers = int8_act, workers
+        self.kernels = kernels or KernelConfig()
         self._args = None     # (kind, weights' arrays, layer args, head args): made once, not each step
 
     def forward(self, batch: Batch, cache: KVCache) -> np.ndarray:
@@ -53,8 +58,8 @@ class CpuModel(Transformer):
     def region_kind(self, T: int):
         """The kernel kind (cpu/formats.py) of the region for a step of T tokens, or None: float32
         weights, or T rows enough for the sgemm tiles (int8 activations have no tiles)."""
-        kind = formats.kernels_for(self.weights.stacks, self.int8_act)
-        if kind is None or (kind != formats.INT8 and T >= quant.REGION_MAX_ROWS):
+        kind = formats.kernels_for(self.weights.stacks, self.int8_act, self.kernels.split_x)
+        if kind is None or (kind != formats.INT8 and T >= self.kernels.region_max_rows):
             return None
         return kind
 
@@ -71,12 +76,13 @@ class CpuModel(Transformer):
         else:
             rows = batch.logits_rows
         x, logits = region.ENTRY[kind](*args, head, rows, self.workers or numba.get_num_threads(),
-                                       quant.MANY_ROWS[kind])
+                                       self.kernels.many_rows[kind])
         return x, (logits if len(logits) else None)
 
     def _weights_as_args(self, kind: int):
         """formats.layer_args and head_args, remade only when the weights' arrays are others
-        (e.g. after load.half_scales): rebuilt each step, the argument tuples cost Python time."""
+        (another Weights given to the model): rebuilt each step, the argument tuples cost Python
+        time."""
         W = self.weights
         arrays = (*W.stacks.values(), W.lm_head, W.norm)
         made = self._args

@@ -35,7 +35,7 @@ claimed before, and the copy goes unused.
 
 The matmuls, by kernel kind and rows: the float kernels of quant.py (a CPU without VNNI) for a
 few rows; the panels of quant_panel.py (int8 x, or x in three int8 parts) below
-quant.MANY_ROWS; from there on (a batch of sequences, tokens to verify, a prompt) tiles of weight
+KernelConfig.many_rows; from there on (a batch of sequences, tokens to verify, a prompt) tiles of weight
 rows that quant_gemm.py decodes once for all the rows. Each is the same function of the weights
 as model.py's loop (tests/test_fused.py, tests/test_quant_gemm.py, tests/test_quant_panel.py).
 """

@@ -7,7 +7,7 @@ with one contiguous row. The reference simply calls BLAS. W may also be a quanti
 import numpy as np
 
 from .quant import QuantMatrix, quant_linear, run_tiles
-from .quant_dispatch import quant_linear_numba
+from .quant_dispatch import KernelConfig, quant_linear_numba
 
 
 def linear(x: np.ndarray, w) -> np.ndarray:
@@ -49,10 +49,12 @@ def stack_rows(ws: list):
 from numba import njit, prange, float32  # noqa: E402
 
 
-def linear_numba(x: np.ndarray, w, int8_act: bool = False) -> np.ndarray:
-    """int8_act: on quantized weights, round x to int8 per block (quant_i8.py; opt-in)."""
+def linear_numba(x: np.ndarray, w, int8_act: bool = False,
+                 kernels: KernelConfig | None = None) -> np.ndarray:
+    """int8_act: on quantized weights, round x to int8 per block (quant_i8.py; opt-in).
+    kernels: which kernels (quant_dispatch.KernelConfig; default: this CPU's)."""
     if isinstance(w, QuantMatrix):
-        return quant_linear_numba(x, w, int8_act)
+        return quant_linear_numba(x, w, int8_act, kernels)
     if x.shape[0] >= 8:
         # many tokens: compute-bound, and BLAS's register-blocked sgemm is ~3x the loop below;
         # row tiles go to threads, as for quantized weights (quant.run_tiles)
@@ -60,16 +62,17 @@ def linear_numba(x: np.ndarray, w, int8_act: bool = False) -> np.ndarray:
 
         def job(r0, r1):
             out[:, r0:r1] = x @ w[r0:r1].T
-        run_tiles(w.shape[0], job)
+        run_tiles(w.shape[0], job, (kernels or KernelConfig()).tile_rows)
         return out
     return _dense_matmul(np.ascontiguousarray(x, dtype=np.float32), w)
 
 
-def qkv_numba(x: np.ndarray, wq, wk, wv, wqkv=None, int8_act: bool = False):
+def qkv_numba(x: np.ndarray, wq, wk, wv, wqkv=None, int8_act: bool = False,
+              kernels: KernelConfig | None = None):
     if wqkv is None:
-        return (linear_numba(x, wq, int8_act), linear_numba(x, wk, int8_act),
-                linear_numba(x, wv, int8_act))
-    y = linear_numba(x, wqkv, int8_act)                                     # [T, (Hq + 2 Hkv) hd]
+        return (linear_numba(x, wq, int8_act, kernels), linear_numba(x, wk, int8_act, kernels),
+                linear_numba(x, wv, int8_act, kernels))
+    y = linear_numba(x, wqkv, int8_act, kernels)                            # [T, (Hq + 2 Hkv) hd]
     a, b = wq.shape[0], wq.shape[0] + wk.shape[0]
     # contiguous pieces: a kernel given a strided view compiles to slower code (measured 4x in attention)
     return np.ascontiguousarray(y[:, :a]), np.ascontiguousarray(y[:, a:b]), np.ascontiguousarray(y[:, b:])

@@ -23,14 +23,14 @@ def swiglu(x: np.ndarray, w_gate: np.ndarray, w_up: np.ndarray, w_down: np.ndarr
 
 # --- Numba CPU path ---------------------------------------------------------------------------
 # For a few tokens (decode, short prompts) gate and up are computed in one fused kernel with the
-# SiLU applied on the spot; for many (quant.gemm_min_rows; 8 for float32 weights) the matmuls go
-# to sgemm and the activation is one pass.
+# SiLU applied on the spot; for many (quant_dispatch.KernelConfig.sgemm_min_rows; 8 for float32
+# weights) the matmuls go to sgemm and the activation is one pass.
 from numba import njit, prange, float32  # noqa: E402
 
 from .fastexp import exp32  # noqa: E402  (e^x in plain arithmetic: the silu loops vectorize)
 from .linear import linear_numba  # noqa: E402
-from .quant import QuantMatrix, gemm_min_rows  # noqa: E402
-from .quant_dispatch import quant_gate_up_numba  # noqa: E402
+from .quant import QuantMatrix  # noqa: E402
+from .quant_dispatch import KernelConfig, quant_gate_up_numba  # noqa: E402
 
 
 # error_model="numpy": under Python's rules each float division checks its divisor for zero, to
@@ -62,16 +62,21 @@ def _dense_gate_up(x, wg, wu):
     return out
 
 
-def swiglu_numba(x, w_gate, w_up, w_down, int8_act: bool = False):
-    """int8_act: on quantized weights, x rounded to int8 per block (quant_i8.py; opt-in)."""
+def swiglu_numba(x, w_gate, w_up, w_down, int8_act: bool = False,
+                 kernels: KernelConfig | None = None):
+    """int8_act: on quantized weights, x rounded to int8 per block (quant_i8.py; opt-in).
+    kernels: which kernels (quant_dispatch.KernelConfig; default: this CPU's)."""
     T = x.shape[0]
+    kernels = kernels or KernelConfig()
     if isinstance(w_gate, QuantMatrix) and isinstance(w_up, QuantMatrix) and w_gate.fmt == w_up.fmt:
-        if T < gemm_min_rows(w_gate.fmt) or int8_act:
-            return linear_numba(quant_gate_up_numba(x, w_gate, w_up, int8_act), w_down, int8_act)
+        if T < kernels.sgemm_min_rows(w_gate.fmt) or int8_act:
+            h = quant_gate_up_numba(x, w_gate, w_up, int8_act, kernels)                 # [T, F]
+            return linear_numba(h, w_down, int8_act, kernels)
     elif isinstance(w_gate, np.ndarray) and isinstance(w_up, np.ndarray) and T < 8:
-        return linear_numba(_dense_gate_up(np.ascontiguousarray(x, dtype=np.float32), w_gate, w_up), w_down)
-    return linear_numba(silu_mul_numba(linear_numba(x, w_gate, int8_act), linear_numba(x, w_up, int8_act)),
-                        w_down, int8_act)
+        return linear_numba(_dense_gate_up(np.ascontiguousarray(x, dtype=np.float32), w_gate, w_up), w_down,
+                            kernels=kernels)
+    h = silu_mul_numba(linear_numba(x, w_gate, int8_act, kernels), linear_numba(x, w_up, int8_act, kernels))
+    return linear_numba(h, w_down, int8_act, kernels)
 
 
 # ---------------------------------------------------------------------------------------------

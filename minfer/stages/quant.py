@@ -365,18 +365,14 @@ def _q4_gate_up_rows(xl, xh2, xsum, qg, dg, mg, qu, du, mu, o0, o1, out):
 # measured much slower.
 #
 # But dequantizing every weight costs the same for 16 tokens as for 256, while the matvec kernels
-# cost the same per token at any T (the tokens share each row while it is in cache). So the tiles
-# take over from GEMM_MIN_ROWS tokens on, later for the int8-part kernels (quant_i8.py), which
-# take a prompt's tokens in pairs (one-process A/B of whole prefills; docs/benchmarks.md). These
-# are the per-matmul routes of model.run_layers; the one-region step has its own (below).
-GEMM_MIN_ROWS = 48
-SPLIT_GEMM_MIN_ROWS = 224
-TILE_ROWS = 256
+# cost the same per token at any T (the tokens share each row while it is in cache): from how many
+# tokens on the tiles take over is a measured crossover (quant_dispatch.KernelConfig).
 _pool = None
 
 
-def run_tiles(n_rows: int, job, tile_rows: int = TILE_ROWS) -> None:
-    """Call job(r0, r1) for consecutive row ranges, on as many threads as numba uses."""
+def run_tiles(n_rows: int, job, tile_rows: int) -> None:
+    """Call job(r0, r1) for consecutive row ranges of at most tile_rows, on as many threads as
+    numba uses."""
     global _pool
     import numba
     from concurrent.futures import ThreadPoolExecutor
@@ -413,7 +409,7 @@ def _dequant_tile_q8(qs, d, r0, out):
             out[r, k] = d[o, k >> 5] * float32(qs[o, k])
 
 
-def _tiled_gemm(x: np.ndarray, w: QuantMatrix) -> np.ndarray:
+def _tiled_gemm(x: np.ndarray, w: QuantMatrix, tile_rows: int) -> np.ndarray:
     O, K = w.shape
     out = np.empty((x.shape[0], O), dtype=np.float32)
 
@@ -425,52 +421,8 @@ def _tiled_gemm(x: np.ndarray, w: QuantMatrix) -> np.ndarray:
         else:
             _dequant_tile_q4(w.qs[r0:r1], d, w.m[r0:r1].astype(np.float32, copy=False), 0, tile)
         out[:, r0:r1] = x @ tile.T                                      # [T, tile] by sgemm
-    run_tiles(O, job)
+    run_tiles(O, job, tile_rows)
     return out
-
-
-# Fewer than gemm_min_rows tokens, on a CPU with AVX-512 VNNI: x split into three int8 parts per
-# block (quant_i8.py, "Three parts") — as exact as float32 (~1e-6 relative error against float64,
-# like the float kernels above), on the byte dot-product instruction, reading the file's float16
-# scales (weights.load keeps them). The Q4 float kernels spend ~7 vector instructions per 32
-# weights turning nibbles into floats, and the split is faster. For Q8_0 the float kernel held
-# its own at decode until the split kernels sent the rows they prefetch to L2 rather than L1
-# (quant_i8._prefetch_l2), and its weights are smaller with float16 scales. Q8_0 prompts gained
-# from the split too (4 rows x 2 tokens a step, quant_i8._rows_pair_q8; the sgemm tiles from
-# Q8_SPLIT_GEMM_MIN_ROWS on), and the LM head (one 49,152-row matrix).
-# SPLIT_X: None = where the CPU has VNNI; False forces the float kernels everywhere.
-SPLIT_X = None
-
-
-def split_x() -> bool:
-    """Do matmuls of float32 x on quantized weights run on the split (three-part) kernels here?"""
-    global SPLIT_X
-    if SPLIT_X is None:
-        from .simd import has_vnni
-        SPLIT_X = has_vnni()
-    return SPLIT_X
-
-
-Q8_SPLIT_GEMM_MIN_ROWS = 112
-
-# From how many rows of x on the one-region step (cpu/region.py) decodes each weight row once for all
-# of them into floats (cpu/quant_gemm.py), by kernel kind: cpu/formats.py's Q4, Q8 (float kernels), INT8
-# (int8 activations), SPLIT (float32 x in three int8 parts). Below it, the float kinds run their
-# matvec kernels and the int8-part kinds the panels (cpu/quant_panel.py), whose byte dot products
-# beat the float tiles up to about a dozen rows (docs/benchmarks.md). INT8 never: the tiles
-# multiply exact floats, and int8 activations are a rounding of their own that the step keeps
-# at any batch size.
-MANY_ROWS = (2, 2, 1 << 30, 14)
-# And from how many rows on a step leaves the one-region step for model.run_layers, whose
-# matmuls go to the sgemm tiles above (BLAS's kernels pull ahead on long prompts).
-REGION_MAX_ROWS = 384
-
-
-def gemm_min_rows(fmt: str) -> int:
-    """From how many tokens on a matmul on weights of this block format goes to sgemm tiles."""
-    if not split_x():
-        return GEMM_MIN_ROWS
-    return Q8_SPLIT_GEMM_MIN_ROWS if fmt == "Q8_0" else SPLIT_GEMM_MIN_ROWS
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,23 +3,84 @@
 Outside the one-region step (cpu/formats.py picks its kernels), model.py's loop on the numba
 backend calls these: the matvec kernels on the quants for decode and short prompts (float ones,
 or the three-int8-part ones of quant_i8.py on a CPU with VNNI, or int8 activations when asked),
-dequantized tiles and sgemm from quant.gemm_min_rows tokens on.
+dequantized tiles and sgemm from KernelConfig.sgemm_min_rows(fmt) tokens on.
+
+KernelConfig holds those choices, and the one-region step's (cpu/model.py), as one explicit
+value: the op table (backends.numba_ops) and the model (cpu/model.CpuModel) are built with one,
+KernelConfig() being this CPU's. Tests and tools build others (the float kernels on a VNNI CPU,
+tiles from fewer rows) rather than change anything shared.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from functools import cache
+
 import numpy as np
 
-from .quant import (QuantMatrix, _q4_gate_up, _q4_matmul, _q8_0_gate_up, _q8_0_matmul, _tiled_gemm,
-                    gemm_min_rows, split_x)
+from .quant import QuantMatrix, _q4_gate_up, _q4_matmul, _q8_0_gate_up, _q8_0_matmul, _tiled_gemm
 from .quant_i8 import quant_gate_up_i8, quant_linear_i8
 
 
-def quant_gate_up_numba(x: np.ndarray, wg: QuantMatrix, wu: QuantMatrix,
-                        int8_act: bool = False) -> np.ndarray:
-    """silu(x wg^T) * (x wu^T) for fewer than gemm_min_rows tokens, in one fused kernel.
+@cache
+def _host_has_vnni() -> bool:
+    from .simd import has_vnni
+    return has_vnni()
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Which numba kernels run where. The defaults are the measured choices for this CPU
+    (docs/benchmarks.md has the figures); the VNNI check runs once, when the first is built."""
+
+    # Fewer than sgemm_min_rows tokens, on a CPU with AVX-512 VNNI: x split into three int8 parts
+    # per block (quant_i8.py, "Three parts") — as exact as float32 (~1e-6 relative error against
+    # float64, like the float kernels), on the byte dot-product instruction, reading the file's
+    # float16 scales (weights.load keeps them). The Q4 float kernels spend ~7 vector instructions
+    # per 32 weights turning nibbles into floats, and the split is faster. For Q8_0 the float
+    # kernel held its own at decode until the split kernels sent the rows they prefetch to L2
+    # rather than L1 (quant_i8._prefetch_l2), and its weights are smaller with float16 scales.
+    # Q8_0 prompts gained from the split too (4 rows x 2 tokens a step, quant_i8._rows_pair_q8),
+    # and the LM head (one 49,152-row matrix). False: the float kernels everywhere.
+    split_x: bool = field(default_factory=_host_has_vnni)
+
+    # From how many tokens on model.run_layers' matmuls dequantize tiles of rows and hand them to
+    # sgemm (quant._tiled_gemm): dequantizing costs the same for 16 tokens as for 256, the matvec
+    # kernels the same per token at any T. With the float kernels from gemm_min_rows on; later
+    # for the int8-part kernels (quant_i8.py), which take a prompt's tokens in pairs (one-process
+    # A/B of whole prefills). These are the per-matmul routes of model.run_layers; the
+    # one-region step has its own (many_rows, region_max_rows).
+    gemm_min_rows: int = 48
+    split_gemm_min_rows: int = 224
+    q8_split_gemm_min_rows: int = 112
+    tile_rows: int = 256                 # rows of weights dequantized at a time, one tile a thread
+
+    # From how many rows of x on the one-region step (cpu/region.py) decodes each weight row once
+    # for all of them into floats (cpu/quant_gemm.py), by kernel kind: cpu/formats.py's Q4, Q8
+    # (float kernels), INT8 (int8 activations), SPLIT (float32 x in three int8 parts). Below it,
+    # the float kinds run their matvec kernels and the int8-part kinds the panels
+    # (cpu/quant_panel.py), whose byte dot products beat the float tiles up to about a dozen rows.
+    # INT8 never: the tiles multiply exact floats, and int8 activations are a rounding of their
+    # own that the step keeps at any batch size.
+    many_rows: tuple = (2, 2, 1 << 30, 14)
+    # And from how many rows on a step leaves the one-region step for model.run_layers, whose
+    # matmuls go to the sgemm tiles (BLAS's kernels pull ahead on long prompts).
+    region_max_rows: int = 384
+
+    def sgemm_min_rows(self, fmt: str) -> int:
+        """From how many tokens on a matmul of float32 x on weights of this block format goes to
+        the sgemm tiles."""
+        if not self.split_x:
+            return self.gemm_min_rows
+        return self.q8_split_gemm_min_rows if fmt == "Q8_0" else self.split_gemm_min_rows
+
+
+def quant_gate_up_numba(x: np.ndarray, wg: QuantMatrix, wu: QuantMatrix, int8_act: bool = False,
+                        kernels: KernelConfig | None = None) -> np.ndarray:
+    """silu(x wg^T) * (x wu^T) for fewer than sgemm_min_rows tokens, in one fused kernel.
     [T, K] -> [T, F].
-    int8_act: x rounded to int8 per block (quant_i8.py, the opt-in variant), any T."""
-    if int8_act or split_x():
+    int8_act: x rounded to int8 per block (quant_i8.py, the opt-in variant), any T.
+    kernels: which kernels (KernelConfig; default: this CPU's)."""
+    if int8_act or (kernels or KernelConfig()).split_x:
         return quant_gate_up_i8(x, wg, wu, limbs=1 if int8_act else 3)
     x = np.ascontiguousarray(x, dtype=np.float32)
     wg, wu = wg.float_scales(), wu.float_scales()
@@ -28,16 +89,19 @@ def quant_gate_up_numba(x: np.ndarray, wg: QuantMatrix, wu: QuantMatrix,
     return _q4_gate_up(x, wg.qs, wg.d, wg.m, wu.qs, wu.d, wu.m)
 
 
-def quant_linear_numba(x: np.ndarray, w: QuantMatrix, int8_act: bool = False) -> np.ndarray:
+def quant_linear_numba(x: np.ndarray, w: QuantMatrix, int8_act: bool = False,
+                       kernels: KernelConfig | None = None) -> np.ndarray:
     """x [T, K] -> [T, O]: the matvec kernels on the quants for decode and short prompts, tiles +
-    sgemm from gemm_min_rows(w.fmt) tokens on.
-    int8_act: x rounded to int8 per block (quant_i8.py, the opt-in variant), any T."""
+    sgemm from kernels.sgemm_min_rows(w.fmt) tokens on.
+    int8_act: x rounded to int8 per block (quant_i8.py, the opt-in variant), any T.
+    kernels: which kernels (KernelConfig; default: this CPU's)."""
     if int8_act:
         return quant_linear_i8(x, w)
+    kernels = kernels or KernelConfig()
     x = np.ascontiguousarray(x, dtype=np.float32)
-    if x.shape[0] >= gemm_min_rows(w.fmt):
-        return _tiled_gemm(x, w)
-    if split_x():
+    if x.shape[0] >= kernels.sgemm_min_rows(w.fmt):
+        return _tiled_gemm(x, w, kernels.tile_rows)
+    if kernels.split_x:
         return quant_linear_i8(x, w, limbs=3)
     w = w.float_scales()
     if w.fmt == "Q8_0":

@@ -40,7 +40,7 @@ value). Each part goes through vpdpbusd like x above, and the three int32 sums c
 result is as exact as the float kernels' (~1e-6 of the output against float64; tested), and for
 4-bit weights it is faster than turning every nibble into a float — for Q8_0 too, with the rows
 ahead prefetched into L2 (_prefetch_l2): it is how the default float32 activations run on a CPU
-with VNNI (quant.py, SPLIT_X), up to quant.gemm_min_rows tokens.
+with VNNI (quant_dispatch.KernelConfig.split_x), up to its sgemm_min_rows tokens.
 
 LLVM does not find vpdpbusd in a plain loop (numba widens the byte products to int64), so the few
 vector operations are written as numba intrinsics in LLVM IR, below; the loops around them are

@@ -12,6 +12,7 @@ are converted once at load: Q/K rows permuted (rope.hf_to_interleaved).
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -146,38 +147,42 @@ def _qkv_views(layers: list[LayerWeights]) -> None:
             L.wq, L.wk, L.wv = (view(edges[i], edges[i + 1]) for i in range(3))
 
 
-def half_scales(weights: Weights, formats=("Q8_0", "Q4_0", "Q4_1")) -> None:
-    """Keep the quantized matrices' scales (and Q4 mins) in float16, as the file does, in place:
-    what the int8-part kernels (quant_i8.py) want (QuantMatrix.half_scales). Stacks and views
-    follow. formats: the layer weights of these formats; the embedding / LM head, whatever its."""
-    for kind, (fmt, qs, d, m) in list(weights.stacks.items()):
+def half_scales(weights: Weights, formats=("Q8_0", "Q4_0", "Q4_1")) -> Weights:
+    """The same weights with the quantized matrices' scales (and Q4 mins) in float16, as the file
+    stores them: what the int8-part kernels (quant_i8.py) want (QuantMatrix.half_scales). A new
+    Weights: new stacks, and layers holding views of them; the quants are shared, and `weights`
+    is left as it was. formats: the layer weights of these formats; the embedding / LM head,
+    whatever its."""
+    stacks, layers = dict(weights.stacks), [dataclasses.replace(L) for L in weights.layers]
+    for kind, (fmt, qs, d, m) in weights.stacks.items():
         if fmt not in formats:
             continue
         d, m = d.astype(np.float16), None if m is None else m.astype(np.float16)
-        weights.stacks[kind] = (fmt, qs, d, m)
-        for i, L in enumerate(weights.layers):
+        stacks[kind] = (fmt, qs, d, m)
+        for i, L in enumerate(layers):
             setattr(L, kind, QuantMatrix._from_parts(fmt, qs[i], d[i], None if m is None else m[i],
                                                      getattr(L, kind).shape[1]))
-    _qkv_views(weights.layers)
-    tied = weights.lm_head is weights.tok_embd
-    if isinstance(weights.tok_embd, QuantMatrix):
-        weights.tok_embd = weights.tok_embd.half_scales()
-    if tied:
-        weights.lm_head = weights.tok_embd
-    elif isinstance(weights.lm_head, QuantMatrix):
-        weights.lm_head = weights.lm_head.half_scales()
+    _qkv_views(layers)
+
+    def half(w):
+        return w.half_scales() if isinstance(w, QuantMatrix) else w
+    tok_embd = half(weights.tok_embd)
+    lm_head = tok_embd if weights.lm_head is weights.tok_embd else half(weights.lm_head)
+    return dataclasses.replace(weights, tok_embd=tok_embd, layers=layers, lm_head=lm_head,
+                               stacks=stacks)
 
 
-def scales_for_kernels(weights: Weights, backend: str, activations: str) -> None:
-    """Hold the quantized scales as the kernels that will run want them: float16 (the file's own
-    2 bytes) for the int8-part kernels of quant_i8.py — every matrix with int8 activations, and
-    with float32 activations on a CPU with VNNI (the three-part kernels, quant.split_x) — else
-    float32, for the float kernels."""
-    from ..stages.quant import split_x
+def scales_for_kernels(weights: Weights, backend: str, activations: str, kernels) -> Weights:
+    """The weights with their quantized scales as the kernels that will run want them: float16
+    (the file's own 2 bytes) for the int8-part kernels of quant_i8.py — every matrix with int8
+    activations, and with float32 activations where `kernels` (stages.quant_dispatch.KernelConfig)
+    split x into three int8 parts — else float32, for the float kernels: `weights` itself, as
+    loaded. `weights` is not changed."""
     if backend != "numba" or not weights.has_quantized():
-        return
-    if activations == "int8" or split_x():
-        half_scales(weights)
+        return weights
+    if activations == "int8" or kernels.split_x:
+        return half_scales(weights)
+    return weights
 
 
 def _check(name: str, arr, shape: tuple) -> np.ndarray:
