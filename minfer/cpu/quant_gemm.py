@@ -15,7 +15,8 @@ The spec is quant.quant_linear (x @ w.dequantize().T): float32 products of the e
 summed in float32 — as exact as the float kernels. (With int8 activations a step keeps the int8
 kernels: x rounded to int8 is a function of its own, which a batch must not change.)
 
-Where the crossover from the matvec kernels lies is measured per kernel kind (quant.MANY_ROWS).
+Where the crossover from the matvec kernels lies is measured per kernel kind
+(KernelConfig.many_rows, stages/quant_dispatch.py).
 """
 from __future__ import annotations
 
