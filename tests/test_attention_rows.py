@@ -31,9 +31,9 @@ def case(seqs, hd, bs, seed=0):
 
 
 def jobs(q, k_cache, v_cache, batch, S):
-    """Every (sequence, slice) job of a split into S slices a sequence, one after another, merged."""
+    """Every (tile, slice) job of a split into S slices a tile, one after another, merged."""
     parts = attention._slices(q.shape[0], S, q.shape[1], q.shape[2])
-    for job in range(batch.n_seqs * S):
+    for job in range(attention._n_tiles(batch.row_seq) * S):
         attention._attention_job(q, k_cache, v_cache, batch.row_seq, batch.positions,
                                  batch.block_tables, job, parts)
     return attention._merge_slices(q, parts)
@@ -42,7 +42,7 @@ def jobs(q, k_cache, v_cache, batch, S):
 @pytest.mark.parametrize("bs", [16, 5])
 @pytest.mark.parametrize("hd", [64, 24])
 @pytest.mark.parametrize("prefix", [0, 5, 40])
-@pytest.mark.parametrize("n_new", [1, 2, 3, 7, 33])
+@pytest.mark.parametrize("n_new", [1, 2, 3, 7, 33, 70])
 def test_one_sequence_rows_against_reference(n_new, prefix, hd, bs):
     q, kc, vc, batch = case([(n_new, prefix)], hd, bs, seed=n_new + prefix)
     want = attention.paged_attention(q, kc, vc, batch)
@@ -67,14 +67,26 @@ def test_mixed_sequences_in_one_batch(hd, bs):
 
 @pytest.mark.parametrize("p0,R", [(0, 128), (80, 8), (1000, 16), (5, 33), (0, 2), (40, 1)])
 def test_slices_cover_the_keys_with_equal_work(p0, R):
-    """The cuts cover keys 0..p0 + R - 1 once, in order; the slices' (row, key) pairs (a key
-    j <= p0 seen by R rows, p0 + u by R - u) differ by at most the work of two keys (a single
-    row's cuts: by a block)."""
+    """The cuts cover keys 0..p0 + R - 1 once, in order, on block boundaries; the slices'
+    (row, key) pairs (a key j <= p0 seen by R rows, p0 + u by R - u) are each an equal share
+    give or take a block's worth."""
     bs, n = 16, p0 + R
     for S in (1, 2, 3, 8):
         cuts = [attention._cut(p0, R, S, s, bs) for s in range(S + 1)]
         assert cuts[0] == 0 and cuts[-1] == n and cuts == sorted(cuts)
-        seen = np.minimum(np.arange(n)[None, :] <= (p0 + np.arange(R))[:, None], 1).sum(0)  # [n]
+        assert all(c % bs == 0 for c in cuts[:-1])
+        seen = (np.arange(n)[None, :] <= (p0 + np.arange(R))[:, None]).sum(0)     # [n] rows a key
         work = [int(seen[a:b].sum()) for a, b in zip(cuts, cuts[1:])]
-        slack = 2 * R if R > 1 else bs
-        assert max(work) - min(work) <= slack, (S, cuts, work)
+        assert max(abs(w - sum(work) / S) for w in work) <= R * bs, (S, cuts, work)
+
+
+def test_tiles_hold_rows_of_one_sequence():
+    """Tiles: every row in exactly one, each tile's rows of one sequence, at most ROWS of them."""
+    seqs = [(1, 0), (70, 3), (2, 5), (32, 0), (1, 9), (33, 1)]
+    batch = make_batch([(list(range(n)), p, list(range(20))) for n, p in seqs], 16)
+    n = attention._n_tiles(batch.row_seq)
+    tiles = [attention._tile_rows(batch.row_seq, i) for i in range(n)]
+    assert n == 1 + 3 + 1 + 1 + 1 + 2
+    assert [t for t0, t1 in tiles for t in range(t0, t1)] == list(range(len(batch.row_seq)))
+    for t0, t1 in tiles:
+        assert 0 < t1 - t0 <= attention.ROWS and len(set(batch.row_seq[t0:t1])) == 1

@@ -51,34 +51,38 @@ def paged_attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, bat
 # exps in one loop — exp32 is plain arithmetic, so that loop becomes vector code (np.exp, one C
 # call per key, was ~40% of the kernel's time).
 #
-# The jobs: (sequence, slice of its keys), every new row of the sequence and every query head in
-# each. A job loads a cache block [bs, Hkv, hd] once and uses it for all the sequence's rows that
-# see it (causal: row t sees the keys 0..positions[t]) and for the G query heads that share each
-# kv head: k new rows (tokens to verify, a chunk of a prompt) read the sequence's keys and values
-# once, not k times; the block stays in L1 while the rows go through it. A decode step is the
-# case of one row. The slices: a sequence's keys are cut into S of them, each a job with its own
-# partial results (m, l, o of each row and head), merged at the end ("flash-decoding", Dao et al.
-# 2023) — the softmax rescale once more: o = sum_s e^(m_s - M) o_s, l = sum_s e^(m_s - M) l_s.
-# With B sequences, S = SLICES // B (at least 1). The cuts are made so that each slice holds the
-# same number of (row, key) pairs: under the causal mask the last keys are seen by fewer rows
-# (a prompt's chunk is a triangle), and equal numbers of keys would leave one thread waiting on
-# another. A single row's cuts fall on block boundaries (a block split between two jobs is
-# walked by both).
+# The jobs: (tile of rows, slice of keys). A tile is up to ROWS new rows of one sequence (a
+# sequence's rows are contiguous in a batch and at consecutive positions: batch.make_batch); a job
+# loads a cache block [bs, Hkv, hd] once and uses it for every row of its tile that sees it
+# (causal: row t sees the keys 0..positions[t]) and for the G query heads that share each kv
+# head: k new rows (tokens to verify, a chunk of a prompt) read their sequence's keys and values
+# once, not k times; the block stays in L1 while the rows go through it, and a tile's queries
+# and partial outputs stay in L2. A decode step is the case of one-row tiles. The slices: a
+# tile's keys are cut into S of them, each a job with its own partial results (m, l, o of each
+# row and head), merged at the end ("flash-decoding", Dao et al. 2023) — the softmax rescale once
+# more: o = sum_s e^(m_s - M) o_s, l = sum_s e^(m_s - M) l_s. The cuts fall on block boundaries
+# and give each slice the same number of (row, key) pairs: under the causal mask the last keys
+# are seen by fewer rows (a prompt's chunk is a triangle), and equal numbers of keys would leave
+# one thread waiting on another. Here S = SLICES // n_tiles (at least 1; cpu/region.py picks its
+# own). The jobs go slice by slice (job j: slice j // n_tiles), so that a thread's share of them
+# can hold whole slices of every tile; the tiles in zigzag order (0, n - 1, 1, n - 2, ...), so
+# that a share of them holds short and long causal contexts alike.
 # ---------------------------------------------------------------------------------------------
 from numba import njit, prange, float32  # noqa: E402
 
 from .fastexp import exp32  # noqa: E402
 
-SLICES = 8                                             # jobs for a decode step (B x S jobs)
+SLICES = 8                                             # jobs for a decode step (tiles x S)
+ROWS = 32                                              # rows of a tile, at most
 
 
 @njit(parallel=True, fastmath=True, cache=True)
 def _attention_rows(q, k_cache, v_cache, row_seq, positions, block_tables):
     T, Hq, hd = q.shape
-    B = block_tables.shape[0]
-    S = max(1, SLICES // B)                            # key slices per sequence
+    n = _n_tiles(row_seq)
+    S = max(1, SLICES // n)                            # key slices a tile
     parts = _slices(T, S, Hq, hd)
-    for job in prange(B * S):
+    for job in prange(n * S):
         _attention_job(q, k_cache, v_cache, row_seq, positions, block_tables, job, parts)
     return _merge_slices(q, parts)
 
@@ -91,42 +95,69 @@ def _slices(T, S, Hq, hd):
 
 
 @njit(inline="always")
-def _cut(p0, R, S, s, bs):
-    """Where slice s of S starts among the keys 0..p0 + R - 1 of a sequence whose R new rows sit
-    at positions p0..p0 + R - 1: key j < p0 + 1 is seen by all R rows, key p0 + u by R - u."""
-    n = p0 + R
-    if s >= S:
-        return n
-    if R == 1:                                         # one row: whole blocks
-        return min(n, s * ((n + bs - 1) // bs) // S * bs)
-    want = s * (R * (p0 + 1) + R * (R - 1) // 2) // S  # (row, key) pairs before the cut
-    if want <= R * (p0 + 1):
-        return (want + R - 1) // R
-    want -= R * (p0 + 1)
-    u = 0
-    while want > 0:                                    # the new rows' own keys: R - 1, R - 2, ...
-        u += 1
-        want -= R - u
-    return p0 + 1 + u
+def _tile_rows(row_seq, i):
+    """Tiles of the batch's rows: a new one where a sequence starts and every ROWS rows of it.
+    -> (t0, t1) of tile i (i = -1: (number of tiles, T))."""
+    T = row_seq.shape[0]
+    n, start, t0 = 0, 0, T
+    for t in range(T):
+        if t > 0 and row_seq[t] != row_seq[t - 1]:
+            start = t
+        if (t - start) % ROWS == 0:
+            if n == i + 1 and i >= 0:
+                return t0, t
+            t0 = t
+            n += 1
+    return (t0, T) if i >= 0 else (n, T)
 
 
 @njit(inline="always")
-def _job_start(parts, row_seq, positions, job, bs):
-    """Job `job` of B x S: sequence b, its new rows t0..t1 - 1 (a sequence's rows are contiguous
-    in a batch and at consecutive positions: batch.make_batch), slice s of its keys, k0..k1 - 1;
-    m, l [R, Hq] started, and the rows' o in parts zeroed."""
-    S, Hq = parts[0].shape[1], parts[0].shape[2]
-    b, s = job // S, job % S
-    t0 = np.searchsorted(row_seq, b)                   # row_seq is non-decreasing
-    t1 = np.searchsorted(row_seq, b + 1)
+def _n_tiles(row_seq):
+    return _tile_rows(row_seq, -1)[0]
+
+
+@njit(inline="always")
+def _cut(p0, R, S, s, bs):
+    """Where slice s of S starts among the keys 0..p0 + R - 1 of a tile whose R rows sit at
+    positions p0..p0 + R - 1 (key j < p0 + 1 is seen by all R rows, key p0 + u by R - u): the
+    block boundary nearest to an equal share of the (row, key) pairs."""
+    n = p0 + R
+    if s >= S:
+        return n
+    want = s * (R * (p0 + 1) + R * (R - 1) // 2) // S  # (row, key) pairs before the cut
+    if want <= R * (p0 + 1):
+        k = (want + R // 2) // R
+    else:
+        want -= R * (p0 + 1)
+        u = 0
+        while want > (R - u - 1) // 2:                # the rows' own keys: R - 1, R - 2, ...
+            u += 1
+            want -= R - u
+        k = p0 + 1 + u
+    return min(n, (k + bs // 2) // bs * bs)            # whole blocks: a block cut in two is
+                                                       # scored 16 keys at a time by both jobs
+
+
+@njit(inline="always")
+def _job_start(q, parts, row_seq, positions, job, bs):
+    """Job `job` of n_tiles x S: its tile's rows t0..t1 - 1 (zigzag over the tiles), their
+    sequence b, slice s of their keys, k0..k1 - 1; their q scaled once (not every score) into qs
+    [R, Hq, hd]; m, l [R, Hq] started, the rows' o zeroed."""
+    S, Hq, hd = parts[0].shape[1], parts[0].shape[2], parts[2].shape[3]
+    n = _n_tiles(row_seq)
+    s, i = job // n, job % n
+    t0, t1 = _tile_rows(row_seq, i // 2 if i % 2 == 0 else n - 1 - i // 2)
     R = t1 - t0
-    k0, k1 = 0, 0
-    if R > 0:
-        k0, k1 = _cut(positions[t0], R, S, s, bs), _cut(positions[t0], R, S, s + 1, bs)
+    k0, k1 = _cut(positions[t0], R, S, s, bs), _cut(positions[t0], R, S, s + 1, bs)
+    scale = float32(1.0 / np.sqrt(hd))
+    qs = np.empty((R, Hq, hd), dtype=np.float32)
     o = parts[2]
     for t in range(t0, t1):
         o[t, s] = float32(0.0)
-    return (b, s, t0, t1, k0, k1, np.full((R, Hq), -np.inf, dtype=np.float32),
+        for h in range(Hq):
+            for i in range(hd):
+                qs[t - t0, h, i] = q[t, h, i] * scale
+    return (row_seq[t0], s, t0, t1, k0, k1, qs, np.full((R, Hq), -np.inf, dtype=np.float32),
             np.zeros((R, Hq), dtype=np.float32))
 
 
@@ -140,17 +171,16 @@ def _job_end(parts, t0, t1, s, m, l):
 
 @njit(fastmath=True, cache=True)
 def _attention_job(q, k_cache, v_cache, row_seq, positions, block_tables, job, parts):
-    """Job `job` of B x S: one sequence's new rows against one slice of its keys, all query
-    heads, into parts[..][t, s] for each of its rows t."""
+    """Job `job` of n_tiles x S: a tile of one sequence's rows against one slice of its keys,
+    all query heads, into parts[..][t, s] for each of its rows t."""
     if q.shape[2] % 16 == 0:                           # (see "Vector code", below)
         _attention_job_vec(q, k_cache, v_cache, row_seq, positions, block_tables, job, parts)
         return
     Hq, hd = q.shape[1], q.shape[2]
     bs, Hkv = k_cache.shape[1], k_cache.shape[2]
     G = Hq // Hkv                                      # query heads per kv head
-    b, s, t0, t1, k0, k1, m, l = _job_start(parts, row_seq, positions, job, bs)
+    b, s, t0, t1, k0, k1, qs, m, l = _job_start(q, parts, row_seq, positions, job, bs)
     o = parts[2]                                       # [T, S, Hq, hd]
-    scale = float32(1.0 / np.sqrt(hd))
     p = np.empty((Hq, bs), dtype=np.float32)           # one row's scores of a block, then exps
     for jb in range(k0 // bs, (k1 + bs - 1) // bs):    # this slice's blocks
         blk = block_tables[b, jb]
@@ -166,8 +196,8 @@ def _attention_job(q, k_cache, v_cache, row_seq, positions, block_tables, job, p
                     for h in range(kvh * G, kvh * G + G):
                         acc = float32(0.0)
                         for i in range(hd):
-                            acc += q[t, h, i] * kr[i]
-                        p[h, r] = acc * scale
+                            acc += qs[j, h, i] * kr[i]
+                        p[h, r] = acc
             for h in range(Hq):
                 m_new = m[j, h]
                 for r in range(ra, re):
@@ -328,9 +358,8 @@ def _attention_job_vec(q, k_cache, v_cache, row_seq, positions, block_tables, jo
     G = Hq // Hkv                                      # query heads per kv head
     row, blk_len = Hkv * hd, bs * Hkv * hd             # floats a key (all kv heads), a block
     bs16 = (bs + 15) // 16 * 16                        # a head's scores, in whole vectors
-    b, s, t0, t1, k0, k1, m, l = _job_start(parts, row_seq, positions, job, bs)
+    b, s, t0, t1, k0, k1, qs, m, l = _job_start(q, parts, row_seq, positions, job, bs)
     o = parts[2]                                       # [T, S, Hq, hd]: flat offsets below
-    scale = float32(1.0 / np.sqrt(hd))
     c = np.empty(Hq, dtype=np.float32)                 # each head's rescale of the past
     p = np.empty(Hq * bs16, dtype=np.float32)          # [Hq, bs16]: a row's scores, then exps
     j0, j1 = k0 // bs, (k1 + bs - 1) // bs             # this slice's blocks
@@ -347,7 +376,7 @@ def _attention_job_vec(q, k_cache, v_cache, row_seq, positions, block_tables, jo
             nk = min(rb, positions[t] + 1 - jb * bs) - ra     # keys ra..ra + nk - 1 seen by row t
             if nk <= 0:
                 continue
-            j, qt, ot = t - t0, t * Hq * hd, (t * S + s) * Hq * hd
+            j, ot = t - t0, (t * S + s) * Hq * hd
             ln = 0
             for kvh in range(Hkv):
                 for h in range(kvh * G, kvh * G + G):
@@ -356,14 +385,13 @@ def _attention_job_vec(q, k_cache, v_cache, row_seq, positions, block_tables, jo
                         _prefetch_l2(V1, i * 16)
                     ln += share
                     for r0 in range(0, nk, 16):        # p[h, r] = q_h . k_(ra + r)
-                        _store16(p, h * bs16 + r0, _scores16(q, qt + h * hd, K, (ra + r0) * row
+                        _store16(p, h * bs16 + r0, _scores16(qs, j * Hq * hd + h * hd, K, (ra + r0) * row
                                                              + kvh * hd, row, nk - r0, hd))
             share = 0                                  # (asked for once)
             for h in range(Hq):                        # the online softmax, as above
                 ph = p[h * bs16:h * bs16 + nk]
                 m_new = m[j, h]
                 for r in range(nk):
-                    ph[r] *= scale
                     m_new = max(m_new, ph[r])
                 c[h] = exp32(m[j, h] - m_new)
                 for r in range(nk):
@@ -415,8 +443,7 @@ def _merge_slices(q, parts):
 
 
 def paged_attention_numba(q, k_cache, v_cache, batch: Batch):
-    return _attention_rows(np.ascontiguousarray(q, dtype=np.float32), k_cache, v_cache, batch.row_seq,
-                           batch.positions, batch.block_tables)
+    return _attention_rows(q, k_cache, v_cache, batch.row_seq, batch.positions, batch.block_tables)
 
 
 # ---------------------------------------------------------------------------------------------
