@@ -409,7 +409,9 @@ print("two pass:", two_pass.round(6))
 # %% [markdown]
 # minfer's kernel does this for every token row and query head, reading keys and values straight
 # from the paged cache through the block table. No score matrix, no copies of K and V. Each key
-# row is read once for the 3 query heads that share it. A decode step has one row and two
+# row is read once for the 3 query heads that share it, and once for all the new rows of its
+# sequence (a job is one sequence's rows: tokens to verify, a chunk of a prompt, each row
+# seeing the keys up to its own position). A decode step has one row and two
 # threads with nothing to do between them, so its keys are cut into slices (`SLICES`), each a
 # job of its own with its own $m$, $\ell$ and $o$; at the end the slices merge with the same
 # rescale, $M = \max_s m_s$, $o = \sum_s e^{m_s - M} o_s$, $\ell = \sum_s e^{m_s - M} \ell_s$

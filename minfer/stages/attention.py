@@ -51,110 +51,173 @@ def paged_attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, bat
 # exps in one loop — exp32 is plain arithmetic, so that loop becomes vector code (np.exp, one C
 # call per key, was ~40% of the kernel's time).
 #
-# The jobs: (token row, slice of its keys), every query head in each. A decode step has one row:
-# its keys are cut into S = SLICES slices, each thread walks its own slices, and the partial
-# results (m, l, o of each slice) are merged at the end ("flash-decoding", Dao et al. 2023) —
-# the softmax rescale once more: o = sum_s e^(m_s - M) o_s, l = sum_s e^(m_s - M) l_s. A job
-# reads each key and value row once for the G query heads that share it, and walks the cache's
-# memory in order, whole blocks [bs, Hkv, hd] at a time: inside a decode step, where the cache
-# comes from memory each layer, that was faster than a job per (row, query head).
-# With T rows, S = SLICES // T (at least 1): a prefill of 8 rows or more is a job per row, the
-# rows taken in zigzag order (0, T-1, 1, T-2, ...), so that each thread's share of them holds
-# short and long causal contexts alike.
+# The jobs: (tile of rows, slice of keys). A tile is up to ROWS new rows of one sequence (a
+# sequence's rows are contiguous in a batch and at consecutive positions: batch.make_batch); a job
+# loads a cache block [bs, Hkv, hd] once and uses it for every row of its tile that sees it
+# (causal: row t sees the keys 0..positions[t]) and for the G query heads that share each kv
+# head: k new rows (tokens to verify, a chunk of a prompt) read their sequence's keys and values
+# once, not k times; the block stays in L1 while the rows go through it, and a tile's queries
+# and partial outputs stay in L2. A decode step is the case of one-row tiles. The slices: a
+# tile's keys are cut into S of them, each a job with its own partial results (m, l, o of each
+# row and head), merged at the end ("flash-decoding", Dao et al. 2023) — the softmax rescale once
+# more: o = sum_s e^(m_s - M) o_s, l = sum_s e^(m_s - M) l_s. The cuts fall on block boundaries
+# and give each slice the same number of (row, key) pairs: under the causal mask the last keys
+# are seen by fewer rows (a prompt's chunk is a triangle), and equal numbers of keys would leave
+# one thread waiting on another. Here S = SLICES // n_tiles (at least 1; cpu/region.py picks its
+# own). The jobs go slice by slice (job j: slice j // n_tiles), so that a thread's share of them
+# can hold whole slices of every tile; the tiles in zigzag order (0, n - 1, 1, n - 2, ...), so
+# that a share of them holds short and long causal contexts alike.
 # ---------------------------------------------------------------------------------------------
 from numba import njit, prange, float32  # noqa: E402
 
 from .fastexp import exp32  # noqa: E402
 
-SLICES = 8                                             # jobs for a decode step (T x S jobs)
+SLICES = 8                                             # jobs for a decode step (tiles x S)
+ROWS = 32                                              # rows of a tile, at most
 
 
 @njit(parallel=True, fastmath=True, cache=True)
 def _attention_rows(q, k_cache, v_cache, row_seq, positions, block_tables):
     T, Hq, hd = q.shape
-    S = max(1, SLICES // T)                            # key slices per row
+    n = _n_tiles(row_seq)
+    S = max(1, SLICES // n)                            # key slices a tile
     parts = _slices(T, S, Hq, hd)
-    for job in prange(T * S):
+    for job in prange(n * S):
         _attention_job(q, k_cache, v_cache, row_seq, positions, block_tables, job, parts)
     return _merge_slices(q, parts)
 
 
 @njit(inline="always")
 def _slices(T, S, Hq, hd):
-    """Each (row, slice) job's partial result: its running max, sum of exps, unnormalised output."""
+    """Each (row, slice) partial result: its running max, sum of exps, unnormalised output."""
     return (np.empty((T, S, Hq), dtype=np.float32), np.empty((T, S, Hq), dtype=np.float32),
             np.empty((T, S, Hq, hd), dtype=np.float32))
 
 
 @njit(inline="always")
-def _job_start(q, row_seq, positions, job, S, T, bs):
-    """Job `job` of T x S: its row t (zigzag over the rows), slice s, sequence b, visible keys n
-    (causal: 0..position) in n_blk blocks; q scaled once (not every score); o, m, l started."""
-    Hq, hd = q.shape[1], q.shape[2]
-    j, s = job // S, job % S
-    t = j // 2 if j % 2 == 0 else T - 1 - j // 2
-    n = positions[t] + 1
-    scale = float32(1.0 / np.sqrt(hd))
-    qs = np.empty((Hq, hd), dtype=np.float32)
-    for h in range(Hq):
-        for i in range(hd):
-            qs[h, i] = q[t, h, i] * scale
-    return (t, s, row_seq[t], n, (n + bs - 1) // bs, qs, np.zeros((Hq, hd), dtype=np.float32),
-            np.full(Hq, -np.inf, dtype=np.float32), np.zeros(Hq, dtype=np.float32))
+def _tile_rows(row_seq, i):
+    """Tiles of the batch's rows: a new one where a sequence starts and every ROWS rows of it.
+    -> (t0, t1) of tile i (i = -1: (number of tiles, T))."""
+    T = row_seq.shape[0]
+    n, start, t0 = 0, 0, T
+    for t in range(T):
+        if t > 0 and row_seq[t] != row_seq[t - 1]:
+            start = t
+        if (t - start) % ROWS == 0:
+            if n == i + 1 and i >= 0:
+                return t0, t
+            t0 = t
+            n += 1
+    return (t0, T) if i >= 0 else (n, T)
 
 
 @njit(inline="always")
-def _job_end(parts, t, s, m, l, o):
-    m_part, l_part, o_part = parts
-    for h in range(m.shape[0]):
-        m_part[t, s, h], l_part[t, s, h] = m[h], l[h]
-        for i in range(o.shape[1]):
-            o_part[t, s, h, i] = o[h, i]
+def _n_tiles(row_seq):
+    return _tile_rows(row_seq, -1)[0]
+
+
+@njit(inline="always")
+def _cut(p0, R, S, s, bs):
+    """Where slice s of S starts among the keys 0..p0 + R - 1 of a tile whose R rows sit at
+    positions p0..p0 + R - 1 (key j < p0 + 1 is seen by all R rows, key p0 + u by R - u): the
+    block boundary nearest to an equal share of the (row, key) pairs."""
+    n = p0 + R
+    if s >= S:
+        return n
+    want = s * (R * (p0 + 1) + R * (R - 1) // 2) // S  # (row, key) pairs before the cut
+    if want <= R * (p0 + 1):
+        k = (want + R // 2) // R
+    else:
+        want -= R * (p0 + 1)
+        u = 0
+        while want > (R - u - 1) // 2:                # the rows' own keys: R - 1, R - 2, ...
+            u += 1
+            want -= R - u
+        k = p0 + 1 + u
+    return min(n, (k + bs // 2) // bs * bs)            # whole blocks: a block cut in two is
+                                                       # scored 16 keys at a time by both jobs
+
+
+@njit(inline="always")
+def _job_start(q, parts, row_seq, positions, job, bs):
+    """Job `job` of n_tiles x S: its tile's rows t0..t1 - 1 (zigzag over the tiles), their
+    sequence b, slice s of their keys, k0..k1 - 1; their q scaled once (not every score) into qs
+    [R, Hq, hd]; m, l [R, Hq] started, the rows' o zeroed."""
+    S, Hq, hd = parts[0].shape[1], parts[0].shape[2], parts[2].shape[3]
+    n = _n_tiles(row_seq)
+    s, i = job // n, job % n
+    t0, t1 = _tile_rows(row_seq, i // 2 if i % 2 == 0 else n - 1 - i // 2)
+    R = t1 - t0
+    k0, k1 = _cut(positions[t0], R, S, s, bs), _cut(positions[t0], R, S, s + 1, bs)
+    scale = float32(1.0 / np.sqrt(hd))
+    qs = np.empty((R, Hq, hd), dtype=np.float32)
+    o = parts[2]
+    for t in range(t0, t1):
+        o[t, s] = float32(0.0)
+        for h in range(Hq):
+            for i in range(hd):
+                qs[t - t0, h, i] = q[t, h, i] * scale
+    return (row_seq[t0], s, t0, t1, k0, k1, qs, np.full((R, Hq), -np.inf, dtype=np.float32),
+            np.zeros((R, Hq), dtype=np.float32))
+
+
+@njit(inline="always")
+def _job_end(parts, t0, t1, s, m, l):
+    m_part, l_part = parts[0], parts[1]
+    for t in range(t0, t1):
+        for h in range(m.shape[1]):
+            m_part[t, s, h], l_part[t, s, h] = m[t - t0, h], l[t - t0, h]
 
 
 @njit(fastmath=True, cache=True)
 def _attention_job(q, k_cache, v_cache, row_seq, positions, block_tables, job, parts):
-    """Job `job` of T x S: one row's one slice of keys, all query heads, into parts[..][t, s]."""
+    """Job `job` of n_tiles x S: a tile of one sequence's rows against one slice of its keys,
+    all query heads, into parts[..][t, s] for each of its rows t."""
     if q.shape[2] % 16 == 0:                           # (see "Vector code", below)
         _attention_job_vec(q, k_cache, v_cache, row_seq, positions, block_tables, job, parts)
         return
-    T, S, Hq = parts[0].shape
-    hd = q.shape[2]
+    Hq, hd = q.shape[1], q.shape[2]
     bs, Hkv = k_cache.shape[1], k_cache.shape[2]
     G = Hq // Hkv                                      # query heads per kv head
-    t, s, b, n, n_blk, qs, o, m, l = _job_start(q, row_seq, positions, job, S, T, bs)
-    p = np.empty((Hq, bs), dtype=np.float32)           # one block's scores, then their exps
-    for jb in range(s * n_blk // S, (s + 1) * n_blk // S):   # this slice's blocks
+    b, s, t0, t1, k0, k1, qs, m, l = _job_start(q, parts, row_seq, positions, job, bs)
+    o = parts[2]                                       # [T, S, Hq, hd]
+    p = np.empty((Hq, bs), dtype=np.float32)           # one row's scores of a block, then exps
+    for jb in range(k0 // bs, (k1 + bs - 1) // bs):    # this slice's blocks
         blk = block_tables[b, jb]
-        nk = min(bs, n - jb * bs)                      # keys of this block that are visible
-        for r in range(nk):
-            for kvh in range(Hkv):
-                kr = k_cache[blk, r, kvh]              # [hd]: one key, for its G query heads
-                for h in range(kvh * G, kvh * G + G):
-                    acc = float32(0.0)
-                    for i in range(hd):
-                        acc += qs[h, i] * kr[i]
-                    p[h, r] = acc
-        for h in range(Hq):
-            m_new = m[h]
-            for r in range(nk):
-                m_new = max(m_new, p[h, r])
-            c = exp32(m[h] - m_new)                    # rescale the past (1 if the max held)
-            l[h] *= c
-            for i in range(hd):
-                o[h, i] *= c
-            for r in range(nk):
-                p[h, r] = exp32(p[h, r] - m_new)
-                l[h] += p[h, r]
-            m[h] = m_new
-        for r in range(nk):
-            for kvh in range(Hkv):
-                vr = v_cache[blk, r, kvh]              # [hd]
-                for h in range(kvh * G, kvh * G + G):
-                    pr = p[h, r]
-                    for i in range(hd):
-                        o[h, i] += pr * vr[i]
-    _job_end(parts, t, s, m, l, o)
+        ra, rb = max(k0 - jb * bs, 0), min(k1 - jb * bs, bs)   # the block's keys in the slice
+        for t in range(t0, t1):
+            re = min(rb, positions[t] + 1 - jb * bs)   # row t sees keys ra..re - 1 of them
+            if re <= ra:
+                continue
+            j = t - t0
+            for r in range(ra, re):
+                for kvh in range(Hkv):
+                    kr = k_cache[blk, r, kvh]          # [hd]: one key, for its G query heads
+                    for h in range(kvh * G, kvh * G + G):
+                        acc = float32(0.0)
+                        for i in range(hd):
+                            acc += qs[j, h, i] * kr[i]
+                        p[h, r] = acc
+            for h in range(Hq):
+                m_new = m[j, h]
+                for r in range(ra, re):
+                    m_new = max(m_new, p[h, r])
+                c = exp32(m[j, h] - m_new)             # rescale the past (1 if the max held)
+                l[j, h] *= c
+                for i in range(hd):
+                    o[t, s, h, i] *= c
+                for r in range(ra, re):
+                    p[h, r] = exp32(p[h, r] - m_new)
+                    l[j, h] += p[h, r]
+                m[j, h] = m_new
+            for r in range(ra, re):
+                for kvh in range(Hkv):
+                    vr = v_cache[blk, r, kvh]          # [hd]
+                    for h in range(kvh * G, kvh * G + G):
+                        pr = p[h, r]
+                        for i in range(hd):
+                            o[t, s, h, i] += pr * vr[i]
+    _job_end(parts, t0, t1, s, m, l)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -289,61 +352,68 @@ def _pv_end(typingctx, acc):
 @njit(fastmath=True, cache=True)
 def _attention_job_vec(q, k_cache, v_cache, row_seq, positions, block_tables, job, parts):
     """_attention_job in vector code (head_dim % 16 == 0)."""
-    T, S, Hq = parts[0].shape
-    hd = q.shape[2]
+    S = parts[0].shape[1]
+    Hq, hd = q.shape[1], q.shape[2]
     bs, Hkv = k_cache.shape[1], k_cache.shape[2]
     G = Hq // Hkv                                      # query heads per kv head
     row, blk_len = Hkv * hd, bs * Hkv * hd             # floats a key (all kv heads), a block
     bs16 = (bs + 15) // 16 * 16                        # a head's scores, in whole vectors
-    t, s, b, n, n_blk, qs, o, m, l = _job_start(q, row_seq, positions, job, S, T, bs)
+    b, s, t0, t1, k0, k1, qs, m, l = _job_start(q, parts, row_seq, positions, job, bs)
+    o = parts[2]                                       # [T, S, Hq, hd]: flat offsets below
     c = np.empty(Hq, dtype=np.float32)                 # each head's rescale of the past
-    p = np.empty(Hq * bs16, dtype=np.float32)          # [Hq, bs16]: a block's scores, then exps
-    j0, j1 = s * n_blk // S, (s + 1) * n_blk // S      # this slice's blocks
+    p = np.empty(Hq * bs16, dtype=np.float32)          # [Hq, bs16]: a row's scores, then exps
+    j0, j1 = k0 // bs, (k1 + bs - 1) // bs             # this slice's blocks
     lines = blk_len // 16                              # 64-byte lines in a block's K (and V)
     for jb in range(j0, j1):
         K = k_cache[block_tables[b, jb]].reshape(blk_len)    # [bs * Hkv * hd]: key r, kv head
         V = v_cache[block_tables[b, jb]].reshape(blk_len)    # kvh at (r * Hkv + kvh) * hd
-        nk = min(bs, n - jb * bs)                      # keys of this block that are visible
-        # the next block's lines, a share with each head's scores
+        ra, rb = max(k0 - jb * bs, 0), min(k1 - jb * bs, bs)  # the block's keys in the slice
+        # the next block's lines, a share with each head's scores of the first row
         nxt = block_tables[b, jb + 1] if jb + 1 < j1 else -1
         share = (lines + Hq - 1) // Hq if nxt >= 0 else 0
         K1, V1 = k_cache[max(nxt, 0)].reshape(blk_len), v_cache[max(nxt, 0)].reshape(blk_len)
-        ln = 0
-        for kvh in range(Hkv):
-            for h in range(kvh * G, kvh * G + G):
-                for i in range(ln, min(lines, ln + share)):
-                    _prefetch_l2(K1, i * 16)
-                    _prefetch_l2(V1, i * 16)
-                ln += share
-                for r0 in range(0, nk, 16):            # p[h, r] = q_h . k_r
-                    _store16(p, h * bs16 + r0,
-                             _scores16(qs, h * hd, K, r0 * row + kvh * hd, row, nk - r0, hd))
-        for h in range(Hq):                            # the online softmax, as above
-            ph = p[h * bs16:h * bs16 + nk]
-            m_new = m[h]
-            for r in range(nk):
-                m_new = max(m_new, ph[r])
-            c[h] = exp32(m[h] - m_new)
-            for r in range(nk):
-                ph[r] = exp32(ph[r] - m_new)
-            total = float32(0.0)
-            for r in range(nk):
-                total += ph[r]
-            l[h] = l[h] * c[h] + total
-            m[h] = m_new
-        for kvh in range(Hkv):                         # o[h] = c[h] o[h] + sum_r p[h, r] v_r
-            for h in range(kvh * G, kvh * G + G):
-                for i in range(0, hd, 16):
-                    acc = _pv_start(o, h * hd + i, c[h])
-                    r = 0
-                    while r + 4 <= nk:
-                        acc = _pv4(acc, p, h * bs16 + r, V, r * row + kvh * hd + i, row)
-                        r += 4
-                    while r < nk:                      # the last 1-3 keys: the first chain
-                        acc = _pv1(acc, p, h * bs16 + r, V, r * row + kvh * hd + i)
-                        r += 1
-                    _store16(o, h * hd + i, _pv_end(acc))   # (flat offsets: o is [Hq, hd])
-    _job_end(parts, t, s, m, l, o)
+        for t in range(t0, t1):
+            nk = min(rb, positions[t] + 1 - jb * bs) - ra     # keys ra..ra + nk - 1 seen by row t
+            if nk <= 0:
+                continue
+            j, ot = t - t0, (t * S + s) * Hq * hd
+            ln = 0
+            for kvh in range(Hkv):
+                for h in range(kvh * G, kvh * G + G):
+                    for i in range(ln, min(lines, ln + share)):
+                        _prefetch_l2(K1, i * 16)
+                        _prefetch_l2(V1, i * 16)
+                    ln += share
+                    for r0 in range(0, nk, 16):        # p[h, r] = q_h . k_(ra + r)
+                        _store16(p, h * bs16 + r0, _scores16(qs, j * Hq * hd + h * hd, K, (ra + r0) * row
+                                                             + kvh * hd, row, nk - r0, hd))
+            share = 0                                  # (asked for once)
+            for h in range(Hq):                        # the online softmax, as above
+                ph = p[h * bs16:h * bs16 + nk]
+                m_new = m[j, h]
+                for r in range(nk):
+                    m_new = max(m_new, ph[r])
+                c[h] = exp32(m[j, h] - m_new)
+                for r in range(nk):
+                    ph[r] = exp32(ph[r] - m_new)
+                total = float32(0.0)
+                for r in range(nk):
+                    total += ph[r]
+                l[j, h] = l[j, h] * c[h] + total
+                m[j, h] = m_new
+            for kvh in range(Hkv):                     # o[h] = c[h] o[h] + sum_r p[h, r] v_r
+                for h in range(kvh * G, kvh * G + G):
+                    for i in range(0, hd, 16):
+                        acc = _pv_start(o, ot + h * hd + i, c[h])
+                        r = 0
+                        while r + 4 <= nk:
+                            acc = _pv4(acc, p, h * bs16 + r, V, (ra + r) * row + kvh * hd + i, row)
+                            r += 4
+                        while r < nk:                  # the last 1-3 keys: the first chain
+                            acc = _pv1(acc, p, h * bs16 + r, V, (ra + r) * row + kvh * hd + i)
+                            r += 1
+                        _store16(o, ot + h * hd + i, _pv_end(acc))
+    _job_end(parts, t0, t1, s, m, l)
 
 
 @njit(fastmath=True, cache=True)

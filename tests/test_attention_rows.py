@@ -1,0 +1,92 @@
+"""The numba attention job takes all the new rows of one sequence against one slice of its keys
+(each cache block loaded once for all of them, causal within the new rows): against the NumPy
+reference, at odd row counts and prefixes, several sequences of different row counts in one batch,
+the vector path (head_dim 64) and the plain one (head_dim 24), block sizes 16 and 5."""
+import numpy as np
+import pytest
+
+from minfer.batch import make_batch
+from minfer.stages import attention
+
+HEADS = {64: (9, 3), 24: (6, 2)}                  # head_dim -> (query heads, kv heads)
+
+
+def case(seqs, hd, bs, seed=0):
+    """seqs: (new rows, cached prefix) per sequence -> q, k_cache, v_cache, batch; the blocks of
+    the sequences interleaved in the pool, the cache random (the new rows' keys included)."""
+    Hq, Hkv = HEADS[hd]
+    r = np.random.default_rng(seed)
+    need = [-(-(n + p) // bs) for n, p in seqs]
+    order = r.permutation(sum(need) + 3)          # scattered blocks, a few unused
+    tables, at = [], 0
+    for k in need:
+        tables.append([int(i) for i in order[at:at + k]])
+        at += k
+    batch = make_batch([(list(range(n)), p, t) for (n, p), t in zip(seqs, tables)], bs)
+    shape = (len(order), bs, Hkv, hd)
+    k_cache = (r.standard_normal(shape) * 1.5).astype(np.float32)
+    v_cache = r.standard_normal(shape).astype(np.float32)
+    q = (r.standard_normal((len(batch.token_ids), Hq, hd)) * 1.5).astype(np.float32)
+    return q, k_cache, v_cache, batch
+
+
+def jobs(q, k_cache, v_cache, batch, S):
+    """Every (tile, slice) job of a split into S slices a tile, one after another, merged."""
+    parts = attention._slices(q.shape[0], S, q.shape[1], q.shape[2])
+    for job in range(attention._n_tiles(batch.row_seq) * S):
+        attention._attention_job(q, k_cache, v_cache, batch.row_seq, batch.positions,
+                                 batch.block_tables, job, parts)
+    return attention._merge_slices(q, parts)
+
+
+@pytest.mark.parametrize("bs", [16, 5])
+@pytest.mark.parametrize("hd", [64, 24])
+@pytest.mark.parametrize("prefix", [0, 5, 40])
+@pytest.mark.parametrize("n_new", [1, 2, 3, 7, 33, 70])
+def test_one_sequence_rows_against_reference(n_new, prefix, hd, bs):
+    q, kc, vc, batch = case([(n_new, prefix)], hd, bs, seed=n_new + prefix)
+    want = attention.paged_attention(q, kc, vc, batch)
+    np.testing.assert_allclose(attention.paged_attention_numba(q, kc, vc, batch), want,
+                               rtol=1e-4, atol=1e-5)
+    for S in (1, 2, 3):
+        np.testing.assert_allclose(jobs(q, kc, vc, batch, S), want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("bs", [16, 5])
+@pytest.mark.parametrize("hd", [64, 24])
+def test_mixed_sequences_in_one_batch(hd, bs):
+    """Decode rows, tokens to verify and prompt chunks side by side, each sequence its own rows."""
+    seqs = [(1, 40), (33, 0), (7, 5), (1, 0), (2, 40), (3, 5), (1, 17)]
+    q, kc, vc, batch = case(seqs, hd, bs, seed=hd + bs)
+    want = attention.paged_attention(q, kc, vc, batch)
+    np.testing.assert_allclose(attention.paged_attention_numba(q, kc, vc, batch), want,
+                               rtol=1e-4, atol=1e-5)
+    for S in (1, 2, 5):
+        np.testing.assert_allclose(jobs(q, kc, vc, batch, S), want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("p0,R", [(0, 128), (80, 8), (1000, 16), (5, 33), (0, 2), (40, 1)])
+def test_slices_cover_the_keys_with_equal_work(p0, R):
+    """The cuts cover keys 0..p0 + R - 1 once, in order, on block boundaries; the slices'
+    (row, key) pairs (a key j <= p0 seen by R rows, p0 + u by R - u) are each an equal share
+    give or take a block's worth."""
+    bs, n = 16, p0 + R
+    for S in (1, 2, 3, 8):
+        cuts = [attention._cut(p0, R, S, s, bs) for s in range(S + 1)]
+        assert cuts[0] == 0 and cuts[-1] == n and cuts == sorted(cuts)
+        assert all(c % bs == 0 for c in cuts[:-1])
+        seen = (np.arange(n)[None, :] <= (p0 + np.arange(R))[:, None]).sum(0)     # [n] rows a key
+        work = [int(seen[a:b].sum()) for a, b in zip(cuts, cuts[1:])]
+        assert max(abs(w - sum(work) / S) for w in work) <= R * bs, (S, cuts, work)
+
+
+def test_tiles_hold_rows_of_one_sequence():
+    """Tiles: every row in exactly one, each tile's rows of one sequence, at most ROWS of them."""
+    seqs = [(1, 0), (70, 3), (2, 5), (32, 0), (1, 9), (33, 1)]
+    batch = make_batch([(list(range(n)), p, list(range(20))) for n, p in seqs], 16)
+    n = attention._n_tiles(batch.row_seq)
+    tiles = [attention._tile_rows(batch.row_seq, i) for i in range(n)]
+    assert n == 1 + 3 + 1 + 1 + 1 + 2
+    assert [t for t0, t1 in tiles for t in range(t0, t1)] == list(range(len(batch.row_seq)))
+    for t0, t1 in tiles:
+        assert 0 < t1 - t0 <= attention.ROWS and len(set(batch.row_seq[t0:t1])) == 1
