@@ -22,7 +22,8 @@ GPU) computes two output rows for a tile of up to `ts * TB` tokens. The lanes ar
 times `ts` token-lanes (ks * ts = lanes): the K-lanes split the row into units of 8 weights, the
 token-lanes split the tile's tokens, TB each. Each lane dequantizes a unit once into registers and
 multiplies it with the x values of its TB tokens; the `ts` lanes that share a unit read its words
-at the same moment, which the GPU serves as one load. So a tile of up to `ts * TB` tokens (a
+at the same moment, which the GPU serves as one load (each dequantizes it itself: no barrier, and
+that work is spread over its TB tokens). So a tile of up to `ts * TB` tokens (a
 decode batch, k tokens to verify, a chunk of a prompt) reads each weight once:
     ts = 1     ks = lanes   up to TB tokens (a decode step of one sequence: all lanes on K)
     ts = 4     ks = lanes/4 up to 4 TB tokens
