@@ -14,8 +14,8 @@
 4. many rows  GPU time of each fused matmul (layer 0, the LM head) at R = 1, 8, 32 and 128 rows,
               for tiles of 8 tokens per block (the weights read once per 8 rows), 64 (the
               default) and 128, with 8 and 32 lanes; and a k-token forward (k = 1, 4, 8, 16 new
-              tokens after 128 cached ones, the logits of all k: a speculative verify) for each
-              tile: what reading the weights once per step gives
+              tokens after 128 cached ones, the logits of all k: a speculative verify; k = 64,
+              128: a chunk of a prompt) for each tile: what reading the weights once per step gives
 5. profile    GPU time of each kernel (layer 0) at T = 1, 32 and 128 tokens, measured as 30
               launches recorded in one CUDA graph (no Python in the timing), and the Python cost
               of one eager launch: where a step's time goes
@@ -343,7 +343,7 @@ def eager_us(model, launch, n=100):
     return 1e6 * (time.perf_counter() - t) / n
 
 
-def many_rows(cfg, W, Rs=(1, 8, 32, 128), tiles=(8, 64, 128), lanes=(8, 32), ks=(1, 4, 8, 16),
+def many_rows(cfg, W, Rs=(1, 8, 32, 128), tiles=(8, 64, 128), lanes=(8, 32), ks=(1, 4, 8, 16, 64, 128),
               context=128, n=30, repeats=5):
     """GPU microseconds of the fused matmuls at R rows for each tile and lane count, and the
     milliseconds of a k-token forward for each tile (eager launches, logits of the k rows)."""
@@ -514,9 +514,9 @@ def main():
                 ("end-to-end vs the numba backend", lambda: end_to_end(*results["model"], 4 if a.tiny else 32))]
     if not a.tiny:
         sections.append(("benchmark (random weights, SmolLM2-135M shape)", lambda: bench(*results["model"])))
-    sections.append(("many rows: the weights read once per step", lambda: many_rows(
-        *results["model"], **(dict(Rs=(1, 3, 9), tiles=(8, 64), lanes=(L.lanes,), ks=(1, 3), context=16, n=1, repeats=1)
-                              if a.tiny else {}))))
+    tiny_rows = dict(Rs=(1, 3, 9), tiles=(8, 64), lanes=(L.lanes,), ks=(1, 3), context=16, n=1, repeats=1)
+    sections.append(("many rows: the weights read once per step",
+                     lambda: many_rows(*results["model"], **(tiny_rows if a.tiny else {}))))
     sections.append(("profile: GPU time per kernel", lambda: profile(*results["model"], **(dict(sizes=(1, 2, 8), context=16, n=2) if a.tiny else {}))))
     for title, fn in sections:
         print(f"== {title}", flush=True)
