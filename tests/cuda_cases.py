@@ -119,6 +119,102 @@ def test_qkv_rope_kv_fused(fmt):
     np.testing.assert_allclose(dv.copy_to_host(), want_v, rtol=1e-4, atol=1e-4)
 
 
+# --- many rows: a tile of tokens reads each weight once -----------------------------------------
+# The simulator's 4 lanes split into K-lanes x token-lanes: 1-8 tokens 4 x 1, 9-16 2 x 2, 17-32
+# 1 x 4 (each lane walks the whole row); 33 tokens are two tiles (blocks along y).
+MANY = [1, 2, 3, 7, 12, 33]
+
+
+def test_a_tile_holds_the_step_up_to_its_size():
+    """Up to `tile` tokens (and lanes * TB) one block along y: each weight is read once."""
+    from minfer.gpu.linear import TB, TILE, _grid
+    for lanes in (4, 8, 32):
+        for T in (1, 7, 8, 9, 31, 32, 33, 64, 65, 128, 300):
+            grid, block, ts = _grid(10, T, lanes, 2, TILE)
+            assert lanes % ts == 0 and block == (lanes, 2)
+            assert grid[1] == -(-T // (ts * TB))
+            assert (grid[1] == 1) == (T <= min(TILE, lanes * TB)), (lanes, T, grid, ts)
+            assert ts == 1 or (ts // 2) * TB < min(T, TILE)     # no more token-lanes than needed
+    assert _grid(10, 33, 32, 2, 8)[0][1] == 5                    # tile 8: a block per 8 tokens
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("T", MANY)
+def test_linear_many_rows(fmt, T):
+    """The LM-head form (norm, some rows of x in any order) and the residual form, T rows, odd O."""
+    K, O = 64, 7
+    x, g, w = randn(T + 2, K), randn(K), weight(O, K, fmt)
+    W = DeviceMatrix.upload(w)
+    rows = rng.permutation(T + 2)[:T].astype(np.int32)
+    out = cuda.device_array((T, O), np.float32)
+    linear_cuda(dev(x), W, out, dev(rows), norm=dev(g), eps=1e-5, **MM)
+    want = linear.linear(rmsnorm.rmsnorm(x[rows], g, 1e-5), w)
+    np.testing.assert_allclose(out.copy_to_host(), want, rtol=1e-4, atol=1e-4)
+    res = randn(T, O)
+    d_res = dev(res)
+    linear_cuda(dev(x[:T]), W, d_res, ids(T), accumulate=True, **MM)
+    np.testing.assert_allclose(d_res.copy_to_host(), res + linear.linear(x[:T], w), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("T", MANY)
+def test_swiglu_many_rows(fmt, T):
+    D, F = 32, 3
+    x, g = randn(T, D), randn(D)
+    wg, wu = weight(F, D, fmt), weight(F, D, fmt)
+    h = cuda.device_array((T, F), np.float32)
+    swiglu_cuda(dev(x), dev(g), 1e-5, DeviceMatrix.upload([wg, wu]), h, **MM)
+    n = rmsnorm.rmsnorm(x, g, 1e-5)
+    want = mlp.silu(linear.linear(n, wg)) * linear.linear(n, wu)
+    np.testing.assert_allclose(h.copy_to_host(), want, rtol=1e-4, atol=1e-4)
+
+
+def _qkv_case(fmt, T, **launch):
+    """rmsnorm -> W_q, W_k, W_v -> RoPE on q, k -> k, v into the cache (layer 1 of 2), T tokens at
+    random positions and distinct slots; the device's q, k cache, v cache and the reference's."""
+    D, Hq, Hkv, hd, bs = 32, 2, 1, 8, 4
+    x, g = randn(T, D), randn(D)
+    wq, wk, wv = weight(Hq * hd, D, fmt), weight(Hkv * hd, D, fmt), weight(Hkv * hd, D, fmt)
+    positions = rng.integers(0, 40, T).astype(np.int32)
+    slots = rng.permutation(9 * bs)[:T].astype(np.int32)
+    cos, sin = rope.rope_angles(np.arange(40), hd, 1e4)
+    cache = randn(2, 9, bs, Hkv, hd)
+    dk, dv = dev(cache), dev(cache)
+    q = cuda.device_array((T, Hq * hd), np.float32)
+    qkv_cuda(dev(x), dev(g), 1e-5, DeviceMatrix.upload([wq, wk, wv]), dev(positions), dev(slots),
+             dev(cos), dev(sin), q, dk, dv, 1, **launch)
+    n = rmsnorm.rmsnorm(x, g, 1e-5)
+    c, s = cos[positions], sin[positions]
+    want_q = rope.rope(linear.linear(n, wq).reshape(T, Hq, hd), c, s).reshape(T, -1)
+    k = rope.rope(linear.linear(n, wk).reshape(T, Hkv, hd), c, s)
+    v = linear.linear(n, wv).reshape(T, Hkv, hd)
+    want_k, want_v = cache.copy(), cache.copy()
+    kvcache.kv_write(want_k[1], want_v[1], k, v, slots)
+    return (q.copy_to_host(), dk.copy_to_host(), dv.copy_to_host()), (want_q, want_k, want_v)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("T", MANY)
+def test_qkv_many_rows(fmt, T):
+    got, want = _qkv_case(fmt, T, **MM)
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("tile", [8, 16])
+def test_rows_past_the_tile(tile):
+    """A smaller tile than the lanes allow: 17 tokens are 3 tiles of 8 (the 1 x TB tiles before
+    the token-lanes) or 2 tiles of 16 (the second holding one token)."""
+    T, K, O = 17, 32, 5
+    x, w = randn(T, K), weight(O, K, "Q4_1")
+    out = cuda.device_array((T, O), np.float32)
+    linear_cuda(dev(x), DeviceMatrix.upload(w), out, ids(T), tile=tile, **MM)
+    np.testing.assert_allclose(out.copy_to_host(), linear.linear(x, w), rtol=1e-4, atol=1e-4)
+    got, want = _qkv_case("Q8_0", T, tile=tile, **MM)
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
 # --- the small stages ------------------------------------------------------------------------
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_embedding(fmt):

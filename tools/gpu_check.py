@@ -11,7 +11,12 @@
 3. benchmark  prefill of one 128-token prompt; decode of 128 new tokens (first one excluded) at
               batch 1 (graphs and eager) and batch 32, against targets of 10x / 5x Hugging Face
               transformers on an H200 (docs/gpu.md)
-4. profile    GPU time of each kernel (layer 0) at T = 1, 32 and 128 tokens, measured as 30
+4. many rows  GPU time of each fused matmul (layer 0, the LM head) at R = 1, 8, 32 and 128 rows,
+              for tiles of 8 tokens per block (the weights read once per 8 rows), 64 (the
+              default) and 128, with 8 and 32 lanes; and a k-token forward (k = 1, 4, 8, 16 new
+              tokens after 128 cached ones, the logits of all k: a speculative verify; k = 64,
+              128: a chunk of a prompt) for each tile: what reading the weights once per step gives
+5. profile    GPU time of each kernel (layer 0) at T = 1, 32 and 128 tokens, measured as 30
               launches recorded in one CUDA graph (no Python in the timing), and the Python cost
               of one eager launch: where a step's time goes
 
@@ -43,7 +48,7 @@ from numba import cuda  # noqa: E402
 from minfer.backends import numba_ops  # noqa: E402
 from minfer.batch import make_batch  # noqa: E402
 from minfer.config import ModelConfig  # noqa: E402
-from minfer.gpu.model import CudaModel, Launch, check_available  # noqa: E402
+from minfer.gpu.model import CudaModel, Launch, check_available, simulated  # noqa: E402
 from minfer.engine import Engine  # noqa: E402
 from minfer.model import LayerWeights, Transformer, Weights  # noqa: E402
 from minfer.sampling import SamplingParams, sample  # noqa: E402
@@ -144,7 +149,7 @@ def kernels(c: dict, L: Launch):
     check("embedding Q8_0", e.copy_to_host(), embedding.embedding(tok, head), tol=1e-6)
     # paged attention: 3 sequences (prefill 40, decode at 299, verify 4 at 150..153), GQA
     lens = [(40, 0), (1, min(299, c["max_seq_len"] - 2)), (4, 150 if c["max_seq_len"] > 160 else 20)]
-    kc = KVCache(1, Hkv, hd, block_size=16, n_blocks=8)
+    kc = KVCache(1, Hkv, hd, block_size=16, n_blocks=32)
     bm = BlockManager(kc)
     for s, (n_new, p) in enumerate(lens):
         bm.ensure(s, n_new + p)
@@ -250,8 +255,11 @@ def end_to_end(cfg, W, n_new: int):
     batch = make_batch([(prompts[0], 0, list(range(2)))], 16, all_logits=True)
     check("prefill logits cuda vs numba (20 rows)", gpu.forward(batch, cache_g), cpu.forward(batch, cache_c))
     results["graphs_used"] = bool(gpu.use_graphs and any(isinstance(v, tuple) for v in gpu._graphs.values()))
-    verdict("decode steps ran as CUDA graphs", results["graphs_used"], "" if results["graphs_used"] else
-            "(fell back to eager launches: see the message above)")
+    if simulated():                                          # the simulator records no graphs
+        verdict("decode steps ran eagerly (simulator)", not results["graphs_used"])
+    else:
+        verdict("decode steps ran as CUDA graphs", results["graphs_used"], "" if results["graphs_used"] else
+                "(fell back to eager launches: see the message above)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -333,6 +341,77 @@ def eager_us(model, launch, n=100):
         launch(model.stream)
     model.stream.synchronize()
     return 1e6 * (time.perf_counter() - t) / n
+
+
+def many_rows(cfg, W, Rs=(1, 8, 32, 128), tiles=(8, 64, 128), lanes=(8, 32), ks=(1, 4, 8, 16, 64, 128),
+              context=128, n=30, repeats=5):
+    """GPU microseconds of the fused matmuls at R rows for each tile and lane count, and the
+    milliseconds of a k-token forward for each tile (eager launches, logits of the k rows)."""
+    from dataclasses import replace
+    gpu = CudaModel(cfg, W, graphs=False)
+    c, L = cfg, gpu.layers[0]
+    out = results["many_rows"] = {"matmul_us": {}, "k_forward_ms": {}}
+    D, qd, F, V = c.dim, c.n_heads * c.head_dim, c.ffn_dim, c.vocab_size
+    cache = gpu.new_cache(n_blocks=max(Rs) + 4, block_size=16)
+    graphs = [True]                                  # until a recording fails
+    print("  fused matmuls, GPU us per launch (graph; eager wall us where graphs are unavailable)",
+          flush=True)
+    for R in Rs:
+        x, a, h = dev(randn(R, D)), dev(randn(R, qd)), dev(randn(R, F))
+        q, hh = cuda.device_array((R, qd), np.float32), cuda.device_array((R, F), np.float32)
+        res, logits = dev(randn(R, D)), cuda.device_array((R, V), np.float32)
+        rows = dev(np.arange(R, dtype=np.int32))
+        pos = dev(np.full(R, context, np.int32))
+        slots = dev(np.arange(R, dtype=np.int32) * 16)           # one per block: no two alike
+        for ln in lanes:
+            for tile in tiles:
+                mm = dict(lanes=ln, groups=gpu.launch.groups, tile=tile)
+                kern = {
+                    "qkv": lambda s: qkv_cuda(x, L.attn_norm, c.rms_eps, L.wqkv, pos, slots, gpu.cos, gpu.sin,
+                                              q, cache.k, cache.v, 0, stream=s, **mm),
+                    "W_o": lambda s: linear_cuda(a, L.wo, res, rows, accumulate=True, stream=s, **mm),
+                    "gate/up": lambda s: swiglu_cuda(x, L.ffn_norm, c.rms_eps, L.w_gate_up, hh, stream=s, **mm),
+                    "W_down": lambda s: linear_cuda(h, L.w_down, res, rows, accumulate=True, stream=s, **mm),
+                    "LM head": lambda s: linear_cuda(x, gpu.lm_head, logits, rows, norm=gpu.norm, eps=c.rms_eps,
+                                                     stream=s, **mm),
+                }
+                line = out["matmul_us"][f"R={R} lanes={ln} tile={tile}"] = {}
+                for name, fn in kern.items():
+                    try:
+                        us = graph_us(gpu, fn, n=n, reps=5) if graphs[0] else None
+                        if us is None:                  # no graphs here: eager wall time
+                            graphs[0] = False
+                            us = eager_us(gpu, fn, max(1, n // 10))
+                    except Exception as ex:  # noqa: BLE001 — e.g. too many registers for a shape
+                        print(f"    R={R} lanes={ln} tile={tile} {name} failed: {type(ex).__name__}: "
+                              f"{str(ex)[:200]}", flush=True)
+                        continue
+                    line[name] = us
+                layer = sum(line.get(k, float("nan")) for k in list(kern)[:4])
+                line["layer"] = layer
+                print(f"    R={R:<4} lanes {ln:>2} tile {tile:>3}: " + "  ".join(
+                    f"{k} {v:7.1f}" for k, v in line.items()) + f"  | {layer / R:6.2f} us/row/layer",
+                    flush=True)
+    print(f"  k-token forward after {context} cached tokens (eager, logits of the k rows), ms per step",
+          flush=True)
+    bm = BlockManager(cache)
+    ids = rng.integers(3, V, context + max(ks)).tolist()
+    for tile in tiles:
+        gpu.launch = replace(gpu.launch, tile=tile)
+        for k in ks:
+            table = bm.ensure(0, context + k)
+            gpu.forward(make_batch([(ids[:context], 0, table)], 16), cache)
+            batch = make_batch([(ids[context:context + k], context, table)], 16, logits_for=[k])
+            gpu.forward(batch, cache)                          # untimed: compiles, warms
+            times = []
+            for _ in range(repeats):
+                t = time.perf_counter()
+                gpu.forward(batch, cache)
+                times.append(time.perf_counter() - t)
+            bm.release(0)
+            ms = 1e3 * statistics.median(times)
+            out["k_forward_ms"][f"k={k} tile={tile}"] = ms
+            print(f"    tile {tile:>3}, k {k:>3}: {ms:8.2f} ms ({k / ms * 1e3:7.0f} tok/s)", flush=True)
 
 
 def profile(cfg, W, sizes=(1, 32, 128), context=128, n=100):
@@ -435,6 +514,9 @@ def main():
                 ("end-to-end vs the numba backend", lambda: end_to_end(*results["model"], 4 if a.tiny else 32))]
     if not a.tiny:
         sections.append(("benchmark (random weights, SmolLM2-135M shape)", lambda: bench(*results["model"])))
+    tiny_rows = dict(Rs=(1, 3, 9), tiles=(8, 64), lanes=(L.lanes,), ks=(1, 3), context=16, n=1, repeats=1)
+    sections.append(("many rows: the weights read once per step",
+                     lambda: many_rows(*results["model"], **(tiny_rows if a.tiny else {}))))
     sections.append(("profile: GPU time per kernel", lambda: profile(*results["model"], **(dict(sizes=(1, 2, 8), context=16, n=2) if a.tiny else {}))))
     for title, fn in sections:
         print(f"== {title}", flush=True)

@@ -83,6 +83,8 @@ class Launch:
     so it gets the smallest shapes that still exercise every reduction."""
     lanes: int | None = None # threads splitting one row pair (matmuls); None: per launch
     groups: int = 4          # row pairs per block (matmuls)
+    tile: int = 64           # tokens per block at most (matmuls): a step of up to this many rows
+                             # reads each weight once (gpu/linear.py, TILE)
     attn: int = 256          # threads per (row, head) of attention (>= head_dim)
     rows: int = 128          # threads per row (embedding)
     sample: int = 1024       # threads per sequence (sampling)
@@ -209,7 +211,7 @@ class CudaModel:
         from ..stages import attention, embedding
         from . import linear
         c, k = self.config, self.launch
-        mm = dict(lanes=k.lanes, groups=k.groups, stream=stream)
+        mm = dict(lanes=k.lanes, groups=k.groups, tile=k.tile, stream=stream)
         x, q, a, h = w.x[:T], w.q[:T], w.a[:T], w.h[:T]                   # [T, D], [T, qd] x2, [T, F]
         embedding.embedding_cuda(w.tok, self.tok_embd, x, threads=k.rows, stream=stream)
         for l, L in enumerate(self.layers):
