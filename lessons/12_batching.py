@@ -165,6 +165,19 @@ print(f"first: {first.cached_tokens} of {len(a)} prompt tokens from the cache; "
       f"second: {second.cached_tokens} of {len(b)}")
 
 # %% [markdown]
+# A block enters the cache only once it is computed. Requests that *arrive together* with the
+# same system prompt would each compute it, had the scheduler admitted them all in the first
+# step. It does not: a waiting request whose next missing block is the very block a running one
+# is computing waits for it (a step or a few), then shares it; requests behind it that share
+# nothing are admitted meanwhile (rule 4 in `engine/scheduler.py`).
+
+# %%
+llm = minfer.LLM(tiny, backend="numpy", block_size=4)
+together = llm.generate([system + [20 + i, 30 + i, 40 + i] for i in range(4)], p)
+print("from the cache, each:", [o.cached_tokens for o in together],
+      "| prompt tokens computed:", llm.stats.prompt_tokens, "of", 4 * (len(system) + 3))
+
+# %% [markdown]
 # ## Watch a real server's scheduler
 #
 # `python -m minfer serve` (the [Serving](../serving.md) page) puts this engine behind an
