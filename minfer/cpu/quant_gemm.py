@@ -27,7 +27,7 @@ from numba.core import cgutils, types
 from numba.extending import intrinsic
 
 from ..stages.quant import QK, QuantMatrix
-from ..stages.simd import F32, F32x16, I8, I32, _load, _load_scales, _sum16, _vec, bits
+from ..stages.simd import F32, I8, I32, _load, _load_scales, _sum16, _vec, _zeros, bits
 
 
 # ---------------------------------------------------------------------------------------------
@@ -149,19 +149,6 @@ def _store_sums(typingctx, accs, out, offs):
         return context.get_dummy_value()
     if out.layout == "C":
         return types.none(accs, out, offs), codegen
-
-
-@intrinsic
-def _zeros(typingctx, n):
-    """n zero accumulators (n: a literal)."""
-    if not isinstance(n, types.IntegerLiteral):
-        return None
-    count = n.literal_value
-
-    def codegen(context, builder, sig, args):
-        zero = ir.Constant(_vec(F32, 16), [0.0] * 16)
-        return context.make_tuple(builder, sig.return_type, [zero] * count)
-    return types.UniTuple(F32x16, count)(n), codegen
 
 
 @njit(fastmath=True, cache=True)

@@ -26,12 +26,12 @@ from __future__ import annotations
 import numpy as np
 from llvmlite import ir
 from numba import float32, int32, njit, prange
-from numba.core import types
 from numba.extending import intrinsic
 
 from ..stages.quant import QK, QuantMatrix
 from ..stages.quant_i8 import _absmax_sum, _digits1, _digits3
-from ..stages.simd import F32, F32x16, I8, I32, _load, _load_scales, _prefetch_l2, _vec, _vpdpbusd, bits
+from ..stages.simd import (F32, I8, I32, _load, _load_scales, _prefetch_l2, _store16, _vec, _vpdpbusd,
+                           _zeros, bits)
 
 ROWS = 16                                           # rows in a panel: one int32 lane each
 PREFETCH_BYTES = 4096       # how far ahead a step of few tokens asks for the weights (into L2)
@@ -160,31 +160,6 @@ _q4x4, _q4x1, _q8x4, _q8x1 = (_make_panel(q8, C) for q8 in (False, True) for C i
 _q4x4_3, _q4x1_3, _q8x4_3, _q8x1_3 = (_make_panel(q8, C, 3) for q8 in (False, True) for C in (4, 1))
 
 
-@intrinsic
-def _zeros(typingctx, n):
-    """n zero accumulators (n: a literal)."""
-    if not isinstance(n, types.IntegerLiteral):
-        return None
-    count = n.literal_value
-
-    def codegen(context, builder, sig, args):
-        return context.make_tuple(builder, sig.return_type,
-                                  [ir.Constant(_vec(F32, 16), [0.0] * 16)] * count)
-    return types.UniTuple(F32x16, count)(n), codegen
-
-
-@intrinsic
-def _put(typingctx, out, offset, acc):
-    """out.flat[offset:offset + 16] = acc."""
-    def codegen(context, builder, sig, args):
-        data = context.make_array(sig.args[0])(context, builder, args[0]).data
-        ptr = builder.bitcast(builder.gep(data, [args[1]]), _vec(F32, 16).as_pointer())
-        builder.store(args[2], ptr, align=4)
-        return context.get_dummy_value()
-    if out.layout == "C":
-        return types.none(out, offset, acc), codegen
-
-
 # ---------------------------------------------------------------------------------------------
 # x, and a range of panels against every token
 # ---------------------------------------------------------------------------------------------
@@ -251,7 +226,7 @@ def tile(xi, qp, d, m, p0, p1, out, c0):
                 else:
                     acc = _q4x4(acc, qp, blk * vb, xq, xo, d, m, blk * ROWS, dx, xsum, start, tk)
             for i in range(4):
-                _put(out, (t + i) * N + col, acc[i])
+                _store16(out, (t + i) * N + col, acc[i])
             t += 4
         while t < T:                                   # then one at a time
             acc1 = _zeros(1)
@@ -269,7 +244,7 @@ def tile(xi, qp, d, m, p0, p1, out, c0):
                     acc1 = _q4x1_3(acc1, qp, blk * vb, xq, xo1, d, m, blk * ROWS, dx, xsum, start, tk1)
                 else:
                     acc1 = _q4x1(acc1, qp, blk * vb, xq, xo1, d, m, blk * ROWS, dx, xsum, start, tk1)
-            _put(out, t * N + col, acc1[0])
+            _store16(out, t * N + col, acc1[0])
             t += 1
 
 

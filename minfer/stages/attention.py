@@ -237,7 +237,7 @@ from numba import types  # noqa: E402
 from numba.core import cgutils  # noqa: E402
 from numba.extending import intrinsic  # noqa: E402
 
-from .simd import F32, F32x16, I32, _load, _prefetch_l2, _vec  # noqa: E402
+from .simd import F32, F32x16, I32, _load, _prefetch_l2, _store16, _vec  # noqa: E402
 
 _I64 = ir.IntType(64)
 
@@ -281,18 +281,6 @@ def _splat(builder, s):
     """The float s in all 16 lanes of a vector."""
     one = builder.insert_element(ir.Constant(_vec(F32, 1), None), s, ir.Constant(I32, 0))
     return builder.shuffle_vector(one, one, ir.Constant(_vec(I32, 16), [0] * 16))
-
-
-@intrinsic
-def _store16(typingctx, a, off, v):
-    """a.flat[off:off + 16] = v."""
-    def codegen(context, builder, sig, args):
-        data = context.make_array(sig.args[0])(context, builder, args[0]).data
-        ptr = builder.bitcast(builder.gep(data, [args[1]]), _vec(F32, 16).as_pointer())
-        builder.store(args[2], ptr, align=4)
-        return context.get_dummy_value()
-    if a.layout == "C":
-        return types.none(a, types.int64, F32x16), codegen
 
 
 @intrinsic

@@ -84,6 +84,31 @@ def _zeros16(typingctx):
 
 
 @intrinsic
+def _zeros(typingctx, n):
+    """n zero 16-float accumulators, as a tuple (n: a literal)."""
+    if not isinstance(n, types.IntegerLiteral):
+        return None
+    count = n.literal_value
+
+    def codegen(context, builder, sig, args):
+        return context.make_tuple(builder, sig.return_type,
+                                  [ir.Constant(_vec(F32, 16), [0.0] * 16)] * count)
+    return types.UniTuple(F32x16, count)(n), codegen
+
+
+@intrinsic
+def _store16(typingctx, a, off, v):
+    """a.flat[off:off + 16] = v (a: C-contiguous float32)."""
+    def codegen(context, builder, sig, args):
+        data = context.make_array(sig.args[0])(context, builder, args[0]).data
+        ptr = builder.bitcast(builder.gep(data, [args[1]]), _vec(F32, 16).as_pointer())
+        builder.store(args[2], ptr, align=4)
+        return context.get_dummy_value()
+    if a.layout == "C":
+        return types.none(a, types.int64, F32x16), codegen
+
+
+@intrinsic
 def _sum16(typingctx, a):
     def codegen(context, builder, sig, args):
         fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(
