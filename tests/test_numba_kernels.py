@@ -21,6 +21,24 @@ def test_linear(T, K, O):
     np.testing.assert_allclose(linear.linear_numba(x, w), linear.linear(x, w), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("T", [1, 2, 3, 4, 5, 6, 7, 8, 33])
+@pytest.mark.parametrize("K,O", [(32, 7), (96, 33), (576, 64), (48, 3)])
+def test_dense_tiles_against_float64(T, K, O):
+    """The float32-weight kernel of decode, verification and prompts (4 rows x up to 4 tokens a
+    tile, the last rows alone): every tile shape and remainder against float64."""
+    x, w = randn(T, K), randn(O, K)
+    want = x.astype(np.float64) @ w.astype(np.float64).T
+    got = linear._dense_tiles(x, w)
+    assert got.shape == (T, O)
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+    np.testing.assert_allclose(linear.dense_matmul_numba(x, w), got, rtol=0, atol=0)
+
+
+def test_dense_matmul_takes_the_loop_where_k_is_not_whole_vectors():
+    x, w = randn(3, 40), randn(5, 40)
+    np.testing.assert_allclose(linear.dense_matmul_numba(x, w), x @ w.T, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("T,D", [(1, 8), (5, 33), (17, 576)])
 def test_rmsnorm(T, D):
     x, w = randn(T, D), randn(D)
@@ -57,7 +75,7 @@ def test_embedding(fmt, half):
     np.testing.assert_array_equal(embedding.embedding_numba(ids, table), embedding.embedding(ids, table))
 
 
-@pytest.mark.parametrize("T,D,F", [(1, 32, 96), (6, 64, 33)])
+@pytest.mark.parametrize("T,D,F", [(1, 32, 96), (6, 64, 33), (9, 48, 20)])
 def test_swiglu(T, D, F):
     x, g, u, d = randn(T, D), randn(F, D), randn(F, D), randn(D, F)
     np.testing.assert_allclose(mlp.swiglu_numba(x, g, u, d), mlp.swiglu(x, g, u, d), rtol=1e-4, atol=1e-4)

@@ -273,6 +273,28 @@ def test_stops_inside_an_accepted_run(tiny_gguf, plain):
     assert s["accepted"] == s["proposed"] > 0
 
 
+def test_draft_computes_the_prompt_with_the_target(tiny_gguf, other_gguf, plain):
+    """In the step where the target prefills a prompt, the draft computes the same tokens: its
+    first guesses (the next step) feed one token, not the prompt; the text is unchanged."""
+    llm = _spec_llm(tiny_gguf, "numpy", "draft", draft=other_gguf, k=3)
+    llm.engine.speculator.adaptive = False
+    prop = llm.engine.speculator.proposer
+    rows, orig = [], prop.model.forward
+
+    def spy(batch, cache):
+        rows.append(len(batch.token_ids))
+        return orig(batch, cache)
+    prop.model.forward = spy
+    try:
+        G = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+        got = llm.generate([PROMPTS[0]], G)[0]
+    finally:
+        prop.model.forward = orig
+    assert got.token_ids == plain["numpy"].generate([PROMPTS[0]], G)[0].token_ids
+    assert rows[0] == len(got.prompt_token_ids)                  # the prompt, with the target's
+    assert max(rows[1:]) <= 2                                    # then a guess (+ a correction)
+
+
 def test_rollback_leaves_no_stale_kv(tiny_gguf, other_gguf, plain):
     """Every row of every verification forward (after earlier rejections rolled back) has the
     logits of a fresh forward of its text; the prefix cache holds only accepted tokens."""

@@ -10,8 +10,9 @@ activations; re-quantized to Q4_0 it would agree on the top token a third less o
 The draft keeps its own KV cache (its own block pool, from its own engine) and, per sequence, how
 many of the sequence's tokens have their K/V there (`computed`). Each step:
 
-    catch up    feed the tokens the draft has not seen (the whole prompt the first time; then the
-                target's correction of last step and any accepted tokens the draft did not feed)
+    prefill     while the target computes a prompt, the draft computes it too (`prefill`)
+    catch up    feed the tokens the draft has not seen (the target's correction of last step and
+                any accepted tokens the draft did not feed; the whole prompt if it missed it)
     draft       k - 1 more forwards of one token each; d_1..d_k, and the draft's distribution q
                 at each (sampling) — all sequences of the step batched together
     rollback    after verification only the accepted prefix stays valid in the draft's cache:
@@ -61,6 +62,24 @@ class DraftProposer:
         """Seconds of one draft forward of one token (the cost of a guess)."""
         from .speculator import timed_forward
         return timed_forward(self.model, self.cache, self.blocks, 1, self.max_context, repeats)
+
+    # --- prompts --------------------------------------------------------------------------------
+    def prefill(self, chunks: list) -> None:
+        """chunks: [(sequence, end)]: the target computes the sequence's prompt up to `end` this
+        step; the draft computes its own K/V of the same tokens now (one forward for all), so
+        that its first guesses wait for no prompt — the prompt's time is the prompt's, in both
+        models."""
+        entries = []
+        for seq, end in chunks:
+            sid = seq.seq_id
+            done = self.computed.setdefault(sid, 0)
+            if end <= done or not self._room(sid, end):
+                continue
+            entries.append((seq.tokens[done:end], done, self.blocks.tables[sid]))
+            self.computed[sid] = end
+        if entries:
+            batch = make_batch(entries, self.cache.block_size, logits_for=[0] * len(entries))
+            self.model.forward(batch, self.cache)
 
     # --- proposing -----------------------------------------------------------------------------
     def propose(self, wants: list) -> dict:

@@ -93,7 +93,6 @@ class NgramProposer:
 
     def step_time(self, repeats: int = 3) -> float:
         return 0.0                                   # a lookup: next to nothing
-
     def rollback(self, seq, n_valid: int) -> None:
         """Nothing to undo: the index holds only the sequence's own (accepted) tokens."""
 

@@ -117,10 +117,13 @@ class Speculator:
             self.proposer.drop(sid)
         budget = eng.scheduler.max_tokens - sum(n for _, n in scheduled)
         bs = eng.blocks.block_size
-        wants = []
+        wants, chunks = [], []
         for seq, n in scheduled:
-            if n != 1 or seq.n_pending != 1 or budget <= 0:
-                continue                                   # a prompt chunk, or no budget left
+            if seq.n_pending > 1:                          # a prompt chunk: the draft's too
+                chunks.append((seq, seq.n_computed + n))
+                continue
+            if n != 1 or budget <= 0:
+                continue                                   # no budget left
             if self.adaptive and (self.row_cost is None or self.draft_cost is None):
                 self.calibrate()
             ad = self.adapt.get(seq.seq_id)
@@ -136,6 +139,8 @@ class Speculator:
             if k > 0:
                 wants.append((seq, k))
                 budget -= k
+        if chunks and hasattr(self.proposer, "prefill"):   # (a proposer with a model of its own)
+            self.proposer.prefill(chunks)
         drafts = self.proposer.propose(wants) if wants else {}
         for seq, (ids, _) in drafts.items():
             eng.blocks.ensure(seq.seq_id, seq.n_tokens + len(ids))

@@ -48,6 +48,8 @@ def stack_rows(ws: list):
 # ---------------------------------------------------------------------------------------------
 from numba import njit, prange, float32  # noqa: E402
 
+from .simd import _mac1x4, _mac2x4, _mac3x4, _mac4x4, _prefetch_l2, _put_sums, _zeros  # noqa: E402
+
 
 def linear_numba(x: np.ndarray, w, int8_act: bool = False,
                  kernels: KernelConfig | None = None) -> np.ndarray:
@@ -55,16 +57,25 @@ def linear_numba(x: np.ndarray, w, int8_act: bool = False,
     kernels: which kernels (quant_dispatch.KernelConfig; default: this CPU's)."""
     if isinstance(w, QuantMatrix):
         return quant_linear_numba(x, w, int8_act, kernels)
-    if x.shape[0] >= 8:
-        # many tokens: compute-bound, and BLAS's register-blocked sgemm is ~3x the loop below;
-        # row tiles go to threads, as for quantized weights (quant.run_tiles)
+    kernels = kernels or KernelConfig()
+    if x.shape[0] >= kernels.dense_gemm_min_rows:
+        # many tokens: compute-bound, and BLAS's sgemm pulls ahead; row tiles go to threads, as
+        # for quantized weights (quant.run_tiles)
         out = np.empty((x.shape[0], w.shape[0]), dtype=np.float32)
 
         def job(r0, r1):
             out[:, r0:r1] = x @ w[r0:r1].T
-        run_tiles(w.shape[0], job, (kernels or KernelConfig()).tile_rows)
+        run_tiles(w.shape[0], job, kernels.tile_rows)
         return out
-    return _dense_matmul(np.ascontiguousarray(x, dtype=np.float32), w)
+    return dense_matmul_numba(np.ascontiguousarray(x, dtype=np.float32), w)
+
+
+def dense_matmul_numba(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """x [T, K] float32 (C-contiguous), w [O, K] float32 -> [T, O]: _dense_tiles where the rows
+    split into 16-float vectors, else the plain loop."""
+    if x.shape[1] % 16 or not w.flags.c_contiguous:
+        return _dense_matmul(x, w)
+    return _dense_tiles(x, w)
 
 
 def qkv_numba(x: np.ndarray, wq, wk, wv, wqkv=None, int8_act: bool = False,
@@ -110,8 +121,67 @@ def _dense_matmul(x, w):
     return out
 
 
-# ---------------------------------------------------------------------------------------------
-# numba.cuda GPU path: gpu/linear.py. On the GPU the linear layers are where the fusion
-# happens (norm + QKV + RoPE + cache write, residual epilogues, gate/up + SiLU), and those kernels
-# are long enough to deserve their own page.
-# ---------------------------------------------------------------------------------------------
+@njit(parallel=True, fastmath=True, cache=True, error_model="numpy")
+def _dense_tiles(x, w):
+    """_dense_matmul's function, for K a multiple of 16, in tiles that keep the sums in registers.
+    An item is 4 weight rows: each 16-float vector of them feeds up to 4 tokens' sums at once (16
+    sums a tile of 4 tokens x 4 rows). x is first laid out so that a tile's 4 token vectors at one
+    k sit side by side (xt[t // 4, k // 16, t % 4, :]): one pointer for all of them, which keeps
+    the loop's addresses in registers. While an item's first tokens run, the next item's rows are
+    asked for: without that, each item waited for its rows from memory and then computed, one
+    after the other."""
+    T, K = x.shape
+    O = w.shape[0]
+    out = np.empty((T, O), dtype=np.float32)
+    nt = (T + 3) // 4
+    xt = np.zeros((nt, K // 16, 4, 16), dtype=np.float32)           # x, 4 tokens a vector row
+    for t in range(T):
+        for k in range(K):
+            xt[t // 4, k // 16, t % 4, k % 16] = x[t, k]
+    for i in prange((O + 3) // 4):
+        o = 4 * i
+        if o + 4 > O:                                   # the last rows, fewer than 4
+            for r in range(o, O):
+                for t in range(T):
+                    a = float32(0.0)
+                    for k in range(K):
+                        a += x[t, k] * w[r, k]
+                    out[t, r] = a
+            continue
+        nxt = min(o + 4, O - 4) * K                     # the next item's rows
+        for c4 in range(nt):
+            R = min(4, T - 4 * c4)                      # tokens in this tile
+            base = c4 * K * 4
+            if R == 4:
+                acc = _zeros(16)
+                for k in range(0, K, 16):
+                    if c4 == 0:
+                        for c in range(4):
+                            _prefetch_l2(w, nxt + c * K + k)
+                    acc = _mac4x4(acc, xt, base + 4 * k, 16, w, o * K + k, K)
+                _put_sums(acc, out, 4 * c4 * O + o, O, 4)           # out[4c4 : 4c4+4, o:o+4]
+            elif R == 3:
+                acc3 = _zeros(12)
+                for k in range(0, K, 16):
+                    if c4 == 0:
+                        for c in range(4):
+                            _prefetch_l2(w, nxt + c * K + k)
+                    acc3 = _mac3x4(acc3, xt, base + 4 * k, 16, w, o * K + k, K)
+                _put_sums(acc3, out, 4 * c4 * O + o, O, 4)
+            elif R == 2:
+                acc2 = _zeros(8)
+                for k in range(0, K, 16):
+                    if c4 == 0:
+                        for c in range(4):
+                            _prefetch_l2(w, nxt + c * K + k)
+                    acc2 = _mac2x4(acc2, xt, base + 4 * k, 16, w, o * K + k, K)
+                _put_sums(acc2, out, 4 * c4 * O + o, O, 4)
+            else:
+                acc1 = _zeros(4)
+                for k in range(0, K, 16):
+                    if c4 == 0:
+                        for c in range(4):
+                            _prefetch_l2(w, nxt + c * K + k)
+                    acc1 = _mac1x4(acc1, xt, base + 4 * k, 16, w, o * K + k, K)
+                _put_sums(acc1, out, 4 * c4 * O + o, O, 4)
+    return out

@@ -28,7 +28,7 @@ def swiglu(x: np.ndarray, w_gate: np.ndarray, w_up: np.ndarray, w_down: np.ndarr
 from numba import njit, prange, float32  # noqa: E402
 
 from .fastexp import exp32  # noqa: E402  (e^x in plain arithmetic: the silu loops vectorize)
-from .linear import linear_numba  # noqa: E402
+from .linear import dense_matmul_numba, linear_numba  # noqa: E402
 from .quant import QuantMatrix  # noqa: E402
 from .quant_dispatch import KernelConfig, quant_gate_up_numba  # noqa: E402
 
@@ -46,22 +46,6 @@ def silu_mul_numba(g, u):
     return g
 
 
-@njit(parallel=True, fastmath=True, cache=True)
-def _dense_gate_up(x, wg, wu):
-    T, K = x.shape
-    F = wg.shape[0]
-    out = np.empty((T, F), dtype=np.float32)
-    for o in prange(F):
-        for t in range(T):
-            g = float32(0.0)
-            u = float32(0.0)
-            for k in range(K):
-                g += x[t, k] * wg[o, k]
-                u += x[t, k] * wu[o, k]
-            out[t, o] = g / (float32(1.0) + exp32(-g)) * u
-    return out
-
-
 def swiglu_numba(x, w_gate, w_up, w_down, int8_act: bool = False,
                  kernels: KernelConfig | None = None):
     """int8_act: on quantized weights, x rounded to int8 per block (quant_i8.py; opt-in).
@@ -72,9 +56,10 @@ def swiglu_numba(x, w_gate, w_up, w_down, int8_act: bool = False,
         if T < kernels.sgemm_min_rows(w_gate.fmt) or int8_act:
             h = quant_gate_up_numba(x, w_gate, w_up, int8_act, kernels)                 # [T, F]
             return linear_numba(h, w_down, int8_act, kernels)
-    elif isinstance(w_gate, np.ndarray) and isinstance(w_up, np.ndarray) and T < 8:
-        return linear_numba(_dense_gate_up(np.ascontiguousarray(x, dtype=np.float32), w_gate, w_up), w_down,
-                            kernels=kernels)
+    elif isinstance(w_gate, np.ndarray) and isinstance(w_up, np.ndarray) and T < kernels.dense_gemm_min_rows:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        h = silu_mul_numba(dense_matmul_numba(x, w_gate), dense_matmul_numba(x, w_up))    # [T, F]
+        return linear_numba(h, w_down, kernels=kernels)
     h = silu_mul_numba(linear_numba(x, w_gate, int8_act, kernels), linear_numba(x, w_up, int8_act, kernels))
     return linear_numba(h, w_down, int8_act, kernels)
 

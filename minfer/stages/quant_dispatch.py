@@ -53,6 +53,10 @@ class KernelConfig:
     split_gemm_min_rows: int = 224
     q8_split_gemm_min_rows: int = 112
     tile_rows: int = 256                 # rows of weights dequantized at a time, one tile a thread
+    # From how many tokens on a matmul on float32 weights (--quant f32) goes to sgemm on tiles of
+    # rows (a thread each); below it, stages/linear._dense_tiles (4 rows x 4 tokens a tile), which
+    # beat sgemm at every prompt length measured, up to 256 tokens (docs/benchmarks.md).
+    dense_gemm_min_rows: int = 1 << 30
 
     # From how many rows of x on the one-region step (cpu/region.py) decodes each weight row once
     # for all of them into floats (cpu/quant_gemm.py), by kernel kind: cpu/formats.py's Q4, Q8

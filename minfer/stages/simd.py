@@ -135,10 +135,59 @@ def _make_prefetch(locality):
 # a block) faster with the rows ahead sent to L2 — L1 is where they keep x and do their loads;
 # so do 4-bit rows against int8 x. The three-part kernels on 4-bit rows, bound by their
 # arithmetic, did not gain and keep L1 (docs/benchmarks.md).
-_prefetch, _prefetch_l2 = _make_prefetch(3), _make_prefetch(2)
+_prefetch, _prefetch_l2, _prefetch_nta = _make_prefetch(3), _make_prefetch(2), _make_prefetch(0)
 
 
 def bits(a):
     """Scales for the kernels: float16 ones as their uint16 bits (numba's CPU target has no
     float16 type; the kernels widen them), float32 ones as they are."""
     return a.view(np.uint16) if a.dtype == np.float16 else a
+
+
+def _make_mac(R, C):
+    @intrinsic
+    def mac(typingctx, acc, x, xo, xs, w, wo, ws):
+        """acc[C r + c] += x.flat[xo + r xs:][:16] * w.flat[wo + c ws:][:16], lane by lane: R rows
+        of x against C rows of w, 16 floats of each (float32, C-contiguous), R C multiply-adds."""
+        def codegen(context, builder, sig, args):
+            def at(base, i, stride):
+                return builder.add(base, builder.mul(ir.Constant(base.type, i), stride))
+            xv = [_load(context, builder, sig.args[1], args[1], at(args[2], r, args[3]), F32, 16)
+                  for r in range(R)]
+            wv = [_load(context, builder, sig.args[4], args[4], at(args[5], c, args[6]), F32, 16)
+                  for c in range(C)]
+            fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(
+                _vec(F32, 16), [_vec(F32, 16)] * 3), "llvm.fma.v16f32")
+            out = [builder.call(fma, [xv[r], wv[c], builder.extract_value(args[0], C * r + c)])
+                   for r in range(R) for c in range(C)]
+            return context.make_tuple(builder, sig.return_type, out)
+        if isinstance(acc, types.UniTuple) and acc.count == R * C:
+            return acc(acc, x, xo, xs, w, wo, ws), codegen
+    return mac
+
+
+# R = 1..4 rows of x against 4 rows of w (up to 16 sums in registers: each loaded vector of w
+# serves R of them, each of x 4)
+_mac1x4, _mac2x4, _mac3x4, _mac4x4 = (_make_mac(R, 4) for R in (1, 2, 3, 4))
+
+
+@intrinsic
+def _put_sums(typingctx, acc, out, off, row, C):
+    """out.flat[off + r row + c] = the sum of acc[C r + c]'s 16 lanes (C: a literal)."""
+    if not isinstance(C, types.IntegerLiteral):
+        return None
+    n, cols = acc.count, C.literal_value
+
+    def codegen(context, builder, sig, args):
+        data = context.make_array(sig.args[1])(context, builder, args[1]).data
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(
+            F32, [F32, _vec(F32, 16)]), "llvm.vector.reduce.fadd.v16f32")
+        for i in range(n):
+            r, c = divmod(i, cols)
+            s = builder.call(fn, [ir.Constant(F32, -0.0), builder.extract_value(args[0], i)],
+                             fastmath=("fast",))
+            at = builder.add(args[2], builder.add(builder.mul(ir.Constant(args[2].type, r), args[3]),
+                                                  ir.Constant(args[2].type, c)))
+            builder.store(s, builder.gep(data, [at]))
+        return context.get_dummy_value()
+    return types.none(acc, out, off, row, C), codegen
