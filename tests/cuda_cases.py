@@ -493,7 +493,7 @@ def test_spec_engine_on_cuda_model_greedy_identical():
     prompt = [5, 6, 7, 5, 6]
     plain = Engine(Transformer(c, W, numba_ops()), stop_ids=set(), block_size=4, kv_cache_mb=1)
     spec = Engine(CudaModel(c, W), stop_ids=set(), block_size=4, kv_cache_mb=1)
-    spec.speculator = Speculator(spec, NgramProposer(), k_max=2, adaptive=False)
+    spec.speculator = Speculator(spec, NgramProposer(min_n=1), k_max=2, adaptive=False)
     outs = [[tok for _, tok in eng.run([prompt], [p])] for eng in (plain, spec)]
     assert outs[0] == outs[1]
     assert spec.speculator.steps > 0

@@ -24,7 +24,8 @@ def golden():
     return np.load(GOLDEN / "smollm2_135m.npz"), json.loads((GOLDEN / "smollm2_135m.json").read_text())
 
 
-@pytest.fixture(scope="module", params=[("numpy", "f32"), ("numba", "auto")], ids=["numpy-f32", "numba-q4_1"])
+@pytest.fixture(scope="module", params=[("numpy", "f32"), ("numba", "auto"), ("numba", "f32")],
+                ids=["numpy-f32", "numba-q4_1", "numba-f32"])
 def llm(request, default_model):
     backend, quant = request.param
     return minfer.LLM(default_model, backend=backend, quant=quant)
@@ -105,7 +106,10 @@ def test_numba_equals_numpy_on_f32_weights(default_model, golden):
     b = minfer.LLM(default_model, backend="numba", quant="f32")
     for name in ("english", "code"):
         ids = z[f"{name}/ids"]
-        assert np.abs(a.logits(ids) - b.logits(ids)).max() <= 1e-4
+        # two float32 sums in different orders (BLAS's; the numba tiles' 16 lanes), ~1e-4 apart
+        # on logits of ~20 after 30 layers; each is within ~7e-5 of transformers' (the fixture's
+        # tests hold both to 1e-3 of it)
+        assert np.abs(a.logits(ids) - b.logits(ids)).max() <= 2e-4
         p = minfer.SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
         assert a.generate([ids.tolist()], p)[0].token_ids == b.generate([ids.tolist()], p)[0].token_ids
 

@@ -46,14 +46,15 @@ def test_ngram_proposer_follows_each_sequence():
     """The proposer indexes each sequence's prompt, then only what it gained since; a finished
     sequence's index is dropped."""
     from minfer.engine.sequence import Sequence
-    prop = NgramProposer()
+    prop = NgramProposer(min_n=2)
     seqs = [Sequence(i, rng.integers(0, 6, 20).tolist(), SamplingParams(), None) for i in range(3)]
     for step in range(40):
         for s in seqs:
             s.output_ids += rng.integers(0, 6, int(rng.integers(1, 4))).tolist()
         got = prop.propose([(s, 1 + step % 5) for s in seqs])
         for s in seqs:
-            want = propose_ngram(np.array(s.prompt_ids + s.output_ids), 1 + step % 5).tolist()
+            want = propose_ngram(np.array(s.prompt_ids + s.output_ids), 1 + step % 5,
+                                 prop.max_n, prop.min_n).tolist()
             assert (got[s][0] if s in got else []) == want
     assert all(prop.index[s.seq_id].tokens == s.prompt_ids + s.output_ids for s in seqs)
     prop.drop(1)

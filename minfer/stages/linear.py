@@ -185,3 +185,10 @@ def _dense_tiles(x, w):
                     acc1 = _mac1x4(acc1, xt, base + 4 * k, 16, w, o * K + k, K)
                 _put_sums(acc1, out, 4 * c4 * O + o, O, 4)
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# numba.cuda GPU path: gpu/linear.py. On the GPU the linear layers are where the fusion
+# happens (norm + QKV + RoPE + cache write, residual epilogues, gate/up + SiLU), and those kernels
+# are long enough to deserve their own page.
+# ---------------------------------------------------------------------------------------------
