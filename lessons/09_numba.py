@@ -141,9 +141,10 @@ show(fig, "09_roofline")
 # loaded should serve many tokens while it sits in a register. minfer's `linear_numba` on float32
 # weights keeps the sums of 4 weight rows x 4 tokens in 16 vector registers (`_dense_tiles`), so
 # each vector of weights it loads serves 4 tokens and each vector of x 4 rows. A BLAS library's
-# `sgemm` blocks more cleverly still, and on one thread it is faster at prefill (the ladder below);
-# with both cores of the machine at work the tiles came out ahead at every prompt length measured
-# (docs/benchmarks.md), so the Numba path keeps its own kernel for decode and prompts alike.
+# `sgemm` blocks for the caches more cleverly still; on one thread the two are close at prefill
+# (the ladder below), and with both cores of the machine at work the tiles came out ahead at every
+# prompt length measured (docs/benchmarks.md), so the Numba path keeps its own kernel for decode
+# and prompts alike.
 #
 # ## 2 · The rules, one rung at a time: a matrix–vector product
 #
@@ -533,9 +534,9 @@ show(fig, "09_stage_ladder")
 # * **Linear layers and the MLP** are where the time is, and there the reference *already* calls
 #   compiled code: BLAS. One thread against one thread, the best a kernel can do is stream the
 #   weights at the memory's full speed, and a good BLAS does that too — though not always for a
-#   product with a single row (look at the LM head). At prefill BLAS's sgemm, on one thread,
-#   beats the Numba tiles. The big gains in a linear layer come from elsewhere: fewer bytes per
-#   weight (lesson 10), more cores (`prange`), and each weight read once for many rows.
+#   product with a single row (look at the LM head). At prefill, one thread each, BLAS's sgemm
+#   and the Numba tiles are close. The big gains in a linear layer come from elsewhere: fewer
+#   bytes per weight (lesson 10), more cores (`prange`), and each weight read once for many rows.
 # * **Embedding and kv_write** are row copies either way. NumPy's fancy indexing does them as
 #   well as anything, and for 128 rows better than a loop of small copies: not every stage
 #   needs a kernel to be fast.
