@@ -486,17 +486,27 @@ def test_spec_verify_kernels_match_numba():
 
 def test_spec_engine_on_cuda_model_greedy_identical():
     """An Engine on the cuda model with n-gram guesses gives plain greedy decoding's tokens (the
-    numba backend's, as above)."""
+    numba backend's, as above), verifying them on the device: no logits come to the host."""
     from minfer.spec import NgramProposer, Speculator
     c, W = tiny_model("Q4_0", "Q8_0", seed=1)
     p = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
     prompt = [5, 6, 7, 5, 6]
     plain = Engine(Transformer(c, W, numba_ops()), stop_ids=set(), block_size=4, kv_cache_mb=1)
-    spec = Engine(CudaModel(c, W), stop_ids=set(), block_size=4, kv_cache_mb=1)
+    model = CudaModel(c, W)
+    spec = Engine(model, stop_ids=set(), block_size=4, kv_cache_mb=1)
     spec.speculator = Speculator(spec, NgramProposer(min_n=1), k_max=2, adaptive=False)
+    calls = {"forward_verify": 0, "forward": 0}
+    for name in calls:
+        real = getattr(model, name)
+
+        def counted(*a, _real=real, _name=name):
+            calls[_name] += 1
+            return _real(*a)
+        setattr(model, name, counted)
     outs = [[tok for _, tok in eng.run([prompt], [p])] for eng in (plain, spec)]
     assert outs[0] == outs[1]
     assert spec.speculator.steps > 0
+    assert calls["forward_verify"] == spec.speculator.steps and calls["forward"] == 0
 
 
 # --- the GPU step's stage order ----------------------------------------------------------------

@@ -129,10 +129,13 @@ class Engine:
                 sampling.append((seq.n_computed + n == seq.n_tokens) * (1 + len(guesses)))
             batch = make_batch(entries, self.cache.block_size, logits_for=sampling)
             live = [seq for (seq, _), s in zip(scheduled, sampling) if s]
+            decided = None
             if drafts:
-                with deferred_sigint():
-                    logits = self.model.forward(batch, self.cache)                  # [R, V]
-                check_finite(logits, "forward pass (the logits)")
+                with deferred_sigint():   # the cuda backend verifies greedy guesses on its device
+                    decided = self.speculator.forward_verify(live, batch, drafts)
+                    logits = None if decided else self.model.forward(batch, self.cache)  # [R, V]
+                if logits is not None:
+                    check_finite(logits, "forward pass (the logits)")
             else:
                 toks = self._next_tokens(live, batch)
             for seq, n in scheduled:
@@ -140,7 +143,8 @@ class Engine:
                 self.computed_tokens += n
             self.steps += 1
             if drafts:          # the accepted guesses and one more token each; the rest rolled back
-                return [self._extend(seq, ids) for seq, ids in self.speculator.verify(live, logits, drafts)]
+                return [self._extend(seq, ids)
+                        for seq, ids in self.speculator.verify(live, logits, drafts, decided)]
             return [self._append(seq, tok) for seq, tok in zip(live, toks)]
 
     def _next_tokens(self, live: list[Sequence], batch) -> list[int]:

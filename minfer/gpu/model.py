@@ -268,6 +268,19 @@ class CudaModel:
         self.stream.synchronize()
         return w.host_ids[:len(batch.logits_rows)].tolist()
 
+    verifies_on_device = True
+
+    def forward_verify(self, batch: Batch, cache, starts: np.ndarray, proposals: np.ndarray,
+                       n_prop: np.ndarray) -> np.ndarray:
+        """Speculative verification where the logits are (greedy sequences): one step, then
+        spec/verify.py's greedy rule on the device — sequence b's rows starts[b]..starts[b+1]-1,
+        its guesses proposals[b, :n_prop[b]]. -> [B, 2] (accepted guesses, next token) on the
+        host: all that leaves the device."""
+        from ..spec.verify import verify_greedy_cuda
+        w = self._step(batch, cache, None)
+        self.stream.synchronize()           # (the rule runs on the default stream)
+        return verify_greedy_cuda(w.logits[:len(batch.logits_rows)], starts, proposals, n_prop)
+
     # --- CUDA graphs for decode steps ---------------------------------------------------------
     def _graph(self, batch: Batch, cache, sample: bool):
         """A recorded decode step for this batch size (and this cache pool), or None when

@@ -146,25 +146,44 @@ class Speculator:
             eng.blocks.ensure(seq.seq_id, seq.n_tokens + len(ids))
         return drafts
 
+    # --- the forward, where the model can verify on its device ----------------------------------
+    def forward_verify(self, live, batch, drafts: dict) -> dict | None:
+        """On a model that verifies where its logits are (the cuda backend), with every sequence
+        of the step greedy: the forward and the greedy rule there -> {sequence: (accepted, next
+        token)}; only those come back. None: the host verifies (a sampling sequence, a
+        repetition penalty, or a model without it)."""
+        model = self.engine.model
+        if not getattr(model, "verifies_on_device", False) or any(
+                not s.params.greedy or s.params.repetition_penalty != 1 for s in live):
+            return None
+        n = np.array([len(drafts[s][0]) if s in drafts else 0 for s in live], dtype=np.int64)
+        starts = np.concatenate([[0], np.cumsum(n + 1)])                # [B + 1] rows a sequence
+        props = np.zeros((len(live), max(1, int(n.max(initial=0)))), dtype=np.int64)
+        for i, s in enumerate(live):
+            props[i, :n[i]] = drafts[s][0] if s in drafts else []
+        out = model.forward_verify(batch, self.engine.cache, starts, props, n)     # [B, 2]
+        return {s: (int(m), int(nxt)) for s, (m, nxt) in zip(live, out)}
+
     # --- after the forward -------------------------------------------------------------------------
-    def verify(self, live, logits: np.ndarray, drafts: dict) -> list:
+    def verify(self, live, logits: np.ndarray | None, drafts: dict, decided: dict | None = None) -> list:
         """live: the sequences that sample this step, in batch order; logits [R, V]: 1 row each,
         1 + its guesses for those in drafts -> [(sequence, token ids to emit)]. The engine has
-        counted the last token as computed; the accepted guesses are counted here."""
+        counted the last token as computed; the accepted guesses are counted here.
+        decided: forward_verify's (accepted, next) per sequence, instead of logits."""
         out, r = [], 0
         blocks = self.engine.blocks
         for seq in live:
             if seq not in drafts:
                 p = seq.params
                 seen = np.asarray(seq.tokens) if p.repetition_penalty != 1 else None
-                out.append((seq, [sample(logits[r], p, seq.rng, seen)]))
+                out.append((seq, [decided[seq][1] if decided else sample(logits[r], p, seq.rng, seen)]))
                 r += 1
                 continue
             props, q = drafts[seq]
             k = len(props)
-            rows = logits[r:r + k + 1]                                   # [k+1, V]
+            rows = None if decided else logits[r:r + k + 1]              # [k+1, V]
             r += k + 1
-            m, nxt = self.accept(seq, rows, props, q)
+            m, nxt = decided[seq] if decided else self.accept(seq, rows, props, q)
             # the accepted guesses' K/V stay; the rest is past the new end
             old_n = seq.n_tokens
             seq.n_computed += m
