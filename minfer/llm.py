@@ -8,9 +8,8 @@
 from __future__ import annotations
 
 import os
-import threading
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np

@@ -29,7 +29,7 @@ from ..interrupt import deferred_sigint
 from ..sampling import SamplingParams, sample
 from .block_manager import BlockManager
 from .scheduler import Scheduler
-from .sequence import Sequence, Status
+from .sequence import Sequence
 
 DEFAULT_KV_CACHE_MB = 512
 DEFAULT_MAX_SEQS = 32

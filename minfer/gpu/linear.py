@@ -43,14 +43,12 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 from .. import numpy_compat  # noqa: F401  (before numba.cuda)
 from numba import cuda, float32, int32, uint32
 
 from ..stages import mlp, rope
 from ..stages.device import F32, Q4, Q8_0, DeviceMatrix
 from ..stages.lazy_cuda import compiled
-from ..stages.quant import QK
 
 silu_cuda = compiled(mlp).silu_cuda                   # device functions of the stage modules
 rope_rotate_cuda = compiled(rope).rope_rotate_cuda

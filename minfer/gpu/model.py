@@ -28,7 +28,6 @@ goes in through fixed device buffers. Prefill and mixed batches run the kernels 
 """
 from __future__ import annotations
 
-import os
 import sys
 from dataclasses import dataclass
 

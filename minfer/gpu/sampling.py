@@ -150,7 +150,6 @@ def sample_kernel(logits, bits, params, out):
         out[b] = arg                                  # greedy; also the fallback of the draw
     if temp <= float32(0.0):
         return                                        # the whole block leaves together
-    top_key = _key(bits[b, arg])
     # --- top-k: the k-th largest key (count(key > tau) < k <= count(key >= tau): ties kept)
     tau = int64(-2147483648)
     if 0 < top_k < V:
