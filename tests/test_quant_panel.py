@@ -12,7 +12,7 @@ pytestmark = pytest.mark.skipif(not quant_i8.has_vnni(), reason="this CPU has no
 
 @pytest.mark.parametrize("fmt", ["Q4_0", "Q4_1", "Q8_0"])
 @pytest.mark.parametrize("half", [False, True], ids=["f32-scales", "f16-scales"])
-@pytest.mark.parametrize("T", [1, 2, 3, 4, 7, 33])
+@pytest.mark.parametrize("T", [1, 2, 3, 4, 5, 6, 7, 33])
 @pytest.mark.parametrize("limbs", [1, 3])
 def test_panels_equal_the_int8_reference(fmt, half, T, limbs):
     rng = np.random.default_rng(T)

@@ -158,6 +158,9 @@ def _make_panel(q8, C, limbs=1):
 
 _q4x4, _q4x1, _q8x4, _q8x1 = (_make_panel(q8, C) for q8 in (False, True) for C in (4, 1))
 _q4x4_3, _q4x1_3, _q8x4_3, _q8x1_3 = (_make_panel(q8, C, 3) for q8 in (False, True) for C in (4, 1))
+# the last 2 or 3 tokens of a step (T = 5, 6, 7: tokens to verify) together, not one by one
+_q4x2, _q4x3, _q8x2, _q8x3 = (_make_panel(q8, C) for q8 in (False, True) for C in (2, 3))
+_q4x2_3, _q4x3_3, _q8x2_3, _q8x3_3 = (_make_panel(q8, C, 3) for q8 in (False, True) for C in (2, 3))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -228,6 +231,39 @@ def tile(xi, qp, d, m, p0, p1, out, c0):
             for i in range(4):
                 _store16(out, (t + i) * N + col, acc[i])
             t += 4
+        if T - t >= 2:                                 # the last 2 or 3 tokens together
+            R = T - t
+            acc3 = _zeros(3)
+            acc2 = _zeros(2)
+            for b in range(nb):
+                blk, xb = p * nb + b, b * limbs * QK
+                if T < 4:                              # a step of few rows streams the weights
+                    for c in range(0, vb, 64):
+                        _prefetch_l2(qp, min(last, blk * vb + c + PREFETCH_BYTES))
+                xo3 = (t * X + xb, (t + 1) * X + xb, (t + 2) * X + xb)
+                tk3 = (t * nb + b, (t + 1) * nb + b, (t + 2) * nb + b)
+                if R == 3:
+                    if q8 and limbs == 3:
+                        acc3 = _q8x3_3(acc3, qp, blk * vb, xq, xo3, d, m, blk * ROWS, dx, xsum, start, tk3)
+                    elif q8:
+                        acc3 = _q8x3(acc3, qp, blk * vb, xq, xo3, d, m, blk * ROWS, dx, xsum, start, tk3)
+                    elif limbs == 3:
+                        acc3 = _q4x3_3(acc3, qp, blk * vb, xq, xo3, d, m, blk * ROWS, dx, xsum, start, tk3)
+                    else:
+                        acc3 = _q4x3(acc3, qp, blk * vb, xq, xo3, d, m, blk * ROWS, dx, xsum, start, tk3)
+                else:
+                    xo2, tk2 = (xo3[0], xo3[1]), (tk3[0], tk3[1])
+                    if q8 and limbs == 3:
+                        acc2 = _q8x2_3(acc2, qp, blk * vb, xq, xo2, d, m, blk * ROWS, dx, xsum, start, tk2)
+                    elif q8:
+                        acc2 = _q8x2(acc2, qp, blk * vb, xq, xo2, d, m, blk * ROWS, dx, xsum, start, tk2)
+                    elif limbs == 3:
+                        acc2 = _q4x2_3(acc2, qp, blk * vb, xq, xo2, d, m, blk * ROWS, dx, xsum, start, tk2)
+                    else:
+                        acc2 = _q4x2(acc2, qp, blk * vb, xq, xo2, d, m, blk * ROWS, dx, xsum, start, tk2)
+            for i in range(R):
+                _store16(out, (t + i) * N + col, acc3[i] if R == 3 else acc2[i])
+            t += R
         while t < T:                                   # then one at a time
             acc1 = _zeros(1)
             for b in range(nb):
