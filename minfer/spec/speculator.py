@@ -4,8 +4,11 @@ The engine calls two methods per step (engine.py):
 
     drafts = speculator.propose(scheduled)   for each sequence that decodes this step, k guesses;
                                              its batch rows become its last token + the guesses,
-                                             and all of them ask for logits (batch.py)
-    (forward: the target scores every guess in the same forward as everyone else's tokens)
+                                             and all of them ask for logits (batch.py); a
+                                             draft model computes the step's prompt chunks too
+    (forward: the target scores every guess in the same forward as everyone else's tokens —
+     on the cuda backend, for greedy steps, speculator.forward_verify runs it and the greedy
+     rule on the device)
     speculator.verify(live, logits, drafts)  -> [(sequence, ids to emit)]: the accepted guesses
                                              and one token more; the K/V of rejected guesses
                                              rolled back
