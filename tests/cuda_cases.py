@@ -81,9 +81,8 @@ def test_stacked_mixed_formats_become_f32():
     np.testing.assert_allclose(out.copy_to_host(), want, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("fmt", ["F32", "Q4_0"])
-def test_swiglu_fused(fmt):
-    T, D, F = 3, 32, 5
+def _check_swiglu(fmt, T, D, F):
+    """swiglu_cuda (RMSNorm folded in, gate/up fused, silu the epilogue) against the reference."""
     x, g = randn(T, D), randn(D)
     wg, wu = weight(F, D, fmt), weight(F, D, fmt)
     h = cuda.device_array((T, F), np.float32)
@@ -91,6 +90,11 @@ def test_swiglu_fused(fmt):
     n = rmsnorm.rmsnorm(x, g, 1e-5)
     want = mlp.silu(linear.linear(n, wg)) * linear.linear(n, wu)
     np.testing.assert_allclose(h.copy_to_host(), want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("fmt", ["F32", "Q4_0"])
+def test_swiglu_fused(fmt):
+    _check_swiglu(fmt, T=3, D=32, F=5)
 
 
 @pytest.mark.parametrize("fmt", ["F32", "Q8_0"])
@@ -159,14 +163,7 @@ def test_linear_many_rows(fmt, T):
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("T", MANY)
 def test_swiglu_many_rows(fmt, T):
-    D, F = 32, 3
-    x, g = randn(T, D), randn(D)
-    wg, wu = weight(F, D, fmt), weight(F, D, fmt)
-    h = cuda.device_array((T, F), np.float32)
-    swiglu_cuda(dev(x), dev(g), 1e-5, DeviceMatrix.upload([wg, wu]), h, **MM)
-    n = rmsnorm.rmsnorm(x, g, 1e-5)
-    want = mlp.silu(linear.linear(n, wg)) * linear.linear(n, wu)
-    np.testing.assert_allclose(h.copy_to_host(), want, rtol=1e-4, atol=1e-4)
+    _check_swiglu(fmt, T, D=32, F=3)
 
 
 def _qkv_case(fmt, T, **launch):

@@ -48,7 +48,7 @@ def stack_rows(ws: list):
 # ---------------------------------------------------------------------------------------------
 from numba import njit, prange, float32  # noqa: E402
 
-from .simd import _mac1x4, _mac2x4, _mac3x4, _mac4x4, _prefetch_l2, _put_sums, _zeros  # noqa: E402
+from .simd import _mac4, _prefetch_l2, _put_sums, _zeros  # noqa: E402
 
 
 def linear_numba(x: np.ndarray, w, int8_act: bool = False,
@@ -121,6 +121,18 @@ def _dense_matmul(x, w):
     return out
 
 
+@njit(inline="always")
+def _tile(acc, xt, w, at, K, nxt, first):
+    """acc (4 R sums) + R tokens of xt (from at[1]) x the 4 weight rows from at[2], over K; the
+    first tile of an item asks for the next item's rows (from nxt) meanwhile."""
+    for k in range(0, K, 16):
+        if first:
+            for c in range(4):
+                _prefetch_l2(w, nxt + c * K + k)
+        acc = _mac4(acc, xt, at[1] + 4 * k, 16, w, at[2] + k, K)
+    return acc
+
+
 @njit(parallel=True, fastmath=True, cache=True, error_model="numpy")
 def _dense_tiles(x, w):
     """_dense_matmul's function, for K a multiple of 16, in tiles that keep the sums in registers.
@@ -150,40 +162,16 @@ def _dense_tiles(x, w):
             continue
         nxt = min(o + 4, O - 4) * K                     # the next item's rows
         for c4 in range(nt):
-            R = min(4, T - 4 * c4)                      # tokens in this tile
-            base = c4 * K * 4
-            if R == 4:
-                acc = _zeros(16)
-                for k in range(0, K, 16):
-                    if c4 == 0:
-                        for c in range(4):
-                            _prefetch_l2(w, nxt + c * K + k)
-                    acc = _mac4x4(acc, xt, base + 4 * k, 16, w, o * K + k, K)
-                _put_sums(acc, out, 4 * c4 * O + o, O, 4)           # out[4c4 : 4c4+4, o:o+4]
+            R, first = min(4, T - 4 * c4), c4 == 0      # tokens in this tile
+            at = (4 * c4 * O + o, c4 * K * 4, o * K)    # out[4 c4, o], xt[c4], w[o]
+            if R == 4:                                  # (each tuple size compiles its own loop)
+                _put_sums(_tile(_zeros(16), xt, w, at, K, nxt, first), out, at[0], O, 4)
             elif R == 3:
-                acc3 = _zeros(12)
-                for k in range(0, K, 16):
-                    if c4 == 0:
-                        for c in range(4):
-                            _prefetch_l2(w, nxt + c * K + k)
-                    acc3 = _mac3x4(acc3, xt, base + 4 * k, 16, w, o * K + k, K)
-                _put_sums(acc3, out, 4 * c4 * O + o, O, 4)
+                _put_sums(_tile(_zeros(12), xt, w, at, K, nxt, first), out, at[0], O, 4)
             elif R == 2:
-                acc2 = _zeros(8)
-                for k in range(0, K, 16):
-                    if c4 == 0:
-                        for c in range(4):
-                            _prefetch_l2(w, nxt + c * K + k)
-                    acc2 = _mac2x4(acc2, xt, base + 4 * k, 16, w, o * K + k, K)
-                _put_sums(acc2, out, 4 * c4 * O + o, O, 4)
+                _put_sums(_tile(_zeros(8), xt, w, at, K, nxt, first), out, at[0], O, 4)
             else:
-                acc1 = _zeros(4)
-                for k in range(0, K, 16):
-                    if c4 == 0:
-                        for c in range(4):
-                            _prefetch_l2(w, nxt + c * K + k)
-                    acc1 = _mac1x4(acc1, xt, base + 4 * k, 16, w, o * K + k, K)
-                _put_sums(acc1, out, 4 * c4 * O + o, O, 4)
+                _put_sums(_tile(_zeros(4), xt, w, at, K, nxt, first), out, at[0], O, 4)
     return out
 
 

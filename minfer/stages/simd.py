@@ -144,31 +144,28 @@ def bits(a):
     return a.view(np.uint16) if a.dtype == np.float16 else a
 
 
-def _make_mac(R, C):
-    @intrinsic
-    def mac(typingctx, acc, x, xo, xs, w, wo, ws):
-        """acc[C r + c] += x.flat[xo + r xs:][:16] * w.flat[wo + c ws:][:16], lane by lane: R rows
-        of x against C rows of w, 16 floats of each (float32, C-contiguous), R C multiply-adds."""
-        def codegen(context, builder, sig, args):
-            def at(base, i, stride):
-                return builder.add(base, builder.mul(ir.Constant(base.type, i), stride))
-            xv = [_load(context, builder, sig.args[1], args[1], at(args[2], r, args[3]), F32, 16)
-                  for r in range(R)]
-            wv = [_load(context, builder, sig.args[4], args[4], at(args[5], c, args[6]), F32, 16)
-                  for c in range(C)]
-            fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(
-                _vec(F32, 16), [_vec(F32, 16)] * 3), "llvm.fma.v16f32")
-            out = [builder.call(fma, [xv[r], wv[c], builder.extract_value(args[0], C * r + c)])
-                   for r in range(R) for c in range(C)]
-            return context.make_tuple(builder, sig.return_type, out)
-        if isinstance(acc, types.UniTuple) and acc.count == R * C:
-            return acc(acc, x, xo, xs, w, wo, ws), codegen
-    return mac
+@intrinsic
+def _mac4(typingctx, acc, x, xo, xs, w, wo, ws):
+    """acc[4 r + c] += x.flat[xo + r xs:][:16] * w.flat[wo + c ws:][:16], lane by lane: R rows of
+    x against 4 rows of w, 16 floats of each (float32, C-contiguous), R = len(acc) / 4 (up to 16
+    sums in registers: each loaded vector of w serves R of them, each of x 4)."""
+    if not (isinstance(acc, types.UniTuple) and acc.count % 4 == 0):
+        return None
+    R = acc.count // 4
 
-
-# R = 1..4 rows of x against 4 rows of w (up to 16 sums in registers: each loaded vector of w
-# serves R of them, each of x 4)
-_mac1x4, _mac2x4, _mac3x4, _mac4x4 = (_make_mac(R, 4) for R in (1, 2, 3, 4))
+    def codegen(context, builder, sig, args):
+        def at(base, i, stride):
+            return builder.add(base, builder.mul(ir.Constant(base.type, i), stride))
+        xv = [_load(context, builder, sig.args[1], args[1], at(args[2], r, args[3]), F32, 16)
+              for r in range(R)]
+        wv = [_load(context, builder, sig.args[4], args[4], at(args[5], c, args[6]), F32, 16)
+              for c in range(4)]
+        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(
+            _vec(F32, 16), [_vec(F32, 16)] * 3), "llvm.fma.v16f32")
+        out = [builder.call(fma, [xv[r], wv[c], builder.extract_value(args[0], 4 * r + c)])
+               for r in range(R) for c in range(4)]
+        return context.make_tuple(builder, sig.return_type, out)
+    return acc(acc, x, xo, xs, w, wo, ws), codegen
 
 
 @intrinsic
