@@ -2,8 +2,9 @@
 
 numba compiles plain loops well, but some instructions it does not reach on its own: the byte
 dot product of AVX-512 VNNI (`vpdpbusd`; numba widens byte products to 64-bit integers), a
-16-float register kept as one value across calls, a prefetch hint. The kernels that need them
-(stages/quant_i8.py, attention.py, cpu/quant_gemm.py, cpu/quant_panel.py) take them from here;
+16-float register kept as one value across calls (and tiles of them, multiplied and added), a
+prefetch hint. The kernels that need them (stages/quant_i8.py, attention.py, linear.py,
+cpu/quant_gemm.py, cpu/quant_panel.py) take them from here;
 this module imports nothing else of minfer's but its errors, so every stage can stand on it.
 """
 from __future__ import annotations
