@@ -15,7 +15,7 @@ from minfer.gpu.model import CudaModel, Launch
 from minfer.engine import Engine
 from minfer.model import LayerWeights, Transformer, Weights
 from minfer.sampling import SamplingParams, sample
-from minfer.gpu.sampling import params_array, sample_cuda
+from minfer.gpu.sampling import params_array, probs_cuda, sample_cuda
 from minfer.stages import attention, embedding, kvcache, linear, mlp, rmsnorm, rope
 from minfer.engine.block_manager import BlockManager, NoFreeBlocks
 from minfer.stages.kvcache import DeviceKVCache, KVCache
@@ -504,6 +504,66 @@ def test_spec_engine_on_cuda_model_greedy_identical():
     assert outs[0] == outs[1]
     assert spec.speculator.steps > 0
     assert calls["forward_verify"] == spec.speculator.steps and calls["forward"] == 0
+
+
+def test_probs_kernel_matches_reference():
+    """Each row's filtered distribution, written out on the device, against spec/verify.py's
+    row_probs (sampling.py's filters and softmax, float64): temperature 0 is the arg-max alone."""
+    from minfer.spec.verify import row_probs
+    kws = [dict(temperature=0), dict(temperature=0.8), dict(temperature=1.0, top_k=5),
+           dict(temperature=0.7, top_p=0.6), dict(temperature=1.3, min_p=0.2),
+           dict(temperature=1.0, top_k=8, top_p=0.9)]
+    params = [SamplingParams(**kw) for kw in kws]
+    logits = randn(len(kws), 37) * 2
+    rows = params_array(params, [np.random.default_rng(0)] * len(kws))
+    rows[0, 0] = 0.0                                  # (greedy: params_array leaves it zero)
+    probs = cuda.device_array(logits.shape, np.float32)
+    probs_cuda(dev(logits), dev(rows), probs, threads=L.sample)
+    got = probs.copy_to_host()
+    for b, p in enumerate(params):
+        want = np.eye(37)[np.argmax(logits[b])] if p.greedy else row_probs(logits[b], p, None)
+        np.testing.assert_allclose(got[b], want, atol=2e-6, err_msg=str(kws[b]))
+
+
+@pytest.mark.parametrize("proposer", ["ngram", "draft"])
+def test_spec_engine_on_cuda_model_sampling_verifies_on_device(proposer):
+    """Sampling requests with guesses verify on the device too (filtered rows made there, then
+    the rejection rule): the same tokens as the host's rule from the same seeds — the uniforms
+    are drawn as the host draws them — and no logits come to the host."""
+    from minfer.spec import DraftProposer, NgramProposer, Speculator
+    c, W = tiny_model("Q4_0", "Q8_0", seed=1)
+    params = [SamplingParams(temperature=0.9, top_k=12, top_p=0.95, max_tokens=6, ignore_eos=True,
+                             seed=5),
+              SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)]
+    prompts = [[5, 6, 7, 5, 6], [9, 3, 9, 3, 9]]
+    outs, calls = [], {"forward_verify": 0, "forward": 0}
+    for on_device in (True, False):
+        model = CudaModel(c, W)
+        eng = Engine(model, stop_ids=set(), block_size=4, kv_cache_mb=1)
+        if proposer == "ngram":
+            guess = NgramProposer(min_n=1)
+        else:
+            guess = DraftProposer(Engine(Transformer(c, W, numba_ops()), stop_ids=set(), block_size=4,
+                                         kv_cache_mb=1))
+        eng.speculator = Speculator(eng, guess, k_max=2, adaptive=False)
+        if not on_device:
+            model.verifies_on_device = False              # the host's rule, on copied logits
+        else:
+            for name in calls:
+                real = getattr(model, name)
+
+                def counted(*a, _real=real, _name=name):
+                    calls[_name] += 1
+                    return _real(*a)
+                setattr(model, name, counted)
+        got = [[] for _ in prompts]
+        for i, tok in eng.run(prompts, params):
+            got[i].append(tok)
+        outs.append(got)
+        if on_device:
+            steps = eng.speculator.steps
+    assert outs[0] == outs[1]
+    assert steps > 0 and calls["forward_verify"] > 0 and calls["forward"] == 0, (steps, calls)
 
 
 # --- the GPU step's stage order ----------------------------------------------------------------

@@ -7,7 +7,9 @@
 1. kernels    every cuda kernel against its NumPy reference at the real SmolLM2-135M shapes
               (random weights; Q4_1 layers, Q8_0 embedding/LM head, F32 too; 300-token contexts)
 2. end-to-end random-weights model of the SmolLM2-135M shape: greedy tokens of the cuda backend
-              (CUDA-graph decode, eager decode, sampling on the device) == the numba backend's
+              (CUDA-graph decode, eager decode, sampling on the device, n-gram guesses verified
+              on the device) == the numba backend's; sampling with guesses verified on the
+              device == verified on the host
 3. benchmark  prefill of one 128-token prompt; decode of 128 new tokens (first one excluded) at
               batch 1 (graphs and eager) and batch 32, against targets of 10x / 5x Hugging Face
               transformers on an H200 (docs/gpu.md)
@@ -250,6 +252,25 @@ def end_to_end(cfg, W, n_new: int):
     verdict("greedy == numba (engine, eager decode)", got_eager == want, f"{agree(got_eager)}/{total} tokens")
     got_dev, _, _ = Loop(gpu, 64).run(prompts, n_new)
     verdict("greedy == numba (device sampling)", got_dev == want, f"{agree(got_dev)}/{total} tokens")
+    # speculative decoding: n-gram guesses verified on the device (greedy, and sampling against
+    # the host's rule on copied logits, from the same seeds)
+    from minfer.spec import NgramProposer, Speculator
+
+    def spec_run(params, on_device=True):
+        model = CudaModel(cfg, W)
+        model.verifies_on_device = on_device
+        eng = Engine(model, stop_ids=set())
+        eng.speculator = Speculator(eng, NgramProposer(min_n=1), k_max=4, adaptive=False)
+        out = [[] for _ in prompts]
+        for i, tok in eng.run(prompts, [params] * len(prompts)):
+            out[i].append(tok)
+        return out, eng.speculator.steps
+    got_spec, steps = spec_run(SamplingParams(temperature=0, max_tokens=n_new, ignore_eos=True))
+    verdict("greedy == numba (n-gram, verify on device)", got_spec == want,
+            f"{agree(got_spec)}/{total} tokens, {steps} verify steps")
+    sp = SamplingParams(temperature=0.8, top_k=40, top_p=0.95, max_tokens=n_new, ignore_eos=True, seed=3)
+    (dev_toks, steps), (host_toks, _) = spec_run(sp), spec_run(sp, on_device=False)
+    verdict("sampling + n-gram: device rule == host", dev_toks == host_toks, f"{steps} verify steps")
     # the prefill logits themselves
     cache_c, cache_g = cpu.new_cache(8, 16), gpu.new_cache(8, 16)
     batch = make_batch([(prompts[0], 0, list(range(2)))], 16, all_logits=True)

@@ -131,7 +131,7 @@ class Engine:
             live = [seq for (seq, _), s in zip(scheduled, sampling) if s]
             decided = None
             if drafts:
-                with deferred_sigint():   # the cuda backend verifies greedy guesses on its device
+                with deferred_sigint():   # the cuda backend verifies the guesses on its device
                     decided = self.speculator.forward_verify(live, batch, drafts)
                     logits = None if decided else self.model.forward(batch, self.cache)  # [R, V]
                 if logits is not None:

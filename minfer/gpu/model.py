@@ -180,6 +180,7 @@ class CudaModel:
         cos, sin = rope_angles(np.arange(c.max_seq_len), c.head_dim, c.rope_theta)
         self.cos, self.sin = dev(cos), dev(sin)
         self._work = None
+        self._probs = None                  # [R, V] filtered distributions (verification)
         self._graphs: dict = {}
         self.use_graphs = (not simulated()) if graphs is None else graphs
         self.block_size = 16
@@ -270,15 +271,33 @@ class CudaModel:
     verifies_on_device = True
 
     def forward_verify(self, batch: Batch, cache, starts: np.ndarray, proposals: np.ndarray,
-                       n_prop: np.ndarray) -> np.ndarray:
-        """Speculative verification where the logits are (greedy sequences): one step, then
-        spec/verify.py's greedy rule on the device — sequence b's rows starts[b]..starts[b+1]-1,
-        its guesses proposals[b, :n_prop[b]]. -> [B, 2] (accepted guesses, next token) on the
-        host: all that leaves the device."""
-        from ..spec.verify import verify_greedy_cuda
+                       n_prop: np.ndarray, sampling: tuple | None = None) -> np.ndarray:
+        """Speculative verification where the logits are: one step, then spec/verify.py's rule
+        on the device — sequence b's rows starts[b]..starts[b+1]-1, its guesses
+        proposals[b, :n_prop[b]]. sampling None: every sequence greedy, the greedy rule on the
+        logits. Else (row_params [R, 5]: each row's sampling parameters laid out as
+        sampling.params_array does, temperature 0 for a greedy sequence; u [B, K + 1] each
+        sequence's uniforms; q [R, V] the proposer's distributions or None; point_mass [B]):
+        each row's filtered distribution made on the device (gpu/sampling.probs_kernel), then
+        the rejection rule. -> [B, 2] (accepted guesses, next token) on the host: all that
+        leaves the device."""
+        from ..spec.verify import verify_greedy_cuda, verify_sample_cuda
+        R = len(batch.logits_rows)
         w = self._step(batch, cache, None)
-        self.stream.synchronize()           # (the rule runs on the default stream)
-        return verify_greedy_cuda(w.logits[:len(batch.logits_rows)], starts, proposals, n_prop)
+        if sampling is None:
+            self.stream.synchronize()           # (the rule runs on the default stream)
+            return verify_greedy_cuda(w.logits[:R], starts, proposals, n_prop)
+        from .sampling import probs_cuda
+        row_params, u, q, point_mass = sampling
+        V = self.config.vocab_size
+        if self._probs is None or self._probs.shape[0] < R:
+            self._probs = self.cuda.device_array((max(R, 64), V), np.float32)
+        probs = self._probs[:R]
+        probs_cuda(w.logits[:R], self.cuda.to_device(np.asarray(row_params, np.float32), stream=self.stream),
+                   probs, threads=self.launch.sample, stream=self.stream)
+        self.stream.synchronize()
+        q = np.zeros((0, V), np.float32) if q is None else np.asarray(q, np.float32)
+        return verify_sample_cuda(probs, q, starts, proposals, n_prop, u, point_mass)
 
     # --- CUDA graphs for decode steps ---------------------------------------------------------
     def _graph(self, batch: Batch, cache, sample: bool):

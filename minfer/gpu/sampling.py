@@ -21,7 +21,8 @@ u * total — a prefix sum across the block. The same seed gives the same text a
 backend, up to float32 rounding.
 
     grid (B,)   block (threads,) — one block per sequence, threads a power of two <= 1024.
-Greedy sequences stop after the arg-max pass: one read of the logits.
+Greedy sequences stop after the arg-max pass: one read of the logits. probs_kernel writes
+the distribution sample_kernel draws from (for verifying guesses on the device, spec/verify_cuda.py).
 """
 from __future__ import annotations
 
@@ -120,16 +121,13 @@ def _radix_select(logits, bits, b, goal, by_mass, top, temp, tau_min, hist, pick
     return prefix - int64(2147483648)
 
 
-@cuda.jit
-def sample_kernel(logits, bits, params, out):
-    red = cuda.shared.array(MAX_THREADS, float32)
-    idx = cuda.shared.array(MAX_THREADS, int32)
-    hist = cuda.shared.array(HIST_SIZE, float32)   # radix select: a byte's histograms
-    pick = cuda.shared.array(2, float32)
-    b, tid, n = cuda.blockIdx.x, cuda.threadIdx.x, cuda.blockDim.x
+@cuda.jit(device=True)
+def _filters(logits, bits, b, temp, top_k, top_p, red, idx, hist, pick):
+    """Row b's largest logit, its index, and the key threshold tau of top-k and top-p (every
+    key when neither filters): (top, arg, tau). Called by every thread of the block (barriers);
+    the thresholds only when temp > 0."""
+    tid, n = cuda.threadIdx.x, cuda.blockDim.x
     V = logits.shape[1]
-    temp, top_k, top_p, min_p, u = (params[b, 0], int32(params[b, 1]), params[b, 2], params[b, 3],
-                                    params[b, 4])
     # --- arg-max: each thread its strided share, then a tree (larger value, else smaller index)
     best, bi = float32(-math.inf), int32(V)
     for k in range(tid, V, n):
@@ -146,12 +144,10 @@ def sample_kernel(logits, bits, params, out):
         s //= 2
     top, arg = red[0], idx[0]
     cuda.syncthreads()
-    if tid == 0:
-        out[b] = arg                                  # greedy; also the fallback of the draw
-    if temp <= float32(0.0):
-        return                                        # the whole block leaves together
-    # --- top-k: the k-th largest key (count(key > tau) < k <= count(key >= tau): ties kept)
     tau = int64(-2147483648)
+    if temp <= float32(0.0):
+        return top, arg, tau
+    # --- top-k: the k-th largest key (count(key > tau) < k <= count(key >= tau): ties kept)
     if 0 < top_k < V:
         tau = _radix_select(logits, bits, b, float32(top_k), False, top, temp, tau, hist, pick)
     # --- top-p: the key where the mass from the top first reaches top_p * total
@@ -161,6 +157,24 @@ def sample_kernel(logits, bits, params, out):
             z += _weight(logits[b, k], top, temp, _key(bits[b, k]), tau, float32(0.0))
         goal = top_p * block_reduce(red, z, False)
         tau = _radix_select(logits, bits, b, goal, True, top, temp, tau, hist, pick)
+    return top, arg, tau
+
+
+@cuda.jit
+def sample_kernel(logits, bits, params, out):
+    red = cuda.shared.array(MAX_THREADS, float32)
+    idx = cuda.shared.array(MAX_THREADS, int32)
+    hist = cuda.shared.array(HIST_SIZE, float32)   # radix select: a byte's histograms
+    pick = cuda.shared.array(2, float32)
+    b, tid, n = cuda.blockIdx.x, cuda.threadIdx.x, cuda.blockDim.x
+    V = logits.shape[1]
+    temp, top_k, top_p, min_p, u = (params[b, 0], int32(params[b, 1]), params[b, 2], params[b, 3],
+                                    params[b, 4])
+    top, arg, tau = _filters(logits, bits, b, temp, top_k, top_p, red, idx, hist, pick)
+    if tid == 0:
+        out[b] = arg                                  # greedy; also the fallback of the draw
+    if temp <= float32(0.0):
+        return                                        # the whole block leaves together
     # --- the draw: thread tid owns tokens [tid*C, tid*C + C); a prefix sum over the threads says
     # whose stretch holds u * total, and that thread walks it
     C = (V + n - 1) // n
@@ -192,6 +206,33 @@ def sample_kernel(logits, bits, params, out):
             out[b] = last
 
 
+@cuda.jit
+def probs_kernel(logits, bits, params, probs):
+    """Row b's filtered distribution, what sample_kernel draws from: probs[b] = the kept tokens'
+    exp((x - top) / T), normalised (sampling.py: softmax(filter_logits(x / T))); temperature 0:
+    all the mass on the arg-max. For verifying guesses on the device (spec/verify_cuda.py)."""
+    red = cuda.shared.array(MAX_THREADS, float32)
+    idx = cuda.shared.array(MAX_THREADS, int32)
+    hist = cuda.shared.array(HIST_SIZE, float32)
+    pick = cuda.shared.array(2, float32)
+    b, tid, n = cuda.blockIdx.x, cuda.threadIdx.x, cuda.blockDim.x
+    V = logits.shape[1]
+    temp, top_k, top_p, min_p = params[b, 0], int32(params[b, 1]), params[b, 2], params[b, 3]
+    top, arg, tau = _filters(logits, bits, b, temp, top_k, top_p, red, idx, hist, pick)
+    if temp <= float32(0.0):
+        for k in range(tid, V, n):
+            probs[b, k] = float32(1.0) if k == arg else float32(0.0)
+        return
+    z = float32(0.0)
+    for k in range(tid, V, n):
+        w = _weight(logits[b, k], top, temp, _key(bits[b, k]), tau, min_p)
+        probs[b, k] = w
+        z += w
+    inv = float32(1.0) / block_reduce(red, z, False)  # (its barriers: every weight is written)
+    for k in range(tid, V, n):
+        probs[b, k] *= inv
+
+
 def params_array(params, rngs) -> np.ndarray:
     """Per sequence [temperature, top_k, top_p, min_p, u] float32 [B, 5]; u is drawn from the
     sequence's generator (as `sampling.sample` would draw it) unless the sequence is greedy."""
@@ -206,3 +247,9 @@ def params_array(params, rngs) -> np.ndarray:
 def sample_cuda(logits, params, out, threads=THREADS, stream=0):
     """Device arrays: logits float32 [B, V], params float32 [B, 5] -> out int32 [B]."""
     sample_kernel[logits.shape[0], threads, stream](logits, logits.view(np.int32), params, out)
+
+
+def probs_cuda(logits, params, probs, threads=THREADS, stream=0):
+    """Device arrays: logits float32 [R, V], params float32 [R, 5] (u unused) -> probs float32
+    [R, V], each row's filtered distribution."""
+    probs_kernel[logits.shape[0], threads, stream](logits, logits.view(np.int32), params, probs)

@@ -7,8 +7,8 @@ The engine calls two methods per step (engine.py):
                                              and all of them ask for logits (batch.py); a
                                              draft model computes the step's prompt chunks too
     (forward: the target scores every guess in the same forward as everyone else's tokens —
-     on the cuda backend, for greedy steps, speculator.forward_verify runs it and the greedy
-     rule on the device)
+     on the cuda backend speculator.forward_verify runs it and the rule on the device:
+     greedy or sampling, without a repetition penalty)
     speculator.verify(live, logits, drafts)  -> [(sequence, ids to emit)]: the accepted guesses
                                              and one token more; the K/V of rejected guesses
                                              rolled back
@@ -151,20 +151,41 @@ class Speculator:
 
     # --- the forward, where the model can verify on its device ----------------------------------
     def forward_verify(self, live, batch, drafts: dict) -> dict | None:
-        """On a model that verifies where its logits are (the cuda backend), with every sequence
-        of the step greedy: the forward and the greedy rule there -> {sequence: (accepted, next
-        token)}; only those come back. None: the host verifies (a sampling sequence, a
-        repetition penalty, or a model without it)."""
+        """On a model that verifies where its logits are (the cuda backend): the forward and the
+        rule there -> {sequence: (accepted, next token)}; only those come back. Each sampling
+        sequence draws its uniforms here, as many as the host's rule would (one a guess and one
+        more; a plain row one). None: the host verifies (a repetition penalty, or a model
+        without it)."""
         model = self.engine.model
         if not getattr(model, "verifies_on_device", False) or any(
-                not s.params.greedy or s.params.repetition_penalty != 1 for s in live):
+                s.params.repetition_penalty != 1 for s in live):
             return None
         n = np.array([len(drafts[s][0]) if s in drafts else 0 for s in live], dtype=np.int64)
         starts = np.concatenate([[0], np.cumsum(n + 1)])                # [B + 1] rows a sequence
         props = np.zeros((len(live), max(1, int(n.max(initial=0)))), dtype=np.int64)
         for i, s in enumerate(live):
             props[i, :n[i]] = drafts[s][0] if s in drafts else []
-        out = model.forward_verify(batch, self.engine.cache, starts, props, n)     # [B, 2]
+        sampling = None
+        if any(not s.params.greedy for s in live):
+            R, V = int(starts[-1]), model.config.vocab_size
+            row_params = np.zeros((R, 5), dtype=np.float32)      # as gpu/sampling.params_array
+            u = np.zeros((len(live), props.shape[1] + 1))
+            point_mass = np.ones(len(live), dtype=np.int64)
+            q_rows = None
+            for i, s in enumerate(live):
+                p = s.params
+                if p.greedy:
+                    continue                                       # temperature 0: the arg-max
+                row_params[starts[i]:starts[i + 1], :4] = (p.temperature, p.top_k, p.top_p, p.min_p)
+                u[i, :n[i] + 1] = s.rng.random(n[i] + 1)
+                q = drafts[s][1] if s in drafts else None
+                if q is not None:
+                    if q_rows is None:
+                        q_rows = np.zeros((R, V), dtype=np.float32)
+                    q_rows[starts[i]:starts[i] + n[i]] = q
+                    point_mass[i] = 0
+            sampling = (row_params, u, q_rows, point_mass)
+        out = model.forward_verify(batch, self.engine.cache, starts, props, n, sampling)   # [B, 2]
         return {s: (int(m), int(nxt)) for s, (m, nxt) in zip(live, out)}
 
     # --- after the forward -------------------------------------------------------------------------

@@ -181,7 +181,7 @@ def verify_greedy_cuda(logits, starts, proposals, n_prop):
     return run(logits, starts, proposals, n_prop)
 
 
-def verify_sample_cuda(p, q, starts, proposals, n_prop, u):
+def verify_sample_cuda(p, q, starts, proposals, n_prop, u, point_mass=None):
     """The rejection rule on the device, one thread per sequence -> [B, 2] (accepted m, next)."""
     from .verify_cuda import verify_sample_cuda as run
-    return run(p, q, starts, proposals, n_prop, u)
+    return run(p, q, starts, proposals, n_prop, u, point_mass)

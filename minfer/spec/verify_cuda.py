@@ -46,15 +46,16 @@ def greedy_kernel(logits, starts, proposals, n_prop, out):
 
 
 @cuda.jit
-def sample_kernel(p, q, starts, proposals, n_prop, u, work, out):
+def sample_kernel(p, q, point_mass, starts, proposals, n_prop, u, work, out):
     """p [R, V] filtered distributions (rows as in greedy_kernel), q [R, V] the proposer's
-    on the same rows (a sequence's last row unused) or q [0, V] for point masses, u [B, K+1]
+    on the same rows (a sequence's last row unused) or q [0, V] for point masses only,
+    point_mass[b] != 0: sequence b's guesses are point masses (its q rows unused), u [B, K+1]
     uniforms, work [B, V] -> out[b] = (accepted m, next token)."""
     b = cuda.grid(1)
     if b >= out.shape[0]:
         return
     V = p.shape[1]
-    point = q.shape[0] == 0
+    point = q.shape[0] == 0 or point_mass[b] != 0
     k = n_prop[b]
     s0 = starts[b]
     for i in range(k):
@@ -100,15 +101,17 @@ def verify_greedy_cuda(logits, starts: np.ndarray, proposals: np.ndarray, n_prop
 
 
 def verify_sample_cuda(p, q, starts: np.ndarray, proposals: np.ndarray, n_prop: np.ndarray,
-                       u: np.ndarray):
-    """The sampling rule on the device: p, q [R, V] (q [0, V]: point masses) -> [B, 2]."""
+                       u: np.ndarray, point_mass: np.ndarray | None = None):
+    """The sampling rule on the device: p, q [R, V] (q [0, V]: point masses; point_mass [B]
+    marks the sequences whose guesses are) -> [B, 2]."""
     B = len(n_prop)
     dev = (lambda a: cuda.to_device(a) if isinstance(a, np.ndarray) else a)
     out = cuda.device_array((B, 2), dtype=np.int64)
     work = cuda.device_array((B, p.shape[1]), dtype=np.float64)
+    point = np.zeros(B, np.int64) if point_mass is None else np.asarray(point_mass, np.int64)
     threads = 32
     sample_kernel[(B + threads - 1) // threads, threads](
-        dev(p), dev(q), cuda.to_device(starts.astype(np.int64)),
+        dev(p), dev(q), cuda.to_device(point), cuda.to_device(starts.astype(np.int64)),
         cuda.to_device(proposals.astype(np.int64)), cuda.to_device(n_prop.astype(np.int64)),
         cuda.to_device(u.astype(np.float64)), work, out)
     return out.copy_to_host()
