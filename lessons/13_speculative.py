@@ -74,10 +74,14 @@ ax.legend()
 show(fig, "13_rows_cost")
 
 # %% [markdown]
-# The float32 forward reads its weights once for all rows (its matrix products are sgemm
-# calls): more rows cost little. The quantized kernels, as this page was built, still handle
-# rows nearly one after another — the cost of a guess is what the speculator measures at its
-# first step (`Speculator.calibrate`), and how many guesses it makes follows from it.
+# The float32 forward streams 538 MB of weights, reading them once for all rows (4 rows of x
+# against 4 weight rows at a time, in registers): more rows cost little next to the reading.
+# The 4-bit forward reads ~8x fewer bytes, and its kernels read each loaded block for up to 4
+# tokens too, but then the arithmetic on them is the larger part: every row adds its share.
+# The curve is not a line either — tokens go 4 at a time, so the 4th row can cost more than
+# the 3rd. The speculator measures this curve at its first step (`Speculator.calibrate`: the
+# target's forward of 1, 2, ..., 1 + k_max rows), and how many guesses each sequence makes
+# follows from it and from how often that sequence's guesses were right.
 #
 # ## 2 · The rules
 #

@@ -547,8 +547,9 @@ def _add_spec_flags(p) -> None:
     g.add_argument("--speculative", default=None, metavar="MODES",
                    help="comma-separated: ngram,draft,off — greedy chat answers on two workloads "
                         f"({', '.join(SPEC_WORKLOADS)}): tok/s, guesses accepted per step, speed-up "
-                        "against off (plain decoding) of the same --quant; with --quant left at "
-                        "auto, draft runs on the float32 model (its built-in draft's pairing)")
+                        "against off (plain decoding of the same --quant, answered in turns in "
+                        "the same process); with --quant left at auto, draft runs on the float32 "
+                        "model (its built-in draft's pairing)")
     g.add_argument("--draft-model", metavar="PATH", default=None,
                    help="draft model (default: the model's file in 4-bit blocks, int8 activations)")
     g.add_argument("--num-speculative-tokens", type=int, default=None, metavar="K",
@@ -557,7 +558,10 @@ def _add_spec_flags(p) -> None:
 
 def spec_worker(spec: dict) -> None:
     """One (quant, mode): load, answer each workload once (warm-up, compile), then per "run" line
-    answer each workload again and say its figures."""
+    answer each workload again and say its figures. A speculative mode answers each workload
+    twice, with its guesses and without (the engine's speculator set aside), in turns: the
+    speed-up is a ratio within one process, a few seconds apart — on a shared machine two
+    processes can differ by more than the gain."""
     import minfer
     llm = minfer.LLM(spec["model"], backend=spec["backend"], quant=spec["quant"],
                      threads=spec.get("threads"), quiet=True,
@@ -566,26 +570,39 @@ def spec_worker(spec: dict) -> None:
     params = minfer.SamplingParams(temperature=0, max_tokens=spec["new_tokens"])
     prompts = {w: llm.tokenizer.apply_chat_template([{"role": "user", "content": text}])
                for w, text in SPEC_WORKLOADS.items()}
+    speculator = llm.engine.speculator
 
-    def once() -> dict:
+    def answer(prompt, guess: bool) -> dict:
+        llm.engine.speculator = speculator if guess else None
+        if guess:
+            speculator.reset_stats()
+        c = llm.generate([prompt], params)[0]
+        st = speculator.stats() if guess else {}
+        return {"decode_tok_s": llm.stats.decode_tok_s, "tokens": len(c.token_ids),
+                "text_hash": hash(tuple(c.token_ids)) & 0xFFFFFFFF,
+                "mean_accepted": st.get("mean_accepted"), "acceptance": st.get("acceptance"),
+                "verify_steps": st.get("verify_steps")}
+
+    def once(r: int) -> dict:
         out = {}
         for w, prompt in prompts.items():
-            sp = llm.engine.speculator
-            if sp:
-                sp.reset_stats()
-            c = llm.generate([prompt], params)[0]
-            st = sp.stats() if sp else {}
-            out[w] = {"decode_tok_s": llm.stats.decode_tok_s, "tokens": len(c.token_ids),
-                      "text_hash": hash(tuple(c.token_ids)) & 0xFFFFFFFF,
-                      "mean_accepted": st.get("mean_accepted"), "acceptance": st.get("acceptance"),
-                      "verify_steps": st.get("verify_steps")}
+            if speculator is None:
+                out[w] = answer(prompt, False)
+                continue
+            first = r % 2 == 0                         # which goes first, in turns
+            a = answer(prompt, first)
+            b = answer(prompt, not first)
+            out[w] = dict(a if first else b, plain=b if first else a)
+        llm.engine.speculator = speculator
         return out
-    once()
+    once(0)
     _say({"ready": True})
+    r = 0
     for line in sys.stdin:
         if line.strip() != "run":
             break
-        _say(once())
+        r += 1
+        _say(once(r))
     _say({"threads": _threads(spec["backend"])})
 
 
@@ -618,6 +635,10 @@ def run_spec_bench(a) -> int:
     if quants == ["auto"] and "draft" in modes and a.draft_model is None:
         # the built-in draft is for the exact model: draft it for float32, against float32 plain
         pairs = [p for p in pairs if p[1] != "draft"] + [("f32", "off"), ("f32", "draft")]
+    # plain decoding runs inside each speculative mode's process (its "off" row: the first such
+    # process of that quant); a process of its own only for a quant without one
+    guessing = {q for q, m in pairs if m != "off"}
+    pairs = [(q, m) for q, m in pairs if m != "off" or q not in guessing]
     specs = [{"model": model, "backend": backend, "quant": q, "mode": m, "threads": a.threads,
               "k": a.num_speculative_tokens, "draft_model": a.draft_model if m == "draft" else None,
               "new_tokens": a.new_tokens} for q, m in pairs]
@@ -644,22 +665,42 @@ def run_spec_bench(a) -> int:
     return 0
 
 
+def _plain_rows(rows) -> list:
+    """The table's rows: each speculative mode's, and per quant an "off" row — its own process's,
+    or the plain answers made in the first speculative process of that quant."""
+    out = []
+    for row in rows:
+        if row["mode"] == "off":
+            out.append(row)
+        elif not any(r["quant"] == row["quant"] and r["mode"] == "off" for r in out):
+            out.append(dict(row, mode="off", runs=[{w: x[w]["plain"] for w in x} for x in row["runs"]]))
+        if row["mode"] != "off":
+            out.append(row)
+    return out
+
+
 def _print_spec_table(rows) -> None:
+    """speed-up: a speculative mode's tok/s over plain decoding's in the same process and run
+    (the median of those ratios); "off" rows: 1.00x."""
     head = (f"{'workload':<9} {'quant':<6} {'mode':<6} {'tokens':>6} {'decode tok/s':>22} "
             f"{'accepted/step':>13} {'speed-up':>8} {'same text':>9}")
     print(head)
     print("-" * len(head))
     for w in SPEC_WORKLOADS:
-        for row in rows:
-            base = next(r for r in rows if r["quant"] == row["quant"] and r["mode"] == "off")
-            d = _med([x[w]["decode_tok_s"] for x in row["runs"]])
-            b = statistics.median(x[w]["decode_tok_s"] for x in base["runs"])
-            acc = [x[w]["mean_accepted"] for x in row["runs"] if x[w]["mean_accepted"] is not None]
-            same = all(x[w]["text_hash"] == y[w]["text_hash"] for x, y in zip(row["runs"], base["runs"]))
-            print(f"{w:<9} {row['quant']:<6} {row['mode']:<6} {row['runs'][0][w]['tokens']:>6} "
+        for row in _plain_rows(rows):
+            runs = [x[w] for x in row["runs"]]
+            d = _med([x["decode_tok_s"] for x in runs])
+            acc = [x["mean_accepted"] for x in runs if x["mean_accepted"] is not None]
+            if row["mode"] == "off":
+                ratio, same = 1.0, True
+            else:
+                ratio = statistics.median(x["decode_tok_s"] / x["plain"]["decode_tok_s"]
+                                          if x["plain"]["decode_tok_s"] else 0.0 for x in runs)
+                same = all(x["text_hash"] == x["plain"]["text_hash"] for x in runs)
+            print(f"{w:<9} {row['quant']:<6} {row['mode']:<6} {runs[0]['tokens']:>6} "
                   f"{d[0]:>8.1f} ({d[1]:.1f}..{d[2]:.1f}) "
                   f"{(format(statistics.median(acc), '.2f') if acc else '-'):>13} "
-                  f"{d[0] / b if b else 0:>7.2f}x {'yes' if same else 'NO':>9}")
+                  f"{ratio:>7.2f}x {'yes' if same else 'NO':>9}")
 
 
 # --------------------------------------------------------------------------------------------

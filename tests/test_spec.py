@@ -1,6 +1,8 @@
 """Speculative decoding: the rules against their reference, the output distribution preserved,
 greedy text identical with and without guesses, and no stale K/V after a rollback."""
+import json
 import math
+import statistics
 
 import numpy as np
 import pytest
@@ -393,6 +395,27 @@ def test_guessing_stops_after_rejections(tiny_gguf, plain):
         eng.blocks.check()
 
 
+def test_k_follows_the_measured_cost_curve(tiny_gguf):
+    """k maximises expected tokens per cost on the curve calibrate() measures, not on a line:
+    where 3 guesses cost what 1 does and the 4th doubles the step, a sequence whose guesses are
+    right stops at 3. calibrate() measures the target at 1 .. k_max + 1 rows."""
+    from minfer.spec.speculator import _Adapt
+    ad = _Adapt(k_max=5)
+    ad.hits, ad.tries = 9.0, 9.5                          # nearly every guess right
+    curve = (1.0, 1.05, 1.1, 1.15, 2.4, 2.5)
+    line = tuple(1 + 0.3 * k for k in range(6))
+    assert ad.best_k(curve) == 3 and ad.best_k(line) == 5
+    ad.hits, ad.tries = 0.1, 5.0                          # nearly every guess wrong
+    assert ad.best_k(curve) == 0
+    llm = _spec_llm(tiny_gguf, "numba", "ngram", k=4)
+    sp = llm.engine.speculator
+    sp.calibrate(repeats=1)
+    assert len(sp.forward_costs) == 5 and sp.forward_costs[0] == 1.0
+    assert len(sp.costs) == 5 and sp.costs[0] == 1.0 and all(c >= 1.0 for c in sp.costs)
+    llm.engine.blocks.check()
+    assert not llm.engine.blocks.tables                     # the measurement's blocks given back
+
+
 def test_sampling_with_speculation_runs_and_is_seeded(tiny_gguf):
     llm = _spec_llm(tiny_gguf, "numpy", "ngram")
     p = SamplingParams(temperature=0.8, top_k=20, max_tokens=25, seed=3, ignore_eos=True)
@@ -426,6 +449,29 @@ def test_cli_generate_speculative_same_text(tiny_gguf):
     plain, spec = _cli(*args), _cli(*args, "--speculative", "ngram", "--num-speculative-tokens", "3")
     assert plain.returncode == 0 and spec.returncode == 0, spec.stderr
     assert spec.stdout == plain.stdout and "accepted a step" in spec.stderr
+
+
+def test_bench_speculative_pairs_each_mode_with_plain_decoding(tmp_path):
+    """bench --speculative: each mode's process answers every workload with and without its
+    guesses, in turns; the "off" rows are those plain answers (no process of their own), and the
+    speed-up is the median of the paired ratios."""
+    out = tmp_path / "spec.json"
+    model = synthetic.tiny_checkpoint(tmp_path, fmt="gguf", max_position_embeddings=2048)  # the prompts
+    r = _cli("bench", "--model", model, "--backend", "numba", "--speculative", "ngram,off",
+             "--runs", "2", "--new-tokens", "6", "--json", str(out))
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(out.read_text())["speculative"]
+    assert [row["mode"] for row in rows] == ["ngram"]              # plain decoding inside it
+    for run in rows[0]["runs"]:
+        for w in ("edit", "free"):
+            plain = run[w]["plain"]
+            assert plain["decode_tok_s"] > 0 and plain["text_hash"] == run[w]["text_hash"]
+    lines = [ln.split() for ln in r.stdout.splitlines() if ln.startswith(("edit", "free"))]
+    assert [(ln[0], ln[2]) for ln in lines] == [("edit", "off"), ("edit", "ngram"), ("free", "off"),
+                                                ("free", "ngram")]
+    want = statistics.median(x["edit"]["decode_tok_s"] / x["edit"]["plain"]["decode_tok_s"]
+                             for x in rows[0]["runs"])
+    assert lines[1][-2] == f"{want:.2f}x" and lines[0][-2] == "1.00x"
 
 
 @pytest.mark.parametrize("args,says", [

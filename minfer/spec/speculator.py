@@ -19,17 +19,18 @@ overwrite them; n_computed goes back to the accepted end, the blocks past it ret
 and only blocks whose every token is accepted are named in the prefix cache.
 
 How many guesses: each sequence keeps a running estimate a of how often a guess is accepted.
-With k guesses a step emits (1 - a^(k+1)) / (1 - a) tokens on average and costs about
-1 + row_cost k (+ what drafting costs) of a plain step; k is the one that maximises tokens per
-cost, 0 when guessing does not pay (a plain decode row: no slowdown on text where nothing is
-accepted). A sequence at k = 0 tries one guess now and then (every 8 steps, then 16, ... while
+With k guesses a step emits (1 - a^(k+1)) / (1 - a) tokens on average and costs costs[k]
+plain steps (the target's forward of 1 + k rows, plus what drafting k guesses costs); k is the
+one that maximises tokens per cost, 0 when guessing does not pay (a plain decode row: no
+slowdown on text where nothing is accepted). A sequence at k = 0 tries one guess now and then (every 8 steps, then 16, ... while
 the guesses keep failing), to notice when the text turns repetitive.
 
-The costs are measured, not assumed, at the first step (`calibrate`): a forward of 1 + K rows
-against one of 1 row gives what a guess costs the target (`row_cost`, in decode steps), and a
-draft forward against a target one what drafting a guess costs. A float32 target reads its
-weights once for all rows (guesses nearly free); a quantized one's forward grows with the rows
-today — when many-row forwards get cheaper, the measured cost drops and k grows by itself.
+The costs are measured, not assumed, at the first step (`calibrate`): forwards of 1, 2, ...,
+1 + k_max rows against one of 1 row give what k guesses cost the target — a curve, not a line:
+the CPU kernels take tokens 4 at a time (3 guesses cost little more than 2, the 4th more), and
+a float32 target reads its weights once for all rows (guesses nearly free) — and a draft
+forward against a target one what drafting a guess costs. When many-row forwards get cheaper,
+the measured costs drop and k grows by itself.
 """
 from __future__ import annotations
 
@@ -56,26 +57,27 @@ class _Adapt:
         self.hits, self.tries = 2.0, 2.5            # a prior: a = 0.8, forgotten in a few steps
         self.idle = 0
         self.probing = False
-        self._best = None                           # (cost, k): the choice until the next update
+        self._best = None                           # (costs, k): the choice until the next update
 
     @property
     def rate(self) -> float:
         return self.hits / self.tries
 
-    def best_k(self, cost_per_guess: float) -> int:
-        """The k that gives the most tokens per cost at the current rate (0: guessing does not pay)."""
-        if self._best is None or self._best[0] != cost_per_guess:
+    def best_k(self, costs: tuple) -> int:
+        """The k that gives the most tokens per cost at the current rate (0: guessing does not
+        pay). costs[k]: a step with k guesses, in plain steps (costs[0] = 1)."""
+        if self._best is None or self._best[0] is not costs:
             a = min(self.rate, 0.999)
             best, best_gain = 0, 1.0
-            for k in range(1, self.k_max + 1):
-                gain = (1 - a ** (k + 1)) / (1 - a) / (1 + cost_per_guess * k)
+            for k in range(1, min(self.k_max, len(costs) - 1) + 1):
+                gain = (1 - a ** (k + 1)) / (1 - a) / costs[k]
                 if gain > best_gain * 1.02:              # a clear gain only
                     best, best_gain = k, gain
-            self._best = (cost_per_guess, best)
+            self._best = (costs, best)
         return self._best[1]
 
-    def choose(self, cost_per_guess: float) -> int:
-        best = self.best_k(cost_per_guess)
+    def choose(self, costs: tuple) -> int:
+        best = self.best_k(costs)
         if best == 0:               # a plain decode step, no search; now and then one guess
             self.idle += 1
             if self.idle >= self.probe_every:
@@ -98,10 +100,13 @@ class Speculator:
     def __init__(self, engine, proposer, k_max: int = DEFAULT_K, row_cost: float | None = None,
                  draft_cost: float | None = None, adaptive: bool = True):
         """proposer: ngram.NgramProposer or draft.DraftProposer. row_cost, draft_cost: what a
-        guess costs, in target decode steps (None: measured at the first step). adaptive False:
-        always k_max guesses (when the proposer has them)."""
+        guess costs, in target decode steps (None: measured at the first step — the target's
+        as a curve over 1 .. k_max guesses). adaptive False: always k_max guesses (when the
+        proposer has them)."""
         self.engine, self.proposer, self.k_max = engine, proposer, k_max
         self.row_cost, self.draft_cost = row_cost, draft_cost
+        self.forward_costs = None          # [k]: the target's forward of 1 + k rows, in plain steps
+        self._costs = None                 # [k]: a step with k guesses, drafting included
         if proposer.name != "draft":
             self.draft_cost = 0.0
         self.adaptive = adaptive
@@ -132,7 +137,7 @@ class Speculator:
             ad = self.adapt.get(seq.seq_id)
             if ad is None:
                 ad = self.adapt[seq.seq_id] = _Adapt(self.k_max)
-            k = ad.choose(self.row_cost + self.draft_cost) if self.adaptive else self.k_max
+            k = ad.choose(self.costs) if self.adaptive else self.k_max
             if k == 0:
                 continue                                   # a plain decode row this step
             k = min(k, budget, seq.params.max_tokens - len(seq.output_ids) - 1,
@@ -242,16 +247,30 @@ class Speculator:
 
     # --- what a guess costs -------------------------------------------------------------------------
     def calibrate(self, repeats: int = 5) -> None:
-        """Measure row_cost and draft_cost (the fastest of a few forwards on free blocks of each
-        pool, after one untimed one); where a pool has no room, the defaults."""
+        """Measure the costs (the fastest of a few forwards on free blocks of each pool, the row
+        counts in turns); where a pool has no room, the defaults."""
         eng = self.engine
-        t1 = timed_forward(eng.model, eng.cache, eng.blocks, 1, eng.max_context, repeats)
-        tk = timed_forward(eng.model, eng.cache, eng.blocks, 1 + self.k_max, eng.max_context, repeats)
+        sizes = range(1, self.k_max + 2) if self.row_cost is None else [1]
+        t = timed_forwards(eng.model, eng.cache, eng.blocks, sizes, eng.max_context, repeats)
         if self.row_cost is None:
-            self.row_cost = (max(0.0, (tk - t1) / (self.k_max * t1)) if t1 and tk else ROW_COST)
+            if t:
+                self.forward_costs = [t[n] / t[1] for n in sizes]
+                self.row_cost = max(0.0, (self.forward_costs[-1] - 1) / self.k_max)   # (a figure)
+            else:
+                self.row_cost = ROW_COST
         if self.draft_cost is None:
             td = self.proposer.step_time(repeats)
-            self.draft_cost = td / t1 if td and t1 else DRAFT_COST
+            self.draft_cost = td / t[1] if td and t else DRAFT_COST
+        self._costs = None
+
+    @property
+    def costs(self) -> tuple:
+        """[k]: what a step with k = 0 .. k_max guesses costs, in plain steps: the target's
+        forward of 1 + k rows (the measured curve, else 1 + row_cost k) and k draft forwards."""
+        if self._costs is None:
+            fwd = self.forward_costs or [1 + (self.row_cost or 0.0) * k for k in range(self.k_max + 1)]
+            self._costs = tuple(max(1.0, f) + (self.draft_cost or 0.0) * k for k, f in enumerate(fwd))
+        return self._costs
 
     # --- figures -----------------------------------------------------------------------------------
     def stats(self) -> dict:
@@ -269,20 +288,32 @@ def timed_forward(model, cache, blocks, n: int, max_context: int, repeats: int =
     """Seconds of a forward of n new tokens after (up to) 64 cached ones, on free blocks of the
     pool (given back after), one untimed forward first; None if there is no room now. The
     fastest of the repeats: on a shared machine the others were slowed by someone else."""
+    t = timed_forwards(model, cache, blocks, [n], max_context, repeats)
+    return t[n] if t else None
+
+
+def timed_forwards(model, cache, blocks, ns, max_context: int, repeats: int = 3) -> dict | None:
+    """{n: seconds} for forwards of each n new tokens after (up to) 64 cached ones: one context,
+    then the sizes in turns, `repeats` rounds, the fastest of each (after one untimed round).
+    None if the pool has no room now."""
     from ..batch import make_batch
-    sid, ctx = -(1 << 40), min(64, max_context - n - 1)      # an id no request has
-    ids = [i % model.config.vocab_size for i in range(ctx + n)]
-    if ctx < 1 or not blocks.can_hold(sid, ctx + n):
+    ns = list(ns)
+    top = max(ns)
+    sid, ctx = -(1 << 40), min(64, max_context - top - 1)      # an id no request has
+    ids = [i % model.config.vocab_size for i in range(ctx + top)]
+    if ctx < 1 or not blocks.can_hold(sid, ctx + top):
         return None
     try:
-        table = blocks.ensure(sid, ctx + n)
+        table = blocks.ensure(sid, ctx + top)
         model.forward(make_batch([(ids[:ctx], 0, table)], cache.block_size), cache)
-        times = []
-        for _ in range(repeats + 1):
-            batch = make_batch([(ids[ctx:], ctx, table)], cache.block_size, logits_for=[n])
-            t = time.perf_counter()
-            model.forward(batch, cache)
-            times.append(time.perf_counter() - t)
-        return min(times[1:])
+        best = {n: float("inf") for n in ns}
+        for r in range(repeats + 1):
+            for n in ns:
+                batch = make_batch([(ids[ctx:ctx + n], ctx, table)], cache.block_size, logits_for=[n])
+                t = time.perf_counter()
+                model.forward(batch, cache)
+                if r:
+                    best[n] = min(best[n], time.perf_counter() - t)
+        return best
     finally:
         blocks.release(sid)

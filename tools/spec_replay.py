@@ -1,0 +1,135 @@
+"""How much could prompt lookup (n-gram speculation) give on bench's two prompts? A replay.
+
+    python tools/spec_replay.py                  # default model, numba, 128 new tokens
+    python tools/spec_replay.py --new-tokens 256 --k-max 8
+
+The speed-up of speculative decoding is set by two things: which guesses are right, and what a
+forward of 1 + k rows costs against a forward of one. This script measures both here and
+replays the answer step by step, without the engine's own timing noise:
+
+  1. the greedy answer of each `bench --speculative` prompt (plain decoding: the text any
+     speculation must reproduce);
+  2. the cost of a forward of r = 1 .. k_max + 1 new rows after a 64-token context (the fastest
+     of a few, the row counts taking turns; spec/speculator.timed_forward's measurement);
+  3. a replay of the answer: at each position the n-gram proposer (spec/ngram.py, as the engine
+     builds it) looks up its guesses, a policy picks how many to send, the answer says how many
+     are right; each step costs the forward of its rows. Policies: "engine" (the speculator's
+     per-sequence rule, spec/speculator._Adapt, on the cost curve it would calibrate), "a cost
+     line" (the same rule on a straight line through the costs of 1 and 1 + k_max rows),
+     "fixed k",
+     and "best": the least time any choice of k could take with these guesses and these costs
+     (an oracle that knows which guesses are right; found by dynamic programming).
+
+The printed speed-ups are plain decoding's time (answer length x a 1-row forward) over the
+replay's. Not counted: sampling, Python around the step, the prompt. docs/benchmarks.md
+("Speculative decoding") has a run.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from minfer import LLM, SamplingParams  # noqa: E402
+from minfer.bench import SPEC_WORKLOADS  # noqa: E402
+from minfer.spec.ngram import NgramIndex, NgramProposer  # noqa: E402
+from minfer.spec.speculator import DEFAULT_K, _Adapt, timed_forward  # noqa: E402
+
+
+def lookups(prompt: list, answer: list, k_max: int) -> list:
+    """At each position of the answer: (guesses the proposer has, how many of them are right) —
+    its index holds the prompt and the answer before that position, whatever was guessed."""
+    probe = NgramProposer()
+    index = NgramIndex(probe.max_n, probe.min_n)
+    index.extend(prompt)
+    out = []
+    for pos in range(len(answer)):
+        guesses = index.propose(k_max)
+        right = 0
+        while right < len(guesses) and pos + right < len(answer) and guesses[right] == answer[pos + right]:
+            right += 1
+        out.append((len(guesses), right))
+        index.extend(answer[pos:pos + 1])
+    return out
+
+
+def best(looked: list, costs: dict) -> tuple:
+    """The least time any choice of k could take (dynamic programming over the positions: from
+    each one, send k = 0 .. right guesses) -> (seconds, guessing steps)."""
+    n = len(looked)
+    t, steps = [0.0] * (n + 1), [0] * (n + 1)
+    for pos in range(n - 1, -1, -1):
+        _, right = looked[pos]
+        t[pos], steps[pos] = min((costs[k + 1] + t[min(n, pos + k + 1)], (k > 0) + steps[min(n, pos + k + 1)])
+                                 for k in range(right + 1))
+    return t[0], steps[0]
+
+
+def replay(prompt: list, answer: list, costs: dict, choose, k_max: int) -> tuple:
+    """-> (seconds, verification steps): the answer produced with guesses from an NgramIndex;
+    choose(guesses, right) -> how many of the guesses to send (right: how many would be accepted)."""
+    probe = NgramProposer()
+    index = NgramIndex(probe.max_n, probe.min_n)
+    index.extend(prompt)
+    pos, seconds, steps = 0, 0.0, 0
+    while pos < len(answer):
+        guesses = index.propose(k_max)
+        right = 0
+        while right < len(guesses) and pos + right < len(answer) and guesses[right] == answer[pos + right]:
+            right += 1
+        k = choose(guesses, right) if guesses else 0
+        m = min(k, right)
+        seconds += costs[k + 1]
+        steps += k > 0
+        index.extend(answer[pos:pos + m + 1])
+        pos += m + 1
+    return seconds, steps
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default=None, help="a GGUF file or HF folder (default: the default model)")
+    ap.add_argument("--backend", default="numba")
+    ap.add_argument("--quant", default="auto")
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--k-max", type=int, default=DEFAULT_K, help="most guesses a step")
+    ap.add_argument("--repeats", type=int, default=7, help="forwards timed per row count (the fastest counts)")
+    a = ap.parse_args()
+    llm = LLM(a.model, backend=a.backend, quant=a.quant, quiet=True)
+    eng = llm.engine
+    params = SamplingParams(temperature=0, max_tokens=a.new_tokens)
+    costs = {r: float("inf") for r in range(1, a.k_max + 2)}
+    for _ in range(a.repeats):                 # the row counts in turns: the host's state moves
+        for r in costs:
+            costs[r] = min(costs[r], timed_forward(eng.model, eng.cache, eng.blocks, r, eng.max_context, 1))
+    print("forward of r new rows after a 64-token context, ms: "
+          + ", ".join(f"{r}: {t * 1e3:.2f}" for r, t in costs.items()))
+    for name, text in SPEC_WORKLOADS.items():
+        c = llm.generate([llm.tokenizer.apply_chat_template([{"role": "user", "content": text}])], params)[0]
+        prompt, answer = list(c.prompt_token_ids), list(c.token_ids)
+        plain = len(answer) * costs[1]
+        rows = []
+        for k_max in sorted({min(DEFAULT_K, a.k_max), a.k_max}):
+            curve = tuple(costs[k + 1] / costs[1] for k in range(k_max + 1))   # as calibrate() finds
+            line = tuple(1 + (curve[-1] - 1) / k_max * k for k in range(k_max + 1))
+            for rule_name, c in (("engine", curve), ("a cost line", line)):
+                adapt = _Adapt(k_max)
+
+                def rule(guesses, right, adapt=adapt, c=c):
+                    k = min(adapt.choose(c), len(guesses))
+                    if k:
+                        adapt.update(k, min(k, right))
+                    return k
+                rows.append((f"{rule_name}, k_max {k_max}", replay(prompt, answer, costs, rule, k_max)))
+        rows.append((f"best, k <= {a.k_max}", best(lookups(prompt, answer, a.k_max), costs)))
+        for k in range(1, a.k_max + 1):
+            rows.append((f"fixed k = {k}", replay(prompt, answer, costs, lambda g, right, k=k: min(k, len(g)),
+                                                  a.k_max)))
+        print(f"{name}: {len(answer)} new tokens, plain decoding {plain * 1e3:.0f} ms")
+        for n, (t, steps) in rows:
+            print(f"  {n:<20} {plain / t:5.2f}x   {t * 1e3:6.0f} ms, {steps} steps with guesses")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
