@@ -246,7 +246,7 @@ class Speculator:
         return int(m), int(nxt)
 
     # --- what a guess costs -------------------------------------------------------------------------
-    def calibrate(self, repeats: int = 5) -> None:
+    def calibrate(self, repeats: int = 3) -> None:
         """Measure the costs (the fastest of a few forwards on free blocks of each pool, the row
         counts in turns); where a pool has no room, the defaults."""
         eng = self.engine
