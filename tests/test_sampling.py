@@ -75,6 +75,23 @@ def test_draw_is_rng_choice(V):
                 np.random.default_rng(seed).choice(V, p=probs)
 
 
+@pytest.mark.parametrize("kw", [dict(temperature=0.2, top_p=0.9), dict(temperature=0.7, top_k=40),
+                                dict(temperature=1.0, top_p=0.95, min_p=0.01), dict(temperature=0.8)])
+def test_sample_is_rng_choice_over_the_filtered_distribution(kw):
+    """sample() draws over the kept tokens alone when a filter ran: the token rng.choice picks
+    from the whole filtered distribution (probability 0 for the dropped ones), same seed."""
+    p = SamplingParams(**kw)
+    r = np.random.default_rng(7)
+    for case in range(20):
+        logits = (r.standard_normal(3000) * (1 + case % 4)).astype(np.float32)
+        x = filter_logits(logits / p.temperature, p)
+        probs = np.exp(x - x.max())
+        probs /= probs.sum()
+        for seed in range(5):
+            assert sample(logits, p, np.random.default_rng(seed)) == \
+                np.random.default_rng(seed).choice(len(probs), p=probs)
+
+
 def test_draw_never_picks_a_filtered_token_at_the_edges():
     from minfer.sampling import draw
     probs = np.zeros(600)

@@ -93,7 +93,8 @@ def main() -> int:
     ap.add_argument("--quant", default="auto")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--k-max", type=int, default=DEFAULT_K, help="most guesses a step")
-    ap.add_argument("--repeats", type=int, default=7, help="forwards timed per row count (the fastest counts)")
+    ap.add_argument("--repeats", type=int, default=7,
+                    help="forwards timed per row count (the fastest counts)")
     a = ap.parse_args()
     llm = LLM(a.model, backend=a.backend, quant=a.quant, quiet=True)
     eng = llm.engine

@@ -293,8 +293,8 @@ class CudaModel:
         if self._probs is None or self._probs.shape[0] < R:
             self._probs = self.cuda.device_array((max(R, 64), V), np.float32)
         probs = self._probs[:R]
-        probs_cuda(w.logits[:R], self.cuda.to_device(np.asarray(row_params, np.float32), stream=self.stream),
-                   probs, threads=self.launch.sample, stream=self.stream)
+        rows = self.cuda.to_device(np.asarray(row_params, np.float32), stream=self.stream)   # [R, 5]
+        probs_cuda(w.logits[:R], rows, probs, threads=self.launch.sample, stream=self.stream)
         self.stream.synchronize()
         q = np.zeros((0, V), np.float32) if q is None else np.asarray(q, np.float32)
         return verify_sample_cuda(probs, q, starts, proposals, n_prop, u, point_mass)

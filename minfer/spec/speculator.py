@@ -22,8 +22,9 @@ How many guesses: each sequence keeps a running estimate a of how often a guess 
 With k guesses a step emits (1 - a^(k+1)) / (1 - a) tokens on average and costs costs[k]
 plain steps (the target's forward of 1 + k rows, plus what drafting k guesses costs); k is the
 one that maximises tokens per cost, 0 when guessing does not pay (a plain decode row: no
-slowdown on text where nothing is accepted). A sequence at k = 0 tries one guess now and then (every 8 steps, then 16, ... while
-the guesses keep failing), to notice when the text turns repetitive.
+slowdown on text where nothing is accepted). A sequence at k = 0 tries one guess now and then
+(every 8 steps, then 16, ... while the guesses keep failing), to notice when the text turns
+repetitive.
 
 The costs are measured, not assumed, at the first step (`calibrate`): forwards of 1, 2, ...,
 1 + k_max rows against one of 1 row give what k guesses cost the target — a curve, not a line:
