@@ -80,6 +80,11 @@ def apply_repetition_penalty(logits: np.ndarray, seen: np.ndarray, penalty: floa
     return logits
 
 
+def filters_on(p: SamplingParams, V: int) -> bool:
+    """Does filter_logits drop tokens for these parameters (top-k, top-p or min-p)?"""
+    return 0 < p.top_k < V or p.top_p < 1.0 or p.min_p > 0.0
+
+
 def filter_logits(logits: np.ndarray, p: SamplingParams) -> np.ndarray:
     """logits [V] (already divided by the temperature) -> logits with dropped tokens at -inf."""
     logits = logits.astype(np.float64)
@@ -157,7 +162,7 @@ def sample(logits: np.ndarray, p: SamplingParams, rng: np.random.Generator,
     if p.greedy:
         return int(np.argmax(logits))
     x = filter_logits(logits / p.temperature, p)
-    if 0 < p.top_k < len(x) or p.top_p < 1.0 or p.min_p > 0.0:
+    if filters_on(p, len(x)):
         # the filters keep few tokens (at temperature 0.2 and top-p 0.9, often 1 to 3 of
         # 49,152): the softmax and the draw over those alone give the same token (the dropped
         # ones have probability 0) without an exp over the whole vocabulary

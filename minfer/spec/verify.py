@@ -28,7 +28,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from ..sampling import SamplingParams, _softmax, apply_repetition_penalty, draw, filter_logits
+from ..sampling import (SamplingParams, _softmax, apply_repetition_penalty, draw, filter_logits,
+                        filters_on)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -49,9 +50,15 @@ def row_logits(logits: np.ndarray, params: SamplingParams, seen: np.ndarray | No
 
 
 def row_probs(logits: np.ndarray, params: SamplingParams, seen: np.ndarray | None) -> np.ndarray:
-    """One row's logits [V] -> the filtered distribution sampling.sample draws from, float64 [V]."""
-    x = row_logits(logits, params, seen)
-    return _softmax(filter_logits(x / params.temperature, params))
+    """One row's logits [V] -> the filtered distribution sampling.sample draws from, float64 [V]
+    (the softmax over the kept tokens, as sample takes it; 0 for the dropped ones)."""
+    x = filter_logits(row_logits(logits, params, seen) / params.temperature, params)
+    if not filters_on(params, len(x)):
+        return _softmax(x)
+    kept = np.flatnonzero(x > -np.inf)
+    probs = np.zeros(len(x))
+    probs[kept] = _softmax(x[kept])
+    return probs
 
 
 def greedy_ids(logits: np.ndarray, params: SamplingParams, context, proposals) -> np.ndarray:
