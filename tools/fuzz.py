@@ -298,7 +298,6 @@ def mutate_json(rng: random.Random, doc, keys_to_add=()) -> tuple[str, str]:
         del parent[key]
         what = f"del {key}"
     elif op < 0.25:
-        text = json.dumps(doc)
         nest = "[" * 3000 + "1" + "]" * 3000
         parent[key] = "@@NEST@@"
         return json.dumps(doc).replace('"@@NEST@@"', nest), f"{key}=nested 3000"
