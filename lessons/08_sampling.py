@@ -148,7 +148,7 @@ print("draw:", draw(probs, u), " rng.choice:", np.random.default_rng(7).choice(l
 # draws 4 000 samples from your sampler to compare the frequencies with the probabilities.
 #
 # ??? note "Solution — minfer's reference (open it once yours passes, or once you are stuck)"
-#     <!-- source minfer.sampling:apply_repetition_penalty,filter_logits,sample -->
+#     <!-- source minfer.sampling:apply_repetition_penalty,filter_logits,kept_softmax,sample -->
 #
 #     Outside this site: `minfer/sampling.py`.
 #

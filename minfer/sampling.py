@@ -80,11 +80,6 @@ def apply_repetition_penalty(logits: np.ndarray, seen: np.ndarray, penalty: floa
     return logits
 
 
-def filters_on(p: SamplingParams, V: int) -> bool:
-    """Does filter_logits drop tokens for these parameters (top-k, top-p or min-p)?"""
-    return 0 < p.top_k < V or p.top_p < 1.0 or p.min_p > 0.0
-
-
 def filter_logits(logits: np.ndarray, p: SamplingParams) -> np.ndarray:
     """logits [V] (already divided by the temperature) -> logits with dropped tokens at -inf."""
     logits = logits.astype(np.float64)
@@ -154,6 +149,17 @@ def _softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum()
 
 
+def kept_softmax(x: np.ndarray, p: SamplingParams) -> tuple:
+    """x [V] from filter_logits -> (kept, probs): the softmax over the tokens the filters kept,
+    kept [n] their ids (None: no filter ran, probs [V] over all). The filters keep few tokens
+    (at temperature 0.2 and top-p 0.9, often 1 to 3 of 49,152): the dropped ones have
+    probability 0, so this is the same distribution without an exp over the whole vocabulary."""
+    if not (0 < p.top_k < len(x) or p.top_p < 1.0 or p.min_p > 0.0):
+        return None, _softmax(x)
+    kept = np.flatnonzero(x > -np.inf)
+    return kept, _softmax(x[kept])
+
+
 def sample(logits: np.ndarray, p: SamplingParams, rng: np.random.Generator,
            seen: np.ndarray | None = None) -> int:
     """logits [V] of one sequence -> the next token id."""
@@ -161,11 +167,6 @@ def sample(logits: np.ndarray, p: SamplingParams, rng: np.random.Generator,
         logits = apply_repetition_penalty(logits, seen, p.repetition_penalty)
     if p.greedy:
         return int(np.argmax(logits))
-    x = filter_logits(logits / p.temperature, p)
-    if filters_on(p, len(x)):
-        # the filters keep few tokens (at temperature 0.2 and top-p 0.9, often 1 to 3 of
-        # 49,152): the softmax and the draw over those alone give the same token (the dropped
-        # ones have probability 0) without an exp over the whole vocabulary
-        kept = np.flatnonzero(x > -np.inf)
-        return int(kept[draw(_softmax(x[kept]), rng.random())])
-    return draw(_softmax(x), rng.random())
+    kept, probs = kept_softmax(filter_logits(logits / p.temperature, p), p)
+    i = draw(probs, rng.random())
+    return i if kept is None else int(kept[i])

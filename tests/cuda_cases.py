@@ -481,6 +481,19 @@ def test_spec_verify_kernels_match_numba():
                                                               u[b, :k + 1])
 
 
+def _count_calls(model) -> dict:
+    """Wrap the model's forward and forward_verify to count their calls: {name: count}."""
+    calls = {"forward_verify": 0, "forward": 0}
+    for name in calls:
+        real = getattr(model, name)
+
+        def counted(*a, _real=real, _name=name):
+            calls[_name] += 1
+            return _real(*a)
+        setattr(model, name, counted)
+    return calls
+
+
 def test_spec_engine_on_cuda_model_greedy_identical():
     """An Engine on the cuda model with n-gram guesses gives plain greedy decoding's tokens (the
     numba backend's, as above), verifying them on the device: no logits come to the host."""
@@ -492,14 +505,7 @@ def test_spec_engine_on_cuda_model_greedy_identical():
     model = CudaModel(c, W)
     spec = Engine(model, stop_ids=set(), block_size=4, kv_cache_mb=1)
     spec.speculator = Speculator(spec, NgramProposer(min_n=1), k_max=2, adaptive=False)
-    calls = {"forward_verify": 0, "forward": 0}
-    for name in calls:
-        real = getattr(model, name)
-
-        def counted(*a, _real=real, _name=name):
-            calls[_name] += 1
-            return _real(*a)
-        setattr(model, name, counted)
+    calls = _count_calls(model)
     outs = [[tok for _, tok in eng.run([prompt], [p])] for eng in (plain, spec)]
     assert outs[0] == outs[1]
     assert spec.speculator.steps > 0
@@ -536,7 +542,7 @@ def test_spec_engine_on_cuda_model_sampling_verifies_on_device(proposer):
                              seed=5),
               SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)]
     prompts = [[5, 6, 7, 5, 6], [9, 3, 9, 3, 9]]
-    outs, calls = [], {"forward_verify": 0, "forward": 0}
+    outs, calls = [], {}
     for on_device in (True, False):
         model = CudaModel(c, W)
         eng = Engine(model, stop_ids=set(), block_size=4, kv_cache_mb=1)
@@ -549,13 +555,7 @@ def test_spec_engine_on_cuda_model_sampling_verifies_on_device(proposer):
         if not on_device:
             model.verifies_on_device = False              # the host's rule, on copied logits
         else:
-            for name in calls:
-                real = getattr(model, name)
-
-                def counted(*a, _real=real, _name=name):
-                    calls[_name] += 1
-                    return _real(*a)
-                setattr(model, name, counted)
+            calls = _count_calls(model)
         got = [[] for _ in prompts]
         for i, tok in eng.run(prompts, params):
             got[i].append(tok)

@@ -28,8 +28,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from ..sampling import (SamplingParams, _softmax, apply_repetition_penalty, draw, filter_logits,
-                        filters_on)
+from ..sampling import SamplingParams, apply_repetition_penalty, draw, filter_logits, kept_softmax
 
 
 # ---------------------------------------------------------------------------------------------
@@ -53,12 +52,12 @@ def row_probs(logits: np.ndarray, params: SamplingParams, seen: np.ndarray | Non
     """One row's logits [V] -> the filtered distribution sampling.sample draws from, float64 [V]
     (the softmax over the kept tokens, as sample takes it; 0 for the dropped ones)."""
     x = filter_logits(row_logits(logits, params, seen) / params.temperature, params)
-    if not filters_on(params, len(x)):
-        return _softmax(x)
-    kept = np.flatnonzero(x > -np.inf)
-    probs = np.zeros(len(x))
-    probs[kept] = _softmax(x[kept])
-    return probs
+    kept, probs = kept_softmax(x, params)
+    if kept is None:
+        return probs
+    row = np.zeros(len(x))
+    row[kept] = probs
+    return row
 
 
 def greedy_ids(logits: np.ndarray, params: SamplingParams, context, proposals) -> np.ndarray:
