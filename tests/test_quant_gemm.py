@@ -91,7 +91,7 @@ def _greedy(model, prompts, n, batched):
 def test_batched_greedy_equals_solo(tiny_gguf, quant):
     """Sixteen sequences decoded together (each step's matmuls on the many-row tiles) give the
     tokens each gives alone (one row a step: the matvec kernels, or the panels)."""
-    llm = minfer.LLM(tiny_gguf, quant=quant)
+    llm = minfer.LLM(tiny_gguf, quant=quant, kernels=KernelConfig(many_rows=(2, 2, 1 << 30, 16)))
     prompts = [list(range(10 + 7 * i, 15 + 9 * i)) for i in range(16)]
     assert len(prompts) >= max(llm.kernels.many_rows[k] for k in (formats.Q4, formats.Q8, formats.SPLIT))
     assert _greedy(llm.model, prompts, 8, True) == _greedy(llm.model, prompts, 8, False)

@@ -34,7 +34,7 @@ from ..stages.simd import (F32, I8, I32, _load, _load_scales, _prefetch_l2, _sto
                            _zeros, bits)
 
 ROWS = 16                                           # rows in a panel: one int32 lane each
-PREFETCH_BYTES = 4096       # how far ahead a step of few tokens asks for the weights (into L2)
+PREFETCH_BYTES = 4096       # how far ahead the first pass over a panel asks for the weights (into L2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,6 +218,9 @@ def tile(xi, qp, d, m, p0, p1, out, c0):
             acc = _zeros(4)
             for b in range(nb):
                 blk, xb = p * nb + b, b * limbs * QK
+                if t == 0:                             # the panel's first pass streams it
+                    for c in range(0, vb, 64):
+                        _prefetch_l2(qp, min(last, blk * vb + c + PREFETCH_BYTES))
                 xo = (t * X + xb, (t + 1) * X + xb, (t + 2) * X + xb, (t + 3) * X + xb)
                 tk = (t * nb + b, (t + 1) * nb + b, (t + 2) * nb + b, (t + 3) * nb + b)
                 if q8 and limbs == 3:
@@ -237,7 +240,7 @@ def tile(xi, qp, d, m, p0, p1, out, c0):
             acc2 = _zeros(2)
             for b in range(nb):
                 blk, xb = p * nb + b, b * limbs * QK
-                if T < 4:                              # a step of few rows streams the weights
+                if t == 0:                             # the panel's first pass streams it
                     for c in range(0, vb, 64):
                         _prefetch_l2(qp, min(last, blk * vb + c + PREFETCH_BYTES))
                 xo3 = (t * X + xb, (t + 1) * X + xb, (t + 2) * X + xb)
@@ -268,7 +271,7 @@ def tile(xi, qp, d, m, p0, p1, out, c0):
             acc1 = _zeros(1)
             for b in range(nb):
                 blk = p * nb + b
-                if T < 4:                              # a decode step streams the weights
+                if t == 0:                             # the panel's first pass streams it
                     for c in range(0, vb, 64):
                         _prefetch_l2(qp, min(last, blk * vb + c + PREFETCH_BYTES))
                 xo1, tk1 = (t * X + b * limbs * QK,), (t * nb + b,)
