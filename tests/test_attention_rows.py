@@ -1,14 +1,15 @@
 """The numba attention job takes all the new rows of one sequence against one slice of its keys
 (each cache block loaded once for all of them, causal within the new rows): against the NumPy
 reference, at odd row counts and prefixes, several sequences of different row counts in one batch,
-the vector path (head_dim 64) and the plain one (head_dim 24), block sizes 16 and 5."""
+the vector path (head_dim 64 and 128: p.V 64 floats at a time; 32: 16 at a time) and the plain
+one (head_dim 24), block sizes 16 and 5."""
 import numpy as np
 import pytest
 
 from minfer.batch import make_batch
 from minfer.stages import attention
 
-HEADS = {64: (9, 3), 24: (6, 2)}                  # head_dim -> (query heads, kv heads)
+HEADS = {64: (9, 3), 128: (4, 2), 32: (4, 1), 24: (6, 2)}   # head_dim -> (query heads, kv heads)
 
 
 def case(seqs, hd, bs, seed=0):
@@ -40,7 +41,7 @@ def jobs(q, k_cache, v_cache, batch, S):
 
 
 @pytest.mark.parametrize("bs", [16, 5])
-@pytest.mark.parametrize("hd", [64, 24])
+@pytest.mark.parametrize("hd", [64, 128, 32, 24])
 @pytest.mark.parametrize("prefix", [0, 5, 40])
 @pytest.mark.parametrize("n_new", [1, 2, 3, 7, 33, 70])
 def test_one_sequence_rows_against_reference(n_new, prefix, hd, bs):
@@ -53,7 +54,7 @@ def test_one_sequence_rows_against_reference(n_new, prefix, hd, bs):
 
 
 @pytest.mark.parametrize("bs", [16, 5])
-@pytest.mark.parametrize("hd", [64, 24])
+@pytest.mark.parametrize("hd", [64, 128, 32, 24])
 def test_mixed_sequences_in_one_batch(hd, bs):
     """Decode rows, tokens to verify and prompt chunks side by side, each sequence its own rows."""
     seqs = [(1, 40), (33, 0), (7, 5), (1, 0), (2, 40), (3, 5), (1, 17)]

@@ -226,9 +226,12 @@ def _attention_job(q, k_cache, v_cache, row_seq, positions, block_tables, job, p
 # vector lanes, one at a time; p.V one chain of adds per head) and by waiting on memory (each
 # block's keys read when first needed); this one is faster with the cache in memory or in
 # cache, and more so on long contexts (docs/benchmarks.md, "Attention in vector code"). Here:
-#   scores: 16 keys of a head at once (_scores16): 16 vector dot products, then one tree of
+#   scores: 16 keys of a head at once (_scores16): 16 vector dot products advancing together
+#           (16 independent sums, not one key's chain after another), then one tree of
 #           shuffles adds up each one's lanes: ~3 vector operations a sum;
-#   p.V:    o[h] += p[h, r] v_r four keys at a time, in four independent chains (_pv4);
+#   p.V:    o[h] += p[h, r] v_r; for head_dim a multiple of 64, 64 floats of o at a time with
+#           each key's p splat once for them, even and odd keys in separate chains (_pv64x2);
+#           else 16 floats at a time, four keys in four independent chains (_pv4);
 #   memory: while it scores a block, the job asks for the next block's keys and values into L2
 #           (prefetch), a few lines per head, so their loads do not wait on memory.
 # ---------------------------------------------------------------------------------------------
@@ -260,19 +263,19 @@ def _scores16(typingctx, qs, qoff, K, koff, kstride, nk, hd):
         qs_, qoff_, K_, koff_, ks_, nk_, hd_ = args
         last = builder.sub(nk_, ir.Constant(_I64, 1))
         zero = ir.Constant(_vec(F32, 16), [0.0] * 16)
-        vs = []
-        for r in range(16):                            # one key at a time: one address live
+        k0 = []
+        for r in range(16):
             rc = ir.Constant(_I64, r)
-            k0 = builder.add(koff_, builder.mul(builder.select(
-                builder.icmp_signed("<", rc, last), rc, last), ks_))
-            acc = cgutils.alloca_once_value(builder, zero)
-            with cgutils.for_range_slice(builder, ir.Constant(_I64, 0), hd_, ir.Constant(_I64, 16)) as (c, _):
-                qv = _load(context, builder, sig.args[0], qs_, builder.add(qoff_, c), F32, 16)
-                kv = _load(context, builder, sig.args[2], K_, builder.add(k0, c), F32, 16)
-                builder.store(builder.fadd(builder.load(acc), builder.fmul(qv, kv, flags=["fast"]),
-                                           flags=["fast"]), acc)
-            vs.append(builder.load(acc))
-        return _tree16(builder, vs)
+            k0.append(builder.add(koff_, builder.mul(builder.select(
+                builder.icmp_signed("<", rc, last), rc, last), ks_)))
+        accs = [cgutils.alloca_once_value(builder, zero) for r in range(16)]   # (registers)
+        with cgutils.for_range_slice(builder, ir.Constant(_I64, 0), hd_, ir.Constant(_I64, 16)) as (c, _):
+            qv = _load(context, builder, sig.args[0], qs_, builder.add(qoff_, c), F32, 16)
+            for r in range(16):                        # 16 keys, 16 independent sums
+                kv = _load(context, builder, sig.args[2], K_, builder.add(k0[r], c), F32, 16)
+                builder.store(builder.fadd(builder.load(accs[r]), builder.fmul(qv, kv, flags=["fast"]),
+                                           flags=["fast"]), accs[r])
+        return _tree16(builder, [builder.load(a) for a in accs])
     if qs.layout == "C" and K.layout == "C":
         return F32x16(qs, types.int64, K, types.int64, types.int64, types.int64, types.int64), codegen
 
@@ -337,6 +340,64 @@ def _pv_end(typingctx, acc):
     return F32x16(acc), codegen
 
 
+@intrinsic
+def _pv64_start(typingctx, o, off, c):
+    """Eight accumulators for 64 floats of one head's output: (o.flat[off:+64] * c in the first
+    four, zeros in the others — the even and the odd keys' chains)."""
+    def codegen(context, builder, sig, args):
+        cs = _splat(builder, args[2])
+        zero = ir.Constant(_vec(F32, 16), [0.0] * 16)
+        first = [builder.fmul(_load(context, builder, sig.args[0], args[0],
+                                    builder.add(args[1], ir.Constant(_I64, 16 * w)), F32, 16), cs,
+                              flags=["fast"]) for w in range(4)]
+        return context.make_tuple(builder, sig.return_type, first + [zero] * 4)
+    if o.layout == "C":
+        return types.UniTuple(F32x16, 8)(o, types.int64, types.float32), codegen
+
+
+def _make_pv64(keys):
+    @intrinsic
+    def pv(typingctx, acc, p, poff, V, voff, vstride):
+        """acc + p.flat[poff + j] * V.flat[voff + j vstride:+64] for j < keys (1 or 2): key j into
+        chains 4 j .. 4 j + 3, each key's weight splat once for its 64 floats."""
+        def codegen(context, builder, sig, args):
+            acc_, p_, poff_, V_, voff_, vs_ = args
+            out = [builder.extract_value(acc_, i) for i in range(8)]
+            pdata = context.make_array(sig.args[1])(context, builder, p_).data
+            for j in range(keys):
+                jc = ir.Constant(_I64, j)
+                pj = _splat(builder, builder.load(builder.gep(pdata, [builder.add(poff_, jc)])))
+                base = builder.add(voff_, builder.mul(jc, vs_))
+                for w in range(4):
+                    v = _load(context, builder, sig.args[3], V_, builder.add(base, ir.Constant(_I64, 16 * w)),
+                              F32, 16)
+                    out[4 * j + w] = builder.fadd(out[4 * j + w], builder.fmul(pj, v, flags=["fast"]),
+                                                  flags=["fast"])
+            return context.make_tuple(builder, sig.return_type, out)
+        if p.layout == "C" and V.layout == "C":
+            return acc(acc, p, types.int64, V, types.int64, types.int64), codegen
+    return pv
+
+
+_pv64x2, _pv64x1 = _make_pv64(2), _make_pv64(1)
+
+
+@intrinsic
+def _pv64_end(typingctx, o, off, acc):
+    """o.flat[off:+64] = the even and odd keys' chains added."""
+    def codegen(context, builder, sig, args):
+        data = context.make_array(sig.args[0])(context, builder, args[0]).data
+        for w in range(4):
+            v = builder.fadd(builder.extract_value(args[2], w), builder.extract_value(args[2], 4 + w),
+                             flags=["fast"])
+            ptr = builder.bitcast(builder.gep(data, [builder.add(args[1], ir.Constant(_I64, 16 * w))]),
+                                  _vec(F32, 16).as_pointer())
+            builder.store(v, ptr, align=4)
+        return context.get_dummy_value()
+    if o.layout == "C":
+        return types.none(o, types.int64, acc), codegen
+
+
 @njit(fastmath=True, cache=True)
 def _attention_job_vec(q, k_cache, v_cache, row_seq, positions, block_tables, job, parts):
     """_attention_job in vector code (head_dim % 16 == 0)."""
@@ -391,6 +452,17 @@ def _attention_job_vec(q, k_cache, v_cache, row_seq, positions, block_tables, jo
                 m[j, h] = m_new
             for kvh in range(Hkv):                     # o[h] = c[h] o[h] + sum_r p[h, r] v_r
                 for h in range(kvh * G, kvh * G + G):
+                    if hd % 64 == 0:
+                        for i in range(0, hd, 64):
+                            acc8 = _pv64_start(o, ot + h * hd + i, c[h])
+                            r = 0
+                            while r + 2 <= nk:
+                                acc8 = _pv64x2(acc8, p, h * bs16 + r, V, (ra + r) * row + kvh * hd + i, row)
+                                r += 2
+                            if r < nk:
+                                acc8 = _pv64x1(acc8, p, h * bs16 + r, V, (ra + r) * row + kvh * hd + i, row)
+                            _pv64_end(o, ot + h * hd + i, acc8)
+                        continue
                     for i in range(0, hd, 16):
                         acc = _pv_start(o, ot + h * hd + i, c[h])
                         r = 0
