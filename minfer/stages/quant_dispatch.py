@@ -62,10 +62,10 @@ class KernelConfig:
     # for all of them into floats (cpu/quant_gemm.py), by kernel kind: cpu/formats.py's Q4, Q8
     # (float kernels), INT8 (int8 activations), SPLIT (float32 x in three int8 parts). Below it,
     # the float kinds run their matvec kernels and the int8-part kinds the panels
-    # (cpu/quant_panel.py), whose byte dot products beat the float tiles up to about 32 rows.
+    # (cpu/quant_panel.py), whose byte dot products beat the float tiles up to about 96 rows.
     # INT8 never: the tiles multiply exact floats, and int8 activations are a rounding of their
     # own that the step keeps at any batch size.
-    many_rows: tuple = (2, 2, 1 << 30, 32)
+    many_rows: tuple = (2, 2, 1 << 30, 96)
     # And from how many rows on a step leaves the one-region step for model.run_layers, whose
     # matmuls go to the sgemm tiles (BLAS's kernels pull ahead on long prompts).
     region_max_rows: int = 384
