@@ -141,6 +141,34 @@ def test_exp32_matches_np_exp():
     assert edge[0] == 1 and 0 <= edge[1] < 1e-37 and 0 <= edge[2] < 1e-37 and edge[3] > 1e37
 
 
+def test_exp32_ir_matches_np_exp():
+    """exp32_ir, the same arithmetic on 16 lanes for kernels written as LLVM operations (the
+    attention job's softmax): the same bound, 16 values a call."""
+    from numba import njit, types
+    from numba.extending import intrinsic
+    from minfer.stages.fastexp import exp32_ir
+    from minfer.stages.simd import F32, _load, _vec
+
+    @intrinsic
+    def exp16(typingctx, a, off):
+        def codegen(context, builder, sig, args):
+            e = exp32_ir(builder, _load(context, builder, sig.args[0], args[0], args[1], F32, 16))
+            data = context.make_array(sig.args[0])(context, builder, args[0]).data
+            builder.store(e, builder.bitcast(builder.gep(data, [args[1]]), _vec(F32, 16).as_pointer()), align=4)
+            return context.get_dummy_value()
+        return types.none(a, types.int64), codegen
+
+    @njit
+    def all_exp(a):
+        for i in range(0, a.size, 16):
+            exp16(a, i)
+    x = np.linspace(-87, 87, 400_000, dtype=np.float32)
+    out = x.copy()
+    all_exp(out)
+    rel = np.abs(out / np.exp(x.astype(np.float64)) - 1)
+    assert (rel <= 1.5e-7 * np.maximum(1, np.abs(x))).all(), rel.max()
+
+
 @pytest.mark.parametrize("block_size", [3, 16])
 @pytest.mark.parametrize("n_new,n", [(2, 40), (1, 40), (1, 3), (5, 61)])
 def test_paged_attention_with_peaked_scores(block_size, n_new, n):

@@ -70,7 +70,7 @@ def paged_attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, bat
 # ---------------------------------------------------------------------------------------------
 from numba import njit, prange, float32  # noqa: E402
 
-from .fastexp import exp32  # noqa: E402
+from .fastexp import exp32, exp32_ir  # noqa: E402
 
 SLICES = 8                                             # jobs for a decode step (tiles x S)
 ROWS = 32                                              # rows of a tile, at most
@@ -229,6 +229,8 @@ def _attention_job(q, k_cache, v_cache, row_seq, positions, block_tables, job, p
 #   scores: 16 keys of a head at once (_scores16): 16 vector dot products advancing together
 #           (16 independent sums, not one key's chain after another), then one tree of
 #           shuffles adds up each one's lanes: ~3 vector operations a sum;
+#   softmax: a head's 16 scores of a block as one vector (_max16, _exp16: fastexp's arithmetic
+#           on 16 lanes);
 #   p.V:    o[h] += p[h, r] v_r; for head_dim a multiple of 64, 64 floats of o at a time with
 #           each key's p splat once for them, even and odd keys in separate chains (_pv64x2);
 #           else 16 floats at a time, four keys in four independent chains (_pv4);
@@ -398,6 +400,43 @@ def _pv64_end(typingctx, o, off, acc):
         return types.none(o, types.int64, acc), codegen
 
 
+def _lanes_below(builder, n):
+    """<16 x i1>: lane r < n."""
+    one = builder.insert_element(ir.Constant(_vec(_I64, 1), None), n, ir.Constant(I32, 0))
+    return builder.icmp_signed("<", ir.Constant(_vec(_I64, 16), list(range(16))),
+                               builder.shuffle_vector(one, one, ir.Constant(_vec(I32, 16), [0] * 16)))
+
+
+@intrinsic
+def _max16(typingctx, p, off, n):
+    """max(p.flat[off:off + min(n, 16)]): a head's largest score among 16 keys."""
+    def codegen(context, builder, sig, args):
+        x = _load(context, builder, sig.args[0], args[0], args[1], F32, 16)
+        x = builder.select(_lanes_below(builder, args[2]), x, ir.Constant(_vec(F32, 16), [-3.0e38] * 16))
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(F32, [_vec(F32, 16)]),
+                                            "llvm.vector.reduce.fmax.v16f32")
+        return builder.call(fn, [x])
+    if p.layout == "C":
+        return types.float32(p, types.int64, types.int64), codegen
+
+
+@intrinsic
+def _exp16(typingctx, p, off, n, mx):
+    """p.flat[off:off + 16] = e^(p - mx) in the first min(n, 16) lanes, 0 in the others (keys
+    past the slice or the row's position); returns their sum."""
+    def codegen(context, builder, sig, args):
+        x = _load(context, builder, sig.args[0], args[0], args[1], F32, 16)
+        e = exp32_ir(builder, builder.fsub(x, _splat(builder, args[3]), flags=["fast"]))
+        e = builder.select(_lanes_below(builder, args[2]), e, ir.Constant(_vec(F32, 16), [0.0] * 16))
+        data = context.make_array(sig.args[0])(context, builder, args[0]).data
+        builder.store(e, builder.bitcast(builder.gep(data, [args[1]]), _vec(F32, 16).as_pointer()), align=4)
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(F32, [F32, _vec(F32, 16)]),
+                                            "llvm.vector.reduce.fadd.v16f32")
+        return builder.call(fn, [ir.Constant(F32, -0.0), e], fastmath=("fast",))
+    if p.layout == "C":
+        return types.float32(p, types.int64, types.int64, types.float32), codegen
+
+
 @njit(fastmath=True, cache=True)
 def _attention_job_vec(q, k_cache, v_cache, row_seq, positions, block_tables, job, parts):
     """_attention_job in vector code (head_dim % 16 == 0)."""
@@ -437,17 +476,15 @@ def _attention_job_vec(q, k_cache, v_cache, row_seq, positions, block_tables, jo
                         _store16(p, h * bs16 + r0, _scores16(qs, j * Hq * hd + h * hd, K, (ra + r0) * row
                                                              + kvh * hd, row, nk - r0, hd))
             share = 0                                  # (asked for once)
-            for h in range(Hq):                        # the online softmax, as above
-                ph = p[h * bs16:h * bs16 + nk]
+            for h in range(Hq):                        # the online softmax, 16 keys a vector
                 m_new = m[j, h]
-                for r in range(nk):
-                    m_new = max(m_new, ph[r])
-                c[h] = exp32(m[j, h] - m_new)
-                for r in range(nk):
-                    ph[r] = exp32(ph[r] - m_new)
+                for r0 in range(0, nk, 16):
+                    m_new = max(m_new, _max16(p, h * bs16 + r0, nk - r0))
+                # (the past's rescale: 1 unless the max moved, as it rarely does after a few blocks)
+                c[h] = float32(1.0) if m_new == m[j, h] else exp32(m[j, h] - m_new)
                 total = float32(0.0)
-                for r in range(nk):
-                    total += ph[r]
+                for r0 in range(0, nk, 16):
+                    total += _exp16(p, h * bs16 + r0, nk - r0, m_new)
                 l[j, h] = l[j, h] * c[h] + total
                 m[j, h] = m_new
             for kvh in range(Hkv):                     # o[h] = c[h] o[h] + sum_r p[h, r] v_r
