@@ -482,7 +482,12 @@ if quant_i8.has_vnni():
 # tokens (`minfer/cpu/quant_panel.py`). The same integer sums, so the same function as the
 # kernels above; with many rows — a batch of sequences, tokens to verify, a prompt — the
 # weights are read once for all of them. The one-region step runs the panels with int8
-# activations at any batch size, and with three parts up to about a dozen rows.
+# activations at any batch size, and with three parts up to about a hundred rows
+# (`KernelConfig.many_rows`). Two details carry much of the speed at several rows: each
+# `vpdpbusd` waits ~2 ns for its chain's previous result while the CPU can start two a cycle,
+# so the kernel keeps a chain per (token, part) — 12 for 4 tokens of three parts — and advances
+# them all together, one weight vector at a time; and it asks for the weights ahead (prefetch)
+# on a panel's first pass, whatever the number of rows (docs/benchmarks.md, "CPU kernel details").
 
 # %%
 from minfer.cpu import quant_panel
