@@ -426,9 +426,10 @@ print("two pass:", two_pass.round(6))
 # arithmetic (a power of two times a polynomial), which the compiler turns into vector code;
 # `np.exp` is a call into the C library per value, and perf showed it taking ~40% of the
 # kernel's time. When head_dim is a multiple of 16 (SmolLM2: 64) each job runs the same steps in
-# vector code, `attention._attention_job_vec`: a head's scores for 16 keys in one call, p.V four
-# keys at a time in four independent chains, the next block prefetched while this one is scored
-# (1.2-1.4x the plain job on one thread; docs/benchmarks.md):
+# vector code, `attention._attention_job_vec` (its vector operations in `attention_simd.py`): a
+# head's scores for 16 keys in one call, the block's softmax as one 16-lane vector, p.V 64 floats
+# of the output at a time with each key's weight splat once, the next block prefetched while this
+# one is scored (docs/benchmarks.md):
 
 # %%
 print(inspect.getsource(attention._attention_rows))

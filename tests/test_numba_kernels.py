@@ -195,7 +195,8 @@ def test_paged_attention_with_peaked_scores(block_size, n_new, n):
 @pytest.mark.parametrize("n_new,n", [(1, 1), (1, 19), (1, 200), (3, 70)])
 def test_paged_attention_vector_path_at_model_shapes(block_size, n_new, n):
     """head_dim 64, 9 query heads on 3 kv heads (SmolLM2-135M): the vector job (head_dim a
-    multiple of 16; _scores16, _pv4, the next block prefetched) against the reference, with keys
+    multiple of 16; attention_simd.py's _scores16, vector softmax and _pv64x2, the next block
+    prefetched) against the reference, with keys
     that fill no whole 16-key vector, one, and many blocks."""
     Hq, Hkv, hd = 9, 3, 64
     r = np.random.default_rng(5)

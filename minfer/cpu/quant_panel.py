@@ -121,7 +121,7 @@ def _make_panel(q8, C, limbs=1):
             # together, one weight vector at a time: each vpdpbusd waits for its chain's previous
             # one, so many chains must be in flight. Two a (token, part) when there are few of
             # them (one token of three parts, or one part a token), one from 3 tokens of 3 parts
-            # on (fewer adds at the end; measured 3-6 % faster there, the same below).
+            # on (fewer adds at the end; docs/benchmarks.md, "CPU kernel details").
             chains = 1 if limbs == 3 and C >= 3 else 2
             s = []                                                 # s[t][p][chain]
             for t in range(C):
