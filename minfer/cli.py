@@ -62,7 +62,7 @@ def _spec_flags(p: argparse.ArgumentParser) -> None:
                    help="the draft model for --speculative draft (default: the model's own file "
                         "in its 4-bit blocks, or as Q4_0, with int8 activations)")
     g.add_argument("--num-speculative-tokens", type=int, default=None, metavar="K",
-                   help="most guesses per step (default: 5; fewer when they are seldom accepted)")
+                   help="most guesses per step (default: 8; fewer when they are seldom accepted)")
 
 
 def _sampling_flags(p: argparse.ArgumentParser, temperature: float | None) -> None:

@@ -43,7 +43,7 @@ import numpy as np
 from ..sampling import sample
 from .verify import greedy_ids, probs_rows, verify_greedy_numba, verify_sample_numba
 
-DEFAULT_K = 5            # most guesses per step
+DEFAULT_K = 8            # most guesses per step (docs/benchmarks.md, "A replay")
 ROW_COST = 0.3           # one more row in the target's forward, in decode steps (until measured)
 DRAFT_COST = 0.5         # one draft forward, in target decode steps (until measured)
 HISTORY = 4096           # verifications remembered for figures
