@@ -27,7 +27,7 @@ from numba.core import cgutils, types
 from numba.extending import intrinsic
 
 from ..stages.quant import QK, QuantMatrix
-from ..stages.simd import F32, I8, I32, _load, _load_scales, _sum16, _vec, _zeros, bits
+from ..stages.simd import F32, I8, I32, _load, _load_scales, _splat, _sum16, _vec, _zeros, bits
 
 
 # ---------------------------------------------------------------------------------------------
@@ -38,11 +38,6 @@ def _store(context, builder, arrty, arr, offset, v):
     data = context.make_array(arrty)(context, builder, arr).data
     ptr = builder.bitcast(builder.gep(data, [offset]), v.type.as_pointer())
     builder.store(v, ptr, align=4)
-
-
-def _splat(builder, s, n):
-    one = builder.insert_element(ir.Constant(_vec(F32, 1), None), s, ir.Constant(I32, 0))
-    return builder.shuffle_vector(one, one, ir.Constant(_vec(I32, n), [0] * n))
 
 
 @intrinsic

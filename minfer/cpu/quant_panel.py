@@ -30,7 +30,7 @@ from numba.extending import intrinsic
 
 from ..stages.quant import QK, QuantMatrix
 from ..stages.quant_i8 import _absmax_sum, _digits1, _digits3
-from ..stages.simd import (F32, I8, I32, _load, _load_scales, _prefetch_l2, _store16, _vec, _vpdpbusd,
+from ..stages.simd import (F32, I8, I32, _load, _load_scales, _prefetch_l2, _splat, _store16, _vec, _vpdpbusd,
                            _zeros, bits)
 
 ROWS = 16                                           # rows in a panel: one int32 lane each
@@ -80,11 +80,6 @@ def stacked(fmt: str, qs: np.ndarray, d: np.ndarray, m) -> tuple:
 # ---------------------------------------------------------------------------------------------
 # One block of one panel against C tokens, in LLVM IR
 # ---------------------------------------------------------------------------------------------
-def _splat(builder, v, n):
-    one = builder.insert_element(ir.Constant(ir.VectorType(v.type, 1), None), v, ir.Constant(I32, 0))
-    return builder.shuffle_vector(one, one, ir.Constant(_vec(I32, n), [0] * n))
-
-
 def _scalar(context, builder, arrty, arr, offset, elt):
     data = context.make_array(arrty)(context, builder, arr).data
     ptr = builder.bitcast(builder.gep(data, [offset]), elt.as_pointer())

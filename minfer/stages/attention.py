@@ -225,7 +225,8 @@ def _attention_job(q, k_cache, v_cache, row_seq, positions, block_tables, job, p
 # vectors (their operations: attention_simd.py). The job above is bound by its arithmetic (a
 # score is a dot product summed across its vector lanes, one at a time; p.V one chain of adds per
 # head) and by waiting on memory (each block's keys read when first needed); this one is faster
-# with the cache in memory or in cache, and more so on long contexts (docs/benchmarks.md, "Attention in vector code"). Here:
+# with the cache in memory or in cache, and more so on long contexts (docs/benchmarks.md,
+# "Attention in vector code"). Here:
 #   scores: 16 keys of a head at once (_scores16): 16 vector dot products advancing together
 #           (16 independent sums, not one key's chain after another), then one tree of
 #           shuffles adds up each one's lanes: ~3 vector operations a sum;

@@ -18,7 +18,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .fastexp import exp32_ir
-from .simd import F32, F32x16, I32, _load, _vec
+from .simd import F32, F32x16, I32, _load, _splat, _vec
 
 _I64 = ir.IntType(64)
 
@@ -56,12 +56,6 @@ def _scores16(typingctx, qs, qoff, K, koff, kstride, nk, hd):
         return _tree16(builder, [builder.load(a) for a in accs])
     if qs.layout == "C" and K.layout == "C":
         return F32x16(qs, types.int64, K, types.int64, types.int64, types.int64, types.int64), codegen
-
-
-def _splat(builder, s):
-    """The float s in all 16 lanes of a vector."""
-    one = builder.insert_element(ir.Constant(_vec(F32, 1), None), s, ir.Constant(I32, 0))
-    return builder.shuffle_vector(one, one, ir.Constant(_vec(I32, 16), [0] * 16))
 
 
 @intrinsic
@@ -178,9 +172,7 @@ def _pv64_end(typingctx, o, off, acc):
 
 def _lanes_below(builder, n):
     """<16 x i1>: lane r < n."""
-    one = builder.insert_element(ir.Constant(_vec(_I64, 1), None), n, ir.Constant(I32, 0))
-    return builder.icmp_signed("<", ir.Constant(_vec(_I64, 16), list(range(16))),
-                               builder.shuffle_vector(one, one, ir.Constant(_vec(I32, 16), [0] * 16)))
+    return builder.icmp_signed("<", ir.Constant(_vec(_I64, 16), list(range(16))), _splat(builder, n))
 
 
 @intrinsic

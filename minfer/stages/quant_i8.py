@@ -57,7 +57,7 @@ from numba.extending import intrinsic
 from .fastexp import exp32
 from .quant import QK, QuantMatrix
 from .simd import (F32, F32x16, I8, I32, _load, _load_scales, _prefetch, _prefetch_l2,  # noqa: F401
-                   _sum16, _vec, _vpdpbusd, _zeros16, bits, check_available, has_vnni)
+                   _splat, _sum16, _vec, _vpdpbusd, _zeros16, bits, check_available, has_vnni)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -323,8 +323,7 @@ def _make_digits(limbs):
             v = _load(context, builder, sig.args[0], args[0], args[1], F32, QK)
             rint = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v.type, [v.type]),
                                                   "llvm.rint.v32f32")
-            one = builder.insert_element(ir.Constant(_vec(F32, 1), None), args[2], ir.Constant(I32, 0))
-            r = builder.fmul(v, builder.shuffle_vector(one, one, ir.Constant(_vec(I32, QK), [0] * QK)))
+            r = builder.fmul(v, _splat(builder, args[2], QK))
             X = builder.fptosi(builder.call(rint, [r]), _vec(I32, QK))
             by4 = [builder.shuffle_vector(X, X, ir.Constant(_vec(I32, QK // 4), list(range(j, QK, 4))))
                    for j in range(4)]                              # X[j::4]

@@ -40,6 +40,12 @@ def _vec(t, n):
     return ir.VectorType(t, n)
 
 
+def _splat(builder, v, n=16):
+    """The scalar v (any LLVM type) in all n lanes of a vector."""
+    one = builder.insert_element(ir.Constant(ir.VectorType(v.type, 1), None), v, ir.Constant(I32, 0))
+    return builder.shuffle_vector(one, one, ir.Constant(_vec(I32, n), [0] * n))
+
+
 def _load(context, builder, arrty, arr, offset, elt, n):
     """n elements of a C-contiguous array, from flat index `offset`, as one vector."""
     data = context.make_array(arrty)(context, builder, arr).data
