@@ -565,6 +565,7 @@ def spec_worker(spec: dict) -> None:
     import minfer
     llm = minfer.LLM(spec["model"], backend=spec["backend"], quant=spec["quant"],
                      threads=spec.get("threads"), quiet=True,
+                     activations=spec.get("activations", "f32"),
                      speculative=spec["mode"], num_speculative_tokens=spec.get("k"),
                      draft_model=spec.get("draft_model"))
     params = minfer.SamplingParams(temperature=0, max_tokens=spec["new_tokens"])
@@ -620,7 +621,11 @@ def run_spec_bench(a) -> int:
     for q in quants:
         if q not in QUANTS:
             raise InvalidArgumentError(f"unknown quant {q!r}; choose from {', '.join(QUANTS)}")
-    from .backends import BACKENDS
+    from .backends import ACTIVATIONS, BACKENDS
+    acts = [x.strip() for x in a.activations.split(",") if x.strip()]
+    for x in acts:
+        if x not in ACTIVATIONS:
+            raise InvalidArgumentError(f"unknown activations {x!r}; choose from {', '.join(ACTIVATIONS)}")
     backend = "numba" if a.backend == "numpy,numba" else a.backend.split(",")[0].strip()   # one
     if backend not in BACKENDS:
         raise InvalidArgumentError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
@@ -631,22 +636,24 @@ def run_spec_bench(a) -> int:
     print(f"minfer bench --speculative: {', '.join(SPEC_WORKLOADS)} workloads, up to {a.new_tokens} "
           f"new tokens, greedy, {a.runs} runs; {backend}; {machine['cpu']}, {machine['cores']} cores",
           file=sys.stderr)
-    pairs = [(q, m) for q in quants for m in modes]
+    pairs = [(q, x, m) for q in quants for x in acts for m in modes]
     if quants == ["auto"] and "draft" in modes and a.draft_model is None:
         # the built-in draft is for the exact model: draft it for float32, against float32 plain
-        pairs = [p for p in pairs if p[1] != "draft"] + [("f32", "off"), ("f32", "draft")]
+        pairs = [p for p in pairs if p[2] != "draft"] + [("f32", x, m) for x in acts
+                                                          for m in ("off", "draft")]
     # plain decoding runs inside each speculative mode's process (its "off" row: the first such
-    # process of that quant); a process of its own only for a quant without one
-    guessing = {q for q, m in pairs if m != "off"}
-    pairs = [(q, m) for q, m in pairs if m != "off" or q not in guessing]
-    specs = [{"model": model, "backend": backend, "quant": q, "mode": m, "threads": a.threads,
-              "k": a.num_speculative_tokens, "draft_model": a.draft_model if m == "draft" else None,
-              "new_tokens": a.new_tokens} for q, m in pairs]
+    # process of that quant and activations); a process of its own only for one without
+    guessing = {(q, x) for q, x, m in pairs if m != "off"}
+    pairs = [(q, x, m) for q, x, m in pairs if m != "off" or (q, x) not in guessing]
+    specs = [{"model": model, "backend": backend, "quant": q, "activations": x, "mode": m,
+              "threads": a.threads, "k": a.num_speculative_tokens,
+              "draft_model": a.draft_model if m == "draft" else None,
+              "new_tokens": a.new_tokens} for q, x, m in pairs]
     rows = [dict(sp, runs=[]) for sp in specs]
     workers = []
     try:
         for sp in specs:
-            print(f"  starting {sp['quant']}/{sp['mode']} ...", file=sys.stderr, flush=True)
+            print(f"  starting {_spec_name(sp)} ...", file=sys.stderr, flush=True)
             workers.append(_Worker(dict(sp, spec_bench=True)))
         for r in range(a.runs):
             print(f"  round {r + 1}/{a.runs}", file=sys.stderr, flush=True)
@@ -665,14 +672,20 @@ def run_spec_bench(a) -> int:
     return 0
 
 
+def _spec_name(sp) -> str:
+    return f"{sp['quant']}/{sp.get('activations', 'f32')}/{sp['mode']}"
+
+
 def _plain_rows(rows) -> list:
-    """The table's rows: each speculative mode's, and per quant an "off" row — its own process's,
-    or the plain answers made in the first speculative process of that quant."""
+    """The table's rows: each speculative mode's, and per (quant, activations) an "off" row —
+    its own process's, or the plain answers made in the first speculative process of that pair."""
+    same = (lambda r, row: r["quant"] == row["quant"]
+            and r.get("activations", "f32") == row.get("activations", "f32"))
     out = []
     for row in rows:
         if row["mode"] == "off":
             out.append(row)
-        elif not any(r["quant"] == row["quant"] and r["mode"] == "off" for r in out):
+        elif not any(same(r, row) and r["mode"] == "off" for r in out):
             out.append(dict(row, mode="off", runs=[{w: x[w]["plain"] for w in x} for x in row["runs"]]))
         if row["mode"] != "off":
             out.append(row)
@@ -682,7 +695,7 @@ def _plain_rows(rows) -> list:
 def _print_spec_table(rows) -> None:
     """speed-up: a speculative mode's tok/s over plain decoding's in the same process and run
     (the median of those ratios); "off" rows: 1.00x."""
-    head = (f"{'workload':<9} {'quant':<6} {'mode':<6} {'tokens':>6} {'decode tok/s':>22} "
+    head = (f"{'workload':<9} {'quant':<6} {'act':<4} {'mode':<6} {'tokens':>6} {'decode tok/s':>22} "
             f"{'accepted/step':>13} {'speed-up':>8} {'same text':>9}")
     print(head)
     print("-" * len(head))
@@ -697,7 +710,8 @@ def _print_spec_table(rows) -> None:
                 ratio = statistics.median(x["decode_tok_s"] / x["plain"]["decode_tok_s"]
                                           if x["plain"]["decode_tok_s"] else 0.0 for x in runs)
                 same = all(x["text_hash"] == x["plain"]["text_hash"] for x in runs)
-            print(f"{w:<9} {row['quant']:<6} {row['mode']:<6} {runs[0]['tokens']:>6} "
+            print(f"{w:<9} {row['quant']:<6} {row.get('activations', 'f32'):<4} {row['mode']:<6} "
+                  f"{runs[0]['tokens']:>6} "
                   f"{d[0]:>8.1f} ({d[1]:.1f}..{d[2]:.1f}) "
                   f"{(format(statistics.median(acc), '.2f') if acc else '-'):>13} "
                   f"{ratio:>7.2f}x {'yes' if same else 'NO':>9}")

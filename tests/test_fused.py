@@ -8,6 +8,7 @@ from minfer.cpu import formats
 from minfer.batch import make_batch
 from minfer.stages import quant_i8
 from minfer.stages.quant_dispatch import KernelConfig
+from minfer.stages.simd import has_amx
 from minfer.model import Transformer
 
 
@@ -22,14 +23,18 @@ def steps(model, tables):
 
 
 @pytest.mark.parametrize("quant", ["q4_1", "q4_0", "q8_0"])
-@pytest.mark.parametrize("act", ["f32", "f32-float-kernels", "int8"])
+@pytest.mark.parametrize("act", ["f32", "f32-float-kernels", "int8", "f32-tile-unit", "int8-tile-unit"])
 def test_fused_layers_equal_the_python_loop(tiny_gguf, quant, act, monkeypatch):
     """f32: float32 x split into three int8 parts where the CPU has VNNI (the default);
-    f32-float-kernels: the float kernels, as on a CPU without it."""
+    f32-float-kernels: the float kernels, as on a CPU without it; -tile-unit: the panels' byte
+    products on the tile unit (AMX) from 2 rows on."""
     if act != "f32-float-kernels" and not quant_i8.has_vnni():
         pytest.skip("this CPU has no AVX-512 VNNI")
-    kernels = KernelConfig(split_x=act != "f32-float-kernels")
-    act = act[:3] if act.startswith("f32") else act
+    if act.endswith("tile-unit") and not has_amx():
+        pytest.skip("this CPU has no AMX tile unit")
+    kernels = KernelConfig(split_x=act != "f32-float-kernels",
+                           **({"tile_unit_rows": (2,) * 4} if act.endswith("tile-unit") else {}))
+    act = act[:3] if act.startswith("f32") else act[:4]
     llm = minfer.LLM(tiny_gguf, quant=quant, activations=act, kernels=kernels)
     family = formats.Q8 if quant == "q8_0" else formats.Q4
     want_kind = {"int8": formats.INT8}.get(act, formats.SPLIT if kernels.split_x else family)

@@ -467,8 +467,8 @@ def test_bench_speculative_pairs_each_mode_with_plain_decoding(tmp_path):
             plain = run[w]["plain"]
             assert plain["decode_tok_s"] > 0 and plain["text_hash"] == run[w]["text_hash"]
     lines = [ln.split() for ln in r.stdout.splitlines() if ln.startswith(("edit", "free"))]
-    assert [(ln[0], ln[2]) for ln in lines] == [("edit", "off"), ("edit", "ngram"), ("free", "off"),
-                                                ("free", "ngram")]
+    assert [(ln[0], ln[2], ln[3]) for ln in lines] == [
+        ("edit", "f32", "off"), ("edit", "f32", "ngram"), ("free", "f32", "off"), ("free", "f32", "ngram")]
     want = statistics.median(x["edit"]["decode_tok_s"] / x["edit"]["plain"]["decode_tok_s"]
                              for x in rows[0]["runs"])
     assert lines[1][-2] == f"{want:.2f}x" and lines[0][-2] == "1.00x"
@@ -477,7 +477,8 @@ def test_bench_speculative_pairs_each_mode_with_plain_decoding(tmp_path):
 @pytest.mark.parametrize("args,says", [
     (["generate", "--speculative", "ngram", "--draft-model", "x.gguf", "hi"], "draft"),
     (["generate", "--speculative", "ngram", "--num-speculative-tokens", "0", "hi"], "num_speculative_tokens"),
-    (["bench", "--speculative", "ngram,magic"], "unknown speculative mode")])
+    (["bench", "--speculative", "ngram,magic"], "unknown speculative mode"),
+    (["bench", "--speculative", "ngram", "--activations", "int4"], "unknown activations")])
 def test_cli_bad_speculative_flags_are_one_line_errors(tiny_gguf, args, says):
     r = _cli(*args[:1], *(["--model", tiny_gguf] if args[0] == "generate" else []), *args[1:])
     assert r.returncode == 1 and "Traceback" not in r.stderr and says in r.stderr, r.stderr

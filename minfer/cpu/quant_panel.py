@@ -96,9 +96,9 @@ def _make_panel(q8, C, limbs=1):
     vectors = 8 if q8 else 4
 
     @intrinsic
-    def panel(typingctx, accs, qp, qoff, xq, xoffs, d, m, soff, dx, xsum, start, toks):
+    def panel(typingctx, accs, qp, qoff, xq, xoffs, d, m, soff, dx, xsum, start, toks, kx):
         """accs[t] + block b of a panel (qp.flat[qoff:], scales at d.flat[soff:]) against token t
-        of x (its parts at xq.flat[xoffs[t]:], 32 bytes each; its scale, the sum of x over the
+        of x (its parts at xq.flat[xoffs[t] + p kx:], 32 bytes each; its scale, the sum of x over the
         block (Q4's m term) and Q8_0's start values at dx, xsum .flat[toks[t]], start.flat[toks[t]
         limbs:])."""
         def codegen(context, builder, sig, args):
@@ -134,9 +134,10 @@ def _make_panel(q8, C, limbs=1):
                 for t in range(C):
                     xo = pick(args[4], t)
                     for p in range(limbs):
-                        xoff = 32 * p + (4 * c if q8 else 4 * (c % 4) + (16 if c >= 4 else 0))
+                        xoff = 4 * c if q8 else 4 * (c % 4) + (16 if c >= 4 else 0)
+                        xp = builder.add(xo, builder.mul(args[12], ir.Constant(xo.type, p))) if p else xo
                         s[t][p][c % chains] = _vpdpbusd(builder, s[t][p][c % chains], v[c], _x4(
-                            context, builder, sig.args[3], args[3], at(xo, xoff)))
+                            context, builder, sig.args[3], args[3], at(xp, xoff)))
 
             def part(t, p):                # part p of token t: the int32 sums as floats
                 total = s[t][p][0]
@@ -159,7 +160,7 @@ def _make_panel(q8, C, limbs=1):
                                        flags=["fast"])
                 out.append(acc)
             return context.make_tuple(builder, sig.return_type, out)
-        return accs(accs, qp, qoff, xq, xoffs, d, m, soff, dx, xsum, start, toks), codegen
+        return accs(accs, qp, qoff, xq, xoffs, d, m, soff, dx, xsum, start, toks, kx), codegen
     return panel
 
 
@@ -177,7 +178,9 @@ _q4x2_3, _q4x3_3, _q8x2_3, _q8x3_3 = (_make_panel(q8, C, 3) for q8 in (False, Tr
 def prepare_x(x, q8, limbs):
     """x [T, K] -> (xq, dx [T, nb], xsum [T, nb], start): per block of 32, x ~ dx X with X an
     integer rounded as in quant_i8.quantize_x, in `limbs` int8 parts (1, or 3: float32's
-    precision), stored xq[t, (b limbs + p) 32 + k]; xsum = sum(x) over the block (Q4's m term);
+    precision), stored part after part: xq[t, p K + 32 b + k], so that the rows (token t, part p)
+    of xq.reshape(T limbs, K) are K bytes apart (cpu/quant_amx.py loads them so); xsum = sum(x)
+    over the block (Q4's m term);
     Q8_0: start[t, b limbs + p] = -128 sum(part p over the block) (else an empty array)."""
     T, K = x.shape
     nb = K // QK
@@ -193,16 +196,16 @@ def prepare_x(x, q8, limbs):
             amax, xsum[t, b] = _absmax_sum(x, o)
             inv = float32(127.0) / amax if amax > float32(0.0) else float32(0.0)
             dx[t, b] = amax / float32(127.0) / step             # the scale of X (exact: / 2^14)
-            at = (t * nb + b) * limbs * QK
+            at = t * limbs * K + b * QK
             if limbs == 3:
-                _digits3(x, o, inv * step, xq, at, 16, QK, x4, o // 4)
+                _digits3(x, o, inv * step, xq, at, 16, K, x4, o // 4)
             else:
-                _digits1(x, o, inv * step, xq, at, 16, QK, x4, o // 4)
+                _digits1(x, o, inv * step, xq, at, 16, K, x4, o // 4)
             if q8:
                 for p in range(limbs):
                     s = int32(0)
-                    for k in range(at + p * QK, at + (p + 1) * QK):
-                        s += int32(xq[t, k - t * nb * limbs * QK])
+                    for k in range(p * K + b * QK, p * K + (b + 1) * QK):
+                        s += int32(xq[t, k])
                     start[t, b * limbs + p] = int32(-128) * s
     return xq, dx, xsum, start
 
@@ -216,6 +219,7 @@ def tile(xi, qp, d, m, p0, p1, out, c0):
     T, nb = dx.shape
     limbs = xq.shape[1] // (nb * QK)
     X, N = xq.shape[1], out.shape[1]                   # x's bytes a token; out's row
+    kx = nb * QK                                       # bytes between a token's parts
     vb = qp.shape[2] * 64                              # bytes of a panel's block
     last = qp.size - 1
     for p in range(p0, p1):
@@ -224,20 +228,20 @@ def tile(xi, qp, d, m, p0, p1, out, c0):
         while t + 4 <= T:                              # 4 tokens a step
             acc = _zeros(4)
             for b in range(nb):
-                blk, xb = p * nb + b, b * limbs * QK
+                blk, xb = p * nb + b, b * QK
                 if t == 0:                             # the panel's first pass streams it
                     for c in range(0, vb, 64):
                         _prefetch_l2(qp, min(last, blk * vb + c + PREFETCH_BYTES))
                 xo = (t * X + xb, (t + 1) * X + xb, (t + 2) * X + xb, (t + 3) * X + xb)
                 tk = (t * nb + b, (t + 1) * nb + b, (t + 2) * nb + b, (t + 3) * nb + b)
                 if q8 and limbs == 3:
-                    acc = _q8x4_3(acc, qp, blk * vb, xq, xo, d, m, blk * ROWS, dx, xsum, start, tk)
+                    acc = _q8x4_3(acc, qp, blk * vb, xq, xo, d, m, blk * ROWS, dx, xsum, start, tk, kx)
                 elif q8:
-                    acc = _q8x4(acc, qp, blk * vb, xq, xo, d, m, blk * ROWS, dx, xsum, start, tk)
+                    acc = _q8x4(acc, qp, blk * vb, xq, xo, d, m, blk * ROWS, dx, xsum, start, tk, kx)
                 elif limbs == 3:
-                    acc = _q4x4_3(acc, qp, blk * vb, xq, xo, d, m, blk * ROWS, dx, xsum, start, tk)
+                    acc = _q4x4_3(acc, qp, blk * vb, xq, xo, d, m, blk * ROWS, dx, xsum, start, tk, kx)
                 else:
-                    acc = _q4x4(acc, qp, blk * vb, xq, xo, d, m, blk * ROWS, dx, xsum, start, tk)
+                    acc = _q4x4(acc, qp, blk * vb, xq, xo, d, m, blk * ROWS, dx, xsum, start, tk, kx)
             for i in range(4):
                 _store16(out, (t + i) * N + col, acc[i])
             t += 4
@@ -246,7 +250,7 @@ def tile(xi, qp, d, m, p0, p1, out, c0):
             acc3 = _zeros(3)
             acc2 = _zeros(2)
             for b in range(nb):
-                blk, xb = p * nb + b, b * limbs * QK
+                blk, xb = p * nb + b, b * QK
                 if t == 0:                             # the panel's first pass streams it
                     for c in range(0, vb, 64):
                         _prefetch_l2(qp, min(last, blk * vb + c + PREFETCH_BYTES))
@@ -254,23 +258,23 @@ def tile(xi, qp, d, m, p0, p1, out, c0):
                 tk3 = (t * nb + b, (t + 1) * nb + b, (t + 2) * nb + b)
                 if R == 3:
                     if q8 and limbs == 3:
-                        acc3 = _q8x3_3(acc3, qp, blk * vb, xq, xo3, d, m, blk * ROWS, dx, xsum, start, tk3)
+                        acc3 = _q8x3_3(acc3, qp, blk * vb, xq, xo3, d, m, blk * ROWS, dx, xsum, start, tk3, kx)
                     elif q8:
-                        acc3 = _q8x3(acc3, qp, blk * vb, xq, xo3, d, m, blk * ROWS, dx, xsum, start, tk3)
+                        acc3 = _q8x3(acc3, qp, blk * vb, xq, xo3, d, m, blk * ROWS, dx, xsum, start, tk3, kx)
                     elif limbs == 3:
-                        acc3 = _q4x3_3(acc3, qp, blk * vb, xq, xo3, d, m, blk * ROWS, dx, xsum, start, tk3)
+                        acc3 = _q4x3_3(acc3, qp, blk * vb, xq, xo3, d, m, blk * ROWS, dx, xsum, start, tk3, kx)
                     else:
-                        acc3 = _q4x3(acc3, qp, blk * vb, xq, xo3, d, m, blk * ROWS, dx, xsum, start, tk3)
+                        acc3 = _q4x3(acc3, qp, blk * vb, xq, xo3, d, m, blk * ROWS, dx, xsum, start, tk3, kx)
                 else:
                     xo2, tk2 = (xo3[0], xo3[1]), (tk3[0], tk3[1])
                     if q8 and limbs == 3:
-                        acc2 = _q8x2_3(acc2, qp, blk * vb, xq, xo2, d, m, blk * ROWS, dx, xsum, start, tk2)
+                        acc2 = _q8x2_3(acc2, qp, blk * vb, xq, xo2, d, m, blk * ROWS, dx, xsum, start, tk2, kx)
                     elif q8:
-                        acc2 = _q8x2(acc2, qp, blk * vb, xq, xo2, d, m, blk * ROWS, dx, xsum, start, tk2)
+                        acc2 = _q8x2(acc2, qp, blk * vb, xq, xo2, d, m, blk * ROWS, dx, xsum, start, tk2, kx)
                     elif limbs == 3:
-                        acc2 = _q4x2_3(acc2, qp, blk * vb, xq, xo2, d, m, blk * ROWS, dx, xsum, start, tk2)
+                        acc2 = _q4x2_3(acc2, qp, blk * vb, xq, xo2, d, m, blk * ROWS, dx, xsum, start, tk2, kx)
                     else:
-                        acc2 = _q4x2(acc2, qp, blk * vb, xq, xo2, d, m, blk * ROWS, dx, xsum, start, tk2)
+                        acc2 = _q4x2(acc2, qp, blk * vb, xq, xo2, d, m, blk * ROWS, dx, xsum, start, tk2, kx)
             for i in range(R):
                 _store16(out, (t + i) * N + col, acc3[i] if R == 3 else acc2[i])
             t += R
@@ -281,15 +285,15 @@ def tile(xi, qp, d, m, p0, p1, out, c0):
                 if t == 0:                             # the panel's first pass streams it
                     for c in range(0, vb, 64):
                         _prefetch_l2(qp, min(last, blk * vb + c + PREFETCH_BYTES))
-                xo1, tk1 = (t * X + b * limbs * QK,), (t * nb + b,)
+                xo1, tk1 = (t * X + b * QK,), (t * nb + b,)
                 if q8 and limbs == 3:
-                    acc1 = _q8x1_3(acc1, qp, blk * vb, xq, xo1, d, m, blk * ROWS, dx, xsum, start, tk1)
+                    acc1 = _q8x1_3(acc1, qp, blk * vb, xq, xo1, d, m, blk * ROWS, dx, xsum, start, tk1, kx)
                 elif q8:
-                    acc1 = _q8x1(acc1, qp, blk * vb, xq, xo1, d, m, blk * ROWS, dx, xsum, start, tk1)
+                    acc1 = _q8x1(acc1, qp, blk * vb, xq, xo1, d, m, blk * ROWS, dx, xsum, start, tk1, kx)
                 elif limbs == 3:
-                    acc1 = _q4x1_3(acc1, qp, blk * vb, xq, xo1, d, m, blk * ROWS, dx, xsum, start, tk1)
+                    acc1 = _q4x1_3(acc1, qp, blk * vb, xq, xo1, d, m, blk * ROWS, dx, xsum, start, tk1, kx)
                 else:
-                    acc1 = _q4x1(acc1, qp, blk * vb, xq, xo1, d, m, blk * ROWS, dx, xsum, start, tk1)
+                    acc1 = _q4x1(acc1, qp, blk * vb, xq, xo1, d, m, blk * ROWS, dx, xsum, start, tk1, kx)
             _store16(out, t * N + col, acc1[0])
             t += 1
 

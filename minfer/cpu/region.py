@@ -35,8 +35,9 @@ claimed before, and the copy goes unused.
 
 The matmuls, by kernel kind and rows: the float kernels of quant.py (a CPU without VNNI) for a
 few rows; the panels of quant_panel.py (int8 x, or x in three int8 parts) below
-KernelConfig.many_rows; from there on (a batch of sequences, tokens to verify, a prompt) tiles of weight
-rows that quant_gemm.py decodes once for all the rows. Each is the same function of the weights
+KernelConfig.many_rows — their byte products on the CPU's tile unit (quant_amx.py) from
+KernelConfig.tile_unit_rows on, where it has one; from many_rows on (a batch of sequences, tokens
+to verify, a prompt) tiles of weight rows that quant_gemm.py decodes once for all the rows. Each is the same function of the weights
 as model.py's loop (tests/test_fused.py, tests/test_quant_gemm.py, tests/test_quant_panel.py).
 """
 from __future__ import annotations
@@ -54,7 +55,7 @@ from ..stages.fastexp import exp32
 from ..stages.kvcache import kv_write_numba
 from ..stages.rmsnorm import rmsnorm_numba
 from ..stages.rope import rope_numba
-from . import quant_gemm, quant_panel
+from . import quant_amx, quant_gemm, quant_panel
 from .formats import Q8
 
 
@@ -294,56 +295,86 @@ def _gate_up_rows(x, g, u, l, out, C):
 
 
 # int8 activations: the weights in panels of 16 rows (quant_panel.py), at any number of rows.
-# An item is a tile of panels.
+# An item is a tile of panels. On the tile unit (quant_amx.py) a call takes a claimed range's
+# items up to SPAN panels: each call fills the unit's pipeline once.
+SPAN = 16
+
+
+@njit(inline="always")
+def _span(i, i1, P, n, amx):
+    """Where the call that starts at item i of a claimed range i..i1-1 ends."""
+    j = i + 1
+    while amx and j < i1 and (j + 1) * P // n - i * P // n <= SPAN:
+        j += 1
+    return j
+
+
 @njit(cache=True, error_model="numpy")
-def _matmul_panels(x, w, l, limbs, out, res, C):
+def _matmul_panels(x, w, l, limbs, out, res, C, amx):
     ctr, s, wi, nw = C
     qp, d, m = w[3][l], w[4][l], w[5][l]
     T, P = x.shape[0], qp.shape[0]
-    n, k = quant_i8._tiles(P), 0
+    n, k, tu = quant_i8._tiles(P), 0, T >= amx
     if _left(ctr, s, nw, n):
         xi = quant_panel.prepare_x(x, m.ndim == 1, limbs)
-        y = np.empty((T, quant_panel.ROWS * ((P + n - 1) // n + 1)), dtype=np.float32)
+        y = np.empty((T, quant_panel.ROWS * (max((P + n - 1) // n, SPAN) + 1)), dtype=np.float32)
+        work = quant_amx.workspace()
         i0, i1 = _next(ctr, s, wi, nw, n)
         while i0 >= 0:
-            for i in range(i0, i1):
-                p0, p1 = i * P // n, (i + 1) * P // n
-                quant_panel.tile(xi, qp, d, m, p0, p1, y, 0)
+            i = i0
+            while i < i1:
+                j = _span(i, i1, P, n, tu)
+                p0, p1 = i * P // n, j * P // n
+                if tu:                         # the byte products on the tile unit
+                    quant_amx.tile(xi, qp, d, m, p0, p1, y, 0, work)
+                else:
+                    quant_panel.tile(xi, qp, d, m, p0, p1, y, 0)
                 o0, o1 = quant_panel.ROWS * p0, min(quant_panel.ROWS * p1, out.shape[1])
                 _add(out, res, y, o0, o1, o0)
+                i = j
             k += i1 - i0
             i0, i1 = _next(ctr, s, wi, nw, n)
+        quant_amx.done(work)
     _finish(ctr, s, nw, n, k)
 
 
 @njit(cache=True, error_model="numpy")
-def _gate_up_panels(x, g, u, l, limbs, out, C):
+def _gate_up_panels(x, g, u, l, limbs, out, C, amx):
     ctr, s, wi, nw = C
     T, P = x.shape[0], g[3].shape[1]
-    n, k = quant_i8._tiles(P), 0
+    n, k, tu = quant_i8._tiles(P), 0, T >= amx
     if _left(ctr, s, nw, n):
         xi = quant_panel.prepare_x(x, g[5][l].ndim == 1, limbs)
-        cols = quant_panel.ROWS * ((P + n - 1) // n + 1)
+        cols = quant_panel.ROWS * (max((P + n - 1) // n, SPAN) + 1)
         yg = np.empty((T, cols), dtype=np.float32)
         yu = np.empty((T, cols), dtype=np.float32)
+        work = quant_amx.workspace()
         i0, i1 = _next(ctr, s, wi, nw, n)
         while i0 >= 0:
-            for i in range(i0, i1):
-                p0, p1 = i * P // n, (i + 1) * P // n
-                quant_panel.tile(xi, g[3][l], g[4][l], g[5][l], p0, p1, yg, 0)
-                quant_panel.tile(xi, u[3][l], u[4][l], u[5][l], p0, p1, yu, 0)
+            i = i0
+            while i < i1:
+                j = _span(i, i1, P, n, tu)
+                p0, p1 = i * P // n, j * P // n
+                if tu:
+                    quant_amx.tile(xi, g[3][l], g[4][l], g[5][l], p0, p1, yg, 0, work)
+                    quant_amx.tile(xi, u[3][l], u[4][l], u[5][l], p0, p1, yu, 0, work)
+                else:
+                    quant_panel.tile(xi, g[3][l], g[4][l], g[5][l], p0, p1, yg, 0)
+                    quant_panel.tile(xi, u[3][l], u[4][l], u[5][l], p0, p1, yu, 0)
                 o0, o1 = quant_panel.ROWS * p0, min(quant_panel.ROWS * p1, out.shape[1])
                 _silu_mul(out, yg, yu, o0, o1, o0)
+                i = j
             k += i1 - i0
             i0, i1 = _next(ctr, s, wi, nw, n)
+        quant_amx.done(work)
     _finish(ctr, s, nw, n, k)
 
 
 @njit(inline="always")
 def _panels(T, limbs, many):
     """Does a matmul of T rows read the panels? With int8 x, always; with x in three int8
-    parts, below the crossover to the float tiles."""
-    return limbs == 1 or (limbs == 3 and T < many)
+    parts, below the crossover to the float tiles. many: (that crossover, the tile unit's)."""
+    return limbs == 1 or (limbs == 3 and T < many[0])
 
 
 @njit(inline="always")
@@ -356,10 +387,10 @@ def _items(w, T, limbs, many):
 def _matmul(x, w, l, kind, limbs, out, res, C, many):
     if limbs:                                 # kind and limbs are constants: few branches compile
         if _panels(x.shape[0], limbs, many):
-            _matmul_panels(x, w, l, limbs, out, res, C)
+            _matmul_panels(x, w, l, limbs, out, res, C, many[1])
         else:                                 # many rows: the weights decoded once for all
             _matmul_rows(x, w, l, out, res, C)
-    elif x.shape[0] >= many:
+    elif x.shape[0] >= many[0]:
         _matmul_rows(x, w, l, out, res, C)
     elif kind == Q8:
         _matmul_q8(x, w, l, out, res, C)
@@ -371,10 +402,10 @@ def _matmul(x, w, l, kind, limbs, out, res, C, many):
 def _gate_up(x, g, u, l, kind, limbs, out, C, many):
     if limbs:
         if _panels(x.shape[0], limbs, many):
-            _gate_up_panels(x, g, u, l, limbs, out, C)
+            _gate_up_panels(x, g, u, l, limbs, out, C, many[1])
         else:
             _gate_up_rows(x, g, u, l, out, C)
-    elif x.shape[0] >= many:
+    elif x.shape[0] >= many[0]:
         _gate_up_rows(x, g, u, l, out, C)
     elif kind == Q8:
         _gate_up_q8(x, g, u, l, out, C)

@@ -21,6 +21,12 @@ from .quant import QuantMatrix, _q4_gate_up, _q4_matmul, _q8_0_gate_up, _q8_0_ma
 from .quant_i8 import quant_gate_up_i8, quant_linear_i8
 
 
+def _host_tile_unit_rows() -> tuple:
+    from .simd import has_amx
+    never = 1 << 30
+    return (never, never, 9, 4) if has_amx() else (never,) * 4
+
+
 @cache
 def _host_has_vnni() -> bool:
     from .simd import has_vnni
@@ -66,6 +72,12 @@ class KernelConfig:
     # INT8 never: the tiles multiply exact floats, and int8 activations are a rounding of their
     # own that the step keeps at any batch size.
     many_rows: tuple = (2, 2, 1 << 30, 96)
+    # From how many rows on the panels' byte products go to the CPU's tile unit (AMX,
+    # cpu/quant_amx.py), by kind as above; never where the CPU has none. The tile unit does a
+    # block's products for up to 16 rows (token, part) in one instruction, but each block's sums
+    # go through memory: it wins once a step has rows enough to fill its tiles (one matrix, both
+    # kernels in turns: docs/benchmarks.md, "CPU kernel details").
+    tile_unit_rows: tuple = field(default_factory=_host_tile_unit_rows)
     # And from how many rows on a step leaves the one-region step for model.run_layers, whose
     # matmuls go to the sgemm tiles (BLAS's kernels pull ahead on long prompts).
     region_max_rows: int = 384

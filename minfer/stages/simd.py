@@ -9,6 +9,11 @@ this module imports nothing else of minfer's but its errors, so every stage can 
 """
 from __future__ import annotations
 
+import ctypes
+import platform
+import sys
+from functools import cache
+
 import numpy as np
 from llvmlite import ir
 from numba.core import cgutils, types
@@ -27,6 +32,31 @@ def has_vnni() -> bool:
     import llvmlite.binding as ll
     f = ll.get_host_cpu_features()
     return bool(f.get("avx512vnni") and f.get("avx512bw") and f.get("avx512vl"))
+
+
+@cache
+def has_amx() -> bool:
+    """Can this process use the CPU's tile unit (AMX-INT8, cpu/quant_amx.py)? Does numba compile
+    for a CPU with it, and did Linux give the process the tile registers? (Asks, once: without,
+    a process's first tile instruction is a fault.)"""
+    from numba.core import config
+    if config.CPU_NAME or config.CPU_FEATURES:             # numba was told to target another CPU
+        f = config.CPU_FEATURES or ""
+        if "+amx-int8" not in f or "+amx-tile" not in f:
+            return False
+    else:
+        import llvmlite.binding as ll
+        f = ll.get_host_cpu_features()
+        if not (f.get("amx-int8") and f.get("amx-tile")):
+            return False
+    if not sys.platform.startswith("linux") or platform.machine() != "x86_64":
+        return False
+    SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA = 158, 0x1023, 18
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0
+    except (OSError, AttributeError):
+        return False
 
 
 def check_available() -> None:

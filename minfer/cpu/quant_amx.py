@@ -1,0 +1,338 @@
+"""The panels' byte dot products on the CPU's tile unit (Intel AMX), for steps of several rows.
+
+quant_panel.py multiplies a panel's block (16 weight rows x 32 weights) by one token with 8
+`vpdpbusd`, each 16 x 4 byte products, per part of x. AMX (Xeons from Sapphire Rapids on) has
+eight tile registers of up to 16 rows x 64 bytes and one instruction, `tdpbsud`, that multiplies
+two of them into a third:
+
+    C[i, r] += sum_k A[i, k] B[k // 4, 4 r + k % 4]      A: rows i of x, 32 bytes (signed)
+                                                          B: 8 rows of 16 weights x 4 (unsigned)
+
+A panel's block as quant_panel.PanelMatrix lays it out *is* B: vector c holds bytes 4c..4c+3 of
+the 16 rows (a Q4 block unpacked into its low and high nibbles first, Q8_0's as stored). And
+quant_panel.prepare_x stores a token's parts one after the other, so the rows i = (token t, part
+p) of x are K bytes apart and one tile load takes 16 of them. One instruction then does what 128
+`vpdpbusd` do.
+
+A block's sums cannot be added up in the tile across blocks: each block has its own scales. So
+for each block the tile of sums goes to memory (`tilestored`, the costly part: about as long
+whatever its rows) and the vector unit scales and adds them as quant_panel does — the same
+integers, the same float work:
+
+    for each panel p, block b:   C = A(b) B(p, b)  ->  sums  (tile unit)
+                                 y[t, r] += X[t, r] d[r, b] dx[t, b] (+ m[r, b] sum(x[t, b]))
+                                 X[t, r] = the parts' sums, (s0 128 + s1) 128 + s2
+
+Three things keep the two units busy together: the sums of block b are read while the tile unit
+does block b + 1 (two sets of tiles, taken in turns); Q4 blocks are unpacked 4 blocks ahead (a
+tile load right after the stores that wrote its bytes waits for them); and a pass takes up to 30
+rows (10 tokens of three parts, or 16 of one), whose sums stay in 16 registers.
+
+A process asks Linux for the tile registers once (simd.has_amx(), called when this module is
+imported). A thread loads the tiles' shapes (`ldtilecfg`) when they change, and lets the tiles
+go (`tilerelease`, done()) at the end of a stage's calls, so that no tile state outlives it.
+"""
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from ..stages.quant import QK
+from ..stages.simd import (F32, I8, I32, F32x16, _load, _load_scales, _prefetch_l2, _splat, _store16,
+                           _vec, _zeros, has_amx)
+from .quant_panel import PREFETCH_BYTES, ROWS, _scalar
+
+TOKENS = 16                        # accumulators a pass: 16 tokens of one part, 10 of three
+AHEAD = 4                          # Q4 blocks unpacked ahead of the tile loads
+
+available = has_amx
+available()                        # the process asks for the tile registers, once
+
+
+# ---------------------------------------------------------------------------------------------
+# The tile instructions, as LLVM's intrinsics (tile numbers are literals: they are registers)
+# ---------------------------------------------------------------------------------------------
+def _call(builder, name, args):
+    fn = cgutils.get_or_insert_function(
+        builder.module, ir.FunctionType(ir.VoidType(), [a.type for a in args]), name)
+    builder.call(fn, args)
+
+
+def _address(context, builder, arrty, arr, offset):
+    data = context.make_array(arrty)(context, builder, arr).data
+    return builder.bitcast(builder.gep(data, [offset]), I8.as_pointer())
+
+
+def _reg(t):
+    return ir.Constant(I8, t.literal_value)
+
+
+@intrinsic
+def _configure(typingctx, cfg):
+    """Load the tile configuration in cfg (64 bytes: the palette, then each tile's shape)."""
+    def codegen(context, builder, sig, args):
+        _call(builder, "llvm.x86.ldtilecfg",
+              [_address(context, builder, sig.args[0], args[0], ir.Constant(ir.IntType(64), 0))])
+        return context.get_dummy_value()
+    return types.none(cfg), codegen
+
+
+@intrinsic
+def _release(typingctx):
+    def codegen(context, builder, sig, args):
+        _call(builder, "llvm.x86.tilerelease", [])
+        return context.get_dummy_value()
+    return types.none(), codegen
+
+
+@intrinsic
+def _tile_load(typingctx, t, a, offset, stride):
+    """Tile t = the rows at a.flat[offset:], `stride` bytes apart."""
+    if isinstance(t, types.IntegerLiteral):
+        def codegen(context, builder, sig, args):
+            _call(builder, "llvm.x86.tileloadd64", [
+                _reg(sig.args[0]), _address(context, builder, sig.args[1], args[1], args[2]),
+                builder.sext(args[3], ir.IntType(64))])
+            return context.get_dummy_value()
+        return types.none(t, a, offset, stride), codegen
+
+
+@intrinsic
+def _tile_store(typingctx, t, a, offset):
+    """a.flat[offset:] = the rows of tile t, 64 bytes apart."""
+    if isinstance(t, types.IntegerLiteral):
+        def codegen(context, builder, sig, args):
+            _call(builder, "llvm.x86.tilestored64", [
+                _reg(sig.args[0]), _address(context, builder, sig.args[1], args[1], args[2]),
+                ir.Constant(ir.IntType(64), 64)])
+            return context.get_dummy_value()
+        return types.none(t, a, offset), codegen
+
+
+@intrinsic
+def _tile_zero(typingctx, t):
+    if isinstance(t, types.IntegerLiteral):
+        def codegen(context, builder, sig, args):
+            _call(builder, "llvm.x86.tilezero", [_reg(sig.args[0])])
+            return context.get_dummy_value()
+        return types.none(t), codegen
+
+
+@intrinsic
+def _tile_dot(typingctx, c, a, b):
+    """Tile c += tile a (signed bytes) . tile b (unsigned bytes, 4 a 32-bit lane)."""
+    if all(isinstance(v, types.IntegerLiteral) for v in (c, a, b)):
+        def codegen(context, builder, sig, args):
+            _call(builder, "llvm.x86.tdpbsud", [_reg(s) for s in sig.args])
+            return context.get_dummy_value()
+        return types.none(c, a, b), codegen
+
+
+@intrinsic
+def _unpack_q4(typingctx, qp, offset, out, at):
+    """A Q4 panel block (4 vectors at qp.flat[offset:]) as B's 8 rows: the low nibbles of each
+    vector (elements 4c + j), then the high ones (16 + 4c + j), one byte each, at out.flat[at:]."""
+    def codegen(context, builder, sig, args):
+        v = [_load(context, builder, sig.args[0], args[0],
+                   builder.add(args[1], ir.Constant(args[1].type, 64 * c)), I8, 64) for c in range(4)]
+        rows = ([builder.and_(a, ir.Constant(_vec(I8, 64), [15] * 64)) for a in v]
+                + [builder.lshr(a, ir.Constant(_vec(I8, 64), [4] * 64)) for a in v])
+        data = context.make_array(sig.args[2])(context, builder, args[2]).data
+        for i, r in enumerate(rows):
+            at = builder.add(args[3], ir.Constant(args[3].type, 64 * i))
+            builder.store(r, builder.bitcast(builder.gep(data, [at]), _vec(I8, 64).as_pointer()),
+                          align=1)
+        return context.get_dummy_value()
+    return types.none(qp, offset, out, at), codegen
+
+
+# ---------------------------------------------------------------------------------------------
+# A block's sums, scaled and added: quant_panel's float work on the tile unit's integers
+# ---------------------------------------------------------------------------------------------
+def _make_scale(q8, limbs):
+    @intrinsic
+    def scale(typingctx, accs, sums, soff, n, d, m, doff, dx, xsum, start, tok, nb):
+        """accs[t] += the block's sums for token t < n (part p's 16 int32 at sums.flat[soff +
+        16 (t limbs + p):]), scaled by d.flat[doff:] and dx.flat[tok + t nb] (+ Q4's m term;
+        Q8_0's start values at start.flat[(tok + t nb) limbs:]); accs[t] for t >= n unchanged."""
+        def codegen(context, builder, sig, args):
+            accs, sums, soff, n = args[0], args[1], args[2], args[3]
+            tok0, nbv = args[10], args[11]
+            dv = _load_scales(context, builder, sig.args[4], args[4], args[6], 16)
+            mv = None if q8 else _load_scales(context, builder, sig.args[5], args[5], args[6], 16)
+            k128 = ir.Constant(_vec(F32, 16), [128.0] * 16)
+            out = []
+            for t in range(sig.args[0].count):
+                old = builder.extract_value(accs, t)
+                tok = builder.add(tok0, builder.mul(nbv, ir.Constant(nbv.type, t)))
+                inside = builder.icmp_signed("<", ir.Constant(n.type, t), n)
+                before = builder.block
+                with builder.if_then(inside, likely=True):
+                    parts = []
+                    for p in range(limbs):
+                        at = builder.add(soff, ir.Constant(soff.type, 16 * (t * limbs + p)))
+                        s = _load(context, builder, sig.args[1], sums, at, I32, 16)
+                        if q8:         # -128 sum(x): takes off the + 128 of the weights
+                            first = builder.add(builder.mul(tok, ir.Constant(tok.type, limbs)),
+                                                ir.Constant(tok.type, p))
+                            s = builder.add(s, _splat(builder, _scalar(
+                                context, builder, sig.args[9], args[9], first, I32), 16))
+                        parts.append(builder.sitofp(s, _vec(F32, 16)))
+                    isum = parts[0]
+                    for part in parts[1:]:                         # X = (s0 128 + s1) 128 + s2
+                        isum = builder.fadd(builder.fmul(isum, k128), part)
+                    dxt = _splat(builder, _scalar(context, builder, sig.args[7], args[7], tok, F32), 16)
+                    acc = builder.fadd(old, builder.fmul(
+                        isum, builder.fmul(dv, dxt, flags=["fast"]), flags=["fast"]), flags=["fast"])
+                    if not q8:
+                        xs = _scalar(context, builder, sig.args[8], args[8], tok, F32)
+                        acc = builder.fadd(acc, builder.fmul(mv, _splat(builder, xs, 16),
+                                                             flags=["fast"]), flags=["fast"])
+                    done = builder.block
+                phi = builder.phi(old.type)
+                phi.add_incoming(old, before)
+                phi.add_incoming(acc, done)
+                out.append(phi)
+            return context.make_tuple(builder, sig.return_type, out)
+        if isinstance(accs, types.UniTuple) and accs.dtype == F32x16:
+            return accs(accs, sums, soff, n, d, m, doff, dx, xsum, start, tok, nb), codegen
+    return scale
+
+
+_q4_1, _q4_3, _q8_1, _q8_3 = (_make_scale(q8, limbs) for q8 in (False, True) for limbs in (1, 3))
+
+
+# ---------------------------------------------------------------------------------------------
+# A range of panels against every token: quant_panel.tile's contract
+# ---------------------------------------------------------------------------------------------
+@njit(cache=True)
+def _shapes(cfg, R):
+    """Tiles 0, 1 and 2, 3: two sets of sums for R (token, part) rows (16 int32 a row; rows
+    16.. in the second tile of a set); 4, 5: those rows of x, 32 bytes each; 6, 7: two blocks of
+    weights, 8 rows x 64 bytes. Loaded only when the shapes change (cfg: what was loaded)."""
+    r0, r1 = min(16, R), max(0, R - 16)
+    if cfg[0] == 1 and cfg[48] == r0 and cfg[49] == r1:
+        return
+    cfg[:] = 0
+    cfg[0] = 1                                         # palette 1
+    for t, rows, width in ((0, r0, 64), (1, r1, 64), (2, r0, 64), (3, r1, 64),
+                           (4, r0, QK), (5, r1, QK), (6, 8, 64), (7, 8, 64)):
+        cfg[48 + t] = rows
+        cfg[16 + 2 * t] = width if rows else 0         # (bytes a row, little-endian uint16)
+    _configure(cfg)
+
+
+@njit(cache=True)
+def workspace():
+    """A thread's buffers for tile(), for the calls of one stage: the tile shapes loaded (none
+    yet), a ring of unpacked Q4 blocks, two blocks' sums. done() after the last call."""
+    return (np.zeros(64, dtype=np.uint8), np.empty(AHEAD * 512, dtype=np.uint8),
+            np.empty(2 * 32 * ROWS, dtype=np.int32))
+
+
+@njit(cache=True)
+def done(work):
+    """Let the tile registers go (the thread's tile state back to nothing)."""
+    if work[0][0]:
+        work[0][0] = 0
+        _release()
+
+
+@njit(fastmath=True, cache=True, error_model="numpy")
+def tile(xi, qp, d, m, p0, p1, out, c0, work):
+    """out[t, c0 + 16 (p - p0) + r] = row 16 p + r . token t of x, for the panels p0..p1-1 and
+    every token; xi = quant_panel.prepare_x(x, Q8_0?, limbs), work = workspace(). out:
+    C-contiguous [T, >= c0 + 16 (p1 - p0)]. quant_panel.tile's numbers; needs available()."""
+    xq, dx, xsum, start = xi
+    cfg, w, sums = work
+    q8 = m.ndim == 1                                   # Q8_0 (a constant when numba compiles)
+    T, nb = dx.shape
+    K = nb * QK
+    limbs = xq.shape[1] // K
+    N = out.shape[1]
+    vb = qp.shape[2] * 64                              # bytes of a panel's block
+    last = qp.size - 1
+    most = TOKENS if limbs == 1 else 30 // limbs       # tokens a pass: up to 30 rows
+    passes = (T + most - 1) // most
+    G = (p1 - p0) * nb                                 # blocks a pass streams, panel after panel
+    for i in range(passes):
+        t0, t1 = i * T // passes, (i + 1) * T // passes
+        n = t1 - t0
+        R = n * limbs                                  # rows (token, part): xq's from t0 limbs on
+        _shapes(cfg, R)
+        xo = t0 * limbs * K
+        if not q8:
+            for g in range(min(AHEAD, G)):
+                _unpack_q4(qp, (p0 * nb + g) * vb, w, (g % AHEAD) * 512)
+        acc = _zeros(16)
+        # block g (of panel p0 + g // nb) on the tile unit, then block g - 1's sums scaled and
+        # added: the two units work side by side, across the panels' ends too
+        for g in range(G + 1):
+            if g < G:
+                blk, b = p0 * nb + g, g % nb
+                if i == 0:                             # the first pass streams the weights
+                    for c in range(0, vb, 64):
+                        _prefetch_l2(qp, min(last, blk * vb + c + PREFETCH_BYTES))
+                so, wo = (g % 2) * 32 * ROWS, (g % AHEAD) * 512
+                if g % 2 == 0:
+                    if q8:
+                        _tile_load(6, qp, blk * vb, 64)
+                    else:
+                        _tile_load(6, w, wo, 64)
+                    _tile_zero(0)
+                    _tile_load(4, xq, xo + b * QK, K)
+                    _tile_dot(0, 4, 6)
+                    _tile_store(0, sums, so)
+                    if R > 16:
+                        _tile_zero(1)
+                        _tile_load(5, xq, xo + 16 * K + b * QK, K)
+                        _tile_dot(1, 5, 6)
+                        _tile_store(1, sums, so + 16 * ROWS)
+                else:
+                    if q8:
+                        _tile_load(7, qp, blk * vb, 64)
+                    else:
+                        _tile_load(7, w, wo, 64)
+                    _tile_zero(2)
+                    _tile_load(4, xq, xo + b * QK, K)
+                    _tile_dot(2, 4, 7)
+                    _tile_store(2, sums, so)
+                    if R > 16:
+                        _tile_zero(3)
+                        _tile_load(5, xq, xo + 16 * K + b * QK, K)
+                        _tile_dot(3, 5, 7)
+                        _tile_store(3, sums, so + 16 * ROWS)
+                if not q8 and g + AHEAD < G:           # the ring's slot is free again
+                    _unpack_q4(qp, (p0 * nb + g + AHEAD) * vb, w, wo)
+            if g > 0:
+                e = g - 1
+                blk, b = p0 * nb + e, e % nb
+                so, ds, tk = (e % 2) * 32 * ROWS, blk * ROWS, t0 * nb + b
+                if q8 and limbs == 3:
+                    acc = _q8_3(acc, sums, so, n, d, m, ds, dx, xsum, start, tk, nb)
+                elif q8:
+                    acc = _q8_1(acc, sums, so, n, d, m, ds, dx, xsum, start, tk, nb)
+                elif limbs == 3:
+                    acc = _q4_3(acc, sums, so, n, d, m, ds, dx, xsum, start, tk, nb)
+                else:
+                    acc = _q4_1(acc, sums, so, n, d, m, ds, dx, xsum, start, tk, nb)
+                if b == nb - 1:                        # the panel's last block: its outputs
+                    col = c0 + ROWS * (e // nb)
+                    for t in range(n):
+                        _store16(out, (t0 + t) * N + col, acc[t])
+                    acc = _zeros(16)
+
+
+if not available():
+    # No tile unit here: a stand-in that no step reaches (KernelConfig.tile_unit_rows keeps every
+    # step below it), so that region.py compiles with no tile instruction in it.
+    @njit(cache=True)
+    def tile(xi, qp, d, m, p0, p1, out, c0, work):   # noqa: F811
+        raise RuntimeError("this CPU has no AMX tile unit")
+
+    @njit(cache=True)
+    def done(work):   # noqa: F811
+        pass
