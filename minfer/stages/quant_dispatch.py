@@ -21,6 +21,11 @@ from .quant import QuantMatrix, _q4_gate_up, _q4_matmul, _q8_0_gate_up, _q8_0_ma
 from .quant_i8 import quant_gate_up_i8, quant_linear_i8
 
 
+def _host_many_rows() -> tuple:
+    from .simd import has_amx
+    return (2, 2, 1 << 30, 1 << 30 if has_amx() else 96)
+
+
 def _host_tile_unit_rows() -> tuple:
     from .simd import has_amx
     never = 1 << 30
@@ -68,15 +73,16 @@ class KernelConfig:
     # for all of them into floats (cpu/quant_gemm.py), by kernel kind: cpu/formats.py's Q4, Q8
     # (float kernels), INT8 (int8 activations), SPLIT (float32 x in three int8 parts). Below it,
     # the float kinds run their matvec kernels and the int8-part kinds the panels
-    # (cpu/quant_panel.py), whose byte dot products beat the float tiles up to about 96 rows.
+    # (cpu/quant_panel.py), whose byte dot products beat the float tiles up to about 96 rows —
+    # and at every row count of the region where the tile unit does them (never: 1 << 30).
     # INT8 never: the tiles multiply exact floats, and int8 activations are a rounding of their
     # own that the step keeps at any batch size.
-    many_rows: tuple = (2, 2, 1 << 30, 96)
+    many_rows: tuple = field(default_factory=_host_many_rows)
     # From how many rows on the panels' byte products go to the CPU's tile unit (AMX,
     # cpu/quant_amx.py), by kind as above; never where the CPU has none. The tile unit does a
     # block's products for up to 16 rows (token, part) in one instruction, but each block's sums
-    # go through memory: it wins once a step has rows enough to fill its tiles (one matrix, both
-    # kernels in turns: docs/benchmarks.md, "CPU kernel details").
+    # go through memory: it wins once a step has rows enough to fill its tiles (whole forwards,
+    # both in turns: docs/benchmarks.md, "CPU kernel details").
     tile_unit_rows: tuple = field(default_factory=_host_tile_unit_rows)
     # And from how many rows on a step leaves the one-region step for model.run_layers, whose
     # matmuls go to the sgemm tiles (BLAS's kernels pull ahead on long prompts).
