@@ -500,6 +500,33 @@ if quant_i8.has_vnni():
         print(f"panels, {limbs} part(s), vs the spec: {np.abs(panels - spec).max() / np.abs(spec).max():.1e}")
 
 # %% [markdown]
+# ### A block of 16 rows x 16 rows in one instruction: the tile unit
+#
+# Xeons from Sapphire Rapids on have a matrix unit beside the vector one (AMX): eight *tile*
+# registers of up to 16 rows x 64 bytes, and `tdpbsud`, which multiplies 16 rows of signed bytes
+# by a tile of unsigned ones laid out 4 bytes a lane — exactly a panel's block. With x's rows
+# (token, part) side by side, one instruction does what 128 `vpdpbusd` do
+# (`minfer/cpu/quant_amx.py`). The catch is the scales: each block of 32 has its own, so the
+# sums cannot stay in the tile across blocks; every block's 16 x 16 sums go out to memory and the
+# vector unit scales and adds them, while the tile unit does the next block. That store is about
+# as slow for 2 rows as for 16, so the tile unit pays from a few rows on
+# (`KernelConfig.tile_unit_rows`: a verification of several tokens, a batch, a prompt). The
+# integer sums are the panels' own: the numbers below agree to float32 rounding.
+
+# %%
+from minfer.cpu import quant_amx
+
+if quant_i8.has_vnni() and quant_amx.available():
+    x8 = rng.standard_normal((8, Q.shape[1])).astype(np.float32)     # 8 tokens, 24 rows of parts
+    xi = quant_panel.prepare_x(x8, Q.fmt == "Q8_0", 3)
+    tiles = np.zeros((8, 16 * P.qp.shape[0]), dtype=np.float32)      # [8, O rounded up to 16]
+    quant_amx.tile(xi, P.qp, P.d, P.m, 0, P.qp.shape[0], tiles, 0, quant_amx.workspace())
+    vector = quant_panel.quant_linear_panels(x8, P, 3)
+    print(f"tile unit vs vector panels: {np.abs(tiles[:, :Q.shape[0]] - vector).max() / np.abs(vector).max():.1e}")
+else:
+    print("this CPU has no AMX tile unit: the vector panels run every step")
+
+# %% [markdown]
 # ### Many tokens at once: the kernels, or dequantize + sgemm?
 #
 # A prompt's tokens all meet the same weights. The matvec kernels take them one after another

@@ -6,7 +6,9 @@ kernels, on the same model, the same batches, turn by turn.
 "tiles" is the default route (KernelConfig.many_rows, or tiles from --from-rows rows on); "matvec"
 sends every step to the matvec kernels (many_rows never), as before the tiles; with --against
 sgemm, "sgemm" sends every step to model.run_layers (region_max_rows = 1: the sgemm tiles from
-KernelConfig.sgemm_min_rows rows on). --float-kernels: as on a CPU without VNNI. Each route is a
+KernelConfig.sgemm_min_rows rows on); with --against vector, "vector" keeps the panels' byte products
+off the CPU's tile unit (tile_unit_rows never: the vector panels at every row count, as on a CPU
+without AMX). --float-kernels: as on a CPU without VNNI. Each route is a
 model of its own (stages/quant_dispatch.KernelConfig), on the same weights. Every measurement
 alternates the two (in swapped order each round), so that a noisy minute on a shared machine
 lands on both; medians and their ratio.
@@ -41,7 +43,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--cpu-time", action="store_true")
     ap.add_argument("--from-rows", type=int, default=None, help="tiles from this many rows on")
-    ap.add_argument("--against", choices=("matvec", "sgemm"), default="matvec")
+    ap.add_argument("--against", choices=("matvec", "sgemm", "vector"), default="matvec")
     ap.add_argument("--float-kernels", action="store_true")
     ap.add_argument("--region-max", type=int, default=None,
                     help="tiles: the one-region step up to this many rows (region_max_rows)")
@@ -75,11 +77,14 @@ def main() -> None:
                 [(rng.integers(3, V, P).tolist(), 0, list(range(-(-P // bs))))], bs), pcache
     tiles = kernels.many_rows if a.from_rows is None else (a.from_rows,) * 4
     longest = kernels.region_max_rows if a.region_max is None else a.region_max
-    modes = {"tiles": (tiles, longest), a.against: ((1 << 30,) * 4, longest) if a.against == "matvec"
-             else (tiles, 1)}
+    never = (1 << 30,) * 4
+    other = {"matvec": {"many_rows": never}, "sgemm": {"region_max_rows": 1},
+             "vector": {"tile_unit_rows": never}}[a.against]
+    modes = {"tiles": {}, a.against: other}
     models = {mode: CpuModel(llm.config, llm.weights, model.ops, model.int8_act,
-                             kernels=dataclasses.replace(kernels, many_rows=t, region_max_rows=r))
-              for mode, (t, r) in modes.items()}
+                             kernels=dataclasses.replace(kernels, **dict(
+                                 {"many_rows": tiles, "region_max_rows": longest}, **change)))
+              for mode, change in modes.items()}
     res: dict = {}
     for r in range(a.rounds + 1):                         # round 0: warm-up, not counted
         for name, per_s, b, c in cases():
