@@ -26,6 +26,11 @@ def _host_many_rows() -> tuple:
     return (2, 2, 1 << 30, 1 << 30 if has_amx() else 96)
 
 
+def _host_region_max_rows() -> int:
+    from .simd import has_amx
+    return 2048 if has_amx() else 384
+
+
 def _host_tile_unit_rows() -> tuple:
     from .simd import has_amx
     never = 1 << 30
@@ -85,8 +90,9 @@ class KernelConfig:
     # both in turns: docs/benchmarks.md, "CPU kernel details").
     tile_unit_rows: tuple = field(default_factory=_host_tile_unit_rows)
     # And from how many rows on a step leaves the one-region step for model.run_layers, whose
-    # matmuls go to the sgemm tiles (BLAS's kernels pull ahead on long prompts).
-    region_max_rows: int = 384
+    # matmuls go to the sgemm tiles (BLAS's kernels pull ahead on long prompts) — much later
+    # where the panels run on the tile unit (level at 2,048 tokens; docs/benchmarks.md).
+    region_max_rows: int = field(default_factory=_host_region_max_rows)
 
     def sgemm_min_rows(self, fmt: str) -> int:
         """From how many tokens on a matmul of float32 x on weights of this block format goes to
