@@ -172,3 +172,35 @@ def test_the_region_needs_no_thread_for_each_worker(tiny_gguf, workers):
     # the prompts' rows alike) add up in another order, and the layers after carry that on
     for g, w in zip(got + [cache_got.k], want + [cache_want.k]):
         assert np.abs(g - w).max() <= 1e-5 * np.abs(w).max()
+
+
+@pytest.mark.parametrize("quant", ["q4_1", "q8_0"])
+@pytest.mark.parametrize("act", ["f32", "int8", "f32-tile-unit", "int8-tile-unit"])
+def test_a_verification_gives_each_row_the_bits_of_a_decode_step(tiny_gguf, quant, act):
+    """k new tokens of one sequence in one forward have, row for row, the logits (to the bit) of
+    k one-token forwards — the matmuls give a row the same bits whatever rows come with it (the
+    vector panels 1, 2, 3 or 4 tokens at a time, the tile unit). One worker: with two, attention
+    splits a tile's keys between them where its rows balance (attention._cut), and the cut of a
+    tile of 9 rows and of one row can differ (the same sum, added in two parts at another place).
+    With int8 activations a last-bit difference can flip a rounding of x and, at a near tie, a
+    greedy choice: speculation's text then parts from plain decoding's."""
+    if not quant_i8.has_vnni():
+        pytest.skip("this CPU has no AVX-512 VNNI")
+    if act.endswith("tile-unit") and not has_amx():
+        pytest.skip("this CPU has no AMX tile unit")
+    kernels = KernelConfig(**({"tile_unit_rows": (2,) * 4} if act.endswith("tile-unit") else {}))
+    llm = minfer.LLM(tiny_gguf, quant=quant, activations=act[:4].rstrip("-"), kernels=kernels)
+    model, table = llm.model, list(range(8))
+    model.workers = 1
+    rng = np.random.default_rng(0)
+    prefix, new = rng.integers(3, 64, 19).tolist(), rng.integers(3, 64, 9).tolist()
+
+    def run(chunks):
+        cache = model.new_cache(n_blocks=8, block_size=4)
+        model.forward(make_batch([(prefix, 0, table)], 4), cache)
+        out, pos = [], len(prefix)
+        for c in chunks:
+            out.append(model.forward(make_batch([(c, pos, table)], 4, all_logits=True), cache))
+            pos += len(c)
+        return np.concatenate(out)
+    assert np.array_equal(run([new]), run([[t] for t in new]))

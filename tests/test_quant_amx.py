@@ -70,3 +70,17 @@ def test_a_wrong_part_order_is_caught():
     quant_amx.tile((shuffled, dx, xsum, start), pm.qp, pm.d, pm.m, 0, 1, out, 0, quant_amx.workspace())
     want = quant_panel.quant_linear_panels(x, pm, 3)
     assert np.abs(out - want).max() > 1e-3 * np.abs(want).max()
+
+
+@pytest.mark.parametrize("fmt", ["Q4_1", "Q8_0"])
+@pytest.mark.parametrize("limbs", [1, 3])
+def test_the_tile_unit_gives_the_vector_panels_bits_for_one_row(fmt, limbs):
+    """Each row as the vector panels give it for that row alone, bit for bit (the same integer
+    sums, the same float steps): a step on the tile unit is a step on the panels."""
+    rng = np.random.default_rng(4)
+    w = QuantMatrix.from_float(rng.standard_normal((40, 96)).astype(np.float32), fmt)
+    pm = quant_panel.PanelMatrix(w)
+    x = rng.standard_normal((12, 96)).astype(np.float32)
+    alone = np.concatenate([quant_panel.quant_linear_panels(x[t:t + 1], pm, limbs) for t in range(12)])
+    for T in (4, 9, 12):
+        assert np.array_equal(_amx(x[:T], pm, limbs)[:, :40], alone[:T])

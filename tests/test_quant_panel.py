@@ -41,3 +41,17 @@ def test_panel_layout_holds_each_row_once():
         got = p.qp[o // 16, b, c, 4 * (o % 16):4 * (o % 16) + 4]
         np.testing.assert_array_equal(got, w.qs[o, 16 * b + 4 * c:16 * b + 4 * c + 4])
         assert p.d[o // 16, b, o % 16] == w.d[o, b]
+
+
+@pytest.mark.parametrize("fmt", ["Q4_1", "Q8_0"])
+@pytest.mark.parametrize("limbs", [1, 3])
+def test_a_row_gives_the_same_bits_whatever_rows_come_with_it(fmt, limbs):
+    """Token t of a call of T tokens (taken 4, 3, 2 at a time) is bit for bit token t alone:
+    verifying guesses gives what decoding them one by one would (greedy text kept exactly)."""
+    rng = np.random.default_rng(3)
+    w = QuantMatrix.from_float(rng.standard_normal((40, 96)).astype(np.float32), fmt)
+    pm = quant_panel.PanelMatrix(w)
+    x = rng.standard_normal((11, 96)).astype(np.float32)
+    alone = np.concatenate([quant_panel.quant_linear_panels(x[t:t + 1], pm, limbs) for t in range(11)])
+    for T in (2, 3, 4, 5, 7, 11):
+        assert np.array_equal(quant_panel.quant_linear_panels(x[:T], pm, limbs), alone[:T])

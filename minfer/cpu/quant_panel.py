@@ -30,7 +30,7 @@ from numba.extending import intrinsic
 
 from ..stages.quant import QK, QuantMatrix
 from ..stages.quant_i8 import _absmax_sum, _digits1, _digits3
-from ..stages.simd import (F32, I8, I32, _load, _load_scales, _prefetch_l2, _splat, _store16, _vec, _vpdpbusd,
+from ..stages.simd import (F32, I8, I32, _fma, _load, _load_scales, _prefetch_l2, _splat, _store16, _vec, _vpdpbusd,
                            _zeros, bits)
 
 ROWS = 16                                           # rows in a panel: one int32 lane each
@@ -152,12 +152,13 @@ def _make_panel(q8, C, limbs=1):
                 for p in range(1, limbs):                          # X = (q1 128 + q2) 128 + q3
                     isum = builder.fadd(builder.fmul(isum, k128), part(t, p))
                 dxt = _splat(builder, _scalar(context, builder, sig.args[8], args[8], tok, F32), 16)
-                acc = builder.fadd(pick(args[0], t), builder.fmul(
-                    isum, builder.fmul(d, dxt, flags=["fast"]), flags=["fast"]), flags=["fast"])
+                # explicit fused multiply-adds: a row's result is the same bits whether it comes
+                # with 0 or 3 other tokens (or from quant_amx.py), so batches and verifications
+                # give what one row alone gives
+                acc = _fma(builder, isum, builder.fmul(d, dxt), pick(args[0], t))
                 if not q8:
                     xs = _scalar(context, builder, sig.args[9], args[9], tok, F32)
-                    acc = builder.fadd(acc, builder.fmul(mv, _splat(builder, xs, 16), flags=["fast"]),
-                                       flags=["fast"])
+                    acc = _fma(builder, mv, _splat(builder, xs, 16), acc)
                 out.append(acc)
             return context.make_tuple(builder, sig.return_type, out)
         return accs(accs, qp, qoff, xq, xoffs, d, m, soff, dx, xsum, start, toks, kx), codegen

@@ -92,6 +92,14 @@ def _vpdpbusd(builder, acc, u8, s8):
     return builder.call(fn, [acc, u8, s8])
 
 
+def _fma(builder, a, b, c):
+    """a * b + c lane by lane, rounded once (16 floats): one fixed order of operations, so that a
+    kernel's result for a row is the same whatever else its call computes."""
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(
+        _vec(F32, 16), [_vec(F32, 16)] * 3), "llvm.fma.v16f32")
+    return builder.call(fn, [a, b, c])
+
+
 def _load_scales(context, builder, t, a, i, n):
     """n scales from a.flat[i:] as float32 lanes (float16 bits are widened in registers)."""
     if t.dtype == types.uint16:
