@@ -66,10 +66,6 @@ def _address(context, builder, arrty, arr, offset):
     return builder.bitcast(builder.gep(data, [offset]), I8.as_pointer())
 
 
-def _reg(t):
-    return ir.Constant(I8, t.literal_value)
-
-
 @intrinsic
 def _configure(typingctx, cfg):
     """Load the tile configuration in cfg (64 bytes: the palette, then each tile's shape)."""
@@ -89,46 +85,36 @@ def _release(typingctx):
 
 
 @intrinsic
-def _tile_load(typingctx, t, a, offset, stride):
-    """Tile t = the rows at a.flat[offset:], `stride` bytes apart."""
-    if isinstance(t, types.IntegerLiteral):
-        def codegen(context, builder, sig, args):
-            _call(builder, "llvm.x86.tileloadd64", [
-                _reg(sig.args[0]), _address(context, builder, sig.args[1], args[1], args[2]),
-                builder.sext(args[3], ir.IntType(64))])
-            return context.get_dummy_value()
-        return types.none(t, a, offset, stride), codegen
+def _block(typingctx, s, wts, woff, xq, xoff, K, sums, soff, two):
+    """One block on the tile unit, with set s (0 or 1, a literal) of tiles: B (tile 6 + s) = the
+    block's weights at wts.flat[woff:]; sums C (tile 2 s) = A (tile 4: x's first 16 rows at
+    xq.flat[xoff:], K bytes apart) . B, stored at sums.flat[soff:]; and, if two, C (tile 2 s + 1)
+    = A (tile 5: the rows from 16 on) . B at sums.flat[soff + 16 16:]."""
+    if not isinstance(s, types.IntegerLiteral):
+        return None
+    c, b = 2 * s.literal_value, 6 + s.literal_value
 
-
-@intrinsic
-def _tile_store(typingctx, t, a, offset):
-    """a.flat[offset:] = the rows of tile t, 64 bytes apart."""
-    if isinstance(t, types.IntegerLiteral):
-        def codegen(context, builder, sig, args):
-            _call(builder, "llvm.x86.tilestored64", [
-                _reg(sig.args[0]), _address(context, builder, sig.args[1], args[1], args[2]),
-                ir.Constant(ir.IntType(64), 64)])
-            return context.get_dummy_value()
-        return types.none(t, a, offset), codegen
-
-
-@intrinsic
-def _tile_zero(typingctx, t):
-    if isinstance(t, types.IntegerLiteral):
-        def codegen(context, builder, sig, args):
-            _call(builder, "llvm.x86.tilezero", [_reg(sig.args[0])])
-            return context.get_dummy_value()
-        return types.none(t), codegen
-
-
-@intrinsic
-def _tile_dot(typingctx, c, a, b):
-    """Tile c += tile a (signed bytes) . tile b (unsigned bytes, 4 a 32-bit lane)."""
-    if all(isinstance(v, types.IntegerLiteral) for v in (c, a, b)):
-        def codegen(context, builder, sig, args):
-            _call(builder, "llvm.x86.tdpbsud", [_reg(s) for s in sig.args])
-            return context.get_dummy_value()
-        return types.none(c, a, b), codegen
+    def codegen(context, builder, sig, args):
+        i64 = ir.IntType(64)
+        reg = (lambda t: ir.Constant(I8, t))
+        at = (lambda i, off: _address(context, builder, sig.args[i], args[i], off))
+        _call(builder, "llvm.x86.tileloadd64", [reg(b), at(1, args[2]), ir.Constant(i64, 64)])
+        K = builder.sext(args[5], i64)
+        for j, a, x, out in ((0, 4, args[4], args[7]),
+                             (1, 5, builder.add(args[4], builder.mul(args[5], ir.Constant(args[5].type, 16))),
+                              builder.add(args[7], ir.Constant(args[7].type, 16 * ROWS)))):
+            def products():
+                _call(builder, "llvm.x86.tilezero", [reg(c + j)])
+                _call(builder, "llvm.x86.tileloadd64", [reg(a), at(3, x), K])
+                _call(builder, "llvm.x86.tdpbsud", [reg(c + j), reg(a), reg(b)])
+                _call(builder, "llvm.x86.tilestored64", [reg(c + j), at(6, out), ir.Constant(i64, 64)])
+            if j == 0:
+                products()
+            else:
+                with builder.if_then(args[8]):
+                    products()
+        return context.get_dummy_value()
+    return types.none(s, wts, woff, xq, xoff, K, sums, soff, two), codegen
 
 
 @intrinsic
@@ -275,34 +261,16 @@ def tile(xi, qp, d, m, p0, p1, out, c0, work):
                     for c in range(0, vb, 64):
                         _prefetch_l2(qp, min(last, blk * vb + c + PREFETCH_BYTES))
                 so, wo = (g % 2) * 32 * ROWS, (g % AHEAD) * 512
-                if g % 2 == 0:
+                xb, two = xo + b * QK, R > 16              # two tiles of rows from 17 on
+                if g % 2 == 0:                             # the two sets of tiles in turns
                     if q8:
-                        _tile_load(6, qp, blk * vb, 64)
+                        _block(0, qp, blk * vb, xq, xb, K, sums, so, two)
                     else:
-                        _tile_load(6, w, wo, 64)
-                    _tile_zero(0)
-                    _tile_load(4, xq, xo + b * QK, K)
-                    _tile_dot(0, 4, 6)
-                    _tile_store(0, sums, so)
-                    if R > 16:
-                        _tile_zero(1)
-                        _tile_load(5, xq, xo + 16 * K + b * QK, K)
-                        _tile_dot(1, 5, 6)
-                        _tile_store(1, sums, so + 16 * ROWS)
+                        _block(0, w, wo, xq, xb, K, sums, so, two)
+                elif q8:
+                    _block(1, qp, blk * vb, xq, xb, K, sums, so, two)
                 else:
-                    if q8:
-                        _tile_load(7, qp, blk * vb, 64)
-                    else:
-                        _tile_load(7, w, wo, 64)
-                    _tile_zero(2)
-                    _tile_load(4, xq, xo + b * QK, K)
-                    _tile_dot(2, 4, 7)
-                    _tile_store(2, sums, so)
-                    if R > 16:
-                        _tile_zero(3)
-                        _tile_load(5, xq, xo + 16 * K + b * QK, K)
-                        _tile_dot(3, 5, 7)
-                        _tile_store(3, sums, so + 16 * ROWS)
+                    _block(1, w, wo, xq, xb, K, sums, so, two)
                 if not q8 and g + AHEAD < G:           # the ring's slot is free again
                     _unpack_q4(qp, (p0 * nb + g + AHEAD) * vb, w, wo)
             if g > 0:
