@@ -30,7 +30,7 @@ rows (10 tokens of three parts, or 16 of one), whose sums stay in 16 registers.
 
 A process asks Linux for the tile registers once (simd.has_amx(), called when this module is
 imported). A thread loads the tiles' shapes (`ldtilecfg`) when they change, and lets the tiles
-go (`tilerelease`, done()) at the end of a stage's calls, so that no tile state outlives it.
+go (`tilerelease`, done()) at the end of its walk of a step, so that no tile state outlives it.
 """
 from __future__ import annotations
 
@@ -211,8 +211,10 @@ def _shapes(cfg, R):
 
 @njit(cache=True)
 def workspace():
-    """A thread's buffers for tile(), for the calls of one stage: the tile shapes loaded (none
-    yet), a ring of unpacked Q4 blocks, two blocks' sums. done() after the last call."""
+    """A thread's buffers for tile(): the tile shapes loaded (none yet), a ring of unpacked Q4
+    blocks, two blocks' sums. Its calls run on that thread with no other use of the tile
+    registers between them (the shapes are loaded again only when they change); done() after
+    the last."""
     return (np.zeros(64, dtype=np.uint8), np.empty(AHEAD * 512, dtype=np.uint8),
             np.empty(2 * 32 * ROWS, dtype=np.int32))
 

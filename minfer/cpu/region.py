@@ -310,7 +310,7 @@ def _span(i, i1, P, n, amx):
 
 
 @njit(cache=True, error_model="numpy")
-def _matmul_panels(x, w, l, limbs, out, res, C, amx):
+def _matmul_panels(x, w, l, limbs, out, res, C, amx, work):
     ctr, s, wi, nw = C
     qp, d, m = w[3][l], w[4][l], w[5][l]
     T, P = x.shape[0], qp.shape[0]
@@ -318,7 +318,6 @@ def _matmul_panels(x, w, l, limbs, out, res, C, amx):
     if _left(ctr, s, nw, n):
         xi = quant_panel.prepare_x(x, m.ndim == 1, limbs)
         y = np.empty((T, quant_panel.ROWS * (max((P + n - 1) // n, SPAN) + 1)), dtype=np.float32)
-        work = quant_amx.workspace()
         i0, i1 = _next(ctr, s, wi, nw, n)
         while i0 >= 0:
             i = i0
@@ -334,12 +333,11 @@ def _matmul_panels(x, w, l, limbs, out, res, C, amx):
                 i = j
             k += i1 - i0
             i0, i1 = _next(ctr, s, wi, nw, n)
-        quant_amx.done(work)
     _finish(ctr, s, nw, n, k)
 
 
 @njit(cache=True, error_model="numpy")
-def _gate_up_panels(x, g, u, l, limbs, out, C, amx):
+def _gate_up_panels(x, g, u, l, limbs, out, C, amx, work):
     ctr, s, wi, nw = C
     T, P = x.shape[0], g[3].shape[1]
     n, k, tu = quant_i8._tiles(P), 0, T >= amx
@@ -348,7 +346,6 @@ def _gate_up_panels(x, g, u, l, limbs, out, C, amx):
         cols = quant_panel.ROWS * (max((P + n - 1) // n, SPAN) + 1)
         yg = np.empty((T, cols), dtype=np.float32)
         yu = np.empty((T, cols), dtype=np.float32)
-        work = quant_amx.workspace()
         i0, i1 = _next(ctr, s, wi, nw, n)
         while i0 >= 0:
             i = i0
@@ -366,14 +363,14 @@ def _gate_up_panels(x, g, u, l, limbs, out, C, amx):
                 i = j
             k += i1 - i0
             i0, i1 = _next(ctr, s, wi, nw, n)
-        quant_amx.done(work)
     _finish(ctr, s, nw, n, k)
 
 
 @njit(inline="always")
 def _panels(T, limbs, many):
     """Does a matmul of T rows read the panels? With int8 x, always; with x in three int8
-    parts, below the crossover to the float tiles. many: (that crossover, the tile unit's)."""
+    parts, below the crossover to the float tiles. many: (that crossover, the tile unit's, the
+    thread's quant_amx.workspace())."""
     return limbs == 1 or (limbs == 3 and T < many[0])
 
 
@@ -387,7 +384,7 @@ def _items(w, T, limbs, many):
 def _matmul(x, w, l, kind, limbs, out, res, C, many):
     if limbs:                                 # kind and limbs are constants: few branches compile
         if _panels(x.shape[0], limbs, many):
-            _matmul_panels(x, w, l, limbs, out, res, C, many[1])
+            _matmul_panels(x, w, l, limbs, out, res, C, many[1], many[2])
         else:                                 # many rows: the weights decoded once for all
             _matmul_rows(x, w, l, out, res, C)
     elif x.shape[0] >= many[0]:
@@ -402,7 +399,7 @@ def _matmul(x, w, l, kind, limbs, out, res, C, many):
 def _gate_up(x, g, u, l, kind, limbs, out, C, many):
     if limbs:
         if _panels(x.shape[0], limbs, many):
-            _gate_up_panels(x, g, u, l, limbs, out, C, many[1])
+            _gate_up_panels(x, g, u, l, limbs, out, C, many[1], many[2])
         else:
             _gate_up_rows(x, g, u, l, out, C)
     elif x.shape[0] >= many[0]:
@@ -460,28 +457,30 @@ def _walk(x, cos, sin, f, n_heads, n_kv_heads, eps, kind, limbs, wi, nw, many):
     row_seq, positions, block_tables, slot_mapping = B
     y, q, parts, g, ctr, zeros = shared
     T, qd = x.shape[0], q.shape[1] * q.shape[2]
+    mw = (many[0], many[1], quant_amx.workspace())   # this thread's buffers for the tile unit
     for l in range(attn_norm.shape[0]):
         s = 6 * l
         # --- attention block ---------------------------------------------------------------
         h = rmsnorm_numba(x, attn_norm[l], eps)                                   # [T, D]
-        _matmul(h, wqkv, l, kind, limbs, y, zeros, (ctr, s, wi, nw), many)       # [T, qd + 2 kvd]
+        _matmul(h, wqkv, l, kind, limbs, y, zeros, (ctr, s, wi, nw), mw)         # [T, qd + 2 kvd]
         _rope_cache(y, q, cos, sin, k_cache[l], v_cache[l], slot_mapping, (ctr, s + 1, wi, nw))
         _attention(q, k_cache[l], v_cache[l], row_seq, positions, block_tables, parts,
                    (ctr, s + 2, wi, nw))
         a = q.reshape(T, qd)                   # (a placeholder for a thread with nothing left)
-        if _left(ctr, s + 3, nw, _items(wo, T, limbs, many)):
+        if _left(ctr, s + 3, nw, _items(wo, T, limbs, mw)):
             a = attention._merge_slices(q, parts).reshape(T, qd)                 # [T, qd]
-        _matmul(a, wo, l, kind, limbs, x, x, (ctr, s + 3, wi, nw), many)          # x += [T, D]
+        _matmul(a, wo, l, kind, limbs, x, x, (ctr, s + 3, wi, nw), mw)            # x += [T, D]
         # --- MLP block ---------------------------------------------------------------------
         h = rmsnorm_numba(x, ffn_norm[l], eps)                                    # [T, D]
-        _gate_up(h, w_gate, w_up, l, kind, limbs, g, (ctr, s + 4, wi, nw), many)  # [T, F]
-        _matmul(g, w_down, l, kind, limbs, x, x, (ctr, s + 5, wi, nw), many)      # x += [T, D]
+        _gate_up(h, w_gate, w_up, l, kind, limbs, g, (ctr, s + 4, wi, nw), mw)    # [T, F]
+        _matmul(g, w_down, l, kind, limbs, x, x, (ctr, s + 5, wi, nw), mw)        # x += [T, D]
     # --- final norm and LM head, for the logits rows (none: model.forward does them) ---------
     norm, lm, rows, logits = head
     if rows.shape[0] > 0:
         h = rmsnorm_numba(x[rows], norm, eps)                                    # [R, D]
         _matmul(h, lm, 0, kind, limbs, logits, logits, (ctr, 6 * attn_norm.shape[0], wi, nw),
-                many)                                                    # [R, V]
+                mw)                                                    # [R, V]
+    quant_amx.done(mw[2])
 
 
 # One compiled walk per kind of kernel (cpu/formats.py): `kind` and `limbs` are constants in each,
