@@ -45,6 +45,8 @@ def main() -> None:
     ap.add_argument("--from-rows", type=int, default=None, help="tiles from this many rows on")
     ap.add_argument("--against", choices=("matvec", "sgemm", "vector"), default="matvec")
     ap.add_argument("--float-kernels", action="store_true")
+    ap.add_argument("--prefix", type=int, default=PREFIX,
+                    help=f"cached tokens before the decode and verify steps (default {PREFIX})")
     ap.add_argument("--region-max", type=int, default=None,
                     help="tiles: the one-region step up to this many rows (region_max_rows)")
     a = ap.parse_args()
@@ -56,11 +58,12 @@ def main() -> None:
                      kernels=kernels)
     model, bs, V = llm.model, 16, llm.config.vocab_size
     n = max(batches + [1])
-    per = -(-(PREFIX + max(ks + [1]) + 1) // bs)
+    prefix = a.prefix
+    per = -(-(prefix + max(ks + [1]) + 1) // bs)
     cache = model.new_cache(n_blocks=per * n, block_size=bs)
     tables = [list(range(i * per, (i + 1) * per)) for i in range(n)]
     rng = np.random.default_rng(0)
-    model.forward(make_batch([(rng.integers(3, V, PREFIX).tolist(), 0, tables[0])], bs), cache)
+    model.forward(make_batch([(rng.integers(3, V, prefix).tolist(), 0, tables[0])], bs), cache)
     for t in tables[1:]:
         cache.k[:, t], cache.v[:, t] = cache.k[:, tables[0]], cache.v[:, tables[0]]
     pcache = model.new_cache(n_blocks=-(-max(prompts + [1]) // bs), block_size=bs)
@@ -68,10 +71,10 @@ def main() -> None:
     def cases():
         for B in batches:
             yield f"decode B={B}", B, make_batch(
-                [([int(rng.integers(3, V))], PREFIX, tables[i]) for i in range(B)], bs), cache
+                [([int(rng.integers(3, V))], prefix, tables[i]) for i in range(B)], bs), cache
         for k in ks:
             yield f"verify k={k}", None, make_batch(
-                [(rng.integers(3, V, k).tolist(), PREFIX, tables[0])], bs, all_logits=True), cache
+                [(rng.integers(3, V, k).tolist(), prefix, tables[0])], bs, all_logits=True), cache
         for P in prompts:
             yield f"prefill {P}", P, make_batch(
                 [(rng.integers(3, V, P).tolist(), 0, list(range(-(-P // bs))))], bs), pcache
