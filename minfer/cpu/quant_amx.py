@@ -41,9 +41,9 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from ..stages.quant import QK
-from ..stages.simd import (F32, I8, I32, F32x16, _fma, _load, _load_scales, _prefetch_l2, _splat, _store16,
+from ..stages.simd import (F32, I8, I32, F32x16, _load, _load_scales, _prefetch_l2, _splat, _store16,
                            _vec, _zeros, has_amx)
-from .quant_panel import PREFETCH_BYTES, ROWS, _scalar
+from .quant_panel import PREFETCH_BYTES, ROWS, _scalar, _scale_add
 
 TOKENS = 16                        # accumulators a pass: 16 tokens of one part, 10 of three
 AHEAD = 4                          # Q4 blocks unpacked ahead of the tile loads
@@ -171,10 +171,9 @@ def _make_scale(q8, limbs):
                     for part in parts[1:]:                         # X = (s0 128 + s1) 128 + s2
                         isum = builder.fadd(builder.fmul(isum, k128), part)
                     dxt = _splat(builder, _scalar(context, builder, sig.args[7], args[7], tok, F32), 16)
-                    acc = _fma(builder, isum, builder.fmul(dv, dxt), old)      # as quant_panel
-                    if not q8:
-                        xs = _scalar(context, builder, sig.args[8], args[8], tok, F32)
-                        acc = _fma(builder, mv, _splat(builder, xs, 16), acc)
+                    xs = None if q8 else _splat(builder, _scalar(context, builder, sig.args[8], args[8],
+                                                                 tok, F32), 16)
+                    acc = _scale_add(builder, old, isum, builder.fmul(dv, dxt), mv, xs)  # as quant_panel
                     done = builder.block
                 phi = builder.phi(old.type)
                 phi.add_incoming(old, before)

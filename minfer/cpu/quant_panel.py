@@ -92,6 +92,13 @@ def _x4(context, builder, arrty, arr, offset):
     return builder.bitcast(_splat(builder, four, 16), _vec(I8, 64))
 
 
+def _scale_add(builder, acc, isum, scale, m, xs):
+    """acc + isum scale (+ m xs, Q4's m term): explicit fused multiply-adds, no multiply left that
+    the compiler could fuse with an add in one place and not in another."""
+    acc = _fma(builder, isum, scale, acc)
+    return acc if m is None else _fma(builder, m, xs, acc)
+
+
 def _make_panel(q8, C, limbs=1):
     vectors = 8 if q8 else 4
 
@@ -152,14 +159,10 @@ def _make_panel(q8, C, limbs=1):
                 for p in range(1, limbs):                          # X = (q1 128 + q2) 128 + q3
                     isum = builder.fadd(builder.fmul(isum, k128), part(t, p))
                 dxt = _splat(builder, _scalar(context, builder, sig.args[8], args[8], tok, F32), 16)
-                # explicit fused multiply-adds: a row's result is the same bits whether it comes
-                # with 0 or 3 other tokens (or from quant_amx.py), so batches and verifications
-                # give what one row alone gives
-                acc = _fma(builder, isum, builder.fmul(d, dxt), pick(args[0], t))
-                if not q8:
-                    xs = _scalar(context, builder, sig.args[9], args[9], tok, F32)
-                    acc = _fma(builder, mv, _splat(builder, xs, 16), acc)
-                out.append(acc)
+                # the same steps whether the row comes with 0 or 3 other tokens (or from
+                # quant_amx.py), so batches and verifications give what one row alone gives
+                xs = None if q8 else _splat(builder, _scalar(context, builder, sig.args[9], args[9], tok, F32), 16)
+                out.append(_scale_add(builder, pick(args[0], t), isum, builder.fmul(d, dxt), mv, xs))
             return context.make_tuple(builder, sig.return_type, out)
         return accs(accs, qp, qoff, xq, xoffs, d, m, soff, dx, xsum, start, toks, kx), codegen
     return panel
