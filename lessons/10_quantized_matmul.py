@@ -511,7 +511,8 @@ if quant_i8.has_vnni():
 # vector unit scales and adds them, while the tile unit does the next block. That store is about
 # as slow for 2 rows as for 16, so the tile unit pays from a few rows on
 # (`KernelConfig.tile_unit_rows`: a verification of several tokens, a batch, a prompt). The
-# integer sums are the panels' own: the numbers below agree to float32 rounding.
+# integer sums and the float steps after them are the panels' own: the numbers below agree to the
+# bit.
 
 # %%
 from minfer.cpu import quant_amx
