@@ -637,11 +637,12 @@ def run_spec_bench(a) -> int:
           f"new tokens, greedy, {a.runs} runs; {backend}; {machine['cpu']}, {machine['cores']} cores",
           file=sys.stderr)
     pairs = [(q, x, m) for q in quants for x in acts for m in modes]
-    if quants == ["auto"] and "draft" in modes and a.draft_model is None and "f32" in acts:
+    if quants == ["auto"] and "draft" in modes and a.draft_model is None:
         # the built-in draft is for the exact model: draft it for float32 weights and
-        # activations, against their plain decoding (int8 activations keep their own quant)
-        pairs = [p for p in pairs if p[2] != "draft" or p[1] != "f32"] + [("f32", "f32", "off"),
-                                                                         ("f32", "f32", "draft")]
+        # activations, against their plain decoding (with int8 activations the model already
+        # runs in the draft's form: no draft rows)
+        pairs = [p for p in pairs if p[2] != "draft"] + ([("f32", "f32", "off"), ("f32", "f32", "draft")]
+                                                         if "f32" in acts else [])
     # plain decoding runs inside each speculative mode's process (its "off" row: the first such
     # process of that quant and activations); a process of its own only for one without
     guessing = {(q, x) for q, x, m in pairs if m != "off"}

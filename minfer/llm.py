@@ -152,6 +152,11 @@ class LLM:
                 # activations differ), else its weights as Q4_0
                 kinds = {getattr(t, "type", "") for t in self.weights.raw.values()}
                 own = "auto" if kinds & {"Q4_0", "Q4_1"} else "q4_0"
+                if self.quant == own and self.activations == ("int8" if int8 else "f32"):
+                    raise InvalidArgumentError(
+                        "the built-in draft is this model in its cheapest form, which it already "
+                        "runs in: use --speculative ngram, another --quant (f32 or q8_0: the "
+                        "exact model), or --draft-model PATH")
                 self.draft = LLM(self.path, backend=self.backend, quant=own,
                                  activations="int8" if int8 else "f32", threads=threads, quiet=True,
                                  kv_cache_mb=kv_cache_mb, max_seqs=max_seqs, kernels=self.kernels)

@@ -503,3 +503,13 @@ def test_real_model_greedy_identical_on_numba(default_model):
         llm.engine.speculator.adaptive = False           # guess every step: exercise the rules
         assert llm.generate([prompt], G)[0].token_ids == want, mode
         assert llm.engine.speculator.accepted > 0, mode
+
+
+def test_the_built_in_draft_of_a_model_already_in_its_form_is_refused(tiny_gguf):
+    """Its own 4-bit blocks with int8 activations: drafting with the same model only costs."""
+    from minfer.stages.simd import has_vnni
+    if not has_vnni():
+        pytest.skip("this CPU has no AVX-512 VNNI (no int8 activations)")
+    r = _cli("generate", "--model", tiny_gguf, "--quant", "q4_0", "--activations", "int8",
+             "--speculative", "draft", "hi")
+    assert r.returncode == 1 and "Traceback" not in r.stderr and "built-in draft" in r.stderr, r.stderr
