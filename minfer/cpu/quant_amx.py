@@ -23,10 +23,12 @@ integers, the same float work:
                                  y[t, r] += X[t, r] d[r, b] dx[t, b] (+ m[r, b] sum(x[t, b]))
                                  X[t, r] = the parts' sums, (s0 128 + s1) 128 + s2
 
-Three things keep the two units busy together: the sums of block b are read while the tile unit
-does block b + 1 (two sets of tiles, taken in turns); Q4 blocks are unpacked 4 blocks ahead (a
-tile load right after the stores that wrote its bytes waits for them); and a pass takes up to 30
-rows (10 tokens of three parts, or 16 of one), whose sums stay in 16 registers.
+What the loop below does for speed: the sums of block b are read while the tile unit does block
+b + 1 (two sets of tiles, taken in turns); Q4 blocks are unpacked 4 blocks ahead (a tile load
+right after the stores that wrote its bytes waits for them); and a pass takes up to 30 rows (10
+tokens of three parts, or 16 of one), whose sums stay in 16 registers. Even so the two units
+mostly take turns (docs/benchmarks.md, "CPU kernel details"): the tile unit pays from a few rows
+on, not from one.
 
 A process asks Linux for the tile registers once (simd.has_amx(), called when this module is
 imported). A thread loads the tiles' shapes (`ldtilecfg`) when they change, and lets the tiles
