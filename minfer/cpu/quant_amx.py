@@ -45,7 +45,7 @@ from numba.extending import intrinsic
 from ..stages.quant import QK
 from ..stages.simd import (F32, I8, I32, F32x16, _load, _load_scales, _prefetch_l2, _splat, _store16,
                            _vec, _zeros, has_amx)
-from .quant_panel import PREFETCH_BYTES, ROWS, _scalar, _scale_add
+from .quant_panel import PREFETCH_BYTES, ROWS, _nibbles, _scalar, _scale_add
 
 TOKENS = 16                        # accumulators a pass: 16 tokens of one part, 10 of three
 AHEAD = 4                          # Q4 blocks unpacked ahead of the tile loads
@@ -126,8 +126,7 @@ def _unpack_q4(typingctx, qp, offset, out, at):
     def codegen(context, builder, sig, args):
         v = [_load(context, builder, sig.args[0], args[0],
                    builder.add(args[1], ir.Constant(args[1].type, 64 * c)), I8, 64) for c in range(4)]
-        rows = ([builder.and_(a, ir.Constant(_vec(I8, 64), [15] * 64)) for a in v]
-                + [builder.lshr(a, ir.Constant(_vec(I8, 64), [4] * 64)) for a in v])
+        rows = _nibbles(builder, v)                              # as the panels read them
         data = context.make_array(sig.args[2])(context, builder, args[2]).data
         for i, r in enumerate(rows):
             at = builder.add(args[3], ir.Constant(args[3].type, 64 * i))

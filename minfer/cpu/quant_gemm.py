@@ -23,11 +23,11 @@ from __future__ import annotations
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange
-from numba.core import cgutils, types
+from numba.core import types
 from numba.extending import intrinsic
 
 from ..stages.quant import QK, QuantMatrix
-from ..stages.simd import F32, I8, I32, _load, _load_scales, _splat, _sum16, _vec, _zeros, bits
+from ..stages.simd import F32, I8, I32, _fma, _load, _load_scales, _splat, _sum16, _vec, _zeros, bits
 
 
 # ---------------------------------------------------------------------------------------------
@@ -98,15 +98,13 @@ def _make_fma(RT, RO):
     def fma(typingctx, accs, x, xoffs, w, woffs):
         def codegen(context, builder, sig, args):
             pick = (lambda a, i: builder.extract_value(a, i))
-            fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(
-                _vec(F32, 16), [_vec(F32, 16)] * 3), "llvm.fma.v16f32")
             ws = [_load(context, builder, sig.args[3], args[3], pick(args[4], r), F32, 16)
                   for r in range(RO)]
             out = [None] * (RT * RO)
             for t in range(RT):
                 xv = _load(context, builder, sig.args[1], args[1], pick(args[2], t), F32, 16)
                 for r in range(RO):
-                    out[RO * t + r] = builder.call(fn, [xv, ws[r], pick(args[0], RO * t + r)])
+                    out[RO * t + r] = _fma(builder, xv, ws[r], pick(args[0], RO * t + r))
             return context.make_tuple(builder, sig.return_type, out)
         if x.layout == "C" and w.layout == "C":
             return accs(accs, x, xoffs, w, woffs), codegen

@@ -92,6 +92,13 @@ def _x4(context, builder, arrty, arr, offset):
     return builder.bitcast(_splat(builder, four, 16), _vec(I8, 64))
 
 
+def _nibbles(builder, v):
+    """A Q4 panel block's 4 vectors -> 8: the low nibbles of each (elements 4c + j of the rows),
+    then the high ones (16 + 4c + j), one byte each."""
+    return ([builder.and_(a, ir.Constant(_vec(I8, 64), [15] * 64)) for a in v]
+            + [builder.lshr(a, ir.Constant(_vec(I8, 64), [4] * 64)) for a in v])
+
+
 def _scale_add(builder, acc, isum, scale, m, xs):
     """acc + isum scale (+ m xs, Q4's m term): explicit fused multiply-adds, no multiply left that
     the compiler could fuse with an add in one place and not in another."""
@@ -113,9 +120,8 @@ def _make_panel(q8, C, limbs=1):
             at = (lambda base, k: builder.add(base, ir.Constant(base.type, k)))
             v = [_load(context, builder, sig.args[1], args[1], at(args[2], 64 * c), I8, 64)
                  for c in range(vectors)]
-            if not q8:                                             # low nibbles, high nibbles
-                v = ([builder.and_(a, ir.Constant(_vec(I8, 64), [15] * 64)) for a in v]
-                     + [builder.lshr(a, ir.Constant(_vec(I8, 64), [4] * 64)) for a in v])
+            if not q8:
+                v = _nibbles(builder, v)
             d = _load_scales(context, builder, sig.args[5], args[5], args[7], 16)
             mv = None if q8 else _load_scales(context, builder, sig.args[6], args[6], args[7], 16)
             zero = ir.Constant(_vec(I32, 16), [0] * 16)

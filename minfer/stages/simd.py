@@ -3,9 +3,10 @@
 numba compiles plain loops well, but some instructions it does not reach on its own: the byte
 dot product of AVX-512 VNNI (`vpdpbusd`; numba widens byte products to 64-bit integers), a
 16-float register kept as one value across calls (and tiles of them, multiplied and added), a
-prefetch hint. The kernels that need them (stages/quant_i8.py, attention.py, linear.py,
-cpu/quant_gemm.py, cpu/quant_panel.py) take them from here;
-this module imports nothing else of minfer's but its errors, so every stage can stand on it.
+prefetch hint; and whether the CPU's tile unit (AMX) can be used here. The kernels that need them
+(stages/quant_i8.py, attention.py, linear.py, cpu/quant_gemm.py, cpu/quant_panel.py,
+cpu/quant_amx.py) take them from here; this module imports nothing else of minfer's but its
+errors, so every stage can stand on it.
 """
 from __future__ import annotations
 
@@ -205,9 +206,7 @@ def _mac4(typingctx, acc, x, xo, xs, w, wo, ws):
               for r in range(R)]
         wv = [_load(context, builder, sig.args[4], args[4], at(args[5], c, args[6]), F32, 16)
               for c in range(4)]
-        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(
-            _vec(F32, 16), [_vec(F32, 16)] * 3), "llvm.fma.v16f32")
-        out = [builder.call(fma, [xv[r], wv[c], builder.extract_value(args[0], 4 * r + c)])
+        out = [_fma(builder, xv[r], wv[c], builder.extract_value(args[0], 4 * r + c))
                for r in range(R) for c in range(4)]
         return context.make_tuple(builder, sig.return_type, out)
     return acc(acc, x, xo, xs, w, wo, ws), codegen
