@@ -1,8 +1,10 @@
 """The numba attention job takes all the new rows of one sequence against one slice of its keys
 (each cache block loaded once for all of them, causal within the new rows): against the NumPy
 reference, at odd row counts and prefixes, several sequences of different row counts in one batch,
-the vector path (head_dim 64 and 128: p.V 64 floats at a time; 32: 16 at a time) and the plain
-one (head_dim 24), block sizes 16 and 5."""
+the vector path (head_dim 64 and 128: p.V 64 floats at a time; 32: 16 at a time), its rows-in-lanes
+form (tiles of LANE_ROWS rows or more, head_dim 64 and 128, blocks of 16 or 32 keys) and the plain
+one (head_dim 24), block sizes 16, 32 and 5; and a row's result is the same bits in a tile of any
+size."""
 import numpy as np
 import pytest
 
@@ -40,7 +42,7 @@ def jobs(q, k_cache, v_cache, batch, S):
     return attention._merge_slices(q, parts)
 
 
-@pytest.mark.parametrize("bs", [16, 5])
+@pytest.mark.parametrize("bs", [16, 32, 5])
 @pytest.mark.parametrize("hd", [64, 128, 32, 24])
 @pytest.mark.parametrize("prefix", [0, 5, 40])
 @pytest.mark.parametrize("n_new", [1, 2, 3, 7, 33, 70])
@@ -64,6 +66,21 @@ def test_mixed_sequences_in_one_batch(hd, bs):
                                rtol=1e-4, atol=1e-5)
     for S in (1, 2, 5):
         np.testing.assert_allclose(jobs(q, kc, vc, batch, S), want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("bs", [16, 32])
+@pytest.mark.parametrize("hd", [64, 128])
+@pytest.mark.parametrize("n_new,prefix", [(3, 0), (9, 40), (33, 5), (17, 100)])
+def test_a_row_gets_the_same_bits_in_a_tile_of_any_size(n_new, prefix, hd, bs):
+    """Rows in lanes (a tile of several rows) give each row exactly the numbers the one-row job
+    gives it: the same products, sums in the same order (one slice: the cuts themselves depend on
+    a tile's rows)."""
+    assert n_new >= attention.LANE_ROWS
+    q, kc, vc, batch = case([(n_new, prefix)], hd, bs, seed=n_new)
+    tile = jobs(q, kc, vc, batch, 1)
+    for t in range(n_new):
+        alone = make_batch([([0], prefix + t, list(batch.block_tables[0]))], bs)
+        assert np.array_equal(jobs(q[t:t + 1], kc, vc, alone, 1)[0], tile[t]), t
 
 
 @pytest.mark.parametrize("p0,R", [(0, 128), (80, 8), (1000, 16), (5, 33), (0, 2), (40, 1)])

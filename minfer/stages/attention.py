@@ -74,6 +74,7 @@ from .fastexp import exp32  # noqa: E402
 
 SLICES = 8                                             # jobs for a decode step (tiles x S)
 ROWS = 32                                              # rows of a tile, at most
+LANE_ROWS = 3                                          # from this many rows a tile: rows in lanes
 
 
 @njit(parallel=True, fastmath=True, cache=True)
@@ -139,14 +140,21 @@ def _cut(p0, R, S, s, bs):
 
 
 @njit(inline="always")
+def _job_tile(row_seq, job):
+    """Job `job` of n_tiles x S -> (its slice s, its tile's rows (t0, t1)): slice by slice, the
+    tiles in zigzag order."""
+    n = _n_tiles(row_seq)
+    s, i = job // n, job % n
+    return s, _tile_rows(row_seq, i // 2 if i % 2 == 0 else n - 1 - i // 2)
+
+
+@njit(inline="always")
 def _job_start(q, parts, row_seq, positions, job, bs):
     """Job `job` of n_tiles x S: its tile's rows t0..t1 - 1 (zigzag over the tiles), their
     sequence b, slice s of their keys, k0..k1 - 1; their q scaled once (not every score) into qs
     [R, Hq, hd]; m, l [R, Hq] started, the rows' o zeroed."""
     S, Hq, hd = parts[0].shape[1], parts[0].shape[2], parts[2].shape[3]
-    n = _n_tiles(row_seq)
-    s, i = job // n, job % n
-    t0, t1 = _tile_rows(row_seq, i // 2 if i % 2 == 0 else n - 1 - i // 2)
+    s, (t0, t1) = _job_tile(row_seq, job)
     R = t1 - t0
     k0, k1 = _cut(positions[t0], R, S, s, bs), _cut(positions[t0], R, S, s + 1, bs)
     scale = float32(1.0 / np.sqrt(hd))
@@ -174,7 +182,12 @@ def _attention_job(q, k_cache, v_cache, row_seq, positions, block_tables, job, p
     """Job `job` of n_tiles x S: a tile of one sequence's rows against one slice of its keys,
     all query heads, into parts[..][t, s] for each of its rows t."""
     if q.shape[2] % 16 == 0:                           # (see "Vector code", below)
-        _attention_job_vec(q, k_cache, v_cache, row_seq, positions, block_tables, job, parts)
+        t0, t1 = _job_tile(row_seq, job)[1]
+        if (t1 - t0 >= LANE_ROWS and (q.shape[2] == 64 or q.shape[2] == 128)
+                and k_cache.shape[1] % 16 == 0):
+            _attention_job_rows(q, k_cache, v_cache, row_seq, positions, block_tables, job, parts)
+        else:
+            _attention_job_vec(q, k_cache, v_cache, row_seq, positions, block_tables, job, parts)
         return
     Hq, hd = q.shape[1], q.shape[2]
     bs, Hkv = k_cache.shape[1], k_cache.shape[2]
@@ -237,9 +250,18 @@ def _attention_job(q, k_cache, v_cache, row_seq, positions, block_tables, job, p
 #           else 16 floats at a time, four keys in four independent chains (_pv4);
 #   memory: while it scores a block, the job asks for the next block's keys and values into L2
 #           (prefetch), a few lines per head, so their loads do not wait on memory.
+# A tile of LANE_ROWS rows or more (tokens to verify, a prompt's chunk) turns this around: its
+# query vectors, (row, head) pairs of a kv head, go 16 to a vector, one in each lane
+# (_attention_job_rows; attention_simd.py, "Rows in lanes"), so that a key's element, splat once,
+# serves 16 products, the softmax runs down the keys for 16 queries at once, and no sum crosses
+# lanes (docs/benchmarks.md, "Attention, rows in lanes"). Both forms do each query's arithmetic in
+# the same order — the sums that fast-math could reorder are marked to stay as written — so a
+# row's result is the same bits whether it comes alone (a decode step) or in a tile (its
+# verification): speculative decoding's greedy text does not depend on how it was checked.
 # ---------------------------------------------------------------------------------------------
-from .attention_simd import (_exp16, _max16, _pv1, _pv4, _pv64_end, _pv64_start,  # noqa: E402
-                             _pv64x1, _pv64x2, _pv_end, _pv_start, _scores16)
+from .attention_simd import (_add1, _exp16, _exp_diff1, _fma1, _max16, _pv1, _pv4,  # noqa: E402
+                             _pv64_end, _pv64_start, _pv64x1, _pv64x2, _pv_end, _pv_start,
+                             _pv_rows, _scores16, _scores_rows, _softmax_rows)
 from .simd import _prefetch_l2, _store16  # noqa: E402
 
 
@@ -287,11 +309,11 @@ def _attention_job_vec(q, k_cache, v_cache, row_seq, positions, block_tables, jo
                 for r0 in range(0, nk, 16):
                     m_new = max(m_new, _max16(p, h * bs16 + r0, nk - r0))
                 # (the past's rescale: 1 unless the max moved, as it rarely does after a few blocks)
-                c[h] = float32(1.0) if m_new == m[j, h] else exp32(m[j, h] - m_new)
+                c[h] = float32(1.0) if m_new == m[j, h] else _exp_diff1(m[j, h], m_new)
                 total = float32(0.0)
                 for r0 in range(0, nk, 16):
-                    total += _exp16(p, h * bs16 + r0, nk - r0, m_new)
-                l[j, h] = l[j, h] * c[h] + total
+                    total = _add1(total, _exp16(p, h * bs16 + r0, nk - r0, m_new))
+                l[j, h] = _fma1(l[j, h], c[h], total)
                 m[j, h] = m_new
             for kvh in range(Hkv):                     # o[h] = c[h] o[h] + sum_r p[h, r] v_r
                 for h in range(kvh * G, kvh * G + G):
@@ -316,6 +338,71 @@ def _attention_job_vec(q, k_cache, v_cache, row_seq, positions, block_tables, jo
                             acc = _pv1(acc, p, h * bs16 + r, V, (ra + r) * row + kvh * hd + i)
                             r += 1
                         _store16(o, ot + h * hd + i, _pv_end(acc))
+    _job_end(parts, t0, t1, s, m, l)
+
+
+@njit(fastmath=True, cache=True)
+def _attention_job_rows(q, k_cache, v_cache, row_seq, positions, block_tables, job, parts):
+    """_attention_job for a tile of several rows, 16 query vectors a vector (attention_simd.py,
+    "Rows in lanes"): head_dim 64 or 128, block size a multiple of 16. Each query's arithmetic is
+    _attention_job_vec's, so a row gets the same bits in a tile of any size."""
+    S = parts[0].shape[1]
+    Hq, hd = q.shape[1], q.shape[2]
+    bs, Hkv = k_cache.shape[1], k_cache.shape[2]
+    G = Hq // Hkv                                      # query heads per kv head
+    row, blk_len = Hkv * hd, bs * Hkv * hd             # floats a key (all kv heads), a block
+    b, s, t0, t1, k0, k1, qs, m, l = _job_start(q, parts, row_seq, positions, job, bs)
+    R = t1 - t0
+    nq = R * G                                         # queries of one kv head: (row, head) pairs
+    ng = (nq + 15) // 16                               # ... 16 to a vector: groups
+    QT = np.zeros((Hkv, ng, hd, 16), dtype=np.float32)     # the queries, lane u of group g:
+    OT = np.zeros((Hkv, ng, hd, 16), dtype=np.float32)     # row t0 + (16 g + u) // G,
+    M = np.full((Hkv, ng, 16), -np.inf, dtype=np.float32)  # head kvh G + (16 g + u) % G
+    L = np.zeros((Hkv, ng, 16), dtype=np.float32)
+    pos = np.full((ng, 16), -1, dtype=np.int64)        # each lane's position (-1: no query)
+    for kvh in range(Hkv):
+        for w in range(nq):
+            t, h = t0 + w // G, kvh * G + w % G
+            pos[w // 16, w % 16] = positions[t]
+            for i in range(hd):
+                QT[kvh, w // 16, i, w % 16] = qs[t - t0, h, i]
+    bs16 = (bs + 15) // 16 * 16
+    Sc = np.empty(bs16 * 16, dtype=np.float32)         # [keys, 16]: scores, then
+    P = np.empty(bs16 * 16, dtype=np.float32)          # their exps
+    NK = np.empty(16, dtype=np.int64)                  # keys of the block each lane sees
+    j0, j1 = k0 // bs, (k1 + bs - 1) // bs             # this slice's blocks
+    for jb in range(j0, j1):
+        K = k_cache[block_tables[b, jb]].reshape(blk_len)    # [bs * Hkv * hd]: key r, kv head
+        V = v_cache[block_tables[b, jb]].reshape(blk_len)    # kvh at (r * Hkv + kvh) * hd
+        ra, rb = max(k0 - jb * bs, 0), min(k1 - jb * bs, bs)  # the block's keys in the slice
+        if jb + 1 < j1:                                # the next block into L2 meanwhile
+            K1, V1 = k_cache[block_tables[b, jb + 1]].reshape(blk_len), v_cache[block_tables[b, jb + 1]].reshape(blk_len)
+            for i in range(0, blk_len, 16):
+                _prefetch_l2(K1, i)
+                _prefetch_l2(V1, i)
+        for g in range(ng):
+            n = 0
+            for u in range(16):
+                NK[u] = min(rb, pos[g, u] + 1 - jb * bs) - ra
+                n = max(n, NK[u])
+            if n <= 0:
+                continue
+            for kvh in range(Hkv):
+                qoff = (kvh * ng + g) * hd * 16
+                for r0 in range(0, n, 16):
+                    if hd == 64:
+                        _scores_rows(Sc, r0 * 16, QT, qoff, K, (ra + r0) * row + kvh * hd, row, n - r0, 4)
+                    else:
+                        _scores_rows(Sc, r0 * 16, QT, qoff, K, (ra + r0) * row + kvh * hd, row, n - r0, 8)
+                c = _softmax_rows(Sc, P, n, NK, M, L, (kvh * ng + g) * 16)
+                _pv_rows(OT, qoff, P, c, V, ra * row + kvh * hd, row, n, hd)
+    o = parts[2]                                       # [T, S, Hq, hd]
+    for kvh in range(Hkv):
+        for w in range(nq):
+            t, h, g, u = t0 + w // G, kvh * G + w % G, w // 16, w % 16
+            m[t - t0, h], l[t - t0, h] = M[kvh, g, u], L[kvh, g, u]
+            for i in range(hd):
+                o[t, s, h, i] = OT[kvh, g, i, u]
     _job_end(parts, t0, t1, s, m, l)
 
 
