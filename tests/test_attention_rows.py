@@ -33,12 +33,16 @@ def case(seqs, hd, bs, seed=0):
     return q, k_cache, v_cache, batch
 
 
-def jobs(q, k_cache, v_cache, batch, S):
-    """Every (tile, slice) job of a split into S slices a tile, one after another, merged."""
+NEVER = 1 << 30
+
+
+def jobs(q, k_cache, v_cache, batch, S, lane_rows=attention.LANE_ROWS):
+    """Every (tile, slice) job of a split into S slices a tile, one after another, merged; rows in
+    lanes from lane_rows rows a tile on."""
     parts = attention._slices(q.shape[0], S, q.shape[1], q.shape[2])
     for job in range(attention._n_tiles(batch.row_seq) * S):
         attention._attention_job(q, k_cache, v_cache, batch.row_seq, batch.positions,
-                                 batch.block_tables, job, parts)
+                                 batch.block_tables, job, parts, lane_rows)
     return attention._merge_slices(q, parts)
 
 
@@ -52,7 +56,8 @@ def test_one_sequence_rows_against_reference(n_new, prefix, hd, bs):
     np.testing.assert_allclose(attention.paged_attention_numba(q, kc, vc, batch), want,
                                rtol=1e-4, atol=1e-5)
     for S in (1, 2, 3):
-        np.testing.assert_allclose(jobs(q, kc, vc, batch, S), want, rtol=1e-4, atol=1e-5)
+        for lane_rows in (2, NEVER):                # rows in lanes from 2 rows on, and never
+            np.testing.assert_allclose(jobs(q, kc, vc, batch, S, lane_rows), want, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("bs", [16, 5])
@@ -65,22 +70,23 @@ def test_mixed_sequences_in_one_batch(hd, bs):
     np.testing.assert_allclose(attention.paged_attention_numba(q, kc, vc, batch), want,
                                rtol=1e-4, atol=1e-5)
     for S in (1, 2, 5):
-        np.testing.assert_allclose(jobs(q, kc, vc, batch, S), want, rtol=1e-4, atol=1e-5)
+        for lane_rows in (2, NEVER):
+            np.testing.assert_allclose(jobs(q, kc, vc, batch, S, lane_rows), want, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("bs", [16, 32])
 @pytest.mark.parametrize("hd", [64, 128])
-@pytest.mark.parametrize("n_new,prefix", [(3, 0), (9, 40), (33, 5), (17, 100)])
+@pytest.mark.parametrize("n_new,prefix", [(2, 0), (3, 0), (9, 40), (33, 5), (17, 100)])
 def test_a_row_gets_the_same_bits_in_a_tile_of_any_size(n_new, prefix, hd, bs):
     """Rows in lanes (a tile of several rows) give each row exactly the numbers the one-row job
-    gives it: the same products, sums in the same order (one slice: the cuts themselves depend on
-    a tile's rows)."""
-    assert n_new >= attention.LANE_ROWS
+    gives it, and the per-row vector job in a tile too: the same products, sums in the same
+    order (one slice: the cuts themselves depend on a tile's rows)."""
     q, kc, vc, batch = case([(n_new, prefix)], hd, bs, seed=n_new)
-    tile = jobs(q, kc, vc, batch, 1)
+    lanes, per_row = jobs(q, kc, vc, batch, 1, 2), jobs(q, kc, vc, batch, 1, NEVER)
+    assert np.array_equal(lanes, per_row)
     for t in range(n_new):
         alone = make_batch([([0], prefix + t, list(batch.block_tables[0]))], bs)
-        assert np.array_equal(jobs(q[t:t + 1], kc, vc, alone, 1)[0], tile[t]), t
+        assert np.array_equal(jobs(q[t:t + 1], kc, vc, alone, 1)[0], lanes[t]), t
 
 
 @pytest.mark.parametrize("p0,R", [(0, 128), (80, 8), (1000, 16), (5, 33), (0, 2), (40, 1)])

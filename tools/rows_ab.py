@@ -8,7 +8,8 @@ sends every step to the matvec kernels (many_rows never), as before the tiles; w
 sgemm, "sgemm" sends every step to model.run_layers (region_max_rows = 1: the sgemm tiles from
 KernelConfig.sgemm_min_rows rows on); with --against vector, "vector" keeps the panels' byte products
 off the CPU's tile unit (tile_unit_rows never: the vector panels at every row count, as on a CPU
-without AMX). --float-kernels: as on a CPU without VNNI. Each route is a
+without AMX); with --against per-row, "per-row" runs attention's jobs a row at a time
+(attention_lane_rows never: no rows in lanes). --float-kernels: as on a CPU without VNNI. Each route is a
 model of its own (stages/quant_dispatch.KernelConfig), on the same weights. Every measurement
 alternates the two (in swapped order each round), so that a noisy minute on a shared machine
 lands on both; medians and their ratio.
@@ -43,7 +44,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--cpu-time", action="store_true")
     ap.add_argument("--from-rows", type=int, default=None, help="tiles from this many rows on")
-    ap.add_argument("--against", choices=("matvec", "sgemm", "vector"), default="matvec")
+    ap.add_argument("--against", choices=("matvec", "sgemm", "vector", "per-row"), default="matvec")
     ap.add_argument("--float-kernels", action="store_true")
     ap.add_argument("--prefix", type=int, default=PREFIX,
                     help=f"cached tokens before the decode and verify steps (default {PREFIX})")
@@ -82,7 +83,7 @@ def main() -> None:
     longest = kernels.region_max_rows if a.region_max is None else a.region_max
     never = (1 << 30,) * 4
     other = {"matvec": {"many_rows": never}, "sgemm": {"region_max_rows": 1},
-             "vector": {"tile_unit_rows": never}}[a.against]
+             "vector": {"tile_unit_rows": never}, "per-row": {"attention_lane_rows": 1 << 30}}[a.against]
     modes = {"tiles": {}, a.against: other}
     models = {mode: CpuModel(llm.config, llm.weights, model.ops, model.int8_act,
                              kernels=dataclasses.replace(kernels, **dict(

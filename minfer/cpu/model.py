@@ -76,7 +76,8 @@ class CpuModel(Transformer):
         else:
             rows = batch.logits_rows
         x, logits = region.ENTRY[kind](*args, head, rows, self.workers or numba.get_num_threads(),
-                                       (self.kernels.many_rows[kind], self.kernels.tile_unit_rows[kind]))
+                                       (self.kernels.many_rows[kind], self.kernels.tile_unit_rows[kind],
+                                        self.kernels.attention_lane_rows))
         return x, (logits if len(logits) else None)
 
     def _weights_as_args(self, kind: int):

@@ -39,6 +39,9 @@ KernelConfig.many_rows — their byte products on the CPU's tile unit (quant_amx
 KernelConfig.tile_unit_rows on, where it has one; from many_rows on (a batch of sequences, tokens
 to verify, a prompt) tiles of weight rows that quant_gemm.py decodes once for all the rows. Each is the same function of the weights
 as model.py's loop (tests/test_fused.py, tests/test_quant_gemm.py, tests/test_quant_panel.py).
+Attention's jobs put a tile's query vectors in the lanes of a vector from
+KernelConfig.attention_lane_rows rows on. `many`: (many_rows, tile_unit_rows, attention_lane_rows)
+of the step's kind.
 """
 from __future__ import annotations
 
@@ -431,14 +434,15 @@ def _rope_cache(y, q, cos, sin, k_cache, v_cache, slot_mapping, C):
 
 
 @njit(cache=True)
-def _attention(q, k_cache, v_cache, row_seq, positions, block_tables, parts, C):
+def _attention(q, k_cache, v_cache, row_seq, positions, block_tables, parts, C, lane_rows):
     """The (tile of rows, slice of keys) jobs of attention._attention_job, an item each."""
     ctr, s, wi, nw = C
     n, k = attention._n_tiles(row_seq) * parts[0].shape[1], 0     # tiles x S
     j0, j1 = _next(ctr, s, wi, nw, n)
     while j0 >= 0:
         for j in range(j0, j1):
-            attention._attention_job(q, k_cache, v_cache, row_seq, positions, block_tables, j, parts)
+            attention._attention_job(q, k_cache, v_cache, row_seq, positions, block_tables, j, parts,
+                                     lane_rows)
         k += j1 - j0
         j0, j1 = _next(ctr, s, wi, nw, n)
     _finish(ctr, s, nw, n, k)
@@ -465,7 +469,7 @@ def _walk(x, cos, sin, f, n_heads, n_kv_heads, eps, kind, limbs, wi, nw, many):
         _matmul(h, wqkv, l, kind, limbs, y, zeros, (ctr, s, wi, nw), mw)         # [T, qd + 2 kvd]
         _rope_cache(y, q, cos, sin, k_cache[l], v_cache[l], slot_mapping, (ctr, s + 1, wi, nw))
         _attention(q, k_cache[l], v_cache[l], row_seq, positions, block_tables, parts,
-                   (ctr, s + 2, wi, nw))
+                   (ctr, s + 2, wi, nw), many[2])
         a = q.reshape(T, qd)                   # (a placeholder for a thread with nothing left)
         if _left(ctr, s + 3, nw, _items(wo, T, limbs, mw)):
             a = attention._merge_slices(q, parts).reshape(T, qd)                 # [T, qd]

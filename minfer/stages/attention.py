@@ -74,7 +74,7 @@ from .fastexp import exp32  # noqa: E402
 
 SLICES = 8                                             # jobs for a decode step (tiles x S)
 ROWS = 32                                              # rows of a tile, at most
-LANE_ROWS = 3                                          # from this many rows a tile: rows in lanes
+LANE_ROWS = 4             # rows in lanes from this many rows a tile (cpu/region.py: KernelConfig's)
 
 
 @njit(parallel=True, fastmath=True, cache=True)
@@ -84,7 +84,7 @@ def _attention_rows(q, k_cache, v_cache, row_seq, positions, block_tables):
     S = max(1, SLICES // n)                            # key slices a tile
     parts = _slices(T, S, Hq, hd)
     for job in prange(n * S):
-        _attention_job(q, k_cache, v_cache, row_seq, positions, block_tables, job, parts)
+        _attention_job(q, k_cache, v_cache, row_seq, positions, block_tables, job, parts, LANE_ROWS)
     return _merge_slices(q, parts)
 
 
@@ -178,12 +178,13 @@ def _job_end(parts, t0, t1, s, m, l):
 
 
 @njit(fastmath=True, cache=True)
-def _attention_job(q, k_cache, v_cache, row_seq, positions, block_tables, job, parts):
+def _attention_job(q, k_cache, v_cache, row_seq, positions, block_tables, job, parts, lane_rows):
     """Job `job` of n_tiles x S: a tile of one sequence's rows against one slice of its keys,
-    all query heads, into parts[..][t, s] for each of its rows t."""
+    all query heads, into parts[..][t, s] for each of its rows t. From lane_rows rows a tile on
+    (and head_dim 64 or 128, blocks of a multiple of 16 keys), rows in lanes (below)."""
     if q.shape[2] % 16 == 0:                           # (see "Vector code", below)
         t0, t1 = _job_tile(row_seq, job)[1]
-        if (t1 - t0 >= LANE_ROWS and (q.shape[2] == 64 or q.shape[2] == 128)
+        if (t1 - t0 >= lane_rows and (q.shape[2] == 64 or q.shape[2] == 128)
                 and k_cache.shape[1] % 16 == 0):
             _attention_job_rows(q, k_cache, v_cache, row_seq, positions, block_tables, job, parts)
         else:

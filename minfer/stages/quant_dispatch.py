@@ -93,6 +93,11 @@ class KernelConfig:
     # matmuls go to the sgemm tiles (BLAS's kernels pull ahead on long prompts) — much later
     # where the panels run on the tile unit (level at 2,048 tokens; docs/benchmarks.md).
     region_max_rows: int = field(default_factory=_host_region_max_rows)
+    # From how many rows of one sequence on (a tile: tokens to verify, a prompt's chunk) the
+    # step's attention puts 16 query vectors side by side in a vector (stages/attention.py, "rows
+    # in lanes"): whole forwards of 3 tokens were level or slower that way (9 of 16 lanes busy), of
+    # 4 faster, of 9 ~1.1-1.2x faster (docs/benchmarks.md, "Attention, rows in lanes").
+    attention_lane_rows: int = 4
 
     def sgemm_min_rows(self, fmt: str) -> int:
         """From how many tokens on a matmul of float32 x on weights of this block format goes to
