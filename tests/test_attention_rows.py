@@ -40,7 +40,7 @@ def jobs(q, k_cache, v_cache, batch, S, lane_rows=attention.LANE_ROWS):
     """Every (tile, slice) job of a split into S slices a tile, one after another, merged; rows in
     lanes from lane_rows rows a tile on."""
     parts = attention._slices(q.shape[0], S, q.shape[1], q.shape[2])
-    for job in range(attention._n_tiles(batch.row_seq) * S):
+    for job in range(attention._n_tiles(batch.row_seq, batch.positions, S, k_cache.shape[1]) * S):
         attention._attention_job(q, k_cache, v_cache, batch.row_seq, batch.positions,
                                  batch.block_tables, job, parts, lane_rows)
     return attention._merge_slices(q, parts)
@@ -80,13 +80,15 @@ def test_mixed_sequences_in_one_batch(hd, bs):
 def test_a_row_gets_the_same_bits_in_a_tile_of_any_size(n_new, prefix, hd, bs):
     """Rows in lanes (a tile of several rows) give each row exactly the numbers the one-row job
     gives it, and the per-row vector job in a tile too: the same products, sums in the same
-    order (one slice: the cuts themselves depend on a tile's rows)."""
+    order; in a step of up to ROWS rows the same key slices too (more rows: a prompt, whose
+    slices share the tile's work, one slice here)."""
     q, kc, vc, batch = case([(n_new, prefix)], hd, bs, seed=n_new)
-    lanes, per_row = jobs(q, kc, vc, batch, 1, 2), jobs(q, kc, vc, batch, 1, NEVER)
-    assert np.array_equal(lanes, per_row)
-    for t in range(n_new):
-        alone = make_batch([([0], prefix + t, list(batch.block_tables[0]))], bs)
-        assert np.array_equal(jobs(q[t:t + 1], kc, vc, alone, 1)[0], lanes[t]), t
+    for S in ((1, 2, 3) if n_new <= attention.ROWS else (1,)):
+        lanes, per_row = jobs(q, kc, vc, batch, S, 2), jobs(q, kc, vc, batch, S, NEVER)
+        assert np.array_equal(lanes, per_row)
+        for t in range(n_new):
+            alone = make_batch([([0], prefix + t, list(batch.block_tables[0]))], bs)
+            assert np.array_equal(jobs(q[t:t + 1], kc, vc, alone, S)[0], lanes[t]), (S, t)
 
 
 @pytest.mark.parametrize("p0,R", [(0, 128), (80, 8), (1000, 16), (5, 33), (0, 2), (40, 1)])
@@ -104,12 +106,31 @@ def test_slices_cover_the_keys_with_equal_work(p0, R):
         assert max(abs(w - sum(work) / S) for w in work) <= R * bs, (S, cuts, work)
 
 
+@pytest.mark.parametrize("S", [2, 3])
+def test_a_short_step_cuts_each_rows_keys_as_alone(S):
+    """Up to ROWS rows a step: a tile's rows share the slices each of them gets alone (tiles end
+    where those move); a longer step cuts by the tile's work."""
+    bs = 16
+    batch = make_batch([(list(range(20)), 40, list(range(9))), (list(range(3)), 0, list(range(9, 12)))], bs)
+    n = attention._n_tiles(batch.row_seq, batch.positions, S, bs)
+    tiles = [attention._tile_rows(batch.row_seq, batch.positions, S, bs, i) for i in range(n)]
+    assert [t for t0, t1 in tiles for t in range(t0, t1)] == list(range(23))
+    cuts = [[attention._cut(int(p), 1, S, s, bs) for s in range(1, S)] for p in batch.positions]
+    for t0, t1 in tiles:
+        assert all(cuts[t] == cuts[t0] for t in range(t0, t1))
+    for t0, t1 in zip([a for a, _ in tiles], [a for a, _ in tiles][1:]):   # no needless cut
+        assert batch.row_seq[t1] != batch.row_seq[t0] or cuts[t1] != cuts[t1 - 1]
+    assert n > 2                                      # positions 40..59 cross a moving cut
+    long = make_batch([(list(range(40)), 23, list(range(9)))], bs)
+    assert attention._n_tiles(long.row_seq, long.positions, S, bs) == 2   # 32 + 8 rows
+
+
 def test_tiles_hold_rows_of_one_sequence():
     """Tiles: every row in exactly one, each tile's rows of one sequence, at most ROWS of them."""
     seqs = [(1, 0), (70, 3), (2, 5), (32, 0), (1, 9), (33, 1)]
     batch = make_batch([(list(range(n)), p, list(range(20))) for n, p in seqs], 16)
-    n = attention._n_tiles(batch.row_seq)
-    tiles = [attention._tile_rows(batch.row_seq, i) for i in range(n)]
+    n = attention._n_tiles(batch.row_seq, batch.positions, 1, 16)
+    tiles = [attention._tile_rows(batch.row_seq, batch.positions, 1, 16, i) for i in range(n)]
     assert n == 1 + 3 + 1 + 1 + 1 + 2
     assert [t for t0, t1 in tiles for t in range(t0, t1)] == list(range(len(batch.row_seq)))
     for t0, t1 in tiles:

@@ -174,16 +174,17 @@ def test_the_region_needs_no_thread_for_each_worker(tiny_gguf, workers):
         assert np.abs(g - w).max() <= 1e-5 * np.abs(w).max()
 
 
+@pytest.mark.parametrize("workers", [1, 2])
 @pytest.mark.parametrize("quant", ["q4_1", "q8_0"])
 @pytest.mark.parametrize("act", ["f32", "int8", "f32-tile-unit", "int8-tile-unit"])
-def test_a_verification_gives_each_row_the_bits_of_a_decode_step(tiny_gguf, quant, act):
+def test_a_verification_gives_each_row_the_bits_of_a_decode_step(tiny_gguf, quant, act, workers):
     """k new tokens of one sequence in one forward have, row for row, the logits (to the bit) of
     k one-token forwards — the matmuls give a row the same bits whatever rows come with it (the
-    vector panels 1, 2, 3 or 4 tokens at a time, the tile unit). One worker: with two, attention
-    splits a tile's keys between them where its rows balance (attention._cut), and the cut of a
-    tile of 9 rows and of one row can differ (the same sum, added in two parts at another place).
-    With int8 activations a last-bit difference can flip a rounding of x and, at a near tie, a
-    greedy choice: speculation's text then parts from plain decoding's."""
+    vector panels 1, 2, 3 or 4 tokens at a time, the tile unit), and attention cuts a row's keys
+    into the threads' slices where it would alone (attention._alone); a decode step of several
+    sequences gives each the bits of its own step. With int8 activations a last-bit difference
+    could flip a rounding of x and, at a near tie, a greedy choice: speculation's text would then
+    part from plain decoding's."""
     if not quant_i8.has_vnni():
         pytest.skip("this CPU has no AVX-512 VNNI")
     if act.endswith("tile-unit") and not has_amx():
@@ -191,7 +192,7 @@ def test_a_verification_gives_each_row_the_bits_of_a_decode_step(tiny_gguf, quan
     kernels = KernelConfig(**({"tile_unit_rows": (2,) * 4} if act.endswith("tile-unit") else {}))
     llm = minfer.LLM(tiny_gguf, quant=quant, activations=act[:4].rstrip("-"), kernels=kernels)
     model, table = llm.model, list(range(8))
-    model.workers = 1
+    model.workers = workers
     rng = np.random.default_rng(0)
     prefix, new = rng.integers(3, 64, 19).tolist(), rng.integers(3, 64, 9).tolist()
 
@@ -204,3 +205,11 @@ def test_a_verification_gives_each_row_the_bits_of_a_decode_step(tiny_gguf, quan
             pos += len(c)
         return np.concatenate(out)
     assert np.array_equal(run([new]), run([[t] for t in new]))
+    # three sequences' decode steps in one forward, and each alone
+    cache, tables = model.new_cache(n_blocks=24, block_size=4), [list(range(8 * i, 8 * i + 8)) for i in range(3)]
+    lens = (19, 11, 26)
+    model.forward(make_batch([(rng.integers(3, 64, n).tolist(), 0, t) for n, t in zip(lens, tables)], 4), cache)
+    step = [([int(new[i])], n, t) for i, (n, t) in enumerate(zip(lens, tables))]
+    together = model.forward(make_batch(step, 4), cache)
+    for i in range(3):
+        assert np.array_equal(model.forward(make_batch([step[i]], 4), cache)[0], together[i]), i

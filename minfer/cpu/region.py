@@ -437,7 +437,8 @@ def _rope_cache(y, q, cos, sin, k_cache, v_cache, slot_mapping, C):
 def _attention(q, k_cache, v_cache, row_seq, positions, block_tables, parts, C, lane_rows):
     """The (tile of rows, slice of keys) jobs of attention._attention_job, an item each."""
     ctr, s, wi, nw = C
-    n, k = attention._n_tiles(row_seq) * parts[0].shape[1], 0     # tiles x S
+    S = parts[0].shape[1]
+    n, k = attention._n_tiles(row_seq, positions, S, k_cache.shape[1]) * S, 0     # tiles x S
     j0, j1 = _next(ctr, s, wi, nw, n)
     while j0 >= 0:
         for j in range(j0, j1):
@@ -518,11 +519,11 @@ def _flat(x, W, kv, B, head, rows, n_heads, n_kv_heads, nw):
     attn_norm, wqkv, wo, ffn_norm, w_gate, w_up, w_down = W
     norm, lm = head
     T, hd, F = x.shape[0], kv[0].shape[-1], w_up[0].shape[1]
-    # attention's key slices a tile: for a decode step (a row a sequence) one a thread (fewer jobs
-    # than attention.SLICES, and their fixed costs with them); with more rows, nw, so that each
-    # thread's share of the jobs holds a slice of every tile, the same work (rows of unequal
-    # contexts side by side: tokens to verify next to decode rows, a prompt's triangle)
-    S = max(1, nw // T) if T <= B[2].shape[0] else nw
+    # attention's key slices a tile: nw, so that each thread's share of the jobs holds a slice of
+    # every tile, the same work (rows of unequal contexts side by side: tokens to verify next to
+    # decode rows, a prompt's triangle) — and the same number whatever the step, so that a row's
+    # slices (attention._alone) do not depend on the rows that come with it
+    S = nw
     m_part, l_part, o_part = attention._slices(T, S, n_heads, hd)
     shared = (np.empty((T, (n_heads + 2 * n_kv_heads) * hd), dtype=np.float32),  # QKV
               np.empty((T, n_heads, hd), dtype=np.float32),    # [T, Hq, hd]  q after RoPE

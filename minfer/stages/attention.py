@@ -80,8 +80,8 @@ LANE_ROWS = 4             # rows in lanes from this many rows a tile (cpu/region
 @njit(parallel=True, fastmath=True, cache=True)
 def _attention_rows(q, k_cache, v_cache, row_seq, positions, block_tables):
     T, Hq, hd = q.shape
-    n = _n_tiles(row_seq)
-    S = max(1, SLICES // n)                            # key slices a tile
+    S = max(1, SLICES // _n_tiles(row_seq, positions, 1, 1))    # key slices a tile
+    n = _n_tiles(row_seq, positions, S, k_cache.shape[1])
     parts = _slices(T, S, Hq, hd)
     for job in prange(n * S):
         _attention_job(q, k_cache, v_cache, row_seq, positions, block_tables, job, parts, LANE_ROWS)
@@ -96,15 +96,22 @@ def _slices(T, S, Hq, hd):
 
 
 @njit(inline="always")
-def _tile_rows(row_seq, i):
-    """Tiles of the batch's rows: a new one where a sequence starts and every ROWS rows of it.
-    -> (t0, t1) of tile i (i = -1: (number of tiles, T))."""
+def _tile_rows(row_seq, positions, S, bs, i):
+    """Tiles of the batch's rows: a new one where a sequence starts, every ROWS rows of it, and
+    in a step of up to ROWS rows (_alone) where a row's slices of S would be cut elsewhere than
+    the row before's. -> (t0, t1) of tile i (i = -1: (number of tiles, T))."""
     T = row_seq.shape[0]
     n, start, t0 = 0, 0, T
     for t in range(T):
+        new = t == 0
         if t > 0 and row_seq[t] != row_seq[t - 1]:
+            start, new = t, True
+        elif t > 0 and _alone(T):
+            for s in range(1, S):
+                if _cut(positions[t], 1, S, s, bs) != _cut(positions[t - 1], 1, S, s, bs):
+                    new = True
+        if new or (t - start) % ROWS == 0:
             start = t
-        if (t - start) % ROWS == 0:
             if n == i + 1 and i >= 0:
                 return t0, t
             t0 = t
@@ -113,8 +120,17 @@ def _tile_rows(row_seq, i):
 
 
 @njit(inline="always")
-def _n_tiles(row_seq):
-    return _tile_rows(row_seq, -1)[0]
+def _n_tiles(row_seq, positions, S, bs):
+    return _tile_rows(row_seq, positions, S, bs, -1)[0]
+
+
+@njit(inline="always")
+def _alone(T):
+    """Does a step of T rows cut each row's keys as if the row came alone? Up to ROWS rows (a
+    decode batch, tokens to verify): then a row's slices, and so its result to the last bit, do
+    not depend on the rows beside it — a verified token gets the numbers its decode step would
+    have. More rows (a prompt): the slices share a tile's (row, key) pairs equally instead."""
+    return T <= ROWS
 
 
 @njit(inline="always")
@@ -140,12 +156,12 @@ def _cut(p0, R, S, s, bs):
 
 
 @njit(inline="always")
-def _job_tile(row_seq, job):
+def _job_tile(row_seq, positions, S, bs, job):
     """Job `job` of n_tiles x S -> (its slice s, its tile's rows (t0, t1)): slice by slice, the
     tiles in zigzag order."""
-    n = _n_tiles(row_seq)
+    n = _n_tiles(row_seq, positions, S, bs)
     s, i = job // n, job % n
-    return s, _tile_rows(row_seq, i // 2 if i % 2 == 0 else n - 1 - i // 2)
+    return s, _tile_rows(row_seq, positions, S, bs, i // 2 if i % 2 == 0 else n - 1 - i // 2)
 
 
 @njit(inline="always")
@@ -154,9 +170,13 @@ def _job_start(q, parts, row_seq, positions, job, bs):
     sequence b, slice s of their keys, k0..k1 - 1; their q scaled once (not every score) into qs
     [R, Hq, hd]; m, l [R, Hq] started, the rows' o zeroed."""
     S, Hq, hd = parts[0].shape[1], parts[0].shape[2], parts[2].shape[3]
-    s, (t0, t1) = _job_tile(row_seq, job)
+    s, (t0, t1) = _job_tile(row_seq, positions, S, bs, job)
     R = t1 - t0
-    k0, k1 = _cut(positions[t0], R, S, s, bs), _cut(positions[t0], R, S, s + 1, bs)
+    if _alone(row_seq.shape[0]):                       # each row's own cuts (the tile's rows share them)
+        k0 = _cut(positions[t0], 1, S, s, bs)
+        k1 = _cut(positions[t0], 1, S, s + 1, bs) if s + 1 < S else positions[t1 - 1] + 1
+    else:
+        k0, k1 = _cut(positions[t0], R, S, s, bs), _cut(positions[t0], R, S, s + 1, bs)
     scale = float32(1.0 / np.sqrt(hd))
     qs = np.empty((R, Hq, hd), dtype=np.float32)
     o = parts[2]
@@ -183,7 +203,7 @@ def _attention_job(q, k_cache, v_cache, row_seq, positions, block_tables, job, p
     all query heads, into parts[..][t, s] for each of its rows t. From lane_rows rows a tile on
     (and head_dim 64 or 128, blocks of a multiple of 16 keys), rows in lanes (below)."""
     if q.shape[2] % 16 == 0:                           # (see "Vector code", below)
-        t0, t1 = _job_tile(row_seq, job)[1]
+        t0, t1 = _job_tile(row_seq, positions, parts[0].shape[1], k_cache.shape[1], job)[1]
         if (t1 - t0 >= lane_rows and (q.shape[2] == 64 or q.shape[2] == 128)
                 and k_cache.shape[1] % 16 == 0):
             _attention_job_rows(q, k_cache, v_cache, row_seq, positions, block_tables, job, parts)
