@@ -165,11 +165,9 @@ def _job_tile(row_seq, positions, S, bs, job):
 
 
 @njit(inline="always")
-def _job_start(q, parts, row_seq, positions, job, bs):
+def _job_keys(row_seq, positions, S, bs, job):
     """Job `job` of n_tiles x S: its tile's rows t0..t1 - 1 (zigzag over the tiles), their
-    sequence b, slice s of their keys, k0..k1 - 1; their q scaled once (not every score) into qs
-    [R, Hq, hd]; m, l [R, Hq] started, the rows' o zeroed."""
-    S, Hq, hd = parts[0].shape[1], parts[0].shape[2], parts[2].shape[3]
+    sequence b, slice s of their keys, k0..k1 - 1 -> (b, s, t0, t1, k0, k1)."""
     s, (t0, t1) = _job_tile(row_seq, positions, S, bs, job)
     R = t1 - t0
     if _alone(row_seq.shape[0]):                       # each row's own cuts (the tile's rows share them)
@@ -177,6 +175,16 @@ def _job_start(q, parts, row_seq, positions, job, bs):
         k1 = _cut(positions[t0], 1, S, s + 1, bs) if s + 1 < S else positions[t1 - 1] + 1
     else:
         k0, k1 = _cut(positions[t0], R, S, s, bs), _cut(positions[t0], R, S, s + 1, bs)
+    return row_seq[t0], s, t0, t1, k0, k1
+
+
+@njit(inline="always")
+def _job_start(q, parts, row_seq, positions, job, bs):
+    """_job_keys, and the rows' q scaled once (not every score) into qs [R, Hq, hd]; m, l
+    [R, Hq] started, the rows' o zeroed."""
+    S, Hq, hd = parts[0].shape[1], parts[0].shape[2], parts[2].shape[3]
+    b, s, t0, t1, k0, k1 = _job_keys(row_seq, positions, S, bs, job)
+    R = t1 - t0
     scale = float32(1.0 / np.sqrt(hd))
     qs = np.empty((R, Hq, hd), dtype=np.float32)
     o = parts[2]
@@ -185,7 +193,7 @@ def _job_start(q, parts, row_seq, positions, job, bs):
         for h in range(Hq):
             for i in range(hd):
                 qs[t - t0, h, i] = q[t, h, i] * scale
-    return (row_seq[t0], s, t0, t1, k0, k1, qs, np.full((R, Hq), -np.inf, dtype=np.float32),
+    return (b, s, t0, t1, k0, k1, qs, np.full((R, Hq), -np.inf, dtype=np.float32),
             np.zeros((R, Hq), dtype=np.float32))
 
 
@@ -372,21 +380,23 @@ def _attention_job_rows(q, k_cache, v_cache, row_seq, positions, block_tables, j
     bs, Hkv = k_cache.shape[1], k_cache.shape[2]
     G = Hq // Hkv                                      # query heads per kv head
     row, blk_len = Hkv * hd, bs * Hkv * hd             # floats a key (all kv heads), a block
-    b, s, t0, t1, k0, k1, qs, m, l = _job_start(q, parts, row_seq, positions, job, bs)
+    b, s, t0, t1, k0, k1 = _job_keys(row_seq, positions, S, bs, job)
     R = t1 - t0
     nq = R * G                                         # queries of one kv head: (row, head) pairs
     ng = (nq + 15) // 16                               # ... 16 to a vector: groups
-    QT = np.zeros((Hkv, ng, hd, 16), dtype=np.float32)     # the queries, lane u of group g:
+    QT = np.empty((Hkv, ng, hd, 16), dtype=np.float32)     # the queries, lane u of group g:
     OT = np.zeros((Hkv, ng, hd, 16), dtype=np.float32)     # row t0 + (16 g + u) // G,
     M = np.full((Hkv, ng, 16), -np.inf, dtype=np.float32)  # head kvh G + (16 g + u) % G
     L = np.zeros((Hkv, ng, 16), dtype=np.float32)
     pos = np.full((ng, 16), -1, dtype=np.int64)        # each lane's position (-1: no query)
+    scale = float32(1.0 / np.sqrt(hd))                 # (as _job_start scales q: the same bits)
+    QT[:, ng - 1] = float32(0.0)                       # (lanes with no query)
     for kvh in range(Hkv):
         for w in range(nq):
-            t, h = t0 + w // G, kvh * G + w % G
-            pos[w // 16, w % 16] = positions[t]
+            t, h, g, u = t0 + w // G, kvh * G + w % G, w // 16, w % 16
+            pos[g, u] = positions[t]
             for i in range(hd):
-                QT[kvh, w // 16, i, w % 16] = qs[t - t0, h, i]
+                QT[kvh, g, i, u] = q[t, h, i] * scale
     bs16 = (bs + 15) // 16 * 16
     Sc = np.empty(bs16 * 16, dtype=np.float32)         # [keys, 16]: scores, then
     P = np.empty(bs16 * 16, dtype=np.float32)          # their exps
@@ -417,14 +427,13 @@ def _attention_job_rows(q, k_cache, v_cache, row_seq, positions, block_tables, j
                         _scores_rows(Sc, r0 * 16, QT, qoff, K, (ra + r0) * row + kvh * hd, row, n - r0, 8)
                 c = _softmax_rows(Sc, P, n, NK, M, L, (kvh * ng + g) * 16)
                 _pv_rows(OT, qoff, P, c, V, ra * row + kvh * hd, row, n, hd)
-    o = parts[2]                                       # [T, S, Hq, hd]
+    m_part, l_part, o = parts                          # [T, S, Hq], [T, S, Hq], [T, S, Hq, hd]
     for kvh in range(Hkv):
         for w in range(nq):
             t, h, g, u = t0 + w // G, kvh * G + w % G, w // 16, w % 16
-            m[t - t0, h], l[t - t0, h] = M[kvh, g, u], L[kvh, g, u]
+            m_part[t, s, h], l_part[t, s, h] = M[kvh, g, u], L[kvh, g, u]
             for i in range(hd):
                 o[t, s, h, i] = OT[kvh, g, i, u]
-    _job_end(parts, t0, t1, s, m, l)
 
 
 @njit(fastmath=True, cache=True)
