@@ -125,6 +125,19 @@ def test_a_short_step_cuts_each_rows_keys_as_alone(S):
     assert attention._n_tiles(long.row_seq, long.positions, S, bs) == 2   # 32 + 8 rows
 
 
+def test_a_sequence_keeps_its_own_slices_beside_a_prompt():
+    """Tokens to verify in a step with a prompt's long chunk: the prompt's tiles cut by their work,
+    the short sequence's rows still get, to the bit, what each gets alone."""
+    bs = 16
+    q, kc, vc, batch = case([(40, 0), (9, 70), (1, 33)], 64, bs, seed=3)
+    for S in (2, 3):
+        got = jobs(q, kc, vc, batch, S)
+        for b, t0, n, prefix in ((1, 40, 9, 70), (2, 49, 1, 33)):
+            for t in range(n):
+                alone = make_batch([([0], prefix + t, list(batch.block_tables[b]))], bs)
+                assert np.array_equal(jobs(q[t0 + t:t0 + t + 1], kc, vc, alone, S)[0], got[t0 + t]), (S, b, t)
+
+
 def test_tiles_hold_rows_of_one_sequence():
     """Tiles: every row in exactly one, each tile's rows of one sequence, at most ROWS of them."""
     seqs = [(1, 0), (70, 3), (2, 5), (32, 0), (1, 9), (33, 1)]

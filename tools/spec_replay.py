@@ -9,8 +9,9 @@ replays the answer step by step, without the engine's own timing noise:
 
   1. the greedy answer of each `bench --speculative` prompt (plain decoding: the text any
      speculation must reproduce);
-  2. the cost of a forward of r = 1 .. k_max + 1 new rows after a 64-token context (the fastest
-     of a few, the row counts taking turns; spec/speculator.timed_forward's measurement);
+  2. the cost of a forward of r = 1 .. k_max + 1 new rows after a 64-token context (--context:
+     another; the fastest of a few, the row counts taking turns; spec/speculator.timed_forward's
+     measurement, which the engine's speculator makes after 64);
   3. a replay of the answer: at each position the n-gram proposer (spec/ngram.py, as the engine
      builds it) looks up its guesses, a policy picks how many to send, the answer says how many
      are right; each step costs the forward of its rows. Policies: "engine" (the speculator's
@@ -95,6 +96,8 @@ def main() -> int:
     ap.add_argument("--k-max", type=int, default=DEFAULT_K, help="most guesses a step")
     ap.add_argument("--repeats", type=int, default=7,
                     help="forwards timed per row count (the fastest counts)")
+    ap.add_argument("--context", type=int, default=64,
+                    help="cached tokens before the timed forwards (default 64, as the engine's speculator)")
     a = ap.parse_args()
     llm = LLM(a.model, backend=a.backend, quant=a.quant, quiet=True)
     eng = llm.engine
@@ -102,8 +105,9 @@ def main() -> int:
     costs = {r: float("inf") for r in range(1, a.k_max + 2)}
     for _ in range(a.repeats):                 # the row counts in turns: the host's state moves
         for r in costs:
-            costs[r] = min(costs[r], timed_forward(eng.model, eng.cache, eng.blocks, r, eng.max_context, 1))
-    print("forward of r new rows after a 64-token context, ms: "
+            costs[r] = min(costs[r], timed_forward(eng.model, eng.cache, eng.blocks, r, eng.max_context, 1,
+                                                   a.context))
+    print(f"forward of r new rows after a {a.context}-token context, ms: "
           + ", ".join(f"{r}: {t * 1e3:.2f}" for r, t in costs.items()))
     for name, text in SPEC_WORKLOADS.items():
         c = llm.generate([llm.tokenizer.apply_chat_template([{"role": "user", "content": text}])], params)[0]

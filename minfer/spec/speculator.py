@@ -285,22 +285,24 @@ class Speculator:
         self.history.clear()
 
 
-def timed_forward(model, cache, blocks, n: int, max_context: int, repeats: int = 3) -> float | None:
-    """Seconds of a forward of n new tokens after (up to) 64 cached ones, on free blocks of the
-    pool (given back after), one untimed forward first; None if there is no room now. The
+def timed_forward(model, cache, blocks, n: int, max_context: int, repeats: int = 3,
+                  context: int = 64) -> float | None:
+    """Seconds of a forward of n new tokens after (up to) `context` cached ones, on free blocks of
+    the pool (given back after), one untimed forward first; None if there is no room now. The
     fastest of the repeats: on a shared machine the others were slowed by someone else."""
-    t = timed_forwards(model, cache, blocks, [n], max_context, repeats)
+    t = timed_forwards(model, cache, blocks, [n], max_context, repeats, context)
     return t[n] if t else None
 
 
-def timed_forwards(model, cache, blocks, ns, max_context: int, repeats: int = 3) -> dict | None:
-    """{n: seconds} for forwards of each n new tokens after (up to) 64 cached ones: one context,
-    then the sizes in turns, `repeats` rounds, the fastest of each (after one untimed round).
-    None if the pool has no room now."""
+def timed_forwards(model, cache, blocks, ns, max_context: int, repeats: int = 3,
+                   context: int = 64) -> dict | None:
+    """{n: seconds} for forwards of each n new tokens after (up to) `context` cached ones: one
+    context, then the sizes in turns, `repeats` rounds, the fastest of each (after one untimed
+    round). None if the pool has no room now."""
     from ..batch import make_batch
     ns = list(ns)
     top = max(ns)
-    sid, ctx = -(1 << 40), min(64, max_context - top - 1)      # an id no request has
+    sid, ctx = -(1 << 40), min(context, max_context - top - 1)   # an id no request has
     ids = [i % model.config.vocab_size for i in range(ctx + top)]
     if ctx < 1 or not blocks.can_hold(sid, ctx + top):
         return None

@@ -98,15 +98,15 @@ def _slices(T, S, Hq, hd):
 @njit(inline="always")
 def _tile_rows(row_seq, positions, S, bs, i):
     """Tiles of the batch's rows: a new one where a sequence starts, every ROWS rows of it, and
-    in a step of up to ROWS rows (_alone) where a row's slices of S would be cut elsewhere than
-    the row before's. -> (t0, t1) of tile i (i = -1: (number of tiles, T))."""
+    for a sequence of up to ROWS rows (_alone) where a row's slices of S would be cut elsewhere
+    than the row before's. -> (t0, t1) of tile i (i = -1: (number of tiles, T))."""
     T = row_seq.shape[0]
-    n, start, t0 = 0, 0, T
+    n, start, t0, alone = 0, 0, T, False
     for t in range(T):
         new = t == 0
-        if t > 0 and row_seq[t] != row_seq[t - 1]:
-            start, new = t, True
-        elif t > 0 and _alone(T):
+        if t == 0 or row_seq[t] != row_seq[t - 1]:
+            start, new, alone = t, True, _alone(row_seq, t)
+        elif alone:
             for s in range(1, S):
                 if _cut(positions[t], 1, S, s, bs) != _cut(positions[t - 1], 1, S, s, bs):
                     new = True
@@ -125,12 +125,18 @@ def _n_tiles(row_seq, positions, S, bs):
 
 
 @njit(inline="always")
-def _alone(T):
-    """Does a step of T rows cut each row's keys as if the row came alone? Up to ROWS rows (a
-    decode batch, tokens to verify): then a row's slices, and so its result to the last bit, do
-    not depend on the rows beside it — a verified token gets the numbers its decode step would
-    have. More rows (a prompt): the slices share a tile's (row, key) pairs equally instead."""
-    return T <= ROWS
+def _alone(row_seq, t):
+    """Are the keys of row t's sequence cut as if each of its rows came alone? Where the sequence
+    brings up to ROWS rows to the step (a decode step, tokens to verify): then a row's slices, and
+    so its result to the last bit, do not depend on the rows beside it — a verified token gets
+    the numbers its decode step would have, whatever else the step carries. More rows (a
+    prompt): the slices share a tile's (row, key) pairs equally instead."""
+    a, b = t, t                                        # the sequence's rows: a..b
+    while a > 0 and row_seq[a - 1] == row_seq[t]:
+        a -= 1
+    while b + 1 < row_seq.shape[0] and row_seq[b + 1] == row_seq[t] and b - a < ROWS:
+        b += 1
+    return b - a < ROWS
 
 
 @njit(inline="always")
@@ -170,7 +176,7 @@ def _job_keys(row_seq, positions, S, bs, job):
     sequence b, slice s of their keys, k0..k1 - 1 -> (b, s, t0, t1, k0, k1)."""
     s, (t0, t1) = _job_tile(row_seq, positions, S, bs, job)
     R = t1 - t0
-    if _alone(row_seq.shape[0]):                       # each row's own cuts (the tile's rows share them)
+    if _alone(row_seq, t0):                            # each row's own cuts (the tile's rows share them)
         k0 = _cut(positions[t0], 1, S, s, bs)
         k1 = _cut(positions[t0], 1, S, s + 1, bs) if s + 1 < S else positions[t1 - 1] + 1
     else:
