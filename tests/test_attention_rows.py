@@ -2,7 +2,7 @@
 (each cache block loaded once for all of them, causal within the new rows): against the NumPy
 reference, at odd row counts and prefixes, several sequences of different row counts in one batch,
 the vector path (head_dim 64 and 128: p.V 64 floats at a time; 32: 16 at a time), its rows-in-lanes
-form (tiles of LANE_ROWS rows or more, head_dim 64 and 128, blocks of 16 or 32 keys) and the plain
+form (tiles of LANE_ROWS rows or more, head_dim 64, blocks of 16 or 32 keys) and the plain
 one (head_dim 24), block sizes 16, 32 and 5; and a row's result is the same bits in a tile of any
 size."""
 import numpy as np

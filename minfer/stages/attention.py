@@ -95,7 +95,7 @@ def _slices(T, S, Hq, hd):
             np.empty((T, S, Hq, hd), dtype=np.float32))
 
 
-@njit(inline="always")
+@njit(cache=True)
 def _tile_rows(row_seq, positions, S, bs, i):
     """Tiles of the batch's rows: a new one where a sequence starts, every ROWS rows of it, and
     for a sequence of up to ROWS rows (_alone) where a row's slices of S would be cut elsewhere
@@ -119,12 +119,12 @@ def _tile_rows(row_seq, positions, S, bs, i):
     return (t0, T) if i >= 0 else (n, T)
 
 
-@njit(inline="always")
+@njit(cache=True)
 def _n_tiles(row_seq, positions, S, bs):
     return _tile_rows(row_seq, positions, S, bs, -1)[0]
 
 
-@njit(inline="always")
+@njit(cache=True)
 def _alone(row_seq, t):
     """Are the keys of row t's sequence cut as if each of its rows came alone? Where the sequence
     brings up to ROWS rows to the step (a decode step, tokens to verify): then a row's slices, and
@@ -139,7 +139,7 @@ def _alone(row_seq, t):
     return b - a < ROWS
 
 
-@njit(inline="always")
+@njit(cache=True)
 def _cut(p0, R, S, s, bs):
     """Where slice s of S starts among the keys 0..p0 + R - 1 of a tile whose R rows sit at
     positions p0..p0 + R - 1 (key j < p0 + 1 is seen by all R rows, key p0 + u by R - u): the
@@ -161,7 +161,7 @@ def _cut(p0, R, S, s, bs):
                                                        # scored 16 keys at a time by both jobs
 
 
-@njit(inline="always")
+@njit(cache=True)
 def _job_tile(row_seq, positions, S, bs, job):
     """Job `job` of n_tiles x S -> (its slice s, its tile's rows (t0, t1)): slice by slice, the
     tiles in zigzag order."""
@@ -170,7 +170,7 @@ def _job_tile(row_seq, positions, S, bs, job):
     return s, _tile_rows(row_seq, positions, S, bs, i // 2 if i % 2 == 0 else n - 1 - i // 2)
 
 
-@njit(inline="always")
+@njit(cache=True)
 def _job_keys(row_seq, positions, S, bs, job):
     """Job `job` of n_tiles x S: its tile's rows t0..t1 - 1 (zigzag over the tiles), their
     sequence b, slice s of their keys, k0..k1 - 1 -> (b, s, t0, t1, k0, k1)."""
@@ -215,11 +215,10 @@ def _job_end(parts, t0, t1, s, m, l):
 def _attention_job(q, k_cache, v_cache, row_seq, positions, block_tables, job, parts, lane_rows):
     """Job `job` of n_tiles x S: a tile of one sequence's rows against one slice of its keys,
     all query heads, into parts[..][t, s] for each of its rows t. From lane_rows rows a tile on
-    (and head_dim 64 or 128, blocks of a multiple of 16 keys), rows in lanes (below)."""
+    (and head_dim 64, blocks of a multiple of 16 keys), rows in lanes (below)."""
     if q.shape[2] % 16 == 0:                           # (see "Vector code", below)
         t0, t1 = _job_tile(row_seq, positions, parts[0].shape[1], k_cache.shape[1], job)[1]
-        if (t1 - t0 >= lane_rows and (q.shape[2] == 64 or q.shape[2] == 128)
-                and k_cache.shape[1] % 16 == 0):
+        if t1 - t0 >= lane_rows and q.shape[2] == 64 and k_cache.shape[1] % 16 == 0:
             _attention_job_rows(q, k_cache, v_cache, row_seq, positions, block_tables, job, parts)
         else:
             _attention_job_vec(q, k_cache, v_cache, row_seq, positions, block_tables, job, parts)
@@ -379,7 +378,7 @@ def _attention_job_vec(q, k_cache, v_cache, row_seq, positions, block_tables, jo
 @njit(fastmath=True, cache=True)
 def _attention_job_rows(q, k_cache, v_cache, row_seq, positions, block_tables, job, parts):
     """_attention_job for a tile of several rows, 16 query vectors a vector (attention_simd.py,
-    "Rows in lanes"): head_dim 64 or 128, block size a multiple of 16. Each query's arithmetic is
+    "Rows in lanes"): head_dim 64 (SmolLM2's), block size a multiple of 16. Each query's arithmetic is
     _attention_job_vec's, so a row gets the same bits in a tile of any size."""
     S = parts[0].shape[1]
     Hq, hd = q.shape[1], q.shape[2]
@@ -427,10 +426,7 @@ def _attention_job_rows(q, k_cache, v_cache, row_seq, positions, block_tables, j
             for kvh in range(Hkv):
                 qoff = (kvh * ng + g) * hd * 16
                 for r0 in range(0, n, 16):
-                    if hd == 64:
-                        _scores_rows(Sc, r0 * 16, QT, qoff, K, (ra + r0) * row + kvh * hd, row, n - r0, 4)
-                    else:
-                        _scores_rows(Sc, r0 * 16, QT, qoff, K, (ra + r0) * row + kvh * hd, row, n - r0, 8)
+                    _scores_rows(Sc, r0 * 16, QT, qoff, K, (ra + r0) * row + kvh * hd, row, n - r0, 4)
                 c = _softmax_rows(Sc, P, n, NK, M, L, (kvh * ng + g) * 16)
                 _pv_rows(OT, qoff, P, c, V, ra * row + kvh * hd, row, n, hd)
     m_part, l_part, o = parts                          # [T, S, Hq], [T, S, Hq], [T, S, Hq, hd]

@@ -281,12 +281,14 @@ def _scores_rows(typingctx, S, soff, QT, qoff, K, koff, kstride, nk, chunks):
         last = builder.sub(nk_, ir.Constant(_I64, 1))
         kdata = context.make_array(sig.args[4])(context, builder, K_).data
         zero = ir.Constant(_vec(F32, 16), [0.0] * 16)
-        for r4 in range(0, 16, 4):                     # 4 keys at a time: each QT row serves 4
+        # 4 keys at a time (each QT row serves 4), a loop of 4: the body is one quarter of the code
+        with cgutils.for_range(builder, ir.Constant(_I64, 4)) as loop:
+            r4 = builder.mul(loop.index, ir.Constant(_I64, 4))
             kr = []
-            for r in range(r4, r4 + 4):
-                rc = ir.Constant(_I64, r)
+            for j in range(4):
+                r = builder.add(r4, ir.Constant(_I64, j))
                 kr.append(builder.add(koff_, builder.mul(builder.select(
-                    builder.icmp_signed("<", rc, last), rc, last), ks_)))
+                    builder.icmp_signed("<", r, last), r, last), ks_)))
             stacks = [[] for _ in range(4)]            # (level, partial sum) of each key's tree
             for lane in range(16):
                 P = [zero] * 4
@@ -304,8 +306,8 @@ def _scores_rows(typingctx, S, soff, QT, qoff, K, koff, kstride, nk, chunks):
                         lev += 1
                     st.append((lev, v))
             for j in range(4):
-                builder.store(stacks[j][0][1], _flat_ptr(context, builder, sig.args[0], S_, builder.add(
-                    soff_, ir.Constant(_I64, 16 * (r4 + j)))), align=4)
+                at = builder.add(soff_, builder.mul(builder.add(r4, ir.Constant(_I64, j)), ir.Constant(_I64, 16)))
+                builder.store(stacks[j][0][1], _flat_ptr(context, builder, sig.args[0], S_, at), align=4)
         return context.get_dummy_value()
     if S.layout == "C" and QT.layout == "C" and K.layout == "C":
         return types.none(S, types.int64, QT, types.int64, K, types.int64, types.int64, types.int64,
