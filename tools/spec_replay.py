@@ -10,8 +10,8 @@ replays the answer step by step, without the engine's own timing noise:
   1. the greedy answer of each `bench --speculative` prompt (plain decoding: the text any
      speculation must reproduce);
   2. the cost of a forward of r = 1 .. k_max + 1 new rows after a 64-token context (--context:
-     another; the fastest of a few, the row counts taking turns; spec/speculator.timed_forward's
-     measurement, which the engine's speculator makes after 64);
+     another; the fastest of a few, the row counts taking turns; spec/speculator.timed_forwards,
+     the measurement of the engine's speculator, which makes it after 64);
   3. a replay of the answer: at each position the n-gram proposer (spec/ngram.py, as the engine
      builds it) looks up its guesses, a policy picks how many to send, the answer says how many
      are right; each step costs the forward of its rows. Policies: "engine" (the speculator's
@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from minfer import LLM, SamplingParams  # noqa: E402
 from minfer.bench import SPEC_WORKLOADS  # noqa: E402
 from minfer.spec.ngram import NgramIndex, NgramProposer  # noqa: E402
-from minfer.spec.speculator import DEFAULT_K, _Adapt, timed_forward  # noqa: E402
+from minfer.spec.speculator import DEFAULT_K, _Adapt, timed_forwards  # noqa: E402
 
 
 def lookups(prompt: list, answer: list, k_max: int) -> list:
@@ -102,11 +102,10 @@ def main() -> int:
     llm = LLM(a.model, backend=a.backend, quant=a.quant, quiet=True)
     eng = llm.engine
     params = SamplingParams(temperature=0, max_tokens=a.new_tokens)
-    costs = {r: float("inf") for r in range(1, a.k_max + 2)}
-    for _ in range(a.repeats):                 # the row counts in turns: the host's state moves
-        for r in costs:
-            costs[r] = min(costs[r], timed_forward(eng.model, eng.cache, eng.blocks, r, eng.max_context, 1,
-                                                   a.context))
+    # one context, the row counts in turns (the host's state moves), the fastest of each: as the
+    # speculator's calibration measures them
+    costs = timed_forwards(eng.model, eng.cache, eng.blocks, range(1, a.k_max + 2), eng.max_context,
+                           a.repeats, a.context)
     print(f"forward of r new rows after a {a.context}-token context, ms: "
           + ", ".join(f"{r}: {t * 1e3:.2f}" for r, t in costs.items()))
     for name, text in SPEC_WORKLOADS.items():
