@@ -60,10 +60,13 @@ def paged_attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, bat
 # and partial outputs stay in L2. A decode step is the case of one-row tiles. The slices: a
 # tile's keys are cut into S of them, each a job with its own partial results (m, l, o of each
 # row and head), merged at the end ("flash-decoding", Dao et al. 2023) — the softmax rescale once
-# more: o = sum_s e^(m_s - M) o_s, l = sum_s e^(m_s - M) l_s. The cuts fall on block boundaries
-# and give each slice the same number of (row, key) pairs: under the causal mask the last keys
-# are seen by fewer rows (a prompt's chunk is a triangle), and equal numbers of keys would leave
-# one thread waiting on another. Here S = SLICES // n_tiles (at least 1; cpu/region.py picks its
+# more: o = sum_s e^(m_s - M) o_s, l = sum_s e^(m_s - M) l_s. The cuts fall on block boundaries.
+# Where a sequence brings more than ROWS rows (a prompt's chunk) they give each slice the same
+# number of (row, key) pairs: under the causal mask the last keys are seen by fewer rows (a
+# triangle), and equal numbers of keys would leave one thread waiting on another. Where it
+# brings up to ROWS (a decode step, tokens to verify) each row's keys are cut where they would be
+# if the row came alone (_alone), and a tile ends where those cuts move: a row's result, to the
+# last bit, does not depend on the rows beside it. Here S = SLICES // n_tiles (at least 1; cpu/region.py picks its
 # own). The jobs go slice by slice (job j: slice j // n_tiles), so that a thread's share of them
 # can hold whole slices of every tile; the tiles in zigzag order (0, n - 1, 1, n - 2, ...), so
 # that a share of them holds short and long causal contexts alike.
