@@ -430,7 +430,7 @@ print("two pass:", two_pass.round(6))
 # head's scores for 16 keys in one call, the block's softmax as one 16-lane vector, p.V 64 floats
 # of the output at a time with each key's weight splat once, the next block prefetched while this
 # one is scored (docs/benchmarks.md). A tile of several rows (4 or more: tokens to verify, a
-# chunk of a prompt) turns the vectors around, `attention._attention_job_rows`: 16 query vectors,
+# chunk of a prompt; head_dim 64) turns the vectors around, `attention._attention_job_rows`: 16 query vectors,
 # one in each lane, so that a key's element splat once serves 16 products and the softmax runs
 # down the keys with no sum across lanes. Each query's sums are added in the same order in both
 # forms (the few that fast-math could reorder are marked to stay as written), and in a step of
