@@ -1,5 +1,6 @@
-"""The vector operations of attention's job in vector code (stages/attention.py,
-_attention_job_vec), written as LLVM operations: what numba would not make of plain loops.
+"""The vector operations of attention's jobs in vector code (stages/attention.py,
+_attention_job_vec and _attention_job_rows), written as LLVM operations: what numba would not
+make of plain loops.
 
     _scores16                a head's scores for 16 keys: 16 dot products side by side, then a
                              tree of shuffles that adds up each one's lanes
@@ -9,6 +10,9 @@ _attention_job_vec), written as LLVM operations: what numba would not make of pl
                              p splat once for its 64 floats, even and odd keys in separate chains
     _pv_start/_pv4/_pv1/_pv_end
                              the same 16 floats at a time (head_dim not a multiple of 64)
+    _scores_rows, _softmax_rows, _pv_rows
+                             the same three steps with 16 queries in the lanes ("Rows in lanes")
+    _fma1, _add1, _exp_diff1 the one-row job's scalars of the softmax, in the order the rows keep
 
 Offsets are flat indices into C-contiguous arrays; lanes are 16 float32 (AVX-512: one register).
 """
@@ -355,8 +359,7 @@ def _softmax_rows(typingctx, S, P, n, NK, M, L, moff):
                 builder.store(e, _flat_ptr(context, builder, sig.args[1], P_, off), align=4)
                 es.append(e)
             builder.store(builder.fadd(builder.load(total), _sum_rows(builder, es), flags=AS_WRITTEN), total)
-        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vt, [vt] * 3), "llvm.fma.v16f32")
-        builder.store(builder.call(fn, [l_old, c, builder.load(total)]),
+        builder.store(_fma(builder, l_old, c, builder.load(total)),
                       _flat_ptr(context, builder, sig.args[5], L_, moff_), align=4)
         builder.store(m_new, _flat_ptr(context, builder, sig.args[4], M_, moff_), align=4)
         return c
