@@ -42,6 +42,20 @@ def test_tile_unit_equals_the_int8_reference(fmt, half, T, limbs):
         assert np.abs(got - exact).max() <= 1e-5 * np.abs(exact).max()
 
 
+@pytest.mark.parametrize("fmt", ["Q4_1", "Q8_0"])
+@pytest.mark.parametrize("O, K", [(16, 32), (8, 64), (20, 32)])
+@pytest.mark.parametrize("T, limbs", [(1, 3), (9, 3), (17, 1)])
+def test_fewer_blocks_than_the_loop_keeps_in_flight(fmt, O, K, T, limbs):
+    """One, two or three blocks in all (the loop has a block's products, another's stores and a
+    third's scaling under way at once): every block still lands, none twice."""
+    rng = np.random.default_rng(O + K + T)
+    w = QuantMatrix.from_float(rng.standard_normal((O, K)).astype(np.float32), fmt)
+    x = rng.standard_normal((T, K)).astype(np.float32)
+    pm = quant_panel.PanelMatrix(w)
+    want = quant_panel.quant_linear_panels(x, pm, limbs)
+    assert np.abs(_amx(x, pm, limbs)[:, :O] - want).max() <= 1e-6 * np.abs(want).max()
+
+
 def test_a_range_of_panels_and_one_workspace_for_many_shapes():
     """Panels p0..p1-1 land at out's columns c0 on; one workspace serves calls of other row
     counts (the tile shapes reloaded when they change), before and after done()."""

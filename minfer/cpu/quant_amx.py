@@ -15,20 +15,20 @@ p) of x are K bytes apart and one tile load takes 16 of them. One instruction th
 `vpdpbusd` do.
 
 A block's sums cannot be added up in the tile across blocks: each block has its own scales. So
-for each block the tile of sums goes to memory (`tilestored`, the costly part: about as long
-whatever its rows) and the vector unit scales and adds them as quant_panel does — the same
-integers, the same float work:
+for each block the tile of sums goes to memory (`tilestored`) and the vector unit scales and adds
+them as quant_panel does — the same integers, the same float work:
 
     for each panel p, block b:   C = A(b) B(p, b)  ->  sums  (tile unit)
                                  y[t, r] += X[t, r] d[r, b] dx[t, b] (+ m[r, b] sum(x[t, b]))
                                  X[t, r] = the parts' sums, (s0 128 + s1) 128 + s2
 
-What the loop below does for speed: the sums of block b are read while the tile unit does block
-b + 1 (two sets of tiles, taken in turns); Q4 blocks are unpacked 4 blocks ahead (a tile load
-right after the stores that wrote its bytes waits for them); and a pass takes up to 30 rows (10
-tokens of three parts, or 16 of one), whose sums stay in 16 registers. Even so the two units
-mostly take turns (docs/benchmarks.md, "CPU kernel details"): the tile unit pays from a few rows
-on, not from one.
+What the loop below does for speed: nothing waits for a result just asked for. The sums of block
+b are stored while the tile unit does block b + 1 (two sets of tiles, taken in turns: a store
+right after its products waits for the tile unit's latency), and scaled while it does block b + 3
+(loads right after a tile store wait for the store); Q4 blocks are unpacked 4 blocks ahead (a
+tile load right after the stores that wrote its bytes waits for them too); and a pass takes up to
+30 rows (10 tokens of three parts, or 16 of one), whose sums stay in 16 registers. Even so the
+tile unit pays from a few rows on, not from one (docs/benchmarks.md, "CPU kernel details").
 
 A process asks Linux for the tile registers once (simd.has_amx(), called when this module is
 imported). A thread loads the tiles' shapes (`ldtilecfg`) when they change, and lets the tiles
@@ -49,6 +49,7 @@ from .quant_panel import PREFETCH_BYTES, ROWS, _nibbles, _scalar, _scale_add
 
 TOKENS = 16                        # accumulators a pass: 16 tokens of one part, 10 of three
 AHEAD = 4                          # Q4 blocks unpacked ahead of the tile loads
+LAG = 3                            # a block's sums are scaled this many blocks after its products
 
 available = has_amx
 available()                        # the process asks for the tile registers, once
@@ -87,11 +88,11 @@ def _release(typingctx):
 
 
 @intrinsic
-def _block(typingctx, s, wts, woff, xq, xoff, K, sums, soff, two):
-    """One block on the tile unit, with set s (0 or 1, a literal) of tiles: B (tile 6 + s) = the
-    block's weights at wts.flat[woff:]; sums C (tile 2 s) = A (tile 4: x's first 16 rows at
-    xq.flat[xoff:], K bytes apart) . B, stored at sums.flat[soff:]; and, if two, C (tile 2 s + 1)
-    = A (tile 5: the rows from 16 on) . B at sums.flat[soff + 16 16:]."""
+def _products(typingctx, s, wts, woff, xq, xoff, K, two):
+    """One block's products on the tile unit, with set s (0 or 1, a literal) of tiles: B (tile
+    6 + s) = the block's weights at wts.flat[woff:]; sums C (tile 2 s) = A (tile 4: x's first 16
+    rows at xq.flat[xoff:], K bytes apart) . B; and, if two, C (tile 2 s + 1) = A (tile 5: the
+    rows from 16 on) . B."""
     if not isinstance(s, types.IntegerLiteral):
         return None
     c, b = 2 * s.literal_value, 6 + s.literal_value
@@ -99,24 +100,43 @@ def _block(typingctx, s, wts, woff, xq, xoff, K, sums, soff, two):
     def codegen(context, builder, sig, args):
         i64 = ir.IntType(64)
         reg = (lambda t: ir.Constant(I8, t))
-        at = (lambda i, off: _address(context, builder, sig.args[i], args[i], off))
-        _call(builder, "llvm.x86.tileloadd64", [reg(b), at(1, args[2]), ir.Constant(i64, 64)])
+        _call(builder, "llvm.x86.tileloadd64",
+              [reg(b), _address(context, builder, sig.args[1], args[1], args[2]), ir.Constant(i64, 64)])
         K = builder.sext(args[5], i64)
-        for j, a, x, out in ((0, 4, args[4], args[7]),
-                             (1, 5, builder.add(args[4], builder.mul(args[5], ir.Constant(args[5].type, 16))),
-                              builder.add(args[7], ir.Constant(args[7].type, 16 * ROWS)))):
+        second = builder.add(args[4], builder.mul(args[5], ir.Constant(args[5].type, 16)))
+        for j, a, x in ((0, 4, args[4]), (1, 5, second)):
             def products():
                 _call(builder, "llvm.x86.tilezero", [reg(c + j)])
-                _call(builder, "llvm.x86.tileloadd64", [reg(a), at(3, x), K])
+                _call(builder, "llvm.x86.tileloadd64",
+                      [reg(a), _address(context, builder, sig.args[3], args[3], x), K])
                 _call(builder, "llvm.x86.tdpbsud", [reg(c + j), reg(a), reg(b)])
-                _call(builder, "llvm.x86.tilestored64", [reg(c + j), at(6, out), ir.Constant(i64, 64)])
             if j == 0:
                 products()
             else:
-                with builder.if_then(args[8]):
+                with builder.if_then(args[6]):
                     products()
         return context.get_dummy_value()
-    return types.none(s, wts, woff, xq, xoff, K, sums, soff, two), codegen
+    return types.none(s, wts, woff, xq, xoff, K, two), codegen
+
+
+@intrinsic
+def _store_sums(typingctx, s, sums, soff, two):
+    """Set s's sums (tile 2 s, and 2 s + 1 if two) to sums.flat[soff:] (16 int32 a row; the
+    second tile's rows from soff + 16 16 on)."""
+    if not isinstance(s, types.IntegerLiteral):
+        return None
+    c = 2 * s.literal_value
+
+    def codegen(context, builder, sig, args):
+        i64 = ir.IntType(64)
+        at = (lambda off: _address(context, builder, sig.args[1], args[1], off))
+        _call(builder, "llvm.x86.tilestored64", [ir.Constant(I8, c), at(args[2]), ir.Constant(i64, 64)])
+        with builder.if_then(args[3]):
+            _call(builder, "llvm.x86.tilestored64",
+                  [ir.Constant(I8, c + 1), at(builder.add(args[2], ir.Constant(args[2].type, 16 * ROWS))),
+                   ir.Constant(i64, 64)])
+        return context.get_dummy_value()
+    return types.none(s, sums, soff, two), codegen
 
 
 @intrinsic
@@ -212,11 +232,11 @@ def _shapes(cfg, R):
 @njit(cache=True)
 def workspace():
     """A thread's buffers for tile(): the tile shapes loaded (none yet), a ring of unpacked Q4
-    blocks, two blocks' sums. Its calls run on that thread with no other use of the tile
+    blocks, LAG blocks' sums. Its calls run on that thread with no other use of the tile
     registers between them (the shapes are loaded again only when they change); done() after
     the last."""
     return (np.zeros(64, dtype=np.uint8), np.empty(AHEAD * 512, dtype=np.uint8),
-            np.empty(2 * 32 * ROWS, dtype=np.int32))
+            np.empty(LAG * 32 * ROWS, dtype=np.int32))
 
 
 @njit(cache=True)
@@ -249,36 +269,43 @@ def tile(xi, qp, d, m, p0, p1, out, c0, work):
         n = t1 - t0
         R = n * limbs                                  # rows (token, part): xq's from t0 limbs on
         _shapes(cfg, R)
-        xo = t0 * limbs * K
+        xo, two = t0 * limbs * K, R > 16               # two tiles of rows from 17 on
         if not q8:
             for g in range(min(AHEAD, G)):
                 _unpack_q4(qp, (p0 * nb + g) * vb, w, (g % AHEAD) * 512)
         acc = _zeros(16)
-        # block g (of panel p0 + g // nb) on the tile unit, then block g - 1's sums scaled and
-        # added: the two units work side by side, across the panels' ends too
-        for g in range(G + 1):
+        # Three blocks in flight: block g's products on the tile unit, block g - 1's sums (done
+        # by now) stored, block g - 3's sums (stored two turns ago) scaled and added. A store
+        # right after its products waits for them, and loads right after a store wait for it:
+        # each costs most of a block's time if nothing else runs meanwhile.
+        for g in range(G + LAG):
             if g < G:
                 blk, b = p0 * nb + g, g % nb
                 if i == 0:                             # the first pass streams the weights
                     for c in range(0, vb, 64):
                         _prefetch_l2(qp, min(last, blk * vb + c + PREFETCH_BYTES))
-                so, wo = (g % 2) * 32 * ROWS, (g % AHEAD) * 512
-                xb, two = xo + b * QK, R > 16              # two tiles of rows from 17 on
-                if g % 2 == 0:                             # the two sets of tiles in turns
+                wo, xb = (g % AHEAD) * 512, xo + b * QK
+                if g % 2 == 0:                         # the two sets of tiles in turns
                     if q8:
-                        _block(0, qp, blk * vb, xq, xb, K, sums, so, two)
+                        _products(0, qp, blk * vb, xq, xb, K, two)
                     else:
-                        _block(0, w, wo, xq, xb, K, sums, so, two)
+                        _products(0, w, wo, xq, xb, K, two)
                 elif q8:
-                    _block(1, qp, blk * vb, xq, xb, K, sums, so, two)
+                    _products(1, qp, blk * vb, xq, xb, K, two)
                 else:
-                    _block(1, w, wo, xq, xb, K, sums, so, two)
+                    _products(1, w, wo, xq, xb, K, two)
                 if not q8 and g + AHEAD < G:           # the ring's slot is free again
                     _unpack_q4(qp, (p0 * nb + g + AHEAD) * vb, w, wo)
-            if g > 0:
-                e = g - 1
+            if 0 < g <= G:                             # block g - 1's sums to slot (g - 1) % LAG
+                so = ((g - 1) % LAG) * 32 * ROWS
+                if (g - 1) % 2 == 0:
+                    _store_sums(0, sums, so, two)
+                else:
+                    _store_sums(1, sums, so, two)
+            if g >= LAG:
+                e = g - LAG
                 blk, b = p0 * nb + e, e % nb
-                so, ds, tk = (e % 2) * 32 * ROWS, blk * ROWS, t0 * nb + b
+                so, ds, tk = (e % LAG) * 32 * ROWS, blk * ROWS, t0 * nb + b
                 if q8 and limbs == 3:
                     acc = _q8_3(acc, sums, so, n, d, m, ds, dx, xsum, start, tk, nb)
                 elif q8:
