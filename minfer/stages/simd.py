@@ -155,6 +155,20 @@ def _store16(typingctx, a, off, v):
 
 
 @intrinsic
+def _add16(typingctx, out, oo, a, ao, b, bo):
+    """out.flat[oo:oo + 16] = a.flat[ao:ao + 16] + b.flat[bo:bo + 16] (C-contiguous float32; one
+    rounded add a lane: the bits of the scalar a + b)."""
+    def codegen(context, builder, sig, args):
+        s = builder.fadd(_load(context, builder, sig.args[2], args[2], args[3], F32, 16),
+                         _load(context, builder, sig.args[4], args[4], args[5], F32, 16))
+        data = context.make_array(sig.args[0])(context, builder, args[0]).data
+        builder.store(s, builder.bitcast(builder.gep(data, [args[1]]), _vec(F32, 16).as_pointer()), align=4)
+        return context.get_dummy_value()
+    if all(t.layout == "C" for t in (out, a, b)):
+        return types.none(out, types.int64, a, types.int64, b, types.int64), codegen
+
+
+@intrinsic
 def _sum16(typingctx, a):
     def codegen(context, builder, sig, args):
         fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(
