@@ -235,8 +235,17 @@ def workspace():
     blocks, LAG blocks' sums. Its calls run on that thread with no other use of the tile
     registers between them (the shapes are loaded again only when they change); done() after
     the last."""
-    return (np.zeros(64, dtype=np.uint8), np.empty(AHEAD * 512, dtype=np.uint8),
-            np.empty(LAG * 32 * ROWS, dtype=np.int32))
+    ring = _on_a_line(AHEAD * 512)
+    return np.zeros(64, dtype=np.uint8), ring, _on_a_line(LAG * 32 * ROWS * 4).view(np.int32)
+
+
+@njit(cache=True)
+def _on_a_line(nbytes):
+    """nbytes of memory that start on a cache line: tile rows and vector stores that straddle
+    two lines cost two."""
+    raw = np.empty(nbytes + 64, dtype=np.uint8)
+    at = (64 - raw.ctypes.data % 64) % 64
+    return raw[at:at + nbytes]
 
 
 @njit(cache=True)
