@@ -34,7 +34,7 @@ def _host_region_max_rows() -> int:
 def _host_tile_unit_rows() -> tuple:
     from .simd import has_amx
     never = 1 << 30
-    return (never, never, 9, 4) if has_amx() else (never,) * 4
+    return (never, never, 8, 4) if has_amx() else (never,) * 4
 
 
 @cache
