@@ -98,3 +98,13 @@ def test_the_tile_unit_gives_the_vector_panels_bits_for_one_row(fmt, limbs):
     alone = np.concatenate([quant_panel.quant_linear_panels(x[t:t + 1], pm, limbs) for t in range(12)])
     for T in (4, 9, 12):
         assert np.array_equal(_amx(x[:T], pm, limbs)[:, :40], alone[:T])
+
+
+def test_the_workspace_starts_on_cache_lines():
+    """The ring of unpacked blocks (tile loads, 64-byte vector stores) and the sums (tile stores,
+    vector loads): a row that straddles two lines costs two."""
+    for _ in range(5):
+        cfg, ring, sums = quant_amx.workspace()
+        assert ring.ctypes.data % 64 == 0 and sums.ctypes.data % 64 == 0
+        assert ring.dtype == np.uint8 and sums.dtype == np.int32
+        assert ring.size == quant_amx.AHEAD * 512 and sums.size == quant_amx.LAG * 32 * 16

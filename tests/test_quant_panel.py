@@ -55,3 +55,29 @@ def test_a_row_gives_the_same_bits_whatever_rows_come_with_it(fmt, limbs):
     alone = np.concatenate([quant_panel.quant_linear_panels(x[t:t + 1], pm, limbs) for t in range(11)])
     for T in (2, 3, 4, 5, 7, 11):
         assert np.array_equal(quant_panel.quant_linear_panels(x[:T], pm, limbs), alone[:T])
+
+
+@pytest.mark.parametrize("fmt", ["Q4_1", "Q8_0"])
+def test_stacked_panels_start_on_a_cache_line(fmt):
+    """The layers' panels, scales and mins (what the kernels load 64 bytes at a time) start on a
+    64-byte line and hold what np.stack would."""
+    rng = np.random.default_rng(3)
+    ws = [QuantMatrix.from_float(rng.standard_normal((40, 96)).astype(np.float32), fmt) for _ in range(3)]
+    qs, d = np.stack([w.qs for w in ws]), np.stack([w.d for w in ws])
+    m = None if fmt == "Q8_0" else np.stack([w.m for w in ws])
+    got = quant_panel.stacked(fmt, qs, d, m)
+    mats = [quant_panel.PanelMatrix(w) for w in ws]
+    want = (np.stack([a.qp for a in mats]), np.stack([a.d for a in mats]),
+            np.zeros((3, 0), np.float32) if m is None else np.stack([a.m for a in mats]))
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype and np.array_equal(g, w)
+        if g.size:
+            assert g.ctypes.data % 64 == 0
+
+
+def test_zeros_on_lines():
+    from minfer.stages.simd import zeros_on_lines
+    for shape, dtype in [((3, 5), np.float32), ((7,), np.uint16), ((2, 3, 4), np.int8)]:
+        a = zeros_on_lines(shape, dtype)
+        assert a.shape == shape and a.dtype == dtype and a.ctypes.data % 64 == 0
+        assert not a.any() and a.flags.c_contiguous and a.flags.writeable
