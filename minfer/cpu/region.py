@@ -58,7 +58,7 @@ from ..stages.fastexp import exp32
 from ..stages.kvcache import kv_write_numba
 from ..stages.rmsnorm import rmsnorm_numba
 from ..stages.rope import rope_numba
-from ..stages.simd import _add16
+from ..stages.simd import _add16, _silu_mul16
 from . import quant_amx, quant_gemm, quant_panel
 from .formats import Q8
 
@@ -179,13 +179,19 @@ def _add(out, res, y, o0, o1, c):
 
 @njit(inline="always")
 def _silu_mul(out, yg, yu, o0, o1, c):
-    """out[:, o0:o1] = silu(gate) * up, from yg's and yu's columns o0 - c .. o1 - c. (The stages
-    that call it compile with error_model="numpy": under Python's rules each float division
-    checks its divisor for zero, to raise, and that branch keeps the loop from vector code.)"""
+    """out[:, o0:o1] = silu(gate) * up, from yg's and yu's columns o0 - c .. o1 - c, 16 columns
+    an instruction (simd._silu_mul16). (The stages that call it compile with error_model="numpy":
+    under Python's rules each float division checks its divisor for zero, to raise, and that
+    branch keeps the tail's loop from vector code.)"""
+    N, Y = out.shape[1], yg.shape[1]
     for t in range(yg.shape[0]):
-        for o in range(o0, o1):
-            v = yg[t, o - c]
-            out[t, o] = v / (np.float32(1.0) + exp32(-v)) * yu[t, o - c]
+        o = o0
+        while o + 16 <= o1:
+            _silu_mul16(out, t * N + o, yg, t * Y + o - c, yu, t * Y + o - c)
+            o += 16
+        for j in range(o, o1):
+            v = yg[t, j - c]
+            out[t, j] = v / (np.float32(1.0) + exp32(-v)) * yu[t, j - c]
 
 
 @njit(fastmath=True, cache=True)

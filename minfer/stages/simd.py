@@ -21,6 +21,7 @@ from numba.core import cgutils, types
 from numba.extending import intrinsic, models, register_model
 
 from ..errors import InvalidArgumentError
+from .fastexp import exp32_ir
 
 I8, I32, F32 = ir.IntType(8), ir.IntType(32), ir.FloatType()
 
@@ -175,6 +176,22 @@ def _add16(typingctx, out, oo, a, ao, b, bo):
         return context.get_dummy_value()
     if all(t.layout == "C" for t in (out, a, b)):
         return types.none(out, types.int64, a, types.int64, b, types.int64), codegen
+
+
+@intrinsic
+def _silu_mul16(typingctx, out, oo, g, go, u, uo):
+    """out.flat[oo:oo + 16] = silu(g) u = g / (1 + e^-g) u, 16 lanes (e^ as fastexp's; C-contiguous
+    float32). Written as a loop, LLVM made it 8 lanes at a time, at ~0.7 ns an element."""
+    def codegen(context, builder, sig, args):
+        z = _load(context, builder, sig.args[2], args[2], args[3], F32, 16)
+        one = ir.Constant(_vec(F32, 16), [1.0] * 16)
+        s = builder.fdiv(z, builder.fadd(one, exp32_ir(builder, builder.fneg(z))))
+        s = builder.fmul(s, _load(context, builder, sig.args[4], args[4], args[5], F32, 16))
+        data = context.make_array(sig.args[0])(context, builder, args[0]).data
+        builder.store(s, builder.bitcast(builder.gep(data, [args[1]]), _vec(F32, 16).as_pointer()), align=4)
+        return context.get_dummy_value()
+    if all(t.layout == "C" for t in (out, g, u)):
+        return types.none(out, types.int64, g, types.int64, u, types.int64), codegen
 
 
 @intrinsic
