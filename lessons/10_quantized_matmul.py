@@ -507,9 +507,12 @@ if quant_i8.has_vnni():
 # by a tile of unsigned ones laid out 4 bytes a lane — exactly a panel's block. With x's rows
 # (token, part) side by side, one instruction does what 128 `vpdpbusd` do
 # (`minfer/cpu/quant_amx.py`). The catch is the scales: each block of 32 has its own, so the
-# sums cannot stay in the tile across blocks; every block's 16 x 16 sums go out to memory and the
-# vector unit scales and adds them, while the tile unit does the next block. That store is about
-# as slow for 2 rows as for 16, so the tile unit pays from a few rows on
+# sums cannot stay in the tile across blocks; every block's 16 x 16 sums go out to memory and back
+# to the vector unit, which scales and adds them. Both trips wait if done at once — a store right
+# after its products waits for the tile unit to finish them, loads right after a store wait for
+# it — so the loop keeps three blocks in flight: block b's products, block b - 1's sums stored,
+# block b - 3's scaled. A store costs about as much for 2 rows as for 16, so the tile unit pays
+# from a few rows on
 # (`KernelConfig.tile_unit_rows`: a verification of several tokens, a batch, a prompt). The
 # integer sums and the float steps after them are the panels' own: the numbers below agree to the
 # bit.
