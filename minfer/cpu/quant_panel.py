@@ -78,8 +78,9 @@ def stacked(fmt: str, qs: np.ndarray, d: np.ndarray, m) -> tuple:
 
 
 def _stack(arrays: list) -> np.ndarray:
-    """np.stack into memory that starts on a cache line (the kernels load 64 bytes at a time: a
-    vector, a tile row; the panels measured 5-15 % slower on NumPy's 16-byte alignment)."""
+    """np.stack into memory that starts on a cache line: the kernels load 64 bytes at a time (a
+    vector, a tile row), and on NumPy's 16-byte alignment each such load straddled two lines
+    (docs/benchmarks.md, "CPU kernel details")."""
     out = zeros_on_lines((len(arrays),) + arrays[0].shape, arrays[0].dtype)
     return np.stack(arrays, out=out)
 

@@ -166,7 +166,7 @@ def _finish(ctr, s, nw, n, k):
 def _add(out, res, y, o0, o1, c):
     """out[:, o0:o1] = res + y's columns o0 - c .. o1 - c (c: where y's tile starts). 16 columns
     an instruction: written as a plain loop, numba's checks on each index (a negative one counts
-    from the end) kept it scalar, at ~1 ns an element."""
+    from the end) kept it scalar (docs/benchmarks.md, "CPU kernel details")."""
     N, Nr, Y = out.shape[1], res.shape[1], y.shape[1]
     for t in range(y.shape[0]):
         o = o0

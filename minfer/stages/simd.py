@@ -181,7 +181,7 @@ def _add16(typingctx, out, oo, a, ao, b, bo):
 @intrinsic
 def _silu_mul16(typingctx, out, oo, g, go, u, uo):
     """out.flat[oo:oo + 16] = silu(g) u = g / (1 + e^-g) u, 16 lanes (e^ as fastexp's; C-contiguous
-    float32). Written as a loop, LLVM made it 8 lanes at a time, at ~0.7 ns an element."""
+    float32). Written as a loop, LLVM made it 8 lanes at a time (docs/benchmarks.md)."""
     def codegen(context, builder, sig, args):
         z = _load(context, builder, sig.args[2], args[2], args[3], F32, 16)
         one = ir.Constant(_vec(F32, 16), [1.0] * 16)
