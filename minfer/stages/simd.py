@@ -164,34 +164,33 @@ def _store16(typingctx, a, off, v):
         return types.none(a, types.int64, F32x16), codegen
 
 
-@intrinsic
-def _add16(typingctx, out, oo, a, ao, b, bo):
-    """out.flat[oo:oo + 16] = a.flat[ao:ao + 16] + b.flat[bo:bo + 16] (C-contiguous float32; one
-    rounded add a lane: the bits of the scalar a + b)."""
-    def codegen(context, builder, sig, args):
-        s = builder.fadd(_load(context, builder, sig.args[2], args[2], args[3], F32, 16),
-                         _load(context, builder, sig.args[4], args[4], args[5], F32, 16))
-        data = context.make_array(sig.args[0])(context, builder, args[0]).data
-        builder.store(s, builder.bitcast(builder.gep(data, [args[1]]), _vec(F32, 16).as_pointer()), align=4)
-        return context.get_dummy_value()
-    if all(t.layout == "C" for t in (out, a, b)):
-        return types.none(out, types.int64, a, types.int64, b, types.int64), codegen
+def _lanes16(op):
+    """An intrinsic f(out, oo, a, ao, b, bo): out.flat[oo:oo + 16] = op(a.flat[ao:ao + 16],
+    b.flat[bo:bo + 16]), op on 16-float vectors as LLVM operations (C-contiguous float32)."""
+    @intrinsic
+    def f(typingctx, out, oo, a, ao, b, bo):
+        def codegen(context, builder, sig, args):
+            s = op(builder, _load(context, builder, sig.args[2], args[2], args[3], F32, 16),
+                   _load(context, builder, sig.args[4], args[4], args[5], F32, 16))
+            data = context.make_array(sig.args[0])(context, builder, args[0]).data
+            builder.store(s, builder.bitcast(builder.gep(data, [args[1]]), _vec(F32, 16).as_pointer()),
+                          align=4)
+            return context.get_dummy_value()
+        if all(t.layout == "C" for t in (out, a, b)):
+            return types.none(out, types.int64, a, types.int64, b, types.int64), codegen
+    return f
 
 
-@intrinsic
-def _silu_mul16(typingctx, out, oo, g, go, u, uo):
-    """out.flat[oo:oo + 16] = silu(g) u = g / (1 + e^-g) u, 16 lanes (e^ as fastexp's; C-contiguous
-    float32). Written as a loop, LLVM made it 8 lanes at a time (docs/benchmarks.md)."""
-    def codegen(context, builder, sig, args):
-        z = _load(context, builder, sig.args[2], args[2], args[3], F32, 16)
-        one = ir.Constant(_vec(F32, 16), [1.0] * 16)
-        s = builder.fdiv(z, builder.fadd(one, exp32_ir(builder, builder.fneg(z))))
-        s = builder.fmul(s, _load(context, builder, sig.args[4], args[4], args[5], F32, 16))
-        data = context.make_array(sig.args[0])(context, builder, args[0]).data
-        builder.store(s, builder.bitcast(builder.gep(data, [args[1]]), _vec(F32, 16).as_pointer()), align=4)
-        return context.get_dummy_value()
-    if all(t.layout == "C" for t in (out, g, u)):
-        return types.none(out, types.int64, g, types.int64, u, types.int64), codegen
+def _silu_times(builder, g, u):
+    """silu(g) u = g / (1 + e^-g) u (e^ as fastexp's)."""
+    one = ir.Constant(_vec(F32, 16), [1.0] * 16)
+    return builder.fmul(builder.fdiv(g, builder.fadd(one, exp32_ir(builder, builder.fneg(g)))), u)
+
+
+# a + b (one rounded add a lane: the bits of the scalar a + b), and silu(a) b — loops that numba
+# left scalar (its negative-index checks) or LLVM made 8 lanes wide (docs/benchmarks.md)
+_add16 = _lanes16(lambda builder, a, b: builder.fadd(a, b))
+_silu_mul16 = _lanes16(_silu_times)
 
 
 @intrinsic
