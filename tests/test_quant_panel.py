@@ -74,10 +74,3 @@ def test_stacked_panels_start_on_a_cache_line(fmt):
         if g.size:
             assert g.ctypes.data % 64 == 0
 
-
-def test_zeros_on_lines():
-    from minfer.stages.simd import zeros_on_lines
-    for shape, dtype in [((3, 5), np.float32), ((7,), np.uint16), ((2, 3, 4), np.int8)]:
-        a = zeros_on_lines(shape, dtype)
-        assert a.shape == shape and a.dtype == dtype and a.ctypes.data % 64 == 0
-        assert not a.any() and a.flags.c_contiguous and a.flags.writeable

@@ -45,6 +45,7 @@ from numba.extending import intrinsic
 from ..stages.quant import QK
 from ..stages.simd import (F32, I8, I32, F32x16, _load, _load_scales, _prefetch_l2, _splat, _store16,
                            _vec, _zeros, has_amx)
+from . import quant_gemm
 from .quant_panel import PREFETCH_BYTES, ROWS, _nibbles, _scalar, _scale_add
 
 TOKENS = 16                        # accumulators a pass: 16 tokens of one part, 10 of three
@@ -235,17 +236,11 @@ def workspace():
     blocks, LAG blocks' sums. Its calls run on that thread with no other use of the tile
     registers between them (the shapes are loaded again only when they change); done() after
     the last."""
-    ring = _on_a_line(AHEAD * 512)
-    return np.zeros(64, dtype=np.uint8), ring, _on_a_line(LAG * 32 * ROWS * 4).view(np.int32)
-
-
-@njit(cache=True)
-def _on_a_line(nbytes):
-    """nbytes of memory that start on a cache line: tile rows and vector stores that straddle
-    two lines cost two."""
-    raw = np.empty(nbytes + 64, dtype=np.uint8)
-    at = (64 - raw.ctypes.data % 64) % 64
-    return raw[at:at + nbytes]
+    # on cache lines (quant_gemm.aligned's float32 words, as bytes and int32): a tile row or a
+    # vector store that straddles two lines costs two
+    ring = quant_gemm.aligned(1, AHEAD * 128).reshape(AHEAD * 128).view(np.uint8)
+    sums = quant_gemm.aligned(1, LAG * 32 * ROWS).reshape(LAG * 32 * ROWS).view(np.int32)
+    return np.zeros(64, dtype=np.uint8), ring, sums
 
 
 @njit(cache=True)

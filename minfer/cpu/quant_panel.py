@@ -30,8 +30,9 @@ from numba.extending import intrinsic
 
 from ..stages.quant import QK, QuantMatrix
 from ..stages.quant_i8 import _absmax_sum, _digits1, _digits3
+from . import quant_gemm
 from ..stages.simd import (F32, I8, I32, _fma, _load, _load_scales, _prefetch_l2, _splat, _store16, _vec, _vpdpbusd,
-                           _zeros, bits, zeros_on_lines)
+                           _zeros, bits)
 
 ROWS = 16                                           # rows in a panel: one int32 lane each
 PREFETCH_BYTES = 4096       # how far ahead the first pass over a panel asks for the weights (into L2)
@@ -78,11 +79,12 @@ def stacked(fmt: str, qs: np.ndarray, d: np.ndarray, m) -> tuple:
 
 
 def _stack(arrays: list) -> np.ndarray:
-    """np.stack into memory that starts on a cache line: the kernels load 64 bytes at a time (a
-    vector, a tile row), and on NumPy's 16-byte alignment each such load straddled two lines
-    (docs/benchmarks.md, "CPU kernel details")."""
-    out = zeros_on_lines((len(arrays),) + arrays[0].shape, arrays[0].dtype)
-    return np.stack(arrays, out=out)
+    """np.stack into memory that starts on a cache line (quant_gemm.aligned's float32 words, as
+    bytes): the kernels load 64 bytes at a time (a vector, a tile row), and on NumPy's 16-byte
+    alignment each such load straddled two lines (docs/benchmarks.md, "CPU kernel details")."""
+    shape, n = (len(arrays),) + arrays[0].shape, len(arrays) * arrays[0].nbytes
+    raw = quant_gemm.aligned(1, -(-n // 4)).reshape(-1).view(np.uint8)[:n]
+    return np.stack(arrays, out=raw.view(arrays[0].dtype).reshape(shape))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -68,15 +68,6 @@ def check_available() -> None:
             "use the default float32 activations")
 
 
-def zeros_on_lines(shape, dtype) -> np.ndarray:
-    """np.zeros whose first byte starts a 64-byte cache line. NumPy aligns to 16 bytes, and a
-    64-byte vector load (or a tile row) that straddles two lines costs two."""
-    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
-    raw = np.zeros(nbytes + 64, dtype=np.uint8)
-    at = -raw.ctypes.data % 64
-    return raw[at:at + nbytes].view(dtype).reshape(shape)
-
-
 def _vec(t, n):
     return ir.VectorType(t, n)
 
