@@ -49,8 +49,11 @@ def test_bench_bad_flags_are_one_line_errors(flags, says):
 
 
 def test_bench_runs_llama_bench_side_by_side(tmp_path):
-    """--llama-bench: a stand-in for llama.cpp's llama-bench (its JSON output) runs once a round,
-    and its row is paired with minfer's row of the same weight format."""
+    """--llama-bench: a stand-in for llama.cpp's llama-bench (its JSON output: a test for -p
+    tokens of prompt, one for -n of decode after -d cached ones) runs once a round for the prompt
+    and once for the decode, that after the prompt's length (where minfer's decode runs: faster
+    in an empty cache, here 70 against 50 tok/s), and its row is paired with minfer's row of the
+    same weight format."""
     fake = tmp_path / "llama-bench"
     fake.write_text(
         f"#!{sys.executable}\n"
@@ -59,8 +62,12 @@ def test_bench_runs_llama_bench_side_by_side(tmp_path):
         "assert a[a.index('-r') + 1] == '1' and a[a.index('-t') + 1] == '2'\n"
         "open(__file__ + '.calls', 'a').write('x')\n"
         "t = 'llama 256M Q4_1'\n"
-        "print(json.dumps([{'n_prompt': int(a[a.index('-p') + 1]), 'n_gen': 0, 'avg_ts': 100.0, 'model_type': t},\n"
-        "                  {'n_prompt': 0, 'n_gen': int(a[a.index('-n') + 1]), 'avg_ts': 50.0, 'model_type': t}]))\n")
+        "p, n = int(a[a.index('-p') + 1]), int(a[a.index('-n') + 1])\n"
+        "d = int(a[a.index('-d') + 1]) if '-d' in a else 0\n"
+        "tests = [{'n_prompt': p, 'n_gen': 0, 'n_depth': d, 'avg_ts': 100.0, 'model_type': t}] if p else []\n"
+        "tests += [{'n_prompt': 0, 'n_gen': n, 'n_depth': d, 'avg_ts': 70.0 if d == 0 else 50.0,\n"
+        "           'model_type': t}] if n else []\n"
+        "print(json.dumps(tests))\n")
     fake.chmod(0o755)
     out = tmp_path / "bench.json"
     r = subprocess.run([sys.executable, "-m", "minfer", "bench", "--random-weights", "tiny",
@@ -72,8 +79,9 @@ def test_bench_runs_llama_bench_side_by_side(tmp_path):
     rows = json.loads(out.read_text())["results"]
     llama = [x for x in rows if x["backend"] == "llama.cpp"]
     assert len(llama) == 1 and llama[0]["quant"] == "Q4_1" and len(llama[0]["runs"]) == 2
-    assert [x["decode_tok_s"] for x in llama[0]["runs"]] == [50.0, 50.0]
-    assert (tmp_path / "llama-bench.calls").read_text() == "xx"           # once per round
+    assert [x["decode_tok_s"] for x in llama[0]["runs"]] == [50.0, 50.0]  # after the 8 tokens
+    assert [x["prefill_tok_s"] for x in llama[0]["runs"]] == [100.0, 100.0]
+    assert (tmp_path / "llama-bench.calls").read_text() == "xxxx"         # twice a round
     assert "against llama.cpp on the same weight format: numba/auto (Q4_1)" in r.stdout
 
 
