@@ -9,25 +9,55 @@ the engine's state is whole again (a step either happened or it did not).
 
 The command line installs `on_sigint` first thing (python -m minfer): it behaves as Python's own
 handler, and remembers that Ctrl-C came — an import that a Ctrl-C broke half-way can surface as
-an ImportError, which is then known to be an interrupt, not a broken installation.
+an ImportError, which is then known to be an interrupt, not a broken installation. While a
+module is being imported it holds Ctrl-C too, until the import is done: C extensions import
+numpy from their own initialisation (numba's `import_array()`) and print any error there as a
+traceback before they fail — a Ctrl-C at that moment would show one.
 """
 from __future__ import annotations
 
 import _signal   # signal.signal's C core: the public wrapper converts to enums on each call,
                  # which would cost more than the rest of a decode step's bookkeeping
+import os
 import signal
 import sys
 import threading
 from contextlib import contextmanager
 
 _SIGINT = int(signal.SIGINT)
+AGAIN_S = 0.05                   # a Ctrl-C held by an import comes back this much later
 received = False                 # a Ctrl-C came while on_sigint was the handler
+_held = False                    # one is held now (an import was under way)
+
+
+def _importing(frame) -> bool:
+    """Is a module being imported at this frame (importlib's machinery on the stack)?"""
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _again() -> None:
+    global _held
+    _held = False
+    os.kill(os.getpid(), _SIGINT)
 
 
 def on_sigint(signum, frame):
-    """Python's default behaviour (KeyboardInterrupt), remembered in `received`."""
-    global received
+    """Python's default behaviour (KeyboardInterrupt), remembered in `received`; during an
+    import, once the import is done (the signal sent again a moment later, until no import is
+    under way)."""
+    global received, _held
     received = True
+    if _importing(frame):
+        if not _held:                # (a second Ctrl-C meanwhile: still one KeyboardInterrupt)
+            _held = True
+            timer = threading.Timer(AGAIN_S, _again)
+            timer.daemon = True
+            timer.start()
+        return
     raise KeyboardInterrupt
 
 

@@ -130,3 +130,32 @@ def test_sigint_during_chat_stops_the_answer_and_keeps_the_repl(long_tiny):
         else:                              # still loading, or at the prompt: a clean exit
             assert code in (0, 130, -2), f"{what}: exit {code}\n{err[-2000:]}"
     assert stopped >= RUNS // 3, f"only {stopped} of {RUNS} runs were interrupted mid-answer"
+
+
+def test_ctrl_c_during_an_import_waits_for_the_import(tmp_path):
+    """Ctrl-C while a module is being imported comes once the import is done: numba's C
+    extensions import numpy from their own initialisation and print an error there as a
+    traceback, so an import must not be cut half-way. (Here a module sends itself SIGINT from
+    its top level; it still finishes, and the KeyboardInterrupt comes after.)"""
+    (tmp_path / "slow_module.py").write_text(
+        "import os, signal, time\n"
+        "os.kill(os.getpid(), signal.SIGINT)\n"
+        "for _ in range(20):\n"
+        "    time.sleep(0.005)\n"
+        "done = True\n")
+    script = (
+        "import sys, time\n"
+        "from minfer import interrupt\n"
+        "interrupt.install()\n"
+        f"sys.path.insert(0, {str(tmp_path)!r})\n"
+        "try:\n"
+        "    import slow_module\n"
+        "    t0 = time.monotonic()\n"
+        "    while time.monotonic() - t0 < 5:\n"
+        "        time.sleep(0.001)\n"
+        "    print('never interrupted')\n"
+        "except KeyboardInterrupt:\n"
+        "    print('interrupted after the import:', sys.modules['slow_module'].done)\n")
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert r.stdout.strip() == "interrupted after the import: True", (r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr
