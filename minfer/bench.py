@@ -734,7 +734,8 @@ def _print_spec_table(rows) -> None:
 # --------------------------------------------------------------------------------------------
 ROWS_PREFIX = 80        # tokens already in each sequence's cache
 ROWS_STEPS = 8          # decode steps timed per batch size and run (their median counts)
-ROWS_REPEATS = 5        # forwards timed per k and run
+ROWS_REPEATS = 5        # forwards timed per k in a row, the ks in turns,
+ROWS_ROUNDS = 4         # this many times a run (the median of the 20 counts)
 
 
 def add_rows_options(p) -> None:
@@ -793,10 +794,16 @@ def rows_run(llm, spec: dict) -> dict:
                  for s in range(ROWS_STEPS)]
         timed(steps[0])                                           # first touch of these shapes
         out["batch"][B] = statistics.median(timed(b) for b in steps)
-    for k in verify:
-        b = make_batch([(rng.integers(3, V, k).tolist(), ROWS_PREFIX, tables[0])], bs, all_logits=True)
-        timed(b)
-        out["verify"][k] = statistics.median(timed(b) for _ in range(ROWS_REPEATS))
+    # each k's forwards in a row (the first untimed: a forward right after another size's is
+    # slower on a shared host), the sizes in turns, so that a noisy moment lands on all of them
+    fwd = {k: make_batch([(rng.integers(3, V, k).tolist(), ROWS_PREFIX, tables[0])], bs, all_logits=True)
+           for k in verify}
+    times = {k: [] for k in verify}
+    for _ in range(ROWS_ROUNDS):
+        for k in verify:
+            timed(fwd[k])
+            times[k] += [timed(fwd[k]) for _ in range(ROWS_REPEATS)]
+    out["verify"] = {k: statistics.median(t) for k, t in times.items()}
     return out
 
 
