@@ -734,8 +734,8 @@ def _print_spec_table(rows) -> None:
 # --------------------------------------------------------------------------------------------
 ROWS_PREFIX = 80        # tokens already in each sequence's cache
 ROWS_STEPS = 8          # decode steps timed per batch size and run (their median counts)
-ROWS_REPEATS = 5        # forwards timed per k in a row, the ks in turns,
-ROWS_ROUNDS = 4         # this many times a run (the median of the 20 counts)
+ROWS_REPEATS = 10       # forwards timed per k in a row (after 2 untimed), the ks in turns,
+ROWS_ROUNDS = 2         # this many times a run (the median of the 20 counts)
 
 
 def add_rows_options(p) -> None:
@@ -794,13 +794,15 @@ def rows_run(llm, spec: dict) -> dict:
                  for s in range(ROWS_STEPS)]
         timed(steps[0])                                           # first touch of these shapes
         out["batch"][B] = statistics.median(timed(b) for b in steps)
-    # each k's forwards in a row (the first untimed: a forward right after another size's is
-    # slower on a shared host), the sizes in turns, so that a noisy moment lands on all of them
+    # each k's forwards in a row, the sizes in turns, so that a noisy moment lands on all of
+    # them; the first two untimed: on a shared host the forwards right after another size's
+    # are slower for a few (docs/benchmarks.md, "Speculative decoding")
     fwd = {k: make_batch([(rng.integers(3, V, k).tolist(), ROWS_PREFIX, tables[0])], bs, all_logits=True)
            for k in verify}
     times = {k: [] for k in verify}
     for _ in range(ROWS_ROUNDS):
         for k in verify:
+            timed(fwd[k])
             timed(fwd[k])
             times[k] += [timed(fwd[k]) for _ in range(ROWS_REPEATS)]
     out["verify"] = {k: statistics.median(t) for k, t in times.items()}
