@@ -480,7 +480,8 @@ def add_parser(sub) -> None:
     p.add_argument("--skip-startup", action="store_true", help="skip the cold/cached start measurement")
     p.add_argument("--json", metavar="FILE", default=None, help="also write the results as JSON")
     p.add_argument("--llama-bench", metavar="BIN", default=None,
-                   help="also run llama.cpp's llama-bench (this path) in every round, side by side")
+                   help="also run llama.cpp's llama-bench (this path) in every round, side by side "
+                        "(its decode after the prompt's tokens, -d, as minfer's)")
     p.add_argument("--llama-batched-bench", metavar="BIN", default=None,
                    help="with --batch: also run llama.cpp's llama-batched-bench (this path) in every "
                         f"round, B sequences of a {ROWS_PREFIX}-token prompt, then "
