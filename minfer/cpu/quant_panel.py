@@ -30,9 +30,9 @@ from numba.extending import intrinsic
 
 from ..stages.quant import QK, QuantMatrix
 from ..stages.quant_i8 import _absmax_sum, _digits1, _digits3
-from . import quant_gemm
 from ..stages.simd import (F32, I8, I32, _fma, _load, _load_scales, _prefetch_l2, _splat, _store16, _vec, _vpdpbusd,
                            _zeros, bits)
+from . import quant_gemm
 
 ROWS = 16                                           # rows in a panel: one int32 lane each
 PREFETCH_BYTES = 4096       # how far ahead the first pass over a panel asks for the weights (into L2)

@@ -67,9 +67,9 @@ def paged_attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, bat
 # brings up to ROWS (a decode step, tokens to verify) each row's keys are cut where they would be
 # if the row came alone (_alone), and a tile ends where those cuts move: a row's result, to the
 # last bit, does not depend on the rows beside it. Here S = SLICES // n_tiles (at least 1;
-# cpu/region.py picks its own). The jobs go slice by slice (job j: slice j // n_tiles), so that a thread's share of them
-# can hold whole slices of every tile; the tiles in zigzag order (0, n - 1, 1, n - 2, ...), so
-# that a share of them holds short and long causal contexts alike.
+# cpu/region.py picks its own). The jobs go slice by slice (job j: slice j // n_tiles), so that
+# a thread's share of them can hold whole slices of every tile; the tiles in zigzag order (0,
+# n - 1, 1, n - 2, ...), so that a share of them holds short and long causal contexts alike.
 # ---------------------------------------------------------------------------------------------
 from numba import njit, prange, float32  # noqa: E402
 
