@@ -281,10 +281,13 @@ def tile(xi, qp, d, m, p0, p1, out, c0, work):
         # Three blocks in flight: block g's products on the tile unit, block g - 1's sums (done
         # by now) stored, block g - 3's sums (stored two turns ago) scaled and added. A store
         # right after its products waits for them, and loads right after a store wait for it:
-        # each costs most of a block's time if nothing else runs meanwhile.
+        # each costs most of a block's time if nothing else runs meanwhile. Where a block sits
+        # (b, blk; be, col for block g - 3) is counted, not divided out of g: a division by nb
+        # a block cost ~10 % of a few tokens' time.
+        b, blk = 0, p0 * nb                            # block g: its place in the panel, overall
+        be, col = 0, c0                                # block g - 3's place, its panel's columns
         for g in range(G + LAG):
             if g < G:
-                blk, b = p0 * nb + g, g % nb
                 if i == 0:                             # the first pass streams the weights
                     for c in range(0, vb, 64):
                         _prefetch_l2(qp, min(last, blk * vb + c + PREFETCH_BYTES))
@@ -299,7 +302,11 @@ def tile(xi, qp, d, m, p0, p1, out, c0, work):
                 else:
                     _products(1, w, wo, xq, xb, K, two)
                 if not q8 and g + AHEAD < G:           # the ring's slot is free again
-                    _unpack_q4(qp, (p0 * nb + g + AHEAD) * vb, w, wo)
+                    _unpack_q4(qp, (blk + AHEAD) * vb, w, wo)
+                blk += 1
+                b += 1
+                if b == nb:
+                    b = 0
             if 0 < g <= G:                             # block g - 1's sums to slot (g - 1) % LAG
                 so = ((g - 1) % LAG) * 32 * ROWS
                 if (g - 1) % 2 == 0:
@@ -308,8 +315,7 @@ def tile(xi, qp, d, m, p0, p1, out, c0, work):
                     _store_sums(1, sums, so, two)
             if g >= LAG:
                 e = g - LAG
-                blk, b = p0 * nb + e, e % nb
-                so, ds, tk = (e % LAG) * 32 * ROWS, blk * ROWS, t0 * nb + b
+                so, ds, tk = (e % LAG) * 32 * ROWS, (p0 * nb + e) * ROWS, t0 * nb + be
                 if q8 and limbs == 3:
                     acc = _q8_3(acc, sums, so, n, d, m, ds, dx, xsum, start, tk, nb)
                 elif q8:
@@ -318,11 +324,13 @@ def tile(xi, qp, d, m, p0, p1, out, c0, work):
                     acc = _q4_3(acc, sums, so, n, d, m, ds, dx, xsum, start, tk, nb)
                 else:
                     acc = _q4_1(acc, sums, so, n, d, m, ds, dx, xsum, start, tk, nb)
-                if b == nb - 1:                        # the panel's last block: its outputs
-                    col = c0 + ROWS * (e // nb)
+                be += 1
+                if be == nb:                           # the panel's last block: its outputs
+                    be = 0
                     for t in range(n):
                         _store16(out, (t0 + t) * N + col, acc[t])
                     acc = _zeros(16)
+                    col += ROWS
 
 
 if not available():

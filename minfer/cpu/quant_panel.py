@@ -25,11 +25,11 @@ from __future__ import annotations
 
 import numpy as np
 from llvmlite import ir
-from numba import float32, int32, njit, prange
+from numba import float32, int32, njit, prange, types
 from numba.extending import intrinsic
 
 from ..stages.quant import QK, QuantMatrix
-from ..stages.quant_i8 import _absmax_sum, _digits1, _digits3
+from ..stages.quant_i8 import _absmax_sum, _digits1, _digits3, _reduce
 from ..stages.simd import (F32, I8, I32, _fma, _load, _load_scales, _prefetch_l2, _splat, _store16, _vec, _vpdpbusd,
                            _zeros, bits)
 from . import quant_gemm
@@ -194,6 +194,16 @@ _q4x2_3, _q4x3_3, _q8x2_3, _q8x3_3 = (_make_panel(q8, C, 3) for q8 in (False, Tr
 # ---------------------------------------------------------------------------------------------
 # x, and a range of panels against every token
 # ---------------------------------------------------------------------------------------------
+@intrinsic
+def _sum32(typingctx, a, off):
+    """The sum of the 32 signed bytes a.flat[off:off + 32], as an int32."""
+    def codegen(context, builder, sig, args):
+        v = builder.sext(_load(context, builder, sig.args[0], args[0], args[1], I8, QK), _vec(I32, QK))
+        return _reduce(builder, "add", v)
+    if a.layout == "C":
+        return types.int32(a, off), codegen
+
+
 @njit(fastmath=True, cache=True)
 def prepare_x(x, q8, limbs):
     """x [T, K] -> (xq, dx [T, nb], xsum [T, nb], start): per block of 32, x ~ dx X with X an
@@ -221,12 +231,13 @@ def prepare_x(x, q8, limbs):
                 _digits3(x, o, inv * step, xq, at, 16, K, x4, o // 4)
             else:
                 _digits1(x, o, inv * step, xq, at, 16, K, x4, o // 4)
-            if q8:
+    # Q8_0's start values in a loop of their own: inside the one above, their index arithmetic
+    # (hoisted by the compiler, spilled to the stack) slowed every block, Q4's too, 1.4-5x
+    if q8:
+        for t in range(T):
+            for b in range(nb):
                 for p in range(limbs):
-                    s = int32(0)
-                    for k in range(p * K + b * QK, p * K + (b + 1) * QK):
-                        s += int32(xq[t, k])
-                    start[t, b * limbs + p] = int32(-128) * s
+                    start[t, b * limbs + p] = int32(-128) * _sum32(xq, t * limbs * K + p * K + b * QK)
     return xq, dx, xsum, start
 
 
