@@ -282,8 +282,8 @@ def tile(xi, qp, d, m, p0, p1, out, c0, work):
         # by now) stored, block g - 3's sums (stored two turns ago) scaled and added. A store
         # right after its products waits for them, and loads right after a store wait for it:
         # each costs most of a block's time if nothing else runs meanwhile. Where a block sits
-        # (b, blk; be, col for block g - 3) is counted, not divided out of g: a division by nb
-        # a block cost ~10 % of a few tokens' time.
+        # (b, blk; be, col for block g - 3) is counted, not divided out of g: two divisions by
+        # nb a block were a measurable share of it (docs/benchmarks.md, "CPU kernel details").
         b, blk = 0, p0 * nb                            # block g: its place in the panel, overall
         be, col = 0, c0                                # block g - 3's place, its panel's columns
         for g in range(G + LAG):

@@ -232,7 +232,8 @@ def prepare_x(x, q8, limbs):
             else:
                 _digits1(x, o, inv * step, xq, at, 16, K, x4, o // 4)
     # Q8_0's start values in a loop of their own: inside the one above, their index arithmetic
-    # (hoisted by the compiler, spilled to the stack) slowed every block, Q4's too, 1.4-5x
+    # (hoisted by the compiler, spilled to the stack) slowed every block, Q4's too
+    # (docs/benchmarks.md, "CPU kernel details")
     if q8:
         for t in range(T):
             for b in range(nb):
