@@ -12,7 +12,7 @@ embedding, the RoPE angles, then this region through to the logits — and littl
         for each layer:                              attention jobs), which the threads claim
             h = rmsnorm(x)          (every thread)   from a shared counter: fetch-and-add
             claim QKV tiles      -> y                gives each item to exactly one thread
-            claim the RoPE item  -> q, cache         and counts the items done in another;
+            claim the RoPE items -> q, cache         and counts the items done in another;
             claim attention jobs -> slices           before reading what a stage wrote, a
             a = merge(slices)       (every thread)   thread waits until its done count is full
             claim wo tiles       -> x +=
@@ -55,9 +55,8 @@ from numba.extending import intrinsic
 
 from ..stages import attention, quant, quant_i8
 from ..stages.fastexp import exp32
-from ..stages.kvcache import kv_write_numba
 from ..stages.rmsnorm import rmsnorm_numba
-from ..stages.rope import rope_numba
+from ..stages.rope import rope_head
 from ..stages.simd import _add16, _silu_mul16
 from . import quant_amx, quant_gemm, quant_panel
 from .formats import Q8
@@ -429,22 +428,28 @@ def _gate_up(x, g, u, l, kind, limbs, out, C, many):
 
 @njit(cache=True)
 def _rope_cache(y, q, cos, sin, k_cache, v_cache, slot_mapping, C):
-    """One item: RoPE on q and k (q kept for attention), k and v written to the cache."""
+    """Two items, one a thread: RoPE on q (kept for attention); RoPE on k, and k and v written to
+    their slots in the cache. (As one item the other thread waited for all of it, every layer.)
+    Each head rotated straight from y to where it goes (rope.rope_head): no copies between."""
     ctr, s, wi, nw = C
     T, n_heads, hd = q.shape
-    qd, kvd = n_heads * hd, (y.shape[1] - n_heads * hd) // 2
+    qd, kvd, bs = n_heads * hd, (y.shape[1] - n_heads * hd) // 2, k_cache.shape[1]
     k = 0
-    if _next(ctr, s, wi, nw, 1)[0] == 0:
-        qf = q.reshape(T, qd)
-        for t in range(T):
-            for i in range(qd):
-                qf[t, i] = y[t, i]
-        rope_numba(q, cos, sin)                                       # in place
-        kr = rope_numba(np.ascontiguousarray(y[:, qd:qd + kvd]).reshape(T, kvd // hd, hd), cos, sin)
-        v = np.ascontiguousarray(y[:, qd + kvd:]).reshape(T, kvd // hd, hd)
-        kv_write_numba(k_cache, v_cache, kr, v, slot_mapping)
-        k = 1
-    _finish(ctr, s, nw, 1, k)
+    i0, i1 = _next(ctr, s, wi, nw, 2)
+    while i0 >= 0:
+        for item in range(i0, i1):
+            for t in range(T):
+                if item == 0:
+                    for h in range(n_heads):
+                        rope_head(y[t, h * hd:(h + 1) * hd], q[t, h], cos[t], sin[t])
+                else:
+                    blk, row = slot_mapping[t] // bs, slot_mapping[t] % bs
+                    for h in range(kvd // hd):
+                        rope_head(y[t, qd + h * hd:qd + (h + 1) * hd], k_cache[blk, row, h], cos[t], sin[t])
+                        v_cache[blk, row, h] = y[t, qd + kvd + h * hd:qd + kvd + (h + 1) * hd]
+        k += i1 - i0
+        i0, i1 = _next(ctr, s, wi, nw, 2)
+    _finish(ctr, s, nw, 2, k)
 
 
 @njit(cache=True)

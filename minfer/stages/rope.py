@@ -47,16 +47,23 @@ from numba import njit  # noqa: E402
 
 
 @njit(fastmath=True, cache=True)
+def rope_head(x, out, cos, sin):
+    """One head of one token: out = x with pair (2i, 2i + 1) rotated by angle i (out may be x).
+    cpu/region.py rotates q and k with it straight into their places."""
+    for i in range(x.shape[0] // 2):
+        x0 = x[2 * i]
+        x1 = x[2 * i + 1]
+        out[2 * i] = x0 * cos[i] - x1 * sin[i]
+        out[2 * i + 1] = x0 * sin[i] + x1 * cos[i]
+
+
+@njit(fastmath=True, cache=True)
 def rope_numba(x, cos, sin):
     """Same contract as `rope`, but rotates x in place (and returns it)."""
     T, H, hd = x.shape
     for t in range(T):
         for h in range(H):
-            for i in range(hd // 2):
-                x0 = x[t, h, 2 * i]
-                x1 = x[t, h, 2 * i + 1]
-                x[t, h, 2 * i] = x0 * cos[t, i] - x1 * sin[t, i]
-                x[t, h, 2 * i + 1] = x0 * sin[t, i] + x1 * cos[t, i]
+            rope_head(x[t, h], x[t, h], cos[t], sin[t])
     return x
 
 
