@@ -311,16 +311,18 @@ def _gate_up_rows(x, g, u, l, out, C):
 
 
 # int8 activations: the weights in panels of 16 rows (quant_panel.py), at any number of rows.
-# An item is a tile of panels. On the tile unit (quant_amx.py) a call takes a claimed range's
-# items up to SPAN panels: each call fills the unit's pipeline once.
+# An item is a tile of panels. A kernel call takes a claimed range's items up to SPAN panels:
+# each call has a fixed cost — on the tile unit (quant_amx.py) its pipeline to fill, and on
+# either its arguments' reference counts, which numba changes atomically: views of the weights
+# that both threads read share one count, whose cache line then moves between the cores.
 SPAN = 16
 
 
 @njit(inline="always")
-def _span(i, i1, P, n, amx):
+def _span(i, i1, P, n):
     """Where the call that starts at item i of a claimed range i..i1-1 ends."""
     j = i + 1
-    while amx and j < i1 and (j + 1) * P // n - i * P // n <= SPAN:
+    while j < i1 and (j + 1) * P // n - i * P // n <= SPAN:
         j += 1
     return j
 
@@ -338,7 +340,7 @@ def _matmul_panels(x, w, l, limbs, out, res, C, amx, work):
         while i0 >= 0:
             i = i0
             while i < i1:
-                j = _span(i, i1, P, n, tu)
+                j = _span(i, i1, P, n)
                 p0, p1 = i * P // n, j * P // n
                 if tu:                         # the byte products on the tile unit
                     quant_amx.tile(xi, qp, d, m, p0, p1, y, 0, work)
@@ -355,10 +357,11 @@ def _matmul_panels(x, w, l, limbs, out, res, C, amx, work):
 @njit(cache=True, error_model="numpy")
 def _gate_up_panels(x, g, u, l, limbs, out, C, amx, work):
     ctr, s, wi, nw = C
-    T, P = x.shape[0], g[3].shape[1]
+    gq, gd, gm, uq, ud, um = g[3][l], g[4][l], g[5][l], u[3][l], u[4][l], u[5][l]
+    T, P = x.shape[0], gq.shape[0]
     n, k, tu = quant_i8._tiles(P), 0, T >= amx
     if _left(ctr, s, nw, n):
-        xi = quant_panel.prepare_x(x, g[5][l].ndim == 1, limbs)
+        xi = quant_panel.prepare_x(x, gm.ndim == 1, limbs)
         cols = quant_panel.ROWS * (max((P + n - 1) // n, SPAN) + 1)
         yg = np.empty((T, cols), dtype=np.float32)
         yu = np.empty((T, cols), dtype=np.float32)
@@ -366,14 +369,14 @@ def _gate_up_panels(x, g, u, l, limbs, out, C, amx, work):
         while i0 >= 0:
             i = i0
             while i < i1:
-                j = _span(i, i1, P, n, tu)
+                j = _span(i, i1, P, n)
                 p0, p1 = i * P // n, j * P // n
                 if tu:
-                    quant_amx.tile(xi, g[3][l], g[4][l], g[5][l], p0, p1, yg, 0, work)
-                    quant_amx.tile(xi, u[3][l], u[4][l], u[5][l], p0, p1, yu, 0, work)
+                    quant_amx.tile(xi, gq, gd, gm, p0, p1, yg, 0, work)
+                    quant_amx.tile(xi, uq, ud, um, p0, p1, yu, 0, work)
                 else:
-                    quant_panel.tile(xi, g[3][l], g[4][l], g[5][l], p0, p1, yg, 0)
-                    quant_panel.tile(xi, u[3][l], u[4][l], u[5][l], p0, p1, yu, 0)
+                    quant_panel.tile(xi, gq, gd, gm, p0, p1, yg, 0)
+                    quant_panel.tile(xi, uq, ud, um, p0, p1, yu, 0)
                 o0, o1 = quant_panel.ROWS * p0, min(quant_panel.ROWS * p1, out.shape[1])
                 _silu_mul(out, yg, yu, o0, o1, o0)
                 i = j
