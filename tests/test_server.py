@@ -365,6 +365,24 @@ def test_serve_command_stops_cleanly_on_sigint_and_sigterm(tiny_gguf):
                 p.wait(5)
 
 
+def test_serve_command_second_ctrl_c_while_stopping(tiny_gguf):
+    """Ctrl-C pressed twice (or sent to the process group under a wrapper that passes it on,
+    such as `timeout`): the second one cuts the shutdown short, and still no traceback."""
+    p, port = _serve_command(tiny_gguf)
+    try:
+        _wait_up(p, port)
+        p.send_signal(signal.SIGINT)
+        time.sleep(0.05)
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=20)
+        assert p.returncode in (130, -signal.SIGINT), err
+        assert "Traceback" not in err
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait(5)
+
+
 def test_serve_command_speculative_same_text(tiny_gguf, tiny_llm):
     """`serve --speculative ngram`: concurrent greedy requests get plain decoding's text (the
     repeated prompts make prompt lookup guess, and some guesses are accepted); afterwards nothing

@@ -86,6 +86,10 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None,
         bridge.start()
         try:
             yield
+        except asyncio.CancelledError:
+            # a second Ctrl-C while shutting down: uvicorn stops waiting for this shutdown and
+            # the loop cancels it; the engine still closes, with no traceback printed for it
+            pass
         finally:
             bridge.close()
 
