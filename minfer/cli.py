@@ -265,7 +265,8 @@ def cmd_chat(a) -> int:
         llm = _llm(a)
         params = _params(a, llm.config)   # unset ones: the model's recommended sampling
         act = ", int8 activations" if llm.activations == "int8" else ""
-        where = f"{llm.config.name} on {llm.backend}{act}"
+        spec = f", speculative {a.speculative}" if llm.engine.speculator else ""
+        where = f"{llm.config.name} on {llm.backend}{act}{spec}"
     try:
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:

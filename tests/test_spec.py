@@ -3,6 +3,8 @@ greedy text identical with and without guesses, and no stale K/V after a rollbac
 import json
 import math
 import statistics
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -449,6 +451,21 @@ def test_cli_generate_speculative_same_text(tiny_gguf):
     plain, spec = _cli(*args), _cli(*args, "--speculative", "ngram", "--num-speculative-tokens", "3")
     assert plain.returncode == 0 and spec.returncode == 0, spec.stderr
     assert spec.stdout == plain.stdout and "accepted a step" in spec.stderr
+
+
+def test_cli_chat_speculative_same_text(tiny_gguf):
+    """chat --speculative: its banner says so, and every turn (the second on the first's cache,
+    one after /reset) answers what plain chat answers, greedy."""
+    args = ("chat", "--model", tiny_gguf, "--backend", "numpy", "--max-tokens", "12", "-t", "0")
+    turns = "the cat sat on the mat and the cat sat on the\nand again the cat\n/reset\nthe cat\n/exit\n"
+    plain = subprocess.run([sys.executable, "-m", "minfer", *map(str, args)], input=turns,
+                           capture_output=True, text=True, timeout=300)
+    spec = subprocess.run([sys.executable, "-m", "minfer", *map(str, args), "--speculative", "ngram",
+                           "--num-speculative-tokens", "3"], input=turns, capture_output=True,
+                          text=True, timeout=300)
+    assert plain.returncode == 0 and spec.returncode == 0, spec.stderr
+    assert "speculative ngram" in spec.stderr and "speculative" not in plain.stderr
+    assert spec.stdout == plain.stdout and spec.stdout.count("> ") >= 3
 
 
 def test_bench_speculative_pairs_each_mode_with_plain_decoding(tmp_path):
