@@ -355,13 +355,16 @@ def run_bench(a) -> int:
         for m in llama_models:
             if not os.path.isfile(m):
                 raise InvalidArgumentError(f"--llama-models: no file {m}")
+    configs = [(b, q, x) for b in backends for q in quants for x in acts
+               if x == "f32" or (b == "numba" and q != "f32")]   # int8: numba, quantized weights
+    if not configs:
+        raise InvalidArgumentError("nothing to measure: int8 activations run on the numba backend "
+                                   "with quantized weights (--backend numba, --quant other than f32)")
     cache = Path(tempfile.gettempdir()) / "minfer-bench"
     cache.mkdir(exist_ok=True)
     machine = _machine()
     print(f"minfer bench: {a.prompt_tokens}-token prompt, {a.new_tokens} new tokens, {a.runs} runs "
           f"each ({a.numpy_runs} for numpy); {machine['cpu']}, {machine['cores']} cores", file=sys.stderr)
-    configs = [(b, q, x) for b in backends for q in quants for x in acts
-               if x == "f32" or (b == "numba" and q != "f32")]   # int8: numba, quantized weights
     specs = [{"model": model, "random": a.random_weights, "cache": str(cache), "backend": backend,
               "quant": quant, "activations": act, "threads": a.threads,
               "prompt_tokens": a.prompt_tokens, "new_tokens": a.new_tokens,

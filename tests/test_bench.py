@@ -40,7 +40,11 @@ def test_bench_random_weights_json(tmp_path):
                                         (["--verify-tokens", "x"], "--verify-tokens takes positive"),
                                         (["--llama-batched-bench", sys.executable], "give --batch"),
                                         (["--llama-batched-bench", "/nonexistent", "--batch", "1"],
-                                         "not an executable file")])
+                                         "not an executable file"),
+                                        (["--backend", "numpy", "--activations", "int8"],
+                                         "nothing to measure"),
+                                        (["--backend", "numba", "--quant", "f32", "--activations",
+                                          "int8"], "nothing to measure")])
 def test_bench_bad_flags_are_one_line_errors(flags, says):
     r = subprocess.run([sys.executable, "-m", "minfer", "bench", *flags],
                        capture_output=True, text=True, timeout=120)
