@@ -303,7 +303,27 @@ def run_quality(a) -> int:
     return 0
 
 
+def _check_mode_flags(a) -> None:
+    """bench has four measurements (speed, --speculative, --workload, --quality), one a run: a
+    flag of another one would be ignored without a word, so it is an error instead."""
+    from .errors import InvalidArgumentError
+    mode = ("--quality" if a.quality else f"--workload {a.workload}" if a.workload != "speed"
+            else "--speculative" if a.speculative else None)
+    if mode is None:
+        return
+    if a.speculative and mode != "--speculative":
+        raise InvalidArgumentError(f"--speculative times its own workloads (edit, free): use it "
+                                   f"without {mode}")
+    for flag, value in (("--batch", a.batch), ("--verify-tokens", a.verify_tokens),
+                        ("--llama-bench", a.llama_bench),
+                        ("--llama-batched-bench", a.llama_batched_bench)):
+        if value:
+            raise InvalidArgumentError(f"{flag} is part of the speed measurement: use it without "
+                                       f"{mode}")
+
+
 def run_bench(a) -> int:
+    _check_mode_flags(a)
     if a.quality:
         return run_quality(a)
     if a.workload != "speed":                   # many requests through one engine: bench_serve.py
@@ -643,18 +663,22 @@ def run_spec_bench(a) -> int:
         raise InvalidArgumentError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
     if a.runs < 1 or a.new_tokens < 2:
         raise InvalidArgumentError("--runs must be at least 1 and --new-tokens at least 2")
+    pairs = [(q, x, m) for q in quants for x in acts for m in modes]
+    if quants == ["auto"] and "draft" in modes and a.draft_model is None:
+        # the built-in draft is for the exact model: draft it for float32 weights and
+        # activations, against their plain decoding (with int8 activations the model already
+        # runs in the draft's form: no draft rows, and with only those, nothing to draft)
+        if "f32" not in acts:
+            raise InvalidArgumentError(
+                "--speculative draft: the built-in draft is this model in its cheapest form, "
+                "which it already runs in with int8 activations: add f32 to --activations, or "
+                "give --draft-model PATH")
+        pairs = [p for p in pairs if p[2] != "draft"] + [("f32", "f32", "off"), ("f32", "f32", "draft")]
     model = str(a.model or ensure_default_model())
     machine = _machine()
     print(f"minfer bench --speculative: {', '.join(SPEC_WORKLOADS)} workloads, up to {a.new_tokens} "
           f"new tokens, greedy, {a.runs} runs; {backend}; {machine['cpu']}, {machine['cores']} cores",
           file=sys.stderr)
-    pairs = [(q, x, m) for q in quants for x in acts for m in modes]
-    if quants == ["auto"] and "draft" in modes and a.draft_model is None:
-        # the built-in draft is for the exact model: draft it for float32 weights and
-        # activations, against their plain decoding (with int8 activations the model already
-        # runs in the draft's form: no draft rows)
-        pairs = [p for p in pairs if p[2] != "draft"] + ([("f32", "f32", "off"), ("f32", "f32", "draft")]
-                                                         if "f32" in acts else [])
     # plain decoding runs inside each speculative mode's process (its "off" row: the first such
     # process of that quant and activations); a process of its own only for one without
     guessing = {(q, x) for q, x, m in pairs if m != "off"}

@@ -44,7 +44,15 @@ def test_bench_random_weights_json(tmp_path):
                                         (["--backend", "numpy", "--activations", "int8"],
                                          "nothing to measure"),
                                         (["--backend", "numba", "--quant", "f32", "--activations",
-                                          "int8"], "nothing to measure")])
+                                          "int8"], "nothing to measure"),
+                                        (["--workload", "serve", "--speculative", "ngram"],
+                                         "use it without --workload serve"),
+                                        (["--quality", "--speculative", "ngram"],
+                                         "use it without --quality"),
+                                        (["--speculative", "ngram", "--batch", "4"],
+                                         "--batch is part of the speed measurement"),
+                                        (["--workload", "prefix", "--verify-tokens", "8"],
+                                         "--verify-tokens is part of the speed measurement")])
 def test_bench_bad_flags_are_one_line_errors(flags, says):
     r = subprocess.run([sys.executable, "-m", "minfer", "bench", *flags],
                        capture_output=True, text=True, timeout=120)

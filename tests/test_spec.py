@@ -495,7 +495,8 @@ def test_bench_speculative_pairs_each_mode_with_plain_decoding(tmp_path):
     (["generate", "--speculative", "ngram", "--draft-model", "x.gguf", "hi"], "draft"),
     (["generate", "--speculative", "ngram", "--num-speculative-tokens", "0", "hi"], "num_speculative_tokens"),
     (["bench", "--speculative", "ngram,magic"], "unknown speculative mode"),
-    (["bench", "--speculative", "ngram", "--activations", "int4"], "unknown activations")])
+    (["bench", "--speculative", "ngram", "--activations", "int4"], "unknown activations"),
+    (["bench", "--speculative", "draft", "--activations", "int8"], "add f32 to --activations")])
 def test_cli_bad_speculative_flags_are_one_line_errors(tiny_gguf, args, says):
     r = _cli(*args[:1], *(["--model", tiny_gguf] if args[0] == "generate" else []), *args[1:])
     assert r.returncode == 1 and "Traceback" not in r.stderr and says in r.stderr, r.stderr
