@@ -256,6 +256,34 @@ def test_disconnect_mid_stream_frees_blocks(server):
         del engine.step
 
 
+def test_disconnect_before_a_non_streamed_answer_aborts_it(server):
+    """A client that gives up on a long non-streamed answer: the request is aborted even though
+    tokens keep coming (faster than the server's disconnect poll), not run to its end."""
+    url, app = server
+    engine = app.state.llm.engine
+    step = engine.step
+
+    def slow_step():              # a token every ~20 ms: far more often than the 0.5 s poll
+        time.sleep(0.02)
+        return step()
+    engine.step = slow_step
+    try:
+        before = metrics(url)
+        body = {"model": MODEL, "prompt": "the cat", "max_tokens": 200, "temperature": 0,
+                "ignore_eos": True}
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(url + "/v1/completions", json=body, timeout=1.0,
+                       headers={"Authorization": f"Bearer {KEY}"})
+        m = wait_idle(url)
+        key = 'minfer_requests_total{finish_reason="abort"}'
+        assert m.get(key, 0) == before.get(key, 0) + 1
+        # it stopped soon after the client left, not at the end of the context
+        made = m["minfer_generation_tokens_total"] - before["minfer_generation_tokens_total"]
+        assert made < 150, made
+    finally:
+        del engine.step
+
+
 # --- bad requests: the right status and OpenAI's error shape, then the server still serves -----
 def error_of(r: httpx.Response, status: int) -> dict:
     assert r.status_code == status, r.text

@@ -214,14 +214,23 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None,
     async def _complete(request, req, body, prompts, rid, chat):
         n_items = len(req.items)
         done: dict[int, object] = {}
+        clock = asyncio.get_running_loop().time
+        poll = clock() + DISCONNECT_POLL_S
         try:
             while len(done) < n_items:
                 try:
-                    i, new, finished, seq = await asyncio.wait_for(req.queue.get(), DISCONNECT_POLL_S)
+                    item = await asyncio.wait_for(req.queue.get(), DISCONNECT_POLL_S)
                 except asyncio.TimeoutError:
+                    item = None
+                # by the clock, not only when nothing came: a long answer's tokens come faster
+                # than the poll, and a client that left must not hold the engine to the end
+                if clock() >= poll:
                     if await request.is_disconnected():
                         return Response(status_code=499)
+                    poll = clock() + DISCONNECT_POLL_S
+                if item is None:
                     continue
+                i, new, finished, seq = item
                 if new is None:
                     raise APIError(500, finished, "server_error")
                 if finished:
