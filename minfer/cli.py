@@ -356,7 +356,14 @@ def cmd_serve(a) -> int:
     app = create_app(llm, name, api_key=a.api_key, max_waiting=a.max_waiting)
     config = uvicorn.Config(app, host=a.host, port=a.port, log_level=a.log_level,
                             timeout_graceful_shutdown=3, access_log=a.log_level == "debug")
-    server = uvicorn.Server(config)
+    class _Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            # the answers in flight end at once with "the server is shutting down" (503, or an
+            # error event in a stream), instead of being cancelled, with a traceback, when
+            # uvicorn's wait for them runs out
+            app.state.bridge.stop()
+            super().handle_exit(sig, frame)
+    server = _Server(config)
     spec = f", speculative {a.speculative}" if llm.engine.speculator else ""
     print(f"minfer serve — {name} on {llm.backend}{spec}, http://{a.host}:{a.port}/v1 "
           f"(Ctrl-C stops)", file=sys.stderr, flush=True)

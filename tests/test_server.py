@@ -411,6 +411,39 @@ def test_serve_command_second_ctrl_c_while_stopping(tiny_gguf):
             p.wait(5)
 
 
+def test_serve_command_ctrl_c_ends_answers_in_flight(tiny_gguf):
+    """Ctrl-C while answers are being written: a non-streamed one gets 503 "the server is
+    shutting down" and a stream gets that error as its last event, at once — not a 500 with a
+    traceback when uvicorn's wait for them runs out."""
+    p, port = _serve_command(tiny_gguf, "--max-seqs", "1")    # the choices one after another
+    url = f"http://127.0.0.1:{port}"
+    body = {"model": "tiny-llama-F32", "prompt": "the cat", "max_tokens": 200, "n": 16,
+            "ignore_eos": True}
+    try:
+        _wait_up(p, port)
+        with cf.ThreadPoolExecutor(2) as pool:
+            plain = pool.submit(httpx.post, url + "/v1/completions", json=body, timeout=TIMEOUT)
+            streamed = pool.submit(lambda: httpx.post(url + "/v1/completions", timeout=TIMEOUT,
+                                                      json={**body, "stream": True}).text)
+            deadline = time.monotonic() + TIMEOUT
+            while metrics(url).get("minfer_generation_tokens_total", 0) < 10:
+                assert time.monotonic() < deadline and not plain.done()
+                time.sleep(0.05)
+            stopped = time.monotonic()
+            p.send_signal(signal.SIGINT)
+            r, events = plain.result(timeout=TIMEOUT), streamed.result(timeout=TIMEOUT)
+        assert time.monotonic() - stopped < 2.5        # (uvicorn would wait 3 s for them)
+        assert r.status_code == 503 and "shutting down" in error_of(r, 503)["message"]
+        last = [e for e in events.splitlines() if e.startswith("data: {")][-1]
+        assert "shutting down" in json.loads(last[len("data: "):])["error"]["message"]
+        _, err = p.communicate(timeout=20)
+        assert p.returncode == 130 and "Traceback" not in err, err
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait(5)
+
+
 def test_serve_command_speculative_same_text(tiny_gguf, tiny_llm):
     """`serve --speculative ngram`: concurrent greedy requests get plain decoding's text (the
     repeated prompts make prompt lookup guess, and some guesses are accepted); afterwards nothing

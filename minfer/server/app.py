@@ -231,8 +231,8 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None,
                 if item is None:
                     continue
                 i, new, finished, seq = item
-                if new is None:
-                    raise APIError(500, finished, "server_error")
+                if new is None:                 # (finished: the message)
+                    raise APIError(503 if bridge.stopping else 500, finished, "server_error")
                 if finished:
                     done[i] = seq
         finally:

@@ -65,10 +65,20 @@ class Bridge:
     def start(self) -> None:
         self._thread.start()
 
-    def close(self, timeout: float = 10.0) -> None:
-        """Abort everything still running, stop the engine thread."""
+    def stop(self) -> None:
+        """Abort everything still running ("the server is shutting down"), without waiting: the
+        server was told to stop (Ctrl-C), and the answers in flight end now, as errors, rather
+        than being cut off when its wait for them runs out. Safe from a signal handler."""
         self._stopping = True
         self._wake.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Abort everything still running, stop the engine thread."""
+        self.stop()
         if self._thread.is_alive():
             self._thread.join(timeout)
 
