@@ -540,6 +540,10 @@ def test_check_reports_a_wrong_function_with_a_hint(tmp_path, capsys):
 def test_bad_input_is_a_clean_error(tmp_path):
     with pytest.raises(ExerciseError, match="no exercises"):
         _cli("start", "15", "--dir", str(tmp_path))
+    for bad in ("abc", "-1", "3.5"):
+        with pytest.raises(ExerciseError, match=f"a lesson is a number, such as 5 or 05, not '{bad}'"):
+            _cli("start", bad, "--dir", str(tmp_path))
+    assert not any(tmp_path.iterdir())
     with pytest.raises(ExerciseError, match="lesson start 6"):
         _cli("check", "6", "--dir", str(tmp_path))
     _write(tmp_path, 7, "def silu(z):\n    return z *\n")

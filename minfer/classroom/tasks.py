@@ -1341,14 +1341,14 @@ def lessons() -> dict[int, Lesson]:
 
 
 def get_lesson(n) -> Lesson:
-    try:
-        n = int(str(n).lstrip("0") or "0")
-    except ValueError:
-        n = -1
     L = lessons()
+    which = f"lessons with exercises: {', '.join(f'{k:02d}' for k in L)} (see `python -m minfer lesson list`)"
+    text = str(n).strip()
+    if not text.isdigit():
+        raise ExerciseError(f"a lesson is a number, such as 5 or 05, not {text!r}; {which}")
+    n = int(text)
     if n not in L:
-        raise ExerciseError(f"lesson {n} has no exercises; lessons with exercises: "
-                            f"{', '.join(f'{k:02d}' for k in L)} (see `python -m minfer lesson list`)")
+        raise ExerciseError(f"lesson {n} has no exercises; {which}")
     return L[n]
 
 
