@@ -95,7 +95,7 @@ def set_threads(n: int | None) -> int:
     if n is not None:
         if not 1 <= n <= numba.config.NUMBA_NUM_THREADS:
             raise InvalidArgumentError(
-                f"--threads must be between 1 and {numba.config.NUMBA_NUM_THREADS}, got {n}")
+                f"threads (--threads) must be between 1 and {numba.config.NUMBA_NUM_THREADS}, got {n}")
         numba.set_num_threads(n)
     return numba.get_num_threads()
 

@@ -74,6 +74,13 @@ class Stats:
         return self.prompt_tokens / self.prefill_s if self.prefill_s > 0 else 0.0
 
 
+def _check_params(p) -> SamplingParams:
+    if not isinstance(p, SamplingParams):
+        raise InvalidArgumentError("sampling params must be minfer.SamplingParams (e.g. "
+                                   f"SamplingParams(max_tokens=64)), got {type(p).__name__}")
+    return p
+
+
 class LLM:
     def __init__(self, model: str | os.PathLike | None = None, backend: str = DEFAULT_BACKEND,
                  quant: str = "auto", max_context: int | None = None, block_size: int = 16,
@@ -199,6 +206,8 @@ class LLM:
 
     # --- driving the engine ------------------------------------------------------------------------
     def _submit(self, prompts: list, params: list[SamplingParams]) -> list[Sequence]:
+        for p in params:
+            _check_params(p)
         ids = [self._ids(p) for p in prompts]          # every prompt checked before any is queued
         for i in ids:
             self.engine.check_prompt(i)
@@ -262,10 +271,14 @@ class LLM:
         of token ids; params is one SamplingParams for all or a list, one per prompt. The prompts
         run together through the engine (continuous batching: a short answer leaves the batch as
         soon as it is done)."""
-        if isinstance(prompts, (str, bytes)) or (
+        if isinstance(prompts, (str, bytes)) or (isinstance(prompts, np.ndarray) and prompts.ndim == 1) or (
                 isinstance(prompts, (list, tuple)) and prompts and isinstance(prompts[0], (int, np.integer))):
             prompts = [prompts]
-        prompts = list(prompts)
+        try:
+            prompts = list(prompts)
+        except TypeError:
+            raise InvalidArgumentError("prompts: a string, a list of token ids, or a list of those; "
+                                       f"got {type(prompts).__name__}") from None
         if not prompts:
             return []
         if isinstance(params, (list, tuple)):
@@ -288,7 +301,7 @@ class LLM:
 
     def stream(self, prompt, params: SamplingParams | None = None) -> Iterator[str]:
         """Yield the completion's text piece by piece (never half a UTF-8 character)."""
-        params = params or SamplingParams()
+        params = _check_params(params or SamplingParams())
         dec = StreamDecoder(self.tokenizer)
         hold = max((len(s) for s in params.stop), default=1) - 1  # a stop string may be forming
         sent = 0

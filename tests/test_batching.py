@@ -141,6 +141,17 @@ def test_generate_takes_one_sampling_params_per_prompt(tiny_llm):
     assert tiny_llm.generate([], GREEDY) == []
     with pytest.raises(InvalidArgumentError, match="bytes"):
         tiny_llm.generate(b"hello", GREEDY)
+    with pytest.raises(InvalidArgumentError, match="prompts: a string, a list of token ids"):
+        tiny_llm.generate(None, GREEDY)
+    with pytest.raises(InvalidArgumentError, match="must be minfer.SamplingParams.*got dict"):
+        tiny_llm.generate([5, 6], {"max_tokens": 2})
+    with pytest.raises(InvalidArgumentError, match="must be minfer.SamplingParams"):
+        list(tiny_llm.stream([5, 6], {"max_tokens": 2}))
+    # a 1-D array of ids is one prompt, a 2-D one a prompt a row
+    one = tiny_llm.generate(np.array([5, 6, 7]), GREEDY)
+    assert len(one) == 1 and one[0].token_ids == tiny_llm.generate([5, 6, 7], GREEDY)[0].token_ids
+    assert len(tiny_llm.generate(np.array([[5, 6], [7, 8]]), GREEDY)) == 2
+    assert tiny_llm.engine.blocks.n_used == 0
 
 
 def test_metrics_of_each_request(tiny_llm):
