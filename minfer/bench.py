@@ -322,8 +322,23 @@ def _check_mode_flags(a) -> None:
                                        f"{mode}")
 
 
+def _check_json(a) -> None:
+    """--json's file must be writable before the measurement, not after it (the results would be
+    lost with the error)."""
+    from .errors import InvalidArgumentError
+    if a.json:
+        path = Path(a.json)
+        if path.is_dir() or not path.parent.is_dir() or not os.access(path.parent, os.W_OK) or (
+                path.exists() and not os.access(path, os.W_OK)):
+            raise InvalidArgumentError(f"--json {a.json}: cannot write a file there (is the folder "
+                                       f"there, and writable?)")
+
+
 def run_bench(a) -> int:
     _check_mode_flags(a)
+    _check_json(a)
+    from . import bench_serve
+    bench_serve.check_flags(a)
     if a.quality:
         return run_quality(a)
     if a.workload != "speed":                   # many requests through one engine: bench_serve.py

@@ -26,6 +26,37 @@ from pathlib import Path
 import numpy as np
 
 
+WAYS = ("one-at-a-time", "static", "continuous")
+REQUESTS = 64
+
+
+def check_flags(a) -> None:
+    """The workload flags: sound values, and only with a workload that reads them (bench.py
+    checks the other measurements' flags). Fills in their defaults."""
+    from .errors import InvalidArgumentError
+    if a.workload == "speed":
+        for flag, value in (("--requests", a.requests), ("--rate", a.rate), ("--ways", a.ways)):
+            if value is not None:
+                raise InvalidArgumentError(f"{flag} is part of --workload serve (or prefix): use it "
+                                           f"with --workload")
+        return
+    if a.workload == "prefix":
+        for flag, value in (("--rate", a.rate), ("--ways", a.ways)):
+            if value is not None:
+                raise InvalidArgumentError(f"{flag} is part of --workload serve: the prefix workload "
+                                           f"runs its requests at once, with the cache and without")
+    a.requests = REQUESTS if a.requests is None else a.requests
+    if a.requests < 1:
+        raise InvalidArgumentError(f"--requests must be at least 1, got {a.requests}")
+    if a.rate is not None and not (a.rate >= 0 and np.isfinite(a.rate)):      # (0: off)
+        raise InvalidArgumentError(f"--rate is requests a second, a number > 0, got {a.rate:g}")
+    ways = [w.strip() for w in (a.ways if a.ways is not None else ",".join(WAYS)).split(",") if w.strip()]
+    bad = [w for w in ways if w not in WAYS]
+    if bad or not ways:
+        raise InvalidArgumentError(f"--ways takes {', '.join(WAYS)} (comma-separated), got {a.ways!r}")
+    a.ways = ",".join(ways)
+
+
 def make_requests(n: int, vocab: int, seed: int = 0, max_prompt: int = 1024):
     """n (prompt ids, new tokens) pairs: prompts 16..max_prompt and outputs 8..256 tokens, long-tailed
     (log-normal: most short, a few long)."""
@@ -185,11 +216,13 @@ def add_arguments(p) -> None:
                    help="speed: one request's prefill/decode (default); serve: many requests, "
                         "one-at-a-time vs static vs continuous batching; prefix: a shared system "
                         "prompt with and without the prefix cache")
-    g.add_argument("--requests", type=int, default=64, help="requests in the workload (default: 64)")
-    g.add_argument("--rate", type=float, default=0.0, metavar="R",
-                   help="also run with Poisson arrivals of R requests/s (default: off)")
-    g.add_argument("--ways", default="one-at-a-time,static,continuous",
-                   help="comma-separated ways to run the serve workload (default: %(default)s)")
+    g.add_argument("--requests", type=int, default=None,
+                   help=f"requests in the workload (default: {REQUESTS})")
+    g.add_argument("--rate", type=float, default=None, metavar="R",
+                   help="serve: also run with Poisson arrivals of R requests/s (default: off)")
+    g.add_argument("--ways", default=None,
+                   help=f"serve: comma-separated ways to run the workload, of {', '.join(WAYS)} "
+                        f"(default: all three)")
     g.add_argument("--seed", type=int, default=0, help="workload seed (default: 0)")
     g.add_argument("--kv-cache-mb", type=float, default=DEFAULT_KV_CACHE_MB, metavar="MB")
     g.add_argument("--max-seqs", type=int, default=DEFAULT_MAX_SEQS, metavar="N")

@@ -52,7 +52,20 @@ def test_bench_random_weights_json(tmp_path):
                                         (["--speculative", "ngram", "--batch", "4"],
                                          "--batch is part of the speed measurement"),
                                         (["--workload", "prefix", "--verify-tokens", "8"],
-                                         "--verify-tokens is part of the speed measurement")])
+                                         "--verify-tokens is part of the speed measurement"),
+                                        (["--workload", "serve", "--requests", "0"],
+                                         "--requests must be at least 1"),
+                                        (["--workload", "serve", "--rate", "-1"],
+                                         "--rate is requests a second"),
+                                        (["--workload", "serve", "--ways", "static,nope"],
+                                         "--ways takes one-at-a-time, static, continuous"),
+                                        (["--workload", "prefix", "--rate", "5"],
+                                         "--rate is part of --workload serve"),
+                                        (["--requests", "4"], "--requests is part of --workload"),
+                                        (["--speculative", "ngram", "--ways", "static"],
+                                         "--ways is part of --workload"),
+                                        (["--json", "/nonexistent/folder/out.json"],
+                                         "cannot write a file there")])
 def test_bench_bad_flags_are_one_line_errors(flags, says):
     r = subprocess.run([sys.executable, "-m", "minfer", "bench", *flags],
                        capture_output=True, text=True, timeout=120)
