@@ -41,6 +41,14 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
     _spec_flags(p)
 
 
+def _model_flags_given(a) -> list[str]:
+    """The flags of _model_flags that a differs from the defaults in."""
+    ref = argparse.ArgumentParser()
+    _model_flags(ref)
+    return [act.option_strings[0] for act in ref._actions
+            if act.option_strings and act.dest != "help" and getattr(a, act.dest, act.default) != act.default]
+
+
 def _engine_flags(p: argparse.ArgumentParser) -> None:
     from .engine.engine import DEFAULT_KV_CACHE_MB, DEFAULT_MAX_BATCH_TOKENS, DEFAULT_MAX_SEQS
     g = p.add_argument_group("engine")
@@ -255,9 +263,16 @@ def cmd_chat(a) -> int:
     from .errors import PromptTooLongError
     params = _params(a)
     remote = llm = None
+    if a.api_key is not None and not a.server:
+        raise InvalidArgumentError("--api-key is the server's key: use it with --server")
     if a.server:
         if a.use_mine:
             raise InvalidArgumentError("--use-mine runs the model here: leave out --server")
+        given = _model_flags_given(a)
+        if given:
+            raise InvalidArgumentError(f"{given[0]} sets up a model here, and with --server the "
+                                       f"server's model answers: give it to `serve`, or leave out "
+                                       f"--server")
         from .server.client import RemoteChat
         remote = RemoteChat(a.server, a.api_key)
         where = f"{remote.model} at {remote.url}"

@@ -81,6 +81,20 @@ def test_bad_flags(tiny_gguf, flags, word):
     assert_clean_error(run("generate", "--model", tiny_gguf, *flags, "hi"), word)
 
 
+@pytest.mark.parametrize("flags,words", [(["--speculative", "ngram"], ["--speculative", "serve"]),
+                                         (["--backend", "numpy"], ["--backend", "serve"]),
+                                         (["--kv-cache-mb", "64"], ["--kv-cache-mb"]),
+                                         (["--model", "x.gguf"], ["--model"])])
+def test_chat_with_a_server_refuses_the_flags_of_a_model_here(flags, words):
+    """chat --server: the server's model answers, so a flag that sets up a model here would be
+    ignored — it is an error instead (before any connection is tried)."""
+    assert_clean_error(run("chat", "--server", "http://127.0.0.1:9", *flags, input="hi\n"), *words)
+
+
+def test_chat_api_key_without_a_server():
+    assert_clean_error(run("chat", "--api-key", "k", input="hi\n"), "--api-key", "--server")
+
+
 def test_debug_shows_traceback():
     r = run("--debug", "generate", "--model", "/nonexistent/x.gguf", "hi")
     assert r.returncode != 0 and "Traceback" in r.stderr
