@@ -699,7 +699,7 @@ def run_spec_bench(a) -> int:
     guessing = {(q, x) for q, x, m in pairs if m != "off"}
     pairs = [(q, x, m) for q, x, m in pairs if m != "off" or (q, x) not in guessing]
     specs = [{"model": model, "backend": backend, "quant": q, "activations": x, "mode": m,
-              "threads": a.threads, "k": a.num_speculative_tokens,
+              "threads": a.threads, "k": a.num_speculative_tokens if m != "off" else None,
               "draft_model": a.draft_model if m == "draft" else None,
               "new_tokens": a.new_tokens} for q, x, m in pairs]
     rows = [dict(sp, runs=[]) for sp in specs]

@@ -214,6 +214,10 @@ def _llm(a):
         raise InvalidArgumentError(f"--max-context must be at least 2, got {a.max_context}")
     mine = getattr(a, "use_mine", None)
     make_model = None
+    if mine and a.activations != "f32":
+        raise InvalidArgumentError("--use-mine runs on float32 weights: leave out --activations")
+    if mine and a.quant != "auto":
+        raise InvalidArgumentError("--use-mine runs on float32 weights: leave out --quant")
     if mine:  # the exercises take float32 weights: no quantized blocks under the student's code
         from .backends import get_ops
         from .classroom import student_model, student_ops
@@ -223,8 +227,6 @@ def _llm(a):
         ops = student_ops(get_ops(a.backend, a.threads), mine,   # before the slow load: fail fast
                           anyway=getattr(a, "anyway", False))
         make_model = student_model(ops)           # model.py's loop, on your functions
-    if mine and a.activations != "f32":
-        raise InvalidArgumentError("--use-mine runs on float32 weights: leave out --activations")
     llm = LLM(model=a.model, backend=a.backend, quant="f32" if mine else a.quant,
               max_context=a.max_context, threads=a.threads, activations=a.activations,
               kv_cache_mb=a.kv_cache_mb, max_seqs=a.max_seqs, max_batch_tokens=a.max_batch_tokens,
@@ -241,6 +243,9 @@ def _messages(system, history):
 def cmd_generate(a) -> int:
     import time
     params = _params(a)
+    if a.raw and a.system != DEFAULT_SYSTEM:
+        raise InvalidArgumentError("--system goes into the chat template, which --raw leaves out: "
+                                   "use one of them")
     llm = _llm(a)
     prompt = a.prompt if a.raw else llm.tokenizer.apply_chat_template(
         _messages(a.system, [{"role": "user", "content": a.prompt}]))

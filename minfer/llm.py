@@ -120,6 +120,9 @@ class LLM:
                                        f"got {num_speculative_tokens!r}")
         if draft_model is not None and speculative != "draft":
             raise InvalidArgumentError("a draft model is for speculative='draft' (--speculative draft)")
+        if num_speculative_tokens is not None and speculative == "off":
+            raise InvalidArgumentError("num_speculative_tokens is for speculative='ngram' or 'draft' "
+                                       "(--speculative ngram|draft)")
         self.kernels = kernels = kernels or KernelConfig()
         ops = get_ops(backend, threads, activations, kernels)  # validate before the (slow) load
         path = model if model is not None else fetch.ensure_default_model(quiet=quiet)

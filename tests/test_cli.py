@@ -91,6 +91,17 @@ def test_chat_with_a_server_refuses_the_flags_of_a_model_here(flags, words):
     assert_clean_error(run("chat", "--server", "http://127.0.0.1:9", *flags, input="hi\n"), *words)
 
 
+def test_generate_raw_with_a_system_prompt(tiny_gguf):
+    assert_clean_error(run("generate", "--model", tiny_gguf, "--raw", "--system", "be brief", "hi"),
+                       "--system", "--raw")
+
+
+@pytest.mark.parametrize("flags", [["--quant", "q4_0"], ["--activations", "int8"]])
+def test_chat_use_mine_takes_float32_weights(tiny_gguf, tmp_path, flags):
+    assert_clean_error(run("chat", "--model", tiny_gguf, "--use-mine", tmp_path, *flags, input="hi\n"),
+                       flags[0], "float32")
+
+
 def test_chat_api_key_without_a_server():
     assert_clean_error(run("chat", "--api-key", "k", input="hi\n"), "--api-key", "--server")
 

@@ -433,6 +433,8 @@ def test_bad_speculative_arguments(tiny_gguf):
         minfer.LLM(tiny_gguf, backend="numpy", speculative="magic")
     with pytest.raises(InvalidArgumentError, match="num_speculative_tokens"):
         minfer.LLM(tiny_gguf, backend="numpy", speculative="ngram", num_speculative_tokens=0)
+    with pytest.raises(InvalidArgumentError, match="num_speculative_tokens is for"):
+        minfer.LLM(tiny_gguf, backend="numpy", num_speculative_tokens=4)     # (speculation off)
 
 
 # ---------------------------------------------------------------------------------------------
