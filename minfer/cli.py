@@ -376,6 +376,7 @@ def cmd_serve(a) -> int:
     app = create_app(llm, name, api_key=a.api_key, max_waiting=a.max_waiting)
     config = uvicorn.Config(app, host=a.host, port=a.port, log_level=a.log_level,
                             timeout_graceful_shutdown=3, access_log=a.log_level == "debug")
+
     class _Server(uvicorn.Server):
         def handle_exit(self, sig, frame):
             # the answers in flight end at once with "the server is shutting down" (503, or an
