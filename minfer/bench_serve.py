@@ -121,9 +121,19 @@ def _llm(a, prefix_caching=True):
                       prefix_caching=prefix_caching)
 
 
+MIN_CONTEXT = 16 + 256 + 1          # the shortest prompt and the longest answer of make_requests
+
+
 def _warm_up(llm) -> None:
     """Compile every kernel the ways will use (prompt chunks, decode) before anything is timed."""
+    from .errors import InvalidArgumentError
     from .sampling import SamplingParams
+    n = llm.engine.max_context
+    if n < MIN_CONTEXT:
+        why = ("the model's" if n == llm.config.max_seq_len else
+               "this KV cache's: give it more (--kv-cache-mb)")
+        raise InvalidArgumentError(f"the workload's requests need a context of {MIN_CONTEXT} tokens "
+                                   f"(prompts from 16, answers up to 256); it holds {n}, {why}")
     p = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
     llm.generate([[5] * 300, [6] * 20, [7] * 3], p)
 
@@ -168,7 +178,7 @@ def _print_rows(rows) -> None:
               f"{r['peak_blocks']:>6} {r['preemptions']:>7} {r['cached_prompt_tokens']:>7}")
     for case in dict.fromkeys(r["case"] for r in rows):
         by = {r["way"]: r for r in rows if r["case"] == case}
-        if "continuous" in by:
+        if "continuous" in by and len(by) > 1:
             c = by["continuous"]["output_tok_s"]
             print(f"{case}: continuous = " + ", ".join(
                 f"{c / by[w]['output_tok_s']:.2f}x {w}" for w in by if w != "continuous"))

@@ -73,6 +73,17 @@ def test_bench_bad_flags_are_one_line_errors(flags, says):
     assert len(r.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("workload", ["serve", "prefix"])
+def test_bench_workload_too_short_a_context_is_one_line(tiny_gguf, workload):
+    """The tiny model's 256-token context cannot hold the workload's longest request: said in one
+    line (before: the warm-up's own prompt was reported too long)."""
+    r = subprocess.run([sys.executable, "-m", "minfer", "bench", "--workload", workload, "--model",
+                        str(tiny_gguf), "--backend", "numpy", "--requests", "2"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "need a context of 273 tokens" in r.stderr and "it holds 256, the model's" in r.stderr
+
+
 def test_bench_runs_llama_bench_side_by_side(tmp_path):
     """--llama-bench: a stand-in for llama.cpp's llama-bench (its JSON output: a test for -p
     tokens of prompt, one for -n of decode after -d cached ones) runs once a round for the prompt
