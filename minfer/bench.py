@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 SHAPES = {"smollm2-135m": "SMOLLM2_135M", "tiny": None}
+DEFAULT_BACKENDS = "numpy,numba"     # the speed table's; a measurement of one backend: numba
 
 
 # --------------------------------------------------------------------------------------------
@@ -282,6 +283,21 @@ def _machine() -> dict:
             "platform": platform.platform()}
 
 
+def one_backend(a, what: str) -> str:
+    """The one backend a measurement of its own runs (`what`: its flag): bench's default list,
+    numpy and numba, means numba there; a list of several is an error, not all but one dropped."""
+    from .backends import BACKENDS
+    from .errors import InvalidArgumentError
+    if a.backend == DEFAULT_BACKENDS:
+        return "numba"
+    names = [b.strip() for b in a.backend.split(",") if b.strip()]
+    if len(names) != 1:
+        raise InvalidArgumentError(f"{what} runs one backend: give one --backend (numba, numpy or cuda)")
+    if names[0] not in BACKENDS:
+        raise InvalidArgumentError(f"unknown backend {names[0]!r}; choose from {', '.join(BACKENDS)}")
+    return names[0]
+
+
 def _med(values):
     return statistics.median(values), min(values), max(values)
 
@@ -289,6 +305,7 @@ def _med(values):
 def run_quality(a) -> int:
     from . import quality
     from .weights.fetch import ensure_default_model
+    backend = one_backend(a, "--quality")
     model = str(a.model or ensure_default_model())
     quants = [q.strip() for q in a.quant.split(",") if q.strip()]
     if quants == ["auto"]:
@@ -296,7 +313,7 @@ def run_quality(a) -> int:
     print(f"minfer bench --quality: {quality.TEXT.name}, windows of {a.window} tokens", file=sys.stderr)
     acts = [x.strip() for x in a.activations.split(",") if x.strip()]
     rows = quality.evaluate(model, quants, window=a.window, max_tokens=a.max_eval_tokens,
-                            activations=acts)
+                            backend=backend, activations=acts)
     quality.print_table(rows)
     if a.json:
         Path(a.json).write_text(json.dumps({"machine": _machine(), "quality": rows}, indent=1))
@@ -500,7 +517,7 @@ def add_parser(sub) -> None:
                        description=__doc__.split("\n\n")[0] + " Configurations run side by side; "
                        "the table gives medians with (min..max).")
     p.add_argument("--model", metavar="PATH", default=None, help="model to measure (default model)")
-    p.add_argument("--backend", default="numpy,numba", help="comma-separated (default: %(default)s)")
+    p.add_argument("--backend", default=DEFAULT_BACKENDS, help="comma-separated (default: %(default)s)")
     p.add_argument("--quant", default="auto", help="comma-separated: auto,f32,q8_0,q4_0,q4_1 "
                                                    "(default: %(default)s)")
     p.add_argument("--activations", default="f32",
@@ -673,9 +690,7 @@ def run_spec_bench(a) -> int:
     for x in acts:
         if x not in ACTIVATIONS:
             raise InvalidArgumentError(f"unknown activations {x!r}; choose from {', '.join(ACTIVATIONS)}")
-    backend = "numba" if a.backend == "numpy,numba" else a.backend.split(",")[0].strip()   # one
-    if backend not in BACKENDS:
-        raise InvalidArgumentError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
+    backend = one_backend(a, "--speculative")
     if a.runs < 1 or a.new_tokens < 2:
         raise InvalidArgumentError("--runs must be at least 1 and --new-tokens at least 2")
     pairs = [(q, x, m) for q in quants for x in acts for m in modes]

@@ -112,9 +112,13 @@ def run_way(llm, requests, way: str, arrivals: list[float], max_seqs: int) -> di
 def _llm(a, prefix_caching=True):
     import minfer
     from .weights.fetch import ensure_default_model
-    backend = a.backend.split(",")[-1]            # bench's default "numpy,numba": numba
-    quant = a.quant.split(",")[0]
-    act = a.activations.split(",")[0]
+    from .bench import one_backend
+    from .errors import InvalidArgumentError
+    backend = one_backend(a, "--workload")
+    quant, act = a.quant.strip(), a.activations.strip()
+    for flag, value in (("--quant", quant), ("--activations", act)):
+        if "," in value:
+            raise InvalidArgumentError(f"--workload runs one configuration: give one {flag}")
     return minfer.LLM(a.model or ensure_default_model(quiet=True), backend=backend, quant=quant,
                       activations=act, threads=a.threads, kv_cache_mb=a.kv_cache_mb,
                       max_seqs=a.max_seqs, max_batch_tokens=a.max_batch_tokens,

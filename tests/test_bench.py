@@ -65,7 +65,15 @@ def test_bench_random_weights_json(tmp_path):
                                         (["--speculative", "ngram", "--ways", "static"],
                                          "--ways is part of --workload"),
                                         (["--json", "/nonexistent/folder/out.json"],
-                                         "cannot write a file there")])
+                                         "cannot write a file there"),
+                                        (["--workload", "serve", "--backend", "numpy,numba,cuda"],
+                                         "--workload runs one backend"),
+                                        (["--speculative", "ngram", "--backend", "numba,numpy"],
+                                         "--speculative runs one backend"),
+                                        (["--quality", "--backend", "numpy,numba,cuda"],
+                                         "--quality runs one backend"),
+                                        (["--workload", "prefix", "--quant", "auto,q8_0"],
+                                         "--workload runs one configuration: give one --quant")])
 def test_bench_bad_flags_are_one_line_errors(flags, says):
     r = subprocess.run([sys.executable, "-m", "minfer", "bench", *flags],
                        capture_output=True, text=True, timeout=120)
