@@ -320,23 +320,40 @@ def run_quality(a) -> int:
     return 0
 
 
+# Which measurements read each flag that not all of them read (the others: --model, --backend,
+# --quant, --activations, --threads, --json).
+_READ_BY = {
+    **dict.fromkeys(("runs", "new_tokens"), ("speed", "speculative")),
+    **dict.fromkeys(("numpy_runs", "prompt_tokens", "random_weights", "skip_startup", "batch",
+                     "verify_tokens", "llama_bench", "llama_batched_bench", "llama_models"), ("speed",)),
+    **dict.fromkeys(("draft_model", "num_speculative_tokens"), ("speculative",)),
+    **dict.fromkeys(("requests", "seed", "kv_cache_mb", "max_seqs", "max_batch_tokens"),
+                    ("serve", "prefix")),
+    **dict.fromkeys(("rate", "ways"), ("serve",)),
+    **dict.fromkeys(("window", "max_eval_tokens"), ("quality",)),
+}
+_MODE_NAMES = {"speed": "the speed measurement", "speculative": "--speculative",
+               "serve": "--workload serve", "prefix": "--workload prefix", "quality": "--quality"}
+
+
 def _check_mode_flags(a) -> None:
-    """bench has four measurements (speed, --speculative, --workload, --quality), one a run: a
-    flag of another one would be ignored without a word, so it is an error instead."""
+    """bench has five measurements (speed, --speculative, --workload serve | prefix, --quality),
+    one a run: a flag that only another one reads would be ignored without a word, so it is an
+    error instead."""
     from .errors import InvalidArgumentError
-    mode = ("--quality" if a.quality else f"--workload {a.workload}" if a.workload != "speed"
-            else "--speculative" if a.speculative else None)
-    if mode is None:
-        return
-    if a.speculative and mode != "--speculative":
+    mode = ("quality" if a.quality else a.workload if a.workload != "speed"
+            else "speculative" if a.speculative else "speed")
+    if a.speculative and mode != "speculative":
         raise InvalidArgumentError(f"--speculative times its own workloads (edit, free): use it "
-                                   f"without {mode}")
-    for flag, value in (("--batch", a.batch), ("--verify-tokens", a.verify_tokens),
-                        ("--llama-bench", a.llama_bench),
-                        ("--llama-batched-bench", a.llama_batched_bench)):
-        if value:
-            raise InvalidArgumentError(f"{flag} is part of the speed measurement: use it without "
-                                       f"{mode}")
+                                   f"without {_MODE_NAMES[mode]}")
+    sub = argparse.ArgumentParser().add_subparsers()
+    add_parser(sub)
+    for act in sub.choices["bench"]._actions:
+        readers = _READ_BY.get(act.dest)
+        if readers and mode not in readers and getattr(a, act.dest) != act.default:
+            raise InvalidArgumentError(
+                f"{act.option_strings[0]} is part of {' and '.join(_MODE_NAMES[r] for r in readers)}: "
+                f"{_MODE_NAMES[mode]} does not read it")
 
 
 def _check_json(a) -> None:

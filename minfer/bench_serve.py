@@ -31,20 +31,11 @@ REQUESTS = 64
 
 
 def check_flags(a) -> None:
-    """The workload flags: sound values, and only with a workload that reads them (bench.py
-    checks the other measurements' flags). Fills in their defaults."""
+    """The workload flags' values (bench.py checks that a workload is what reads them); fills in
+    their defaults."""
     from .errors import InvalidArgumentError
-    if a.workload == "speed":
-        for flag, value in (("--requests", a.requests), ("--rate", a.rate), ("--ways", a.ways)):
-            if value is not None:
-                raise InvalidArgumentError(f"{flag} is part of --workload serve (or prefix): use it "
-                                           f"with --workload")
+    if a.workload == "speed" or a.quality:
         return
-    if a.workload == "prefix":
-        for flag, value in (("--rate", a.rate), ("--ways", a.ways)):
-            if value is not None:
-                raise InvalidArgumentError(f"{flag} is part of --workload serve: the prefix workload "
-                                           f"runs its requests at once, with the cache and without")
     a.requests = REQUESTS if a.requests is None else a.requests
     if a.requests < 1:
         raise InvalidArgumentError(f"--requests must be at least 1, got {a.requests}")
