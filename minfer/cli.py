@@ -270,6 +270,9 @@ def cmd_chat(a) -> int:
     remote = llm = None
     if a.api_key is not None and not a.server:
         raise InvalidArgumentError("--api-key is the server's key: use it with --server")
+    if a.anyway and not a.use_mine:
+        raise InvalidArgumentError("--anyway goes with --use-mine (your own functions, even where "
+                                   "they differ from the reference)")
     if a.server:
         if a.use_mine:
             raise InvalidArgumentError("--use-mine runs the model here: leave out --server")

@@ -104,6 +104,7 @@ def test_chat_use_mine_takes_float32_weights(tiny_gguf, tmp_path, flags):
 
 def test_chat_api_key_without_a_server():
     assert_clean_error(run("chat", "--api-key", "k", input="hi\n"), "--api-key", "--server")
+    assert_clean_error(run("chat", "--anyway", input="hi\n"), "--anyway", "--use-mine")
 
 
 def test_debug_shows_traceback():
