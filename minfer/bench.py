@@ -376,7 +376,7 @@ def run_bench(a) -> int:
     if a.quality:
         return run_quality(a)
     if a.workload != "speed":                   # many requests through one engine: bench_serve.py
-        from . import bench_serve
+        a.backend = one_backend(a, "--workload")
         if a.workload == "serve":
             return bench_serve.run_serve(a, _machine())
         return bench_serve.run_prefix(a)

@@ -103,9 +103,8 @@ def run_way(llm, requests, way: str, arrivals: list[float], max_seqs: int) -> di
 def _llm(a, prefix_caching=True):
     import minfer
     from .weights.fetch import ensure_default_model
-    from .bench import one_backend
     from .errors import InvalidArgumentError
-    backend = one_backend(a, "--workload")
+    backend = a.backend                           # (one: bench.py's run_bench made sure)
     quant, act = a.quant.strip(), a.activations.strip()
     for flag, value in (("--quant", quant), ("--activations", act)):
         if "," in value:
