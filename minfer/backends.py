@@ -84,18 +84,25 @@ def limit_blas_threads(n: int) -> bool:
     return done
 
 
+def check_threads(n: int | None) -> None:
+    """A thread count numba can run (None: its default), or a one-line error."""
+    if n is not None:
+        import numba
+        if not 1 <= n <= numba.config.NUMBA_NUM_THREADS:
+            raise InvalidArgumentError(
+                f"threads (--threads) must be between 1 and {numba.config.NUMBA_NUM_THREADS}, got {n}")
+
+
 def set_threads(n: int | None) -> int:
     """Threads for the numba kernels: `n`, else $NUMBA_NUM_THREADS, else all cores."""
     import numba
+    check_threads(n)
     limit_blas_threads(1)
     # OpenMP threads spin-wait after each parallel kernel: good for decode's back-to-back launches,
     # bad when the sgemm threads of a prefill want the cores. 30k spins (~tens of us) measured best
     # for both here; read by libgomp when numba first starts its pool, so set before any kernel runs.
     os.environ.setdefault("GOMP_SPINCOUNT", "30000")
     if n is not None:
-        if not 1 <= n <= numba.config.NUMBA_NUM_THREADS:
-            raise InvalidArgumentError(
-                f"threads (--threads) must be between 1 and {numba.config.NUMBA_NUM_THREADS}, got {n}")
         numba.set_num_threads(n)
     return numba.get_num_threads()
 

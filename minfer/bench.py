@@ -371,6 +371,8 @@ def _check_json(a) -> None:
 def run_bench(a) -> int:
     _check_mode_flags(a)
     _check_json(a)
+    from .backends import check_threads
+    check_threads(a.threads)                    # here, not in the first worker to start
     from . import bench_serve
     bench_serve.check_flags(a)
     if a.quality:

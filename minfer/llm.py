@@ -299,6 +299,8 @@ class LLM:
         """OpenAI-style messages [{"role": "user", "content": "..."}] -> the assistant's answer.
         A conversation's next turn finds its earlier turns in the prefix cache and prefills only
         the new message."""
+        if isinstance(messages, (list, tuple)) and not messages:
+            raise InvalidArgumentError("messages is empty: a conversation needs at least one message")
         prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         return self.generate([prompt], params)[0]
 

@@ -143,6 +143,8 @@ def test_generate_takes_one_sampling_params_per_prompt(tiny_llm):
         tiny_llm.generate(b"hello", GREEDY)
     with pytest.raises(InvalidArgumentError, match="prompts: a string, a list of token ids"):
         tiny_llm.generate(None, GREEDY)
+    with pytest.raises(InvalidArgumentError, match="messages is empty"):
+        tiny_llm.chat([], GREEDY)
     with pytest.raises(InvalidArgumentError, match="must be minfer.SamplingParams.*got dict"):
         tiny_llm.generate([5, 6], {"max_tokens": 2})
     with pytest.raises(InvalidArgumentError, match="must be minfer.SamplingParams"):
