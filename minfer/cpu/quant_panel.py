@@ -29,7 +29,7 @@ from numba import float32, int32, njit, prange, types
 from numba.extending import intrinsic
 
 from ..stages.quant import QK, QuantMatrix
-from ..stages.quant_i8 import _absmax_sum, _digits1, _digits3, _reduce
+from ..stages.quant_i8 import _absmax_sum, _digits1_bare, _digits3_bare, _reduce
 from ..stages.simd import (F32, I8, I32, _fma, _load, _load_scales, _prefetch_l2, _splat, _store16, _vec, _vpdpbusd,
                            _zeros, bits)
 from . import quant_gemm
@@ -217,7 +217,6 @@ def prepare_x(x, q8, limbs):
     xq = np.empty((T, nb * limbs * QK), dtype=np.int8)
     dx = np.empty((T, nb), dtype=np.float32)
     xsum = np.empty((T, nb), dtype=np.float32)
-    x4 = np.empty((T, K // 4), dtype=np.int32)                  # (written by _digits, not read)
     start = np.zeros((T if q8 else 0, nb * limbs if q8 else 0), dtype=np.int32)
     step = float32(1 << (7 * (limbs - 1)))                       # 128^(limbs - 1)
     for t in range(T):
@@ -228,9 +227,9 @@ def prepare_x(x, q8, limbs):
             dx[t, b] = amax / float32(127.0) / step             # the scale of X (exact: / 2^14)
             at = t * limbs * K + b * QK
             if limbs == 3:
-                _digits3(x, o, inv * step, xq, at, 16, K, x4, o // 4)
+                _digits3_bare(x, o, inv * step, xq, at, 16, K)
             else:
-                _digits1(x, o, inv * step, xq, at, 16, K, x4, o // 4)
+                _digits1_bare(x, o, inv * step, xq, at, 16, K)
     # Q8_0's start values in a loop of their own: inside the one above, their index arithmetic
     # (hoisted by the compiler, spilled to the stack) slowed every block, Q4's too
     # (docs/benchmarks.md, "CPU kernel details")

@@ -313,47 +313,60 @@ def _absmax_sum(typingctx, x, off):
         return types.UniTuple(types.float32, 2)(x, off), codegen
 
 
-def _make_digits(limbs):
-    @intrinsic
-    def digits(typingctx, x, off, mul, xq, at, gap, stride, x4, at4):
-        """Round the 32 values x.flat[off:] to X = rint(x mul), store X's `limbs` digits in base
-        128 (quantize_x) as int8 at xq.flat[at + p stride:] (digit p; the block's first 16
-        values there, the other 16 `gap` bytes on) and the sums of X by 4 at x4.flat[at4:]."""
-        def codegen(context, builder, sig, args):
-            v = _load(context, builder, sig.args[0], args[0], args[1], F32, QK)
-            rint = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v.type, [v.type]),
-                                                  "llvm.rint.v32f32")
-            r = builder.fmul(v, _splat(builder, args[2], QK))
-            X = builder.fptosi(builder.call(rint, [r]), _vec(I32, QK))
+def _make_digits(limbs, sums=True):
+    def codegen(context, builder, sig, args):
+        v = _load(context, builder, sig.args[0], args[0], args[1], F32, QK)
+        rint = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v.type, [v.type]),
+                                              "llvm.rint.v32f32")
+        r = builder.fmul(v, _splat(builder, args[2], QK))
+        X = builder.fptosi(builder.call(rint, [r]), _vec(I32, QK))
+        if sums:
             by4 = [builder.shuffle_vector(X, X, ir.Constant(_vec(I32, QK // 4), list(range(j, QK, 4))))
                    for j in range(4)]                              # X[j::4]
             s4 = builder.add(builder.add(by4[0], by4[1]), builder.add(by4[2], by4[3]))
             ptr4 = context.make_array(sig.args[7])(context, builder, args[7]).data
             at4 = builder.bitcast(builder.gep(ptr4, [args[8]]), s4.type.as_pointer())
             builder.store(s4, at4, align=4)
-            data = context.make_array(sig.args[3])(context, builder, args[3]).data
-            ints = (lambda k: ir.Constant(_vec(I32, QK), [k] * QK))   # k in every lane
+        data = context.make_array(sig.args[3])(context, builder, args[3]).data
+        ints = (lambda k: ir.Constant(_vec(I32, QK), [k] * QK))   # k in every lane
 
-            def store(p, d):                                       # digit p: two halves of 16
-                b8 = builder.trunc(d, _vec(I8, QK))
-                at = builder.add(args[4], builder.mul(args[6], ir.Constant(args[6].type, p)))
-                for half, off in ((0, at), (1, builder.add(at, args[5]))):
-                    pick = ir.Constant(_vec(I32, 16), list(range(16 * half, 16 * half + 16)))
-                    h = builder.shuffle_vector(b8, b8, pick)
-                    ptr = builder.bitcast(builder.gep(data, [off]), _vec(I8, 16).as_pointer())
-                    builder.store(h, ptr, align=1)
-            for p in range(limbs - 1, 0, -1):                      # -64..63, the lowest first
-                up = builder.ashr(builder.add(X, ints(64)), ints(7))       # floor((X + 64) / 128)
-                store(p, builder.sub(X, builder.shl(up, ints(7))))
-                X = up
-            store(0, X)                                            # the top one: -127..127
-            return context.get_dummy_value()
-        if x.layout == "C" and xq.layout == "C" and x4.layout == "C":
-            return types.none(x, off, mul, xq, at, gap, stride, x4, at4), codegen
-    return digits
+        def store(p, d):                                           # digit p: two halves of 16
+            b8 = builder.trunc(d, _vec(I8, QK))
+            at = builder.add(args[4], builder.mul(args[6], ir.Constant(args[6].type, p)))
+            for half, off in ((0, at), (1, builder.add(at, args[5]))):
+                pick = ir.Constant(_vec(I32, 16), list(range(16 * half, 16 * half + 16)))
+                h = builder.shuffle_vector(b8, b8, pick)
+                ptr = builder.bitcast(builder.gep(data, [off]), _vec(I8, 16).as_pointer())
+                builder.store(h, ptr, align=1)
+        for p in range(limbs - 1, 0, -1):                          # -64..63, the lowest first
+            up = builder.ashr(builder.add(X, ints(64)), ints(7))           # floor((X + 64) / 128)
+            store(p, builder.sub(X, builder.shl(up, ints(7))))
+            X = up
+        store(0, X)                                                # the top one: -127..127
+        return context.get_dummy_value()
+
+    if sums:
+        @intrinsic
+        def digits(typingctx, x, off, mul, xq, at, gap, stride, x4, at4):
+            """Round the 32 values x.flat[off:] to X = rint(x mul), store X's `limbs` digits in
+            base 128 (quantize_x) as int8 at xq.flat[at + p stride:] (digit p; the block's first
+            16 values there, the other 16 `gap` bytes on) and the sums of X by 4 at
+            x4.flat[at4:]."""
+            if x.layout == "C" and xq.layout == "C" and x4.layout == "C":
+                return types.none(x, off, mul, xq, at, gap, stride, x4, at4), codegen
+        return digits
+
+    @intrinsic
+    def digits_bare(typingctx, x, off, mul, xq, at, gap, stride):
+        """The same digits, without the sums by 4."""
+        if x.layout == "C" and xq.layout == "C":
+            return types.none(x, off, mul, xq, at, gap, stride), codegen
+    return digits_bare
 
 
 _digits1, _digits3 = _make_digits(1), _make_digits(3)
+# without the sums by 4 (the panels of cpu/quant_panel.py do not read them)
+_digits1_bare, _digits3_bare = _make_digits(1, sums=False), _make_digits(3, sums=False)
 
 
 @intrinsic
