@@ -53,7 +53,12 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import torch
+
+try:
+    import torch
+except ImportError:                   # (minfer's own venv: this script runs in another one)
+    sys.exit("make_golden.py runs HF transformers on PyTorch, in a virtual environment of its own: "
+             "see the top of this file for the two commands that make one")
 
 REPO = Path(__file__).resolve().parent.parent
 GOLDEN = REPO / "tests" / "golden"
