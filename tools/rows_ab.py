@@ -53,8 +53,16 @@ def main() -> None:
     a = ap.parse_args()
     kernels = KernelConfig(split_x=False) if a.float_kernels else KernelConfig()
     clock = time.process_time if a.cpu_time else time.perf_counter
-    ints = (lambda s: [int(v) for v in s.split(",") if v.strip() and int(v) > 0])  # 0: none
-    batches, ks, prompts = ints(a.batch), ints(a.verify_tokens), ints(a.prefill)
+    def ints(text, flag):                             # 0: none
+        try:
+            vals = [int(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            ap.error(f"{flag} takes whole numbers separated by commas, got {text!r}")
+        if any(v < 0 for v in vals):
+            ap.error(f"{flag} takes numbers >= 0 (0: none), got {text!r}")
+        return [v for v in vals if v > 0]
+    batches, ks, prompts = (ints(a.batch, "--batch"), ints(a.verify_tokens, "--verify-tokens"),
+                            ints(a.prefill, "--prefill"))
     llm = minfer.LLM(backend="numba", quant=a.quant, activations=a.activations, quiet=True,
                      kernels=kernels)
     model, bs, V = llm.model, 16, llm.config.vocab_size

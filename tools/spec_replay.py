@@ -113,6 +113,10 @@ def main() -> int:
     ap.add_argument("--context", type=int, default=64,
                     help="cached tokens before the timed forwards (default 64, as the engine's speculator)")
     a = ap.parse_args()
+    for flag, value, least in (("--new-tokens", a.new_tokens, 2), ("--k-max", a.k_max, 1),
+                               ("--repeats", a.repeats, 1), ("--context", a.context, 1)):
+        if value < least:
+            ap.error(f"{flag} must be at least {least}, got {value}")
     llm = LLM(a.model, backend=a.backend, quant=a.quant, quiet=True)
     eng = llm.engine
     params = SamplingParams(temperature=0, max_tokens=a.new_tokens)
