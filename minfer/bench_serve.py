@@ -40,7 +40,7 @@ def check_flags(a) -> None:
     if a.requests < 1:
         raise InvalidArgumentError(f"--requests must be at least 1, got {a.requests}")
     if a.rate is not None and not (a.rate >= 0 and np.isfinite(a.rate)):      # (0: off)
-        raise InvalidArgumentError(f"--rate is requests a second, a number > 0, got {a.rate:g}")
+        raise InvalidArgumentError(f"--rate is requests a second, a number >= 0 (0: off), got {a.rate:g}")
     ways = [w.strip() for w in (a.ways if a.ways is not None else ",".join(WAYS)).split(",") if w.strip()]
     bad = [w for w in ways if w not in WAYS]
     if bad or not ways:
