@@ -115,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="one completion for one prompt",
                        description="Print the completion alone on stdout; stats go to stderr.")
-    p.add_argument("prompt", help="the prompt text")
+    p.add_argument("prompt", help="the prompt text; - reads it from standard input (a file: "
+                                  "`generate - < notes.txt`)")
     _model_flags(p)
     p.add_argument("--raw", action="store_true",
                    help="use the prompt as is, without the chat template")
@@ -240,8 +241,22 @@ def _messages(system, history):
     return ([{"role": "system", "content": system}] if system else []) + history
 
 
+def _stdin_prompt() -> str:
+    """The whole of standard input as text (`generate -`); bytes that are not UTF-8 are kept as
+    _text's check can name them."""
+    if sys.stdin.isatty():
+        print("minfer: reading the prompt from the terminal; Ctrl-D on a line of its own ends it",
+              file=sys.stderr)
+    data = sys.stdin.buffer.read()
+    return data.decode("utf-8", "surrogateescape")
+
+
 def cmd_generate(a) -> int:
     import time
+    if a.prompt == "-":
+        a.prompt = _stdin_prompt()
+        if not a.prompt.strip():
+            raise InvalidArgumentError("the prompt from standard input is empty")
     params = _params(a)
     if a.raw and a.system != DEFAULT_SYSTEM:
         raise InvalidArgumentError("--system goes into the chat template, which --raw leaves out: "

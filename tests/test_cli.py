@@ -210,3 +210,13 @@ def test_chat_help_says_the_sampling_defaults():
     assert "SmolLM2: 0.2" in text and "SmolLM2: 0.9" in text
 
 
+
+
+def test_generate_dash_reads_the_prompt_from_stdin(tiny_gguf):
+    args = ("generate", "--model", tiny_gguf, "--raw", "--max-tokens", "3", "--temperature", "0")
+    piped = run(*args, "-", input="hello there")
+    given = run(*args, "hello there")
+    assert piped.returncode == 0, piped.stderr
+    assert piped.stdout == given.stdout
+    assert piped.stderr.split("prompt tokens")[0] == given.stderr.split("prompt tokens")[0]
+    assert_clean_error(run(*args, "-", input=""), "standard input is empty")
