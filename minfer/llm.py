@@ -196,9 +196,12 @@ class LLM:
         if not params.stop:
             return None
 
+        # only the tail can hold a new match: a token is at least one byte of text, so a stop
+        # string of b bytes lies within its last b tokens (and a few more: special tokens are none)
+        n = max(len(s.encode("utf-8")) for s in params.stop) + 8
+
         def check(seq: Sequence) -> bool:
-            # only the tail can contain a new match: decode the last few tokens, not all
-            tail = self.tokenizer.decode(seq.output_ids[-8:])
+            tail = self.tokenizer.decode(seq.output_ids[-n:])
             return any(s in tail for s in params.stop)
         return check
 

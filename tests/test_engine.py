@@ -83,6 +83,18 @@ def test_stop_string_cuts_text(tiny_llm):
     assert streamed == out.text
 
 
+def test_a_stop_string_of_many_tokens_ends_generation(tiny_llm):
+    """A stop string longer than a few tokens ends the answer where it appears, not at max_tokens."""
+    full = tiny_llm.generate(["abc"], minfer.SamplingParams(temperature=0, max_tokens=40,
+                                                            ignore_eos=True))[0]
+    stop = tiny_llm.tokenizer.decode(full.token_ids[2:18])       # 16 tokens of text
+    assert len(full.token_ids) == 40 and stop in full.text
+    out = tiny_llm.generate(["abc"], minfer.SamplingParams(temperature=0, max_tokens=40, stop=[stop],
+                                                           ignore_eos=True))[0]
+    assert out.finish_reason == "stop" and out.text == full.text[:full.text.find(stop)]
+    assert len(out.token_ids) <= 20
+
+
 def test_stream_equals_generate(tiny_llm):
     p = minfer.SamplingParams(temperature=0.8, max_tokens=20, seed=7, ignore_eos=True)
     assert "".join(tiny_llm.stream("the cat", p)) == tiny_llm.generate(["the cat"], p)[0].text
