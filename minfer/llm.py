@@ -198,7 +198,7 @@ class LLM:
 
         # only the tail can hold a new match: a token is at least one byte of text, so a stop
         # string of b bytes lies within its last b tokens (and a few more: special tokens are none)
-        n = max(len(s.encode("utf-8")) for s in params.stop) + 8
+        n = max(len(s.encode("utf-8", "surrogatepass")) for s in params.stop) + 8
 
         def check(seq: Sequence) -> bool:
             tail = self.tokenizer.decode(seq.output_ids[-n:])

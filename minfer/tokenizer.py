@@ -64,6 +64,14 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         """Text -> ids. Special-token strings in the text (e.g. "<|im_start|>") become their ids;
         a BOS token is prepended only when asked and when the model wants one."""
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:       # a lone surrogate: the tokenizer takes no such text
+            raise InvalidArgumentError(f"the text is not valid Unicode: a lone surrogate "
+                                       f"(U+{ord(text[e.start]):04X}) at character {e.start}") from None
+        except AttributeError:
+            raise InvalidArgumentError(f"the text to encode must be a string, not "
+                                       f"{type(text).__name__}") from None
         ids = self.hf.encode(text, add_special_tokens=False).ids
         if add_special_tokens and self.add_bos and self.bos_id is not None:
             ids = [self.bos_id] + ids

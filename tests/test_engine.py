@@ -179,3 +179,10 @@ def test_prefix_cache_hit_equals_miss(tiny_gguf, backend):
              {"role": "user", "content": "and then?"}]
     again = llm.chat(msgs, p)
     assert again.cached_tokens > 0 and again.token_ids == fresh.chat(msgs, p).token_ids
+
+
+def test_text_that_is_not_unicode_is_a_clear_error(tiny_llm):
+    with pytest.raises(InvalidArgumentError, match="lone surrogate"):
+        tiny_llm.generate(["the \ud800 cat"], GREEDY)
+    with pytest.raises(InvalidArgumentError, match="lone surrogate"):
+        tiny_llm.chat([{"role": "user", "content": "the \udcff cat"}], GREEDY)

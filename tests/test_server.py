@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from unittest import mock
 
 import httpx
 import openai
@@ -332,10 +333,20 @@ def test_bad_requests_get_their_status_then_service_goes_on(server, client):
         openai.OpenAI(base_url=url + "/v1", api_key="nope", max_retries=0).completions.create(**good)
     still_serves()
     error_of(httpx.get(url + "/v1/nothing", headers=auth, timeout=TIMEOUT), 404)         # route
+    js = {**auth, "Content-Type": "application/json"}
+    lone = "the \ud800 cat"                                # a lone surrogate: valid JSON, not text
+    raw = json.dumps({**good, "prompt": lone})
+    assert "Unicode" in error_of(post("/v1/completions", content=raw, headers=js), 400)["message"]
+    raw = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": lone}]})
+    assert "Unicode" in error_of(post("/v1/chat/completions", content=raw, headers=js), 400)["message"]
+    still_serves()
     bridge = app.state.bridge
-    bridge.max_waiting, limit = 0, bridge.max_waiting                                    # busy
+    bridge.max_waiting, limit = 2, bridge.max_waiting
     try:
-        r = post("/v1/completions", json=good)
+        r = post("/v1/completions", json={**good, "n": 3})                  # can never fit: 400
+        assert "--max-waiting" in error_of(r, 400)["message"]
+        with mock.patch.object(type(bridge), "n_waiting", property(lambda self: 2)):  # busy
+            r = post("/v1/completions", json=good)
         assert error_of(r, 503) and r.headers["retry-after"] == "1"
     finally:
         bridge.max_waiting = limit

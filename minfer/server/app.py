@@ -198,6 +198,8 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None,
             req = bridge.submit(items)
         except ServerBusy as e:
             raise APIError(503, str(e), "server_busy", headers={"Retry-After": "1"}) from None
+        except MinferError as e:
+            raise bad(e) from None
         rid = schema.new_id("chatcmpl" if chat else "cmpl")
         if body.stream:
             gen = _stream(req, body, prompts, rid, chat)

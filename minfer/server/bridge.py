@@ -21,6 +21,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from ..engine import Sequence
+from ..errors import InvalidArgumentError
 from ..sampling import SamplingParams
 
 log = logging.getLogger("minfer.server")
@@ -89,9 +90,14 @@ class Bridge:
 
     def submit(self, items: list[tuple[list[int], SamplingParams, object]]) -> Request:
         """Queue one request's sequences (prompts already checked); its events come on
-        request.queue. Raises ServerBusy when the waiting queue is full."""
+        request.queue. Raises ServerBusy when the waiting queue is full, InvalidArgumentError when
+        the request alone has more sequences than it may ever hold."""
         if self._stopping:
             raise ServerBusy("the server is shutting down")
+        if len(items) > self.max_waiting:     # never fits: a retry would not help
+            raise InvalidArgumentError(
+                f"this request has {len(items)} sequences (prompts x n) and at most "
+                f"{self.max_waiting} may wait at once (the server's --max-waiting): send fewer")
         if self.n_waiting + len(items) > self.max_waiting:
             raise ServerBusy(f"{self.n_waiting} requests are waiting already (the server's limit "
                              f"is {self.max_waiting}); try again shortly")
