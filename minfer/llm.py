@@ -18,7 +18,7 @@ from . import backends
 from .backends import DEFAULT_BACKEND, get_ops
 from .engine import Engine, Metrics, Sequence
 from .engine.engine import DEFAULT_KV_CACHE_MB, DEFAULT_MAX_BATCH_TOKENS, DEFAULT_MAX_SEQS
-from .errors import InvalidArgumentError
+from .errors import InvalidArgumentError, PromptTooLongError
 from .sampling import SamplingParams
 from .tokenizer import StreamDecoder
 from .weights import fetch
@@ -183,6 +183,16 @@ class LLM:
     # --- prompts -------------------------------------------------------------------------------
     def _ids(self, prompt) -> list[int]:
         if isinstance(prompt, str):
+            # a text far longer than the context: tokenize only its start (the tokenizer holds
+            # the GIL — a server's other clients wait — and its memory grows with the text)
+            n = self.engine.max_context
+            head = 8 * n                              # characters; ~4 a token in English
+            if len(prompt) > head:
+                ids = self.tokenizer.encode(prompt[:head], add_special_tokens=True)
+                if len(ids) > n + 1:                   # (the cut may split one token in two)
+                    raise PromptTooLongError(
+                        f"the prompt has more than {len(ids) - 1} tokens but the context holds "
+                        f"{n}; shorten it (or truncate it explicitly)")
             return self.tokenizer.encode(prompt, add_special_tokens=True)
         if isinstance(prompt, (bytes, bytearray)):
             raise InvalidArgumentError("a prompt is a string or a list of token ids, not bytes "

@@ -186,3 +186,11 @@ def test_text_that_is_not_unicode_is_a_clear_error(tiny_llm):
         tiny_llm.generate(["the \ud800 cat"], GREEDY)
     with pytest.raises(InvalidArgumentError, match="lone surrogate"):
         tiny_llm.chat([{"role": "user", "content": "the \udcff cat"}], GREEDY)
+
+
+def test_a_text_far_past_the_context_is_refused_from_its_start(tiny_llm):
+    """Only the start of a huge prompt is tokenized: enough to know it cannot fit."""
+    with pytest.raises(PromptTooLongError, match="more than"):
+        tiny_llm.generate(["the cat sat " * 200_000], GREEDY)
+    short = "the cat sat " * 3                                   # and short ones as before
+    assert tiny_llm.generate([short], GREEDY)[0].prompt_token_ids == tiny_llm.tokenizer.encode(short)

@@ -90,6 +90,9 @@ def greedy(max_tokens=12, **kw):
 def test_models_health_metrics(server, client):
     url, _ = server
     assert [m.id for m in client.models.list().data] == [MODEL]
+    assert client.models.retrieve(MODEL).id == MODEL
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4")
     assert httpx.get(url + "/health", timeout=TIMEOUT).json() == {"status": "ok"}
     m = metrics(url)
     for name in ("minfer_requests_running", "minfer_requests_waiting", "minfer_kv_blocks_used",
@@ -320,6 +323,25 @@ def test_bad_requests_get_their_status_then_service_goes_on(server, client):
         with pytest.raises(openai.BadRequestError, match=unsupported):
             client.completions.create(**good, **{unsupported: 0.5})
         still_serves()
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    for path, field, value in [("/v1/completions", "logprobs", 0),      # 0 asks for them too
+                               ("/v1/chat/completions", "logprobs", True),
+                               ("/v1/chat/completions", "top_logprobs", 0),
+                               ("/v1/chat/completions", "functions", [{"name": "f"}]),
+                               ("/v1/chat/completions", "function_call", "auto"),
+                               ("/v1/chat/completions", "tool_choice", "required"),
+                               ("/v1/chat/completions", "modalities", ["text", "audio"]),
+                               ("/v1/completions", "stream_options", {"include_usage": True})]:
+        req = {**(good if path == "/v1/completions" else chat), field: value}
+        if field == "function_call":
+            req["functions"] = None
+            req[field] = {"name": "f"}
+        assert error_of(post(path, json=req), 400)["param"] == field, field
+    for field, value in [("max_tokens", "5"), ("n", "2"), ("stream", "yes"), ("prompt", [True, False]),
+                         ("temperature", "0.5"), ("prompt", 123)]:               # strict types
+        err = error_of(post("/v1/completions", json={**good, field: value}), 400)
+        assert err["param"] == field and err["message"].startswith(field + ":"), err
+    still_serves()
     with pytest.raises(openai.NotFoundError) as e:                                       # model
         client.completions.create(**{**good, "model": "gpt-4"})
     assert e.value.body["code"] == "model_not_found"

@@ -35,6 +35,12 @@ from .metrics import Metrics
 DISCONNECT_POLL_S = 0.5      # how often a non-streamed request checks that its client is there
 
 
+def _type_tag(part) -> bool:
+    """Is this part of a validation error's location a type's name, not a field's?"""
+    return isinstance(part, str) and (part in ("str", "int", "float", "bool", "dict", "list")
+                                      or "[" in part)
+
+
 class APIError(Exception):
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
                  code: str | None = None, param: str | None = None, headers: dict | None = None):
@@ -109,7 +115,9 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None,
         first = errs[0] if errs else {}
         if first.get("type") == "json_invalid":
             return _error(400, "the request body is not valid JSON")
-        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        # the field's path, without pydantic's names of the union members it tried ("str",
+        # "list[int]"): prompt.str -> prompt
+        loc = [str(p) for p in first.get("loc", ()) if p != "body" and not _type_tag(p)]
         where = ".".join(loc)
         msg = first.get("msg", "invalid request")
         return _error(400, f"{where}: {msg}" if where else msg, param=where or None)
@@ -141,7 +149,7 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None,
 
     def bad(e: MinferError) -> APIError:
         code = "context_length_exceeded" if isinstance(e, PromptTooLongError) else None
-        return APIError(400, str(e), code=code)
+        return APIError(400, str(e), code=code, param=getattr(e, "param", None))
 
     # --- routes ---------------------------------------------------------------------------------
     @app.get("/health")
@@ -154,11 +162,18 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None,
     async def prometheus():
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    def model_card() -> dict:
+        return {"id": model_name, "object": "model", "created": 0, "owned_by": "minfer",
+                "max_model_len": engine.max_context}
+
     @app.get("/v1/models", dependencies=[Depends(check_key)])
     async def models():
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0,
-                                            "owned_by": "minfer",
-                                            "max_model_len": engine.max_context}]}
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{name:path}", dependencies=[Depends(check_key)])
+    async def model(name: str):
+        check_model(name)
+        return model_card()
 
     @app.post("/v1/completions", dependencies=[Depends(check_key)])
     async def completions(body: schema.CompletionRequest, request: Request):

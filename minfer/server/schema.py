@@ -19,13 +19,23 @@ from ..errors import InvalidArgumentError
 from ..sampling import SamplingParams
 
 
+class Refused(InvalidArgumentError):
+    """A field minfer cannot honour: the error names it (OpenAI's `param`)."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
+
+
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True)
     include_usage: bool = False
 
 
 class _Sampling(BaseModel):
-    """The fields completions and chat completions share."""
-    model_config = ConfigDict(extra="ignore")
+    """The fields completions and chat completions share. Strict: "5" is not a number, nor
+    "yes" a boolean, nor true a token id (a client that sends them has a bug worth hearing of)."""
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     model: str
     n: int = Field(1, ge=1, le=16)
@@ -49,16 +59,17 @@ class _Sampling(BaseModel):
     def refuse_unsupported(self) -> None:
         for name in ("presence_penalty", "frequency_penalty"):
             if getattr(self, name):
-                raise InvalidArgumentError(
-                    f"{name} is not supported; use repetition_penalty (> 1 discourages repeats) "
-                    f"or leave {name} at 0")
+                raise Refused(name, f"{name} is not supported; use repetition_penalty (> 1 "
+                                    f"discourages repeats) or leave {name} at 0")
         if self.logit_bias:
-            raise InvalidArgumentError("logit_bias is not supported")
-        if self.logprobs:
-            raise InvalidArgumentError("logprobs are not supported")
+            raise Refused("logit_bias", "logit_bias is not supported")
+        if self.logprobs is not None and self.logprobs is not False:    # (0 asks for them too)
+            raise Refused("logprobs", "logprobs are not supported")
         stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
         if len(stops) > 4 or any(not s for s in stops):
-            raise InvalidArgumentError("stop takes at most 4 non-empty strings")
+            raise Refused("stop", "stop takes at most 4 non-empty strings")
+        if self.stream_options is not None and not self.stream:
+            raise Refused("stream_options", "stream_options goes with stream: true")
 
     def sampling(self, max_tokens: int, choice: int) -> SamplingParams:
         """The engine's parameters for choice number `choice` of n. With a seed, choice i draws
@@ -88,11 +99,11 @@ class CompletionRequest(_Sampling):
     def refuse_unsupported(self) -> None:
         super().refuse_unsupported()
         if self.echo:
-            raise InvalidArgumentError("echo is not supported")
+            raise Refused("echo", "echo is not supported")
         if self.suffix:
-            raise InvalidArgumentError("suffix is not supported")
+            raise Refused("suffix", "suffix is not supported")
         if self.best_of not in (None, 1, self.n):
-            raise InvalidArgumentError("best_of is not supported")
+            raise Refused("best_of", "best_of is not supported")
 
     def prompts(self) -> list:
         """-> a list of prompts, each a string or a list of token ids."""
@@ -105,7 +116,7 @@ class CompletionRequest(_Sampling):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     role: Literal["system", "developer", "user", "assistant", "tool"]
     # a string, or OpenAI's content parts [{"type": "text", "text": ...}]
     content: Union[str, list[dict[str, Any]], None] = None
@@ -128,17 +139,28 @@ class ChatRequest(_Sampling):
     max_tokens: int | None = Field(None, ge=1)      # None: up to the end of the context
     max_completion_tokens: int | None = Field(None, ge=1)
     tools: list[Any] | None = None
+    tool_choice: Any = None
+    functions: list[Any] | None = None          # tools' older form
+    function_call: Any = None
     response_format: dict[str, Any] | None = None
     top_logprobs: int | None = None
+    modalities: list[str] | None = None
+    audio: dict[str, Any] | None = None
 
     def refuse_unsupported(self) -> None:
         super().refuse_unsupported()
-        if self.tools:
-            raise InvalidArgumentError("tools are not supported")
+        for name in ("tools", "functions"):
+            if getattr(self, name):
+                raise Refused(name, f"{name} are not supported")
+        for name in ("tool_choice", "function_call"):
+            if getattr(self, name) not in (None, "none", "auto"):
+                raise Refused(name, f"{name} is not supported (no tools)")
         if self.response_format and self.response_format.get("type") not in (None, "text"):
-            raise InvalidArgumentError("response_format other than text is not supported")
-        if self.top_logprobs:
-            raise InvalidArgumentError("logprobs are not supported")
+            raise Refused("response_format", "response_format other than text is not supported")
+        if self.top_logprobs is not None:
+            raise Refused("top_logprobs", "logprobs are not supported")
+        if self.audio is not None or (self.modalities and self.modalities != ["text"]):
+            raise Refused("modalities", "only text comes out of this model (modalities: [\"text\"])")
 
     def rendered_messages(self) -> list[dict]:
         # "developer" is OpenAI's newer name for the system role; templates know "system"
