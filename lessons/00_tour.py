@@ -79,7 +79,9 @@ for i in top[:5]:
 assert top[0] == out.token_ids[0], "greedy decoding picks the arg-max"
 
 # %% [markdown]
-# The model is confident about its first word. A picture of the same numbers:
+# A distribution, not one answer: a few first words share most of the probability, and greedy
+# decoding takes the top one (sampling, lesson 08, would sometimes take another). A picture of
+# the same numbers:
 
 # %%
 import matplotlib.pyplot as plt

@@ -251,7 +251,8 @@ print(inspect.getsource(quant._q4_dot))
 # %% [markdown]
 # Like every kernel, it is checked against the reference — every format, a row count that is not
 # a multiple of anything, the decode path (1 and 3 tokens, and a short prompt's 20) and the path
-# of long prompts (200 tokens: from `llm.kernels.sgemm_min_rows(fmt)` tokens on minfer dequantizes tiles
+# of long prompts (a few tokens past `llm.kernels.sgemm_min_rows(fmt)`, which this CPU sets for
+# each format: from there on minfer dequantizes tiles
 # of rows into float32 and calls BLAS's sgemm — many tokens make the work compute-bound, and the
 # dequantization is shared by all of them; below that the kernels, which cost the same per token
 # at any count, are faster):
@@ -261,7 +262,7 @@ w_odd = (rng.standard_normal((999, 576)) * 0.05).astype(np.float32)
 for fmt in ("Q8_0", "Q4_0", "Q4_1"):
     M = QuantMatrix.from_float(w_odd, fmt)
     worst = 0.0
-    for T in (1, 3, 20, 200):
+    for T in (1, 3, 20, llm.kernels.sgemm_min_rows(fmt) + 7):
         xt = rng.standard_normal((T, 576)).astype(np.float32)
         want = quant_linear(xt, M)
         worst = max(worst, np.abs(quant_linear_numba(xt, M) - want).max() / np.abs(want).max())

@@ -114,7 +114,8 @@ from minfer.bench_serve import make_requests, run_way  # noqa: E402
 real = minfer.LLM(max_seqs=4, max_batch_tokens=128)
 real.generate([[5] * 40, [6] * 3], minfer.SamplingParams(temperature=0, max_tokens=3))   # compile first
 requests = make_requests(10, real.config.vocab_size, seed=1, max_prompt=64)
-requests = [(p, min(n, 32)) for p, n in requests]
+# answers of very different lengths, as a server's are: one long one in every four
+requests = [(p, 40 if i % 4 == 0 else 6) for i, (p, n) in enumerate(requests)]
 for way in ("one-at-a-time", "static", "continuous"):
     r = run_way(real, requests, way, [0.0] * len(requests), max_seqs=4)
     print(f"{way:>14}: {r['output_tok_s']:6.1f} output tokens/s, time to first token "
@@ -123,7 +124,9 @@ for way in ("one-at-a-time", "static", "continuous"):
 # %% [markdown]
 # Continuous batching wins twice: more tokens a second than one at a time (each step's read of
 # the weights serves several sequences), and shorter waits than static batches (nobody waits
-# for a stranger's long answer). How much more depends on how cheap a step of several rows is
+# for a stranger's long answer: here each static batch of four holds one 40-token answer, and
+# its three 6-token neighbours' places stay empty until it ends). With answers all of one length
+# the two batchings would tie. How much more depends on how cheap a step of several rows is
 # compared with a step of one — the kernels' side of the story.
 #
 # ## The prefix cache: naming blocks by their tokens
@@ -196,7 +199,7 @@ print("from the cache, each:", [o.cached_tokens for o in together],
 # ## Your turn
 #
 # ```bash
-# python -m minfer lesson start 12     # writes minfer-exercises/lesson12.py
+# python -m minfer lesson start 12     # writes minfer-exercises/lesson12_batching.py
 # python -m minfer lesson check 12
 # ```
 #

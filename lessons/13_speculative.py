@@ -111,7 +111,9 @@ show(fig, "13_rows_cost")
 # %%
 import inspect
 
-print(inspect.getsource(verify.verify_sample))
+# the rule's signature and contract; its body is this lesson's exercise (`lesson start 13`)
+print(f"def verify_sample{inspect.signature(verify.verify_sample)}:")
+print(f'    """{verify.verify_sample.__doc__}"""')
 
 # %% [markdown]
 # Checked empirically: a target $p$ over 6 tokens, a deliberately bad draft $q$, 20,000 draws
@@ -184,7 +186,7 @@ print(propose_ngram(tokens, k=3))     # the last "8 9" came before "5 6 1" most 
 #
 # ## 4 · Acceptance over a real answer
 #
-# The edit workload of `python -m minfer bench --speculative`: rewrite a function with one name
+# The edit workload of `python -m minfer bench --speculative ngram`: rewrite a function with one name
 # changed. Greedy, with prompt lookup; each bar is one verification step: the guesses made and
 # the guesses accepted.
 

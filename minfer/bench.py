@@ -558,7 +558,7 @@ def add_parser(sub) -> None:
                         "(its decode after the prompt's tokens, -d, as minfer's)")
     p.add_argument("--llama-batched-bench", metavar="BIN", default=None,
                    help="with --batch: also run llama.cpp's llama-batched-bench (this path) in every "
-                        f"round, B sequences of a {ROWS_PREFIX}-token prompt, then "
+                        f"round, B sequences of an {ROWS_PREFIX}-token prompt, then "
                         f"{LLAMA_BATCHED_TOKENS} decode steps")
     p.add_argument("--llama-models", metavar="FILES", default=None,
                    help="comma-separated GGUF files for --llama-bench and --llama-batched-bench "
@@ -819,7 +819,7 @@ def add_rows_options(p) -> None:
     g = p.add_argument_group("many rows a step")
     g.add_argument("--batch", metavar="B,...", default=None,
                    help="also time decode steps of B sequences at once, one new token each "
-                        f"(after a {ROWS_PREFIX}-token prefix): step time and total tok/s")
+                        f"(after an {ROWS_PREFIX}-token prefix): step time and total tok/s")
     g.add_argument("--verify-tokens", metavar="K,...", default=None,
                    help=f"also time the forward of k new tokens of one sequence after a cached "
                         f"{ROWS_PREFIX}-token prefix, logits for all k (speculative verification)")
@@ -910,7 +910,7 @@ def print_rows_table(results) -> None:
     head = f"{'backend':<9} {'quant':<6} {'act':<4} " + " ".join(f"{c:>17}" for c in cols)
     print()
     print(f"many rows a step: decode of B sequences at once (total tok/s, step ms); forward of k new "
-          f"tokens after a {ROWS_PREFIX}-token prefix (ms)")
+          f"tokens after an {ROWS_PREFIX}-token prefix (ms)")
     print(head)
     print("-" * len(head))
     for r in rows:

@@ -10,13 +10,14 @@ So no step can be shorter than
 
     (weight bytes + KV cache bytes) / the machine's read bandwidth
 
-and in minfer's numba backend a step also opens parallel regions: two (cpu/region.py: the layers in
-one, the LM head in the other). This script measures each of those here:
+and in minfer's numba backend a step also opens a parallel region: one (cpu/region.py: the layers,
+the final norm and the LM head in one call; where the LM head's format is one the layers'
+kernels do not read — a CPU without VNNI — a second one for it). This script measures each of those here:
 
   bandwidth    the best rate at which the numba threads read a 256 MB buffer: 64-byte vector
                loads, software prefetch 4 or 16 KB ahead (docs/benchmarks.md has figures)
   regions      the cost of an empty numba parallel region, times the regions of a step
-               (2; the barriers inside region.py's one region, 6 a layer, are not counted)
+               (1; the barriers inside region.py's one region, 6 a layer, are not counted)
   attention    (shown, not counted) minfer's decode attention at 192 keys, its cache in L2
 
 and prints, for each weight format, the ideal: the decode speed of a step that read its weights
@@ -118,7 +119,7 @@ def main() -> int:
     region = median_time(lambda: _empty_region(np.zeros(2)), 200 * a.runs)
 
     c = llm0.config
-    regions = 2
+    regions = 1
     kv_bytes = 2 * c.n_layers * context * c.n_kv_heads * c.head_dim * 4     # K and V, float32
     rng = np.random.default_rng(0)
     bs = 16

@@ -366,10 +366,11 @@ def run(args) -> int:
     cmd = getattr(args, "lesson_command", None)
     if cmd in (None, "list"):
         folder = Path(getattr(args, "dir", None) or DEFAULT_DIR)
-        print("lesson  title                                  tasks")
+        w = max(len(L.title) for L in lessons().values()) + 1     # the titles' column
+        print(f"lesson  {'title':<{w}} tasks")
         for L in lessons().values():
             started = " (started)" if exercise_path(L, folder).exists() else ""
-            print(f"  {L.number:02d}    {L.title:<38} {', '.join(t.name for t in L.tasks)}{started}")
+            print(f"  {L.number:02d}    {L.title:<{w}} {', '.join(t.name for t in L.tasks)}{started}")
         print(f"\nStart one with `python -m minfer lesson start N`; your files go to ./{DEFAULT_DIR}/.")
         return 0
     lesson = get_lesson(args.n)
@@ -380,7 +381,9 @@ def run(args) -> int:
                                 f"lesson check {lesson.number}`, or add --force to start over")
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(lesson.stub)
-        print(f"wrote {path} with {len(lesson.tasks)} tasks: {', '.join(t.name for t in lesson.tasks)}")
+        n = len(lesson.tasks)
+        print(f"wrote {path} with {n} task{'s' if n != 1 else ''}: "
+              f"{', '.join(t.name for t in lesson.tasks)}")
         print(f"fill in the bodies, then run: python -m minfer lesson check {lesson.number}"
               + (f" --dir {args.dir}" if args.dir != DEFAULT_DIR else ""))
         return 0
