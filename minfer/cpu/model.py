@@ -23,20 +23,24 @@ from ..model import Transformer
 from ..stages.kvcache import KVCache
 from ..stages.quant_dispatch import KernelConfig
 from . import formats, region
+from .contention import ThreadGovernor
 
 
 class CpuModel(Transformer):
     """model.Transformer on the numba op table (backends.numba_ops), its steps in region.py.
     int8_act: the op table's matmuls round x to int8 (--activations int8), the region's too.
-    workers: the region's parallel iterations (default: numba's threads, one each).
+    workers: the region's parallel iterations (default: numba's threads, one each), fewer for
+    a while where other programs keep cores busy (contention.py; adapt_threads=False: never).
     kernels: which kernels run where (quant_dispatch.KernelConfig; default: this CPU's) — the
     op table's own, numba_ops(kernels=...)."""
 
     def __init__(self, config, weights, ops, int8_act: bool = False, workers: int | None = None,
-                 kernels: KernelConfig | None = None):
+                 kernels: KernelConfig | None = None, adapt_threads: bool = True):
         super().__init__(config, weights, ops)
         self.int8_act, self.workers = int8_act, workers
         self.kernels = kernels or KernelConfig()
+        self.adapt_threads = adapt_threads
+        self._governor = None  # contention.ThreadGovernor, for the thread count it was made with
         self._args = None     # (kind, weights' arrays, layer args, head args): made once, not each step
 
     def forward(self, batch: Batch, cache: KVCache) -> np.ndarray:
@@ -75,9 +79,22 @@ class CpuModel(Transformer):
             head, rows = (self.weights.stacks["ffn_norm"][1][0], W[2]), batch.logits_rows[:0]
         else:
             rows = batch.logits_rows
-        x, logits = region.ENTRY[kind](*args, head, rows, self.workers or numba.get_num_threads(),
-                                       (self.kernels.many_rows[kind], self.kernels.tile_unit_rows[kind],
-                                        self.kernels.attention_lane_rows))
+        threads = self.workers or numba.get_num_threads()
+        many = (self.kernels.many_rows[kind], self.kernels.tile_unit_rows[kind],
+                self.kernels.attention_lane_rows)
+        gov = self._governor
+        if gov is None or gov.threads != threads:
+            gov = self._governor = ThreadGovernor(threads)
+        nw = gov.workers() if self.adapt_threads else threads
+        was = numba.get_num_threads()
+        if nw < was:
+            numba.set_num_threads(nw)      # the region's launch on nw threads, not just nw iterations
+        try:
+            x, logits = region.ENTRY[kind](*args, head, rows, nw, threads, many)
+            gov.observe(nw)
+        finally:
+            if nw < was:
+                numba.set_num_threads(was)
         return x, (logits if len(logits) else None)
 
     def _weights_as_args(self, kind: int):

@@ -537,15 +537,16 @@ def _walk_split(x, cos, sin, f, n_heads, n_kv_heads, eps, wi, nw, many):
 # passes, which were slow on the walk inlined there. And a parallel loop cannot take nested
 # tuples of arrays in: all the arrays go in as one flat tuple, nested again inside the walk.)
 @njit(inline="always")
-def _flat(x, W, kv, B, head, rows, n_heads, n_kv_heads, nw):
+def _flat(x, W, kv, B, head, rows, n_heads, n_kv_heads, nw, slices):
     attn_norm, wqkv, wo, ffn_norm, w_gate, w_up, w_down = W
     norm, lm = head
     T, hd, F = x.shape[0], kv[0].shape[-1], w_up[0].shape[1]
-    # attention's key slices a tile: nw, so that each thread's share of the jobs holds a slice of
-    # every tile, the same work (rows of unequal contexts side by side: tokens to verify next to
-    # decode rows, a prompt's triangle) — and the same number whatever the step, so that a row's
-    # slices (attention._alone) do not depend on the rows that come with it
-    S = nw
+    # attention's key slices a tile: the model's thread count, so that each thread's share of the
+    # jobs holds a slice of every tile, the same work (rows of unequal contexts side by side:
+    # tokens to verify next to decode rows, a prompt's triangle) — and the same number whatever
+    # the step and however many workers run it (fewer where other programs take cores:
+    # cpu/contention.py), so that a row's slices (attention._alone) do not depend on either
+    S = slices
     m_part, l_part, o_part = attention._slices(T, S, n_heads, hd)
     shared = (np.empty((T, (n_heads + 2 * n_kv_heads) * hd), dtype=np.float32),  # QKV
               np.empty((T, n_heads, hd), dtype=np.float32),    # [T, Hq, hd]  q after RoPE
@@ -568,36 +569,36 @@ def _nest(f):
 
 
 @njit(parallel=True, cache=True)
-def _region_q4(x, cos, sin, W, kv, B, n_heads, n_kv_heads, eps, head, rows, nw, many):
+def _region_q4(x, cos, sin, W, kv, B, n_heads, n_kv_heads, eps, head, rows, nw, slices, many):
     x = x.copy()                                               # [T, D]  the residual stream
-    f = _flat(x, W, kv, B, head, rows, n_heads, n_kv_heads, nw)
+    f = _flat(x, W, kv, B, head, rows, n_heads, n_kv_heads, nw, slices)
     for wi in prange(nw):
         _walk_q4(x, cos, sin, f, n_heads, n_kv_heads, eps, np.int64(wi), nw, many)   # (wi: uint64)
     return x, f[54]                                            # [T, D], logits [R, V]
 
 
 @njit(parallel=True, cache=True)
-def _region_q8(x, cos, sin, W, kv, B, n_heads, n_kv_heads, eps, head, rows, nw, many):
+def _region_q8(x, cos, sin, W, kv, B, n_heads, n_kv_heads, eps, head, rows, nw, slices, many):
     x = x.copy()                                               # [T, D]  the residual stream
-    f = _flat(x, W, kv, B, head, rows, n_heads, n_kv_heads, nw)
+    f = _flat(x, W, kv, B, head, rows, n_heads, n_kv_heads, nw, slices)
     for wi in prange(nw):
         _walk_q8(x, cos, sin, f, n_heads, n_kv_heads, eps, np.int64(wi), nw, many)   # (wi: uint64)
     return x, f[54]                                            # [T, D], logits [R, V]
 
 
 @njit(parallel=True, cache=True)
-def _region_i8(x, cos, sin, W, kv, B, n_heads, n_kv_heads, eps, head, rows, nw, many):
+def _region_i8(x, cos, sin, W, kv, B, n_heads, n_kv_heads, eps, head, rows, nw, slices, many):
     x = x.copy()                                               # [T, D]  the residual stream
-    f = _flat(x, W, kv, B, head, rows, n_heads, n_kv_heads, nw)
+    f = _flat(x, W, kv, B, head, rows, n_heads, n_kv_heads, nw, slices)
     for wi in prange(nw):
         _walk_i8(x, cos, sin, f, n_heads, n_kv_heads, eps, np.int64(wi), nw, many)   # (wi: uint64)
     return x, f[54]                                            # [T, D], logits [R, V]
 
 
 @njit(parallel=True, cache=True)
-def _region_split(x, cos, sin, W, kv, B, n_heads, n_kv_heads, eps, head, rows, nw, many):
+def _region_split(x, cos, sin, W, kv, B, n_heads, n_kv_heads, eps, head, rows, nw, slices, many):
     x = x.copy()                                               # [T, D]  the residual stream
-    f = _flat(x, W, kv, B, head, rows, n_heads, n_kv_heads, nw)
+    f = _flat(x, W, kv, B, head, rows, n_heads, n_kv_heads, nw, slices)
     for wi in prange(nw):
         _walk_split(x, cos, sin, f, n_heads, n_kv_heads, eps, np.int64(wi), nw, many)   # (wi: uint64)
     return x, f[54]                                            # [T, D], logits [R, V]
