@@ -97,3 +97,10 @@ def test_a_step_on_fewer_workers_gives_the_same_bits(tiny_gguf, monkeypatch, qua
     got = run(1)
     for g, w in zip(got, want):
         assert np.array_equal(g, w)
+
+
+def test_the_environment_can_keep_every_thread(tiny_gguf, monkeypatch):
+    monkeypatch.setenv("MINFER_ADAPT_THREADS", "0")
+    assert not minfer.LLM(tiny_gguf, quant="q4_1").model.adapt_threads
+    monkeypatch.delenv("MINFER_ADAPT_THREADS")
+    assert minfer.LLM(tiny_gguf, quant="q4_1").model.adapt_threads

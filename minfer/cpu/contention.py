@@ -7,11 +7,11 @@ meeting, and a step takes several times as long. On fewer threads, each with a c
 step is faster (docs/benchmarks.md, "Other programs on the cores").
 
 Linux counts, for every thread, the time it was ready to run but had no core
-(/proc/self/task/*/schedstat, its second number). Summed over the process's threads over a tenth
-of a second, it is how many of them were waiting, on average: ~0 when the cores are free, ~0.8 on
-a 2-core machine with one busy program beside minfer's two threads. From a quarter of a thread on,
-the next steps run on fewer threads; now and then a tenth of a second on all of them tries again,
-and keeps them if nobody waited. Where there is no such count (not Linux), every step runs on all.
+(/proc/self/task/*/schedstat, its second number). Summed over the process's threads over a
+quarter of a second, it is how many of them were waiting, on average: ~0 when the cores are
+free, ~0.8 on a 2-core machine with one busy program beside minfer's two threads. From half a
+thread on, the next steps run on fewer threads; now and then a quarter of a second on all of
+them tries again, and keeps them if fewer waited. Where there is no such count (not Linux), every step runs on all.
 
 The text does not depend on it: a stage's items are the same whichever thread computes them, and
 attention cuts its keys into slices for the model's thread count however many run them (region.py,
@@ -22,8 +22,10 @@ from __future__ import annotations
 import os
 import time
 
-WINDOW = 0.1         # seconds of steps on one worker count that a decision looks at
-CROWDED = 0.25       # threads' worth of waiting for a core from which a step runs on fewer
+WINDOW = 0.25        # seconds of steps on one worker count that a decision looks at
+CROWDED = 0.5        # threads' worth of waiting for a core from which a step runs on fewer
+                     # (a server's own HTTP work beside its steps: ~0.15, up to ~0.4 at times;
+                     # there the threads all together were still faster)
 FIRST_WAIT = 0.5     # seconds on fewer threads before the first try with all
 LONGEST_WAIT = 8.0   # ... doubled after each try that found the cores still busy, up to this
 

@@ -15,6 +15,8 @@ tiles on Python threads — runs model.py's own loop on the numba stage kernels.
 """
 from __future__ import annotations
 
+import os
+
 import numba
 import numpy as np
 
@@ -30,15 +32,18 @@ class CpuModel(Transformer):
     """model.Transformer on the numba op table (backends.numba_ops), its steps in region.py.
     int8_act: the op table's matmuls round x to int8 (--activations int8), the region's too.
     workers: the region's parallel iterations (default: numba's threads, one each), fewer for
-    a while where other programs keep cores busy (contention.py; adapt_threads=False: never).
+    a while where other programs keep cores busy (contention.py; adapt_threads=False, or
+    MINFER_ADAPT_THREADS=0 in the environment: never).
     kernels: which kernels run where (quant_dispatch.KernelConfig; default: this CPU's) — the
     op table's own, numba_ops(kernels=...)."""
 
     def __init__(self, config, weights, ops, int8_act: bool = False, workers: int | None = None,
-                 kernels: KernelConfig | None = None, adapt_threads: bool = True):
+                 kernels: KernelConfig | None = None, adapt_threads: bool | None = None):
         super().__init__(config, weights, ops)
         self.int8_act, self.workers = int8_act, workers
         self.kernels = kernels or KernelConfig()
+        if adapt_threads is None:
+            adapt_threads = os.environ.get("MINFER_ADAPT_THREADS", "1") != "0"
         self.adapt_threads = adapt_threads
         self._governor = None  # contention.ThreadGovernor, for the thread count it was made with
         self._args = None     # (kind, weights' arrays, layer args, head args): made once, not each step
