@@ -119,7 +119,7 @@ def test_completion_equals_generate(client, tiny_llm):
     assert r2.choices[0].text == want.text
 
 
-def test_streams_equal_non_streams_with_usage(client, tiny_llm):
+def test_streams_equal_non_streams_with_usage(server, client, tiny_llm):
     prompt = "a dog and a cat"
     want = tiny_llm.generate(prompt, greedy(20))[0]
     chunks = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=20, temperature=0,
@@ -128,6 +128,11 @@ def test_streams_equal_non_streams_with_usage(client, tiny_llm):
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == want.finish_reason
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == len(want.token_ids)
     assert all(c.usage is None for c in chunks[:-1])
+    with httpx.stream("POST", server[0] + "/v1/completions", timeout=TIMEOUT,       # not held back
+                      headers={"Authorization": f"Bearer {KEY}"},
+                      json={"model": MODEL, "prompt": prompt, "max_tokens": 2, "stream": True}) as r:
+        assert r.headers["cache-control"] == "no-cache" and r.headers["x-accel-buffering"] == "no"
+        r.read()
 
     msgs = [{"role": "user", "content": "hello there"}]
     want = tiny_llm.chat(msgs, greedy(16))
@@ -350,7 +355,8 @@ def test_bad_requests_get_their_status_then_service_goes_on(server, client):
         client.completions.create(**{**good, "prompt": "the cat " * 400})
     assert e.value.body["code"] == "context_length_exceeded"
     still_serves()
-    error_of(httpx.post(url + "/v1/completions", json=good, timeout=TIMEOUT), 401)       # no key
+    r = httpx.post(url + "/v1/completions", json=good, timeout=TIMEOUT)                  # no key
+    assert error_of(r, 401) and r.headers["www-authenticate"] == "Bearer"
     with pytest.raises(openai.AuthenticationError):                                      # wrong key
         openai.OpenAI(base_url=url + "/v1", api_key="nope", max_retries=0).completions.create(**good)
     still_serves()

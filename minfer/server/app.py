@@ -140,7 +140,7 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None,
         given = auth[7:] if auth.lower().startswith("bearer ") else ""
         if not hmac.compare_digest(given.encode(), api_key.encode()):
             raise APIError(401, "a valid API key is needed (Authorization: Bearer KEY)",
-                           code="invalid_api_key")
+                           code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
     def check_model(name: str) -> None:
         if name != model_name:
@@ -219,7 +219,9 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None,
         if body.stream:
             gen = _stream(req, body, prompts, rid, chat)
             weakref.finalize(gen, bridge.cancel, req)      # even if the stream never starts
-            return EventSourceResponse(gen)
+            # no cache or proxy may hold the events back: each goes out as it comes
+            return EventSourceResponse(gen, headers={"Cache-Control": "no-cache",
+                                                     "X-Accel-Buffering": "no"})
         return await _complete(request, req, body, prompts, rid, chat)
 
     def _usage(req, prompts, n) -> dict:
