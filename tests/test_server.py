@@ -311,6 +311,11 @@ def test_bad_requests_get_their_status_then_service_goes_on(server, client):
         assert client.completions.create(**good).usage.completion_tokens >= 1
 
     error_of(post("/v1/completions", content=b'{"model": "tiny", "prompt": '), 400)   # malformed
+    err = error_of(post("/v1/completions", content=json.dumps(good),                   # no JSON type
+                        headers={**auth, "Content-Type": "text/plain"}), 400)
+    assert "Content-Type: application/json" in err["message"] and "text/plain" in err["message"]
+    assert "no body" in error_of(post("/v1/completions"), 400)["message"]
+    assert "JSON object" in error_of(post("/v1/completions", json=[1, 2]), 400)["message"]
     still_serves()
     err = error_of(post("/v1/completions", json={**good, "max_tokens": "many"}), 400)     # wrong type
     assert err["param"] == "max_tokens"

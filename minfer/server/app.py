@@ -120,6 +120,15 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None,
         loc = [str(p) for p in first.get("loc", ()) if p != "body" and not _type_tag(p)]
         where = ".".join(loc)
         msg = first.get("msg", "invalid request")
+        if not where:                          # the body as a whole: none, or not a JSON object
+            kind = request.headers.get("content-type", "")
+            if first.get("type") == "missing":
+                msg = "the request has no body: send a JSON object"
+            elif "json" not in kind.lower():
+                msg = (f"the body must be a JSON object sent as Content-Type: application/json "
+                       f"(this one came as {kind or 'no Content-Type'})")
+            else:
+                msg = "the body must be a JSON object"
         return _error(400, f"{where}: {msg}" if where else msg, param=where or None)
 
     @app.exception_handler(StarletteHTTPException)
