@@ -11,6 +11,8 @@ steps on it (make_model):
 from __future__ import annotations
 
 import os
+
+import numpy as np
 from types import SimpleNamespace
 
 from .errors import BackendUnavailableError, InvalidArgumentError
@@ -88,9 +90,10 @@ def check_threads(n: int | None) -> None:
     """A thread count numba can run (None: its default), or a one-line error."""
     if n is not None:
         import numba
-        if not 1 <= n <= numba.config.NUMBA_NUM_THREADS:
+        if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or not 1 <= n <= numba.config.NUMBA_NUM_THREADS:
             raise InvalidArgumentError(
-                f"threads (--threads) must be between 1 and {numba.config.NUMBA_NUM_THREADS}, got {n}")
+                f"threads (--threads) must be a whole number from 1 to {numba.config.NUMBA_NUM_THREADS}, "
+                f"got {n!r}")
 
 
 def set_threads(n: int | None) -> int:

@@ -5,6 +5,7 @@ Errors a user can cause print one line and exit non-zero (no traceback unless --
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections import Counter
 from pathlib import Path
@@ -101,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Multi-turn chat. Commands: /reset forgets the conversation, "
                                    "/exit (or Ctrl-D) quits; Ctrl-C stops the current answer.")
     _model_flags(p)
-    p.add_argument("--system", default=DEFAULT_SYSTEM, metavar="TEXT", help="system prompt")
+    p.add_argument("--system", default=DEFAULT_SYSTEM, metavar="TEXT",
+                   help="system prompt (default: the chat template's own; \"\" for an empty one)")
     p.add_argument("--server", default=None, metavar="URL",
                    help="talk to a running OpenAI-compatible server (e.g. http://127.0.0.1:8000) "
                         "instead of loading a model here")
@@ -120,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     _model_flags(p)
     p.add_argument("--raw", action="store_true",
                    help="use the prompt as is, without the chat template")
-    p.add_argument("--system", default=DEFAULT_SYSTEM, metavar="TEXT", help="system prompt")
+    p.add_argument("--system", default=DEFAULT_SYSTEM, metavar="TEXT",
+                   help="system prompt (default: the chat template's own; \"\" for an empty one)")
     _sampling_flags(p, temperature=0.0)
 
     p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (needs the serve extra)",
@@ -238,7 +241,8 @@ def _llm(a):
 
 
 def _messages(system, history):
-    return ([{"role": "system", "content": system}] if system else []) + history
+    """None: the template's own default system prompt; "" an empty one (none of the default)."""
+    return ([{"role": "system", "content": system}] if system is not None else []) + history
 
 
 def _stdin_prompt() -> str:
@@ -313,6 +317,7 @@ def cmd_chat(a) -> int:
           f"/reset forgets, /exit quits, Ctrl-C stops an answer.",
           file=sys.stderr)
     history: list[dict] = []
+    turn = 0                  # with --seed, turn i samples with seed + i: fresh text each turn
     while True:
         try:
             line = input("\n> ")
@@ -336,23 +341,27 @@ def cmd_chat(a) -> int:
             continue
         if text in ("/exit", "/quit"):
             return 0
-        if text == "/reset":
+        if text in ("/reset", "/clear"):
             history.clear()
+            turn = 0
             print("(conversation cleared)", file=sys.stderr)
             continue
-        if text.startswith("/"):
-            print("commands: /reset, /exit", file=sys.stderr)
+        if text.startswith("//"):             # a message that starts with "/": sent with one
+            line = line.replace("/", "", 1)
+        elif text.startswith("/"):
+            print("commands: /reset (or /clear) forgets the conversation, /exit (or /quit) quits; "
+                  "a message that starts with / is sent as //...", file=sys.stderr)
             continue
         # a message that cannot fit even on its own is refused, and the conversation kept as it is
-        turn = [{"role": "user", "content": line}]
+        message = [{"role": "user", "content": line}]
         alone = 0 if llm is None else len(llm.tokenizer.encode(
-            llm.tokenizer.apply_chat_template(_messages(a.system, turn))))
+            llm.tokenizer.apply_chat_template(_messages(a.system, message))))
         if llm is not None and alone >= llm.engine.max_context - 1:
             print(f"minfer: that message takes {alone} tokens with the template, but the context "
                   f"holds {llm.engine.max_context}; not sent (the conversation is kept)",
                   file=sys.stderr)
             continue
-        history.append(turn[0])
+        history.append(message[0])
         # drop the oldest turns (saying so) while the conversation does not fit the context
         while llm is not None:
             prompt = llm.tokenizer.apply_chat_template(_messages(a.system, history))
@@ -362,9 +371,11 @@ def cmd_chat(a) -> int:
             history = history[2:] if len(history) > 2 else history[1:]
             print("(oldest turn dropped to fit the context)", file=sys.stderr)
         answer = []
+        p = params if params.seed is None else dataclasses.replace(params, seed=params.seed + turn)
+        turn += 1
         try:
-            pieces = (remote.stream(_messages(a.system, history), params) if remote
-                      else llm.stream(prompt, params))  # earlier turns: found in the prefix cache
+            pieces = (remote.stream(_messages(a.system, history), p) if remote
+                      else llm.stream(prompt, p))  # earlier turns: found in the prefix cache
             for piece in pieces:
                 answer.append(piece)
                 sys.stdout.write(piece)

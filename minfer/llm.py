@@ -74,6 +74,12 @@ class Stats:
         return self.prompt_tokens / self.prefill_s if self.prefill_s > 0 else 0.0
 
 
+def _short(v) -> str:
+    """A value for an error message: its type, and its start."""
+    r = repr(v)
+    return f"{type(v).__name__} {r[:40] + '...' if len(r) > 40 else r}"
+
+
 def _check_params(p) -> SamplingParams:
     if not isinstance(p, SamplingParams):
         raise InvalidArgumentError("sampling params must be minfer.SamplingParams (e.g. "
@@ -111,10 +117,19 @@ class LLM:
         measured choices for this CPU, KernelConfig()."""
         from .spec import MODES
         from .stages.quant_dispatch import KernelConfig
+        for name, v, kinds in (("model", model, (str, os.PathLike)), ("draft_model", draft_model, (str, os.PathLike)),
+                               ("kernels", kernels, KernelConfig)):
+            if v is not None and not isinstance(v, kinds):
+                raise InvalidArgumentError(f"{name} must be {'a path' if name != 'kernels' else 'a KernelConfig'} "
+                                           f"(or None), got {_short(v)}")
+        for name, v in (("prefix_caching", prefix_caching), ("quiet", quiet)):
+            if not isinstance(v, (bool, np.bool_)):
+                raise InvalidArgumentError(f"{name} must be True or False, got {v!r}")
         if speculative not in MODES:
             raise InvalidArgumentError(f"unknown speculative mode {speculative!r}; choose one of: "
                                        f"{', '.join(MODES)}")
         if num_speculative_tokens is not None and not (isinstance(num_speculative_tokens, int)
+                                                       and not isinstance(num_speculative_tokens, bool)
                                                        and 1 <= num_speculative_tokens <= 32):
             raise InvalidArgumentError("num_speculative_tokens must be an integer from 1 to 32, "
                                        f"got {num_speculative_tokens!r}")
@@ -123,6 +138,7 @@ class LLM:
         if num_speculative_tokens is not None and speculative == "off":
             raise InvalidArgumentError("num_speculative_tokens is for speculative='ngram' or 'draft' "
                                        "(--speculative ngram|draft)")
+        backends.check_threads(threads)
         self.kernels = kernels = kernels or KernelConfig()
         ops = get_ops(backend, threads, activations, kernels)  # validate before the (slow) load
         path = model if model is not None else fetch.ensure_default_model(quiet=quiet)
@@ -197,10 +213,13 @@ class LLM:
         if isinstance(prompt, (bytes, bytearray)):
             raise InvalidArgumentError("a prompt is a string or a list of token ids, not bytes "
                                        "(decode it first, e.g. prompt.decode('utf-8'))")
-        try:
+        if isinstance(prompt, np.ndarray) and prompt.ndim == 1 and prompt.dtype.kind in "iu":
             return [int(i) for i in prompt]
-        except (TypeError, ValueError):
-            raise InvalidArgumentError("a prompt is a string or a list of token ids") from None
+        if not isinstance(prompt, (list, tuple)) or not all(
+                isinstance(i, (int, np.integer)) and not isinstance(i, (bool, np.bool_)) for i in prompt):
+            raise InvalidArgumentError("a prompt is a string or a list of token ids (whole numbers), "
+                                       f"got {_short(prompt)}")
+        return [int(i) for i in prompt]
 
     def _stop_check(self, params: SamplingParams):
         if not params.stop:
@@ -291,6 +310,8 @@ class LLM:
                 isinstance(prompts, (list, tuple)) and prompts and isinstance(prompts[0], (int, np.integer))):
             prompts = [prompts]
         try:
+            if isinstance(prompts, (dict, set, frozenset)):     # (its keys, in no promised order)
+                raise TypeError
             prompts = list(prompts)
         except TypeError:
             raise InvalidArgumentError("prompts: a string, a list of token ids, or a list of those; "
@@ -312,14 +333,23 @@ class LLM:
         """OpenAI-style messages [{"role": "user", "content": "..."}] -> the assistant's answer.
         A conversation's next turn finds its earlier turns in the prefix cache and prefills only
         the new message."""
+        return self.generate([self._chat_prompt(messages)], params)[0]
+
+    def _chat_prompt(self, messages) -> str:
         if isinstance(messages, (list, tuple)) and not messages:
             raise InvalidArgumentError("messages is empty: a conversation needs at least one message")
-        prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        return self.generate([prompt], params)[0]
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
 
     def stream(self, prompt, params: SamplingParams | None = None) -> Iterator[str]:
-        """Yield the completion's text piece by piece (never half a UTF-8 character)."""
+        """Yield the completion's text piece by piece (never half a UTF-8 character). A bad prompt
+        or params is an error here, at the call; the request joins the engine at the first piece
+        asked for."""
         params = _check_params(params or SamplingParams())
+        ids = self._ids(prompt)
+        self.engine.check_prompt(ids)
+        return self._stream(ids, params)
+
+    def _stream(self, prompt: list[int], params: SamplingParams) -> Iterator[str]:
         dec = StreamDecoder(self.tokenizer)
         hold = max((len(s) for s in params.stop), default=1) - 1  # a stop string may be forming
         sent = 0
@@ -344,8 +374,7 @@ class LLM:
         return text[:min(cut)] if cut else text
 
     def stream_chat(self, messages: list[dict], params: SamplingParams | None = None) -> Iterator[str]:
-        prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        return self.stream(prompt, params)
+        return self.stream(self._chat_prompt(messages), params)
 
     # --- raw model -----------------------------------------------------------------------------
     def logits(self, token_ids) -> np.ndarray:

@@ -55,6 +55,8 @@ class SamplingParams:
              "a stop string must not be empty (it would end every answer before its first token)"),
             (self.seed is None or (whole(self.seed) and self.seed >= 0),
              f"seed must be a whole number >= 0 (or None for a random one), got {self.seed!r}"),
+            (isinstance(self.ignore_eos, (bool, np.bool_)),
+             f"ignore_eos must be True or False, got {self.ignore_eos!r}"),
         ]
         for ok, msg in checks:
             if not ok:

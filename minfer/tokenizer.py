@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+
+import numpy as np
 from tokenizers import AddedToken, Regex
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers
@@ -78,6 +80,14 @@ class Tokenizer:
         return ids
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        n = self.vocab_size
+        try:
+            ids = list(ids)
+        except TypeError:
+            ids = None
+        if ids is None or not all(isinstance(i, (int, np.integer)) and not isinstance(i, bool)
+                                  and 0 <= i < n for i in ids):
+            raise InvalidArgumentError(f"token ids to decode must be whole numbers in 0..{n - 1}")
         return self.hf.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
     def id_to_token(self, i: int) -> str | None:

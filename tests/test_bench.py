@@ -74,7 +74,7 @@ def test_bench_random_weights_json(tmp_path):
                                         (["--num-speculative-tokens", "4"], "--num-speculative-tokens is part of --speculative"),
                                         (["--json", "/nonexistent/folder/out.json"],
                                          "cannot write a file there"),
-                                        (["--threads", "999"], "threads (--threads) must be between 1 and"),
+                                        (["--threads", "999"], "threads (--threads) must be a whole number from 1 to"),
                                         (["--workload", "serve", "--backend", "numpy,numba,cuda"],
                                          "--workload runs one backend"),
                                         (["--speculative", "ngram", "--backend", "numba,numpy"],

@@ -220,3 +220,34 @@ def test_generate_dash_reads_the_prompt_from_stdin(tiny_gguf):
     assert piped.stdout == given.stdout
     assert piped.stderr.split("prompt tokens")[0] == given.stderr.split("prompt tokens")[0]
     assert_clean_error(run(*args, "-", input=""), "standard input is empty")
+
+
+def _answers(stdout: str) -> list[str]:
+    return [a.strip() for a in stdout.split("\n> ")[1:] if a.strip()]
+
+
+def test_chat_seed_gives_each_turn_fresh_text_and_reset_the_same_again(tiny_gguf):
+    """--seed makes the conversation reproducible: turn i samples with seed + i, so a follow-up
+    is not the first answer again; after /clear (= /reset) the turns start over."""
+    r = run("chat", "--model", tiny_gguf, "--max-tokens", "8", "--temperature", "1.0", "--seed", "3",
+            input="hello\nhello\n/clear\nhello\n/exit\n")
+    assert r.returncode == 0, r.stderr
+    first, second, again = _answers(r.stdout)
+    assert first != second and again == first
+    assert "conversation cleared" in r.stderr
+
+
+def test_chat_slash_commands(tiny_gguf):
+    r = run("chat", "--model", tiny_gguf, "--max-tokens", "3", "--temperature", "0",
+            input="/help\n//etc/hosts\n/quit\n")
+    assert r.returncode == 0, r.stderr
+    assert "/reset (or /clear)" in r.stderr and "//" in r.stderr
+    assert len(_answers(r.stdout)) == 1                       # "//..." is sent as "/etc/hosts"
+
+
+def test_generate_empty_system_prompt_is_not_the_default(tiny_gguf):
+    args = ("generate", "--model", tiny_gguf, "--max-tokens", "1", "hi")
+    default, empty = run(*args), run(*args, "--system", "")
+    assert default.returncode == 0 and empty.returncode == 0, empty.stderr
+    count = lambda r: int(r.stderr.split("[")[1].split()[0])   # noqa: E731  "[N prompt tokens"
+    assert count(empty) != count(default)

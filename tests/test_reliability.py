@@ -330,10 +330,43 @@ def test_message_content_text_parts_are_joined(tok):
     (dict(temperature=float("inf")), "temperature"), (dict(repetition_penalty=1e-300), "repetition_penalty"),
     (dict(repetition_penalty=1e300), "repetition_penalty"), (dict(top_p=float("nan")), "top_p"),
     (dict(top_k=1.5), "top_k"), (dict(max_tokens=0), "max_tokens"), (dict(temperature="1"), "temperature"),
+    (dict(ignore_eos="False"), "ignore_eos"), (dict(ignore_eos=None), "ignore_eos"),
 ])
 def test_sampling_params_are_checked(kw, word):
     with pytest.raises(InvalidArgumentError, match=word):
         SamplingParams(**kw)
+
+
+@pytest.mark.parametrize("kw,word", [
+    (dict(threads="2"), "threads"), (dict(threads=1.5), "threads"), (dict(threads=True), "threads"),
+    (dict(kv_cache_mb="64"), "KV cache"), (dict(kv_cache_mb=None), "KV cache"),
+    (dict(kv_cache_mb=float("inf")), "KV cache"), (dict(model=123), "model"), (dict(model=["a"]), "model"),
+    (dict(kernels="x"), "kernels"), (dict(prefix_caching="no"), "prefix_caching"),
+    (dict(max_seqs=True), "max_seqs"), (dict(max_batch_tokens=1), "max_seqs: a step holds"),
+    (dict(speculative="ngram", num_speculative_tokens=True), "num_speculative_tokens"),
+])
+def test_llm_arguments_are_checked(tiny_gguf, kw, word):
+    """A wrong type is minfer's one-sentence error, not a TypeError from deep inside."""
+    kw = {"model": tiny_gguf, "backend": "numpy", **kw}
+    with pytest.raises(InvalidArgumentError, match=word):
+        minfer.LLM(**kw)
+
+
+@pytest.mark.parametrize("prompt", [[[1.7, 2.2]], [["1", "2"]], [[True, False]], {"a": 1},
+                                    np.array([1.0, 2.0])])
+def test_prompts_are_strings_or_whole_token_ids(tiny_llm, prompt):
+    with pytest.raises(InvalidArgumentError, match="prompt"):
+        tiny_llm.generate(prompt, SamplingParams(max_tokens=2))
+
+
+def test_stream_checks_at_the_call_and_stream_chat_as_chat(tiny_llm):
+    with pytest.raises(InvalidArgumentError, match="empty"):
+        tiny_llm.stream("")                       # not at the first piece
+    with pytest.raises(InvalidArgumentError, match="messages is empty"):
+        tiny_llm.stream_chat([])
+    for bad in ([-1], ["a"], None, [10 ** 6], [1.0], [True]):
+        with pytest.raises(InvalidArgumentError, match="token ids"):
+            tiny_llm.tokenizer.decode(bad)
 
 
 def test_tiny_temperature_is_greedy(tiny_llm):

@@ -41,14 +41,16 @@ class Engine:
                  kv_cache_mb: float = DEFAULT_KV_CACHE_MB, max_seqs: int = DEFAULT_MAX_SEQS,
                  max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, prefix_caching: bool = True):
         c = model.config
-        for name, v, lo in (("block_size", block_size, 1), ("max_seqs", max_seqs, 1),
-                            ("max_batch_tokens", max_batch_tokens, max_seqs)):
-            if not isinstance(v, (int, np.integer)) or v < lo:
-                raise InvalidArgumentError(f"{name} must be an integer >= {lo}, got {v!r}")
+        for name, v, lo, why in (("block_size", block_size, 1, ""), ("max_seqs", max_seqs, 1, ""),
+                                 ("max_batch_tokens", max_batch_tokens, max_seqs,
+                                  " (max_seqs: a step holds a token of each sequence)")):
+            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < lo:
+                raise InvalidArgumentError(f"{name} must be an integer >= {lo}{why}, got {v!r}")
         if max_context is not None and (not isinstance(max_context, (int, np.integer)) or max_context < 2):
             raise InvalidArgumentError(f"max_context must be an integer >= 2, got {max_context!r}")
-        if not kv_cache_mb > 0:
-            raise InvalidArgumentError(f"the KV cache budget must be > 0 MB, got {kv_cache_mb}")
+        if (not isinstance(kv_cache_mb, (int, float, np.integer, np.floating)) or isinstance(kv_cache_mb, bool)
+                or not 0 < kv_cache_mb < float("inf")):
+            raise InvalidArgumentError(f"the KV cache budget must be a number of MB > 0, got {kv_cache_mb!r}")
         self.model = model
         self.stop_ids = set(stop_ids)
         # --- the pool: as many blocks as the budget pays for, no more than max_seqs full contexts --
