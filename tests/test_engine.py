@@ -194,3 +194,12 @@ def test_a_text_far_past_the_context_is_refused_from_its_start(tiny_llm):
         tiny_llm.generate(["the cat sat " * 200_000], GREEDY)
     short = "the cat sat " * 3                                   # and short ones as before
     assert tiny_llm.generate([short], GREEDY)[0].prompt_token_ids == tiny_llm.tokenizer.encode(short)
+
+
+def test_a_capped_context_sizes_the_pool(tiny_gguf):
+    """max_seqs contexts of max_context tokens at most, not of the model's whole context."""
+    full = minfer.LLM(tiny_gguf, backend="numpy", max_seqs=4)
+    capped = minfer.LLM(tiny_gguf, backend="numpy", max_seqs=4, max_context=32)
+    bs = capped.engine.cache.block_size
+    assert capped.engine.cache.k.shape[1] == 4 * -(-32 // bs) < full.engine.cache.k.shape[1]   # [L, blocks, ...]
+    assert capped.generate(["abc"], GREEDY)[0].token_ids == full.generate(["abc"], GREEDY)[0].token_ids

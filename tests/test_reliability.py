@@ -341,7 +341,7 @@ def test_sampling_params_are_checked(kw, word):
     (dict(threads="2"), "threads"), (dict(threads=1.5), "threads"), (dict(threads=True), "threads"),
     (dict(kv_cache_mb="64"), "KV cache"), (dict(kv_cache_mb=None), "KV cache"),
     (dict(kv_cache_mb=float("inf")), "KV cache"), (dict(model=123), "model"), (dict(model=["a"]), "model"),
-    (dict(kernels="x"), "kernels"), (dict(prefix_caching="no"), "prefix_caching"),
+    (dict(kernels="x"), "kernels"), (dict(prefix_caching="no"), "prefix_caching"), (dict(model=""), "empty path"),
     (dict(max_seqs=True), "max_seqs"), (dict(max_batch_tokens=1), "max_seqs: a step holds"),
     (dict(speculative="ngram", num_speculative_tokens=True), "num_speculative_tokens"),
 ])

@@ -55,8 +55,9 @@ class Engine:
         self.stop_ids = set(stop_ids)
         # --- the pool: as many blocks as the budget pays for, no more than max_seqs full contexts --
         block_bytes = 2 * c.n_layers * block_size * c.n_kv_heads * c.head_dim * 4   # K and V, float32
-        per_seq = -(-c.max_seq_len // block_size)
-        n_blocks = min(int(kv_cache_mb * 2**20) // block_bytes, max_seqs * per_seq)
+        per_seq = -(-min(max_context or c.max_seq_len, c.max_seq_len) // block_size)   # (a capped
+        # context needs no more)
+        n_blocks = min(int(kv_cache_mb * 2**20) // block_bytes, max(2, max_seqs * per_seq))
         if n_blocks < 2:
             raise InvalidArgumentError(
                 f"a KV cache of {kv_cache_mb} MB holds fewer than 2 blocks of {block_size} tokens "
