@@ -115,6 +115,9 @@ def test_prompt_too_long_is_a_clear_error(tiny_llm):
     n = tiny_llm.engine.max_context
     with pytest.raises(PromptTooLongError, match="context"):
         tiny_llm.generate([[5] * n], GREEDY)
+    assert tiny_llm.logits([5] * n).shape[0] == n        # logits need no room after the last token
+    with pytest.raises(PromptTooLongError, match="context"):
+        tiny_llm.logits([5] * (n + 1))
 
 
 def test_generation_stops_at_context_end(tiny_gguf):

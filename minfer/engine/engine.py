@@ -76,10 +76,11 @@ class Engine:
         self.speculator = None                       # spec.Speculator: guesses verified each step
 
     # --- requests ----------------------------------------------------------------------------------
-    def check_prompt(self, ids: list[int]) -> None:
+    def check_prompt(self, ids: list[int], room: int = 1) -> None:
+        """A prompt that fits with `room` tokens to generate after it (logits: none), or an error."""
         if len(ids) == 0:
             raise InvalidArgumentError("the prompt is empty")
-        if len(ids) >= self.max_context:
+        if len(ids) > self.max_context - room:
             raise PromptTooLongError(
                 f"the prompt has {len(ids)} tokens but the context holds {self.max_context}; "
                 f"shorten it (or truncate it explicitly)")
@@ -230,7 +231,7 @@ class Engine:
         """Logits at every position of one sequence, in one forward: [T, V] float32. Uses free
         blocks of the pool for the moment (the prefix cache is not consulted)."""
         ids = [int(i) for i in ids]
-        self.check_prompt(ids)
+        self.check_prompt(ids, room=0)
         with self.lock:
             seq_id = -1 - next(self._ids)          # an id no request has
             if not self.blocks.can_hold(seq_id, len(ids)):
