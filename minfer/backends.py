@@ -11,9 +11,9 @@ steps on it (make_model):
 from __future__ import annotations
 
 import os
+from types import SimpleNamespace
 
 import numpy as np
-from types import SimpleNamespace
 
 from .errors import BackendUnavailableError, InvalidArgumentError
 
@@ -90,10 +90,10 @@ def check_threads(n: int | None) -> None:
     """A thread count numba can run (None: its default), or a one-line error."""
     if n is not None:
         import numba
-        if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or not 1 <= n <= numba.config.NUMBA_NUM_THREADS:
+        most = numba.config.NUMBA_NUM_THREADS
+        if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or not 1 <= n <= most:
             raise InvalidArgumentError(
-                f"threads (--threads) must be a whole number from 1 to {numba.config.NUMBA_NUM_THREADS}, "
-                f"got {n!r}")
+                f"threads (--threads) must be a whole number from 1 to {most}, got {n!r}")
 
 
 def set_threads(n: int | None) -> int:

@@ -86,7 +86,8 @@ def _sampling_flags(p: argparse.ArgumentParser, temperature: float | None) -> No
                         "where known — SmolLM2: 0.9 — else 1)" if model else "%(default)s)"))
     g.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p x the top one")
     g.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats")
-    g.add_argument("--max-tokens", "-n", type=int, default=256, help="most new tokens per answer (default: 256)")
+    g.add_argument("--max-tokens", "-n", type=int, default=256,
+                   help="most new tokens per answer (default: 256)")
     g.add_argument("--stop", action="append", default=[], metavar="TEXT",
                    help="stop when the text produces TEXT (repeatable)")
     g.add_argument("--seed", type=int, default=None, help="same seed, same text")

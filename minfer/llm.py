@@ -20,7 +20,7 @@ from .engine import Engine, Metrics, Sequence
 from .engine.engine import DEFAULT_KV_CACHE_MB, DEFAULT_MAX_BATCH_TOKENS, DEFAULT_MAX_SEQS
 from .errors import InvalidArgumentError, PromptTooLongError
 from .sampling import SamplingParams
-from .tokenizer import StreamDecoder
+from .tokenizer import StreamDecoder, _short
 from .weights import fetch
 from .weights.load import load, scales_for_kernels
 
@@ -74,10 +74,9 @@ class Stats:
         return self.prompt_tokens / self.prefill_s if self.prefill_s > 0 else 0.0
 
 
-def _short(v) -> str:
+def _shown(v) -> str:
     """A value for an error message: its type, and its start."""
-    r = repr(v)
-    return f"{type(v).__name__} {r[:40] + '...' if len(r) > 40 else r}"
+    return f"{type(v).__name__} {_short(v)}"
 
 
 def _check_params(p) -> SamplingParams:
@@ -117,11 +116,12 @@ class LLM:
         measured choices for this CPU, KernelConfig()."""
         from .spec import MODES
         from .stages.quant_dispatch import KernelConfig
-        for name, v, kinds in (("model", model, (str, os.PathLike)), ("draft_model", draft_model, (str, os.PathLike)),
-                               ("kernels", kernels, KernelConfig)):
+        path_kind = (str, os.PathLike)
+        for name, v, kinds, what in (("model", model, path_kind, "a path"),
+                                     ("draft_model", draft_model, path_kind, "a path"),
+                                     ("kernels", kernels, KernelConfig, "a KernelConfig")):
             if v is not None and not isinstance(v, kinds):
-                raise InvalidArgumentError(f"{name} must be {'a path' if name != 'kernels' else 'a KernelConfig'} "
-                                           f"(or None), got {_short(v)}")
+                raise InvalidArgumentError(f"{name} must be {what} (or None), got {_shown(v)}")
         if isinstance(model, str) and not model.strip():
             raise InvalidArgumentError("model is an empty path; leave it out (None) for the default model")
         for name, v in (("prefix_caching", prefix_caching), ("quiet", quiet)):
@@ -220,7 +220,7 @@ class LLM:
         if not isinstance(prompt, (list, tuple)) or not all(
                 isinstance(i, (int, np.integer)) and not isinstance(i, (bool, np.bool_)) for i in prompt):
             raise InvalidArgumentError("a prompt is a string or a list of token ids (whole numbers), "
-                                       f"got {_short(prompt)}")
+                                       f"got {_shown(prompt)}")
         return [int(i) for i in prompt]
 
     def _stop_check(self, params: SamplingParams):

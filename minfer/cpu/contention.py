@@ -11,7 +11,8 @@ Linux counts, for every thread, the time it was ready to run but had no core
 quarter of a second, it is how many of them were waiting, on average: ~0 when the cores are
 free, ~0.8 on a 2-core machine with one busy program beside minfer's two threads. From half a
 thread on, the next steps run on fewer threads; now and then a quarter of a second on all of
-them tries again, and keeps them if fewer waited. Where there is no such count (not Linux), every step runs on all.
+them tries again, and keeps them if fewer waited. Where there is no such count (not Linux),
+every step runs on all.
 
 The text does not depend on it: a stage's items are the same whichever thread computes them, and
 attention cuts its keys into slices for the model's thread count however many run them (region.py,

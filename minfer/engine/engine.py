@@ -48,15 +48,16 @@ class Engine:
                 raise InvalidArgumentError(f"{name} must be an integer >= {lo}{why}, got {v!r}")
         if max_context is not None and (not isinstance(max_context, (int, np.integer)) or max_context < 2):
             raise InvalidArgumentError(f"max_context must be an integer >= 2, got {max_context!r}")
-        if (not isinstance(kv_cache_mb, (int, float, np.integer, np.floating)) or isinstance(kv_cache_mb, bool)
-                or not 0 < kv_cache_mb < float("inf")):
+        number = (isinstance(kv_cache_mb, (int, float, np.integer, np.floating))
+                  and not isinstance(kv_cache_mb, bool))
+        if not number or not 0 < kv_cache_mb < float("inf"):
             raise InvalidArgumentError(f"the KV cache budget must be a number of MB > 0, got {kv_cache_mb!r}")
         self.model = model
         self.stop_ids = set(stop_ids)
         # --- the pool: as many blocks as the budget pays for, no more than max_seqs full contexts --
+        # (a context capped by max_context needs no more than the cap)
         block_bytes = 2 * c.n_layers * block_size * c.n_kv_heads * c.head_dim * 4   # K and V, float32
-        per_seq = -(-min(max_context or c.max_seq_len, c.max_seq_len) // block_size)   # (a capped
-        # context needs no more)
+        per_seq = -(-min(max_context or c.max_seq_len, c.max_seq_len) // block_size)
         n_blocks = min(int(kv_cache_mb * 2**20) // block_bytes, max(2, max_seqs * per_seq))
         if n_blocks < 2:
             raise InvalidArgumentError(
