@@ -90,7 +90,8 @@ def greedy(max_tokens=12, **kw):
 def test_models_health_metrics(server, client):
     url, _ = server
     assert [m.id for m in client.models.list().data] == [MODEL]
-    assert client.models.retrieve(MODEL).id == MODEL
+    card = client.models.retrieve(MODEL)
+    assert card.id == MODEL and abs(card.created - time.time()) < 3600   # a Unix time, not 0
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("gpt-4")
     assert httpx.get(url + "/health", timeout=TIMEOUT).json() == {"status": "ok"}

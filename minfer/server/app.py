@@ -86,6 +86,7 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None,
     metrics = Metrics(lambda: bridge.stats)
     bridge = Bridge(llm, max_waiting=max_waiting, metrics=metrics)
     tok, engine = llm.tokenizer, llm.engine
+    started = schema.now()                 # /v1/models' "created": when this server loaded it
 
     @asynccontextmanager
     async def lifespan(app):
@@ -172,7 +173,7 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None,
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     def model_card() -> dict:
-        return {"id": model_name, "object": "model", "created": 0, "owned_by": "minfer",
+        return {"id": model_name, "object": "model", "created": started, "owned_by": "minfer",
                 "max_model_len": engine.max_context}
 
     @app.get("/v1/models", dependencies=[Depends(check_key)])
