@@ -635,6 +635,38 @@ def test_subtle_mistakes_are_named():
     assert "block table is ignored" in _message(5, paged_attention=contiguous)
 
 
+def test_in_place_overflow_and_weak_hashes_are_named():
+    """An in-place rmsnorm / rope (the reference then read the changed x: a number, not the
+    mistake), exp overflowing in silu (the task says no warnings), block names blind to order or
+    to everything but the sum (they would share the wrong cached blocks)."""
+    from minfer.stages.rmsnorm import rmsnorm
+    from minfer.stages.rope import rope
+
+    def rmsnorm_in_place(x, w, eps):
+        x[:] = rmsnorm(x, w, eps)
+        return x
+
+    def rope_in_place(x, cos, sin):
+        x[:] = rope(x, cos, sin)
+        return x
+    assert "in place" in _message(3, rmsnorm=rmsnorm_in_place)
+    assert "in place" in _message(4, rope=rope_in_place)
+    assert "overflowed" in _message(7, silu=lambda z: z / (1 + np.exp(-z)))
+
+    def chained(name_of_block):
+        def block_hashes(tokens, bs):
+            out, prev = [], 0
+            for i in range(len(tokens) // bs):
+                prev = hash((prev, name_of_block(tokens[i * bs:(i + 1) * bs])))
+                out.append(prev)
+            return out
+        return block_hashes
+    assert "reverse order" in _message(12, block_hashes=chained(frozenset))
+    assert "same sum" in _message(12, block_hashes=chained(lambda b: (sum(b), b[-1])))
+    assert all(r.passed for r in check_functions(12, dict(reference_functions(12),
+                                                           block_hashes=chained(tuple))))
+
+
 ROPE_PAIRING_BUG = '''
 import numpy as np
 

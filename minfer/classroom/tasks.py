@@ -133,11 +133,11 @@ def _check_rmsnorm(f):
         x, w = _randn(rng, T, D, scale=scale), _randn(rng, D) + 1
         xc = x.copy()
         got = f(x, w, eps)
+        if not np.array_equal(x, xc):           # (before comparing: the reference reads x too)
+            raise CheckFailed("your rmsnorm changed its input x in place; return a new array")
         expect_close(got, rmsnorm(x, w, eps), f"x [{T}, {D}] (scale {scale}), eps={eps}",
                      atol=1e-5, rtol=1e-4, variants=_rmsnorm_variants(x, w, eps))
         _expect_float32(got, f"x [{T}, {D}]")
-        if not np.array_equal(x, xc):
-            raise CheckFailed("your rmsnorm changed its input x in place; return a new array")
 
 
 # --- lesson 04: RoPE ----------------------------------------------------------------------------
@@ -189,15 +189,16 @@ def _check_rope(f):
         wrong_sign = np.empty_like(x)
         wrong_sign[..., 0::2] = x0 * cos[:, None] + x1 * sin[:, None]
         wrong_sign[..., 1::2] = -x0 * sin[:, None] + x1 * cos[:, None]
-        expect_close(f(x, cos, sin), rope(x, cos, sin), f"x [{T}, {H}, {hd}]", atol=1e-5, rtol=1e-4,
+        got = f(x, cos, sin)
+        if not np.array_equal(x, xc):           # (before comparing: the reference reads x too)
+            raise CheckFailed("your rope changed its input x in place; write into a new array")
+        expect_close(got, rope(x, cos, sin), f"x [{T}, {H}, {hd}]", atol=1e-5, rtol=1e-4,
                      variants=[
                          ("you paired the halves (x_i, x_{i+hd/2}), Hugging Face's rotate_half; "
                           "minfer pairs neighbours (x_2i, x_2i+1)", _rotate_half_rope(x, cos, sin)),
                          ("you rotated by -angle: (a, b) -> (a cos - b sin, a sin + b cos)", wrong_sign),
                      ])
-        _expect_float32(f(x, cos, sin), f"x [{T}, {H}, {hd}]")
-        if not np.array_equal(x, xc):
-            raise CheckFailed("your rope changed its input x in place; write into a new array")
+        _expect_float32(got, f"x [{T}, {H}, {hd}]")
 
 
 # --- lesson 05: attention -----------------------------------------------------------------------
@@ -351,8 +352,13 @@ def _check_silu(f):
     from ..stages.mlp import silu
     rng = _rng(9)
     for z in [_randn(rng, 7), _randn(rng, 3, 11, scale=6), np.array([-100.0, -20, 0, 20, 100], np.float32)]:
-        with np.errstate(over="ignore"):
-            got = f(z)
+        try:
+            with np.errstate(over="raise"):                 # the task: no overflow warnings
+                got = f(z)
+        except FloatingPointError:
+            raise CheckFailed(f"z in [{z.min():.0f}, {z.max():.0f}]: a value overflowed (exp(-z) "
+                              f"is inf in float32 from z < -88; NumPy warns at every call): "
+                              f"write sigmoid with tanh, or exp of -|z| only") from None
         expect_close(got, silu(z), f"z {list(z.shape)} in [{z.min():.1f}, {z.max():.1f}]",
                      atol=1e-5, rtol=1e-4, variants=[
                          ("that is the sigmoid alone; silu(z) = z * sigmoid(z)", 1 / (1 + np.exp(-z.astype(np.float64)))),
@@ -498,11 +504,11 @@ def _check_rmsnorm_numba(f):
         xc, wc = x.copy(), w.copy()
         what = f"x [{T}, {D}] (scale {scale}), eps={eps}"
         got = _run_kernel(f, x, w, eps)
+        if not (np.array_equal(x, xc) and np.array_equal(w, wc)):
+            raise CheckFailed("your kernel changed its input x or w in place; write into a new array")
         expect_close(got, rmsnorm(x, w, eps), what, atol=1e-5, rtol=1e-4,
                      variants=_rmsnorm_variants(x, w, eps))
         _expect_float32(got, what)
-        if not (np.array_equal(x, xc) and np.array_equal(w, wc)):
-            raise CheckFailed("your kernel changed its input x or w in place; write into a new array")
 
 
 def _check_matmul_numba(f):
@@ -769,9 +775,10 @@ def _check_rmsnorm_kernel(f):
 # --- lesson 12: the prefix cache's block names ---------------------------------------------------------
 def _check_block_hashes(f):
     rng = _rng(12)
-    what = "block_hashes"
     for bs in (4, 5, 16):
+        what = f"blocks of {bs} tokens"
         tokens = rng.integers(0, 50, 5 * bs + 3).tolist()
+        tokens[bs:2 * bs] = range(bs, 2 * bs)                   # block 1: distinct tokens (below)
         try:
             got = f(list(tokens), bs)
         except NotImplementedError:
@@ -804,6 +811,14 @@ def _check_block_hashes(f):
             raise CheckFailed(f"{what}: changing a token of block 1 must change the names of all "
                               f"later blocks too (their keys and values change): chain each "
                               f"block's name with the name of the block before it")
+        for change, how in ((lambda b: b[::-1], "the same tokens in reverse order"),
+                            (lambda b: [b[0] + 2, b[1] - 2] + b[2:], "other tokens with the same sum")):
+            other = list(tokens)
+            other[bs:2 * bs] = change(other[bs:2 * bs])
+            if list(f(other, bs))[1] == got[1]:
+                raise CheckFailed(f"{what}: block 1 as {how} got the same name; a name must "
+                                  f"depend on every token and its place (hash the tuple of "
+                                  f"tokens, with the name before)")
         twice = tokens[:bs] * 3                                 # the same tokens at three places
         names = list(f(twice, bs))
         if len(set(names)) != 3:
