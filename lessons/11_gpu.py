@@ -681,5 +681,4 @@ for kw, a_, b_ in zip(settings, device_ids, host_ids):
 #
 #     Outside this site: the end of `minfer/stages/rmsnorm.py`.
 #
-# **Next:** batching and speculative decoding get their own lessons. Until then,
-# `python -m minfer bench` and [Benchmarks](../benchmarks.md) show where the time goes.
+# **Next:** [12 · Continuous batching](12_batching.md) — many requests in one step.

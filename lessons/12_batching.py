@@ -81,9 +81,10 @@ print("preemptions:", eng.scheduler.n_preemptions, "| blocks in use at the end:"
 # Each column is a step; a number is a prompt chunk of that many tokens, `D` a decode, `.`
 # waiting, `x` waiting after a preemption. Notice: decodes come first in every step, chunks
 # fill the rest of the budget; a request that finishes frees its place at once for the next in
-# the queue. A preempted request comes back with a number larger than the budget: its full
-# blocks were still in the prefix cache (below), so most of what it had is found, not computed
-# again. The same picture as a figure:
+# the queue. A preempted request can come back with a number larger than the budget (request
+# 2's 19 against 8): its full blocks were still in the prefix cache (below), so most of what it
+# had is found, not computed again. Request 3's block had been taken for others meanwhile: it
+# computes its 6 tokens again. The same picture as a figure:
 
 # %%
 import matplotlib.pyplot as plt  # noqa: E402

@@ -98,6 +98,13 @@ def _kernel_name(dispatcher) -> str:
     return f"{module}.py:{f.__qualname__}"
 
 
+def _ours(dispatcher) -> bool:
+    """Not a student's exercise file (classroom.load_student_module's modules): numba caches no
+    kernel of theirs, so they compile on every run — no news worth a notice."""
+    f = getattr(dispatcher, "py_func", None)
+    return f is None or not (f.__module__ or "").startswith("minfer_student_")
+
+
 class _Progress:
     """A numba "numba:compile" listener: counts what numba compiles and reports it on `stream`,
     with a bar and the time left when the same configuration has compiled before."""
@@ -106,6 +113,7 @@ class _Progress:
         self.what, self.key, self.stream = what, key, stream
         self.tty = getattr(stream, "isatty", lambda: False)()
         self.stack, self.done, self.t0, self.current = [], [], None, None
+        self.foreign = []                                  # per compile under way: not minfer's?
         self.expected = self._load().get(key) if key else None   # {"names": [...], "seconds": s}
 
     def _load(self) -> dict:
@@ -131,12 +139,16 @@ class _Progress:
             count = f"[{bar}] {k}/{n}"
             left = f", ~{max(0.0, self.expected['seconds'] - el):.0f} s left"
         else:
-            count, left = f"{k} compiled", ""
-        return f"  {count}  {self.current} ({el:.0f} s{left})"
+            count, left = f"{k} compiled so far,", ""
+        return f"  {count} now {self.current} ({el:.0f} s{left})"
 
     # numba's Listener interface. Every function numba compiles counts, a kernel's callees
     # included (a layer loop compiles the stage kernels it calls inside its own compile).
     def on_start(self, event):
+        ours = _ours(event.data["dispatcher"]) or bool(self.stack)
+        self.foreign.append(not ours)
+        if not ours:
+            return                                 # a student's kernel (_ours)
         self.stack.append(_kernel_name(event.data["dispatcher"]))
         self.current = self.stack[-1]
         if self.t0 is None:
@@ -148,6 +160,8 @@ class _Progress:
         self._show()
 
     def on_end(self, event):
+        if self.foreign.pop():
+            return
         self.done.append(self.stack.pop())
         self.current = self.stack[-1] if self.stack else self.done[-1]
         self._show()
@@ -207,11 +221,13 @@ class _Later:
     """After the first compiles: a line when a kernel starts compiling, one when it is done."""
 
     def __init__(self, stream):
-        self.stream, self.depth, self.t0 = stream, 0, 0.0
+        self.stream, self.depth, self.t0, self.said = stream, 0, 0.0, False
 
     def on_start(self, event):
         self.depth += 1
-        if self.depth == 1 and not _quiet:
+        if self.depth == 1:
+            self.said = not _quiet and _ours(event.data["dispatcher"])
+        if self.depth == 1 and self.said:
             self.t0 = time.perf_counter()
             self.stream.write(f"\n(minfer: compiling {_kernel_name(event.data['dispatcher'])}, "
                               f"needed for the first time; once, then cached ...")
@@ -219,7 +235,7 @@ class _Later:
 
     def on_end(self, event):
         self.depth -= 1
-        if self.depth == 0 and not _quiet:
+        if self.depth == 0 and self.said:
             self.stream.write(f" {time.perf_counter() - self.t0:.0f} s)\n")
             self.stream.flush()
 

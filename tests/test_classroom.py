@@ -578,13 +578,16 @@ def test_student_ops_swaps_only_finished_functions(tmp_path, tiny_gguf):
 
 def test_student_kernels_run_in_the_engine(tmp_path, tiny_gguf):
     """Lesson 09's kernels plug in as ops.rmsnorm and ops.linear (lesson 10's are checked only)."""
+    _write(tmp_path, 3, SOLUTIONS[3])                  # its rmsnorm: replaced by lesson 09's
     _write(tmp_path, 9, SOLUTIONS[9])
     _write(tmp_path, 10, SOLUTIONS[10])
     llm = minfer.LLM(tiny_gguf, backend="numpy")
     ids = llm.tokenizer.encode("the cat sat on the mat")
     want = llm.logits(ids)
-    ops = student_ops(llm.model.ops, tmp_path, log=lambda m: None)
-    assert ops.mine == ["rmsnorm", "linear"]
+    said = []
+    ops = student_ops(llm.model.ops, tmp_path, log=said.append)
+    assert ops.mine == ["embedding", "rmsnorm", "linear"]      # each op once
+    assert "your own embedding, rmsnorm (rmsnorm_numba), linear (matmul_numba)" in said[-1], said
     llm.model.ops = ops
     np.testing.assert_allclose(llm.logits(ids), want, atol=1e-4, rtol=1e-4)
 
@@ -688,7 +691,7 @@ def test_use_mine_says_which_function_is_wrong(tmp_path, tiny_gguf):
     with what differs; --anyway runs it all the same."""
     _write(tmp_path, 4, ROPE_PAIRING_BUG)
     messages = []
-    with pytest.raises(ExerciseError, match=r"your rope does not match.*lesson check 4.*--anyway"):
+    with pytest.raises(ExerciseError, match=r"your rope does not match.*lesson check 4 --dir .*--anyway"):
         student_ops(minfer.backends.numpy_ops(), tmp_path, log=messages.append)
     assert any("your rope" in m and "rotate_half" in m for m in messages), messages
     ops = student_ops(minfer.backends.numpy_ops(), tmp_path, log=messages.append, anyway=True)
@@ -733,7 +736,8 @@ def test_nan_from_a_stage_is_named_at_that_stage(tmp_path, tiny_gguf):
     ops = student_ops(minfer.backends.numpy_ops(), tmp_path, log=lambda m: None, anyway=True)
     llm = minfer.LLM(tiny_gguf, backend="numpy")
     llm.model.ops = ops
-    with pytest.raises(ExerciseError, match=r"your paged_attention \(attention in the model\) returned NaN"):
+    with pytest.raises(ExerciseError, match=r"your paged_attention \(attention in the model\) returned "
+                                            r"NaN.*`python -m minfer lesson check 5 --dir \S+` shows"):
         llm.generate("the cat sat", minfer.SamplingParams(temperature=0.7, max_tokens=3))
 
 

@@ -185,6 +185,13 @@ def test_compile_progress_shows_while_numba_compiles(tmp_path, monkeypatch):
     again = run(1.0)                                     # a new signature: compiles again
     assert "as last time" in again and "/2" in again and "[" in again and "s left" in again
     assert run(2) == ""                                  # all compiled: silent
+    import types                                         # a student's exercise file's kernel:
+    student = types.ModuleType("minfer_student_09_numba_1")   # compiled every run, no notice
+    exec("import numba\n@numba.njit\ndef k(x):\n    return x - 1\n", student.__dict__)
+    out = Terminal()
+    with jitcache.compiling("test kernels", key="k2", stream=out):
+        student.k(1)
+    assert out.getvalue() == ""
 
 
 def test_readable_model_name_and_recommended_sampling():

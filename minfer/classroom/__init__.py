@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+import shlex
 import subprocess
 import sys
 import textwrap
@@ -193,9 +194,17 @@ def _probe_args(name: str):
 STAGES = ("embedding", "rmsnorm", "rope_angles", "rope", "attention", "linear", "swiglu")
 
 
-def _finite_or_say(op: str, f, whose: str, state: dict):
+def _check_command(n: int | None, folder: Path) -> str:
+    """The command that checks lesson n's file in `folder` (any lesson's, n None), as one types it."""
+    where = "" if folder == Path(DEFAULT_DIR) else f" --dir {shlex.quote(str(folder))}"
+    return f"`python -m minfer lesson check {'N' if n is None else n}{where}`"
+
+
+def _finite_or_say(op: str, f, whose: str, state: dict, check: str):
     """`f` with its outputs checked: NaN or Inf stops the model at the stage that made it, with a
-    sentence that names it (instead of a crash somewhere later, in sampling or in softmax)."""
+    sentence that names it (instead of a crash somewhere later, in sampling or in softmax).
+    check: the command that checks the function (the last one of the student's to run, for
+    minfer's own stages)."""
     def stage(*args):
         with np.errstate(all="ignore"):              # said below, in a sentence, if it matters
             out = f(*args)
@@ -204,20 +213,20 @@ def _finite_or_say(op: str, f, whose: str, state: dict):
                 bad = "NaN" if np.isnan(a).any() else "Inf"
                 n = int((~np.isfinite(a)).sum())
                 if whose == "minfer's":
-                    by = state.get("last")
+                    by, by_check = state.get("last", (None, None))
                     raise ExerciseError(
                         f"minfer's {op} gave {bad} ({n} of {a.size} values) in the live model, from "
                         f"what your functions gave it ({by or 'none of yours had run yet'} ran last)"
-                        f"; run `python -m minfer lesson check` on that lesson")
+                        + (f"; {by_check} checks it" if by else ""))
                 inputs_ok = all(np.isfinite(x).all() for x in args
                                 if isinstance(x, np.ndarray) and x.dtype.kind == "f")
                 raise ExerciseError(
                     f"{whose} ({op} in the model) returned {bad} in the live model ({n} of "
                     f"{a.size} values of a {list(a.shape)} output, "
                     f"{'from finite inputs' if inputs_ok else 'its inputs held NaN/Inf already'}); "
-                    f"`python -m minfer lesson check` shows what differs")
+                    f"{check} shows what differs")
         if whose != "minfer's":
-            state["last"] = whose.removeprefix("your ")
+            state["last"] = (whose.removeprefix("your "), check)
         return out
     stage.__wrapped__ = f
     return stage
@@ -246,7 +255,7 @@ def student_ops(base_ops: SimpleNamespace, folder=None, log=None, anyway: bool =
         raise ExerciseError(f"no exercise folder at {folder}; start one with "
                             f"`python -m minfer lesson start 3` (or pass the folder you used)")
     ops = SimpleNamespace(**vars(base_ops))
-    mine, mine_names, wrong, layer_loop = [], {}, [], None
+    mine, mine_names, mine_lessons, wrong, layer_loop = [], {}, {}, [], None
     for lesson in lessons().values():
         path = exercise_path(lesson, folder)
         if not path.exists():
@@ -264,13 +273,12 @@ def student_ops(base_ops: SimpleNamespace, folder=None, log=None, anyway: bool =
                     continue
                 except Exception as e:
                     raise ExerciseError(f"your {task.name} ({path}) raised {type(e).__name__}: {e} "
-                                        f"on a small input; run `python -m minfer lesson check "
-                                        f"{lesson.number}`")
+                                        f"on a small input; run {_check_command(lesson.number, folder)}")
                 want = getattr(base_ops, task.op)(*_probe_args(task.op))
                 if np.shape(got) != np.shape(want):
                     raise ExerciseError(f"your {task.name} ({path}) returned shape {np.shape(got)} "
-                                        f"where {np.shape(want)} was expected; run `python -m minfer "
-                                        f"lesson check {lesson.number}`")
+                                        f"where {np.shape(want)} was expected; run "
+                                        f"{_check_command(lesson.number, folder)}")
             failed = _first_failure(task, f)
             if failed is not None and failed.status == "todo":
                 continue
@@ -284,11 +292,14 @@ def student_ops(base_ops: SimpleNamespace, folder=None, log=None, anyway: bool =
                 layer_loop = f
             else:
                 setattr(ops, task.op, f)
+            if task.op in mine:                      # (lesson 09's rmsnorm_numba after 03's rmsnorm:
+                mine.remove(task.op)                 # the later lesson's runs)
             mine.append(task.op)
             mine_names[task.op] = task.name
+            mine_lessons[task.op] = lesson.number
     if wrong and not anyway:
         names = ", ".join(t.name for _, t, _ in wrong)
-        checks = " and ".join(sorted({f"`python -m minfer lesson check {L.number}`" for L, _, _ in wrong}))
+        checks = " and ".join(_check_command(n, folder) for n in sorted({L.number for L, _, _ in wrong}))
         raise ExerciseError(f"your {names} {'does' if len(wrong) == 1 else 'do'} not match the "
                             f"reference (above): fix {'it' if len(wrong) == 1 else 'them'} with "
                             f"{checks}, or add --anyway to see what the model does with "
@@ -302,12 +313,14 @@ def student_ops(base_ops: SimpleNamespace, folder=None, log=None, anyway: bool =
             f = getattr(ops, op, None)
             if callable(f):
                 whose = f"your {mine_names[op]}" if op in mine_names else "minfer's"
-                setattr(ops, op, _finite_or_say(op, f, whose, state))
+                setattr(ops, op, _finite_or_say(op, f, whose, state,
+                                                _check_command(mine_lessons.get(op), folder)))
         if layer_loop is not None:    # the capstone: the model's layers run in the student's loop
             ops.run_layers = layer_loop
     ops.name = f"{getattr(base_ops, 'name', 'ops')}+mine" if mine else getattr(base_ops, "name", "ops")
     if mine:
-        log(f"minfer: running on your own {', '.join(mine)} (from {folder}/); "
+        named = [op if mine_names[op] == op else f"{op} ({mine_names[op]})" for op in mine]
+        log(f"minfer: running on your own {', '.join(named)} (from {folder}/); "
             f"everything else is minfer's {getattr(base_ops, 'name', '')} path")
     else:
         log(f"minfer: no finished exercises in {folder}/ yet; running minfer's own code")

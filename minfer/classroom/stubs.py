@@ -7,8 +7,9 @@ Fill in the function bodies (each now raises NotImplementedError), then check yo
 
     python -m minfer lesson check {n}
 
-Each function has the signature of minfer's own reference (minfer/{where}). Read the lesson
-(lessons/{lesson_file}) first; peek at the reference only when you are stuck.
+Each function has the signature of minfer's own reference:
+{where}
+Read the lesson (lessons/{lesson_file}) first; peek at the reference only when you are stuck.
 Once a function the model uses passes (lessons 03-07, 09 and 14), `python -m minfer chat
 --use-mine` runs the real model with it.
 """

@@ -1201,7 +1201,8 @@ def _check_verify_sample(f):
         freq = np.bincount(first, minlength=V) / len(first)
         hint = (" — closer to the draft's q: accept each guess only with probability min(1, p/q)"
                 if np.abs(freq - q[0]).sum() < np.abs(freq - p[0]).sum() else
-                " — on a rejection draw from max(0, p - q), normalised, not from p")
+                " — on a rejection draw from max(0, p - q), normalised (not from p), with u[k]: "
+                "u[i] decided the rejection, and reusing it biases the draw")
         raise CheckFailed(f"guesses drawn from q: the first token is not distributed as p: {bad}{hint}")
     bad = _chi2_fails(second, p[1])
     if bad:
@@ -1221,41 +1222,42 @@ def _lessons() -> dict[int, Lesson]:
     from ..stages import attention, embedding, kvcache, linear, mlp, rmsnorm, rope
     L = {}
 
-    def add(n, slug, title, where, lesson_file, minutes, tasks, refs):
+    def add(n, slug, title, lesson_file, minutes, tasks, refs):
+        where = "\n".join(f"    {name}: minfer/{f.__module__.removeprefix('minfer.').replace('.', '/')}.py, "
+                          f"{f.__name__}" for name, f in refs.items())
         stub = _HEADER.format(n=n, title=title, where=where, lesson_file=lesson_file) + STUBS[n]
         L[n] = Lesson(n, slug, title, tasks, stub, minutes, refs)
 
-    add(0, "tour", "the model's size", "config.py", "00_tour.py", 10, [
+    add(0, "tour", "the model's size", "00_tour.py", 10, [
         Task("count_parameters", _check_count_parameters, "per layer: two norm gains [D], W_q "
              "[Hq*hd, D], W_k and W_v [Hkv*hd, D] each, W_o [D, Hq*hd], gate and up [F, D], down "
              "[D, F]; plus the embedding [V, D], the final norm [D], and an LM head only if untied"),
     ], dict(count_parameters=_ref_count_parameters))
-    add(1, "tokens", "byte-pair encoding by hand", "tokenizer.py", "01_tokens.py", 20, [
+    add(1, "tokens", "byte-pair encoding by hand", "01_tokens.py", 20, [
         Task("bpe_ids", _check_bpe_ids, "ranks = {tuple(m.split(' ')): r for r, m in "
              "enumerate(merges)}; start from list(piece); repeatedly merge the adjacent pair with "
              "the smallest rank until none is in ranks; then vocab.index of each symbol"),
     ], dict(bpe_ids=_ref_bpe_ids))
-    add(2, "weights", "a tensor out of a GGUF file", "weights/gguf.py", "02_weights.py", 20, [
+    add(2, "weights", "a tensor out of a GGUF file", "02_weights.py", 20, [
         Task("align_up", _check_align_up, "(pos + alignment - 1) // alignment * alignment"),
         Task("read_f32_tensor", _check_read_f32_tensor, "open(path, 'rb'), seek(data_start + "
              "offset), read 4 * prod(dims) bytes, np.frombuffer(..., dtype='<f4'), reshape to the "
              "dims reversed"),
     ], dict(align_up=_ref_align_up, read_f32_tensor=_ref_read_f32_tensor))
-    add(3, "embedding_rmsnorm", "embeddings and RMSNorm", "stages/embedding.py, stages/rmsnorm.py",
-        "03_embedding_rmsnorm.py", 30, [
+    add(3, "embedding_rmsnorm", "embeddings and RMSNorm", "03_embedding_rmsnorm.py", 30, [
             Task("embedding", _check_embedding, "fancy indexing reads one row per id; widen the result to float32",
                  op="embedding"),
             Task("rmsnorm", _check_rmsnorm, "the mean of squares is taken per token (last axis, keepdims=True so it "
                  "broadcasts); add eps under the square root; multiply by w last", op="rmsnorm"),
         ], dict(embedding=embedding.embedding, rmsnorm=rmsnorm.rmsnorm))
-    add(4, "rope", "rotary position embedding", "stages/rope.py", "04_rope.py", 40, [
+    add(4, "rope", "rotary position embedding", "04_rope.py", 40, [
         Task("rope_angles", _check_rope_angles, "one frequency per pair (head_dim // 2 of them), one angle per "
              "(position, pair): an outer product; then cos and sin of it", op="rope_angles"),
         Task("rope", _check_rope, "slice the even and odd elements of the last axis (a step of 2); "
              "give cos and sin a head axis of size 1 so they broadcast; write the two results back "
              "into the even and odd places of a new array", op="rope"),
     ], dict(rope_angles=rope.rope_angles, rope=rope.rope))
-    add(5, "attention", "attention and grouped-query heads", "stages/attention.py", "05_attention.py", 60, [
+    add(5, "attention", "attention and grouped-query heads", "05_attention.py", 60, [
         Task("softmax", _check_softmax, "max and sum along `axis` with keepdims=True; exp(-inf) is 0, "
              "which is how the mask works"),
         Task("paged_attention", _check_paged_attention, "work one sequence at a time: gather its S keys and values "
@@ -1263,20 +1265,20 @@ def _lessons() -> dict[int, Lesson]:
              "heads so each query head has its own, score, mask with -inf where key j > the row's "
              "position, softmax, weight the values. Loops are fine; speed comes in lesson 09", op="attention"),
     ], dict(softmax=attention.softmax, paged_attention=attention.paged_attention))
-    add(6, "kvcache", "the paged KV cache", "stages/kvcache.py, batch.py", "06_kvcache.py", 30, [
+    add(6, "kvcache", "the paged KV cache", "06_kvcache.py", 30, [
         Task("slot_mapping", _check_slot_mapping, "make the positions with arange, then "
              "index the table with p // block_size; numpy does all positions at once"),
         Task("kv_write", _check_kv_write, "a reshape of the cache to [n_blocks * block_size, Hkv, hd] "
              "is a view: assigning to its rows at slot_mapping writes into the cache itself", op="kv_write"),
     ], dict(slot_mapping=_ref_slot_mapping, kv_write=kvcache.kv_write))
-    add(7, "mlp", "the SwiGLU MLP", "stages/mlp.py", "07_mlp.py", 20, [
+    add(7, "mlp", "the SwiGLU MLP", "07_mlp.py", 20, [
         Task("silu", _check_silu, "z * sigmoid(z); for a sigmoid that never overflows, note "
              "sigmoid(z) = 0.5 * (1 + tanh(z / 2))"),
         Task("swiglu", _check_swiglu, "two projections up to F, one gated by silu, multiplied "
              "elementwise, then one projection down; weights are [out, in] so x @ W.T",
              op="swiglu"),
     ], dict(silu=mlp.silu, swiglu=mlp.swiglu))
-    add(8, "sampling", "sampling the next token", "sampling.py", "08_sampling.py", 40, [
+    add(8, "sampling", "sampling the next token", "08_sampling.py", 40, [
         Task("apply_repetition_penalty", _check_repetition_penalty, "copy first; np.unique(seen) so that a token seen twice is "
              "penalised once; np.where picks divide or multiply by the sign"),
         Task("filter_logits", _check_filter_logits, "top-k: np.partition finds the k-th largest value; top-p: "
@@ -1286,7 +1288,7 @@ def _lessons() -> dict[int, Lesson]:
              "filter, softmax, and rng.choice(V, p=probs); return a plain int"),
     ], dict(apply_repetition_penalty=sampling.apply_repetition_penalty,
             filter_logits=sampling.filter_logits, sample=sampling.sample))
-    add(9, "numba", "Numba kernels", "stages/rmsnorm.py, stages/linear.py", "09_numba.py", 40, [
+    add(9, "numba", "Numba kernels", "09_numba.py", 40, [
         Task("rmsnorm_numba", _check_rmsnorm_numba, "@njit(fastmath=True); out = np.empty_like(x); for "
              "each row t: a float32(0.0) accumulator for the sum of squares over i, then "
              "r = float32(1.0) / np.sqrt(ss / float32(D) + float32(eps)) and a second loop writes "
@@ -1296,7 +1298,7 @@ def _lessons() -> dict[int, Lesson]:
              "flat loop over k adding x[t, k] * w[o, k]; each (t, o) is written by one iteration only",
              op="linear"),
     ], dict(rmsnorm_numba=rmsnorm.rmsnorm_numba, matmul_numba=linear._dense_matmul))
-    add(10, "quant", "quantized blocks", "stages/quant.py", "10_quantized_matmul.py", 40, [
+    add(10, "quant", "quantized blocks", "10_quantized_matmul.py", 40, [
         Task("quantize_q8_0", _check_quantize_q8_0, "x = w.reshape(-1, 32); d = abs(x).max(axis=1) / "
              "np.float32(127); q = round-half-away-from-zero(x * (1 / d)) (np.sign(z) * np.floor(abs(z) "
              "+ 0.5)), 0 where d == 0; fill np.zeros(n, BLOCK_DTYPES['Q8_0']) and .view(np.uint8)"),
@@ -1307,7 +1309,7 @@ def _lessons() -> dict[int, Lesson]:
              "before the high ones (16-31); w = d * q + m, all in float32"),
     ], dict(quantize_q8_0=_ref_quantize_q8_0, dequantize_q8_0=_ref_dequantize_q8_0,
             dequantize_q4_1=_ref_dequantize_q4_1))
-    add(11, "gpu", "a GPU kernel", "stages/rmsnorm.py", "11_gpu.py", 30, [
+    add(11, "gpu", "a GPU kernel", "11_gpu.py", 30, [
         Task("rmsnorm_kernel", _check_rmsnorm_kernel, "@cuda.jit; t = cuda.blockIdx.x, tid = "
              "cuda.threadIdx.x, n = cuda.blockDim.x; part = cuda.shared.array(1024, float32); "
              "ss = float32(0.0) summed over i in range(tid, D, n); part[tid] = ss; "
@@ -1317,20 +1319,19 @@ def _lessons() -> dict[int, Lesson]:
     ], dict(rmsnorm_kernel=rmsnorm.rmsnorm_kernel))
     L[11].needs_cuda = True
     from ..engine import prefix_cache
-    add(12, "batching", "continuous batching and the prefix cache", "engine/prefix_cache.py",
-        "12_batching.py", 20, [
+    add(12, "batching", "continuous batching and the prefix cache", "12_batching.py", 20, [
             Task("block_hashes", _check_block_hashes, "h = None; for each full block i: h = "
                  "hash((h, tuple(tokens[i * block_size:(i + 1) * block_size]))); append h"),
         ], dict(block_hashes=prefix_cache.block_hashes))
     from ..spec import verify
-    add(13, "speculative", "speculative decoding", "spec/verify.py", "13_speculative.py", 30, [
+    add(13, "speculative", "speculative decoding", "13_speculative.py", 30, [
         Task("verify_sample", _check_verify_sample, "for i in range(k): x = proposals[i]; qx = 1 if q "
              "is None else q[i, x]; accept while u[i] * qx < p[i, x]; at the first rejection build "
              "w = max(p[i] - q[i], 0) (q None: p[i] with w[x] = 0) and draw from it with u[k]: "
              "np.searchsorted(np.cumsum(w), u[k] * w.sum(), side='right'); return (i, token). All "
              "accepted: (k, a draw from p[k] with u[k])"),
     ], dict(verify_sample=verify.verify_sample))
-    add(14, "capstone", "the whole model, your own", "model.py", "14_capstone.py", 60, [
+    add(14, "capstone", "the whole model, your own", "14_capstone.py", 60, [
         Task("run_layers", _check_run_layers, "for each layer l, L = weights.layers[l]: h = "
              "ops.rmsnorm(x, L.attn_norm, eps); q, k, v = ops.linear(h, L.wq / L.wk / L.wv) reshaped "
              "to heads; rope on q and k; ops.kv_write(cache.k[l], cache.v[l], k, v, "
