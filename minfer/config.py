@@ -153,7 +153,7 @@ class ModelConfig:
             n_kv_heads=n_heads if kv is None else _int(kv, where("num_key_value_heads")),
             head_dim=dim // n_heads if hd is None else _int(hd, where("head_dim")),
             ffn_dim=_int(need("intermediate_size"), where("intermediate_size")),
-            rms_eps=_float(cfg.get("rms_norm_eps", 1e-5), where("rms_norm_eps")),
+            rms_eps=_float(cfg.get("rms_norm_eps", 1e-6), where("rms_norm_eps")),   # LlamaConfig's
             rope_theta=_hf_rope_theta(cfg),
             max_seq_len=_int(cfg.get("max_position_embeddings", 2048), where("max_position_embeddings")),
             tie_embeddings=_bool(cfg.get("tie_word_embeddings", False), where("tie_word_embeddings")),

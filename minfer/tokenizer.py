@@ -195,6 +195,12 @@ class Tokenizer:
         if template is not None and not isinstance(template, str):
             raise ModelFormatError(f"{folder / 'tokenizer_config.json'}: chat_template is "
                                    f"{_short(template)}, not a template (text)")
+        jinja = folder / "chat_template.jinja"    # where transformers saves it now; it wins
+        if jinja.is_file():
+            try:
+                template = jinja.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as e:
+                raise ModelFormatError(f"{jinja} could not be read ({getattr(e, 'strerror', None) or e})") from None
         n = hf.get_vocab_size(with_added_tokens=True)
 
         def tok_id(entry):

@@ -509,3 +509,43 @@ def test_unused_tensors_are_refused(tmp_path):
     two = synthetic.random_state(synthetic.hf_config(num_hidden_layers=2), 0)
     path = synthetic.write_gguf(tmp_path / "extra.gguf", config, two)
     refused(path, "blk.1.", error=UnsupportedModelError)
+
+
+def test_hf_vocab_padded_past_the_tokenizer(tmp_path):
+    """Checkpoints often pad the embedding past the tokenizer (to a multiple of 64): no text makes
+    those ids, so the LM head's rows for them are dropped at load — never sampled (they were, and
+    decoding the id then failed mid-answer)."""
+    from safetensors.numpy import save_file  # noqa: F401 (the writer's dependency)
+    config = synthetic.hf_config()
+    state = synthetic.random_state(config, seed=3)
+    plain = synthetic.write_hf_folder(tmp_path / "plain", config, state)
+    V, D = state["model.embed_tokens.weight"].shape
+    padded = dict(state)
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):    # rows the head would pick
+        padded[name] = np.concatenate([state[name], np.full((64, D), 5.0, np.float32)])
+    folder = synthetic.write_hf_folder(tmp_path / "padded", dict(config, vocab_size=V + 64), padded)
+    (folder / "tokenizer.json").write_text((plain / "tokenizer.json").read_text(encoding="utf-8"),
+                                           encoding="utf-8")
+    a, b = minfer.LLM(plain, backend="numpy"), minfer.LLM(folder, backend="numpy")
+    assert b.config.vocab_size == V
+    ids = a.tokenizer.encode("the cat sat")
+    np.testing.assert_array_equal(b.logits(ids), a.logits(ids))
+    out = b.generate("the cat", SamplingParams(temperature=1.5, seed=0, max_tokens=20, ignore_eos=True))[0]
+    assert len(out.token_ids) == 20 and max(out.token_ids) < V
+    small = synthetic.write_hf_folder(tmp_path / "small", dict(config, vocab_size=V + 64), padded)
+    (small / "config.json").write_text(json.dumps(dict(config, vocab_size=V - 1)))
+    with pytest.raises(ModelFormatError, match=f"tokenizer has {V + 64} tokens but the model only {V - 1}"):
+        load(small)
+
+
+def test_hf_untied_without_lm_head_is_refused(tmp_path):
+    """tie_word_embeddings: false and no lm_head.weight: the head is missing (transformers fills it
+    with random numbers), not the embedding."""
+    config = synthetic.hf_config()
+    state = {k: v for k, v in synthetic.random_state(config).items() if k != "lm_head.weight"}
+    folder = synthetic.write_hf_folder(tmp_path / "nohead", config, state)
+    with pytest.raises(ModelFormatError, match="lacks tensor 'lm_head.weight'.*tie_word_embeddings: false"):
+        load(folder)
+    del config["tie_word_embeddings"]                  # not said: tied, as the file has no head
+    folder = synthetic.write_hf_folder(tmp_path / "unsaid", config, state)
+    assert load(folder)[0].tie_embeddings

@@ -1,7 +1,7 @@
 import pytest
 
 import minfer
-from minfer.tokenizer import StreamDecoder
+from minfer.tokenizer import StreamDecoder, Tokenizer
 
 TEXTS = ["Hello world!", "naïve café, 日本語, emoji 🙂👍🏽", "def f(x):\n\tif x:\n        return 1\n",
          "many   spaces\n\n\nand lines", "<|im_start|>user\nhi<|im_end|>", "digits 12345 and 3.14"]
@@ -42,3 +42,14 @@ def test_chat_template_is_sandboxed(tiny_llm):
             tok.apply_chat_template([{"role": "user", "content": "x"}])
     finally:
         tok.chat_template, tok._compiled = saved
+
+
+def test_hf_folder_chat_template_jinja(tmp_path):
+    """transformers saves the chat template as chat_template.jinja beside tokenizer_config.json:
+    it is the model's template (ChatML was used instead)."""
+    from minfer.weights import synthetic
+    folder = synthetic.tiny_checkpoint(tmp_path)
+    (folder / "chat_template.jinja").write_text(
+        "{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}", encoding="utf-8")
+    tok = Tokenizer.from_hf_folder(folder)
+    assert tok.apply_chat_template([{"role": "user", "content": "hi"}]).startswith("[user] hi\n")

@@ -286,9 +286,25 @@ def load_hf(folder: Path, quant: str = "f32") -> tuple[ModelConfig, Weights, Tok
             w_up=mat(p + "mlp.up_proj.weight", (c.ffn_dim, D)),
             w_down=mat(p + "mlp.down_proj.weight", (D, c.ffn_dim)),
         ))
-    tok_embd = mat("model.embed_tokens.weight", (c.vocab_size, D), q=_embedding_quant(quant))
+    tokenizer = Tokenizer.from_hf_folder(folder, c)
+    rows = c.vocab_size
+    if tokenizer.vocab_size < rows:
+        # embedding rows past the tokenizer's last id are padding (to a multiple of 64 or 128, for
+        # the GPU): no text makes those ids, and the LM head's rows for them must never be sampled
+        c = dataclasses.replace(c, vocab_size=tokenizer.vocab_size)
+    elif tokenizer.vocab_size > rows:
+        raise ModelFormatError(f"{folder.name}: the tokenizer has {tokenizer.vocab_size} tokens but "
+                               f"the model only {rows} (config.json vocab_size)")
+
+    def vocab_mat(name):                    # [rows, D] in the file, the tokenizer's [V, D] here
+        return _hold(lambda: np.ascontiguousarray(f32(name, (rows, D))[:c.vocab_size]),
+                     _embedding_quant(quant), name)
+    tok_embd = vocab_mat("model.embed_tokens.weight")
     if "lm_head.weight" in t and not c.tie_embeddings:
-        lm_head = mat("lm_head.weight", (c.vocab_size, D), q=_embedding_quant(quant))
+        lm_head = vocab_mat("lm_head.weight")
+    elif cfg.get("tie_word_embeddings") is False:
+        raise ModelFormatError(f"{folder.name}: the checkpoint lacks tensor 'lm_head.weight' "
+                               f"(config.json says tie_word_embeddings: false)")
     else:
         c.tie_embeddings, lm_head = True, tok_embd
         used.add("lm_head.weight")          # tied: the file's copy equals the embedding
@@ -296,4 +312,4 @@ def load_hf(folder: Path, quant: str = "f32") -> tuple[ModelConfig, Weights, Tok
     _unused(t, used, folder.name)
     stacks = _fuse(layers)
     weights = Weights(tok_embd, layers, out_norm, lm_head, stacks=stacks)
-    return c, weights, Tokenizer.from_hf_folder(folder, c)
+    return c, weights, tokenizer
