@@ -436,7 +436,7 @@ def cmd_serve(a) -> int:
 
 def cmd_fetch(a) -> int:
     from .weights.fetch import ensure_default_model
-    print(ensure_default_model())
+    print(ensure_default_model(check=True))       # asked for: hash the cached copy, stamp or not
     return 0
 
 
@@ -447,7 +447,9 @@ def cmd_info(a) -> int:
     import numpy as np
     if a.model and a.model_flag and a.model != a.model_flag:
         raise InvalidArgumentError("give the model once: as PATH or as --model PATH")
-    model = a.model or a.model_flag
+    model = a.model if a.model is not None else a.model_flag
+    if model is not None and not model.strip():
+        raise InvalidArgumentError("the model path is empty; leave it out for the default model")
     path = Path(model) if model else ensure_default_model()
     config, weights, tok = load(path, a.quant)
     weights = scales_for_kernels(weights, "numba", "f32", KernelConfig())   # as the default engine

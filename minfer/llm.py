@@ -123,7 +123,7 @@ class LLM:
             if v is not None and not isinstance(v, kinds):
                 raise InvalidArgumentError(f"{name} must be {what} (or None), got {_shown(v)}")
         if isinstance(model, str) and not model.strip():
-            raise InvalidArgumentError("model is an empty path; leave it out (None) for the default model")
+            raise InvalidArgumentError("the model path is empty; leave it out for the default model")
         for name, v in (("prefix_caching", prefix_caching), ("quiet", quiet)):
             if not isinstance(v, (bool, np.bool_)):
                 raise InvalidArgumentError(f"{name} must be True or False, got {v!r}")

