@@ -30,6 +30,9 @@ GPT2_SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s
 LLAMA3_SPLIT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
                 r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
 DIGITS_FIRST = {"smollm", "starcoder", "refact", "codeshell", "command-r", "exaone", "minerva"}
+# GGUF pre-tokenizer names whose text split is GPT-2's (llama.cpp's table); any other name
+# splits text in its own way (qwen2, deepseek, tekken, ...) and is refused, not guessed
+GPT2_LIKE = {"gpt2", "gpt-2", "default", "phi-2", "mpt", "olmo", "roberta-bpe", "jais"}
 
 # ChatML, used when a model ships no template of its own.
 CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
@@ -124,9 +127,13 @@ class Tokenizer:
     @classmethod
     def from_gguf_metadata(cls, meta: dict) -> "Tokenizer":
         kind = meta.get("tokenizer.ggml.model")
+        if kind is None:
+            raise ModelFormatError("GGUF metadata 'tokenizer.ggml.model' is missing: the file has "
+                                   "no tokenizer")
         if kind != "gpt2":
             raise UnsupportedModelError(
-                f"tokenizer type {_short(kind)} is not supported yet (minfer reads byte-level BPE, 'gpt2')")
+                f"tokenizer type {_short(kind)} is not supported yet (minfer reads byte-level BPE, "
+                f"'gpt2'; 'llama' is SentencePiece: Llama 2, TinyLlama, Mistral)")
         tokens = _str_list(meta.get("tokenizer.ggml.tokens"), "tokenizer.ggml.tokens")
         if not tokens:
             raise ModelFormatError("GGUF metadata 'tokenizer.ggml.tokens' is missing or empty")
@@ -152,6 +159,10 @@ class Tokenizer:
         pre = meta.get("tokenizer.ggml.pre", "gpt2")
         if not isinstance(pre, str):
             raise ModelFormatError(f"GGUF metadata 'tokenizer.ggml.pre' is {_short(pre)}; expected a name")
+        if pre not in GPT2_LIKE | DIGITS_FIRST | {"llama3", "llama-bpe"}:
+            raise UnsupportedModelError(
+                f"pre-tokenizer {pre!r} (GGUF metadata 'tokenizer.ggml.pre') is not supported yet: "
+                f"minfer splits text as gpt2, llama3 and smollm do")
         ids = {k: _token_id(meta.get(f"tokenizer.ggml.{k}_token_id"), len(tokens), f"tokenizer.ggml.{k}_token_id")
                for k in ("bos", "eos", "eot")}
         template = meta.get("tokenizer.chat_template")

@@ -53,3 +53,22 @@ def test_hf_folder_chat_template_jinja(tmp_path):
         "{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}", encoding="utf-8")
     tok = Tokenizer.from_hf_folder(folder)
     assert tok.apply_chat_template([{"role": "user", "content": "hi"}]).startswith("[user] hi\n")
+
+
+@pytest.mark.parametrize("edit,error", [
+    ({"tokenizer.ggml.pre": "qwen2"}, "pre-tokenizer 'qwen2'"),          # another text split
+    ({"tokenizer.ggml.pre": "totally-unknown"}, "pre-tokenizer 'totally-unknown'"),
+    ({"tokenizer.ggml.model": "llama"}, "SentencePiece"),
+    ({"tokenizer.ggml.model": None}, "no tokenizer"),
+])
+def test_gguf_tokenizers_minfer_cannot_split_like_are_refused(tmp_path, edit, error):
+    """A GGUF whose pre-tokenizer minfer does not implement was tokenized with GPT-2's split,
+    silently (other ids than the model was trained on)."""
+    from minfer.errors import MinferError
+    from minfer.weights import synthetic
+    from minfer.weights.gguf import read_gguf
+    meta, _ = read_gguf(synthetic.tiny_checkpoint(tmp_path, fmt="gguf"))
+    Tokenizer.from_gguf_metadata(dict(meta, **{"tokenizer.ggml.pre": "gpt2"}))     # fine
+    meta = {k: v for k, v in dict(meta, **edit).items() if v is not None}
+    with pytest.raises(MinferError, match=error):
+        Tokenizer.from_gguf_metadata(meta)
