@@ -228,7 +228,12 @@ class Tokenizer:
                     stop.add(_token_id(i, n, "eos_token_id (generation_config.json or config.json)"))
         stop |= {hf.token_to_id(t) for t in END_OF_TURN[:-1] if hf.token_to_id(t) is not None}
         eos = eos if eos is not None else getattr(config, "eos_id", None)
-        add_bos = tc.get("add_bos_token", False)
+        add_bos = tc.get("add_bos_token")
+        if add_bos is None:        # Llama 3's way: tokenizer.json's post-processor prepends it
+            with_ = hf.encode("a", add_special_tokens=True).ids
+            without = hf.encode("a", add_special_tokens=False).ids
+            if len(with_) == len(without) + 1 and with_[1:] == without:
+                add_bos, bos = True, with_[0]
         return cls(hf, template, stop, bos, eos, add_bos=add_bos is True)
 
 

@@ -72,3 +72,25 @@ def test_gguf_tokenizers_minfer_cannot_split_like_are_refused(tmp_path, edit, er
     meta = {k: v for k, v in dict(meta, **edit).items() if v is not None}
     with pytest.raises(MinferError, match=error):
         Tokenizer.from_gguf_metadata(meta)
+
+
+def test_hf_folder_bos_from_the_post_processor(tmp_path):
+    """Llama 3 folders add BOS in tokenizer.json's post-processor, with no add_bos_token in
+    tokenizer_config.json: a raw prompt starts with it, as transformers encodes it."""
+    import json
+    from minfer.weights import synthetic
+    folder = synthetic.tiny_checkpoint(tmp_path)
+    tj = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+    bos = synthetic.SPECIAL_TOKENS[synthetic.BOS_ID]
+    tj["post_processor"] = {"type": "TemplateProcessing",
+                            "single": [{"SpecialToken": {"id": bos, "type_id": 0}},
+                                       {"Sequence": {"id": "A", "type_id": 0}}],
+                            "pair": [{"Sequence": {"id": "A", "type_id": 0}}],
+                            "special_tokens": {bos: {"id": bos, "ids": [synthetic.BOS_ID], "tokens": [bos]}}}
+    (folder / "tokenizer.json").write_text(json.dumps(tj), encoding="utf-8")
+    tc = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+    assert Tokenizer.from_hf_folder(folder).encode("hi", add_special_tokens=True)[0] != synthetic.BOS_ID
+    del tc["add_bos_token"]                     # said: false wins; unsaid: the post-processor's
+    (folder / "tokenizer_config.json").write_text(json.dumps(tc), encoding="utf-8")
+    tok = Tokenizer.from_hf_folder(folder)
+    assert tok.encode("hi", add_special_tokens=True) == [synthetic.BOS_ID] + tok.encode("hi")
