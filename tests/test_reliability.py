@@ -583,3 +583,20 @@ def test_hf_untied_without_lm_head_is_refused(tmp_path):
     del config["tie_word_embeddings"]                  # not said: tied, as the file has no head
     folder = synthetic.write_hf_folder(tmp_path / "unsaid", config, state)
     assert load(folder)[0].tie_embeddings
+
+
+def test_unreadable_weights_are_not_called_corrupt(tiny_gguf, tmp_path, monkeypatch):
+    """Permission denied on the weights file: "cannot be read (Permission denied)", not "corrupt"
+    (root reads any file, so the open is made to fail)."""
+    import builtins
+    real_open = builtins.open
+
+    def denied(f, *a, **k):
+        if str(f).endswith((".gguf", ".safetensors")):
+            raise PermissionError(13, "Permission denied", str(f))
+        return real_open(f, *a, **k)
+    hf = synthetic.tiny_checkpoint(tmp_path / "hf")
+    monkeypatch.setattr(builtins, "open", denied)
+    for path in (tiny_gguf, hf):
+        with pytest.raises(MinferError, match="cannot be read \\(Permission denied\\)"):
+            load(path)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import ModelFormatError, UnsupportedModelError
+from ..errors import ModelFormatError, ModelNotFoundError, UnsupportedModelError
 from ..stages import quant
 
 # ggml tensor types we read: name, bytes per block, elements per block
@@ -150,6 +150,8 @@ def read_gguf(path: str | os.PathLike) -> tuple[dict, dict[str, GGUFTensor]]:
     except MemoryError:
         raise ModelFormatError(f"{path}: the header asks for more memory than there is; the file "
                                f"is corrupt") from None
+    except PermissionError as e:      # not the file's fault: say what is wrong
+        raise ModelNotFoundError(f"{path} cannot be read ({e.strerror})") from None
     except Exception as e:  # a parse failure we did not foresee is still a corrupt file
         raise ModelFormatError(f"{path} is corrupt ({type(e).__name__}: {e})") from None
 

@@ -31,6 +31,8 @@ def read_safetensors(path: Path) -> dict[str, np.ndarray]:
     except MemoryError:
         raise ModelFormatError(f"{path}: a tensor asks for more memory than there is; the file "
                                f"is corrupt") from None
+    except PermissionError as e:      # not the file's fault: say what is wrong
+        raise ModelNotFoundError(f"{path} cannot be read ({e.strerror})") from None
     except Exception as e:  # a parse failure we did not foresee is still a corrupt file
         raise ModelFormatError(f"{path} is corrupt ({type(e).__name__}: {e})") from None
 
