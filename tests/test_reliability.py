@@ -342,7 +342,7 @@ def test_sampling_params_are_checked(kw, word):
     (dict(kv_cache_mb="64"), "KV cache"), (dict(kv_cache_mb=None), "KV cache"),
     (dict(kv_cache_mb=float("inf")), "KV cache"), (dict(model=123), "model"), (dict(model=["a"]), "model"),
     (dict(kernels="x"), "kernels"), (dict(prefix_caching="no"), "prefix_caching"), (dict(model=""), "model path is empty"),
-    (dict(max_seqs=True), "max_seqs"), (dict(max_batch_tokens=1), "max_seqs: a step holds"),
+    (dict(max_seqs=True), "max_seqs"), (dict(max_batch_tokens=1), "a step holds a token of each"),
     (dict(speculative="ngram", num_speculative_tokens=True), "num_speculative_tokens"),
 ])
 def test_llm_arguments_are_checked(tiny_gguf, kw, word):

@@ -41,17 +41,21 @@ class Engine:
                  kv_cache_mb: float = DEFAULT_KV_CACHE_MB, max_seqs: int = DEFAULT_MAX_SEQS,
                  max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, prefix_caching: bool = True):
         c = model.config
-        for name, v, lo, why in (("block_size", block_size, 1, ""), ("max_seqs", max_seqs, 1, ""),
-                                 ("max_batch_tokens", max_batch_tokens, max_seqs,
-                                  " (max_seqs: a step holds a token of each sequence)")):
-            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < lo:
-                raise InvalidArgumentError(f"{name} must be an integer >= {lo}{why}, got {v!r}")
+        for name, v in (("block_size", block_size), ("max_seqs", max_seqs),
+                        ("max_batch_tokens", max_batch_tokens)):
+            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
+                raise InvalidArgumentError(f"{name} must be an integer >= 1, got {v!r}")
+        if max_batch_tokens < max_seqs:
+            raise InvalidArgumentError(f"max_seqs ({max_seqs}) is more than max_batch_tokens "
+                                       f"({max_batch_tokens}), and a step holds a token of each "
+                                       f"sequence: lower max_seqs or raise max_batch_tokens")
         if max_context is not None and (not isinstance(max_context, (int, np.integer)) or max_context < 2):
             raise InvalidArgumentError(f"max_context must be an integer >= 2, got {max_context!r}")
         number = (isinstance(kv_cache_mb, (int, float, np.integer, np.floating))
                   and not isinstance(kv_cache_mb, bool))
         if not number or not 0 < kv_cache_mb < float("inf"):
-            raise InvalidArgumentError(f"the KV cache budget must be a number of MB > 0, got {kv_cache_mb!r}")
+            raise InvalidArgumentError(f"the KV cache budget must be a finite number of MB > 0, "
+                                       f"got {kv_cache_mb!r}")
         self.model = model
         self.stop_ids = set(stop_ids)
         # --- the pool: as many blocks as the budget pays for, no more than max_seqs full contexts --
@@ -68,6 +72,11 @@ class Engine:
         self.scheduler = Scheduler(self.blocks, max_seqs, max_batch_tokens)
         # a sequence must fit the whole pool alone: the context is capped to it
         self.max_context = min(max_context or c.max_seq_len, c.max_seq_len, n_blocks * block_size)
+        self._context_set_by = (                      # what to change for a longer one
+            f"the KV cache of {kv_cache_mb:g} MB holds {self.max_context} tokens (--kv-cache-mb)"
+            if self.max_context == n_blocks * block_size < min(max_context or c.max_seq_len, c.max_seq_len)
+            else f"--max-context {self.max_context}" if max_context and max_context < c.max_seq_len
+            else f"the model's context is {self.max_context} tokens")
         self.seqs: dict[int, Sequence] = {}          # unfinished requests by id
         self._ids = itertools.count()
         self.lock = threading.RLock()
@@ -83,8 +92,9 @@ class Engine:
             raise InvalidArgumentError("the prompt is empty")
         if len(ids) > self.max_context - room:
             raise PromptTooLongError(
-                f"the prompt has {len(ids)} tokens but the context holds {self.max_context}; "
-                f"shorten it (or truncate it explicitly)")
+                f"the prompt has {len(ids)} tokens but at most {self.max_context - room} fit "
+                f"({self._context_set_by}{', one more for the answer' if room else ''}); "
+                f"shorten it")
         vocab = self.model.config.vocab_size
         if min(ids) < 0 or max(ids) >= vocab:
             raise InvalidArgumentError(f"token ids must be in 0..{vocab - 1}")
