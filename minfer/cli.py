@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from collections import Counter
 from pathlib import Path
@@ -489,6 +490,11 @@ def main(argv=None) -> int:
     if a.command is None:
         parser.print_help()
         return 2
+    threads = os.environ.get("NUMBA_NUM_THREADS")
+    if threads is not None and not (threads.strip().isdigit() and int(threads) >= 1):
+        print(f"minfer: error: NUMBA_NUM_THREADS is {threads!r}; set it to a whole number >= 1 "
+              f"or unset it (--threads N sets minfer's threads)", file=sys.stderr)
+        return 1
     try:
         return {"chat": cmd_chat, "generate": cmd_generate, "fetch": cmd_fetch,
                 "info": cmd_info, "bench": _bench, "serve": cmd_serve,
@@ -503,3 +509,11 @@ def main(argv=None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    except OSError as e:             # (the model's files are MinferErrors by now)
+        if a.debug:
+            raise
+        import errno
+        full = e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO)
+        print(f"minfer: error: {'cannot write the output (' + e.strerror + ')' if full else e}",
+              file=sys.stderr)
+        return 1

@@ -600,3 +600,14 @@ def test_unreadable_weights_are_not_called_corrupt(tiny_gguf, tmp_path, monkeypa
     for path in (tiny_gguf, hf):
         with pytest.raises(MinferError, match="cannot be read \\(Permission denied\\)"):
             load(path)
+
+
+def test_cli_environment_and_output_failures_are_one_line(tiny_gguf):
+    """NUMBA_NUM_THREADS=0 (numba's own ValueError traceback) and a full disk under stdout
+    (an OSError traceback) are one line each, exit 1."""
+    rc, _, err = cli("info", "--model", str(tiny_gguf), env={"NUMBA_NUM_THREADS": "0"})
+    one_line_error(rc, err, "NUMBA_NUM_THREADS is '0'")
+    if os.path.exists("/dev/full"):
+        r = subprocess.run([sys.executable, "-m", "minfer", "info", "--model", str(tiny_gguf)],
+                           stdout=open("/dev/full", "w"), stderr=subprocess.PIPE, text=True, timeout=120)
+        one_line_error(r.returncode, r.stderr, "No space left")
