@@ -254,7 +254,7 @@ def _stdin_prompt() -> str:
         print("minfer: reading the prompt from the terminal; Ctrl-D on a line of its own ends it",
               file=sys.stderr)
     data = sys.stdin.buffer.read()
-    return data.decode("utf-8", "surrogateescape")
+    return data.removeprefix(b"\xef\xbb\xbf").decode("utf-8", "surrogateescape")   # (a BOM: not text)
 
 
 def cmd_generate(a) -> int:
@@ -279,9 +279,13 @@ def cmd_generate(a) -> int:
     s = llm.stats
     sp = llm.engine.speculator
     spec = f", {sp.stats()['mean_accepted']:.2f} guesses accepted a step" if sp and sp.steps else ""
+    decode = f"decode {s.decode_tok_s:.1f} tok/s, " if s.generated_tokens > 1 else ""
+    full = (", the context is full" if s.generated_tokens < params.max_tokens
+            and s.prompt_tokens + s.reused_tokens + s.generated_tokens >= llm.engine.max_context else "")
     print(f"[{s.prompt_tokens} prompt tokens, {s.generated_tokens} generated in "
-          f"{time.perf_counter() - t0:.2f} s; prefill {s.prefill_tok_s:.1f} tok/s, "
-          f"decode {s.decode_tok_s:.1f} tok/s, backend {llm.backend}{', int8 activations' if llm.activations == 'int8' else ''}{spec}]", file=sys.stderr)
+          f"{time.perf_counter() - t0:.2f} s{full}; prefill {s.prefill_tok_s:.1f} tok/s, "
+          f"{decode}backend {llm.backend}{', int8 activations' if llm.activations == 'int8' else ''}{spec}]",
+          file=sys.stderr)
     return 0
 
 

@@ -148,6 +148,9 @@ class LLM:
         if quant == "auto" and backend == "numpy":
             quant = "f32"
         self.quant = quant
+        if activations == "int8" and quant == "f32":      # (said before a long load, too)
+            raise InvalidArgumentError("int8 activations need quantized weights (--quant auto on a "
+                                       "GGUF with quantized blocks, or q8_0, q4_0, q4_1), not f32")
         self.config, self.weights, self.tokenizer = load(path, quant)
         self.activations = activations
         if activations == "int8" and not self.weights.has_quantized():

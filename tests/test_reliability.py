@@ -15,7 +15,7 @@ import pytest
 
 import minfer
 from minfer.errors import (FetchError, InvalidArgumentError, MinferError, ModelFormatError,
-                           NonFiniteError, UnsupportedModelError, check_finite)
+                           ModelNotFoundError, NonFiniteError, UnsupportedModelError, check_finite)
 from minfer.sampling import SamplingParams
 from minfer.tokenizer import Tokenizer
 from minfer.weights import fetch, synthetic
@@ -611,3 +611,24 @@ def test_cli_environment_and_output_failures_are_one_line(tiny_gguf):
         r = subprocess.run([sys.executable, "-m", "minfer", "info", "--model", str(tiny_gguf)],
                            stdout=open("/dev/full", "w"), stderr=subprocess.PIPE, text=True, timeout=120)
         one_line_error(r.returncode, r.stderr, "No space left")
+
+
+def test_cli_generate_says_when_the_context_filled(tiny_gguf):
+    """An answer cut by the context (not by --max-tokens) says so; a UTF-8 BOM on standard input
+    is no part of the prompt (3 extra tokens); one token has no decode speed."""
+    rc, _, err = cli("generate", "--model", str(tiny_gguf), "--backend", "numpy", "--raw",
+                     "--max-context", "16", "-n", "100", "--temperature", "1", "--seed", "1", "the cat")
+    assert rc == 0 and "the context is full" in err.splitlines()[-1], err
+    plain = cli("generate", "--model", str(tiny_gguf), "--backend", "numpy", "--raw", "-n", "1", "-",
+                input="the cat".encode())
+    bom = cli("generate", "--model", str(tiny_gguf), "--backend", "numpy", "--raw", "-n", "1", "-",
+              input=b"\xef\xbb\xbfthe cat")
+    assert plain[2].splitlines()[-1].split(",")[0] == bom[2].splitlines()[-1].split(",")[0], (plain, bom)
+    assert "decode" not in bom[2].splitlines()[-1] and "context is full" not in bom[2]
+
+
+def test_a_file_of_an_hf_folder_names_the_folder(tmp_path):
+    hf = synthetic.tiny_checkpoint(tmp_path / "hf")
+    for f in ("model.safetensors", "config.json"):
+        with pytest.raises(ModelNotFoundError, match=f"one file of a Hugging Face folder; pass the folder: {hf}"):
+            load(hf / f)

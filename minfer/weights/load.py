@@ -88,6 +88,9 @@ def load(path: str | os.PathLike, quant: str = "f32") -> tuple[ModelConfig, Weig
             if len(ggufs) == 1:
                 return load_gguf(ggufs[0], quant)
             raise ModelNotFoundError(f"{path} holds neither config.json nor exactly one .gguf file")
+        if path.suffix in (".safetensors", ".json") and (path.parent / "config.json").exists():
+            raise ModelNotFoundError(f"{path} is one file of a Hugging Face folder; pass the "
+                                     f"folder: {path.parent}")
         return load_gguf(path, quant)
     except (ModelFormatError, UnsupportedModelError) as e:
         msg = str(e)      # say which file, when the message does not already
