@@ -632,3 +632,13 @@ def test_a_file_of_an_hf_folder_names_the_folder(tmp_path):
     for f in ("model.safetensors", "config.json"):
         with pytest.raises(ModelNotFoundError, match=f"one file of a Hugging Face folder; pass the folder: {hf}"):
             load(hf / f)
+
+
+def test_a_missing_shard_is_named(tmp_path):
+    """A sharded folder whose index lists a file that is not there: the file is named (it was
+    "the checkpoint lacks tensor ...")."""
+    hf = synthetic.tiny_checkpoint(tmp_path / "hf")
+    (hf / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+        "model.norm.weight": "model.safetensors", "lm_head.weight": "model-00002-of-00002.safetensors"}}))
+    with pytest.raises(ModelNotFoundError, match="lacks model-00002-of-00002.safetensors"):
+        load(hf)

@@ -117,6 +117,16 @@ def read_hf_folder(folder: Path) -> tuple[dict, dict[str, np.ndarray]]:
     if not files:
         raise ModelNotFoundError(f"{folder} has no *.safetensors files "
                                  f"(PyTorch .bin checkpoints are not supported)")
+    index = folder / "model.safetensors.index.json"     # a sharded checkpoint's list of files
+    if index.exists():
+        try:
+            shards = set(json.loads(index.read_bytes()).get("weight_map", {}).values())
+        except (ValueError, RecursionError, AttributeError, TypeError, OSError):
+            shards = set()                              # (the tensors' own checks still hold)
+        missing = sorted(str(x) for x in shards if not (folder / str(x)).exists())
+        if missing:
+            raise ModelNotFoundError(f"{folder} lacks {', '.join(missing)} (listed in "
+                                     f"model.safetensors.index.json): a download not finished?")
     tensors: dict[str, np.ndarray] = {}
     for f in files:
         for name, arr in read_safetensors(f).items():
