@@ -239,6 +239,9 @@ def _llm(a):
               speculative=a.speculative, num_speculative_tokens=a.num_speculative_tokens,
               draft_model=a.draft_model, make_model=make_model)
     _first_run_notice(llm, a)
+    if not llm.tokenizer.has_own_template and not getattr(a, "raw", False):
+        print("minfer: the model has no chat template; its messages are laid out as ChatML "
+              "(<|im_start|>role ...)", file=sys.stderr)
     return llm
 
 

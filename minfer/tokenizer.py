@@ -56,6 +56,7 @@ class Tokenizer:
                  bos_id: int | None = None, eos_id: int | None = None, add_bos: bool = False):
         self.hf = hf
         self.chat_template = chat_template or CHATML
+        self.has_own_template = bool(chat_template)   # (else ChatML, which few models know)
         self.stop_ids = stop_ids
         self.bos_id, self.eos_id, self.add_bos = bos_id, eos_id, add_bos
         self._template = BoundedEnvironment(trim_blocks=True, lstrip_blocks=True)

@@ -642,3 +642,33 @@ def test_a_missing_shard_is_named(tmp_path):
         "model.norm.weight": "model.safetensors", "lm_head.weight": "model-00002-of-00002.safetensors"}}))
     with pytest.raises(ModelNotFoundError, match="lacks model-00002-of-00002.safetensors"):
         load(hf)
+
+
+def test_an_hf_folder_without_name_is_named_by_its_folder(tmp_path):
+    """The name picks chat's recommended sampling: "model" (no _name_or_path) matched nothing."""
+    hf = synthetic.tiny_checkpoint(tmp_path / "SmolLM2-135M-Instruct")
+    cfg = json.loads((hf / "config.json").read_text())
+    cfg.pop("_name_or_path", None)
+    (hf / "config.json").write_text(json.dumps(cfg))
+    assert load(hf)[0].name == "SmolLM2-135M-Instruct"
+    snap = tmp_path / "models--HuggingFaceTB--SmolLM2-360M-Instruct" / "snapshots" / "0123abc"
+    snap.parent.mkdir(parents=True)
+    hf.rename(snap)
+    assert load(snap)[0].name == "SmolLM2-360M-Instruct"
+
+
+def test_a_model_without_chat_template_is_said(tmp_path):
+    """Without a template of its own the messages are laid out as ChatML, which the model may not
+    know: chat and generate say so (generate --raw uses no template: nothing to say)."""
+    hf = synthetic.tiny_checkpoint(tmp_path / "hf")
+    tc = json.loads((hf / "tokenizer_config.json").read_text())
+    del tc["chat_template"]
+    (hf / "tokenizer_config.json").write_text(json.dumps(tc))
+    args = ("generate", "--model", str(hf), "--backend", "numpy", "-n", "1")
+    rc, _, err = cli(*args, "hi")
+    assert rc == 0 and "no chat template" in err, err
+    rc, _, err = cli(*args, "--raw", "hi")
+    assert rc == 0 and "chat template" not in err, err
+    rc, _, err = cli("generate", "--model", str(synthetic.tiny_checkpoint(tmp_path / "own")),
+                     "--backend", "numpy", "-n", "1", "hi")
+    assert rc == 0 and "chat template" not in err, err

@@ -259,6 +259,9 @@ def load_gguf(path: Path, quant: str = "f32") -> tuple[ModelConfig, Weights, Tok
 def load_hf(folder: Path, quant: str = "f32") -> tuple[ModelConfig, Weights, Tokenizer]:
     cfg, t = read_hf_folder(folder)
     c = ModelConfig.from_hf(cfg)
+    if c.name == "model":                    # no _name_or_path: the folder names the model (in a
+        hub = folder.parent.name == "snapshots"   # hub cache, models--org--name/snapshots/<hash>)
+        c.name = folder.parent.parent.name.split("--")[-1] if hub else folder.resolve().name
     # rotary inverse frequencies that older exports saved are recomputed, not read
     used = {n for n in t if n.endswith("rotary_emb.inv_freq")}
 
