@@ -463,7 +463,7 @@ def cmd_info(a) -> int:
     weights = scales_for_kernels(weights, "numba", "f32", KernelConfig())   # as the default engine
     print(f"{'model':<16}{path}")
     for k, v in config.to_dict().items():
-        print(f"{k:<16}{v}")
+        print(f"{k:<16}{v:.7g}" if isinstance(v, float) else f"{k:<16}{v}")   # (a float32 of the file)
     print(f"{'tokenizer':<16}{tok.vocab_size} tokens, stop ids {sorted(tok.stop_ids)}")
     if weights.raw:  # GGUF: the file's own tensor types
         by_type = Counter()

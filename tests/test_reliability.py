@@ -115,6 +115,8 @@ def test_type_relabelled(q8, tmp_path):
     name, type_pos, _, _, _ = tensor(f, "blk.0.attn_q.weight")
     refused(patched(tmp_path, data, [(type_pos, "<I", 77)]), "attn_q", "ggml type 77",
             error=UnsupportedModelError)
+    refused(patched(tmp_path, data, [(type_pos, "<I", 12)]), "attn_q", "ggml type Q4_K",
+            error=UnsupportedModelError)                   # a K-quant: named, not numbered
     # Q8_0 relabelled F32: its bytes now span 4x as far, into the next tensor
     refused(patched(tmp_path, data, [(type_pos, "<I", 0)]), "overlap")
 

@@ -35,6 +35,12 @@ GGML_TYPES = {
     30: ("BF16", 2, 1),
 }
 
+# the names of the types minfer does not read, for its message (ggml.h's enum)
+OTHER_TYPES = {6: "Q5_0", 7: "Q5_1", 9: "Q8_1", 10: "Q2_K", 11: "Q3_K", 12: "Q4_K", 13: "Q5_K",
+               14: "Q6_K", 15: "Q8_K", 16: "IQ2_XXS", 17: "IQ2_XS", 18: "IQ3_XXS", 19: "IQ1_S",
+               20: "IQ4_NL", 21: "IQ3_S", 22: "IQ2_S", 23: "IQ4_XS", 24: "I8", 25: "I16", 26: "I32",
+               27: "I64", 28: "F64", 29: "IQ1_M", 34: "TQ1_0", 35: "TQ2_0"}
+
 # metadata value types: struct format of a scalar
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 _STRING, _ARRAY = 8, 9
@@ -202,7 +208,7 @@ def _read_gguf(path: Path) -> tuple[dict, dict[str, GGUFTensor]]:
             raise ModelFormatError(f"tensor {name!r} appears twice")
         if ttype not in GGML_TYPES:
             raise UnsupportedModelError(
-                f"tensor {name!r} has ggml type {ttype}, which minfer cannot read "
+                f"tensor {name!r} has ggml type {OTHER_TYPES.get(ttype, ttype)}, which minfer cannot read "
                 f"(supported: {', '.join(t[0] for t in GGML_TYPES.values())})")
         tname, block_bytes, block_elems = GGML_TYPES[ttype]
         if min(dims) < 1:
