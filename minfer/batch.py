@@ -4,7 +4,8 @@ A batch is several sequences, each bringing some new tokens (a whole prompt when
 token when decoding, a few when verifying a speculative draft). Their tokens are flattened into one
 list of T rows; these arrays say which rows belong to which sequence, at what positions, and where
 in the paged KV cache their keys and values go. There is no other hidden state: the same forward
-serves one request, a batch of mixed lengths, and (later) continuous batching.
+serves one request, a batch of mixed lengths, continuous batching (engine/) and speculative
+verification (spec/).
 """
 from __future__ import annotations
 

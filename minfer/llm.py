@@ -105,7 +105,8 @@ class LLM:
         prefix_caching: requests that begin with the same tokens share their cached blocks.
         speculative: "off", "ngram" (guesses from earlier text) or "draft" (a draft model guesses:
         draft_model, by default this model's file in its 4-bit blocks — or as Q4_0 — with int8
-        activations); up to
+        activations where the numba backend has VNNI, else float32 ones; on the numpy backend,
+        which computes on dequantized weights, the built-in draft is the model itself); up to
         num_speculative_tokens guesses a step (spec/): the same greedy text, the same
         distribution when sampling.
         make_model: a function (config, weights) -> model, run instead of the backend's own
@@ -336,8 +337,8 @@ class LLM:
 
     def chat(self, messages: list[dict], params: SamplingParams | None = None) -> Completion:
         """OpenAI-style messages [{"role": "user", "content": "..."}] -> the assistant's answer.
-        A conversation's next turn finds its earlier turns in the prefix cache and prefills only
-        the new message."""
+        A conversation's next turn finds its earlier turns in the prefix cache (whole blocks of
+        16 tokens) and prefills little more than the new message."""
         return self.generate([self._chat_prompt(messages)], params)[0]
 
     def _chat_prompt(self, messages) -> str:

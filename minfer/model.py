@@ -12,8 +12,8 @@ returns the logits of the rows the batch asks for. The stage functions come from
 
 This loop is the specification. The numba backend runs its steps in cpu/model.py (the layers in
 one compiled parallel region, cpu/region.py) and the cuda backend in gpu/model.py (fused kernels on
-the device): the same stages in the same order, with the same stage comments
-(tests/test_structure.py holds them to it).
+the device): the same stages in the same order, under the same stage comments (tests/test_structure.py
+and tests/cuda_cases.py record each step's stages and compare them with this loop's).
 """
 from __future__ import annotations
 

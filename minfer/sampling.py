@@ -3,8 +3,9 @@
     logits --repetition penalty--> --/temperature--> --top-k--> --top-p--> --min-p--> softmax -> draw
 
 Temperature 0 means greedy: take the arg-max (after the repetition penalty); so does a
-temperature below MIN_TEMPERATURE, where dividing the logits by it would overflow float32. Each filter removes
-unlikely tokens by setting their logit to -inf; the order is the one Hugging Face uses.
+temperature below MIN_TEMPERATURE, where the draw is the arg-max but for near-ties (and a far
+smaller one would overflow float32 when it divides the logits). Each filter removes unlikely
+tokens by setting their logit to -inf; the order is the one Hugging Face uses.
 """
 from __future__ import annotations
 
@@ -63,7 +64,7 @@ class SamplingParams:
                 raise InvalidArgumentError(msg)
         self.stop = list(self.stop)
         if self.temperature < MIN_TEMPERATURE:
-            # below this, logits / temperature overflows float32, and the draw is the arg-max anyway
+            # below this the draw is the arg-max but for near-ties (and ~1e-37 would overflow)
             self.temperature = 0.0
 
     @property

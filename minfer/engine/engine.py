@@ -240,7 +240,8 @@ class Engine:
     # --- raw logits ------------------------------------------------------------------------------------
     def logits(self, ids: list[int]) -> np.ndarray:
         """Logits at every position of one sequence, in one forward: [T, V] float32. Uses free
-        blocks of the pool for the moment (the prefix cache is not consulted)."""
+        blocks of the pool for the moment (the prefix cache is not consulted, but the free blocks
+        it takes lose any cached prefix they held)."""
         ids = [int(i) for i in ids]
         self.check_prompt(ids, room=0)
         with self.lock:

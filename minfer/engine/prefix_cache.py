@@ -20,7 +20,8 @@ from __future__ import annotations
 
 
 def block_hash(parent: int | None, tokens: tuple[int, ...]) -> int:
-    """The chained hash of one full block (Python's hash of ints and tuples is deterministic)."""
+    """The chained hash of one full block. The same within one process, which is all the cache
+    needs (before Python 3.12 hash(None), and so every chain, differs between runs)."""
     return hash((parent, tokens))
 
 

@@ -21,8 +21,8 @@ sequences:
 When a running sequence needs a block and none is free, the newest running sequence is
 *preempted*: its blocks are freed (those that are full stay in the prefix cache) and it goes back
 to the front of the queue; when admitted again it recomputes its tokens, mostly from the cache.
-A sequence never waits on itself: the engine refuses any request that could not fit the whole
-pool alone.
+Because the engine refuses any request that could not fit the whole pool alone, a sequence left
+alone in the pool always fits: preemption cannot go on forever.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The HTTP app: OpenAI's routes on FastAPI, served by uvicorn.
 
-    GET  /v1/models              the one model this server holds
+    GET  /v1/models              the one model this server holds (/v1/models/{name}: its card)
     POST /v1/completions         prompt -> text        (stream: server-sent events, then [DONE])
     POST /v1/chat/completions    messages -> message   (the model's chat template renders them)
     GET  /health                 200 while the engine thread lives
@@ -9,7 +9,10 @@
 
 Every error is OpenAI's error JSON with its status: 400 for bad input (malformed JSON, wrong
 types, bad sampling values, a prompt longer than the context), 401 for a missing or wrong API key,
-404 for an unknown model or route, 503 (with Retry-After) when too many requests wait already.
+404 for an unknown model or route, 503 (with Retry-After) when too many sequences wait already,
+503 while the server shuts down, 500 for a failure of its own. A stream has said 200 before its
+first event: an error there is its last event, then [DONE]. A client that left gets no answer
+(499 in the log).
 """
 from __future__ import annotations
 

@@ -7,8 +7,8 @@
 
 One thread owns the engine: it adds what came in, aborts what was cancelled, and steps while
 anything is unfinished, so a forward pass never runs on the event loop (which keeps answering
-other clients meanwhile). The queue of requests not yet running is bounded: past `max_waiting`
-a new request is refused at once (the app answers 503 with Retry-After) instead of waiting
+other clients meanwhile). The sequences not yet running (prompts x n of each request) are
+bounded: past `max_waiting` a new request is refused at once (the app answers 503 with Retry-After) instead of waiting
 without limit.
 """
 from __future__ import annotations
@@ -99,7 +99,7 @@ class Bridge:
                 f"this request has {len(items)} sequences (prompts x n) and at most "
                 f"{self.max_waiting} may wait at once (the server's --max-waiting): send fewer")
         if self.n_waiting + len(items) > self.max_waiting:
-            raise ServerBusy(f"{self.n_waiting} requests are waiting already (the server's limit "
+            raise ServerBusy(f"{self.n_waiting} sequences are waiting already (the server's limit "
                              f"is {self.max_waiting}); try again shortly")
         req = Request(items, asyncio.get_running_loop())
         self._incoming.append(req)

@@ -7,7 +7,8 @@ forward, keep the ones it agrees with — the same text (greedy) or the same dis
                    in verify_cuda.py)
     ngram.py       prompt lookup: the tokens that followed the last n tokens' latest occurrence
     draft.py       a second, cheaper model drafts k tokens from its own KV cache
-    speculator.py  the engine's two calls: propose (before the batch), verify (after the forward),
+    speculator.py  the engine's calls: propose (before the batch), verify (after the forward;
+                   forward_verify on a device that verifies there),
                    with KV rollback and a per-sequence k that follows the acceptance rate
 """
 from .draft import DraftProposer

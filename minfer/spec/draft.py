@@ -2,8 +2,9 @@
 
 Any model with the target's tokenizer can draft. The built-in pairing for a model is the model
 itself in a cheaper form: the same file in its own 4-bit blocks (Q4_0 where it has none) with
-int8 activations drafts for the exact (float32 or Q8_0) model, so the exact model's text comes
-at closer to the cheap model's speed. (The default model's file holds Q4_1 blocks: its float32
+int8 activations (on the numba backend with AVX-512 VNNI; float32 ones elsewhere) drafts for
+the exact (float32 or Q8_0) model, so the exact model's text comes at closer to the cheap model's
+speed. (The numpy backend dequantizes every format: there the built-in draft is no cheaper.) (The default model's file holds Q4_1 blocks: its float32
 weights are those blocks dequantized, and the draft differs only by the int8 rounding of its
 activations; re-quantized to Q4_0 it would agree on the top token a third less often.)
 
@@ -84,7 +85,7 @@ class DraftProposer:
     # --- proposing -----------------------------------------------------------------------------
     def propose(self, wants: list) -> dict:
         """wants: [(sequence, k >= 1)] -> {sequence: (proposed ids [k], q [k, V] or None)}."""
-        active = []                  # [seq, k, tokens seen, proposals, q rows]
+        active = []                  # [seq, k, tokens seen, proposals, q rows, tokens computed]
         for seq, k in wants:
             sid = seq.seq_id
             tokens = seq.tokens

@@ -65,12 +65,10 @@ class NgramIndex:
 class NgramProposer:
     """The proposer as the speculator uses it: a point mass (no q) per proposed token.
 
-    It guesses only on a match of at least min_n = 3 tokens. On the bench's two chat prompts
-    (`bench --speculative`), greedy, 8 guesses at each step: after a match of 3 or 4 tokens 5.4
-    and 7.3 of them were right on the edit prompt; after a match of 1 or 2, 0.4 and 0.0 (edit)
-    and 0.06 and 0.0 (a free story, where such short matches are all there is). A wrong guess is
-    a row of the verification forward for nothing, and the acceptance rate that sets k (spec/
-    speculator.py) stays that of the guesses worth making."""
+    It guesses only on a match of at least min_n = 3 tokens: after a match of 1 or 2 the guesses
+    are almost never right (docs/benchmarks.md, "Speculative decoding", has the counts on the
+    bench's prompts). A wrong guess is a row of the verification forward for nothing, and the
+    acceptance rate that sets k (spec/speculator.py) stays that of the guesses worth making."""
     name = "ngram"
 
     def __init__(self, max_n: int = 4, min_n: int = 3):

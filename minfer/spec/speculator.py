@@ -1,6 +1,6 @@
 """Speculative decoding inside the engine: propose before the batch, verify after the forward.
 
-The engine calls two methods per step (engine.py):
+The engine calls it at two points of a step (engine.py), three on a device that verifies:
 
     drafts = speculator.propose(scheduled)   for each sequence that decodes this step, k guesses;
                                              its batch rows become its last token + the guesses,
@@ -15,8 +15,9 @@ The engine calls two methods per step (engine.py):
 
 Rollback costs nothing: the rejected rows' keys and values sit past the sequence's new end,
 where attention never looks (it reads positions < the sequence's length) and the next tokens
-overwrite them; n_computed goes back to the accepted end, the blocks past it return to the pool,
-and only blocks whose every token is accepted are named in the prefix cache.
+overwrite them; n_computed advances by the accepted guesses only (the rejected ones were never
+counted), the blocks past the new end return to the pool, and only blocks whose every token is
+accepted are named in the prefix cache.
 
 How many guesses: each sequence keeps a running estimate a of how often a guess is accepted.
 With k guesses a step emits (1 - a^(k+1)) / (1 - a) tokens on average and costs costs[k]
@@ -43,7 +44,7 @@ import numpy as np
 from ..sampling import sample
 from .verify import greedy_ids, probs_rows, verify_greedy_numba, verify_sample_numba
 
-DEFAULT_K = 8            # most guesses per step (docs/benchmarks.md, "A replay")
+DEFAULT_K = 8            # most guesses per step (docs/benchmarks.md, "Speculative decoding")
 ROW_COST = 0.3           # one more row in the target's forward, in decode steps (until measured)
 DRAFT_COST = 0.5         # one draft forward, in target decode steps (until measured)
 HISTORY = 4096           # verifications remembered for figures
