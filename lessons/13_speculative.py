@@ -36,21 +36,22 @@ from minfer.spec.ngram import propose_ngram
 # weights (4x the bytes to read):
 
 # %%
-def forward_times(llm, rows=(1, 2, 4, 8), ctx=64, repeats=5):
+def forward_times(llm, rows=(1, 2, 4, 8), ctx=64, rounds=7):
+    """The fastest of `rounds` forwards of each size, the sizes in turns: on a shared machine the
+    slower ones were slowed by something else, and taking turns spreads a busy moment over all."""
     eng = llm.engine
     table = eng.blocks.ensure(-1, ctx + max(rows))
     ids = list(range(1000, 1000 + ctx + max(rows)))
     eng.model.forward(make_batch([(ids[:ctx], 0, table)], eng.cache.block_size), eng.cache)
-    out = {}
-    for n in rows:
-        batch = make_batch([(ids[ctx:ctx + n], ctx, table)], eng.cache.block_size, logits_for=[n])
-        eng.model.forward(batch, eng.cache)                         # warm (and compile)
-        times = []
-        for _ in range(repeats):
+    batches = {n: make_batch([(ids[ctx:ctx + n], ctx, table)], eng.cache.block_size, logits_for=[n])
+               for n in rows}
+    out = {n: float("inf") for n in rows}
+    for r in range(rounds + 1):
+        for n, batch in batches.items():
             t = time.perf_counter()
             eng.model.forward(batch, eng.cache)
-            times.append(time.perf_counter() - t)
-        out[n] = float(np.median(times))
+            if r:                                   # round 0 warms up (and compiles)
+                out[n] = min(out[n], time.perf_counter() - t)
     eng.blocks.release(-1)
     return out
 
