@@ -278,6 +278,21 @@ def test_stops_inside_an_accepted_run(tiny_gguf, plain):
     assert s["accepted"] == s["proposed"] > 0
 
 
+def test_draft_blocks_go_back_when_a_request_ends(tiny_gguf, other_gguf):
+    """A request that ends at its first token (max_tokens 1, an EOS, an abort) had its prompt in
+    the draft's cache but never an estimate: its draft blocks went back to the pool never, until
+    the pool was full and nothing was guessed any more."""
+    llm = _spec_llm(tiny_gguf, "numpy", "draft", draft=other_gguf, k=3)
+    draft_blocks = llm.draft.engine.blocks
+    for i in range(6):
+        llm.generate([PROMPTS[i % len(PROMPTS)] + " again" * i], SamplingParams(temperature=0, max_tokens=1))
+        assert draft_blocks.n_used == 0, i
+    it = llm.stream(PROMPTS[0], SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))
+    next(it)
+    it.close()                                         # an abort, after the prompt
+    assert draft_blocks.n_used == 0 and not llm.engine.speculator.proposer.computed
+
+
 def test_draft_computes_the_prompt_with_the_target(tiny_gguf, other_gguf, plain):
     """In the step where the target prefills a prompt, the draft computes the same tokens: its
     first guesses (the next step) feed one token, not the prompt; the text is unchanged."""
@@ -360,6 +375,9 @@ class _Oracle:
 
     def drop(self, seq_id):
         pass
+
+    def held(self):
+        return ()
 
 
 def test_guessing_stops_after_rejections(tiny_gguf, plain):

@@ -118,6 +118,8 @@ class Engine:
             if seq is None:
                 raise InvalidArgumentError(f"no unfinished request has id {seq_id}")
             self.scheduler.finish(seq, "abort")
+            if self.speculator is not None:
+                self.speculator.forget(seq_id)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -196,6 +198,8 @@ class Engine:
         if reason is not None:
             self.scheduler.finish(seq, reason)
             self.seqs.pop(seq.seq_id, None)
+            if self.speculator is not None:
+                self.speculator.forget(seq.seq_id)
         return seq, ([] if eos else [tok])
 
     def _extend(self, seq: Sequence, ids: list[int]) -> tuple[Sequence, list[int]]:

@@ -59,6 +59,10 @@ class DraftProposer:
         self.computed.pop(seq_id, None)
         self.blocks.release(seq_id)
 
+    def held(self):
+        """The sequences whose K/V the draft holds."""
+        return self.computed.keys()
+
     def step_time(self, repeats: int = 3) -> float | None:
         """Seconds of one draft forward of one token (the cost of a guess)."""
         from .speculator import timed_forward

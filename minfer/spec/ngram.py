@@ -103,3 +103,7 @@ class NgramProposer:
 
     def drop(self, seq_id: int) -> None:
         self.index.pop(seq_id, None)
+
+    def held(self):
+        """The sequences with an index."""
+        return self.index.keys()

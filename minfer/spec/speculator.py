@@ -122,9 +122,9 @@ class Speculator:
         """scheduled: [(sequence, n tokens)] from the scheduler -> {sequence: (guesses, q or
         None)} for the decoding sequences that guess this step; their blocks are allocated."""
         eng = self.engine
-        for sid in [s for s in self.adapt if s not in eng.seqs]:        # finished, aborted
-            del self.adapt[sid]
-            self.proposer.drop(sid)
+        # ended while the speculator was not the engine's (bench swaps it out): forgotten now
+        for sid in [s for s in {*self.adapt, *self.proposer.held()} if s not in eng.seqs]:
+            self.forget(sid)
         budget = eng.scheduler.max_tokens - sum(n for _, n in scheduled)
         bs = eng.blocks.block_size
         wants, chunks = [], []
@@ -155,6 +155,12 @@ class Speculator:
         for seq, (ids, _) in drafts.items():
             eng.blocks.ensure(seq.seq_id, seq.n_tokens + len(ids))
         return drafts
+
+    def forget(self, seq_id: int) -> None:
+        """A sequence ended (finished, aborted): its estimate and the proposer's state go — the
+        draft's K/V blocks too, also of one that ended in its prompt or at its first token."""
+        self.adapt.pop(seq_id, None)
+        self.proposer.drop(seq_id)
 
     # --- the forward, where the model can verify on its device ----------------------------------
     def forward_verify(self, live, batch, drafts: dict) -> dict | None:
