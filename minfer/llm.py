@@ -44,7 +44,7 @@ class Stats:
     """Figures of the last generate / stream call (all its requests together)."""
     prompt_tokens: int = 0             # prefilled (those found in the prefix cache not counted)
     reused_tokens: int = 0             # found in the prefix cache
-    generated_tokens: int = 0
+    generated_tokens: int = 0          # sampled, an ending EOS included (token_ids leave it out)
     prefill_s: float = 0.0             # first scheduled -> first token
     decode_s: float = 0.0              # first token -> last token
     requests: int = 0
@@ -276,7 +276,8 @@ class LLM:
         """Step the engine until seqs are finished, yielding (sequence, new token id) as they come.
         Several threads may do this at once on one LLM: whoever holds the engine's lock steps
         for all, and each new token goes to its own request's outbox. Stopping early (Ctrl-C, an
-        exception, the caller leaving the loop) aborts the unfinished ones and frees their blocks."""
+        exception, the caller's generator closed or collected) aborts the unfinished ones and
+        frees their blocks."""
         boxes = {s.seq_id: self._outbox[s.seq_id] for s in seqs}
         pending = set(boxes)
         try:
@@ -347,9 +348,12 @@ class LLM:
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
 
     def stream(self, prompt, params: SamplingParams | None = None) -> Iterator[str]:
-        """Yield the completion's text piece by piece (never half a UTF-8 character). A bad prompt
-        or params is an error here, at the call; the request joins the engine at the first piece
-        asked for."""
+        """Yield the completion's text piece by piece (never half a UTF-8 character, but where
+        max_tokens cuts one: U+FFFD, as generate gives). A bad prompt or params is an error here,
+        at the call; the request joins the engine at the first piece asked for. A stream left
+        unfinished is aborted when it is closed or collected: while it is still referenced, its
+        request goes on running in the other calls' steps — close it (`it.close()`, or
+        `contextlib.closing`) when you stop reading early."""
         params = _check_params(params or SamplingParams())
         ids = self._ids(prompt)
         self.engine.check_prompt(ids)
