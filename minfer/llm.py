@@ -213,8 +213,8 @@ class LLM:
                 ids = self.tokenizer.encode(prompt[:head], add_special_tokens=True)
                 if len(ids) > n + 1:                   # (the cut may split one token in two)
                     raise PromptTooLongError(
-                        f"the prompt has more than {len(ids) - 1} tokens but at most {n - 1} fit "
-                        f"({self.engine._context_set_by}, one more for the answer); shorten it")
+                        f"the prompt has more than {len(ids) - 1} tokens but at most {n - 1} fit: "
+                        f"{self.engine._context_set_by}, one of them for the answer; shorten it")
             return self.tokenizer.encode(prompt, add_special_tokens=True)
         if isinstance(prompt, (bytes, bytearray)):
             raise InvalidArgumentError("a prompt is a string or a list of token ids, not bytes "

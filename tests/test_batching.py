@@ -166,11 +166,12 @@ def test_metrics_of_each_request(tiny_llm):
 def test_pool_bounds_the_context_and_bad_settings_are_refused(tiny_q4):
     llm = minfer.LLM(tiny_q4, backend="numpy", block_size=4, kv_cache_mb=block_mb(5))
     assert llm.engine.max_context == 20                      # a request must fit the pool alone
-    with pytest.raises(PromptTooLongError, match=r"at most 19 fit \(the KV cache of .* MB holds 20 "
-                                                 r"tokens \(--kv-cache-mb\), one more for the answer"):
+    with pytest.raises(PromptTooLongError, match=r"at most 19 fit: the KV cache of .* MB holds 20 "
+                                                 r"tokens \(kv_cache_mb / --kv-cache-mb\), one of them"):
         llm.generate([[5] * 20], GREEDY)              # (the pool, not the model, is the limit: said)
     short = minfer.LLM(tiny_q4, backend="numpy", max_context=12)
-    with pytest.raises(PromptTooLongError, match=r"at most 11 fit \(--max-context 12, one more"):
+    with pytest.raises(PromptTooLongError, match=r"at most 11 fit: the context is set to 12 tokens "
+                                                 r"\(max_context / --max-context\), one of them"):
         short.generate([[5] * 12], GREEDY)
     with pytest.raises(InvalidArgumentError, match=r"max_seqs \(8\) is more than max_batch_tokens \(4\)"):
         minfer.LLM(tiny_q4, backend="numpy", max_seqs=8, max_batch_tokens=4)

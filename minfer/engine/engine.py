@@ -73,9 +73,11 @@ class Engine:
         # a sequence must fit the whole pool alone: the context is capped to it
         self.max_context = min(max_context or c.max_seq_len, c.max_seq_len, n_blocks * block_size)
         self._context_set_by = (                      # what to change for a longer one
-            f"the KV cache of {kv_cache_mb:g} MB holds {self.max_context} tokens (--kv-cache-mb)"
-            if self.max_context == n_blocks * block_size < min(max_context or c.max_seq_len, c.max_seq_len)
-            else f"--max-context {self.max_context}" if max_context and max_context < c.max_seq_len
+            f"the KV cache of {kv_cache_mb:g} MB holds {self.max_context} tokens (kv_cache_mb / "
+            f"--kv-cache-mb)" if self.max_context == n_blocks * block_size
+            < min(max_context or c.max_seq_len, c.max_seq_len)
+            else f"the context is set to {self.max_context} tokens (max_context / --max-context)"
+            if max_context and max_context < c.max_seq_len
             else f"the model's context is {self.max_context} tokens")
         self.seqs: dict[int, Sequence] = {}          # unfinished requests by id
         self._ids = itertools.count()
@@ -92,8 +94,8 @@ class Engine:
             raise InvalidArgumentError("the prompt is empty")
         if len(ids) > self.max_context - room:
             raise PromptTooLongError(
-                f"the prompt has {len(ids)} tokens but at most {self.max_context - room} fit "
-                f"({self._context_set_by}{', one more for the answer' if room else ''}); "
+                f"the prompt has {len(ids)} tokens but at most {self.max_context - room} fit: "
+                f"{self._context_set_by}{', one of them for the answer' if room else ''}; "
                 f"shorten it")
         vocab = self.model.config.vocab_size
         if min(ids) < 0 or max(ids) >= vocab:
