@@ -36,6 +36,8 @@ class SamplingParams:
     def __post_init__(self):
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        elif self.stop is None:                     # (vLLM's and OpenAI's "no stop strings")
+            self.stop = []
         num = lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)  # noqa: E731
         whole = lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool)  # noqa: E731
         checks = [

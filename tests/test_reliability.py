@@ -339,6 +339,10 @@ def test_sampling_params_are_checked(kw, word):
         SamplingParams(**kw)
 
 
+def test_sampling_params_stop_none_is_no_stop_strings():
+    assert SamplingParams(stop=None).stop == []          # as vLLM and OpenAI's clients send it
+
+
 @pytest.mark.parametrize("kw,word", [
     (dict(threads="2"), "threads"), (dict(threads=1.5), "threads"), (dict(threads=True), "threads"),
     (dict(kv_cache_mb="64"), "KV cache"), (dict(kv_cache_mb=None), "KV cache"),
