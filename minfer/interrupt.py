@@ -5,7 +5,9 @@ backend is one long compiled call (the first one also compiles the kernels), and
 KeyboardInterrupt raised at the wrong moment inside it — while numba's threads run, or while
 LLVM compiles — ends in a SystemError or a crash instead of a clean stop. So during a step the
 handler only notes that Ctrl-C came; the KeyboardInterrupt is raised once the step returns, where
-the engine's state is whole again (a step either happened or it did not).
+the engine's state is whole again (a step either happened or it did not). A handler of the
+program's own (a timeout's SIGALRM) is not held back: what it raises inside a compiled call comes
+out of numba as a SystemError, which `own_exception` turns back into the handler's exception.
 
 The command line installs `on_sigint` first thing (python -m minfer): it behaves as Python's own
 handler, and remembers that Ctrl-C came — an import that a Ctrl-C broke half-way can surface as
@@ -66,14 +68,33 @@ def install() -> None:
 
 
 @contextmanager
+def own_exception():
+    """A signal handler of the program's own (a timeout's SIGALRM, say) that raises while a
+    compiled kernel runs: the kernel's call returns with that exception set, which Python
+    reports as "SystemError: ... returned a result with an exception set", the handler's
+    exception as its cause. Raise the handler's exception itself."""
+    try:
+        yield
+    except SystemError as e:
+        inner = e                       # (numba's own Python helpers can wrap it once more)
+        while (isinstance(inner, SystemError) and "with an exception set" in str(inner)
+               and isinstance(inner.__cause__, BaseException)):
+            inner = inner.__cause__
+        if inner is e:
+            raise
+        raise inner from None
+
+
+@contextmanager
 def deferred_sigint():
     """Delay SIGINT to the end of the block (main thread with Python's own handler or
     on_sigint; elsewhere a no-op: other threads never receive KeyboardInterrupt, and a custom
-    handler is respected)."""
+    handler is respected — its exception is the caller's, not a SystemError: own_exception)."""
     before = _signal.getsignal(_SIGINT)
     if (threading.current_thread() is not threading.main_thread()
             or before not in (signal.default_int_handler, on_sigint)):
-        yield
+        with own_exception():
+            yield
         return
     caught = []
 
@@ -84,7 +105,8 @@ def deferred_sigint():
                   file=sys.stderr, flush=True)
     _signal.signal(_SIGINT, hold)
     try:
-        yield
+        with own_exception():
+            yield
     finally:
         _signal.signal(_SIGINT, before)
         if caught:

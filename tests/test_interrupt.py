@@ -159,3 +159,33 @@ def test_ctrl_c_during_an_import_waits_for_the_import(tmp_path):
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert r.stdout.strip() == "interrupted after the import: True", (r.stdout, r.stderr)
     assert "Traceback" not in r.stderr
+
+
+def test_a_programs_own_signal_handler_gets_its_own_exception(long_tiny):
+    """A timeout by SIGALRM whose handler raises while a compiled kernel runs: numba's call
+    returns with that exception set, which Python reports as a SystemError; the program gets
+    its own exception back, and the engine is whole after it."""
+    import minfer
+    llm = minfer.LLM(long_tiny)                            # the numba backend
+
+    class Timeout(Exception):
+        pass
+
+    def handler(signum, frame):
+        raise Timeout()
+    old = signal.signal(signal.SIGALRM, handler)
+    rng = np.random.default_rng(0)
+    timeouts = 0
+    try:
+        for _ in range(RUNS * 2):
+            signal.setitimer(signal.ITIMER_REAL, float(rng.uniform(0.0005, 0.03)))
+            try:
+                llm.generate(["tell me a long story"] * 3, minfer.SamplingParams(temperature=0, max_tokens=60))
+            except Timeout:                                # (anything else fails the test)
+                timeouts += 1
+            finally:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+    finally:
+        signal.signal(signal.SIGALRM, old)
+    st = llm.engine.stats()
+    assert timeouts > RUNS and st["running"] == st["waiting"] == st["blocks_used"] == 0, (timeouts, st)

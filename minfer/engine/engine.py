@@ -25,7 +25,7 @@ import numpy as np
 
 from ..batch import make_batch
 from ..errors import InvalidArgumentError, PromptTooLongError, check_finite
-from ..interrupt import deferred_sigint
+from ..interrupt import deferred_sigint, own_exception
 from ..sampling import SamplingParams, sample
 from .block_manager import BlockManager
 from .scheduler import Scheduler
@@ -130,7 +130,7 @@ class Engine:
     def step(self) -> list[tuple[Sequence, list[int]]]:
         """Run one forward over the scheduled sequences; -> each sequence that sampled, with its
         new token ids ([] when it ended on EOS). A finished sequence has .finished set."""
-        with self.lock:
+        with self.lock, own_exception():
             scheduled = self.scheduler.schedule()
             if not scheduled:
                 return []
