@@ -167,6 +167,9 @@ def test_a_programs_own_signal_handler_gets_its_own_exception(long_tiny):
     its own exception back, and the engine is whole after it."""
     import minfer
     llm = minfer.LLM(long_tiny)                            # the numba backend
+    # numba imports parts of itself at the first call: an exception raised inside an import
+    # leaves it half-done (the program's handler, not minfer's, is to blame) — first one call
+    llm.generate(["tell me a long story"] * 3, minfer.SamplingParams(temperature=0, max_tokens=2))
 
     class Timeout(Exception):
         pass
@@ -180,7 +183,8 @@ def test_a_programs_own_signal_handler_gets_its_own_exception(long_tiny):
         for _ in range(RUNS * 2):
             signal.setitimer(signal.ITIMER_REAL, float(rng.uniform(0.0005, 0.03)))
             try:
-                llm.generate(["tell me a long story"] * 3, minfer.SamplingParams(temperature=0, max_tokens=60))
+                llm.generate(["tell me a long story"] * 3,       # (longer than any delay here)
+                             minfer.SamplingParams(temperature=0, max_tokens=3000, ignore_eos=True))
             except Timeout:                                # (anything else fails the test)
                 timeouts += 1
             finally:
@@ -188,4 +192,5 @@ def test_a_programs_own_signal_handler_gets_its_own_exception(long_tiny):
     finally:
         signal.signal(signal.SIGALRM, old)
     st = llm.engine.stats()
-    assert timeouts > RUNS and st["running"] == st["waiting"] == st["blocks_used"] == 0, (timeouts, st)
+    # (a handler that runs inside a __del__ has its exception dropped by Python: not every time)
+    assert timeouts >= RUNS and st["running"] == st["waiting"] == st["blocks_used"] == 0, (timeouts, st)
