@@ -304,8 +304,14 @@ def _med(values):
 
 def run_quality(a) -> int:
     from . import quality
+    from .errors import InvalidArgumentError
     from .weights.fetch import ensure_default_model
     backend = one_backend(a, "--quality")
+    if a.window < 2:
+        raise InvalidArgumentError(f"--window must be at least 2 tokens, got {a.window}")
+    if a.max_eval_tokens is not None and a.max_eval_tokens < 2:
+        raise InvalidArgumentError(f"--max-eval-tokens must be at least 2 (a token and the one it "
+                                   f"predicts), got {a.max_eval_tokens}")
     model = str(a.model or ensure_default_model())
     quants = [q.strip() for q in a.quant.split(",") if q.strip()]
     if quants == ["auto"]:
@@ -408,6 +414,11 @@ def run_bench(a) -> int:
     if a.prompt_tokens < 1 or a.new_tokens < 2:
         raise InvalidArgumentError("--prompt-tokens must be at least 1 and --new-tokens at least 2 "
                                    "(decode speed leaves out the first new token)")
+    if a.random_weights and a.model:
+        raise InvalidArgumentError("--random-weights makes its own model: leave out --model")
+    if a.llama_models and not (a.llama_bench or a.llama_batched_bench):
+        raise InvalidArgumentError("--llama-models are run by --llama-bench or --llama-batched-bench: "
+                                   "give one of them")
     model = None if a.random_weights else str(a.model or ensure_default_model())
     llama_models = []
     for flag, binary in (("--llama-bench", a.llama_bench), ("--llama-batched-bench", a.llama_batched_bench)):

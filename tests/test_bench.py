@@ -82,7 +82,14 @@ def test_bench_random_weights_json(tmp_path):
                                         (["--quality", "--backend", "numpy,numba,cuda"],
                                          "--quality runs one backend"),
                                         (["--workload", "prefix", "--quant", "auto,q8_0"],
-                                         "--workload runs one configuration: give one --quant")])
+                                         "--workload runs one configuration: give one --quant"),
+                                        (["--quality", "--window", "0"], "--window must be at least 2"),
+                                        (["--quality", "--max-eval-tokens", "1"],
+                                         "--max-eval-tokens must be at least 2"),
+                                        (["--random-weights", "tiny", "--model", "x.gguf"],
+                                         "--random-weights makes its own model"),
+                                        (["--llama-models", "x.gguf"],
+                                         "--llama-models are run by --llama-bench")])
 def test_bench_bad_flags_are_one_line_errors(flags, says):
     r = subprocess.run([sys.executable, "-m", "minfer", "bench", *flags],
                        capture_output=True, text=True, timeout=120)
