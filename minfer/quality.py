@@ -32,6 +32,9 @@ def evaluate(model, quants=("f32", "q8_0", "q4_1", "q4_0", "auto"), window: int 
     ref = LLM(model, backend=backend, quant="f32", quiet=True)
     ids = ref.tokenizer.encode(TEXT.read_text())[: max_tokens]
     configs = [(q, a) for q in quants for a in activations if a == "f32" or q != "f32"]
+    blocks = {getattr(t, "type", "") for t in ref.weights.raw.values()} & {"Q4_0", "Q4_1", "Q8_0"}
+    if ("auto", "int8") in configs and not blocks:
+        configs.remove(("auto", "int8"))           # a float file: "auto" is float32 weights
     others = {(q, a): (ref if (q, a) == ("f32", "f32") else
                        LLM(model, backend=backend, quant=q, quiet=True, activations=a))
               for q, a in configs}
