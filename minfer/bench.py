@@ -167,6 +167,7 @@ class _Worker:
         lines = [ln for ln in re.sub(r"\x1b\[[0-9;]*m", "", self.err.read()).splitlines() if ln.strip()]
         errs = [ln for ln in lines if re.match(r"^[\w.]*(Error|Exception)\b", ln)]
         last = (errs or lines or ["no output"])[-1].strip()
+        last = re.sub(r"^minfer\.errors\.\w+: ", "", last)      # (minfer's own: the message says it)
         from .errors import MinferError
         raise MinferError(f"benchmark worker for {_label(self.spec)} failed: {last}")
 

@@ -220,3 +220,19 @@ def test_bench_says_when_llama_batched_bench_lacks_a_b(tmp_path):
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("minfer: error: llama-batched-bench gave no "
                                                         "figures for B=3")
+
+
+
+def test_bench_on_a_backend_this_machine_lacks_is_one_plain_line(tiny_gguf):
+    """A worker's error is minfer's own message, without the exception's class path (the cuda
+    backend, the simulator switched off: on a machine without a GPU it is unavailable)."""
+    import os
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="0")
+    r = subprocess.run([sys.executable, "-m", "minfer", "bench", "--model", str(tiny_gguf), "--backend",
+                        "cuda", "--runs", "1", "--prompt-tokens", "4", "--new-tokens", "3",
+                        "--skip-startup"], capture_output=True, text=True, timeout=300, env=env)
+    if r.returncode == 0:
+        return                                            # a GPU is here: nothing to say
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("minfer: error: benchmark worker for cuda/auto failed: no CUDA GPU"), last

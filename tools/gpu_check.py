@@ -57,6 +57,7 @@ from minfer.sampling import SamplingParams, sample  # noqa: E402
 from minfer.gpu.sampling import params_array, sample_cuda  # noqa: E402
 from minfer.stages import attention, embedding, kvcache, linear, mlp, rmsnorm, rope  # noqa: E402
 from minfer.engine.block_manager import BlockManager  # noqa: E402
+from minfer.errors import MinferError  # noqa: E402
 from minfer.stages.kvcache import KVCache  # noqa: E402
 from minfer.gpu.linear import linear_cuda, qkv_cuda, swiglu_cuda  # noqa: E402
 from minfer.stages.device import DeviceMatrix  # noqa: E402
@@ -514,7 +515,12 @@ def main():
     ap.add_argument("--tiny", action="store_true", help="tiny shapes (to try the script on the simulator)")
     ap.add_argument("--json", default=None, help="also write the results to this file")
     a = ap.parse_args()
-    check_available()
+    try:
+        check_available()
+    except MinferError as e:
+        ap.exit(1, f"gpu_check: {e.args[0].split('; use --backend')[0]}; on a machine without "
+                   f"one, NUMBA_ENABLE_CUDASIM=1 python tools/gpu_check.py --tiny runs it on the "
+                   f"simulator (minutes)\n")
     c = TINY if a.tiny else SMOLLM2
     L = Launch.for_here()
     import numba
