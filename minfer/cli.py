@@ -283,11 +283,12 @@ def cmd_generate(a) -> int:
     sp = llm.engine.speculator
     spec = f", {sp.stats()['mean_accepted']:.2f} guesses accepted a step" if sp and sp.steps else ""
     decode = f"decode {s.decode_tok_s:.1f} tok/s, " if s.generated_tokens > 1 else ""
+    act = ", int8 activations" if llm.activations == "int8" else ""
     full = (", the context is full" if s.generated_tokens < params.max_tokens
             and s.prompt_tokens + s.reused_tokens + s.generated_tokens >= llm.engine.max_context else "")
     print(f"[{s.prompt_tokens} prompt tokens, {s.generated_tokens} generated in "
           f"{time.perf_counter() - t0:.2f} s{full}; prefill {s.prefill_tok_s:.1f} tok/s, "
-          f"{decode}backend {llm.backend}{', int8 activations' if llm.activations == 'int8' else ''}{spec}]",
+          f"{decode}backend {llm.backend}{act}{spec}]",
           file=sys.stderr)
     return 0
 

@@ -212,7 +212,8 @@ class Tokenizer:
             try:
                 template = jinja.read_text(encoding="utf-8")
             except (OSError, UnicodeDecodeError) as e:
-                raise ModelFormatError(f"{jinja} could not be read ({getattr(e, 'strerror', None) or e})") from None
+                why = getattr(e, "strerror", None) or e
+                raise ModelFormatError(f"{jinja} could not be read ({why})") from None
         n = hf.get_vocab_size(with_added_tokens=True)
 
         def tok_id(entry):

@@ -1223,8 +1223,8 @@ def _lessons() -> dict[int, Lesson]:
     L = {}
 
     def add(n, slug, title, lesson_file, minutes, tasks, refs):
-        where = "\n".join(f"    {name}: minfer/{f.__module__.removeprefix('minfer.').replace('.', '/')}.py, "
-                          f"{f.__name__}" for name, f in refs.items())
+        where = "\n".join(f"    {name}: {f.__module__.replace('.', '/')}.py, {f.__name__}"
+                          for name, f in refs.items())
         stub = _HEADER.format(n=n, title=title, where=where, lesson_file=lesson_file) + STUBS[n]
         L[n] = Lesson(n, slug, title, tasks, stub, minutes, refs)
 

@@ -72,13 +72,16 @@ class Engine:
         self.scheduler = Scheduler(self.blocks, max_seqs, max_batch_tokens)
         # a sequence must fit the whole pool alone: the context is capped to it
         self.max_context = min(max_context or c.max_seq_len, c.max_seq_len, n_blocks * block_size)
-        self._context_set_by = (                      # what to change for a longer one
-            f"the KV cache of {kv_cache_mb:g} MB holds {self.max_context} tokens (kv_cache_mb / "
-            f"--kv-cache-mb)" if self.max_context == n_blocks * block_size
-            < min(max_context or c.max_seq_len, c.max_seq_len)
-            else f"the context is set to {self.max_context} tokens (max_context / --max-context)"
-            if max_context and max_context < c.max_seq_len
-            else f"the model's context is {self.max_context} tokens")
+        # what sets it, for the message of a prompt too long (what to change for a longer one)
+        wanted = min(max_context or c.max_seq_len, c.max_seq_len)
+        if self.max_context < wanted:
+            self._context_set_by = (f"the KV cache of {kv_cache_mb:g} MB holds {self.max_context} "
+                                    f"tokens (kv_cache_mb / --kv-cache-mb)")
+        elif wanted < c.max_seq_len:
+            self._context_set_by = (f"the context is set to {self.max_context} tokens (max_context / "
+                                    f"--max-context)")
+        else:
+            self._context_set_by = f"the model's context is {self.max_context} tokens"
         self.seqs: dict[int, Sequence] = {}          # unfinished requests by id
         self._ids = itertools.count()
         self.lock = threading.RLock()

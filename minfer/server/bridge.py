@@ -8,8 +8,8 @@
 One thread owns the engine: it adds what came in, aborts what was cancelled, and steps while
 anything is unfinished, so a forward pass never runs on the event loop (which keeps answering
 other clients meanwhile). The sequences not yet running (prompts x n of each request) are
-bounded: past `max_waiting` a new request is refused at once (the app answers 503 with Retry-After) instead of waiting
-without limit.
+bounded: past `max_waiting` a new request is refused at once (the app answers 503 with
+Retry-After) instead of waiting without limit.
 """
 from __future__ import annotations
 

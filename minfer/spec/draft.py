@@ -4,9 +4,10 @@ Any model with the target's tokenizer can draft. The built-in pairing for a mode
 itself in a cheaper form: the same file in its own 4-bit blocks (Q4_0 where it has none) with
 int8 activations (on the numba backend with AVX-512 VNNI; float32 ones elsewhere) drafts for
 the exact (float32 or Q8_0) model, so the exact model's text comes at closer to the cheap model's
-speed. (The numpy backend dequantizes every format: there the built-in draft is no cheaper.) (The default model's file holds Q4_1 blocks: its float32
-weights are those blocks dequantized, and the draft differs only by the int8 rounding of its
-activations; re-quantized to Q4_0 it would agree on the top token a third less often.)
+speed; the numpy backend dequantizes every format, so there the built-in draft is no cheaper.
+(The default model's file holds Q4_1 blocks: its float32 weights are those blocks dequantized,
+and the draft differs only by the int8 rounding of its activations; re-quantized to Q4_0 it would
+agree on the top token a third less often.)
 
 The draft keeps its own KV cache (its own block pool, from its own engine) and, per sequence, how
 many of the sequence's tokens have their K/V there (`computed`). Each step:

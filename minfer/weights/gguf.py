@@ -208,7 +208,8 @@ def _read_gguf(path: Path) -> tuple[dict, dict[str, GGUFTensor]]:
             raise ModelFormatError(f"tensor {name!r} appears twice")
         if ttype not in GGML_TYPES:
             raise UnsupportedModelError(
-                f"tensor {name!r} has ggml type {OTHER_TYPES.get(ttype, ttype)}, which minfer cannot read "
+                f"tensor {name!r} has ggml type {OTHER_TYPES.get(ttype, ttype)}, which minfer "
+                f"cannot read "
                 f"(supported: {', '.join(t[0] for t in GGML_TYPES.values())})")
         tname, block_bytes, block_elems = GGML_TYPES[ttype]
         if min(dims) < 1:
