@@ -152,6 +152,27 @@ def test_decode_floor_tool(tiny_gguf):
     assert bad.returncode == 2 and "unknown quant 'q3'" in bad.stderr and "Traceback" not in bad.stderr
 
 
+@pytest.mark.parametrize("tool, args, words", [
+    ("rows_ab.py", ["--rounds", "0"], ["--rounds", "at least 1"]),
+    ("serve_bench.py", ["--concurrency", "0"], ["--concurrency", ">= 1"]),
+    ("serve_bench.py", ["--concurrency", "4,x"], ["--concurrency", "whole numbers"]),
+    ("serve_bench.py", ["--requests", "0"], ["--requests", "at least 1"]),
+    ("chat_turns.py", ["--max-tokens", "0"], ["--max-tokens", "at least 1"]),
+    ("decode_floor.py", ["--runs", "0"], ["--runs", "at least 1"]),
+    ("spec_replay.py", ["--context", "100000"], ["--context 100000", "does not fit"]),
+])
+def test_tools_refuse_bad_values(tool, args, words, tiny_gguf):
+    """The measuring tools say what is wrong with a value, before any work (spec_replay once the
+    model says how much context it has), instead of a traceback, silence or a shortened run."""
+    path = os.path.join(os.path.dirname(__file__), "..", "tools", tool)
+    model = ["--model", str(tiny_gguf)] if tool == "spec_replay.py" else []
+    r = subprocess.run([sys.executable, path, *model, *args], capture_output=True, text=True,
+                       timeout=300)
+    last = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else ""
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert all(w in last for w in words), last
+
+
 def test_compile_progress_shows_while_numba_compiles(tmp_path, monkeypatch):
     """The compile notice appears whenever numba compiles (not only on a first run), names what
     it compiles and counts it; the next time the same configuration compiles it has a total, a bar

@@ -41,6 +41,9 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=60, help="answer length (default: %(default)s)")
     ap.add_argument("--rounds", type=int, default=2, help="chats each way (default: %(default)s)")
     a = ap.parse_args()
+    for flag, value in (("--max-tokens", a.max_tokens), ("--rounds", a.rounds)):
+        if value < 1:
+            ap.error(f"{flag} must be at least 1, got {value}")
     llms = {reuse: minfer.LLM(a.model, backend=a.backend, quiet=True, prefix_caching=reuse)
             for reuse in (False, True)}
     params = minfer.SamplingParams(temperature=0, max_tokens=a.max_tokens)

@@ -105,6 +105,8 @@ def main() -> int:
     ap.add_argument("--quant", default="auto,q8_0,q4_0", help="weight formats, comma-separated")
     ap.add_argument("--runs", type=int, default=5, help="runs of each measurement (median)")
     a = ap.parse_args()
+    if a.runs < 1:
+        ap.error(f"--runs must be at least 1, got {a.runs}")
     quants = a.quant.split(",")
     bad = [q for q in quants if q not in QUANTS]
     if bad:

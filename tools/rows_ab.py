@@ -51,6 +51,10 @@ def main() -> None:
     ap.add_argument("--region-max", type=int, default=None,
                     help="tiles: the one-region step up to this many rows (region_max_rows)")
     a = ap.parse_args()
+    for flag, value, least in (("--rounds", a.rounds, 1), ("--prefix", a.prefix, 1),
+                               ("--from-rows", a.from_rows, 1), ("--region-max", a.region_max, 1)):
+        if value is not None and value < least:
+            ap.error(f"{flag} must be at least {least}, got {value}")
     kernels = KernelConfig(split_x=False) if a.float_kernels else KernelConfig()
     clock = time.process_time if a.cpu_time else time.perf_counter
     def ints(text, flag):                             # 0: none

@@ -242,7 +242,16 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", metavar="FILE", default=None, help="also write the rows as JSON")
     a = p.parse_args(argv)
-    levels = [int(c) for c in a.concurrency.split(",")]
+    try:
+        levels = [int(c) for c in a.concurrency.split(",") if c.strip()]
+    except ValueError:
+        p.error(f"--concurrency takes whole numbers separated by commas, got {a.concurrency!r}")
+    if not levels or min(levels) < 1:
+        p.error(f"--concurrency takes numbers >= 1, got {a.concurrency!r}")
+    if a.requests < 1:
+        p.error(f"--requests must be at least 1, got {a.requests}")
+    if a.threads is not None and a.threads < 1:
+        p.error(f"--threads must be at least 1, got {a.threads}")
     jobs = workload(a.requests, a.seed)
     headers = {"Authorization": f"Bearer {a.api_key}"} if a.api_key else {}
     print(f"{a.requests} streamed completions, prompts {min(len(j[0].split()) for j in jobs)}.."

@@ -119,6 +119,10 @@ def main() -> int:
             ap.error(f"{flag} must be at least {least}, got {value}")
     llm = LLM(a.model, backend=a.backend, quant=a.quant, quiet=True)
     eng = llm.engine
+    most = min(eng.max_context, eng.blocks.n_blocks * eng.blocks.block_size) - a.k_max - 1
+    if a.context > most:                   # (timed_forwards would shorten it without a word)
+        ap.error(f"--context {a.context} does not fit: at most {most} cached tokens leave room "
+                 f"for {a.k_max + 1} new rows in this model's context and KV cache")
     params = SamplingParams(temperature=0, max_tokens=a.new_tokens)
     # one context, the row counts in turns (the host's state moves), the fastest of each: as the
     # speculator's calibration measures them
