@@ -293,6 +293,29 @@ def test_draft_blocks_go_back_when_a_request_ends(tiny_gguf, other_gguf):
     assert draft_blocks.n_used == 0 and not llm.engine.speculator.proposer.computed
 
 
+def test_guesses_never_take_more_blocks_than_are_free(tiny_gguf):
+    """Several sequences guessing in one step on a nearly full pool: each one's guesses are
+    cut to what its blocks and the blocks still free hold — counting what the sequences before
+    it in the step were promised (two of them were once promised the same last block, and the
+    pool's NoFreeBlocks came out of generate()). The answers are those of plain decoding on
+    the same pool (preempted and resumed alike; the smallest pool ends two with "length")."""
+    G = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    prompts = [f"{w} " * 6 for w in ("cat", "dog", "sun", "sea", "red", "one")]
+    probe = minfer.LLM(tiny_gguf, backend="numpy")
+    per_block = probe.engine.cache.nbytes() / probe.engine.blocks.n_blocks / 2 ** 20   # MB, 16 tokens
+    for n_blocks in (10, 12, 14, 16, 20):
+        pool = dict(block_size=4, kv_cache_mb=(n_blocks + 0.5) * per_block / 4)
+        want = [(c.token_ids, c.finish_reason) for c in
+                minfer.LLM(tiny_gguf, backend="numpy", **pool).generate(prompts, G)]
+        llm = _spec_llm(tiny_gguf, "numpy", "draft", draft=tiny_gguf, k=8, **pool)
+        assert llm.engine.blocks.n_blocks == n_blocks
+        llm.engine.speculator.adaptive = False             # 8 guesses whenever there is room
+        got = [(c.token_ids, c.finish_reason) for c in llm.generate(prompts, G)]
+        assert got == want, n_blocks
+        assert llm.engine.speculator.stats()["accepted"] > 0
+        llm.engine.blocks.check()
+
+
 def test_draft_computes_the_prompt_with_the_target(tiny_gguf, other_gguf, plain):
     """In the step where the target prefills a prompt, the draft computes the same tokens: its
     first guesses (the next step) feed one token, not the prompt; the text is unchanged."""

@@ -126,7 +126,8 @@ class Speculator:
         for sid in [s for s in {*self.adapt, *self.proposer.held()} if s not in eng.seqs]:
             self.forget(sid)
         budget = eng.scheduler.max_tokens - sum(n for _, n in scheduled)
-        bs = eng.blocks.block_size
+        blocks = eng.blocks
+        spare = blocks.n_free                              # free blocks not yet promised this step
         wants, chunks = [], []
         for seq, n in scheduled:
             if seq.n_pending > 1:                          # a prompt chunk: the draft's too
@@ -144,16 +145,18 @@ class Speculator:
                 continue                                   # a plain decode row this step
             k = min(k, budget, seq.params.max_tokens - len(seq.output_ids) - 1,
                     eng.max_context - seq.n_tokens)
-            if k > 0 and not eng.blocks.can_hold(seq.seq_id, seq.n_tokens + k):
-                k = len(eng.blocks.tables[seq.seq_id]) * bs - seq.n_tokens   # what its blocks hold
+            have = len(blocks.tables.get(seq.seq_id, ()))
+            if blocks.blocks_for(seq.n_tokens + k) - have > spare:   # what its blocks and the
+                k = (have + spare) * blocks.block_size - seq.n_tokens  # spare ones hold
             if k > 0:
                 wants.append((seq, k))
                 budget -= k
+                spare -= max(0, blocks.blocks_for(seq.n_tokens + k) - have)
         if chunks and hasattr(self.proposer, "prefill"):   # (a proposer with a model of its own)
             self.proposer.prefill(chunks)
         drafts = self.proposer.propose(wants) if wants else {}
         for seq, (ids, _) in drafts.items():
-            eng.blocks.ensure(seq.seq_id, seq.n_tokens + len(ids))
+            blocks.ensure(seq.seq_id, seq.n_tokens + len(ids))
         return drafts
 
     def forget(self, seq_id: int) -> None:
