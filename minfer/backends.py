@@ -131,12 +131,16 @@ def get_ops(name: str, threads: int | None = None, activations: str = "f32",
     raise InvalidArgumentError(f"unknown backend {name!r}; choose one of: {', '.join(BACKENDS)}")
 
 
-def make_model(name: str, config, weights, ops, activations: str = "f32", kernels=None):
+def make_model(name: str, config, weights, ops, activations: str = "f32", kernels=None,
+               threads: int | None = None):
     """The model that runs backend `name`'s steps on its op table `ops` (get_ops; the numba
-    backend's with the same `kernels`)."""
+    backend's with the same `kernels`). threads: the numba model's own (None: numba's count
+    now), kept whatever another model in the process sets later."""
     if name == "numba":
+        import numba
         from .cpu.model import CpuModel
-        return CpuModel(config, weights, ops, int8_act=activations == "int8", kernels=kernels)
+        return CpuModel(config, weights, ops, int8_act=activations == "int8", kernels=kernels,
+                        threads=threads or numba.get_num_threads())
     if name == "cuda":
         from .gpu.model import CudaModel
         return CudaModel(config, weights)

@@ -162,7 +162,7 @@ class LLM:
         self.backend = backend
         self.model = (make_model(self.config, self.weights) if make_model is not None
                       else backends.make_model(backend, self.config, self.weights, ops, activations,
-                                               kernels))
+                                               kernels, threads))
         self.engine = Engine(self.model, self.tokenizer.stop_ids, max_context, block_size,
                              kv_cache_mb, max_seqs, max_batch_tokens, prefix_caching)
         self.draft = None

@@ -1,6 +1,7 @@
 """cpu/model.py: the numba backend's step, its layers in one compiled region (cpu/region.py), computes
 what model.py's loop computes on the same kernels."""
 import numpy as np
+import numba
 import pytest
 
 import minfer
@@ -156,6 +157,28 @@ def test_an_edit_to_a_helper_in_another_file_recompiles_the_cached_kernel(tmp_pa
     exp.write_text(exp.read_text().replace("    t = min(", "    x = x * float32(0.0)\n    t = min(", 1))
     after = result()                  # every exp is now 1: uniform attention weights
     assert after != before
+
+
+def test_a_model_keeps_its_thread_count_when_another_sets_one(tiny_gguf):
+    """numba's thread count is one for the calling thread: a model made with threads=1 after
+    another one set it to 1 for the other too, and with it the other's attention slices (its
+    last bits; with int8 activations its greedy text). Each model now runs on its own count,
+    and leaves the caller's as it found it."""
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("one thread here")
+    a = minfer.LLM(tiny_gguf, quant="q4_1", threads=2)
+    rng = np.random.default_rng(3)
+    prompt, table = rng.integers(3, 64, 70).tolist(), list(range(20))
+
+    def logits(model):
+        cache = model.new_cache(n_blocks=20, block_size=4)
+        return model.forward(make_batch([(prompt, 0, table)], 4, all_logits=True), cache)
+    want = logits(a.model)
+    one = logits(minfer.LLM(tiny_gguf, quant="q4_1", threads=1).model)
+    assert not np.array_equal(one, want)        # (one slice instead of two: the test can tell)
+    assert numba.get_num_threads() == 1         # what the second model set, for this thread
+    assert np.array_equal(logits(a.model), want)
+    assert numba.get_num_threads() == 1
 
 
 @pytest.mark.parametrize("workers", [1, 3])

@@ -31,16 +31,20 @@ from .contention import ThreadGovernor
 class CpuModel(Transformer):
     """model.Transformer on the numba op table (backends.numba_ops), its steps in region.py.
     int8_act: the op table's matmuls round x to int8 (--activations int8), the region's too.
-    workers: the region's parallel iterations (default: numba's threads, one each), fewer for
-    a while where other programs keep cores busy (contention.py; adapt_threads=False, or
-    MINFER_ADAPT_THREADS=0 in the environment: never).
+    threads: the model's own numba thread count (default: numba's at each step), set around
+    each forward: numba's count is one for the calling thread, and another model made with
+    another count would otherwise change this one's — and, through attention's key slices, its
+    last bits. workers: the region's parallel iterations (default: those threads, one each),
+    fewer for a while where other programs keep cores busy (contention.py; adapt_threads=False,
+    or MINFER_ADAPT_THREADS=0 in the environment: never).
     kernels: which kernels run where (quant_dispatch.KernelConfig; default: this CPU's) — the
     op table's own, numba_ops(kernels=...)."""
 
     def __init__(self, config, weights, ops, int8_act: bool = False, workers: int | None = None,
-                 kernels: KernelConfig | None = None, adapt_threads: bool | None = None):
+                 kernels: KernelConfig | None = None, adapt_threads: bool | None = None,
+                 threads: int | None = None):
         super().__init__(config, weights, ops)
-        self.int8_act, self.workers = int8_act, workers
+        self.int8_act, self.workers, self.threads = int8_act, workers, threads
         self.kernels = kernels or KernelConfig()
         if adapt_threads is None:
             adapt_threads = os.environ.get("MINFER_ADAPT_THREADS", "1") != "0"
@@ -50,6 +54,17 @@ class CpuModel(Transformer):
 
     def forward(self, batch: Batch, cache: KVCache) -> np.ndarray:
         """-> logits [len(batch.logits_rows), V] float32."""
+        was = numba.get_num_threads()
+        own = self.threads or was
+        if own != was:
+            numba.set_num_threads(own)
+        try:
+            return self._forward(batch, cache)
+        finally:
+            if own != was:
+                numba.set_num_threads(was)
+
+    def _forward(self, batch: Batch, cache: KVCache) -> np.ndarray:
         c, W, op = self.config, self.weights, self.ops
         x = op.embedding(batch.token_ids, W.tok_embd)                       # [T, D]
         cos, sin = op.rope_angles(batch.positions, c.head_dim, c.rope_theta)  # [T, hd/2] each
@@ -84,7 +99,7 @@ class CpuModel(Transformer):
             head, rows = (self.weights.stacks["ffn_norm"][1][0], W[2]), batch.logits_rows[:0]
         else:
             rows = batch.logits_rows
-        threads = self.workers or numba.get_num_threads()
+        threads = self.workers or numba.get_num_threads()     # (forward set the model's own)
         many = (self.kernels.many_rows[kind], self.kernels.tile_unit_rows[kind],
                 self.kernels.attention_lane_rows)
         gov = self._governor
