@@ -80,10 +80,10 @@ def test_mixed_sequences_in_one_batch(hd, bs):
 def test_a_row_gets_the_same_bits_in_a_tile_of_any_size(n_new, prefix, hd, bs):
     """Rows in lanes (a tile of several rows) give each row exactly the numbers the one-row job
     gives it, and the per-row vector job in a tile too: the same products, sums in the same
-    order; in a step of up to ROWS rows the same key slices too (more rows: a prompt, whose
-    slices share the tile's work, one slice here)."""
+    order, and the same key slices, however many rows come (a prompt's too: its rows the same
+    bits in one chunk or in several)."""
     q, kc, vc, batch = case([(n_new, prefix)], hd, bs, seed=n_new)
-    for S in ((1, 2, 3) if n_new <= attention.ROWS else (1,)):
+    for S in (1, 2, 3):
         lanes, per_row = jobs(q, kc, vc, batch, S, 2), jobs(q, kc, vc, batch, S, NEVER)
         assert np.array_equal(lanes, per_row)
         for t in range(n_new):
@@ -91,48 +91,54 @@ def test_a_row_gets_the_same_bits_in_a_tile_of_any_size(n_new, prefix, hd, bs):
             assert np.array_equal(jobs(q[t:t + 1], kc, vc, alone, S)[0], lanes[t]), (S, t)
 
 
-@pytest.mark.parametrize("p0,R", [(0, 128), (80, 8), (1000, 16), (5, 33), (0, 2), (40, 1)])
-def test_slices_cover_the_keys_with_equal_work(p0, R):
-    """The cuts cover keys 0..p0 + R - 1 once, in order, on block boundaries; the slices'
-    (row, key) pairs (a key j <= p0 seen by R rows, p0 + u by R - u) are each an equal share
-    give or take a block's worth."""
-    bs, n = 16, p0 + R
+@pytest.mark.parametrize("p", [0, 3, 15, 16, 40, 80, 1000])
+def test_a_rows_slices_cover_its_keys_in_equal_shares(p):
+    """A row's cuts cover its keys 0..p once, in order, on block boundaries, each slice a share
+    of them give or take a block."""
+    bs = 16
     for S in (1, 2, 3, 8):
-        cuts = [attention._cut(p0, R, S, s, bs) for s in range(S + 1)]
-        assert cuts[0] == 0 and cuts[-1] == n and cuts == sorted(cuts)
+        cuts = [attention._cut(p, S, s, bs) for s in range(S + 1)]
+        assert cuts[0] == 0 and cuts[-1] == p + 1 and cuts == sorted(cuts)
         assert all(c % bs == 0 for c in cuts[:-1])
-        seen = (np.arange(n)[None, :] <= (p0 + np.arange(R))[:, None]).sum(0)     # [n] rows a key
-        work = [int(seen[a:b].sum()) for a, b in zip(cuts, cuts[1:])]
-        assert max(abs(w - sum(work) / S) for w in work) <= R * bs, (S, cuts, work)
+        assert all(abs((b - a) - (p + 1) / S) <= bs for a, b in zip(cuts, cuts[1:])), (S, cuts)
 
 
 @pytest.mark.parametrize("S", [2, 3])
-def test_a_short_step_cuts_each_rows_keys_as_alone(S):
-    """Up to ROWS rows a step: a tile's rows share the slices each of them gets alone (tiles end
-    where those move); a longer step cuts by the tile's work."""
+def test_a_tiles_rows_share_the_cuts_each_gets_alone(S):
+    """A tile's rows share the slices each of them gets alone; tiles end only where a sequence
+    starts, after ROWS rows, or where those cuts move. A long prompt's rows too: the slices of
+    its tiles hold equal work give or take the triangle of the tiles' own rows."""
     bs = 16
-    batch = make_batch([(list(range(20)), 40, list(range(9))), (list(range(3)), 0, list(range(9, 12)))], bs)
+    batch = make_batch([(list(range(20)), 40, list(range(9))), (list(range(3)), 0, list(range(9, 12))),
+                        (list(range(200)), 0, list(range(12, 25)))], bs)
+    T = len(batch.positions)
     n = attention._n_tiles(batch.row_seq, batch.positions, S, bs)
     tiles = [attention._tile_rows(batch.row_seq, batch.positions, S, bs, i) for i in range(n)]
-    assert [t for t0, t1 in tiles for t in range(t0, t1)] == list(range(23))
-    cuts = [[attention._cut(int(p), 1, S, s, bs) for s in range(1, S)] for p in batch.positions]
+    assert [t for t0, t1 in tiles for t in range(t0, t1)] == list(range(T))
+    cuts = [[attention._cut(int(p), S, s, bs) for s in range(1, S)] for p in batch.positions]
     for t0, t1 in tiles:
-        assert all(cuts[t] == cuts[t0] for t in range(t0, t1))
-    for t0, t1 in zip([a for a, _ in tiles], [a for a, _ in tiles][1:]):   # no needless cut
-        assert batch.row_seq[t1] != batch.row_seq[t0] or cuts[t1] != cuts[t1 - 1]
+        assert t1 - t0 <= attention.ROWS and all(cuts[t] == cuts[t0] for t in range(t0, t1))
+    for (t0, _), (t1, _) in zip(tiles, tiles[1:]):   # no needless cut
+        assert (batch.row_seq[t1] != batch.row_seq[t0] or cuts[t1] != cuts[t1 - 1]
+                or t1 - t0 == attention.ROWS)
     assert n > 2                                      # positions 40..59 cross a moving cut
-    long = make_batch([(list(range(40)), 23, list(range(9)))], bs)
-    assert attention._n_tiles(long.row_seq, long.positions, S, bs) == 2   # 32 + 8 rows
+    work = np.zeros(S)                                # the prompt's (row, key) pairs a slice
+    for job in range(n * S):
+        b, s, t0, t1, k0, k1 = attention._job_keys(batch.row_seq, batch.positions, S, bs, job)
+        if b == 2:
+            work[s] += sum(max(0, min(k1, int(batch.positions[t]) + 1) - k0) for t in range(t0, t1))
+    assert work.sum() == 200 * 201 // 2
+    assert work.max() - work.min() <= 200 * bs + n * attention.ROWS ** 2 / 2, work
 
 
 def test_a_sequence_keeps_its_own_slices_beside_a_prompt():
-    """Tokens to verify in a step with a prompt's long chunk: the prompt's tiles cut by their work,
-    the short sequence's rows still get, to the bit, what each gets alone."""
+    """Tokens to verify in a step with a prompt's long chunk: every row, the prompt's too, gets
+    to the bit what it gets alone."""
     bs = 16
     q, kc, vc, batch = case([(40, 0), (9, 70), (1, 33)], 64, bs, seed=3)
     for S in (2, 3):
         got = jobs(q, kc, vc, batch, S)
-        for b, t0, n, prefix in ((1, 40, 9, 70), (2, 49, 1, 33)):
+        for b, t0, n, prefix in ((0, 0, 40, 0), (1, 40, 9, 70), (2, 49, 1, 33)):
             for t in range(n):
                 alone = make_batch([([0], prefix + t, list(batch.block_tables[b]))], bs)
                 assert np.array_equal(jobs(q[t0 + t:t0 + t + 1], kc, vc, alone, S)[0], got[t0 + t]), (S, b, t)

@@ -159,6 +159,37 @@ def test_an_edit_to_a_helper_in_another_file_recompiles_the_cached_kernel(tmp_pa
     assert after != before
 
 
+@pytest.mark.parametrize("act", ["f32", "int8"])
+def test_a_prompt_gets_the_same_bits_in_one_chunk_or_several(tiny_gguf, act):
+    """A prompt's rows are cut into the threads' key slices where each row alone would be (and
+    the matmuls give a row the same bits whatever rows come with it): the logits and the cache
+    are the same to the bit whether the prompt comes in one chunk or in several — so a prompt
+    after a cached prefix, or split by max_batch_tokens, goes on exactly as it would have; with
+    int8 activations a last-bit difference had changed the greedy text."""
+    if act == "int8" and not quant_i8.has_vnni():
+        pytest.skip("this CPU has no AVX-512 VNNI")
+    llm = minfer.LLM(tiny_gguf, quant="q4_1", activations=act, threads=2)
+    model, table = llm.model, list(range(30))
+    prompt = np.random.default_rng(5).integers(3, 64, 90).tolist()
+
+    def run(sizes):
+        cache = model.new_cache(n_blocks=30, block_size=4)
+        out, pos = [], 0
+        for n in sizes:
+            out.append(model.forward(make_batch([(prompt[pos:pos + n], pos, table)], 4,
+                                                all_logits=True), cache))
+            pos += n
+        return np.concatenate(out), cache.k[:, :23].copy()
+    want = run([90])
+    for sizes in ([40, 50], [33, 33, 24], [7, 83]):
+        got = run(sizes)
+        assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1]), sizes
+    G = minfer.SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    first = llm.generate([prompt], G)[0]
+    again = llm.generate([prompt], G)[0]                   # the prompt's blocks from the cache
+    assert again.token_ids == first.token_ids
+
+
 def test_a_model_keeps_its_thread_count_when_another_sets_one(tiny_gguf):
     """numba's thread count is one for the calling thread: a model made with threads=1 after
     another one set it to 1 for the other too, and with it the other's attention slices (its

@@ -545,7 +545,7 @@ def _flat(x, W, kv, B, head, rows, n_heads, n_kv_heads, nw, slices):
     # jobs holds a slice of every tile, the same work (rows of unequal contexts side by side:
     # tokens to verify next to decode rows, a prompt's triangle) — and the same number whatever
     # the step and however many workers run it (fewer where other programs take cores:
-    # cpu/contention.py), so that a row's slices (attention._alone) do not depend on either
+    # cpu/contention.py), so that a row's slices (attention._cut) do not depend on either
     S = slices
     m_part, l_part, o_part = attention._slices(T, S, n_heads, hd)
     shared = (np.empty((T, (n_heads + 2 * n_kv_heads) * hd), dtype=np.float32),  # QKV

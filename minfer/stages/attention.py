@@ -60,13 +60,13 @@ def paged_attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, bat
 # and partial outputs stay in L2. A decode step is the case of one-row tiles. The slices: a
 # tile's keys are cut into S of them, each a job with its own partial results (m, l, o of each
 # row and head), merged at the end ("flash-decoding", Dao et al. 2023) — the softmax rescale once
-# more: o = sum_s e^(m_s - M) o_s, l = sum_s e^(m_s - M) l_s. The cuts fall on block boundaries.
-# Where a sequence brings more than ROWS rows (a prompt's chunk) they give each slice the same
-# number of (row, key) pairs: under the causal mask the last keys are seen by fewer rows (a
-# triangle), and equal numbers of keys would leave one thread waiting on another. Where it
-# brings up to ROWS (a decode step, tokens to verify) each row's keys are cut where they would be
-# if the row came alone (_alone), and a tile ends where those cuts move: a row's result, to the
-# last bit, does not depend on the rows beside it. Here S = SLICES // n_tiles (at least 1;
+# more: o = sum_s e^(m_s - M) o_s, l = sum_s e^(m_s - M) l_s. The cuts fall on block boundaries,
+# and each row's keys are cut where they would be if the row came alone (_cut: about a share
+# s / S of its own keys), a tile ending where those cuts move: a row's result, to the last bit,
+# does not depend on the rows beside it — a verified token gets the numbers its decode step
+# would have, and a prompt's rows the same whether it comes in one chunk or several, or after a
+# cached prefix. Equal shares of each row's keys are also equal shares of the work (the causal
+# triangle's extra keys, up to a tile's rows, go to the last slice). Here S = SLICES // n_tiles (at least 1;
 # cpu/region.py picks its own). The jobs go slice by slice (job j: slice j // n_tiles), so that
 # a thread's share of them can hold whole slices of every tile; the tiles in zigzag order (0,
 # n - 1, 1, n - 2, ...), so that a share of them holds short and long causal contexts alike.
@@ -101,18 +101,15 @@ def _slices(T, S, Hq, hd):
 @njit(cache=True)
 def _tile_rows(row_seq, positions, S, bs, i):
     """Tiles of the batch's rows: a new one where a sequence starts, every ROWS rows of it, and
-    for a sequence of up to ROWS rows (_alone) where a row's slices of S would be cut elsewhere
-    than the row before's. -> (t0, t1) of tile i (i = -1: (number of tiles, T))."""
+    where a row's slices of S would be cut elsewhere than the row before's. -> (t0, t1) of tile
+    i (i = -1: (number of tiles, T))."""
     T = row_seq.shape[0]
-    n, start, t0, alone = 0, 0, T, False
+    n, start, t0 = 0, 0, T
     for t in range(T):
-        new = t == 0
-        if t == 0 or row_seq[t] != row_seq[t - 1]:
-            start, new, alone = t, True, _alone(row_seq, t)
-        elif alone:
-            for s in range(1, S):
-                if _cut(positions[t], 1, S, s, bs) != _cut(positions[t - 1], 1, S, s, bs):
-                    new = True
+        new = t == 0 or row_seq[t] != row_seq[t - 1]
+        for s in range(1, S):
+            if not new and _cut(positions[t], S, s, bs) != _cut(positions[t - 1], S, s, bs):
+                new = True
         if new or (t - start) % ROWS == 0:
             start = t
             if n == i + 1 and i >= 0:
@@ -128,39 +125,13 @@ def _n_tiles(row_seq, positions, S, bs):
 
 
 @njit(cache=True)
-def _alone(row_seq, t):
-    """Are the keys of row t's sequence cut as if each of its rows came alone? Where the sequence
-    brings up to ROWS rows to the step (a decode step, tokens to verify): then a row's slices, and
-    so its result to the last bit, do not depend on the rows beside it — a verified token gets
-    the numbers its decode step would have, whatever else the step carries. More rows (a
-    prompt): the slices share a tile's (row, key) pairs equally instead."""
-    a, b = t, t                                        # the sequence's rows: a..b
-    while a > 0 and row_seq[a - 1] == row_seq[t]:
-        a -= 1
-    while b + 1 < row_seq.shape[0] and row_seq[b + 1] == row_seq[t] and b - a < ROWS:
-        b += 1
-    return b - a < ROWS
-
-
-@njit(cache=True)
-def _cut(p0, R, S, s, bs):
-    """Where slice s of S starts among the keys 0..p0 + R - 1 of a tile whose R rows sit at
-    positions p0..p0 + R - 1 (key j < p0 + 1 is seen by all R rows, key p0 + u by R - u): the
-    block boundary nearest to an equal share of the (row, key) pairs."""
-    n = p0 + R
+def _cut(p, S, s, bs):
+    """Where slice s of S starts among the keys 0..p of a row at position p, as if the row came
+    alone: the block boundary nearest a share s / S of them (S at the end: p + 1)."""
     if s >= S:
-        return n
-    want = s * (R * (p0 + 1) + R * (R - 1) // 2) // S  # (row, key) pairs before the cut
-    if want <= R * (p0 + 1):
-        k = (want + R // 2) // R
-    else:
-        want -= R * (p0 + 1)
-        u = 0
-        while want > (R - u - 1) // 2:                # the rows' own keys: R - 1, R - 2, ...
-            u += 1
-            want -= R - u
-        k = p0 + 1 + u
-    return min(n, (k + bs // 2) // bs * bs)            # whole blocks: a block cut in two is
+        return p + 1
+    k = s * (p + 1) // S
+    return min(p + 1, (k + bs // 2) // bs * bs)        # whole blocks: a block cut in two is
                                                        # scored 16 keys at a time by both jobs
 
 
@@ -176,14 +147,11 @@ def _job_tile(row_seq, positions, S, bs, job):
 @njit(cache=True)
 def _job_keys(row_seq, positions, S, bs, job):
     """Job `job` of n_tiles x S: its tile's rows t0..t1 - 1 (zigzag over the tiles), their
-    sequence b, slice s of their keys, k0..k1 - 1 -> (b, s, t0, t1, k0, k1)."""
+    sequence b, slice s of their keys, k0..k1 - 1 (each row's own cuts, which the tile's rows
+    share; the last slice up to the last row) -> (b, s, t0, t1, k0, k1)."""
     s, (t0, t1) = _job_tile(row_seq, positions, S, bs, job)
-    R = t1 - t0
-    if _alone(row_seq, t0):                            # each row's own cuts (the tile's rows share them)
-        k0 = _cut(positions[t0], 1, S, s, bs)
-        k1 = _cut(positions[t0], 1, S, s + 1, bs) if s + 1 < S else positions[t1 - 1] + 1
-    else:
-        k0, k1 = _cut(positions[t0], R, S, s, bs), _cut(positions[t0], R, S, s + 1, bs)
+    k0 = _cut(positions[t0], S, s, bs)
+    k1 = _cut(positions[t0], S, s + 1, bs) if s + 1 < S else positions[t1 - 1] + 1
     return row_seq[t0], s, t0, t1, k0, k1
 
 
