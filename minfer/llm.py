@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from collections import deque
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -108,7 +109,8 @@ class LLM:
         activations where the numba backend has VNNI, else float32 ones; on the numpy backend,
         which computes on dequantized weights, the built-in draft is the model itself); up to
         num_speculative_tokens guesses a step (spec/): the same greedy text, the same
-        distribution when sampling.
+        distribution when sampling (a seed's text can differ from run to run: how many guesses a
+        step sends follows measured timings, and each guess draws its own numbers).
         make_model: a function (config, weights) -> model, run instead of the backend's own
         (backends.make_model); the exercises pass classroom.student_model: model.py's loop on
         the student's functions.
@@ -193,6 +195,11 @@ class LLM:
                                  activations="int8" if int8 else "f32", threads=threads, quiet=True,
                                  kv_cache_mb=kv_cache_mb, max_seqs=max_seqs, kernels=self.kernels)
             else:
+                if not Path(draft_model).expanduser().exists():
+                    from .errors import ModelNotFoundError
+                    raise ModelNotFoundError(
+                        f"no draft model at {draft_model} (--draft-model); pass a .gguf file or a "
+                        f"Hugging Face folder, or leave it out for the built-in draft")
                 self.draft = LLM(draft_model, backend=self.backend, threads=threads, quiet=True,
                                  kv_cache_mb=kv_cache_mb, max_seqs=max_seqs, kernels=self.kernels)
             if self.draft.config.vocab_size != self.config.vocab_size:

@@ -30,7 +30,8 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # >1 discourages tokens already in the prompt or the output
     max_tokens: int = 256
     stop: list[str] = field(default_factory=list)  # stop when the text produces one of these
-    seed: int | None = None
+    seed: int | None = None        # the same draws, the same text (with speculative decoding:
+                                   # the same distribution; guesses per step vary, each draws)
     ignore_eos: bool = False
 
     def __post_init__(self):
@@ -68,6 +69,9 @@ class SamplingParams:
         if self.temperature < MIN_TEMPERATURE:
             # below this the draw is the arg-max but for near-ties (and ~1e-37 would overflow)
             self.temperature = 0.0
+        # above float32's largest the logits (float32) could not be divided by it; long before,
+        # every token is as likely as any other
+        self.temperature = min(self.temperature, float(np.finfo(np.float32).max))
 
     @property
     def greedy(self) -> bool:

@@ -1,3 +1,5 @@
+import warnings
+
 import numpy as np
 import pytest
 
@@ -37,6 +39,18 @@ def test_greedy_and_distribution():
     draws = [sample(LOGITS, SamplingParams(temperature=1.0), rng) for _ in range(4000)]
     freq = np.bincount(draws, minlength=5) / 4000
     np.testing.assert_allclose(freq, np.exp(LOGITS), atol=0.03)
+
+
+def test_a_huge_temperature_draws_every_token_alike_without_a_warning():
+    """A temperature past float32's largest (1e300 from a JSON request) could not divide the
+    float32 logits (numpy warned of an overflow); it counts as float32's largest, where every
+    token is as likely as any other."""
+    rng = np.random.default_rng(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        p = SamplingParams(temperature=1e300)
+        draws = [sample(LOGITS.astype(np.float32), p, rng) for _ in range(4000)]
+    np.testing.assert_allclose(np.bincount(draws, minlength=5) / 4000, 0.2, atol=0.03)
 
 
 @pytest.mark.parametrize("kw", [dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(top_k=-2),

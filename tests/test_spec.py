@@ -316,6 +316,23 @@ def test_guesses_never_take_more_blocks_than_are_free(tiny_gguf):
         llm.engine.blocks.check()
 
 
+def test_computed_tokens_count_the_guesses_rows(tiny_gguf):
+    """The engine's computed_tokens (the server's minfer_computed_tokens_total) counts every row
+    the model ran — the guesses' too, accepted or not."""
+    llm = _spec_llm(tiny_gguf, "numpy", "draft", draft=tiny_gguf, k=4)
+    rows, forward = [], llm.engine.model.forward
+    llm.engine.speculator.calibrate()                  # (its timed forwards are not the engine's)
+
+    def counted(batch, cache):
+        rows.append(len(batch.token_ids))
+        return forward(batch, cache)
+    llm.engine.model.forward = counted
+    before = llm.engine.computed_tokens
+    llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))
+    assert llm.engine.speculator.stats()["proposed"] > 0
+    assert llm.engine.computed_tokens - before == sum(rows)
+
+
 def test_draft_computes_the_prompt_with_the_target(tiny_gguf, other_gguf, plain):
     """In the step where the target prefills a prompt, the draft computes the same tokens: its
     first guesses (the next step) feed one token, not the prompt; the text is unchanged."""
@@ -537,6 +554,8 @@ def test_bench_speculative_pairs_each_mode_with_plain_decoding(tmp_path):
 @pytest.mark.parametrize("args,says", [
     (["generate", "--speculative", "ngram", "--draft-model", "x.gguf", "hi"], "draft"),
     (["generate", "--speculative", "ngram", "--num-speculative-tokens", "0", "hi"], "num_speculative_tokens"),
+    (["generate", "--speculative", "draft", "--draft-model", "/nonexistent/d.gguf", "hi"],
+     "no draft model at /nonexistent/d.gguf (--draft-model)"),
     (["bench", "--speculative", "ngram,magic"], "unknown speculative mode"),
     (["bench", "--speculative", "ngram", "--activations", "int4"], "unknown activations"),
     (["bench", "--speculative", "draft", "--activations", "int8"], "add f32 to --activations")])

@@ -163,6 +163,7 @@ class Engine:
             for seq, n in scheduled:
                 self.scheduler.computed(seq, n)
                 self.computed_tokens += n
+            self.computed_tokens += sum(len(ids) for ids, _ in drafts.values())   # the guesses' rows
             self.steps += 1
             if drafts:          # the accepted guesses and one more token each; the rest rolled back
                 return [self._extend(seq, ids)
