@@ -26,7 +26,9 @@ What the loop below does for speed: nothing waits for a result just asked for. T
 b are stored while the tile unit does block b + 1 (two sets of tiles, taken in turns: a store
 right after its products waits for the tile unit's latency), and scaled while it does block b + 3
 (loads right after a tile store wait for the store); Q4 blocks are unpacked 4 blocks ahead (a
-tile load right after the stores that wrote its bytes waits for them too); and a pass takes up to
+tile load right after the stores that wrote its bytes waits for them too), and Q8_0 blocks
+copied 4 ahead the same way (a tile load straight from the weights streaming in waited for
+memory; the copy's vector loads run ahead of it); and a pass takes up to
 30 rows (10 tokens of three parts, or 16 of one), whose sums stay in 16 registers. Even so the
 tile unit pays from a few rows on, not from one (docs/benchmarks.md, "CPU kernel details").
 
@@ -49,7 +51,7 @@ from . import quant_gemm
 from .quant_panel import PREFETCH_BYTES, ROWS, _nibbles, _scalar, _scale_add
 
 TOKENS = 16                        # accumulators a pass: 16 tokens of one part, 10 of three
-AHEAD = 4                          # Q4 blocks unpacked ahead of the tile loads
+AHEAD = 4                          # blocks unpacked (Q4) or copied (Q8_0) ahead of the tile loads
 LAG = 3                            # a block's sums are scaled this many blocks after its products
 
 available = has_amx
@@ -157,6 +159,21 @@ def _unpack_q4(typingctx, qp, offset, out, at):
     return types.none(qp, offset, out, at), codegen
 
 
+@intrinsic
+def _copy_q8(typingctx, qp, offset, out, at):
+    """A Q8_0 panel block (8 vectors at qp.flat[offset:], already B's 8 rows) to out.flat[at:]."""
+    def codegen(context, builder, sig, args):
+        data = context.make_array(sig.args[2])(context, builder, args[2]).data
+        for c in range(8):
+            v = _load(context, builder, sig.args[0], args[0],
+                      builder.add(args[1], ir.Constant(args[1].type, 64 * c)), I8, 64)
+            to = builder.add(args[3], ir.Constant(args[3].type, 64 * c))
+            builder.store(v, builder.bitcast(builder.gep(data, [to]), _vec(I8, 64).as_pointer()),
+                          align=1)
+        return context.get_dummy_value()
+    return types.none(qp, offset, out, at), codegen
+
+
 # ---------------------------------------------------------------------------------------------
 # A block's sums, scaled and added: quant_panel's float work on the tile unit's integers
 # ---------------------------------------------------------------------------------------------
@@ -232,8 +249,8 @@ def _shapes(cfg, R):
 
 @njit(cache=True)
 def workspace():
-    """A thread's buffers for tile(): the tile shapes loaded (none yet), a ring of unpacked Q4
-    blocks, LAG blocks' sums. Its calls run on that thread with no other use of the tile
+    """A thread's buffers for tile(): the tile shapes loaded (none yet), a ring of blocks ready
+    for the tile loads (Q4 unpacked, Q8_0 copied), LAG blocks' sums. Its calls run on that thread with no other use of the tile
     registers between them (the shapes are loaded again only when they change); done() after
     the last."""
     # on cache lines (quant_gemm.aligned's float32 words, as bytes and int32): a tile row or a
@@ -274,8 +291,10 @@ def tile(xi, qp, d, m, p0, p1, out, c0, work):
         R = n * limbs                                  # rows (token, part): xq's from t0 limbs on
         _shapes(cfg, R)
         xo, two = t0 * limbs * K, R > 16               # two tiles of rows from 17 on
-        if not q8:
-            for g in range(min(AHEAD, G)):
+        for g in range(min(AHEAD, G)):                 # the ring's first blocks
+            if q8:
+                _copy_q8(qp, (p0 * nb + g) * vb, w, (g % AHEAD) * 512)
+            else:
                 _unpack_q4(qp, (p0 * nb + g) * vb, w, (g % AHEAD) * 512)
         acc = _zeros(16)
         # Three blocks in flight: block g's products on the tile unit, block g - 1's sums (done
@@ -293,16 +312,14 @@ def tile(xi, qp, d, m, p0, p1, out, c0, work):
                         _prefetch_l2(qp, min(last, blk * vb + c + PREFETCH_BYTES))
                 wo, xb = (g % AHEAD) * 512, xo + b * QK
                 if g % 2 == 0:                         # the two sets of tiles in turns
-                    if q8:
-                        _products(0, qp, blk * vb, xq, xb, K, two)
-                    else:
-                        _products(0, w, wo, xq, xb, K, two)
-                elif q8:
-                    _products(1, qp, blk * vb, xq, xb, K, two)
+                    _products(0, w, wo, xq, xb, K, two)
                 else:
                     _products(1, w, wo, xq, xb, K, two)
-                if not q8 and g + AHEAD < G:           # the ring's slot is free again
-                    _unpack_q4(qp, (blk + AHEAD) * vb, w, wo)
+                if g + AHEAD < G:                      # the ring's slot is free again
+                    if q8:
+                        _copy_q8(qp, (blk + AHEAD) * vb, w, wo)
+                    else:
+                        _unpack_q4(qp, (blk + AHEAD) * vb, w, wo)
                 blk += 1
                 b += 1
                 if b == nb:
