@@ -250,9 +250,9 @@ def _shapes(cfg, R):
 @njit(cache=True)
 def workspace():
     """A thread's buffers for tile(): the tile shapes loaded (none yet), a ring of blocks ready
-    for the tile loads (Q4 unpacked, Q8_0 copied), LAG blocks' sums. Its calls run on that thread with no other use of the tile
-    registers between them (the shapes are loaded again only when they change); done() after
-    the last."""
+    for the tile loads (Q4 unpacked, Q8_0 copied), LAG blocks' sums. Its calls run on that
+    thread with no other use of the tile registers between them (the shapes are loaded again
+    only when they change); done() after the last."""
     # on cache lines (quant_gemm.aligned's float32 words, as bytes and int32): a tile row or a
     # vector store that straddles two lines costs two
     ring = quant_gemm.aligned(1, AHEAD * 128).reshape(AHEAD * 128).view(np.uint8)
