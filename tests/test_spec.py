@@ -333,6 +333,23 @@ def test_computed_tokens_count_the_guesses_rows(tiny_gguf):
     assert llm.engine.computed_tokens - before == sum(rows)
 
 
+def test_the_draft_pool_shows_in_the_engine_stats_and_metrics(tiny_gguf, other_gguf):
+    """A draft model's own KV pool is in the engine's stats and the server's /metrics."""
+    from prometheus_client import generate_latest
+
+    from minfer.server.metrics import Metrics
+    llm = _spec_llm(tiny_gguf, "numpy", "draft", draft=other_gguf, k=3)
+    it = llm.stream(PROMPTS[0], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))
+    next(it)
+    assert llm.engine.stats()["draft_blocks_used"] > 0             # the open request's blocks
+    it.close()
+    st = llm.engine.stats()
+    assert st["draft_blocks_used"] == 0 and st["draft_blocks_total"] == llm.draft.engine.blocks.n_blocks
+    text = generate_latest(Metrics(llm.engine.stats).registry).decode()
+    assert f"minfer_draft_kv_blocks_total {float(st['draft_blocks_total'])}" in text
+    assert "minfer_draft_kv_blocks_used 0.0" in text
+
+
 def test_draft_computes_the_prompt_with_the_target(tiny_gguf, other_gguf, plain):
     """In the step where the target prefills a prompt, the draft computes the same tokens: its
     first guesses (the next step) feed one token, not the prompt; the text is unchanged."""

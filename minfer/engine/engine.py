@@ -245,6 +245,9 @@ class Engine:
         sp = self.speculator
         if sp is not None:                 # totals of the guessing (spec/speculator.py)
             out.update(spec_verify_steps=sp.steps, spec_proposed=sp.proposed, spec_accepted=sp.accepted)
+            draft = getattr(sp.proposer, "blocks", None)     # a draft model's own KV pool
+            if draft is not None:
+                out.update(draft_blocks_used=draft.n_used, draft_blocks_total=draft.n_blocks)
         return out
 
     # --- raw logits ------------------------------------------------------------------------------------

@@ -39,7 +39,7 @@ class _EngineCollector:
                  "Prompt tokens found in the prefix cache (not computed)"),
                 ("minfer_generation_tokens", "generated_tokens", "Tokens sampled"),
                 ("minfer_computed_tokens", "computed_tokens",
-                 "Tokens run through the model (prompts, chunks, decodes, recomputation)"),
+                 "Tokens run through the model (prompts, chunks, decodes, guesses, recomputation)"),
                 ("minfer_preemptions", "preemptions", "Sequences preempted for lack of KV blocks"),
                 ("minfer_engine_steps", "steps", "Engine steps (forward passes)")):
             yield CounterMetricFamily(name, doc, value=s[key])
@@ -51,6 +51,13 @@ class _EngineCollector:
                     ("minfer_spec_accepted_tokens", "spec_accepted",
                      "Guessed tokens the model accepted")):
                 yield CounterMetricFamily(name, doc, value=s[key])
+        if "draft_blocks_total" in s:     # --speculative draft: the draft model's own KV pool
+            yield GaugeMetricFamily("minfer_draft_kv_blocks_used",
+                                    "The draft model's KV-cache blocks held by sequences",
+                                    value=s["draft_blocks_used"])
+            yield GaugeMetricFamily("minfer_draft_kv_blocks_total",
+                                    "KV-cache blocks in the draft model's pool",
+                                    value=s["draft_blocks_total"])
 
 
 class Metrics:
