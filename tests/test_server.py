@@ -95,6 +95,7 @@ def test_models_health_metrics(server, client):
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("gpt-4")
     assert httpx.get(url + "/health", timeout=TIMEOUT).json() == {"status": "ok"}
+    assert httpx.head(url + "/health", timeout=TIMEOUT).status_code == 200   # (was 405)
     m = metrics(url)
     for name in ("minfer_requests_running", "minfer_requests_waiting", "minfer_kv_blocks_used",
                  "minfer_kv_blocks_free", "minfer_prefix_cache_hit_rate", "minfer_prompt_tokens_total",

@@ -3,7 +3,7 @@
     GET  /v1/models              the one model this server holds (/v1/models/{name}: its card)
     POST /v1/completions         prompt -> text        (stream: server-sent events, then [DONE])
     POST /v1/chat/completions    messages -> message   (the model's chat template renders them)
-    GET  /health                 200 while the engine thread lives
+    GET  /health                 200 while the engine thread lives (HEAD too: uptime checks)
     GET  /metrics                Prometheus text: queue, KV blocks, prefix cache, tokens, latencies,
                                  guesses (with --speculative)
 
@@ -165,7 +165,7 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None,
         return APIError(400, str(e), code=code, param=getattr(e, "param", None))
 
     # --- routes ---------------------------------------------------------------------------------
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health():
         if not bridge._thread.is_alive():
             return _error(503, "the engine thread has stopped", "server_error")
