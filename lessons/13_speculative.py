@@ -103,7 +103,10 @@ show(fig, "13_rows_cost")
 #
 # because the rejection probability $1 - \sum_y \min(p, q)$ equals the residual's mass
 # $\sum_y \max(0, p - q)$. A guess from text lookup has no $q$: it is a point mass, accepted with
-# probability $p(d)$, and on rejection the token is drawn from $p$ without $d$.
+# probability $p(d)$, and on rejection the token is drawn from $p$ without $d$. The engine draws
+# that as plain sampling does (`verify.sample_as_plain`): at each place the token the plain
+# sampler draws with the sequence's next random number, the guess accepted when it is that
+# token — the same rule, and with a seed the very text of plain decoding.
 #
 # `p` and `q` are the distributions *after* the sampling filters (temperature, top-k, top-p,
 # min-p, repetition penalty), each row with the tokens it has seen: `verify.row_probs` is

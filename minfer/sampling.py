@@ -30,7 +30,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # >1 discourages tokens already in the prompt or the output
     max_tokens: int = 256
     stop: list[str] = field(default_factory=list)  # stop when the text produces one of these
-    seed: int | None = None        # the same draws, the same text (with speculative decoding:
+    seed: int | None = None        # the same draws, the same text (with a draft model's guesses:
                                    # the same distribution; guesses per step vary, each draws)
     ignore_eos: bool = False
 

@@ -502,6 +502,27 @@ def test_sampling_with_speculation_runs_and_is_seeded(tiny_gguf):
     assert all(len(c.token_ids) == 25 for c in a)
 
 
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+def test_ngram_sampling_gives_plain_decodings_seeded_text(tiny_gguf, plain, backend):
+    """n-gram guesses are checked with the plain sampler's own draw at each place (one number
+    each, from the sequence's generator): a seed gives the text of plain decoding, however many
+    guesses a step sends — and whatever the engine's timings chose."""
+    prompts = PROMPTS + ["a b c a b c a b c a b"]
+    accepted = 0
+    for seed, extra in ((1, {}), (2, dict(top_p=0.9)), (3, dict(repetition_penalty=1.2, top_k=8))):
+        # (a low temperature: this random model's sampled text must repeat for guesses to land)
+        p = SamplingParams(temperature=0.1, max_tokens=30, seed=seed, ignore_eos=True, **extra)
+        want = [c.token_ids for c in plain[backend].generate(prompts, p)]
+        for k, adaptive in ((2, True), (6, False)):
+            llm = _spec_llm(tiny_gguf, backend, "ngram", k=k)
+            llm.engine.speculator.adaptive = adaptive
+            assert [c.token_ids for c in llm.generate(prompts, p)] == want, (seed, k)
+            stats = llm.engine.speculator.stats()
+            assert stats["proposed"] > 0
+            accepted += stats["accepted"]
+    assert accepted > 0
+
+
 def test_bad_speculative_arguments(tiny_gguf):
     from minfer.errors import InvalidArgumentError
     with pytest.raises(InvalidArgumentError, match="speculative"):

@@ -42,7 +42,7 @@ from collections import deque
 import numpy as np
 
 from ..sampling import sample
-from .verify import greedy_ids, probs_rows, verify_greedy_numba, verify_sample_numba
+from .verify import greedy_ids, probs_rows, sample_as_plain, verify_greedy_numba, verify_sample_numba
 
 DEFAULT_K = 8            # most guesses per step (docs/benchmarks.md, "Speculative decoding")
 ROW_COST = 0.3           # one more row in the target's forward, in decode steps (until measured)
@@ -250,10 +250,12 @@ class Speculator:
         d = np.asarray(props, dtype=np.int64)
         if p.greedy:
             m, nxt = verify_greedy_numba(greedy_ids(rows, p, context, props), d)
+        elif q is None:                # a point mass: drawn as plain decoding draws (its text)
+            m, nxt = sample_as_plain(rows, p, context, props, seq.rng)
         else:
             probs = probs_rows(rows, p, context, props)                # [k+1, V]
-            qq = np.zeros((0, probs.shape[1])) if q is None else np.asarray(q, dtype=np.float64)
-            m, nxt = verify_sample_numba(probs, qq, d, seq.rng.random(len(props) + 1))
+            m, nxt = verify_sample_numba(probs, np.asarray(q, dtype=np.float64), d,
+                                         seq.rng.random(len(props) + 1))
         return int(m), int(nxt)
 
     # --- what a guess costs -------------------------------------------------------------------------

@@ -15,6 +15,9 @@ holds the target's distribution p_i of the token after d_1..d_i. Then:
             residual, whose mass 1 - sum min(p, q) is exactly the rejection probability.
             A proposer with no distribution (n-gram lookup, a greedy draft) is a point mass
             q = [d]: accept d with probability p(d), on rejection draw from p with d removed.
+            On the host that rule is drawn as plain sampling draws (sample_as_plain): row by
+            row, the plain sampler's token with the sequence's next number, d accepted when
+            that token is d — the same distribution, and a seed's text that of plain decoding.
 
 p and q are distributions *after* the sampling filters (repetition penalty, temperature, top-k,
 top-p, min-p) — sampling.py's own functions, applied to every row with the tokens seen up to
@@ -28,7 +31,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from ..sampling import SamplingParams, apply_repetition_penalty, draw, filter_logits, kept_softmax
+from ..sampling import (SamplingParams, apply_repetition_penalty, draw, filter_logits, kept_softmax,
+                        sample)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -111,6 +115,22 @@ def verify_sample(p: np.ndarray, q: np.ndarray | None, proposals: np.ndarray,
         v = (u[i] - lo) / (1.0 - lo) if lo < 1.0 else 0.0
         return i, draw(residual(p[i], None if q is None else q[i], x), min(max(v, 0.0), 0.999999999))
     return k, draw(p[k], u[k])
+
+
+def sample_as_plain(logits: np.ndarray, params: SamplingParams, context, proposals,
+                    rng: np.random.Generator) -> tuple[int, int]:
+    """The point-mass rule drawn as plain sampling draws: logits [k+1, V] -> (accepted m, next).
+    Row i's token is sampling.sample's, with the sequence's next number and the tokens seen up
+    to that row; the guess is accepted when it is that token. So the guess d is accepted with
+    probability p(d), and otherwise the token comes from p without d — verify_sample's rule for
+    a point mass — and each emitted token is the very draw plain decoding makes at its place,
+    one number each: with the same seed, the same text as without guesses."""
+    k = len(proposals)
+    for i in range(k + 1):
+        tok = sample(logits[i], params, rng, _seen(context, proposals, i))
+        if i == k or tok != proposals[i]:
+            return i, tok
+    raise AssertionError("unreachable")
 
 
 def always_accept(p, q, proposals, u) -> tuple[int, int]:
