@@ -109,9 +109,9 @@ class LLM:
         activations where the numba backend has VNNI, else float32 ones; on the numpy backend,
         which computes on dequantized weights, the built-in draft is the model itself); up to
         num_speculative_tokens guesses a step (spec/): the same greedy text, the same
-        distribution when sampling — with n-gram guesses (numba and numpy backends) a seed's
-        text too; with a draft's, a seed's text can differ from run to run (how many guesses a
-        step sends follows measured timings, and each guess draws its own numbers).
+        distribution when sampling — with n-gram guesses a seed's text too; with a draft's, a
+        seed's text can differ from run to run (how many guesses a step sends follows measured
+        timings, and each guess draws its own numbers).
         make_model: a function (config, weights) -> model, run instead of the backend's own
         (backends.make_model); the exercises pass classroom.student_model: model.py's loop on
         the student's functions.

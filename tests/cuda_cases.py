@@ -453,8 +453,16 @@ def test_continuous_batching_on_the_device_equals_each_request_alone():
 # --- speculative decoding: the verify rules on the device ----------------------------------
 def test_spec_verify_kernels_match_numba():
     """Both rules, one thread per sequence, against spec/verify.py's @njit rules: 4 sequences of
-    0-3 guesses over 7 tokens (q given, and point masses)."""
+    0-3 guesses over 7 tokens (q given; point masses drawn as plain sampling draws, row by row
+    with u[b, i], as verify.sample_as_plain draws them on the host)."""
+    from minfer.sampling import draw
     from minfer.spec import verify
+
+    def as_plain(p_rows, proposals, uu):
+        for i in range(len(proposals) + 1):
+            t = draw(p_rows[i], uu[i])
+            if i == len(proposals) or t != proposals[i]:
+                return i, t
     r = np.random.default_rng(11)
     V, ks = 7, [2, 0, 3, 1]
     starts = np.concatenate([[0], np.cumsum([k + 1 for k in ks])])
@@ -477,8 +485,7 @@ def test_spec_verify_kernels_match_numba():
         rows = slice(starts[b], starts[b + 1])
         assert tuple(got[b]) == verify.verify_greedy_numba(logits[rows].argmax(axis=1), props[b, :k])
         assert tuple(got_s[b]) == verify.verify_sample_numba(p[rows], q[rows][:k], props[b, :k], u[b, :k + 1])
-        assert tuple(got_pm[b]) == verify.verify_sample_numba(p[rows], np.zeros((0, V)), props[b, :k],
-                                                              u[b, :k + 1])
+        assert tuple(got_pm[b]) == as_plain(p[rows], props[b, :k], u[b, :k + 1])
 
 
 def _count_calls(model) -> dict:

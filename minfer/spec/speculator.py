@@ -169,9 +169,10 @@ class Speculator:
     def forward_verify(self, live, batch, drafts: dict) -> dict | None:
         """On a model that verifies where its logits are (the cuda backend): the forward and the
         rule there -> {sequence: (accepted, next token)}; only those come back. Each sampling
-        sequence draws its uniforms here, as many as the host's rule would (one a guess and one
-        more; a plain row one). None: the host verifies (a repetition penalty, or a model
-        without it)."""
+        sequence draws its uniforms here, as many as the host's rule would: a draft's guesses
+        one a guess and one more, a plain row one, n-gram guesses one for each token emitted
+        (k + 1 drawn, the generator then set back to m + 1). None: the host verifies (a
+        repetition penalty, or a model without it)."""
         model = self.engine.model
         if not getattr(model, "verifies_on_device", False) or any(
                 s.params.repetition_penalty != 1 for s in live):
@@ -185,6 +186,7 @@ class Speculator:
         if any(not s.params.greedy for s in live):
             R, V = int(starts[-1]), model.config.vocab_size
             row_params = np.zeros((R, 5), dtype=np.float32)      # as gpu/sampling.params_array
+            rewind = {}
             u = np.zeros((len(live), props.shape[1] + 1))
             point_mass = np.ones(len(live), dtype=np.int64)
             q_rows = None
@@ -193,8 +195,10 @@ class Speculator:
                 if p.greedy:
                     continue                                       # temperature 0: the arg-max
                 row_params[starts[i]:starts[i + 1], :4] = (p.temperature, p.top_k, p.top_p, p.min_p)
-                u[i, :n[i] + 1] = s.rng.random(n[i] + 1)
                 q = drafts[s][1] if s in drafts else None
+                if q is None and n[i]:     # drawn as plain sampling: m + 1 numbers used, below
+                    rewind[i] = s.rng.bit_generator.state
+                u[i, :n[i] + 1] = s.rng.random(n[i] + 1)
                 if q is not None:
                     if q_rows is None:
                         q_rows = np.zeros((R, V), dtype=np.float32)
@@ -202,6 +206,9 @@ class Speculator:
                     point_mass[i] = 0
             sampling = (row_params, u, q_rows, point_mass)
         out = model.forward_verify(batch, self.engine.cache, starts, props, n, sampling)   # [B, 2]
+        for i, state in (rewind if sampling else {}).items():   # as many numbers as the host's
+            live[i].rng.bit_generator.state = state                  # sample_as_plain draws
+            live[i].rng.random(int(out[i][0]) + 1)
         return {s: (int(m), int(nxt)) for s, (m, nxt) in zip(live, out)}
 
     # --- after the forward -------------------------------------------------------------------------

@@ -50,7 +50,9 @@ def sample_kernel(p, q, point_mass, starts, proposals, n_prop, u, work, out):
     """p [R, V] filtered distributions (rows as in greedy_kernel), q [R, V] the proposer's
     on the same rows (a sequence's last row unused) or q [0, V] for point masses only,
     point_mass[b] != 0: sequence b's guesses are point masses (its q rows unused), u [B, K+1]
-    uniforms, work [B, V] -> out[b] = (accepted m, next token)."""
+    uniforms, work [B, V] -> out[b] = (accepted m, next token). Point masses are drawn as plain
+    sampling draws (verify.sample_as_plain): row i's token with u[b, i], the guess accepted when
+    it is that token."""
     b = cuda.grid(1)
     if b >= out.shape[0]:
         return
@@ -58,6 +60,17 @@ def sample_kernel(p, q, point_mass, starts, proposals, n_prop, u, work, out):
     point = q.shape[0] == 0 or point_mass[b] != 0
     k = n_prop[b]
     s0 = starts[b]
+    if point:
+        for i in range(k + 1):
+            total = 0.0
+            for j in range(V):
+                work[b, j] = p[s0 + i, j]
+                total += p[s0 + i, j]
+            t = _draw_cuda(work, b, total, u[b, i])
+            if i == k or t != proposals[b, i]:
+                out[b, 0], out[b, 1] = i, t
+                return
+        return
     for i in range(k):
         x = proposals[b, i]
         qx = 1.0 if point else q[s0 + i, x]
