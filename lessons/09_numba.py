@@ -430,13 +430,14 @@ print("two pass:", two_pass.round(6))
 # head's scores for 16 keys in one call, the block's softmax as one 16-lane vector, p.V 64 floats
 # of the output at a time with each key's weight splat once, the next block prefetched while this
 # one is scored (docs/benchmarks.md). A tile of several rows (4 or more: tokens to verify, a
-# chunk of a prompt; head_dim 64) turns the vectors around, `attention._attention_job_rows`: 16 query vectors,
-# one in each lane, so that a key's element splat once serves 16 products and the softmax runs
-# down the keys with no sum across lanes. Each query's sums are added in the same order in both
-# forms (the few that fast-math could reorder are marked to stay as written), and in a step of
-# up to 32 rows each row's keys are cut into slices where they would be for that row alone — so a
-# token's logits are the same bits whether it is decoded or verified with others, which is what
-# speculative decoding (lesson 13) needs to give exactly the text of plain decoding:
+# chunk of a prompt; head_dim 64) turns the vectors around, `attention._attention_job_rows`: 16
+# query vectors, one in each lane, so that a key's element splat once serves 16 products and the
+# softmax runs down the keys with no sum across lanes. Each query's sums are added in the same
+# order in both forms (the few that fast-math could reorder are marked to stay as written), and
+# each row's keys are cut into slices where they would be for that row alone — so a token's
+# logits are the same bits whether it is decoded or verified with others (what speculative
+# decoding, lesson 13, needs to give exactly the text of plain decoding), and a prompt's the same
+# in one chunk or several, or after a cached prefix:
 
 # %%
 print(inspect.getsource(attention._attention_rows))

@@ -15,9 +15,10 @@ holds the target's distribution p_i of the token after d_1..d_i. Then:
             residual, whose mass 1 - sum min(p, q) is exactly the rejection probability.
             A proposer with no distribution (n-gram lookup, a greedy draft) is a point mass
             q = [d]: accept d with probability p(d), on rejection draw from p with d removed.
-            On the host that rule is drawn as plain sampling draws (sample_as_plain): row by
-            row, the plain sampler's token with the sequence's next number, d accepted when
-            that token is d — the same distribution, and a seed's text that of plain decoding.
+            The engine draws that rule as plain sampling draws (sample_as_plain; the kernel's
+            point-mass branch likewise): row by row, the plain sampler's token with the
+            sequence's next number, d accepted when that token is d — the same distribution,
+            and a seed's text that of plain decoding.
 
 p and q are distributions *after* the sampling filters (repetition penalty, temperature, top-k,
 top-p, min-p) — sampling.py's own functions, applied to every row with the tokens seen up to
@@ -126,11 +127,11 @@ def sample_as_plain(logits: np.ndarray, params: SamplingParams, context, proposa
     a point mass — and each emitted token is the very draw plain decoding makes at its place,
     one number each: with the same seed, the same text as without guesses."""
     k = len(proposals)
-    for i in range(k + 1):
+    for i in range(k):
         tok = sample(logits[i], params, rng, _seen(context, proposals, i))
-        if i == k or tok != proposals[i]:
+        if tok != proposals[i]:
             return i, tok
-    raise AssertionError("unreachable")
+    return k, sample(logits[k], params, rng, _seen(context, proposals, k))
 
 
 def always_accept(p, q, proposals, u) -> tuple[int, int]:

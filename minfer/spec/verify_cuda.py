@@ -23,6 +23,16 @@ def _draw_cuda(w, b, total, u):
     return last
 
 
+@cuda.jit(device=True)
+def _draw_row(p, r, work, b, u):
+    """A token from row r of p (plain sampling's draw with u), work[b] its scratch."""
+    total = 0.0
+    for j in range(p.shape[1]):
+        work[b, j] = p[r, j]
+        total += p[r, j]
+    return _draw_cuda(work, b, total, u)
+
+
 @cuda.jit
 def greedy_kernel(logits, starts, proposals, n_prop, out):
     """logits [R, V]: sequence b's rows starts[b]..starts[b+1]-1 (its last token, then its
@@ -62,11 +72,7 @@ def sample_kernel(p, q, point_mass, starts, proposals, n_prop, u, work, out):
     s0 = starts[b]
     if point:
         for i in range(k + 1):
-            total = 0.0
-            for j in range(V):
-                work[b, j] = p[s0 + i, j]
-                total += p[s0 + i, j]
-            t = _draw_cuda(work, b, total, u[b, i])
+            t = _draw_row(p, s0 + i, work, b, u[b, i])
             if i == k or t != proposals[b, i]:
                 out[b, 0], out[b, 1] = i, t
                 return
@@ -93,11 +99,7 @@ def sample_kernel(p, q, point_mass, starts, proposals, n_prop, u, work, out):
                 total += p[s0 + i, j]
         out[b, 0], out[b, 1] = i, _draw_cuda(work, b, total, v)
         return
-    total = 0.0
-    for j in range(V):
-        work[b, j] = p[s0 + k, j]
-        total += p[s0 + k, j]
-    out[b, 0], out[b, 1] = k, _draw_cuda(work, b, total, u[b, k])
+    out[b, 0], out[b, 1] = k, _draw_row(p, s0 + k, work, b, u[b, k])
 
 
 def verify_greedy_cuda(logits, starts: np.ndarray, proposals: np.ndarray, n_prop: np.ndarray):

@@ -66,10 +66,11 @@ def paged_attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, bat
 # does not depend on the rows beside it — a verified token gets the numbers its decode step
 # would have, and a prompt's rows the same whether it comes in one chunk or several, or after a
 # cached prefix. Equal shares of each row's keys are also equal shares of the work (the causal
-# triangle's extra keys, up to a tile's rows, go to the last slice). Here S = SLICES // n_tiles (at least 1;
-# cpu/region.py picks its own). The jobs go slice by slice (job j: slice j // n_tiles), so that
-# a thread's share of them can hold whole slices of every tile; the tiles in zigzag order (0,
-# n - 1, 1, n - 2, ...), so that a share of them holds short and long causal contexts alike.
+# triangle's extra keys, up to a tile's rows, go to the last slice). Here S = SLICES // n_tiles
+# (at least 1; cpu/region.py picks its own). The jobs go slice by slice (job j: slice
+# j // n_tiles), so that a thread's share of them can hold whole slices of every tile; the tiles
+# in zigzag order (0, n - 1, 1, n - 2, ...), so that a share of them holds short and long causal
+# contexts alike.
 # ---------------------------------------------------------------------------------------------
 from numba import njit, prange, float32  # noqa: E402
 
