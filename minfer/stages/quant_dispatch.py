@@ -21,14 +21,20 @@ from .quant import QuantMatrix, _q4_gate_up, _q4_matmul, _q8_0_gate_up, _q8_0_ma
 from .quant_i8 import quant_gate_up_i8, quant_linear_i8
 
 
+def _panels_win() -> bool:
+    """Do the three-part panels beat the float tiles at every row count of the one-region step?
+    Where the tile unit does their byte products, or where the vector unit does a byte dot product
+    as often as a float multiply-add (docs/benchmarks.md, "Many rows a step")."""
+    from .simd import has_amx, vnni_at_fma_rate
+    return has_amx() or vnni_at_fma_rate()
+
+
 def _host_many_rows() -> tuple:
-    from .simd import has_amx
-    return (2, 2, 1 << 30, 1 << 30 if has_amx() else 96)
+    return (2, 2, 1 << 30, 1 << 30 if _panels_win() else 96)
 
 
 def _host_region_max_rows() -> int:
-    from .simd import has_amx
-    return 2048 if has_amx() else 384
+    return 2048 if _panels_win() else 384
 
 
 def _host_tile_unit_rows() -> tuple:
@@ -78,8 +84,10 @@ class KernelConfig:
     # for all of them into floats (cpu/quant_gemm.py), by kernel kind: cpu/formats.py's Q4, Q8
     # (float kernels), INT8 (int8 activations), SPLIT (float32 x in three int8 parts). Below it,
     # the float kinds run their matvec kernels and the int8-part kinds the panels
-    # (cpu/quant_panel.py), whose byte dot products beat the float tiles up to about 96 rows —
-    # and at every row count of the region where the tile unit does them (never: 1 << 30).
+    # (cpu/quant_panel.py), whose byte dot products beat the float tiles up to about 96 rows on
+    # Intel's vector unit — and at every row count of the region where the tile unit does them,
+    # or where a byte dot product costs what a float multiply-add does (AMD Zen 4: never,
+    # 1 << 30; _panels_win).
     # INT8 never: the tiles multiply exact floats, and int8 activations are a rounding of their
     # own that the step keeps at any batch size.
     many_rows: tuple = field(default_factory=_host_many_rows)
@@ -91,7 +99,7 @@ class KernelConfig:
     tile_unit_rows: tuple = field(default_factory=_host_tile_unit_rows)
     # And from how many rows on a step leaves the one-region step for model.run_layers, whose
     # matmuls go to the sgemm tiles (BLAS's kernels pull ahead on long prompts) — much later
-    # where the panels run on the tile unit (level at 2,048 tokens; docs/benchmarks.md).
+    # where the panels win (level at 2,048 tokens on the tile unit; docs/benchmarks.md).
     region_max_rows: int = field(default_factory=_host_region_max_rows)
     # From how many rows of one sequence on (a tile: tokens to verify, a prompt's chunk) the
     # step's attention puts 16 query vectors side by side in a vector (stages/attention.py, "rows

@@ -37,6 +37,18 @@ def has_vnni() -> bool:
 
 
 @cache
+def vnni_at_fma_rate() -> bool:
+    """Does the CPU numba compiles for run a 64-byte `vpdpbusd` as often as a 16-float multiply-add
+    (AMD Zen 4 and later: both one a cycle, on the same pipes)? Then float32 x in three int8 parts
+    (3 byte dot products per 64 multiply-adds) costs less than float multiply-adds (4), at any row
+    count — on Intel's AVX-512 cores the float unit does two a cycle and the byte products one."""
+    from numba.core import config
+    import llvmlite.binding as ll
+    name = config.CPU_NAME or ll.get_host_cpu_name()
+    return has_vnni() and name.startswith("znver")
+
+
+@cache
 def has_amx() -> bool:
     """Can this process use the CPU's tile unit (AMX-INT8, cpu/quant_amx.py)? Does numba compile
     for a CPU with it, and did Linux give the process the tile registers? (Asks, once: without,
