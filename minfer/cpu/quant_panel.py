@@ -11,8 +11,8 @@ values of x broadcast to every lane, and lane r of the result is row r's partial
         y[t, r] += s[r] * (d[16p + r, b] dx[t, b])  (+ m[16p + r, b] sum(x[t, block b]), Q4)
 
 No sum across lanes, one float multiply-add per block for 16 rows, and each loaded vector of
-weights serves every token of the tile (4 at a time): prefill, a batch of sequences and tokens to
-verify read the weights once for all rows. The result is the same function as quant_i8.py's
+weights serves every token of the tile (8 at a time with int8 x, 4 with three parts): prefill,
+a batch of sequences and tokens to verify read the weights once for all rows. The result is the same function as quant_i8.py's
 (quant_i8.quant_linear_i8_reference): the same integer sums, scaled and added in another order.
 
 Layouts (panels()): a Q4 block row is 16 bytes, element k in the low nibble of byte k and element
@@ -139,8 +139,8 @@ def _make_panel(q8, C, limbs=1):
             # together, one weight vector at a time: each vpdpbusd waits for its chain's previous
             # one, so many chains must be in flight. Two a (token, part) when there are few of
             # them (one token of three parts, or one part a token), one from 3 tokens of 3 parts
-            # on (fewer adds at the end; docs/benchmarks.md, "CPU kernel details").
-            chains = 1 if limbs == 3 and C >= 3 else 2
+            # or 8 of one on (fewer adds at the end; docs/benchmarks.md, "CPU kernel details").
+            chains = 1 if (limbs == 3 and C >= 3) or C >= 8 else 2
             s = []                                                 # s[t][p][chain]
             for t in range(C):
                 tok = pick(args[11], t)
@@ -188,6 +188,8 @@ _q4x4, _q4x1, _q8x4, _q8x1 = (_make_panel(q8, C) for q8 in (False, True) for C i
 _q4x4_3, _q4x1_3, _q8x4_3, _q8x1_3 = (_make_panel(q8, C, 3) for q8 in (False, True) for C in (4, 1))
 # the last 2 or 3 tokens of a step (T = 5, 6, 7: tokens to verify) together, not one by one
 _q4x2, _q4x3, _q8x2, _q8x3 = (_make_panel(q8, C) for q8 in (False, True) for C in (2, 3))
+# int8 x: 8 tokens a pass — a block's weights loaded and unpacked once for twice the tokens
+_q4x8, _q8x8 = (_make_panel(q8, 8) for q8 in (False, True))
 _q4x2_3, _q4x3_3, _q8x2_3, _q8x3_3 = (_make_panel(q8, C, 3) for q8 in (False, True) for C in (2, 3))
 
 
@@ -256,6 +258,24 @@ def tile(xi, qp, d, m, p0, p1, out, c0):
     for p in range(p0, p1):
         col = c0 + ROWS * (p - p0)
         t = 0
+        while limbs == 1 and t + 8 <= T:               # int8 x: 8 tokens a step
+            acc8 = _zeros(8)
+            for b in range(nb):
+                blk, xb = p * nb + b, b * QK
+                if t == 0:                             # the panel's first pass streams it
+                    for c in range(0, vb, 64):
+                        _prefetch_l2(qp, min(last, blk * vb + c + PREFETCH_BYTES))
+                xo8 = (t * X + xb, (t + 1) * X + xb, (t + 2) * X + xb, (t + 3) * X + xb,
+                       (t + 4) * X + xb, (t + 5) * X + xb, (t + 6) * X + xb, (t + 7) * X + xb)
+                tk8 = (t * nb + b, (t + 1) * nb + b, (t + 2) * nb + b, (t + 3) * nb + b,
+                       (t + 4) * nb + b, (t + 5) * nb + b, (t + 6) * nb + b, (t + 7) * nb + b)
+                if q8:
+                    acc8 = _q8x8(acc8, qp, blk * vb, xq, xo8, d, m, blk * ROWS, dx, xsum, start, tk8, kx)
+                else:
+                    acc8 = _q4x8(acc8, qp, blk * vb, xq, xo8, d, m, blk * ROWS, dx, xsum, start, tk8, kx)
+            for i in range(8):
+                _store16(out, (t + i) * N + col, acc8[i])
+            t += 8
         while t + 4 <= T:                              # 4 tokens a step
             acc = _zeros(4)
             for b in range(nb):
