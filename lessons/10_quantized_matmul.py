@@ -484,7 +484,9 @@ if quant_i8.has_vnni():
 # kernels above; with many rows — a batch of sequences, tokens to verify, a prompt — the
 # weights are read once for all of them. The one-region step runs the panels with int8
 # activations at any batch size, and with three parts up to about a hundred rows
-# (`KernelConfig.many_rows`; on a CPU with the tile unit below, at every row count). Two details carry much of the speed at several rows: each
+# (`KernelConfig.many_rows`; at every row count on a CPU with the tile unit below, or on AMD's
+# Zen 4, whose byte products go as fast as its float ones). Two details carry much of the speed
+# at several rows: each
 # `vpdpbusd` waits ~2 ns for its chain's previous result while the CPU can start two a cycle,
 # so the kernel keeps a chain per (token, part) — 12 for 4 tokens of three parts — and advances
 # them all together, one weight vector at a time; and it asks for the weights ahead (prefetch)
