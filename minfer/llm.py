@@ -310,6 +310,12 @@ class LLM:
                         box = self._outbox.get(seq.seq_id)
                         if box is not None:
                             box.append((seq, new))
+        except GeneratorExit:                   # closed at a yield: nothing was half-done
+            raise
+        except BaseException:
+            self._drop(seqs)
+            self.engine.repair()          # an exception may have come mid-bookkeeping
+            raise
         finally:
             self._drop(seqs)
             self.stats = Stats.of(seqs)

@@ -194,3 +194,47 @@ def test_a_programs_own_signal_handler_gets_its_own_exception(long_tiny):
     st = llm.engine.stats()
     # (a handler that runs inside a __del__ has its exception dropped by Python: not every time)
     assert timeouts >= RUNS and st["running"] == st["waiting"] == st["blocks_used"] == 0, (timeouts, st)
+
+
+@pytest.mark.parametrize("where", ["take", "release"])
+def test_an_exception_inside_the_block_bookkeeping_loses_no_block(tmp_path, monkeypatch, where):
+    """Such a handler can raise between any two steps of the engine's bookkeeping: here just
+    after a block left the free list and before a table holds it, or after a finished
+    sequence's table was dropped and before its blocks went back. The blocks still all come
+    back, and the next answer is the same."""
+    import minfer
+    from minfer.engine.block_manager import BlockManager
+    llm = minfer.LLM(synthetic.tiny_checkpoint(tmp_path), backend="numpy")
+    prompts = ["once upon a time", "hello there"]
+    params = [minfer.SamplingParams(temperature=0, max_tokens=n) for n in (40, 20)]
+    before = [c.token_ids for c in llm.generate(prompts, params)]
+
+    class Timeout(Exception):
+        pass
+    take, release = BlockManager._take, BlockManager.release
+    calls = {"n": 0}
+
+    def take_then_raise(self):
+        b = take(self)
+        calls["n"] += 1
+        if calls["n"] == 3:              # (the 3rd block taken: a sequence growing mid-answer)
+            raise Timeout()
+        return b
+
+    def release_then_raise(self, seq_id):
+        calls["n"] += 1
+        if calls["n"] > 1:
+            return release(self, seq_id)
+        self.hashes.pop(seq_id, None)
+        self.tables.pop(seq_id, [])      # (the table gone, its blocks not yet given back)
+        raise Timeout()
+
+    monkeypatch.setattr(BlockManager, *(("_take", take_then_raise) if where == "take"
+                                         else ("release", release_then_raise)))
+    with pytest.raises(Timeout):
+        llm.generate(prompts, params)
+    assert calls["n"] >= (3 if where == "take" else 1)
+    st = llm.engine.stats()
+    assert st["running"] == st["waiting"] == st["blocks_used"] == 0, st
+    monkeypatch.undo()
+    assert [c.token_ids for c in llm.generate(prompts, params)] == before

@@ -87,6 +87,28 @@ class BlockManager:
                 if self.prefix is None or b not in self.prefix:
                     self.free.move_to_end(b, last=False)   # nothing to keep: reuse it first
 
+    def reconcile(self) -> int:
+        """Make the reference counts and the free list agree with the tables again; -> how many
+        blocks came back. A program's own signal handler (a timeout's SIGALRM) can raise between
+        any two steps of the bookkeeping above — a block taken from the free list and not yet in
+        a table, a table dropped before its counts — and such a block would be lost for good."""
+        ref = [0] * self.n_blocks
+        for table in self.tables.values():
+            for b in table:
+                ref[b] += 1
+        back = 0
+        for b in range(self.n_blocks):
+            if ref[b] == 0 and b not in self.free:
+                if self.prefix is not None:
+                    self.prefix.forget(b)             # what it holds is not known
+                self.free[b] = None
+                self.free.move_to_end(b, last=False)
+                back += 1
+            elif ref[b] > 0 and b in self.free:
+                del self.free[b]
+        self.ref = ref
+        return back
+
     def trim(self, seq_id: int, n_tokens: int) -> None:
         """Give back the sequence's blocks past the first n_tokens tokens (speculative tokens
         that were rejected: those blocks were never named in the prefix cache)."""

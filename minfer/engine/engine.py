@@ -126,6 +126,16 @@ class Engine:
             if self.speculator is not None:
                 self.speculator.forget(seq_id)
 
+    def repair(self) -> None:
+        """After an exception from outside (a program's own signal handler) and the aborts that
+        follow it: give back any block the interrupted bookkeeping left out of every table, in
+        the pool and in a draft model's own."""
+        with self.lock:
+            self.blocks.reconcile()
+            draft = getattr(self.speculator, "proposer", None)
+            if getattr(draft, "blocks", self.blocks) is not self.blocks:
+                draft.blocks.reconcile()
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
@@ -227,10 +237,19 @@ class Engine:
                 for seq, new in self.step():
                     for tok in new:
                         yield index[seq.seq_id], tok
+        except GeneratorExit:                   # closed at a yield: nothing was half-done
+            raise
+        except BaseException:
+            self._abort_all(seqs)
+            self.repair()
+            raise
         finally:
-            for s in seqs:
-                if s.seq_id in self.seqs:
-                    self.abort(s.seq_id)
+            self._abort_all(seqs)
+
+    def _abort_all(self, seqs: list[Sequence]) -> None:
+        for s in seqs:
+            if s.seq_id in self.seqs:
+                self.abort(s.seq_id)
 
     # --- serving figures -------------------------------------------------------------------------
     def stats(self) -> dict:

@@ -137,7 +137,7 @@ class Scheduler:
         """Take seq out (finished or aborted) and free its blocks."""
         if seq in self.running:
             self.running.remove(seq)
-        elif seq in self.waiting:
+        if seq in self.waiting:          # (both, had an exception cut a move between the two)
             self.waiting.remove(seq)
         self.blocks.release(seq.seq_id)
         seq.status, seq.finish_reason = Status.FINISHED, reason
