@@ -12,8 +12,9 @@ values of x broadcast to every lane, and lane r of the result is row r's partial
 
 No sum across lanes, one float multiply-add per block for 16 rows, and each loaded vector of
 weights serves every token of the tile (8 at a time with int8 x, 4 with three parts): prefill,
-a batch of sequences and tokens to verify read the weights once for all rows. The result is the same function as quant_i8.py's
-(quant_i8.quant_linear_i8_reference): the same integer sums, scaled and added in another order.
+a batch of sequences and tokens to verify read the weights once for all rows. The result is the
+same function as quant_i8.py's (quant_i8.quant_linear_i8_reference): the same integer sums,
+scaled and added in another order.
 
 Layouts (panels()): a Q4 block row is 16 bytes, element k in the low nibble of byte k and element
 16 + k in the high one; a panel's block is 4 vectors, vector c holding bytes 4c..4c+3 of the 16
@@ -243,6 +244,14 @@ def prepare_x(x, q8, limbs):
     return xq, dx, xsum, start
 
 
+@njit(inline="always")
+def _ask_ahead(qp, at, vb, last):
+    """Ask for the panel's bytes PREFETCH_BYTES past the block at qp.flat[at:] (vb bytes), into
+    L2."""
+    for c in range(0, vb, 64):
+        _prefetch_l2(qp, min(last, at + c + PREFETCH_BYTES))
+
+
 @njit(fastmath=True, cache=True)
 def tile(xi, qp, d, m, p0, p1, out, c0):
     """out[t, c0 + 16 (p - p0) + r] = row 16 p + r . token t of x, for the panels p0..p1-1 and
@@ -263,8 +272,7 @@ def tile(xi, qp, d, m, p0, p1, out, c0):
             for b in range(nb):
                 blk, xb = p * nb + b, b * QK
                 if t == 0:                             # the panel's first pass streams it
-                    for c in range(0, vb, 64):
-                        _prefetch_l2(qp, min(last, blk * vb + c + PREFETCH_BYTES))
+                    _ask_ahead(qp, blk * vb, vb, last)
                 xo8 = (t * X + xb, (t + 1) * X + xb, (t + 2) * X + xb, (t + 3) * X + xb,
                        (t + 4) * X + xb, (t + 5) * X + xb, (t + 6) * X + xb, (t + 7) * X + xb)
                 tk8 = (t * nb + b, (t + 1) * nb + b, (t + 2) * nb + b, (t + 3) * nb + b,
@@ -281,8 +289,7 @@ def tile(xi, qp, d, m, p0, p1, out, c0):
             for b in range(nb):
                 blk, xb = p * nb + b, b * QK
                 if t == 0:                             # the panel's first pass streams it
-                    for c in range(0, vb, 64):
-                        _prefetch_l2(qp, min(last, blk * vb + c + PREFETCH_BYTES))
+                    _ask_ahead(qp, blk * vb, vb, last)
                 xo = (t * X + xb, (t + 1) * X + xb, (t + 2) * X + xb, (t + 3) * X + xb)
                 tk = (t * nb + b, (t + 1) * nb + b, (t + 2) * nb + b, (t + 3) * nb + b)
                 if q8 and limbs == 3:
@@ -303,8 +310,7 @@ def tile(xi, qp, d, m, p0, p1, out, c0):
             for b in range(nb):
                 blk, xb = p * nb + b, b * QK
                 if t == 0:                             # the panel's first pass streams it
-                    for c in range(0, vb, 64):
-                        _prefetch_l2(qp, min(last, blk * vb + c + PREFETCH_BYTES))
+                    _ask_ahead(qp, blk * vb, vb, last)
                 xo3 = (t * X + xb, (t + 1) * X + xb, (t + 2) * X + xb)
                 tk3 = (t * nb + b, (t + 1) * nb + b, (t + 2) * nb + b)
                 if R == 3:
@@ -334,8 +340,7 @@ def tile(xi, qp, d, m, p0, p1, out, c0):
             for b in range(nb):
                 blk = p * nb + b
                 if t == 0:                             # the panel's first pass streams it
-                    for c in range(0, vb, 64):
-                        _prefetch_l2(qp, min(last, blk * vb + c + PREFETCH_BYTES))
+                    _ask_ahead(qp, blk * vb, vb, last)
                 xo1, tk1 = (t * X + b * QK,), (t * nb + b,)
                 if q8 and limbs == 3:
                     acc1 = _q8x1_3(acc1, qp, blk * vb, xq, xo1, d, m, blk * ROWS, dx, xsum, start, tk1, kx)
