@@ -95,3 +95,15 @@ def test_batched_greedy_equals_solo(tiny_gguf, quant):
     prompts = [list(range(10 + 7 * i, 15 + 9 * i)) for i in range(16)]
     assert len(prompts) >= max(llm.kernels.many_rows[k] for k in (formats.Q4, formats.Q8, formats.SPLIT))
     assert _greedy(llm.model, prompts, 8, True) == _greedy(llm.model, prompts, 8, False)
+
+
+@pytest.mark.parametrize("amx, zen4", [(False, False), (False, True), (True, False)])
+def test_the_float_tiles_take_over_only_where_byte_products_cost_more(monkeypatch, amx, zen4):
+    """The crossover from the three-part panels to these tiles (and to the sgemm tiles outside
+    the one-region step): about 96 rows (384) where a byte dot product costs two float
+    multiply-adds; never within the region (2,048) with the tile unit, or on Zen 4."""
+    from minfer.stages import quant_dispatch, simd
+    monkeypatch.setattr(simd, "has_amx", lambda: amx)
+    monkeypatch.setattr(simd, "vnni_at_fma_rate", lambda: zen4)
+    split, region = quant_dispatch._host_many_rows()[3], quant_dispatch._host_region_max_rows()
+    assert (split, region) == ((1 << 30, 2048) if amx or zen4 else (96, 384))

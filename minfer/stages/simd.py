@@ -39,12 +39,12 @@ def has_vnni() -> bool:
 @cache
 def vnni_at_fma_rate() -> bool:
     """Does the CPU numba compiles for run a 64-byte `vpdpbusd` as often as a 16-float multiply-add
-    (AMD Zen 4 and later: both one a cycle, on the same pipes)? Then float32 x in three int8 parts
-    (3 byte dot products per 64 multiply-adds) costs less than float multiply-adds (4), at any row
-    count — on Intel's AVX-512 cores the float unit does two a cycle and the byte products one."""
+    (AMD's Zen 4: both one a cycle, on the same pipes)? Then float32 x in three int8 parts (3 byte
+    dot products per 64 multiply-adds) costs less than float multiply-adds (4), at any row count
+    — Intel's server cores do two float multiply-adds a cycle and one byte product."""
     from numba.core import config
     import llvmlite.binding as ll
-    name = config.CPU_NAME or ll.get_host_cpu_name()
+    name = config.CPU_NAME if config.CPU_NAME not in (None, "", "host") else ll.get_host_cpu_name()
     return has_vnni() and name.startswith("znver")
 
 
