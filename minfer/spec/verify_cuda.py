@@ -25,7 +25,7 @@ def _draw_cuda(w, b, total, u):
 
 @cuda.jit(device=True)
 def _draw_row(p, r, work, b, u):
-    """A token from row r of p (plain sampling's draw with u), work[b] its scratch."""
+    """A token from row r of p (plain sampling's draw with u); work[b] holds the row's copy."""
     total = 0.0
     for j in range(p.shape[1]):
         work[b, j] = p[r, j]
@@ -70,16 +70,16 @@ def sample_kernel(p, q, point_mass, starts, proposals, n_prop, u, work, out):
     point = q.shape[0] == 0 or point_mass[b] != 0
     k = n_prop[b]
     s0 = starts[b]
-    if point:
+    if point:                        # row by row, plain sampling's token against the guess
         for i in range(k + 1):
             t = _draw_row(p, s0 + i, work, b, u[b, i])
             if i == k or t != proposals[b, i]:
                 out[b, 0], out[b, 1] = i, t
                 return
         return
-    for i in range(k):
+    for i in range(k):               # a draft's guesses: the rejection rule against its q
         x = proposals[b, i]
-        qx = 1.0 if point else q[s0 + i, x]
+        qx = q[s0 + i, x]
         if qx > 0 and u[b, i] * qx < p[s0 + i, x]:
             continue
         lo = p[s0 + i, x] / qx if qx > 0 else 0.0
@@ -87,9 +87,7 @@ def sample_kernel(p, q, point_mass, starts, proposals, n_prop, u, work, out):
         v = min(max(v, 0.0), 0.999999999)
         total = 0.0
         for j in range(V):
-            w = p[s0 + i, j] if point else max(p[s0 + i, j] - q[s0 + i, j], 0.0)
-            if point and j == x:
-                w = 0.0
+            w = max(p[s0 + i, j] - q[s0 + i, j], 0.0)
             work[b, j] = w
             total += w
         if not total > 0:
