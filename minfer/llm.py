@@ -254,23 +254,18 @@ class LLM:
                           seq.metrics)
 
     # --- driving the engine ------------------------------------------------------------------------
-    def _submit(self, prompts: list, params: list[SamplingParams]) -> list[Sequence]:
+    def _submit(self, prompts: list, params: list[SamplingParams], seqs: list[Sequence]) -> None:
+        """Queue the prompts, each appended to seqs as it is queued (so that whatever was queued
+        is known to the caller, should an exception come half-way)."""
         for p in params:
             _check_params(p)
         ids = [self._ids(p) for p in prompts]          # every prompt checked before any is queued
         for i in ids:
             self.engine.check_prompt(i)
-        seqs = []
-        try:
-            for i, p in zip(ids, params):
-                with self.engine.lock:         # its outbox must exist before any step serves it
-                    seq = self.engine.add_request(i, p, self._stop_check(p))
-                    self._outbox[seq.seq_id] = deque()
-                seqs.append(seq)
-        except BaseException:
-            self._drop(seqs)
-            raise
-        return seqs
+        for i, p in zip(ids, params):
+            with self.engine.lock:         # its outbox must exist before any step serves it
+                seq = self.engine.add_request(i, p, self._stop_check(p), into=seqs)
+                self._outbox[seq.seq_id] = deque()
 
     def _drop(self, seqs: list[Sequence]) -> None:
         """Abort what is unfinished of seqs; forget their outboxes."""
@@ -280,15 +275,19 @@ class LLM:
                     self.engine.abort(s.seq_id)
                 self._outbox.pop(s.seq_id, None)
 
-    def _run(self, seqs: list[Sequence]) -> Iterator[tuple[Sequence, int]]:
-        """Step the engine until seqs are finished, yielding (sequence, new token id) as they come.
-        Several threads may do this at once on one LLM: whoever holds the engine's lock steps
-        for all, and each new token goes to its own request's outbox. Stopping early (Ctrl-C, an
-        exception, the caller's generator closed or collected) aborts the unfinished ones and
-        frees their blocks."""
-        boxes = {s.seq_id: self._outbox[s.seq_id] for s in seqs}
-        pending = set(boxes)
+    def _run(self, prompts: list, params: list[SamplingParams], seqs: list[Sequence]
+             ) -> Iterator[tuple[Sequence, int]]:
+        """Queue the prompts (into seqs) and step the engine until they are finished, yielding
+        (sequence, new token id) as they come. Several threads may do this at once on one LLM:
+        whoever holds the engine's lock steps for all, and each new token goes to its own
+        request's outbox. Stopping early (Ctrl-C, an exception, the caller's generator closed or
+        collected) aborts the unfinished ones and frees their blocks. Nothing is queued before
+        the first token is asked for, and from then on everything queued is in seqs, inside the
+        try: no request is left running whatever the moment an exception comes."""
         try:
+            self._submit(prompts, params, seqs)
+            boxes = {s.seq_id: self._outbox[s.seq_id] for s in seqs}
+            pending = set(boxes)
             while pending:
                 for sid in list(pending):
                     box = boxes[sid]
@@ -345,8 +344,8 @@ class LLM:
             plist = list(params)
         else:
             plist = [params or SamplingParams()] * len(prompts)
-        seqs = self._submit(prompts, plist)
-        for _ in self._run(seqs):
+        seqs: list[Sequence] = []
+        for _ in self._run(prompts, plist, seqs):
             pass
         return [self._finish(s) for s in seqs]
 
@@ -377,7 +376,7 @@ class LLM:
         dec = StreamDecoder(self.tokenizer)
         hold = max((len(s) for s in params.stop), default=1) - 1  # a stop string may be forming
         sent = 0
-        run = self._run(self._submit([prompt], [params]))
+        run = self._run([prompt], [params], [])
         try:
             for _, tok in run:
                 dec.push(tok)

@@ -238,3 +238,53 @@ def test_an_exception_inside_the_block_bookkeeping_loses_no_block(tmp_path, monk
     assert st["running"] == st["waiting"] == st["blocks_used"] == 0, st
     monkeypatch.undo()
     assert [c.token_ids for c in llm.generate(prompts, params)] == before
+
+
+@pytest.mark.parametrize("where, api", [("queued", "generate"), ("queued", "stream"),
+                                        ("queued", "engine.run"),    # (the engine keeps no
+                                        ("outbox", "generate"), ("outbox", "stream")])  # outboxes)
+def test_an_exception_just_after_a_request_is_queued_leaves_nothing_running(tmp_path, monkeypatch,
+                                                                          api, where):
+    """The same handler can raise just after the engine queued a request and before the caller
+    has it in hand (the request's place in the queue taken, its answer's outbox not yet made):
+    the request is aborted all the same — none is left running in later calls' steps."""
+    import minfer
+    from minfer.engine.scheduler import Scheduler
+    llm = minfer.LLM(synthetic.tiny_checkpoint(tmp_path), backend="numpy")
+    prompts = ["once upon a time", "hello there"]
+    params = minfer.SamplingParams(temperature=0, max_tokens=8)
+    before = [c.token_ids for c in llm.generate(prompts, params)]
+
+    class Timeout(Exception):
+        pass
+    add, calls = Scheduler.add, {"n": 0}
+    last = 1 if api == "stream" else 2
+
+    def add_then_raise(self, seq):
+        add(self, seq)
+        calls["n"] += 1
+        if calls["n"] == last:           # the last prompt queued (any before it already in hand)
+            raise Timeout()
+
+    class Outboxes(dict):
+        def __setitem__(self, key, value):
+            calls["n"] += 1
+            raise Timeout()
+
+    if where == "queued":
+        monkeypatch.setattr(Scheduler, "add", add_then_raise)
+    else:
+        monkeypatch.setattr(llm, "_outbox", Outboxes())
+    with pytest.raises(Timeout):
+        if api == "generate":
+            llm.generate(prompts, params)
+        elif api == "stream":
+            "".join(llm.stream(prompts[0], params))
+        else:
+            ids = [llm.tokenizer.encode(p) for p in prompts]
+            list(llm.engine.run(ids, [params] * 2))
+    assert calls["n"] >= 1
+    st = llm.engine.stats()
+    assert st["running"] == st["waiting"] == st["blocks_used"] == 0 and not llm.engine.seqs, st
+    monkeypatch.undo()
+    assert [c.token_ids for c in llm.generate(prompts, params)] == before

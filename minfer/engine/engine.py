@@ -105,13 +105,17 @@ class Engine:
             raise InvalidArgumentError(f"token ids must be in 0..{vocab - 1}")
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams,
-                    stop_check=None) -> Sequence:
+                    stop_check=None, into: list | None = None) -> Sequence:
         """Queue a request; it joins the next step that has room. stop_check(seq) -> bool may end
-        it early (stop strings)."""
+        it early (stop strings). `into`, a caller's list, gets the sequence before it is queued:
+        an exception (a program's own signal handler) between the queueing and the return still
+        leaves the caller holding it, to abort."""
         ids = [int(i) for i in prompt_ids]
         self.check_prompt(ids)
         with self.lock:
             seq = Sequence(next(self._ids), ids, params, np.random.default_rng(params.seed), stop_check)
+            if into is not None:
+                into.append(seq)
             self.seqs[seq.seq_id] = seq
             self.scheduler.add(seq)
         return seq
@@ -230,9 +234,11 @@ class Engine:
     def run(self, prompts: list[list[int]], params: list[SamplingParams]):
         """Add the prompts, then step until all are done: yields (prompt index, new token id) as
         tokens come — a batch job in a few lines. Leaving the loop early aborts the rest."""
-        seqs = [self.add_request(p, sp) for p, sp in zip(prompts, params)]
-        index = {s.seq_id: i for i, s in enumerate(seqs)}
+        seqs: list[Sequence] = []
         try:
+            for p, sp in zip(prompts, params):
+                self.add_request(p, sp, into=seqs)
+            index = {s.seq_id: i for i, s in enumerate(seqs)}
             while any(not s.finished for s in seqs):
                 for seq, new in self.step():
                     for tok in new:
