@@ -77,6 +77,12 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0
 
+    @property
+    def plain_argmax(self) -> bool:
+        """Is the next token np.argmax of the raw logits (greedy, no repetition penalty)? A model
+        may then find it without all the logits (cpu/greedy_head.py)."""
+        return self.temperature == 0 and self.repetition_penalty == 1
+
 
 def apply_repetition_penalty(logits: np.ndarray, seen: np.ndarray, penalty: float) -> np.ndarray:
     """CTRL-style (Keskar et al., 2019): positive logits of seen tokens are divided, negative ones

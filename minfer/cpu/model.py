@@ -22,9 +22,11 @@ import numpy as np
 
 from ..batch import Batch
 from ..model import Transformer
+from ..errors import check_finite
 from ..stages.kvcache import KVCache
 from ..stages.quant_dispatch import KernelConfig
-from . import formats, region
+from ..stages.rmsnorm import rmsnorm_numba
+from . import formats, greedy_head, region
 from .contention import ThreadGovernor
 
 
@@ -51,6 +53,7 @@ class CpuModel(Transformer):
         self.adapt_threads = adapt_threads
         self._governor = None  # contention.ThreadGovernor, for the thread count it was made with
         self._args = None     # (kind, weights' arrays, layer args, head args): made once, not each step
+        self._head = None     # greedy_head.Head, at the first greedy step that takes it
 
     def forward(self, batch: Batch, cache: KVCache) -> np.ndarray:
         """-> logits [len(batch.logits_rows), V] float32."""
@@ -79,6 +82,55 @@ class CpuModel(Transformer):
         x = op.rmsnorm(x[batch.logits_rows], W.norm, c.rms_eps)               # [R, D]
         return op.linear(x, W.lm_head)                                         # [R, V]
 
+    def forward_argmax(self, batch: Batch, cache: KVCache) -> np.ndarray | None:
+        """-> np.argmax of each row of forward()'s logits [R] int64, the LM head mostly on int8 x
+        (greedy_head.py: a third of its byte products, the same answer), or None where that is
+        not the faster way (nothing computed then: call forward): fewer logits rows than
+        kernels.argmax_head_rows, x not in three int8 parts, an LM head the panels do not read,
+        rows enough for the float tiles or the tile unit — or a while after steps whose logits
+        were too close together for the bound to leave few candidates (random text)."""
+        R, T = len(batch.logits_rows), len(batch.token_ids)
+        kind = self.region_kind(T)
+        k = self.kernels
+        if (kind != formats.SPLIT or R < k.argmax_head_rows
+                or R >= min(k.many_rows[kind], k.tile_unit_rows[kind])
+                or self._weights_as_args(kind)[1] is None):
+            return None
+        head = self._greedy_head(kind)
+        if head.pause > 0:
+            head.pause -= 1
+            return None
+        was = numba.get_num_threads()
+        own = self.threads or was
+        if own != was:
+            numba.set_num_threads(own)
+        try:
+            c, W, op = self.config, self.weights, self.ops
+            x = op.embedding(batch.token_ids, W.tok_embd)                       # [T, D]
+            cos, sin = op.rope_angles(batch.positions, c.head_dim, c.rope_theta)
+            x, _ = self.run_region(kind, x, cos, sin, batch, cache, logits=False)  # [T, D]
+            h = rmsnorm_numba(np.ascontiguousarray(x[batch.logits_rows]), W.norm,
+                              float(c.rms_eps))                                 # [R, D] as the region's
+            found = greedy_head.head_argmax(h, head)
+            if found is None:            # x not finite (or huge): the whole head says where
+                logits = head.logits(h)                                         # [R, V]
+                check_finite(logits, "forward pass (the logits)")
+                return np.argmax(logits, axis=1)
+            head.observe(found[3], R)
+            return found[0]
+        finally:
+            if own != was:
+                numba.set_num_threads(was)
+
+    def _greedy_head(self, kind: int) -> greedy_head.Head:
+        """The region's LM head panels with their bound (greedy_head.Head), made at the first
+        greedy step."""
+        lm = self.weights.lm_head
+        if self._head is None or self._head.w is not lm:
+            panels = self._weights_as_args(kind)[1][1][3:]          # (qp, d, m) [1, ...]
+            self._head = greedy_head.Head(lm, *(a[0] for a in panels))
+        return self._head
+
     def region_kind(self, T: int):
         """The kernel kind (cpu/formats.py) of the region for a step of T tokens, or None: float32
         weights, or T rows enough for the sgemm tiles (int8 activations have no tiles)."""
@@ -87,15 +139,15 @@ class CpuModel(Transformer):
             return None
         return kind
 
-    def run_region(self, kind: int, x, cos, sin, batch: Batch, cache: KVCache):
+    def run_region(self, kind: int, x, cos, sin, batch: Batch, cache: KVCache, logits: bool = True):
         """x [T, D] after the embedding -> (x [T, D] after the last layer, the logits of
-        batch.logits_rows [R, V] or None where the region's kernels cannot read the LM head),
-        the cache written on the way."""
+        batch.logits_rows [R, V] or None where the region's kernels cannot read the LM head, or
+        logits=False), the cache written on the way."""
         W, head = self._weights_as_args(kind)
         B = (batch.row_seq, batch.positions, batch.block_tables, batch.slot_mapping)
         args = (np.ascontiguousarray(x, dtype=np.float32), cos, sin, W, (cache.k, cache.v), B,
                 self.config.n_heads, self.config.n_kv_heads, float(self.config.rms_eps))
-        if head is None:     # no logits rows: the region's tail does nothing (one compiled region)
+        if head is None or not logits:    # no logits rows: the region's tail does nothing
             head, rows = (self.weights.stacks["ffn_norm"][1][0], W[2]), batch.logits_rows[:0]
         else:
             rows = batch.logits_rows

@@ -167,7 +167,7 @@ class Engine:
             live = [seq for (seq, _), s in zip(scheduled, sampling) if s]
             decided = None
             if drafts:
-                with deferred_sigint():   # the cuda backend verifies the guesses on its device
+                with deferred_sigint():   # (cuda: verified on the device; numba: greedy rows' arg-max)
                     decided = self.speculator.forward_verify(live, batch, drafts)
                     logits = None if decided else self.model.forward(batch, self.cache)  # [R, V]
                 if logits is not None:
@@ -186,13 +186,19 @@ class Engine:
 
     def _next_tokens(self, live: list[Sequence], batch) -> list[int]:
         """One forward; the next token of each sequence in `live`. A model that samples on its
-        device (the cuda backend) returns only the ids; otherwise the logits come back and are
-        sampled here."""
+        device (the cuda backend) returns only the ids, and so does one that finds the arg-max
+        rows of greedy steps itself (the numba backend's forward_argmax); otherwise the logits
+        come back and are sampled here."""
         with deferred_sigint():
             if (live and getattr(self.model, "samples_on_device", False)
                     and all(s.params.repetition_penalty == 1 for s in live)):
                 return self.model.forward_sample(batch, self.cache, [s.params for s in live],
                                                  [s.rng for s in live])
+            if (live and hasattr(self.model, "forward_argmax")
+                    and all(s.params.plain_argmax for s in live)):
+                ids = self.model.forward_argmax(batch, self.cache)   # (numba: most of the LM
+                if ids is not None:                                  # head on int8 x, exact)
+                    return [int(i) for i in ids]
             logits = self.model.forward(batch, self.cache)                      # [R, V]
         check_finite(logits, "forward pass (the logits)")
         return [sample(row, s.params, s.rng,

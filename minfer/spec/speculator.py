@@ -8,7 +8,8 @@ The engine calls it at two points of a step (engine.py), three on a device that 
                                              draft model computes the step's prompt chunks too
     (forward: the target scores every guess in the same forward as everyone else's tokens —
      on the cuda backend speculator.forward_verify runs it and the rule on the device:
-     greedy or sampling, without a repetition penalty)
+     greedy or sampling, without a repetition penalty; on the numba backend, when every row is
+     greedy, the model gives each row's arg-max and not its logits)
     speculator.verify(live, logits, drafts)  -> [(sequence, ids to emit)]: the accepted guesses
                                              and one token more; the K/V of rejected guesses
                                              rolled back
@@ -168,12 +169,16 @@ class Speculator:
     # --- the forward, where the model can verify on its device ----------------------------------
     def forward_verify(self, live, batch, drafts: dict) -> dict | None:
         """On a model that verifies where its logits are (the cuda backend): the forward and the
-        rule there -> {sequence: (accepted, next token)}; only those come back. Each sampling
+        rule there -> {sequence: (accepted, next token)}; only those come back. (On one that
+        finds greedy rows' arg-max itself, when every row is greedy: the same, from those ids.) Each sampling
         sequence draws its uniforms here, as many as the host's rule would: a draft's guesses
         one a guess and one more, a plain row one, n-gram guesses one for each token emitted
         (k + 1 drawn, the generator then set back to m + 1). None: the host verifies (a
         repetition penalty, or a model without it)."""
         model = self.engine.model
+        if (not getattr(model, "verifies_on_device", False) and hasattr(model, "forward_argmax")
+                and all(s.params.plain_argmax for s in live)):
+            return self._forward_argmax(live, batch, drafts)
         if not getattr(model, "verifies_on_device", False) or any(
                 s.params.repetition_penalty != 1 for s in live):
             return None
@@ -210,6 +215,22 @@ class Speculator:
             live[i].rng.bit_generator.state = state                  # sample_as_plain draws
             live[i].rng.random(int(out[i][0]) + 1)
         return {s: (int(m), int(nxt)) for s, (m, nxt) in zip(live, out)}
+
+    def _forward_argmax(self, live, batch, drafts: dict) -> dict | None:
+        """Every row greedy: the model's arg-max of each row (forward_argmax: the numba backend
+        finds it with most of the LM head on int8 x, the same ids) and the greedy rule on them
+        -> {sequence: (accepted, next token)}; None where the model would rather give logits."""
+        ids = self.engine.model.forward_argmax(batch, self.engine.cache)          # [R]
+        if ids is None:
+            return None
+        out, r = {}, 0
+        for s in live:
+            props = drafts[s][0] if s in drafts else []
+            rows = ids[r:r + len(props) + 1]                                       # [k + 1]
+            r += len(props) + 1
+            m, nxt = verify_greedy_numba(rows, np.asarray(props, dtype=np.int64))
+            out[s] = (int(m), int(nxt))
+        return out
 
     # --- after the forward -------------------------------------------------------------------------
     def verify(self, live, logits: np.ndarray | None, drafts: dict, decided: dict | None = None) -> list:

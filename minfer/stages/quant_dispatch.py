@@ -106,6 +106,11 @@ class KernelConfig:
     # in lanes"): whole forwards of 3 tokens were level or slower that way (9 of 16 lanes busy), of
     # 4 faster, of 9 ~1.1-1.2x faster (docs/benchmarks.md, "Attention, rows in lanes").
     attention_lane_rows: int = 4
+    # From how many logits rows on a step whose rows are all greedy (tokens to verify, a batch)
+    # finds each row's arg-max with most of the LM head on int8 x (cpu/greedy_head.py; x in three
+    # int8 parts only): at 2 to 4 rows whole forwards were level or a little slower, from 9 on
+    # faster (docs/benchmarks.md, "Greedy steps: the LM head's arg-max").
+    argmax_head_rows: int = 8
 
     def sgemm_min_rows(self, fmt: str) -> int:
         """From how many tokens on a matmul of float32 x on weights of this block format goes to
