@@ -131,19 +131,20 @@ def _approx(h, qp, d, m, G_chunk, amax, V):
     return L1, top, E
 
 
-@njit(cache=True)
+@njit(parallel=True, cache=True)
 def _search(h, qp, d, m, L1, top, E, Gt, amax, V, most):
-    """-> (ids [R], their three-part logits [R], how many rows were computed exactly); -1 for a
-    row with more than `most` panels to compute (a flat distribution: its whole head is cheaper)."""
+    """-> (ids [R], their three-part logits [R], rows computed exactly [R]), a row a thread; -1
+    for a row with more than `most` panels to compute (a flat distribution: its whole head is
+    cheaper)."""
     R, n = top.shape
     ids = np.full(R, -1, dtype=np.int64)
     best = np.full(R, -np.inf, dtype=np.float32)
-    y = np.empty((1, ROWS), dtype=np.float32)
-    e = np.empty(CHUNK * ROWS, dtype=np.float32)
-    panels = np.empty(most + 1, dtype=np.int64)
+    exact = np.zeros(R, dtype=np.int64)
     slack = float32(SLACK)
-    exact = 0
-    for t in range(R):
+    for t in prange(R):
+        y = np.empty((1, ROWS), dtype=np.float32)
+        e = np.empty(CHUNK * ROWS, dtype=np.float32)
+        panels = np.empty(most + 1, dtype=np.int64)
         # lo: L1 - E at the largest L1, a value the arg-max's logit is at least
         i = np.argmax(top[t])
         v = i * CHUNK * ROWS
@@ -174,7 +175,7 @@ def _search(h, qp, d, m, L1, top, E, Gt, amax, V, most):
         for j in range(k):
             p = panels[j]
             quant_panel.tile(xi, qp, d, m, p, p + 1, y, 0)
-            exact += ROWS
+            exact[t] += ROWS
             for r in range(min(ROWS, V - p * ROWS)):
                 if ids[t] < 0 or y[0, r] > best[t]:   # (a tie keeps the first)
                     ids[t], best[t] = p * ROWS + r, y[0, r]
@@ -226,7 +227,8 @@ def head_argmax(h: np.ndarray, head: Head, most: int = MOST):
     if not amax.max() < HUGE:
         return None
     L1, top, E = _approx(h, head.qp, head.d, head.m, head.G_chunk, amax, head.V)
-    ids, best, exact = _search(h, head.qp, head.d, head.m, L1, top, E, head.Gt, amax, head.V, most)
+    ids, best, rows = _search(h, head.qp, head.d, head.m, L1, top, E, head.Gt, amax, head.V, most)
+    exact = int(rows.sum())
     flat = np.flatnonzero(ids < 0)
     if len(flat):                                 # rows whose logits are too close: all of them
         logits = head.logits(h[flat])                                         # [f, V]
