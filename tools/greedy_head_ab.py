@@ -2,9 +2,11 @@
 (cpu/greedy_head.py, CpuModel.forward_argmax) against the whole three-part head, turn by turn.
 
     python tools/greedy_head_ab.py                 # default model, numba, 6 rounds
+    python tools/greedy_head_ab.py --rows 2,4,9 --no-answers
 
-1. forwards of 9, 17 and 33 tokens of the bench's edit answer after its prompt: forward() and
-   np.argmax of its logits, against forward_argmax (the same ids: checked);
+1. forwards of 9, 17 and 33 (--rows) tokens of the bench's edit answer after its prompt:
+   forward() and np.argmax of its logits, against forward_argmax at any row count (the same ids:
+   checked);
 2. whole answers, the arg-max head on (the default) and off (KernelConfig.argmax_head_rows never):
    the edit workload with n-gram guesses, and 32 greedy stories at once — decode tok/s, and
    whether the text is the same.
@@ -42,24 +44,34 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=None, help="a GGUF file or HF folder (default: the default model)")
     ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--rows", default="9,17,33", help="row counts of the timed forwards (comma-separated)")
+    ap.add_argument("--no-answers", action="store_true", help="the forwards only")
     a = ap.parse_args()
-    if a.rounds < 1:
-        ap.error(f"--rounds must be at least 1, got {a.rounds}")
+    try:
+        sizes = [int(r) for r in a.rows.split(",")]
+    except ValueError:
+        ap.error(f"--rows: comma-separated whole numbers, got {a.rows!r}")
+    if a.rounds < 1 or min(sizes) < 1 or max(sizes) > 128:
+        ap.error("--rounds must be at least 1, and --rows from 1 to 128 (the answer's tokens)")
     llm = minfer.LLM(a.model, backend="numba", quiet=True, speculative="ngram")
     eng = llm.engine
     model, cache, blocks = eng.model, eng.cache, eng.blocks
     on = model.kernels
     off = dataclasses.replace(on, argmax_head_rows=1 << 30)
+    anyrows = dataclasses.replace(on, argmax_head_rows=1)
     edit = llm.tokenizer.apply_chat_template([{"role": "user", "content": SPEC_WORKLOADS["edit"]}])
     greedy = minfer.SamplingParams(temperature=0, max_tokens=128)
     c = llm.generate([edit], greedy)[0]
     ids, n0 = list(c.prompt_token_ids) + list(c.token_ids), len(c.prompt_token_ids)
+    if max(sizes) > len(c.token_ids):
+        ap.error(f"--rows: this model's answer has {len(c.token_ids)} tokens")
 
     print("1. forwards after the edit prompt, ms (median): forward + np.argmax | forward_argmax")
-    table = blocks.ensure(-(1 << 41), len(ids))
+    table = blocks.ensure(-(1 << 41), n0 + max(sizes))
+    model.kernels = anyrows                   # (the arg-max head at any row count, for timing)
     try:
         model.forward(make_batch([(ids[:n0], 0, table)], cache.block_size), cache)
-        for n in (9, 17, 33):
+        for n in sizes:
             step = make_batch([(ids[n0:n0 + n], n0, table)], cache.block_size, logits_for=[n])
             if model.forward_argmax(step, cache) is None:
                 print(f"   {n} rows: this CPU or model does not take the arg-max head")
@@ -77,6 +89,9 @@ def main() -> None:
             print(f"   {n:>2} rows: {p:7.2f} | {f:7.2f}   ratio {f / p:.3f}   same ids: {bool(same)}")
     finally:
         blocks.release(-(1 << 41))
+        model.kernels = on
+    if a.no_answers:
+        return
 
     print("2. whole answers, decode tok/s (median): the whole head | the arg-max head")
     topics = ["a dragon", "the sea", "a robot", "winter", "a city", "music", "a garden", "the moon"]

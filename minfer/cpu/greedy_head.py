@@ -2,20 +2,23 @@
 
 A greedy step needs each row's largest logit, not the logits. With float32 x in three int8 parts
 (quant_panel.py: as exact as float32) the LM head is the biggest matrix of SmolLM2-135M — 49,152
-rows, a fifth of the multiply-adds of a whole forward — and on a CPU whose byte products are its
-limit, a tenth of a step of several rows. With x rounded to one int8 part it costs a third as
-much, but each logit is off by a little (~0.3 on the default model), enough to swap two close
-candidates now and then. Greedy text must not depend on that. So, for each row of x:
+rows, a fifth of the multiply-adds of a whole forward — and where byte products are what a step
+of several rows waits for, it costs that share of the step. With x rounded to one int8 part it
+costs a third as much, but each logit is off by a little, enough to swap two close candidates
+now and then. Greedy text must not depend on that. So, for each row of x:
 
     L1[v]  = row v of the head . x rounded to int8 per block            (1 byte product a MAC)
-    E[v]   = a bound on |L3[v] - L1[v]|, L3 the three-part logit        (18 multiply-adds a row)
-    lo     = max_v (L1[v] - E[v])                                       (<= max_v L3[v])
+    E[v]   = a bound on |L3[v] - L1[v]|, L3 the three-part logit        (18 multiply-adds)
+    lo     = L1[v] - E[v] at the largest L1                              (<= max_v L3[v])
     keep v where L1[v] + E[v] >= lo                                     (the arg-max is among them)
-    answer = the first v of the largest L3[v] among those kept          (3 byte products, a few rows)
+    answer = the first v of the largest L3[v] among those kept          (3 byte products a MAC)
 
 Nothing outside the kept rows can be the arg-max, every tie is kept, and the kept rows' L3 come
-from the same kernel as the step's own LM head, bit for bit: the answer is np.argmax of the
-logits the step would have returned. Typically 1 to 3 rows of 49,152 are kept.
+from the same kernel as the step's own LM head (their whole panels of 16 rows), bit for bit: the
+answer is np.argmax of the logits the step would have returned. The head's rows go in chunks of
+256: one bound for a whole chunk (its rows' largest coefficients) skips most chunks at once, and
+only the rest get each row's own. Where x leaves many logits close together (random text), too
+many rows are kept: such a row takes the whole three-part head instead.
 
 The bound. Per block b of 32 values, x is rounded to dx_b X_j, X_j integers (|X_j| <= 127),
 dx_b = max|x over b| / 127, so |x_j - dx_b X_j| <= dx_b / 2 (and a few float32 roundings). The
