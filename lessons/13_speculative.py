@@ -92,6 +92,10 @@ show(fig, "13_rows_cost")
 #
 # **Greedy:** accept guesses while $d_{i+1} = \arg\max p_i$; then add $\arg\max p_m$ after the $m$
 # accepted ones. Plain greedy decoding would have produced exactly these $m + 1$ tokens.
+# Greedy rows need only each row's $\arg\max$, not $p_i$: on the numba backend the LM head then
+# runs mostly on int8 activations, with a bound on how far those logits can be from the exact
+# ones, and computes exactly only the few vocabulary rows that could be the largest
+# (`minfer/cpu/greedy_head.py`) — the same $\arg\max$ for a third of the head's work.
 #
 # **Sampling** (Leviathan et al. 2023; Chen et al. 2023): the guess $d$ was drawn from the
 # proposer's $q$. Accept it with probability $\min(1, p(d)/q(d))$; at the first rejection, draw
