@@ -73,7 +73,7 @@ def argmax_by_bound(approx: np.ndarray, bound: np.ndarray, exact) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# Numba: the head with int8 x (all threads), then the search (one)
+# Numba: the head with int8 x (all threads), then the search (a row a thread)
 # ---------------------------------------------------------------------------------------------
 @njit(cache=True)
 def _block_absmax(h):
