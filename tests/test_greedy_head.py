@@ -101,13 +101,18 @@ def _tiny(tmp_path, dtype):
     return synthetic.tiny_checkpoint(tmp_path, fmt="gguf", dtype=dtype, seed=3)
 
 
+# the byte products on the vector unit at every row count, as on a CPU without AMX (where the
+# tile unit takes them, the arg-max head stays below its row count)
+VECTOR = KernelConfig(tile_unit_rows=(1 << 30,) * 4)
+
+
 @pytest.mark.parametrize("dtype", ["Q4_1", "Q8_0"])
 def test_forward_argmax_equals_the_argmax_of_forward(tmp_path, dtype):
     """The numba model: a verification-sized step (one sequence's 9 rows, and 12 sequences'
     last rows) gives the arg-max of forward()'s logits; below kernels.argmax_head_rows it
     declines (None: forward runs)."""
     from minfer.batch import make_batch
-    llm = minfer.LLM(_tiny(tmp_path, dtype), backend="numba")
+    llm = minfer.LLM(_tiny(tmp_path, dtype), backend="numba", kernels=VECTOR)
     eng = llm.engine
     model, cache, blocks = eng.model, eng.cache, eng.blocks
     rng = np.random.default_rng(0)
@@ -134,10 +139,10 @@ def test_greedy_batches_and_guesses_take_it_and_keep_the_text(tmp_path, monkeypa
     prompts = [f"the cat sat on the mat {i} and the cat sat on the" for i in range(10)]
     p = minfer.SamplingParams(temperature=0, max_tokens=24)
     want = [c.token_ids for c in minfer.LLM(path, backend="numpy").generate(prompts, p)]
-    assert [c.token_ids for c in minfer.LLM(path, backend="numba").generate(prompts, p)] == want
+    assert [c.token_ids for c in minfer.LLM(path, backend="numba", kernels=VECTOR).generate(prompts, p)] == want
     assert calls and max(calls) == 10
     calls.clear()
-    kernels = KernelConfig(argmax_head_rows=2)          # (this model's guesses: a few a step)
+    kernels = KernelConfig(argmax_head_rows=2, tile_unit_rows=VECTOR.tile_unit_rows)  # (a few a step)
     spec = minfer.LLM(path, backend="numba", speculative="ngram", kernels=kernels)
     assert [c.token_ids for c in spec.generate(prompts[:2], p)] == want[:2]
     assert calls
@@ -149,7 +154,7 @@ def test_the_default_model_verifies_with_the_arg_max_head(default_model, monkeyp
     forward()'s arg-max with a few hundred of the head's 49,152 rows computed in three parts."""
     from minfer.batch import make_batch
     from minfer.bench import SPEC_WORKLOADS
-    llm = minfer.LLM(default_model, backend="numba")
+    llm = minfer.LLM(default_model, backend="numba", kernels=VECTOR)
     prompt = llm.tokenizer.apply_chat_template([{"role": "user", "content": SPEC_WORKLOADS["edit"]}])
     c = llm.generate([prompt], minfer.SamplingParams(temperature=0, max_tokens=40))[0]
     ids = list(c.prompt_token_ids) + list(c.token_ids)
