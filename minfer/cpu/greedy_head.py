@@ -36,6 +36,7 @@ import numpy as np
 from numba import float32, njit, prange
 
 from ..stages.quant import QK, QuantMatrix, unpack_nibbles
+from ..stages.quant_i8 import _absmax_sum
 from . import quant_panel
 from .quant_panel import ROWS
 
@@ -77,14 +78,12 @@ def argmax_by_bound(approx: np.ndarray, bound: np.ndarray, exact) -> int:
 # ---------------------------------------------------------------------------------------------
 @njit(cache=True)
 def _block_absmax(h):
-    """h [R, K] -> max |h| over each block of 32 [R, nb]."""
+    """h [R, K] -> max |h| over each block of 32 [R, nb] (as prepare_x finds it)."""
     R, K = h.shape
-    out = np.zeros((R, K // QK), dtype=np.float32)
+    out = np.empty((R, K // QK), dtype=np.float32)
     for t in range(R):
-        for j in range(K):
-            a = abs(h[t, j])
-            if a > out[t, j // QK]:
-                out[t, j // QK] = a
+        for b in range(K // QK):
+            out[t, b] = _absmax_sum(h, t * K + b * QK)[0]
     return out
 
 

@@ -15,6 +15,7 @@ tiles on Python threads — runs model.py's own loop on the numba stage kernels.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import numba
@@ -57,12 +58,18 @@ class CpuModel(Transformer):
 
     def forward(self, batch: Batch, cache: KVCache) -> np.ndarray:
         """-> logits [len(batch.logits_rows), V] float32."""
+        with self._own_threads():
+            return self._forward(batch, cache)
+
+    @contextlib.contextmanager
+    def _own_threads(self):
+        """numba's thread count set to the model's own for the block."""
         was = numba.get_num_threads()
         own = self.threads or was
         if own != was:
             numba.set_num_threads(own)
         try:
-            return self._forward(batch, cache)
+            yield
         finally:
             if own != was:
                 numba.set_num_threads(was)
@@ -100,11 +107,7 @@ class CpuModel(Transformer):
         if head.pause > 0:
             head.pause -= 1
             return None
-        was = numba.get_num_threads()
-        own = self.threads or was
-        if own != was:
-            numba.set_num_threads(own)
-        try:
+        with self._own_threads():
             c, W, op = self.config, self.weights, self.ops
             x = op.embedding(batch.token_ids, W.tok_embd)                       # [T, D]
             cos, sin = op.rope_angles(batch.positions, c.head_dim, c.rope_theta)
@@ -118,9 +121,6 @@ class CpuModel(Transformer):
                 return np.argmax(logits, axis=1)
             head.observe(found[3], R)
             return found[0]
-        finally:
-            if own != was:
-                numba.set_num_threads(was)
 
     def _greedy_head(self, kind: int) -> greedy_head.Head:
         """The region's LM head panels with their bound (greedy_head.Head), made at the first
