@@ -30,6 +30,25 @@ def test_panels_equal_the_int8_reference(fmt, half, T, limbs):
         assert np.abs(got - exact).max() <= 1e-5 * np.abs(exact).max()
 
 
+@pytest.mark.parametrize("fmt", ["Q4_0", "Q4_1"])
+def test_three_parts_at_their_largest_sums(fmt):
+    """Every nibble 15 and every value of x at its block's largest |x| (each part at its largest:
+    X = 127 128^2 throughout): a block's integer sum, 32 * 15 * X ~ 2^30, is the largest the
+    three parts reach with 4-bit weights, and must come out as float32's rounding of it (an int32
+    that wrapped would flip its sign)."""
+    O, K = 32, 96
+    qs = np.full((O, K // 2), 0xFF, dtype=np.uint8)
+    d = np.full((O, K // 32), 0.5, dtype=np.float32)
+    m = np.full((O, K // 32), -0.25, dtype=np.float32) if fmt == "Q4_1" else np.float32(-8) * d
+    w = QuantMatrix._from_parts(fmt, qs, d, m, K)
+    x = np.full((3, K), 3.0, dtype=np.float32)
+    x[1] = -3.0
+    x[2, ::2] = -3.0                          # the signs alternate: the sums cancel to 0
+    got = quant_panel.quant_linear_panels(x, quant_panel.PanelMatrix(w), 3)
+    exact = x.astype(np.float64) @ w.dequantize().astype(np.float64).T
+    assert np.abs(got - exact).max() <= 1e-6 * np.abs(exact).max()
+
+
 def test_panel_layout_holds_each_row_once():
     """Every weight byte of the matrix is in the panels once, in the rows and lanes the kernels
     read it from: row 16 p + r, block b, bytes 4 c .. 4 c + 3 -> qp[p, b, c, 4 r .. 4 r + 3]."""
