@@ -97,6 +97,34 @@ def test_head_argmax_is_np_argmax_of_the_three_part_logits(fmt, R, most):
     assert greedy_head.head_argmax(np.full((2, K), np.nan, np.float32), head) is None
 
 
+@pytest.mark.parametrize("fmt", ["Q4_1", "Q8_0"])
+def test_the_kernels_follow_the_reference_rule(fmt):
+    """The numba path step by step against the NumPy reference: _approx's logits are the one-part
+    panels' (bit for bit), each chunk's largest of them and a bound at least each of its rows'
+    own (bound_coefficients . max|x| a block), and head_argmax answers what argmax_by_bound
+    answers with those logits and bounds, the exact values being the three-part panels'."""
+    O, K, R = 5000, 96, 6
+    q, p, head = _head(fmt, O, K, seed=11)
+    rng = np.random.default_rng(12)
+    x = rng.standard_normal((R, K)).astype(np.float32)
+    w = q.dequantize()
+    x[1] = (w[300] + w[301]) * 2                    # two rows close at the top
+    amax = greedy_head._block_absmax(x)                                        # [R, nb]
+    assert np.array_equal(amax, _block_max(x))
+    L1, top, E = greedy_head._approx(x, head.qp, head.d, head.m, head.G_chunk, amax, head.V)
+    assert np.array_equal(L1[:, :O], quant_panel.quant_linear_panels(x, p, 1))
+    bound = amax.astype(np.float64) @ greedy_head.bound_coefficients(q).T.astype(np.float64)  # [R, O]
+    n = greedy_head.CHUNK * quant_panel.ROWS                                   # rows a chunk
+    for i in range(top.shape[1]):
+        assert np.array_equal(top[:, i], L1[:, i * n:min((i + 1) * n, O)].max(axis=1))
+        assert (E[:, i] >= bound[:, i * n:(i + 1) * n].max(axis=1) * (1 - 1e-6)).all()
+    three = quant_panel.quant_linear_panels(x, p, 3)                           # [R, O]
+    ids = greedy_head.head_argmax(x, head)[0]
+    for t in range(R):
+        assert ids[t] == greedy_head.argmax_by_bound(L1[t, :O].astype(np.float64), bound[t],
+                                                     lambda v: three[t, v])
+
+
 def _tiny(tmp_path, dtype):
     return synthetic.tiny_checkpoint(tmp_path, fmt="gguf", dtype=dtype, seed=3)
 
