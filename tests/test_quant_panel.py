@@ -32,10 +32,10 @@ def test_panels_equal_the_int8_reference(fmt, half, T, limbs):
 
 @pytest.mark.parametrize("fmt", ["Q4_0", "Q4_1"])
 def test_three_parts_at_their_largest_sums(fmt):
-    """Every nibble 15 and every value of x at its block's largest |x| (each part at its largest:
-    X = 127 128^2 throughout): a block's integer sum, 32 * 15 * X ~ 2^30, is the largest the
-    three parts reach with 4-bit weights, and must come out as float32's rounding of it (an int32
-    that wrapped would flip its sign)."""
+    """Every nibble 15 and every value of x at its block's largest |x| (X = 127 128^2, the
+    largest integer x becomes): a block's integer sum, 32 * 15 * X ~ 2^30, is the largest the three
+    parts reach with 4-bit weights, and must come out as float32's rounding of it (an int32 that
+    wrapped would flip its sign)."""
     O, K = 32, 96
     qs = np.full((O, K // 2), 0xFF, dtype=np.uint8)
     d = np.full((O, K // 32), 0.5, dtype=np.float32)
