@@ -173,8 +173,8 @@ class Speculator:
         finds greedy rows' arg-max itself, when every row is greedy: the same, from those ids.)
         Each sampling sequence draws its uniforms here, as many as the host's rule would: a
         draft's guesses one a guess and one more, a plain row one, n-gram guesses one for each
-        token emitted (k + 1 drawn, the generator then set back to m + 1). None: the host verifies (a
-        repetition penalty, or a model without it)."""
+        token emitted (k + 1 drawn, the generator then set back to m + 1). None: the host
+        verifies (a repetition penalty, or a model without it)."""
         model = self.engine.model
         if (not getattr(model, "verifies_on_device", False) and hasattr(model, "forward_argmax")
                 and all(s.params.plain_argmax for s in live)):
