@@ -122,11 +122,11 @@ def _dense_matmul(x, w):
 
 
 @njit(inline="always")
-def _tile(acc, xt, w, at, K, nxt, first):
-    """acc (4 R sums) + R tokens of xt (from at[1]) x the 4 weight rows from at[2], over K; the
-    first tile of an item asks for the next item's rows (from nxt) meanwhile."""
+def _tile(acc, xt, w, at, K, nxt, lo, hi):
+    """acc (4 R sums) + R tokens of xt (from at[1]) x the 4 weight rows from at[2], over K; and
+    meanwhile, for k in [lo, hi), asks for the rows of an item to come (from nxt)."""
     for k in range(0, K, 16):
-        if first:
+        if lo <= k < hi:
             for c in range(4):
                 _prefetch_l2(w, nxt + c * K + k)
         acc = _mac4(acc, xt, at[1] + 4 * k, 16, w, at[2] + k, K)
@@ -139,9 +139,10 @@ def _dense_tiles(x, w):
     An item is 4 weight rows: each 16-float vector of them feeds up to 4 tokens' sums at once (16
     sums a tile of 4 tokens x 4 rows). x is first laid out so that a tile's 4 token vectors at one
     k sit side by side (xt[t // 4, k // 16, t % 4, :]): one pointer for all of them, which keeps
-    the loop's addresses in registers. While an item's first tokens run, the next item's rows are
-    asked for: without that, each item waited for its rows from memory and then computed, one
-    after the other."""
+    the loop's addresses in registers. While an item runs, the next item's rows are asked for
+    (without that, each item waited for its rows from memory and then computed, one after the
+    other), a share in each of its tiles: all asked for in the first, they came while it ran, and
+    from 5 tokens on the later tiles computed with nothing coming from memory."""
     T, K = x.shape
     O = w.shape[0]
     out = np.empty((T, O), dtype=np.float32)
@@ -150,6 +151,7 @@ def _dense_tiles(x, w):
     for t in range(T):
         for k in range(K):
             xt[t // 4, k // 16, t % 4, k % 16] = x[t, k]
+    share = (K // 16 + nt - 1) // nt * 16                          # of the rows asked for, a tile's
     for i in prange((O + 3) // 4):
         o = 4 * i
         if o + 4 > O:                                   # the last rows, fewer than 4
@@ -162,16 +164,16 @@ def _dense_tiles(x, w):
             continue
         nxt = min(o + 4, O - 4) * K                     # the next item's rows
         for c4 in range(nt):
-            R, first = min(4, T - 4 * c4), c4 == 0      # tokens in this tile
+            R, lo = min(4, T - 4 * c4), c4 * share      # tokens in this tile
             at = (4 * c4 * O + o, c4 * K * 4, o * K)    # out[4 c4, o], xt[c4], w[o]
             if R == 4:                                  # (each tuple size compiles its own loop)
-                _put_sums(_tile(_zeros(16), xt, w, at, K, nxt, first), out, at[0], O, 4)
+                _put_sums(_tile(_zeros(16), xt, w, at, K, nxt, lo, lo + share), out, at[0], O, 4)
             elif R == 3:
-                _put_sums(_tile(_zeros(12), xt, w, at, K, nxt, first), out, at[0], O, 4)
+                _put_sums(_tile(_zeros(12), xt, w, at, K, nxt, lo, lo + share), out, at[0], O, 4)
             elif R == 2:
-                _put_sums(_tile(_zeros(8), xt, w, at, K, nxt, first), out, at[0], O, 4)
+                _put_sums(_tile(_zeros(8), xt, w, at, K, nxt, lo, lo + share), out, at[0], O, 4)
             else:
-                _put_sums(_tile(_zeros(4), xt, w, at, K, nxt, first), out, at[0], O, 4)
+                _put_sums(_tile(_zeros(4), xt, w, at, K, nxt, lo, lo + share), out, at[0], O, 4)
     return out
 
 
