@@ -653,10 +653,11 @@ def _add_spec_flags(p) -> None:
 
 def spec_worker(spec: dict) -> None:
     """One (quant, mode): load, answer each workload once (warm-up, compile), then per "run" line
-    answer each workload again and say its figures. A speculative mode answers each workload
-    twice, with its guesses and without (the engine's speculator set aside), in turns: the
-    speed-up is a ratio within one process, a few seconds apart — on a shared machine two
-    processes can differ by more than the gain."""
+    answer each workload again and say its figures. A speculative mode answers each workload four
+    times, twice with its guesses and twice without (the engine's speculator set aside), in the
+    order with, without, without, with (the next run: the other way round): the speed-up is a
+    ratio within one process, a few seconds apart — on a shared machine two processes can differ
+    by more than the gain — and a drift of the host's speed over the four weighs on both alike."""
     import minfer
     llm = minfer.LLM(spec["model"], backend=spec["backend"], quant=spec["quant"],
                      threads=spec.get("threads"), quiet=True,
@@ -679,6 +680,17 @@ def spec_worker(spec: dict) -> None:
                 "mean_accepted": st.get("mean_accepted"), "acceptance": st.get("acceptance"),
                 "verify_steps": st.get("verify_steps")}
 
+    def pooled(two: list) -> dict:
+        """Two answers of a kind as one: their tokens over their summed decode time; accepted
+        guesses and steps, the means; the text's hash if both said the same, else None (never the same)."""
+        a, b = two
+        secs = [x["tokens"] / x["decode_tok_s"] if x["decode_tok_s"] else float("inf") for x in two]
+        mean = (lambda k: None if a[k] is None or b[k] is None else (a[k] + b[k]) / 2)
+        return dict(a, decode_tok_s=(a["tokens"] + b["tokens"]) / sum(secs),
+                    text_hash=a["text_hash"] if a["text_hash"] == b["text_hash"] else None,
+                    mean_accepted=mean("mean_accepted"), acceptance=mean("acceptance"),
+                    verify_steps=mean("verify_steps"))
+
     def once(r: int) -> dict:
         out = {}
         for w, prompt in prompts.items():
@@ -686,9 +698,10 @@ def spec_worker(spec: dict) -> None:
                 out[w] = answer(prompt, False)
                 continue
             first = r % 2 == 0                         # which goes first, in turns
-            a = answer(prompt, first)
-            b = answer(prompt, not first)
-            out[w] = dict(a if first else b, plain=b if first else a)
+            got = {True: [], False: []}
+            for guess in (first, not first, not first, first):
+                got[guess].append(answer(prompt, guess))
+            out[w] = dict(pooled(got[True]), plain=pooled(got[False]))
         llm.engine.speculator = speculator
         return out
     once(0)
@@ -808,7 +821,8 @@ def _print_spec_table(rows) -> None:
             else:
                 ratio = statistics.median(x["decode_tok_s"] / x["plain"]["decode_tok_s"]
                                           if x["plain"]["decode_tok_s"] else 0.0 for x in runs)
-                same = all(x["text_hash"] == x["plain"]["text_hash"] for x in runs)
+                same = all(x["text_hash"] is not None and x["text_hash"] == x["plain"]["text_hash"]
+                           for x in runs)
             print(f"{w:<9} {row['quant']:<6} {row.get('activations', 'f32'):<4} {row['mode']:<6} "
                   f"{runs[0]['tokens']:>6} "
                   f"{d[0]:>8.1f} ({d[1]:.1f}..{d[2]:.1f}) "

@@ -567,9 +567,10 @@ def test_cli_chat_speculative_same_text(tiny_gguf):
 
 
 def test_bench_speculative_pairs_each_mode_with_plain_decoding(tmp_path):
-    """bench --speculative: each mode's process answers every workload with and without its
-    guesses, in turns; the "off" rows are those plain answers (no process of their own), and the
-    speed-up is the median of the paired ratios."""
+    """bench --speculative: each mode's process answers every workload twice with its guesses
+    and twice without (with, without, without, with; then the other way round); the "off" rows
+    are those plain answers (no process of their own), and the speed-up is the median of the
+    runs' ratios."""
     out = tmp_path / "spec.json"
     model = synthetic.tiny_checkpoint(tmp_path, fmt="gguf", max_position_embeddings=2048)  # the prompts
     r = _cli("bench", "--model", model, "--backend", "numba", "--speculative", "ngram,off",
