@@ -682,7 +682,8 @@ def spec_worker(spec: dict) -> None:
 
     def pooled(two: list) -> dict:
         """Two answers of a kind as one: their tokens over their summed decode time; accepted
-        guesses and steps, the means; the text's hash if both said the same, else None (never the same)."""
+        guesses and steps, the means; the text's hash if both said the same, else None (which
+        matches no other answer's)."""
         a, b = two
         secs = [x["tokens"] / x["decode_tok_s"] if x["decode_tok_s"] else float("inf") for x in two]
         mean = (lambda k: None if a[k] is None or b[k] is None else (a[k] + b[k]) / 2)
