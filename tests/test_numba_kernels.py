@@ -21,17 +21,29 @@ def test_linear(T, K, O):
     np.testing.assert_allclose(linear.linear_numba(x, w), linear.linear(x, w), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("T", [1, 2, 3, 4, 5, 6, 7, 8, 33])
+@pytest.mark.parametrize("T", [1, 2, 3, 4, 5, 6, 7, 8, 9, 13, 33])
 @pytest.mark.parametrize("K,O", [(32, 7), (96, 33), (576, 64), (48, 3)])
 def test_dense_tiles_against_float64(T, K, O):
-    """The float32-weight kernel of decode, verification and prompts (4 rows x up to 4 tokens a
-    tile, the last rows alone): every tile shape and remainder against float64."""
+    """The float32-weight kernel of decode, verification and prompts (4 rows x 4 tokens a tile,
+    the last tile 1-3 or 5 tokens, the last rows alone): every tile shape and remainder against
+    float64."""
     x, w = randn(T, K), randn(O, K)
     want = x.astype(np.float64) @ w.astype(np.float64).T
     got = linear._dense_tiles(x, w)
     assert got.shape == (T, O)
     assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
     np.testing.assert_allclose(linear.dense_matmul_numba(x, w), got, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("K,O", [(576, 64), (48, 7)])
+def test_dense_tiles_give_each_token_the_same_bits_at_any_token_count(K, O):
+    """Decode (1 token), verification (1 + k) and a prompt's chunks put a token in tiles of
+    4, 5 (one left over), 3, 2 or 1 tokens: its sums must not depend on which, or speculative
+    decoding and batching would change a greedy answer."""
+    x, w = randn(21, K), randn(O, K)
+    alone = np.concatenate([linear._dense_tiles(x[t:t + 1], w) for t in range(21)])    # [21, O]
+    for T in range(2, 22):
+        np.testing.assert_array_equal(linear._dense_tiles(x[:T], w), alone[:T], err_msg=f"T={T}")
 
 
 def test_dense_matmul_takes_the_loop_where_k_is_not_whole_vectors():

@@ -122,35 +122,50 @@ def _dense_matmul(x, w):
 
 
 @njit(inline="always")
-def _tile(acc, xt, w, at, K, nxt, lo, hi):
-    """acc (4 R sums) + R tokens of xt (from at[1]) x the 4 weight rows from at[2], over K; and
-    meanwhile, for k in [lo, hi), asks for the rows of an item to come (from nxt)."""
+def _tile(acc, xt, w, at, K, R, nxt, lo, hi):
+    """acc (4 R sums) + R tokens of xt (from at[1], R vectors of 16 a k) x the 4 weight rows from
+    at[2], over K; and meanwhile, for k in [lo, hi), asks for the rows of an item to come (from
+    nxt)."""
     for k in range(0, K, 16):
         if lo <= k < hi:
             for c in range(4):
                 _prefetch_l2(w, nxt + c * K + k)
-        acc = _mac4(acc, xt, at[1] + 4 * k, 16, w, at[2] + k, K)
+        acc = _mac4(acc, xt, at[1] + R * k, 16, w, at[2] + k, K)
     return acc
+
+
+@njit(inline="always")
+def _tile_tokens(T, c, nt, five):
+    """Tokens in tile c of nt: 4 (fewer in the last), or 5 in the last when `five`."""
+    return 5 if five and c == nt - 1 else min(4, T - 4 * c)
 
 
 @njit(parallel=True, fastmath=True, cache=True, error_model="numpy")
 def _dense_tiles(x, w):
     """_dense_matmul's function, for K a multiple of 16, in tiles that keep the sums in registers.
-    An item is 4 weight rows: each 16-float vector of them feeds up to 4 tokens' sums at once (16
-    sums a tile of 4 tokens x 4 rows). x is first laid out so that a tile's 4 token vectors at one
-    k sit side by side (xt[t // 4, k // 16, t % 4, :]): one pointer for all of them, which keeps
-    the loop's addresses in registers. While an item runs, the next item's rows are asked for
-    (without that, each item waited for its rows from memory and then computed, one after the
-    other), a share in each of its tiles: all asked for in the first, they came while it ran, and
-    from 5 tokens on the later tiles computed with nothing coming from memory."""
+    An item is 4 weight rows: each 16-float vector of them feeds a tile's tokens' sums at once (16
+    sums a tile of 4 tokens x 4 rows). Tiles take 4 tokens each, the last fewer — or 5 where one
+    would be left over: a tile of 1 token loads a vector of weights for each multiply-add, and
+    took nearly the time of a tile of 4 (20 sums and the vectors they need still fit the 32
+    registers). Each token's sums are the same additions in the same order whatever its tile:
+    the same bits at any number of tokens. x is first laid out tile after tile so that a tile's
+    token vectors at one k sit side by side (xt[4 c K + (k // 16) R 16 + r 16 + k % 16], token r
+    of tile c of R tokens): one pointer for all of them, which keeps the loop's addresses in
+    registers. While an item runs, the next item's rows are asked for (without that, each item
+    waited for its rows from memory and then computed, one after the other), a share in each of
+    its tiles: all asked for in the first, they came while it ran, and from 5 tokens on the later
+    tiles computed with nothing coming from memory."""
     T, K = x.shape
     O = w.shape[0]
     out = np.empty((T, O), dtype=np.float32)
-    nt = (T + 3) // 4
-    xt = np.zeros((nt, K // 16, 4, 16), dtype=np.float32)           # x, 4 tokens a vector row
+    five = T % 4 == 1 and T > 1                                    # the last tile takes 5 tokens
+    nt = T // 4 if five else (T + 3) // 4                          # tiles
+    xt = np.empty(T * K, dtype=np.float32)                         # x, tile c from 4 c K on
     for t in range(T):
+        c = min(t // 4, nt - 1)
+        R, r = _tile_tokens(T, c, nt, five), t - 4 * c
         for k in range(K):
-            xt[t // 4, k // 16, t % 4, k % 16] = x[t, k]
+            xt[4 * c * K + (k // 16) * R * 16 + r * 16 + k % 16] = x[t, k]
     share = (K // 16 + nt - 1) // nt * 16                          # of the rows asked for, a tile's
     for i in prange((O + 3) // 4):
         o = 4 * i
@@ -163,17 +178,19 @@ def _dense_tiles(x, w):
                     out[t, r] = a
             continue
         nxt = min(o + 4, O - 4) * K                     # the next item's rows
-        for c4 in range(nt):
-            R, lo = min(4, T - 4 * c4), c4 * share      # tokens in this tile
-            at = (4 * c4 * O + o, c4 * K * 4, o * K)    # out[4 c4, o], xt[c4], w[o]
+        for c in range(nt):
+            R, lo = _tile_tokens(T, c, nt, five), c * share
+            at = (4 * c * O + o, 4 * c * K, o * K)      # out[4 c, o], xt's tile c, w[o]
             if R == 4:                                  # (each tuple size compiles its own loop)
-                _put_sums(_tile(_zeros(16), xt, w, at, K, nxt, lo, lo + share), out, at[0], O, 4)
+                _put_sums(_tile(_zeros(16), xt, w, at, K, 4, nxt, lo, lo + share), out, at[0], O, 4)
+            elif R == 5:
+                _put_sums(_tile(_zeros(20), xt, w, at, K, 5, nxt, lo, lo + share), out, at[0], O, 4)
             elif R == 3:
-                _put_sums(_tile(_zeros(12), xt, w, at, K, nxt, lo, lo + share), out, at[0], O, 4)
+                _put_sums(_tile(_zeros(12), xt, w, at, K, 3, nxt, lo, lo + share), out, at[0], O, 4)
             elif R == 2:
-                _put_sums(_tile(_zeros(8), xt, w, at, K, nxt, lo, lo + share), out, at[0], O, 4)
+                _put_sums(_tile(_zeros(8), xt, w, at, K, 2, nxt, lo, lo + share), out, at[0], O, 4)
             else:
-                _put_sums(_tile(_zeros(4), xt, w, at, K, nxt, lo, lo + share), out, at[0], O, 4)
+                _put_sums(_tile(_zeros(4), xt, w, at, K, 1, nxt, lo, lo + share), out, at[0], O, 4)
     return out
 
 
