@@ -185,7 +185,10 @@ print(propose_ngram(tokens, k=3))     # the last "8 9" came before "5 6 1" most 
 # file's 4-bit blocks (Q4_0 where the file has none) with int8 activations. The default model's
 # file holds Q4_1 blocks — its float32 weights *are* those blocks, dequantized — so only the int8
 # rounding of the activations makes the draft differ (`bench --quality`: the same top token 92 %
-# of the time; re-quantized to Q4_0 it would be 67 %).
+# of the time; re-quantized to Q4_0 it would be 67 %). The same file passed as `draft_model`
+# drafts with float32 activations instead: a guess of one row costs about as much (one row reads
+# the same weights either way), and it agrees with the float32 model but for rounding
+# ([benchmarks](../benchmarks.md#speculative-decoding) compares the two).
 #
 # After a verification, only the accepted prefix stays valid in both KV caches. Rolling back is
 # cheap: the rejected rows' keys and values lie past the sequence's new end, where attention does
