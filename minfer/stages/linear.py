@@ -153,8 +153,8 @@ def _dense_tiles(x, w):
     of tile c of R tokens): one pointer for all of them, which keeps the loop's addresses in
     registers. While an item runs, the next item's rows are asked for (without that, each item
     waited for its rows from memory and then computed, one after the other), a share in each of
-    its tiles: all asked for in the first, they came while it ran, and from 5 tokens on the later
-    tiles computed with nothing coming from memory."""
+    its tiles: asked for all in the first tile, they arrived while it ran, and from 5 tokens on
+    the later tiles computed with nothing coming from memory."""
     T, K = x.shape
     O = w.shape[0]
     out = np.empty((T, O), dtype=np.float32)
